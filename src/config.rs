@@ -1,0 +1,607 @@
+//! Settings: what they are, where they come from, and how layers combine.
+//!
+//! Every setting is declared once, in [`Options`]. That one struct is the
+//! command line (clap, with a `ZDR_*` environment variable per flag), the TOML
+//! file (serde, Gunicorn's key names) and a layer in the merge. Precedence,
+//! lowest to highest: built-in defaults, the platform's `PORT` and
+//! `WEB_CONCURRENCY`, the config file, `ZDR_*` variables, flags.
+//! [`Settings`] is the resolved result that the master and workers run on.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::listener::BindAddr;
+
+/// Gunicorn's default access log format.
+pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
+    r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
+
+/// One layer of settings: every field is optional, and an absent field falls
+/// through to the layer below.
+///
+/// The same struct parses flags (with their `ZDR_*` environment variables)
+/// and the TOML config file, so a setting's flag, variable and key are
+/// declared side by side.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// The socket to bind: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N.
+    /// Repeat (or separate with commas) to bind several. [default:
+    /// 0.0.0.0:$PORT when PORT is set, else 127.0.0.1:8000]
+    #[arg(
+        short = 'b',
+        long = "bind",
+        env = "ZDR_BIND",
+        value_name = "ADDRESS",
+        value_delimiter = ','
+    )]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub bind: Option<Vec<String>>,
+
+    /// The maximum number of pending connections per listening socket. [default: 2048]
+    #[arg(long, env = "ZDR_BACKLOG", value_name = "INT")]
+    pub backlog: Option<u32>,
+
+    /// The number of worker processes. [default: $WEB_CONCURRENCY, else 1]
+    #[arg(short = 'w', long, env = "ZDR_WORKERS", value_name = "INT")]
+    pub workers: Option<usize>,
+
+    /// The number of runtime threads in each worker. [default: 1]
+    #[arg(long, env = "ZDR_THREADS", value_name = "INT")]
+    pub threads: Option<usize>,
+
+    /// The maximum number of simultaneous connections per worker; a worker
+    /// at the cap stops accepting until one closes. [default: 1000]
+    #[arg(
+        long = "worker-connections",
+        env = "ZDR_WORKER_CONNECTIONS",
+        value_name = "INT"
+    )]
+    pub worker_connections: Option<usize>,
+
+    /// Workers silent for more than this many seconds are killed and
+    /// restarted; 0 disables. [default: 30]
+    #[arg(short = 't', long, env = "ZDR_TIMEOUT", value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+
+    /// How long a stopping or retiring worker may take to finish its
+    /// in-flight requests before it is killed. [default: 30]
+    #[arg(
+        long = "graceful-timeout",
+        env = "ZDR_GRACEFUL_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub graceful_timeout: Option<f64>,
+
+    /// How long a new worker may take to become ready before start-up fails
+    /// or a reload is rolled back. [default: 30]
+    #[arg(
+        long = "boot-timeout",
+        env = "ZDR_BOOT_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub boot_timeout: Option<f64>,
+
+    /// Seconds to wait for the next request on an idle keep-alive
+    /// connection. [default: 2]
+    #[arg(long = "keep-alive", env = "ZDR_KEEPALIVE", value_name = "SECONDS")]
+    pub keepalive: Option<f64>,
+
+    /// Recycle a worker after it has served this many requests; 0 disables.
+    /// [default: 0]
+    #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT")]
+    pub max_requests: Option<u64>,
+
+    /// A random 0..=N added to max-requests per worker, so that workers do
+    /// not all recycle at once. [default: 0]
+    #[arg(
+        long = "max-requests-jitter",
+        env = "ZDR_MAX_REQUESTS_JITTER",
+        value_name = "INT"
+    )]
+    pub max_requests_jitter: Option<u64>,
+
+    /// Load the application in the master before forking the workers, so
+    /// that they share its memory copy-on-write. [default: false]
+    #[arg(long, env = "ZDR_PRELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(alias = "preload_app")]
+    pub preload: Option<bool>,
+
+    /// Write the master's pid to this file; removed on exit.
+    #[arg(short = 'p', long = "pid", env = "ZDR_PIDFILE", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// The error log level: debug, info, warning, error or critical.
+    /// [default: info]
+    #[arg(long = "log-level", env = "ZDR_LOGLEVEL", value_name = "LEVEL")]
+    pub loglevel: Option<LogLevel>,
+
+    /// The error log file; '-' for stderr. [default: -]
+    #[arg(
+        long = "error-logfile",
+        alias = "log-file",
+        env = "ZDR_ERRORLOG",
+        value_name = "FILE"
+    )]
+    pub errorlog: Option<String>,
+
+    /// The access log file; '-' for stdout. [default: none]
+    #[arg(long = "access-logfile", env = "ZDR_ACCESSLOG", value_name = "FILE")]
+    pub accesslog: Option<String>,
+
+    /// The access log format, with Gunicorn's %(x)s placeholders.
+    #[arg(
+        long = "access-log-format",
+        alias = "access-logformat",
+        env = "ZDR_ACCESS_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub access_log_format: Option<String>,
+}
+
+/// Accepts `bind = "a"` as well as `bind = ["a", "b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => None,
+        Some(OneOrMany::One(s)) => Some(vec![s]),
+        Some(OneOrMany::Many(v)) => Some(v),
+    })
+}
+
+impl Options {
+    /// Fills every field this layer leaves unset from `lower`.
+    pub fn or(self, lower: Options) -> Options {
+        Options {
+            bind: self.bind.or(lower.bind),
+            backlog: self.backlog.or(lower.backlog),
+            workers: self.workers.or(lower.workers),
+            threads: self.threads.or(lower.threads),
+            worker_connections: self.worker_connections.or(lower.worker_connections),
+            timeout: self.timeout.or(lower.timeout),
+            graceful_timeout: self.graceful_timeout.or(lower.graceful_timeout),
+            boot_timeout: self.boot_timeout.or(lower.boot_timeout),
+            keepalive: self.keepalive.or(lower.keepalive),
+            max_requests: self.max_requests.or(lower.max_requests),
+            max_requests_jitter: self.max_requests_jitter.or(lower.max_requests_jitter),
+            preload: self.preload.or(lower.preload),
+            pidfile: self.pidfile.or(lower.pidfile),
+            loglevel: self.loglevel.or(lower.loglevel),
+            errorlog: self.errorlog.or(lower.errorlog),
+            accesslog: self.accesslog.or(lower.accesslog),
+            access_log_format: self.access_log_format.or(lower.access_log_format),
+        }
+    }
+
+    /// The platform layer: `PORT` and `WEB_CONCURRENCY`, as set by Procfile
+    /// platforms. Below the config file in precedence.
+    fn platform(env: &dyn Fn(&str) -> Option<String>) -> Result<Options, ConfigError> {
+        let mut layer = Options::default();
+        if let Some(port) = env("PORT").filter(|p| !p.is_empty()) {
+            let port: u16 = port
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::env("PORT", format!("not a port number: {port:?}")))?;
+            layer.bind = Some(vec![format!("0.0.0.0:{port}")]);
+        }
+        if let Some(n) = env("WEB_CONCURRENCY").filter(|n| !n.is_empty()) {
+            let n: usize = n.trim().parse().map_err(|_| {
+                ConfigError::env("WEB_CONCURRENCY", format!("not a whole number: {n:?}"))
+            })?;
+            layer.workers = Some(n);
+        }
+        Ok(layer)
+    }
+}
+
+/// The error log level, with Gunicorn's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Everything, including per-connection detail.
+    Debug,
+    /// Lifecycle events: workers booting, reloads, stops.
+    Info,
+    /// Something went wrong but nothing was lost.
+    #[serde(alias = "warn")]
+    #[value(alias = "warn")]
+    Warning,
+    /// Something failed.
+    Error,
+    /// Only what stops the server.
+    Critical,
+}
+
+impl LogLevel {
+    /// The tracing level that corresponds.
+    pub fn as_tracing(self) -> tracing::Level {
+        match self {
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Warning => tracing::Level::WARN,
+            LogLevel::Error | LogLevel::Critical => tracing::Level::ERROR,
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+            LogLevel::Critical => "critical",
+        };
+        f.write_str(name)
+    }
+}
+
+/// The resolved settings the server runs on.
+///
+/// Serialized to pass a generation's settings to the workers it spawns, and
+/// printed by `zdr check`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Listening addresses.
+    pub bind: Vec<BindAddr>,
+    /// Listen backlog per socket.
+    pub backlog: u32,
+    /// Worker processes.
+    pub workers: usize,
+    /// Runtime threads per worker.
+    pub threads: usize,
+    /// Connection cap per worker.
+    pub worker_connections: usize,
+    /// Heartbeat timeout in seconds; 0 disables.
+    pub timeout: f64,
+    /// Seconds a draining worker gets to finish.
+    pub graceful_timeout: f64,
+    /// Seconds a new worker gets to become ready.
+    pub boot_timeout: f64,
+    /// Keep-alive idle timeout in seconds.
+    pub keepalive: f64,
+    /// Requests before a worker is recycled; 0 disables.
+    pub max_requests: u64,
+    /// Random extra requests per worker, 0..=jitter.
+    pub max_requests_jitter: u64,
+    /// Load the app in the master and fork workers from it.
+    pub preload: bool,
+    /// Where to write the master's pid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pidfile: Option<PathBuf>,
+    /// Error log level.
+    pub loglevel: LogLevel,
+    /// Error log destination; "-" is stderr.
+    pub errorlog: String,
+    /// Access log destination; "-" is stdout; none disables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accesslog: Option<String>,
+    /// Access log format.
+    pub access_log_format: String,
+}
+
+fn seconds(name: &'static str, value: f64) -> Result<f64, ConfigError> {
+    if value.is_finite() && value >= 0.0 && value < 1.0e9 {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            name,
+            format!("must be a number of seconds >= 0, got {value}"),
+        ))
+    }
+}
+
+fn at_least_one(name: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if value >= 1 {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(name, "must be at least 1"))
+    }
+}
+
+impl Settings {
+    /// Resolves a merged layer into settings, applying defaults and
+    /// validating every value.
+    pub fn resolve(o: Options) -> Result<Settings, ConfigError> {
+        let bind = o.bind.unwrap_or_else(|| vec!["127.0.0.1:8000".to_owned()]);
+        if bind.is_empty() {
+            return Err(ConfigError::invalid("bind", "needs at least one address"));
+        }
+        let bind = bind
+            .iter()
+            .map(|b| {
+                b.parse::<BindAddr>()
+                    .map_err(|e| ConfigError::invalid("bind", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Settings {
+            bind,
+            backlog: o.backlog.unwrap_or(2048),
+            workers: at_least_one("workers", o.workers.unwrap_or(1))?,
+            threads: at_least_one("threads", o.threads.unwrap_or(1))?,
+            worker_connections: at_least_one(
+                "worker_connections",
+                o.worker_connections.unwrap_or(1000),
+            )?,
+            timeout: seconds("timeout", o.timeout.unwrap_or(30.0))?,
+            graceful_timeout: seconds("graceful_timeout", o.graceful_timeout.unwrap_or(30.0))?,
+            boot_timeout: seconds("boot_timeout", o.boot_timeout.unwrap_or(30.0))?,
+            keepalive: seconds("keepalive", o.keepalive.unwrap_or(2.0))?,
+            max_requests: o.max_requests.unwrap_or(0),
+            max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+            preload: o.preload.unwrap_or(false),
+            pidfile: o.pidfile,
+            loglevel: o.loglevel.unwrap_or(LogLevel::Info),
+            errorlog: o.errorlog.unwrap_or_else(|| "-".to_owned()),
+            accesslog: o.accesslog.filter(|s| !s.is_empty()),
+            access_log_format: o
+                .access_log_format
+                .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
+        })
+    }
+
+    /// The heartbeat timeout, or `None` when disabled.
+    pub fn timeout(&self) -> Option<Duration> {
+        (self.timeout > 0.0).then(|| Duration::from_secs_f64(self.timeout))
+    }
+
+    /// The graceful timeout.
+    pub fn graceful_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.graceful_timeout)
+    }
+
+    /// The boot timeout.
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.boot_timeout)
+    }
+
+    /// The keep-alive idle timeout.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs_f64(self.keepalive)
+    }
+}
+
+/// Where the settings come from: the layers that a reload re-reads.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The config file, if any.
+    pub config_file: Option<PathBuf>,
+    /// Flags and `ZDR_*` variables, as parsed at start.
+    pub flags: Options,
+}
+
+impl Sources {
+    /// Reads every layer and resolves the settings. Called at start and on
+    /// every reload, so an edited config file takes effect on SIGHUP.
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        self.load_with_env(&|k| std::env::var(k).ok())
+    }
+
+    /// As [`Sources::load`], with the environment given.
+    pub fn load_with_env(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let file = match &self.config_file {
+            Some(path) => load_file(path)?,
+            None => Options::default(),
+        };
+        let platform = Options::platform(env)?;
+        Settings::resolve(self.flags.clone().or(file).or(platform))
+    }
+}
+
+/// Parses a TOML config file into a layer.
+pub fn load_file(path: &Path) -> Result<Options, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    parse_file(path, &text)
+}
+
+/// Parses TOML text (from `path`, for messages) into a layer.
+pub fn parse_file(path: &Path, text: &str) -> Result<Options, ConfigError> {
+    toml::from_str::<Options>(text).map_err(|e| {
+        let (line, key) = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let key = text
+                    .lines()
+                    .nth(line - 1)
+                    .and_then(|l| l.split_once('='))
+                    .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+                    .filter(|k| !k.is_empty() && !k.starts_with('['));
+                (Some(line), key)
+            }
+            None => (None, None),
+        };
+        ConfigError::File {
+            path: path.to_owned(),
+            line,
+            key,
+            message: e.message().trim().to_owned(),
+        }
+    })
+}
+
+/// A configuration that cannot be used; nothing starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {message}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The config file has a syntax error, an unknown key or a wrong type.
+    #[error("{}{}: {}{message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line, when known.
+        line: Option<usize>,
+        /// The key, when known.
+        key: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable has a bad value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting's value is out of range or malformed.
+    #[error("setting `{name}`: {message}")]
+    Invalid {
+        /// The setting, by its config-file key.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn env(name: &'static str, message: impl fmt::Display) -> Self {
+        ConfigError::Env {
+            name,
+            message: message.to_string(),
+        }
+    }
+
+    fn invalid(name: &'static str, message: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            name,
+            message: message.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(flags: Options, file: Option<PathBuf>) -> Sources {
+        Sources {
+            config_file: file,
+            flags,
+        }
+    }
+
+    #[test]
+    fn defaults_follow_gunicorn() {
+        let s = sources(Options::default(), None)
+            .load_with_env(&|_| None)
+            .unwrap();
+        assert_eq!(s.workers, 1);
+        assert_eq!(s.backlog, 2048);
+        assert_eq!(s.keepalive, 2.0);
+        assert_eq!(s.timeout, 30.0);
+        assert_eq!(s.bind, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(s.access_log_format, DEFAULT_ACCESS_LOG_FORMAT);
+    }
+
+    #[test]
+    fn platform_variables_sit_below_the_file() {
+        let env = |k: &str| match k {
+            "PORT" => Some("5000".to_owned()),
+            "WEB_CONCURRENCY" => Some("4".to_owned()),
+            _ => None,
+        };
+        let s = sources(Options::default(), None)
+            .load_with_env(&env)
+            .unwrap();
+        assert_eq!(s.bind, vec!["0.0.0.0:5000".parse().unwrap()]);
+        assert_eq!(s.workers, 4);
+
+        let dir = std::env::temp_dir().join(format!("zdr-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("zdr.toml");
+        std::fs::write(&file, "workers = 2\n").unwrap();
+        let s = sources(Options::default(), Some(file.clone()))
+            .load_with_env(&env)
+            .unwrap();
+        assert_eq!(s.workers, 2);
+        let flags = Options {
+            workers: Some(7),
+            ..Options::default()
+        };
+        let s = sources(flags, Some(file)).load_with_env(&env).unwrap();
+        assert_eq!(s.workers, 7);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_key_file_and_line() {
+        let err = parse_file(Path::new("zdr.toml"), "workers = 2\n\nwrkers = 3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("zdr.toml:3: key `wrkers`: unknown field `wrkers`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_key_file_and_line() {
+        let err = parse_file(
+            Path::new("/etc/zdr.toml"),
+            "bind = \"127.0.0.1:1\"\nworkers = \"three\"\n",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("/etc/zdr.toml:2: key `workers`: invalid type: string"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bind_accepts_a_string_or_a_list() {
+        let o = parse_file(
+            Path::new("f"),
+            "bind = \"unix:/tmp/x.sock\"\npreload_app = true\n",
+        )
+        .unwrap();
+        assert_eq!(o.bind, Some(vec!["unix:/tmp/x.sock".to_owned()]));
+        assert_eq!(o.preload, Some(true));
+        let o = parse_file(Path::new("f"), "bind = [\"[::1]:80\", \"fd://3\"]\n").unwrap();
+        assert_eq!(o.bind.map(|b| b.len()), Some(2));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let o = Options {
+            bind: Some(vec!["nonsense:port".to_owned()]),
+            ..Options::default()
+        };
+        let msg = Settings::resolve(o).unwrap_err().to_string();
+        assert!(msg.starts_with("setting `bind`:"), "{msg}");
+        let o = Options {
+            workers: Some(0),
+            ..Options::default()
+        };
+        assert_eq!(
+            Settings::resolve(o).unwrap_err().to_string(),
+            "setting `workers`: must be at least 1"
+        );
+        let o = Options {
+            graceful_timeout: Some(-1.0),
+            ..Options::default()
+        };
+        assert!(Settings::resolve(o).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The built-in demo app that `zdr serve` runs, to watch reloads and
+//! draining from a terminal:
+//!
+//! - `GET /` answers which worker (pid) and generation served it, and which
+//!   process ran the load step (the master's pid under `--preload`).
+//! - `GET /slow?ms=N` answers the same after N ms (at most 60 000).
+//! - `GET /block?ms=N` blocks the worker's runtime thread for N ms (at most
+//!   60 000), as a handler with a blocking call would: with `--threads 1`
+//!   and `--timeout` shorter than N, the master kills and replaces it.
+//!
+//! Environment variables shape it, to try out start-up failures and slow
+//! boots: `ZDR_DEMO_MESSAGE` (added to every answer), `ZDR_DEMO_LOAD_ERROR`
+//! (the load step fails with this message), `ZDR_DEMO_BOOT_MS` (each worker
+//! takes this long to build its service).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+
+use crate::app::{Request, Server, WorkerInfo};
+
+const MAX_MS: u64 = 60_000;
+
+/// The demo app's shared state.
+#[derive(Debug)]
+pub struct Demo {
+    loaded_in: u32,
+    message: String,
+    boot_delay: Duration,
+}
+
+/// The demo app as a zdr server.
+pub fn server() -> Server<Demo> {
+    Server::new("demo")
+        .load(|| {
+            if let Ok(msg) = std::env::var("ZDR_DEMO_LOAD_ERROR") {
+                anyhow::bail!("demo app: {msg}");
+            }
+            let boot_ms = std::env::var("ZDR_DEMO_BOOT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Ok(Demo {
+                loaded_in: std::process::id(),
+                message: std::env::var("ZDR_DEMO_MESSAGE").unwrap_or_default(),
+                boot_delay: Duration::from_millis(boot_ms),
+            })
+        })
+        .service(|demo: Arc<Demo>| async move {
+            tokio::time::sleep(demo.boot_delay).await;
+            Ok(tower::service_fn(move |req: Request| {
+                handle(Arc::clone(&demo), req)
+            }))
+        })
+}
+
+fn query_ms(req: &Request) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(MAX_MS)
+}
+
+async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        ));
+    }
+    match req.uri().path() {
+        "/" => {}
+        "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
+        "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
+        _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
+    }
+    let info = WorkerInfo::current();
+    let body = format!(
+        "pid={} generation={} loaded_in={}{}{}\n",
+        info.map(|i| i.pid).unwrap_or_else(std::process::id),
+        info.map(|i| i.generation).unwrap_or(0),
+        demo.loaded_in,
+        if demo.message.is_empty() {
+            ""
+        } else {
+            " message="
+        },
+        demo.message,
+    );
+    Ok(reply(StatusCode::OK, body))
+}
+
+fn reply(status: StatusCode, body: String) -> http::Response<Full<Bytes>> {
+    let mut res = http::Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}

@@ -1,0 +1,252 @@
+//! Serving one connection with hyper: HTTP/1.1 with keep-alive and HTTP/2
+//! (h2c), the keep-alive idle timeout, request accounting, the access log,
+//! and draining without racing a client.
+//!
+//! Draining a connection:
+//! - HTTP/2: GOAWAY at once (hyper's graceful shutdown); the protocol makes
+//!   that race-free.
+//! - HTTP/1 with a request in flight: the response carries
+//!   `Connection: close` and the connection closes after it.
+//! - HTTP/1 idle: closing now would race a client that is just sending its
+//!   next request on it. The connection stays open for a short grace
+//!   (at most the keep-alive timeout, capped at one second); a request that
+//!   arrives meanwhile is served with `Connection: close`, and one that
+//!   does not arrive finds the connection closed as after any keep-alive
+//!   timeout.
+
+pub mod access_log;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::app::{AppService, Request, Response};
+use crate::config::Settings;
+use crate::scoreboard::Slot;
+use access_log::{AccessLog, Entry};
+
+/// The longest an idle HTTP/1 connection is kept open once draining starts.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// A small plain-text response, for zdr's own answers.
+pub fn plain(status: StatusCode, text: &'static str) -> Response {
+    let mut res = http::Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// What every connection of a worker shares.
+pub(crate) struct Shared {
+    pub(crate) service: AppService,
+    pub(crate) builder: auto::Builder<TokioExecutor>,
+    pub(crate) keepalive: Duration,
+    pub(crate) access_log: Option<AccessLog>,
+    pub(crate) slot: &'static Slot,
+    /// Requests after which this worker asks to be recycled; 0 for never.
+    pub(crate) max_requests: u64,
+    /// Rings the master when `max_requests` is reached.
+    pub(crate) on_limit: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    /// Configures hyper for these settings.
+    pub(crate) fn builder(_settings: &Settings) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).keep_alive(true);
+        builder.http2().timer(TokioTimer::new());
+        builder
+    }
+}
+
+/// The peer as the access log names it.
+#[derive(Clone)]
+pub(crate) struct Peer(pub(crate) Arc<str>);
+
+/// One connection's state, shared between its task and its requests.
+#[derive(Default)]
+struct ConnState {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` when the last response finished; 0 before
+    /// the first.
+    last_done_ms: AtomicU64,
+    draining: AtomicBool,
+    http2: AtomicBool,
+    done: Notify,
+}
+
+/// Decrements a connection's in-flight count however the request ends.
+struct InFlight {
+    conn: Arc<ConnState>,
+    epoch: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.conn.last_done_ms.store(ms, Ordering::Relaxed);
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.conn.done.notify_one();
+    }
+}
+
+#[derive(Clone)]
+struct ConnService {
+    shared: Arc<Shared>,
+    conn: Arc<ConnState>,
+    peer: Peer,
+    epoch: Instant,
+}
+
+impl hyper::service::Service<Request> for ConnService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request) -> Self::Future {
+        self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight {
+            conn: Arc::clone(&self.conn),
+            epoch: self.epoch,
+        };
+        let version = req.version();
+        if version == Version::HTTP_2 {
+            self.conn.http2.store(true, Ordering::Relaxed);
+        }
+        let started = std::time::Instant::now();
+        let facts = self.shared.access_log.as_ref().map(|_| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().clone(),
+            )
+        });
+        let shared = Arc::clone(&self.shared);
+        let peer = self.peer.clone();
+        let app = self.shared.service.clone();
+        Box::pin(async move {
+            let Ok(mut res) = app.oneshot(req).await;
+            let served = shared.slot.add_request();
+            if shared.max_requests > 0 && served == shared.max_requests {
+                (shared.on_limit)();
+            }
+            if version < Version::HTTP_2 && guard.conn.draining.load(Ordering::Relaxed) {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            if let (Some(log), Some((method, uri, headers))) = (&shared.access_log, facts) {
+                let body_len = res
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .or_else(|| res.body().size_hint().exact());
+                log.log(&Entry {
+                    peer: &peer.0,
+                    method: &method,
+                    uri: &uri,
+                    version,
+                    request_headers: &headers,
+                    status: res.status().as_u16(),
+                    response_headers: res.headers(),
+                    body_len,
+                    elapsed: started.elapsed(),
+                });
+            }
+            drop(guard);
+            Ok(res)
+        })
+    }
+}
+
+/// Serves one accepted connection until it closes, the keep-alive timeout
+/// passes, or draining closes it.
+pub(crate) async fn serve<I>(
+    io: I,
+    peer: Peer,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let epoch = Instant::now();
+    let conn_state = Arc::new(ConnState::default());
+    let service = ConnService {
+        shared: Arc::clone(&shared),
+        conn: Arc::clone(&conn_state),
+        peer,
+        epoch,
+    };
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+
+    let mut draining = false;
+    let mut closing = false;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let idle_deadline = match conn_state.last_done_ms.load(Ordering::Relaxed) {
+            0 => None,
+            _ if conn_state.in_flight.load(Ordering::Acquire) > 0 => None,
+            ms => Some(epoch + Duration::from_millis(ms) + shared.keepalive),
+        };
+        let deadline = match (idle_deadline, drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                conn_state.draining.store(true, Ordering::Relaxed);
+                let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
+                if busy || conn_state.http2.load(Ordering::Relaxed) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                } else {
+                    drain_deadline = Some(Instant::now() + DRAIN_IDLE_GRACE.min(shared.keepalive));
+                }
+            }
+            _ = conn_state.done.notified(), if !closing => {}
+            _ = sleep_until(deadline), if deadline.is_some() && !closing => {
+                let now = Instant::now();
+                let idle = conn_state.in_flight.load(Ordering::Acquire) == 0;
+                let idle_expired = idle && idle_deadline.is_some_and(|d| d <= now);
+                let grace_over = drain_deadline.is_some_and(|d| d <= now);
+                if idle_expired || grace_over {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

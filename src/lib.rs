@@ -1,0 +1,41 @@
+//! zdr: a pre-fork HTTP application server for Rust, in the manner of
+//! Gunicorn, whose reloads never drop a request.
+//!
+//! A master process binds every listening socket once and starts worker
+//! processes that inherit them; each worker serves HTTP/1.1 and HTTP/2 with
+//! hyper on its own tokio runtime. SIGHUP rolls out a new generation of
+//! workers and drains the old one only when every new worker is ready.
+//!
+//! An app hands zdr its service with [`Server`] and its `main` becomes a
+//! complete zdr server with the whole command line:
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     zdr::Server::new("my-app")
+//!         .service(|_: std::sync::Arc<()>| async {
+//!             Ok(axum::Router::new().route("/", axum::routing::get(|| async { "hello" })))
+//!         })
+//!         .run()
+//! }
+//! ```
+//!
+//! Layout: [`config`] (settings and their sources), [`listener`] (binding
+//! and inheriting sockets), [`scoreboard`] (the shared memory between
+//! master and workers), `master` (the arbiter and its rollout state
+//! machine), `worker` (a worker process), [`http`] (serving a connection),
+//! [`logging`], [`demo`] (the built-in demo app), `cli`.
+
+#![warn(missing_docs)]
+
+mod app;
+mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod logging;
+mod master;
+pub mod scoreboard;
+mod worker;
+
+pub use app::{Body, BoxError, Request, Response, Server, WorkerInfo};

@@ -1,0 +1,176 @@
+//! The error log (tracing, in Gunicorn's line format) and the log files
+//! behind both logs, which SIGUSR1 reopens for log rotation.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::Settings;
+
+/// Where a log goes: a standard stream or a file that can be reopened.
+pub struct LogFile {
+    path: Option<PathBuf>,
+    stdout: bool,
+    file: Mutex<Option<File>>,
+}
+
+impl LogFile {
+    /// Opens `spec`: `-` is the given standard stream, anything else a file
+    /// path opened for appending.
+    pub fn open(spec: &str, stdout: bool) -> io::Result<LogFile> {
+        if spec == "-" {
+            return Ok(LogFile {
+                path: None,
+                stdout,
+                file: Mutex::new(None),
+            });
+        }
+        let path = PathBuf::from(spec);
+        let file = open_append(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open log file {spec}: {e}")))?;
+        Ok(LogFile {
+            path: Some(path),
+            stdout,
+            file: Mutex::new(Some(file)),
+        })
+    }
+
+    /// Reopens the file (after it was moved by log rotation).
+    pub fn reopen(&self) -> io::Result<()> {
+        if let Some(path) = &self.path {
+            let file = open_append(path)?;
+            if let Ok(mut slot) = self.file.lock() {
+                *slot = Some(file);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one whole record.
+    pub fn write_record(&self, bytes: &[u8]) {
+        let Ok(mut file) = self.file.lock() else {
+            return;
+        };
+        let _ = match file.as_mut() {
+            Some(f) => f.write_all(bytes),
+            None if self.stdout => io::stdout().lock().write_all(bytes),
+            None => io::stderr().lock().write_all(bytes),
+        };
+    }
+}
+
+fn open_append(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A writer for one tracing event; writes the event in one record.
+pub struct RecordWriter<'a> {
+    target: &'a LogFile,
+    buf: Vec<u8>,
+}
+
+impl Write for RecordWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RecordWriter<'_> {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            self.target.write_record(&self.buf);
+        }
+    }
+}
+
+struct ErrorLog(Arc<LogFile>);
+
+impl<'a> MakeWriter<'a> for ErrorLog {
+    type Writer = RecordWriter<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        RecordWriter {
+            target: &self.0,
+            buf: Vec::with_capacity(256),
+        }
+    }
+}
+
+/// Gunicorn's error log line: `[2026-11-22 10:00:00 +0000] [1234] [INFO] message`.
+struct GunicornFormat;
+
+impl<S, N> FormatEvent<S, N> for GunicornFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "ERROR",
+            tracing::Level::WARN => "WARNING",
+            tracing::Level::INFO => "INFO",
+            tracing::Level::DEBUG => "DEBUG",
+            tracing::Level::TRACE => "TRACE",
+        };
+        write!(
+            writer,
+            "[{}] [{}] [{level}] ",
+            timestamp(),
+            std::process::id()
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+fn timestamp() -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] +0000");
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}
+
+static ERROR_LOG: OnceLock<Arc<LogFile>> = OnceLock::new();
+
+/// Installs the error log for this process. A second call (a preloaded
+/// worker inherits its master's) is a no-op.
+pub fn init(settings: &Settings) -> io::Result<()> {
+    if ERROR_LOG.get().is_some() {
+        return Ok(());
+    }
+    let target = Arc::new(LogFile::open(&settings.errorlog, false)?);
+    let _ = ERROR_LOG.set(Arc::clone(&target));
+    let filter =
+        tracing_subscriber::filter::LevelFilter::from_level(settings.loglevel.as_tracing());
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(filter)
+        .event_format(GunicornFormat)
+        .with_writer(ErrorLog(target))
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    Ok(())
+}
+
+/// Reopens the error log file, if it is a file.
+pub fn reopen() {
+    if let Some(log) = ERROR_LOG.get() {
+        if let Err(e) = log.reopen() {
+            tracing::error!("cannot reopen the error log: {e}");
+        }
+    }
+}

@@ -1,0 +1,894 @@
+//! The master (Gunicorn's "arbiter"): binds the listeners, starts and
+//! watches the workers, and turns signals into reloads and stops. It never
+//! serves traffic and runs no threads, so `fork` is always safe.
+//!
+//! Its event loop is one short cycle: wait for a signal, a doorbell ring
+//! (a worker's scoreboard slot changed) or a timer; then act on signals,
+//! reap exited workers, watch the living ones (readiness, heartbeats,
+//! request limits, deadlines), advance the rollout and the stop, and
+//! start whatever workers are missing.
+
+mod pidfile;
+mod rollout;
+mod signals;
+mod spawn;
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{error, info, warn};
+
+use crate::app::{LoadedApp, Loader};
+use crate::config::{Settings, Sources};
+use crate::listener::{self, BindAddr, Listener};
+use crate::scoreboard::{monotonic_ms, Doorbell, Scoreboard, SlotState};
+use crate::worker::WorkerSpec;
+use pidfile::Pidfile;
+use rollout::{Cause, Rollout, Verdict};
+use signals::Signals;
+
+/// A generation: the workers started together with one configuration (and,
+/// with `--preload`, one loaded app).
+pub(crate) struct Generation {
+    pub(crate) id: u64,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) app: Option<Arc<LoadedApp>>,
+}
+
+/// What the master is doing with a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Booting or serving as part of its generation.
+    Active,
+    /// Serving, but to be drained once its replacement is ready.
+    Retiring,
+    /// Sent SIGTERM; killed if still alive at the deadline.
+    Draining { deadline: Instant },
+    /// Being killed; SIGKILL at the deadline if still alive.
+    Killing { deadline: Instant },
+}
+
+struct Worker {
+    pid: Pid,
+    slot: usize,
+    generation: u64,
+    role: Role,
+    max_requests: u64,
+    announced_ready: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopKind {
+    Graceful,
+    Fast,
+}
+
+struct Stop {
+    kind: StopKind,
+    exit_code: u8,
+}
+
+/// A reload whose new generation is serving, while the old one drains.
+struct Switchover {
+    generation: u64,
+    requested: Instant,
+}
+
+/// The master process.
+pub(crate) struct Master {
+    name: String,
+    exe: PathBuf,
+    pid: u32,
+    sources: Sources,
+    loader: Loader,
+    listeners: Vec<Listener>,
+    board: Arc<Scoreboard>,
+    bell_rx: OwnedFd,
+    bell: Doorbell,
+    signals: Signals,
+    pidfile: Option<Pidfile>,
+    workers: Vec<Worker>,
+    serving: Option<Generation>,
+    rollout: Option<Rollout>,
+    switchover: Option<Switchover>,
+    next_generation: u64,
+    target: usize,
+    paused: bool,
+    stop: Option<Stop>,
+    /// Consecutive workers that died before becoming ready.
+    crash_streak: u32,
+    next_spawn: Instant,
+}
+
+/// Runs the server's master until it stops; returns the exit code.
+pub(crate) fn serve(name: &str, sources: Sources, settings: Settings, loader: Loader) -> ExitCode {
+    match Master::start(name, sources, settings, loader) {
+        Ok(master) => ExitCode::from(master.run()),
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Master {
+    fn start(
+        name: &str,
+        sources: Sources,
+        settings: Settings,
+        loader: Loader,
+    ) -> anyhow::Result<Master> {
+        let pid = std::process::id();
+        info!("Starting {name} (zdr {})", env!("CARGO_PKG_VERSION"));
+        let exe = std::env::current_exe()?;
+        let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
+        for l in &listeners {
+            info!("Listening at: {} ({pid})", l.display_addr());
+        }
+        let signals = Signals::install()?;
+        let board = Arc::new(Scoreboard::create()?);
+        let (bell_rx, bell) = Doorbell::pair()?;
+        let pidfile = settings
+            .pidfile
+            .as_deref()
+            .map(Pidfile::create)
+            .transpose()?;
+        info!(
+            "Using worker: tokio (threads={}, worker_connections={}){}",
+            settings.threads,
+            settings.worker_connections,
+            if settings.preload { ", preload" } else { "" }
+        );
+        let mut master = Master {
+            name: name.to_owned(),
+            exe,
+            pid,
+            sources,
+            loader,
+            listeners,
+            board,
+            bell_rx,
+            bell,
+            signals,
+            pidfile,
+            workers: Vec::new(),
+            serving: None,
+            rollout: None,
+            switchover: None,
+            next_generation: 1,
+            target: settings.workers,
+            paused: false,
+            stop: None,
+            crash_streak: 0,
+            next_spawn: Instant::now(),
+        };
+        let settings = Arc::new(settings);
+        let app = match master.preload(&settings) {
+            Ok(app) => app,
+            Err(e) => {
+                master.cleanup();
+                return Err(e);
+            }
+        };
+        master.begin_rollout(settings, app, Cause::Start);
+        Ok(master)
+    }
+
+    /// The event loop.
+    fn run(mut self) -> u8 {
+        loop {
+            self.maintain();
+            self.wait();
+            for sig in self.signals.take() {
+                self.on_signal(sig);
+            }
+            self.reap();
+            self.watch_workers();
+            self.advance_rollout();
+            if let Some(code) = self.advance_stop() {
+                self.cleanup();
+                return code;
+            }
+        }
+    }
+
+    fn wait(&mut self) {
+        let busy = self.rollout.is_some()
+            || self.stop.is_some()
+            || self.workers.iter().any(|w| w.role != Role::Active);
+        let timeout = if busy { 100u16 } else { 500 };
+        let mut fds = [
+            PollFd::new(self.signals.fd(), PollFlags::POLLIN),
+            PollFd::new(self.bell_rx.as_fd(), PollFlags::POLLIN),
+        ];
+        let _ = nix::poll::poll(&mut fds, PollTimeout::from(timeout));
+        let mut buf = [0u8; 256];
+        while matches!(nix::unistd::read(self.bell_rx.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        use signal_hook::consts::signal::*;
+        if sig != SIGCHLD {
+            info!("Handling signal: {}", signals::name(sig));
+        }
+        match sig {
+            SIGTERM => self.begin_stop(StopKind::Graceful),
+            SIGINT | SIGQUIT => self.begin_stop(StopKind::Fast),
+            SIGHUP => self.reload(),
+            SIGTTIN => {
+                self.target += 1;
+                info!("Number of workers: {}", self.target);
+            }
+            SIGTTOU => {
+                self.target = self.target.saturating_sub(1).max(1);
+                info!("Number of workers: {}", self.target);
+            }
+            SIGWINCH => {
+                info!("Stopping all workers; the master stays (SIGHUP starts them again)");
+                self.paused = true;
+                self.abandon_rollout();
+                let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
+                for pid in pids {
+                    self.drain(pid);
+                }
+            }
+            SIGUSR1 => {
+                crate::logging::reopen();
+                for w in &self.workers {
+                    let _ = kill(w.pid, Signal::SIGUSR1);
+                }
+            }
+            SIGUSR2 => warn!("binary upgrade (SIGUSR2) is not available yet; use SIGHUP"),
+            _ => {}
+        }
+    }
+
+    /// SIGHUP: re-read the configuration and roll out a new generation.
+    fn reload(&mut self) {
+        if self.stop.is_some() {
+            return;
+        }
+        let settings = match self.sources.load() {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                error!("Reload aborted, configuration unchanged: {e}");
+                return;
+            }
+        };
+        for addr in &settings.bind {
+            if !self.listeners.iter().any(|l| &l.addr == addr) {
+                match Listener::bind(addr, settings.backlog) {
+                    Ok(l) => {
+                        info!("Listening at: {} ({})", l.display_addr(), self.pid);
+                        self.listeners.push(l);
+                    }
+                    Err(e) => {
+                        error!("Reload aborted: {e}");
+                        self.prune_listeners();
+                        return;
+                    }
+                }
+            }
+        }
+        let app = match self.preload(&settings) {
+            Ok(app) => app,
+            Err(e) => {
+                error!("Reload aborted: {e:#}");
+                self.prune_listeners();
+                return;
+            }
+        };
+        if let Some(old) = &self.rollout {
+            warn!(
+                "Reload to generation {} superseded by a newer reload",
+                old.generation.id
+            );
+            self.abandon_rollout();
+        }
+        self.paused = false;
+        self.target = settings.workers;
+        crate::logging::reopen();
+        self.begin_rollout(settings, app, Cause::Reload);
+    }
+
+    /// Runs the app's load step here when preloading.
+    fn preload(&self, settings: &Settings) -> anyhow::Result<Option<Arc<LoadedApp>>> {
+        if !settings.preload {
+            return Ok(None);
+        }
+        let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
+        if let Some(n) = spawn::thread_count().filter(|n| *n > 1) {
+            warn!("The app's load step left {n} threads running in the master; forked workers get only the calling thread");
+        }
+        Ok(Some(Arc::new(app)))
+    }
+
+    fn begin_rollout(
+        &mut self,
+        settings: Arc<Settings>,
+        app: Option<Arc<LoadedApp>>,
+        cause: Cause,
+    ) {
+        let id = self.next_generation;
+        self.next_generation += 1;
+        let boot_timeout = settings.boot_timeout();
+        if cause == Cause::Reload {
+            info!(
+                "Reload: starting generation {id} with {} workers",
+                self.target
+            );
+        }
+        let generation = Generation { id, settings, app };
+        self.rollout = Some(Rollout::new(
+            generation,
+            cause,
+            Instant::now(),
+            boot_timeout,
+        ));
+        self.next_spawn = Instant::now();
+    }
+
+    /// Stops the workers of an unfinished rollout: drained if they are
+    /// already accepting, killed if still booting.
+    fn abandon_rollout(&mut self) {
+        let Some(rollout) = self.rollout.take() else {
+            return;
+        };
+        let id = rollout.generation.id;
+        let pids: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == id)
+            .map(|w| w.pid)
+            .collect();
+        for pid in pids {
+            self.retire_now(pid);
+        }
+        self.prune_listeners();
+    }
+
+    fn retire_now(&mut self, pid: Pid) {
+        let Some(w) = self.workers.iter().find(|w| w.pid == pid) else {
+            return;
+        };
+        if self.board.slot(w.slot).state() == SlotState::Ready {
+            self.drain(pid);
+        } else {
+            self.kill_worker(pid, Signal::SIGKILL);
+        }
+    }
+
+    fn advance_rollout(&mut self) {
+        let Some(rollout) = &self.rollout else { return };
+        let id = rollout.generation.id;
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| {
+                w.generation == id
+                    && w.role == Role::Active
+                    && self.board.slot(w.slot).state() == SlotState::Ready
+            })
+            .count();
+        match rollout.judge(ready, self.target, Instant::now()) {
+            Verdict::Pending => {}
+            Verdict::Complete => self.commit_rollout(),
+            Verdict::Failed(why) => self.roll_back(why),
+        }
+    }
+
+    fn commit_rollout(&mut self) {
+        let Some(rollout) = self.rollout.take() else {
+            return;
+        };
+        let id = rollout.generation.id;
+        let ms = rollout.started.elapsed().as_millis();
+        let old = self.serving.replace(rollout.generation);
+        let retiring: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != id && matches!(w.role, Role::Active | Role::Retiring))
+            .map(|w| w.pid)
+            .collect();
+        match (rollout.cause, old) {
+            (Cause::Start, _) | (_, None) => {
+                info!(
+                    "Ready: generation {id}, {} workers, in {ms} ms",
+                    self.target
+                );
+            }
+            (Cause::Reload, Some(old)) => {
+                info!(
+                    "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({} workers)",
+                    old.id,
+                    retiring.len(),
+                    n = self.target
+                );
+                self.switchover = Some(Switchover {
+                    generation: id,
+                    requested: rollout.started,
+                });
+            }
+        }
+        for pid in retiring {
+            self.drain(pid);
+        }
+        self.prune_listeners();
+        self.check_switchover();
+    }
+
+    fn roll_back(&mut self, why: String) {
+        let Some(rollout) = &self.rollout else { return };
+        let (id, cause) = (rollout.generation.id, rollout.cause);
+        self.abandon_rollout();
+        match (&self.serving, cause) {
+            (None, Cause::Start) => {
+                error!("Cannot start: {why}");
+                self.begin_stop(StopKind::Fast);
+                if let Some(stop) = &mut self.stop {
+                    stop.exit_code = 1;
+                }
+            }
+            (Some(serving), _) => error!(
+                "Reload to generation {id} rolled back: {why}; generation {} keeps serving",
+                serving.id
+            ),
+            (None, _) => error!("Generation {id} failed: {why}"),
+        }
+    }
+
+    /// Logs the end of a reload once the last worker of older generations
+    /// has exited.
+    fn check_switchover(&mut self) {
+        let Some(s) = &self.switchover else { return };
+        if self.workers.iter().all(|w| w.generation >= s.generation) {
+            info!(
+                "Reload to generation {} complete in {} ms",
+                s.generation,
+                s.requested.elapsed().as_millis()
+            );
+            self.switchover = None;
+        }
+    }
+
+    /// Closes listeners that neither the serving nor the booting generation
+    /// binds any more.
+    fn prune_listeners(&mut self) {
+        let wanted = |addr: &BindAddr| {
+            [
+                self.serving.as_ref(),
+                self.rollout.as_ref().map(|r| &r.generation),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|g| g.settings.bind.contains(addr))
+        };
+        let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| wanted(&l.addr));
+        for l in close {
+            info!("Closing listener {}", l.display_addr());
+            l.remove_socket_file();
+        }
+        self.listeners = keep;
+    }
+
+    fn begin_stop(&mut self, kind: StopKind) {
+        match &mut self.stop {
+            Some(stop) if stop.kind == StopKind::Graceful && kind == StopKind::Fast => {
+                stop.kind = kind
+            }
+            Some(_) => return,
+            None => self.stop = Some(Stop { kind, exit_code: 0 }),
+        }
+        self.rollout = None;
+        let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            match kind {
+                StopKind::Graceful => self.drain(pid),
+                StopKind::Fast => self.kill_worker(pid, Signal::SIGQUIT),
+            }
+        }
+    }
+
+    fn advance_stop(&mut self) -> Option<u8> {
+        let stop = self.stop.as_ref()?;
+        if self.workers.is_empty() {
+            info!("Shutting down: Master");
+            return Some(stop.exit_code);
+        }
+        None
+    }
+
+    /// Sends SIGTERM and sets the graceful deadline.
+    fn drain(&mut self, pid: Pid) {
+        let Some(w) = self.workers.iter().find(|w| w.pid == pid) else {
+            return;
+        };
+        if matches!(w.role, Role::Draining { .. } | Role::Killing { .. }) {
+            return;
+        }
+        let graceful = self
+            .generation_settings(w.generation)
+            .map(|s| s.graceful_timeout())
+            .unwrap_or_default();
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            w.role = Role::Draining {
+                deadline: Instant::now() + graceful,
+            };
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
+
+    fn kill_worker(&mut self, pid: Pid, signal: Signal) {
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+            return;
+        };
+        let grace = if signal == Signal::SIGKILL {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(1)
+        };
+        w.role = Role::Killing {
+            deadline: Instant::now() + grace,
+        };
+        let _ = kill(pid, signal);
+    }
+
+    fn generation_settings(&self, id: u64) -> Option<&Settings> {
+        [
+            self.serving.as_ref(),
+            self.rollout.as_ref().map(|r| &r.generation),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|g| g.id == id)
+        .map(|g| &*g.settings)
+        .or_else(|| self.serving.as_ref().map(|g| &*g.settings))
+    }
+
+    /// Collects every exited child.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.on_exit(pid, format!("exited with status {code}"))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.on_exit(pid, format!("was killed by {sig}"))
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.check_switchover();
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: String) {
+        let Some(index) = self.workers.iter().position(|w| w.pid == pid) else {
+            return;
+        };
+        let w = self.workers.remove(index);
+        let slot = self.board.slot(w.slot);
+        let state = slot.state();
+        let message = slot.message();
+        slot.release();
+        let cause = match state {
+            SlotState::BootFailed if !message.is_empty() => {
+                format!("worker {pid} failed to boot: {message}")
+            }
+            _ => format!("worker {pid} {status}"),
+        };
+        match w.role {
+            Role::Draining { .. } | Role::Killing { .. } => {
+                info!(
+                    "Worker exiting (pid: {pid}, generation {}): {status}",
+                    w.generation
+                )
+            }
+            Role::Active | Role::Retiring => {
+                if state != SlotState::Ready && !w.announced_ready {
+                    self.crash_streak += 1;
+                    self.next_spawn = Instant::now() + backoff(self.crash_streak);
+                }
+                match &mut self.rollout {
+                    Some(r) if r.generation.id == w.generation => r.worker_failed(cause),
+                    _ if self.stop.is_none() => error!(
+                        "Worker (pid: {pid}, generation {}) died: {cause}",
+                        w.generation
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Readiness, heartbeats, request limits and deadlines.
+    fn watch_workers(&mut self) {
+        let now = Instant::now();
+        let now_ms = monotonic_ms();
+        let recycling_allowed = self.rollout.is_none() && self.stop.is_none();
+        let mut retiring = self.workers.iter().any(|w| w.role == Role::Retiring);
+        let mut to_kill: Vec<(Pid, Signal)> = Vec::new();
+        for i in 0..self.workers.len() {
+            let settings = self
+                .generation_settings(self.workers[i].generation)
+                .cloned();
+            let w = &mut self.workers[i];
+            let slot = self.board.slot(w.slot);
+            let state = slot.state();
+            match w.role {
+                Role::Active | Role::Retiring => {
+                    if state == SlotState::Ready && !w.announced_ready {
+                        w.announced_ready = true;
+                        self.crash_streak = 0;
+                        info!("Worker ready (pid: {}, generation {})", w.pid, w.generation);
+                    }
+                    let timeout = settings.as_ref().and_then(|s| s.timeout());
+                    if let Some(timeout) = timeout.filter(|_| state == SlotState::Ready) {
+                        let silent = now_ms.saturating_sub(slot.heartbeat_ms());
+                        if silent > timeout.as_millis() as u64 {
+                            error!(
+                                "WORKER TIMEOUT (pid: {}, generation {}): no heartbeat for {:.1}s; killing it",
+                                w.pid,
+                                w.generation,
+                                silent as f64 / 1000.0
+                            );
+                            to_kill.push((w.pid, Signal::SIGABRT));
+                            continue;
+                        }
+                    }
+                    if w.role == Role::Active
+                        && recycling_allowed
+                        && !retiring
+                        && w.max_requests > 0
+                        && slot.requests() >= w.max_requests
+                    {
+                        info!(
+                            "Worker (pid: {}) served {} requests (limit {}); starting its replacement",
+                            w.pid,
+                            slot.requests(),
+                            w.max_requests
+                        );
+                        w.role = Role::Retiring;
+                        retiring = true;
+                    }
+                }
+                Role::Draining { deadline } if now >= deadline => {
+                    warn!(
+                        "Worker (pid: {}) still busy at the graceful timeout; killing it",
+                        w.pid
+                    );
+                    to_kill.push((w.pid, Signal::SIGKILL));
+                }
+                Role::Killing { deadline } if now >= deadline => {
+                    to_kill.push((w.pid, Signal::SIGKILL))
+                }
+                _ => {}
+            }
+        }
+        for (pid, sig) in to_kill {
+            self.kill_worker(pid, sig);
+        }
+        // A retiring worker is drained once its generation again has every
+        // worker it should have, ready.
+        if let Some(serving) = &self.serving {
+            let id = serving.id;
+            let ready = self
+                .workers
+                .iter()
+                .filter(|w| {
+                    w.generation == id
+                        && w.role == Role::Active
+                        && self.board.slot(w.slot).state() == SlotState::Ready
+                })
+                .count();
+            if ready >= self.target {
+                let done: Vec<Pid> = self
+                    .workers
+                    .iter()
+                    .filter(|w| w.role == Role::Retiring)
+                    .map(|w| w.pid)
+                    .collect();
+                for pid in done {
+                    self.drain(pid);
+                }
+            }
+        }
+    }
+
+    /// Starts missing workers of the serving and the booting generation,
+    /// and drains extra ones.
+    fn maintain(&mut self) {
+        if self.stop.is_some() || self.paused || Instant::now() < self.next_spawn {
+            return;
+        }
+        let ids: Vec<u64> = [
+            self.serving.as_ref(),
+            self.rollout.as_ref().map(|r| &r.generation),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|g| g.id)
+        .collect();
+        for id in ids {
+            let active: Vec<Pid> = self
+                .workers
+                .iter()
+                .filter(|w| w.generation == id && w.role == Role::Active)
+                .map(|w| w.pid)
+                .collect();
+            if active.len() < self.target {
+                let missing = if self.crash_streak > 0 {
+                    1
+                } else {
+                    self.target - active.len()
+                };
+                for _ in 0..missing {
+                    self.spawn(id);
+                }
+                if self.crash_streak > 0 {
+                    return;
+                }
+            } else if active.len() > self.target && self.rollout.is_none() {
+                for pid in &active[self.target..] {
+                    self.drain(*pid);
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let generation = [
+            self.serving.as_ref(),
+            self.rollout.as_ref().map(|r| &r.generation),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|g| g.id == id);
+        let Some(generation) = generation else { return };
+        let Some(slot_index) = self.board.free_slot() else {
+            error!(
+                "Cannot start a worker: all {} scoreboard slots are in use",
+                crate::scoreboard::CAPACITY
+            );
+            return;
+        };
+        let settings = Arc::clone(&generation.settings);
+        let app = generation.app.clone();
+        let slot = self.board.slot(slot_index);
+        slot.claim(id);
+        let max_requests = match settings.max_requests {
+            0 => 0,
+            n => n + random_below(settings.max_requests_jitter + 1),
+        };
+        let spec = WorkerSpec {
+            generation: id,
+            slot: slot_index,
+            master_pid: self.pid,
+            settings: (*settings).clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .filter(|l| settings.bind.contains(&l.addr))
+                .map(|l| l.inherited())
+                .collect(),
+            scoreboard_fd: self.board.raw_fd(),
+            doorbell_fd: self.bell.raw_fd(),
+            max_requests,
+        };
+        let result = match app {
+            Some(app) => {
+                let keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
+                let mut close: Vec<RawFd> = self
+                    .listeners
+                    .iter()
+                    .map(|l| l.fd.as_raw_fd())
+                    .filter(|fd| !keep.contains(fd))
+                    .collect();
+                close.push(self.bell_rx.as_raw_fd());
+                close.push(self.signals.fd().as_raw_fd());
+                spawn::fork(
+                    spec,
+                    spawn::ForkParts {
+                        app,
+                        board: Arc::clone(&self.board),
+                        bell: &self.bell,
+                        signals: &self.signals,
+                        close,
+                        loader: &self.loader,
+                    },
+                )
+            }
+            None => spawn::exec(&self.exe, &format!("zdr: worker [{}]", self.name), &spec),
+        };
+        match result {
+            Ok(pid) => {
+                slot.set_pid(pid.as_raw() as u32);
+                info!("Booting worker with pid: {pid} (generation {id})");
+                self.workers.push(Worker {
+                    pid,
+                    slot: slot_index,
+                    generation: id,
+                    role: Role::Active,
+                    max_requests,
+                    announced_ready: false,
+                });
+            }
+            Err(e) => {
+                slot.release();
+                let cause = format!("cannot start a worker from {}: {e}", self.exe.display());
+                self.crash_streak += 1;
+                self.next_spawn = Instant::now() + backoff(self.crash_streak);
+                match &mut self.rollout {
+                    Some(r) if r.generation.id == id => r.worker_failed(cause),
+                    _ => error!("{cause}"),
+                }
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        for l in &self.listeners {
+            l.remove_socket_file();
+        }
+        if let Some(p) = &self.pidfile {
+            p.remove();
+            tracing::debug!("removed pidfile {}", p.path().display());
+        }
+    }
+}
+
+/// Delay before the next start after `streak` workers in a row died before
+/// becoming ready: 0.1 s, doubling up to 6.4 s.
+fn backoff(streak: u32) -> Duration {
+    Duration::from_millis(100 << streak.clamp(1, 7).saturating_sub(1))
+}
+
+/// A random number in `0..n` (n > 0), from the standard library's per-process
+/// random keys.
+fn random_below(n: u64) -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() % n.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(30), Duration::from_millis(6400));
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..200 {
+            assert!(random_below(11) <= 10);
+        }
+        assert_eq!(random_below(1), 0);
+    }
+}

@@ -1,0 +1,104 @@
+//! Starting a worker process: `exec` of the binary on disk, or (with
+//! `--preload`) `fork` of the master after the app's load step.
+
+use std::io::{self, Write};
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{ForkResult, Pid};
+
+use crate::app::{LoadedApp, Loader};
+use crate::scoreboard::{Doorbell, Scoreboard};
+use crate::worker::{self, WorkerSpec, SPEC_ENV};
+
+use super::signals::Signals;
+
+/// Runs the executable at `exe` (whatever is on disk there now) as a worker.
+pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec) -> io::Result<Pid> {
+    let json = serde_json::to_string(spec).map_err(io::Error::other)?;
+    let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
+    inherit.push(spec.scoreboard_fd);
+    inherit.push(spec.doorbell_fd);
+    let master = spec.master_pid as i32;
+    let mut cmd = Command::new(exe);
+    cmd.arg0(title).env(SPEC_ENV, json).stdin(Stdio::null());
+    // SAFETY: runs in the child between fork and exec; it makes only
+    // async-signal-safe system calls (fcntl, prctl, getppid) and does not
+    // allocate: `inherit` was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &inherit {
+                if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if nix::libc::prctl(
+                nix::libc::PR_SET_PDEATHSIG,
+                nix::libc::SIGKILL as nix::libc::c_ulong,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if nix::libc::getppid() != master {
+                return Err(io::Error::other("the master exited"));
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// What a forked worker needs from the master's memory.
+pub(crate) struct ForkParts<'a> {
+    pub(crate) app: Arc<LoadedApp>,
+    pub(crate) board: Arc<Scoreboard>,
+    pub(crate) bell: &'a Doorbell,
+    pub(crate) signals: &'a Signals,
+    /// The master's descriptors the worker must not keep.
+    pub(crate) close: Vec<RawFd>,
+    pub(crate) loader: &'a Loader,
+}
+
+/// Forks a worker from the master, sharing the preloaded app copy-on-write.
+pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: the master runs no threads of its own (no runtime, no logging
+    // thread), so the child is a complete copy and may run any code; the
+    // master warns if the app's load step left threads running.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            parts.signals.uninstall();
+            for fd in &parts.close {
+                let _ = nix::unistd::close(*fd);
+            }
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            let code = match nix::unistd::dup(parts.bell.raw_fd())
+                .map_err(io::Error::from)
+                .and_then(Doorbell::from_inherited)
+            {
+                Ok(bell) => worker::run(spec, parts.board, bell, Some(parts.app), parts.loader),
+                Err(e) => {
+                    tracing::error!("worker cannot open the doorbell: {e}");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// The number of threads in this process, from /proc.
+pub(crate) fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}

@@ -1,0 +1,332 @@
+//! The scoreboard: one slot of shared memory per worker, as in Apache and
+//! uWSGI.
+//!
+//! A worker writes its state (booting, ready, draining), a heartbeat, its
+//! request and connection counters and, if it cannot boot, why. The master
+//! reads them to gate reloads on readiness, detect hung workers, recycle
+//! workers and report status. One mechanism serves all of these; the only
+//! other channel is the [`Doorbell`], a pipe a worker writes one byte to so
+//! that the master looks at the scoreboard now rather than at its next tick.
+//!
+//! The memory is a `memfd` mapped shared, so it survives both `fork` and
+//! `exec`: workers (and a re-executed master) map it from an inherited
+//! descriptor. Every field is an atomic, so no lock is shared between
+//! processes and a crashed worker cannot leave one held.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+/// How many workers can exist at once, across all generations.
+pub const CAPACITY: usize = 1024;
+const MESSAGE_LEN: usize = 440;
+
+/// A worker's state as the worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SlotState {
+    /// Unused slot.
+    Free = 0,
+    /// Spawned; loading the app or waiting for its readiness check.
+    Booting = 1,
+    /// Accepting and serving.
+    Ready = 2,
+    /// Finishing in-flight requests; no longer accepting.
+    Draining = 3,
+    /// Could not boot; the slot's message says why.
+    BootFailed = 4,
+}
+
+impl SlotState {
+    fn from_u32(v: u32) -> SlotState {
+        match v {
+            1 => SlotState::Booting,
+            2 => SlotState::Ready,
+            3 => SlotState::Draining,
+            4 => SlotState::BootFailed,
+            _ => SlotState::Free,
+        }
+    }
+}
+
+/// One worker's shared record.
+#[repr(C)]
+pub struct Slot {
+    state: AtomicU32,
+    pid: AtomicU32,
+    generation: AtomicU64,
+    heartbeat_ms: AtomicU64,
+    requests: AtomicU64,
+    connections: AtomicU64,
+    message_len: AtomicU32,
+    message: [AtomicU8; MESSAGE_LEN],
+}
+
+const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
+
+/// Milliseconds on the system-wide monotonic clock, comparable between
+/// processes.
+pub fn monotonic_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000)
+        .unwrap_or(0)
+}
+
+impl Slot {
+    /// Prepares the slot for a worker about to be spawned.
+    pub fn claim(&self, generation: u64) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.generation.store(generation, Ordering::Relaxed);
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+        self.connections.store(0, Ordering::Relaxed);
+        self.message_len.store(0, Ordering::Relaxed);
+        self.state
+            .store(SlotState::Booting as u32, Ordering::Release);
+    }
+
+    /// Marks the slot unused.
+    pub fn release(&self) {
+        self.state.store(SlotState::Free as u32, Ordering::Release);
+    }
+
+    /// Records the worker's pid (by the master, after spawning).
+    pub fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Relaxed);
+    }
+
+    /// The worker's pid, 0 until known.
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// The generation the slot was claimed for.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The worker's reported state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    /// Reports a new state (by the worker).
+    pub fn set_state(&self, state: SlotState) {
+        self.state.store(state as u32, Ordering::Release);
+    }
+
+    /// Records that the worker's runtime is making progress.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// When the worker last reported progress, in [`monotonic_ms`].
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.load(Ordering::Relaxed)
+    }
+
+    /// Counts one served request and returns the new total.
+    pub fn add_request(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection opened (+1) or closed (-1).
+    pub fn add_connections(&self, delta: i64) {
+        if delta >= 0 {
+            self.connections.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.connections
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Stores a short text (why the worker failed to boot), truncated to
+    /// fit on a character boundary.
+    pub fn set_message(&self, text: &str) {
+        let mut end = text.len().min(MESSAGE_LEN);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        for (cell, byte) in self.message.iter().zip(&text.as_bytes()[..end]) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
+        self.message_len.store(end as u32, Ordering::Release);
+    }
+
+    /// The stored text, empty if none.
+    pub fn message(&self) -> String {
+        let len = (self.message_len.load(Ordering::Acquire) as usize).min(MESSAGE_LEN);
+        let bytes: Vec<u8> = self.message[..len]
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// The shared table of slots.
+pub struct Scoreboard {
+    base: NonNull<Slot>,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, so sharing it
+// between threads (and processes) is sound.
+unsafe impl Send for Scoreboard {}
+// SAFETY: as above.
+unsafe impl Sync for Scoreboard {}
+
+impl Scoreboard {
+    /// Creates a zeroed scoreboard (by the master).
+    pub fn create() -> io::Result<Scoreboard> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(c"zdr-scoreboard", MemFdCreateFlag::MFD_CLOEXEC)?;
+        nix::unistd::ftruncate(&fd, (CAPACITY * SLOT_SIZE) as i64)?;
+        Self::map(fd)
+    }
+
+    /// Maps a scoreboard from a descriptor inherited from the master.
+    pub fn attach(fd: RawFd) -> io::Result<Scoreboard> {
+        // SAFETY: the master passed this descriptor for the worker to own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        Self::map(fd)
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Scoreboard> {
+        let len = NonZeroUsize::new(CAPACITY * SLOT_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
+        // SAFETY: a fresh shared mapping of a memfd sized above; no other
+        // mapping in this process aliases it, and it is only read and
+        // written through the atomics of `Slot`, whose all-zero bit pattern
+        // is valid.
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd.as_fd(),
+                0,
+            )?
+        };
+        Ok(Scoreboard {
+            base: ptr.cast(),
+            fd,
+        })
+    }
+
+    /// The descriptor to pass to workers.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Slot `index`; panics if out of range (indices come from the master).
+    pub fn slot(&self, index: usize) -> &Slot {
+        assert!(index < CAPACITY, "scoreboard slot {index} out of range");
+        // SAFETY: in bounds of the mapping, which lives as long as `self`.
+        unsafe { &*self.base.as_ptr().add(index) }
+    }
+
+    /// The first free slot, if any.
+    pub fn free_slot(&self) -> Option<usize> {
+        (0..CAPACITY).find(|&i| self.slot(i).state() == SlotState::Free)
+    }
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference
+        // into it outlives `self`.
+        unsafe {
+            let _ = munmap(self.base.cast(), CAPACITY * SLOT_SIZE);
+        }
+    }
+}
+
+/// The pipe a worker rings to wake the master: any byte means "look at the
+/// scoreboard". Non-blocking on both ends; a full pipe already means the
+/// master will look.
+pub struct Doorbell {
+    fd: OwnedFd,
+}
+
+impl Doorbell {
+    /// Creates the pipe: `(read end for the master, bell for the workers)`.
+    pub fn pair() -> io::Result<(OwnedFd, Doorbell)> {
+        use nix::fcntl::OFlag;
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok((r, Doorbell { fd: w }))
+    }
+
+    /// Rebuilds the bell from a descriptor inherited from the master.
+    pub fn from_inherited(fd: RawFd) -> io::Result<Doorbell> {
+        // SAFETY: the master passed this descriptor for the worker to own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        Ok(Doorbell { fd })
+    }
+
+    /// Wakes the master.
+    pub fn ring(&self) {
+        let _ = nix::unistd::write(&self.fd, &[1]);
+    }
+
+    /// The descriptor to pass to workers.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_is_small_and_round_trips() {
+        assert!(SLOT_SIZE <= 512, "slot grew to {SLOT_SIZE} bytes");
+        let board = Scoreboard::create().unwrap();
+        assert_eq!(board.free_slot(), Some(0));
+        let slot = board.slot(0);
+        slot.claim(7);
+        slot.set_pid(42);
+        assert_eq!(board.free_slot(), Some(1));
+        assert_eq!(
+            (slot.state(), slot.generation(), slot.pid()),
+            (SlotState::Booting, 7, 42)
+        );
+        assert_eq!(slot.add_request(), 1);
+        slot.set_message("ünïcode is cut on a boundary");
+        assert_eq!(slot.message(), "ünïcode is cut on a boundary");
+        slot.set_message(&"é".repeat(400));
+        assert_eq!(slot.message().chars().count(), MESSAGE_LEN / 2);
+        slot.release();
+        assert_eq!(board.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn shared_across_fork_like_mappings() {
+        let board = Scoreboard::create().unwrap();
+        let dup = nix::unistd::dup(board.raw_fd()).unwrap();
+        let other = Scoreboard::attach(dup).unwrap();
+        board.slot(3).claim(1);
+        other.slot(3).set_state(SlotState::Ready);
+        other.slot(3).add_request();
+        assert_eq!(board.slot(3).state(), SlotState::Ready);
+        assert_eq!(board.slot(3).requests(), 1);
+    }
+}

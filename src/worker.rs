@@ -1,0 +1,355 @@
+//! A worker process: boots the app, accepts on the inherited listeners,
+//! serves, and drains on SIGTERM.
+//!
+//! A worker is started either by `exec` of the server's binary (the master
+//! passes a [`WorkerSpec`] in the environment) or, with `--preload`, by
+//! `fork` of the master after the app's load step. Either way the tokio
+//! runtime is created here, after the fork.
+//!
+//! Boot: load (unless preloaded) → build the service → pass the readiness
+//! check → accept → report *ready* on the scoreboard. On SIGTERM the worker
+//! reports *draining*, stops accepting (the listener stays open in the
+//! others, so nothing queued is lost), lets every connection finish or
+//! close as described in [`crate::http`], and exits. SIGQUIT and SIGINT
+//! exit at once.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+
+use crate::app::{LoadedApp, Loader, WorkerInfo};
+use crate::config::Settings;
+use crate::http::access_log::AccessLog;
+use crate::http::{self, Peer, Shared};
+use crate::listener::{Inherited, WorkerListener};
+use crate::scoreboard::{Doorbell, Scoreboard, Slot, SlotState};
+
+/// The environment variable that carries a [`WorkerSpec`] to an exec'd
+/// worker.
+pub(crate) const SPEC_ENV: &str = "ZDR_WORKER_SPEC";
+
+/// The exit code of a worker whose app failed to boot (Gunicorn's).
+pub(crate) const BOOT_ERROR: i32 = 3;
+
+/// Everything a worker needs from its master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WorkerSpec {
+    pub(crate) generation: u64,
+    pub(crate) slot: usize,
+    pub(crate) master_pid: u32,
+    pub(crate) settings: Settings,
+    pub(crate) listeners: Vec<Inherited>,
+    pub(crate) scoreboard_fd: i32,
+    pub(crate) doorbell_fd: i32,
+    /// Requests after which to ask for recycling; 0 for never.
+    pub(crate) max_requests: u64,
+}
+
+/// Runs an exec'd worker if this process is one; `None` otherwise.
+pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
+    let spec = std::env::var_os(SPEC_ENV)?;
+    // The app's own child processes are not workers.
+    std::env::remove_var(SPEC_ENV);
+    let spec: WorkerSpec = match serde_json::from_str(&spec.to_string_lossy()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("zdr: error: bad {SPEC_ENV}: {e}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    if let Err(e) = crate::logging::init(&spec.settings) {
+        eprintln!("zdr: error: {e}");
+        return Some(ExitCode::FAILURE);
+    }
+    let board = match Scoreboard::attach(spec.scoreboard_fd) {
+        Ok(board) => board,
+        Err(e) => {
+            tracing::error!("worker cannot map the scoreboard: {e}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let bell = match Doorbell::from_inherited(spec.doorbell_fd) {
+        Ok(bell) => bell,
+        Err(e) => {
+            tracing::error!("worker cannot open the doorbell: {e}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let code = run(spec, Arc::new(board), bell, None, loader);
+    Some(ExitCode::from(code as u8))
+}
+
+/// Runs a worker to completion and returns its exit code. `app` is the
+/// preloaded app, or `None` to run the load step here.
+pub(crate) fn run(
+    spec: WorkerSpec,
+    board: Arc<Scoreboard>,
+    bell: Doorbell,
+    app: Option<Arc<LoadedApp>>,
+    loader: &Loader,
+) -> i32 {
+    let pid = std::process::id();
+    WorkerInfo::set(WorkerInfo {
+        pid,
+        generation: spec.generation,
+        master_pid: spec.master_pid,
+    });
+    if nix::unistd::getppid().as_raw() as u32 != spec.master_pid {
+        return 1; // the master died before we got here
+    }
+    // Lives as long as the process.
+    let board: &'static Scoreboard = Box::leak(Box::new(board));
+    let slot = board.slot(spec.slot);
+    let bell = Arc::new(bell);
+
+    let app = match app {
+        Some(app) => app,
+        None => match loader() {
+            Ok(app) => Arc::new(app),
+            Err(e) => return boot_failed(slot, &bell, &e),
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(spec.settings.threads)
+        .thread_name("zdr-worker")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            return boot_failed(
+                slot,
+                &bell,
+                &anyhow::anyhow!("cannot start the runtime: {e}"),
+            )
+        }
+    };
+    let code = runtime.block_on(serve(spec, slot, bell, app));
+    runtime.shutdown_background();
+    code
+}
+
+fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
+    let message = format!("{err:#}");
+    tracing::error!("worker {} failed to boot: {message}", std::process::id());
+    slot.set_message(&message);
+    slot.set_state(SlotState::BootFailed);
+    bell.ring();
+    BOOT_ERROR
+}
+
+async fn serve(
+    spec: WorkerSpec,
+    slot: &'static Slot,
+    bell: Arc<Doorbell>,
+    app: Arc<LoadedApp>,
+) -> i32 {
+    let settings = &spec.settings;
+    let beat = settings
+        .timeout()
+        .map(|t| (t / 4).min(Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(beat.max(Duration::from_millis(50)));
+        loop {
+            tick.tick().await;
+            slot.beat();
+        }
+    });
+
+    let service = match (app.make_service)().await {
+        Ok(service) => service,
+        Err(e) => return boot_failed(slot, &bell, &e),
+    };
+    let mut attempts = 0u32;
+    while let Err(e) = (app.ready)().await {
+        attempts += 1;
+        if attempts == 1 || attempts % 10 == 0 {
+            tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut listeners = Vec::with_capacity(spec.listeners.len());
+    for inherited in &spec.listeners {
+        match WorkerListener::from_inherited(*inherited) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                return boot_failed(
+                    slot,
+                    &bell,
+                    &anyhow::anyhow!("cannot use listener fd {}: {e}", inherited.fd),
+                )
+            }
+        }
+    }
+    let access_log = match &settings.accesslog {
+        Some(path) => match AccessLog::open(path, &settings.access_log_format) {
+            Ok(log) => Some(log),
+            Err(e) => return boot_failed(slot, &bell, &e.into()),
+        },
+        None => None,
+    };
+    let limit_bell = Arc::clone(&bell);
+    let shared = Arc::new(Shared {
+        service,
+        builder: Shared::builder(settings),
+        keepalive: settings.keepalive(),
+        access_log,
+        slot,
+        max_requests: spec.max_requests,
+        on_limit: Box::new(move || limit_bell.ring()),
+    });
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let capacity = settings.worker_connections;
+    let permits = Arc::new(Semaphore::new(capacity));
+    for listener in listeners {
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            drain_rx.clone(),
+            Arc::clone(&permits),
+        ));
+    }
+    slot.set_state(SlotState::Ready);
+    bell.ring();
+
+    match wait_for_stop(spec.master_pid, &shared).await {
+        Stop::Fast => return 0,
+        Stop::Graceful => {}
+    }
+    slot.set_state(SlotState::Draining);
+    bell.ring();
+    let _ = drain_tx.send(true);
+    let all = u32::try_from(capacity).unwrap_or(u32::MAX);
+    let graceful = settings.graceful_timeout();
+    if tokio::time::timeout(graceful, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        let open = capacity - permits.available_permits();
+        tracing::warn!(
+            "worker {}: graceful timeout with {open} connection(s) still open",
+            std::process::id()
+        );
+    }
+    0
+}
+
+enum Stop {
+    Graceful,
+    Fast,
+}
+
+async fn wait_for_stop(master_pid: u32, shared: &Shared) -> Stop {
+    let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut usr1)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        tracing::error!("worker cannot install signal handlers");
+        return Stop::Fast;
+    };
+    let mut orphan_check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Stop::Graceful,
+            _ = quit.recv() => return Stop::Fast,
+            _ = int.recv() => return Stop::Fast,
+            _ = usr1.recv() => {
+                crate::logging::reopen();
+                if let Some(log) = &shared.access_log {
+                    if let Err(e) = log.reopen() {
+                        tracing::error!("cannot reopen the access log: {e}");
+                    }
+                }
+            }
+            _ = orphan_check.tick() => {
+                if nix::unistd::getppid().as_raw() as u32 != master_pid {
+                    tracing::warn!("worker {}: master {master_pid} is gone; exiting", std::process::id());
+                    return Stop::Fast;
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: WorkerListener,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+    permits: Arc<Semaphore>,
+) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&shared);
+                let drain = drain.clone();
+                tokio::spawn(async move {
+                    shared.slot.add_connections(1);
+                    match stream {
+                        Stream::Tcp(s) => http::serve(s, peer, Arc::clone(&shared), drain).await,
+                        Stream::Unix(s) => http::serve(s, peer, Arc::clone(&shared), drain).await,
+                    }
+                    shared.slot.add_connections(-1);
+                    drop(permit);
+                });
+            }
+            Err(e) if is_transient(&e) => {}
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning,
+                // and let the other workers take the queue.
+                tracing::error!(
+                    "worker {}: accept failed: {e}; pausing 100 ms",
+                    std::process::id()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &WorkerListener) -> std::io::Result<(Stream, Peer)> {
+    match listener {
+        WorkerListener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Stream::Tcp(s), Peer(addr.ip().to_string().into())))
+        }
+        WorkerListener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((Stream::Unix(s), Peer("-".into())))
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || e.raw_os_error() == Some(nix::libc::EPROTO)
+}
