@@ -1,0 +1,170 @@
+//! A small load generator that accounts for every request: concurrent
+//! keep-alive clients and one-request-per-connection clients, run until
+//! stopped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first few failures, with their cause.
+    pub failures: Vec<String>,
+    /// Requests answered per worker pid.
+    pub by_pid: BTreeMap<u32, u64>,
+    pub generations: BTreeSet<u64>,
+}
+
+impl Report {
+    fn merge(&mut self, other: Report) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        for f in other.failures {
+            if self.failures.len() < 10 {
+                self.failures.push(f);
+            }
+        }
+        for (pid, n) in other.by_pid {
+            *self.by_pid.entry(pid).or_default() += n;
+        }
+        self.generations.extend(other.generations);
+    }
+
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        if self.failures.len() < 10 {
+            self.failures.push(why);
+        }
+    }
+
+    fn record(&mut self, status: u16, body: &[u8]) {
+        if status != 200 {
+            self.fail(format!("status {status}"));
+            return;
+        }
+        self.ok += 1;
+        let text = String::from_utf8_lossy(body);
+        for kv in text.split_whitespace() {
+            if let Some(p) = kv.strip_prefix("pid=").and_then(|p| p.parse().ok()) {
+                *self.by_pid.entry(p).or_default() += 1;
+            }
+            if let Some(g) = kv.strip_prefix("generation=").and_then(|g| g.parse().ok()) {
+                self.generations.insert(g);
+            }
+        }
+    }
+}
+
+/// A running load.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<Report>>,
+}
+
+/// Starts `keepalive` clients that reuse connections and `fresh` clients
+/// that open one connection per request, all sending `GET path`.
+pub fn start(addr: SocketAddr, path: &str, keepalive: usize, fresh: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..keepalive + fresh {
+        let stop = Arc::clone(&stop);
+        let path = path.to_owned();
+        let reuse = i < keepalive;
+        tasks.push(tokio::spawn(async move {
+            client(addr, path, reuse, stop).await
+        }));
+    }
+    Load { stop, tasks }
+}
+
+impl Load {
+    /// Stops the clients (each finishes its request in flight) and sums up.
+    pub async fn stop(self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Report::default();
+        for t in self.tasks {
+            total.merge(t.await.expect("load client panicked"));
+        }
+        total
+    }
+}
+
+type Sender = http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBool>) -> Report {
+    let mut report = Report::default();
+    let mut sender: Option<Sender> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut s = match sender.take() {
+            Some(s) if !s.is_closed() => s,
+            _ => match connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    report.fail(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let mut req = hyper::Request::get(path.as_str()).header("host", "test");
+        if !reuse {
+            req = req.header("connection", "close");
+        }
+        let req = req.body(Empty::new()).expect("valid request");
+        let result = tokio::time::timeout(Duration::from_secs(30), async {
+            s.ready().await.map_err(|e| format!("ready: {e}"))?;
+            let res = s
+                .send_request(req)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let status = res.status().as_u16();
+            let close = res
+                .headers()
+                .get("connection")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            let body = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, close, body))
+        })
+        .await
+        .unwrap_or_else(|_| Err("timeout".to_owned()));
+        match result {
+            Ok((status, close, body)) => {
+                report.record(status, &body);
+                if reuse && !close {
+                    sender = Some(s);
+                }
+            }
+            Err(e) => report.fail(e),
+        }
+    }
+    report
+}

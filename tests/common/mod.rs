@@ -1,0 +1,473 @@
+//! Test fixtures: the real `zdr` binary on an ephemeral port, its log, its
+//! workers (from /proc), and plain HTTP against it. Every process a test
+//! starts is killed when its `Server` is dropped, and every wait is bounded.
+
+#![allow(dead_code)]
+
+pub mod load;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn zdr_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_zdr"))
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("zdr-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How to start a server.
+pub struct Launch {
+    exe: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// `zdr serve` on 127.0.0.1 with an ephemeral port plus `args`.
+    pub fn serve(args: &[&str]) -> Launch {
+        let mut all = vec![
+            "serve".to_owned(),
+            "--bind".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        Launch {
+            exe: zdr_bin(),
+            args: all,
+            env: Vec::new(),
+        }
+    }
+
+    /// Exactly these arguments, no default bind.
+    pub fn raw(args: &[&str]) -> Launch {
+        Launch {
+            exe: zdr_bin(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn exe(mut self, exe: &Path) -> Launch {
+        self.exe = exe.to_owned();
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Launch {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ZDR_") || k == "PORT" || k == "WEB_CONCURRENCY" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs to completion (for commands that exit by themselves).
+    pub fn output(&self) -> std::process::Output {
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                panic!("{:?} did not exit within 20 s", self.args);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server and waits until it listens.
+    pub fn start(&self) -> Server {
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("ZDR_TEST_ECHO").is_some() {
+                    eprintln!("{line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut server = Server {
+            pid: child.id(),
+            child,
+            log,
+            addr: None,
+            exited: None,
+        };
+        let found = wait_until(Duration::from_secs(15), || {
+            server.addr = server.listening_addr();
+            server.addr.is_some() || server.has_exited()
+        });
+        assert!(
+            found,
+            "server did not listen within 15 s; log:\n{}",
+            server.log_text()
+        );
+        server
+    }
+}
+
+/// A running server (its master), killed with its whole process group on
+/// drop.
+pub struct Server {
+    pub pid: u32,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    addr: Option<SocketAddr>,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    fn listening_addr(&self) -> Option<SocketAddr> {
+        let log = self.log.lock().unwrap();
+        log.iter().find_map(|l| {
+            let rest = l.split("Listening at: http://").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// The first TCP address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("server is not listening")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr().port()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits for `count` log lines containing `needle`.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let ok = wait_until(timeout, || self.log_count(needle) >= count);
+        assert!(
+            ok,
+            "no {count}x {needle:?} in the log within {timeout:?}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout);
+    }
+
+    /// Waits until the first generation is ready.
+    pub fn wait_ready(&self) {
+        self.wait_for_log("Ready: generation", Duration::from_secs(20));
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig).unwrap();
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().unwrap();
+        }
+        self.exited.is_some()
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let ok = wait_until(timeout, || self.has_exited());
+        assert!(
+            ok,
+            "master did not exit within {timeout:?}; log:\n{}",
+            self.log_text()
+        );
+        // Let the log reader catch up.
+        std::thread::sleep(Duration::from_millis(50));
+        self.exited.unwrap()
+    }
+
+    /// The master's living children (its workers), from /proc.
+    pub fn worker_pids(&self) -> BTreeSet<u32> {
+        children_of(self.pid)
+    }
+
+    /// Waits until exactly `n` workers are ready and answering, and returns
+    /// their pids.
+    pub fn wait_workers(&self, n: usize) -> BTreeSet<u32> {
+        let mut pids = BTreeSet::new();
+        let ok = wait_until(Duration::from_secs(20), || {
+            pids = self.worker_pids();
+            pids.len() == n && pids.iter().all(|p| is_serving(*p))
+        });
+        assert!(
+            ok,
+            "expected {n} workers, have {pids:?}; log:\n{}",
+            self.log_text()
+        );
+        pids
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        get(self.addr(), path)
+    }
+}
+
+/// Whether `pid`'s runtime threads exist (it has built its runtime).
+fn is_serving(pid: u32) -> bool {
+    thread_names(pid).iter().any(|n| n == "zdr-worker")
+}
+
+/// The names of a process's threads.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
+
+/// Living (not zombie) children of `parent`.
+pub fn children_of(parent: u32) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == parent && state != "Z" {
+            out.insert(pid);
+        }
+    }
+    out
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, a)| !a.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP response, as the raw client saw it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    /// A `key=value` field of the demo app's answer.
+    pub fn field(&self, key: &str) -> Option<String> {
+        self.body
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+    }
+    pub fn pid(&self) -> u32 {
+        self.field("pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {:?}", self.body))
+    }
+    pub fn generation(&self) -> u64 {
+        self.field("generation")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no generation in {:?}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain blocking GET on a new connection (`Connection: close`).
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(70)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_reply(&raw).ok_or_else(|| {
+        std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
+    })
+}
+
+/// Parses one HTTP/1.1 response with a Content-Length body.
+pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())?;
+    Some(Reply {
+        status,
+        headers,
+        body: body.get(..len)?.to_owned(),
+    })
+}
+
+/// Whether something still accepts connections on `addr`.
+pub fn port_open(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+}
+
+/// Writes a config file.
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Connections on `port` that the given processes have accepted: their
+/// socket descriptors that /proc/net/tcp lists as established there.
+pub fn accepted_connections(pids: &BTreeSet<u32>, port: u16) -> usize {
+    let mut inodes = BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                let link = link.to_string_lossy().into_owned();
+                if let Some(inode) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|l| l.strip_suffix(']'))
+                {
+                    inodes.insert(inode.to_owned());
+                }
+            }
+        }
+    }
+    let local = format!(":{port:04X}");
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() > 9 && f[1].ends_with(&local) && f[3] == "01" && inodes.contains(f[9]) {
+                count += 1;
+            }
+        }
+    }
+    count
+}

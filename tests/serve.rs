@@ -1,0 +1,448 @@
+//! The pre-fork server: workers, preload, graceful stop, crashes, bad input
+//! and configuration precedence, against the real binary.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+#[test]
+fn three_workers_serve_and_the_master_does_not() {
+    // One connection per worker at a time: three concurrent slow requests
+    // must land on three different workers.
+    let server = Launch::serve(&[
+        "--workers",
+        "3",
+        "--threads",
+        "2",
+        "--worker-connections",
+        "1",
+    ])
+    .start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    assert!(!workers.contains(&server.pid));
+
+    let addr = server.addr();
+    let replies: Vec<Reply> = (0..3)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow?ms=600")))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let served: BTreeSet<u32> = replies.iter().map(|r| r.pid()).collect();
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(
+        served, workers,
+        "each of the 3 workers serves one of the 3 connections"
+    );
+    assert!(replies.iter().all(|r| r.generation() == 1));
+
+    // --threads 2: each worker runs exactly two runtime threads.
+    for pid in &workers {
+        let runtime_threads = thread_names(*pid)
+            .iter()
+            .filter(|n| *n == "zdr-worker")
+            .count();
+        assert_eq!(
+            runtime_threads,
+            2,
+            "worker {pid} threads: {:?}",
+            thread_names(*pid)
+        );
+    }
+}
+
+#[test]
+fn keep_alive_reuses_then_closes_idle_connections() {
+    let server = Launch::serve(&["--keep-alive", "1"]).start();
+    server.wait_ready();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let reply = parse_reply(&buf[..n]).expect("a whole response");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("connection"), None);
+        pids.push(reply.pid());
+    }
+    assert_eq!(pids[0], pids[1], "both requests on one connection");
+    let idle_from = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = s
+        .read(&mut buf)
+        .expect("the server closes, not the read timeout");
+    assert_eq!(n, 0, "EOF after the keep-alive timeout");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900),
+        "closed after {idle:?}, before the 1 s keep-alive"
+    );
+}
+
+#[test]
+fn http2_cleartext_is_served() {
+    let server = Launch::serve(&[]).start();
+    server.wait_ready();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get("http://test/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        (res.version(), res.status().as_u16())
+    });
+    assert_eq!(status, (hyper::Version::HTTP_2, 200));
+}
+
+#[test]
+fn preload_runs_the_load_step_once_in_the_master() {
+    let server = Launch::serve(&["--workers", "3", "--preload"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    let addr = server.addr();
+    let replies: Vec<Reply> = (0..20).map(|_| get(addr, "/")).collect();
+    for r in &replies {
+        assert_eq!(r.field("loaded_in"), Some(server.pid.to_string()), "{r:?}");
+        assert!(workers.contains(&r.pid()));
+    }
+    // Without --preload, each worker loads the app itself.
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    server.wait_workers(2);
+    for _ in 0..10 {
+        let r = server.get("/");
+        assert_eq!(r.field("loaded_in"), Some(r.pid().to_string()));
+    }
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let mut server = Launch::serve(&["--workers", "2", "--graceful-timeout", "10"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(2);
+    let addr = server.addr();
+    let clients: Vec<_> = (0..20)
+        .map(|_| std::thread::spawn(move || try_get(addr, "/slow?ms=2000")))
+        .collect();
+    // Every request is accepted before the stop begins.
+    let ok = wait_until(Duration::from_secs(10), || {
+        accepted_connections(&workers, addr.port()) == 20
+    });
+    assert!(ok, "20 connections never reached the workers");
+    server.signal(Signal::SIGTERM);
+    let replies: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log_text());
+    let ok = replies
+        .iter()
+        .filter(|r| matches!(r, Ok(r) if r.status == 200))
+        .count();
+    assert_eq!(ok, 20, "replies: {replies:?}");
+    assert!(!port_open(addr), "port still open after stop");
+    assert!(
+        workers.iter().all(|p| !alive(*p)),
+        "a worker outlived the master"
+    );
+}
+
+#[test]
+fn a_killed_worker_is_replaced() {
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let before = server.wait_workers(2);
+    let victim = *before.iter().next().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let now = server.worker_pids();
+        now.len() == 2 && !now.contains(&victim)
+    });
+    assert!(ok, "worker not replaced; log:\n{}", server.log_text());
+    server.wait_workers(2);
+    for _ in 0..10 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    assert!(
+        server
+            .log_text()
+            .contains(&format!("worker {victim} was killed by SIGKILL")),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn workers_do_not_outlive_a_killed_master() {
+    let mut server = Launch::serve(&["--workers", "3"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    let addr = server.addr();
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(Duration::from_secs(5));
+    let gone = wait_until(Duration::from_secs(2), || {
+        workers.iter().all(|p| !alive(*p))
+    });
+    assert!(gone, "workers still alive 2 s after the master died");
+    assert!(
+        std::net::TcpListener::bind(addr).is_ok(),
+        "port {addr} not free"
+    );
+}
+
+fn fails_with(launch: Launch, expected: &[&str]) {
+    let out = launch.output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "should fail; stderr:\n{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "stderr lacks {e:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn bad_configuration_is_named_and_nothing_starts() {
+    let dir = TempDir::new("badcfg");
+    let cfg = dir.path("zdr.toml");
+    write_file(&cfg, "workers = 2\nwrkers = 3\n");
+    let cfg_s = cfg.to_str().unwrap();
+    fails_with(
+        Launch::raw(&["serve", "-c", cfg_s]),
+        &[&format!("{cfg_s}:2: key `wrkers`: unknown field `wrkers`")],
+    );
+    write_file(&cfg, "bind = \"127.0.0.1:0\"\ntimeout = \"long\"\n");
+    fails_with(
+        Launch::raw(&["serve", "-c", cfg_s]),
+        &[&format!(
+            "{cfg_s}:2: key `timeout`: invalid type: string \"long\""
+        )],
+    );
+    fails_with(
+        Launch::raw(&["serve", "--bind", "localhost:http"]),
+        &["setting `bind`", "localhost:http"],
+    );
+    fails_with(
+        Launch::raw(&["serve", "-c", dir.path("missing.toml").to_str().unwrap()]),
+        &["cannot read config file"],
+    );
+    fails_with(
+        Launch::raw(&["serve"]).env("PORT", "eighty"),
+        &["environment variable PORT"],
+    );
+}
+
+#[test]
+fn port_in_use_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    fails_with(
+        Launch::raw(&["serve", "--bind", &addr]),
+        &[&format!("cannot bind {addr}: address already in use")],
+    );
+}
+
+#[test]
+fn an_app_that_fails_to_load_stops_the_start() {
+    for preload in [false, true] {
+        let mut launch =
+            Launch::serve(&["--workers", "2"]).env("ZDR_DEMO_LOAD_ERROR", "cannot open data.db");
+        if preload {
+            launch = Launch::serve(&["--workers", "2", "--preload"])
+                .env("ZDR_DEMO_LOAD_ERROR", "cannot open data.db");
+        }
+        let out = launch.output();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "preload={preload}; stderr:\n{stderr}"
+        );
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("Cannot start") || l.contains("ERROR] the app"))
+            .collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "one error line naming the cause; stderr:\n{stderr}"
+        );
+        assert!(
+            errors[0].contains("demo app: cannot open data.db"),
+            "{}",
+            errors[0]
+        );
+    }
+}
+
+fn check(launch: Launch) -> toml::Table {
+    let out = launch.output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).parse().unwrap()
+}
+
+#[test]
+fn precedence_file_then_env_then_flags() {
+    let dir = TempDir::new("prec");
+    let cfg = dir.path("zdr.toml");
+    write_file(
+        &cfg,
+        "workers = 2\nkeepalive = 7\nbind = [\"127.0.0.1:9001\"]\n",
+    );
+    let c = cfg.to_str().unwrap();
+    let t = check(Launch::raw(&["check", "-c", c]));
+    assert_eq!(t["workers"].as_integer(), Some(2));
+    let t = check(Launch::raw(&["check", "-c", c]).env("ZDR_WORKERS", "3"));
+    assert_eq!(t["workers"].as_integer(), Some(3));
+    assert_eq!(t["keepalive"].as_float(), Some(7.0));
+    let t = check(Launch::raw(&["check", "-c", c, "--workers", "4"]).env("ZDR_WORKERS", "3"));
+    assert_eq!(t["workers"].as_integer(), Some(4));
+    // The platform's PORT and WEB_CONCURRENCY sit below the file.
+    let t = check(
+        Launch::raw(&["check"])
+            .env("PORT", "5123")
+            .env("WEB_CONCURRENCY", "5"),
+    );
+    assert_eq!(
+        t["bind"].as_array().unwrap()[0].as_str(),
+        Some("0.0.0.0:5123")
+    );
+    assert_eq!(t["workers"].as_integer(), Some(5));
+    let t = check(
+        Launch::raw(&["check", "-c", c])
+            .env("PORT", "5123")
+            .env("WEB_CONCURRENCY", "5"),
+    );
+    assert_eq!(
+        t["bind"].as_array().unwrap()[0].as_str(),
+        Some("127.0.0.1:9001")
+    );
+    assert_eq!(t["workers"].as_integer(), Some(2));
+}
+
+#[test]
+fn port_variable_binds_all_interfaces() {
+    let server = Launch::raw(&["serve"])
+        .env("PORT", "0")
+        .env("WEB_CONCURRENCY", "2")
+        .start();
+    server.wait_ready();
+    assert!(server.log_text().contains("Listening at: http://0.0.0.0:"));
+    server.wait_workers(2);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.port()));
+    assert_eq!(get(addr, "/").status, 200);
+}
+
+#[test]
+fn pidfile_is_written_and_removed() {
+    let dir = TempDir::new("pid");
+    let pidfile = dir.path("zdr.pid");
+    let mut server = Launch::serve(&["--pid", pidfile.to_str().unwrap()]).start();
+    server.wait_ready();
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        server.pid.to_string()
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(!pidfile.exists());
+}
+
+#[test]
+fn access_log_uses_gunicorn_format() {
+    let dir = TempDir::new("access");
+    let log = dir.path("access.log");
+    let server = Launch::serve(&["--access-logfile", log.to_str().unwrap()]).start();
+    server.wait_ready();
+    let slow = server.get("/slow?ms=1");
+    assert_eq!(slow.status, 200);
+    assert_eq!(server.get("/nope").status, 404);
+    let ok = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() == 2)
+    });
+    assert!(ok);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("127.0.0.1 - - ["), "{}", lines[0]);
+    let tail = format!(
+        "] \"GET /slow?ms=1 HTTP/1.1\" 200 {} \"-\" \"-\"",
+        slow.body.len()
+    );
+    assert!(
+        lines[0].ends_with(&tail),
+        "{} does not end with {tail}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("\"GET /nope HTTP/1.1\" 404 10 \"-\" \"-\""),
+        "{}",
+        lines[1]
+    );
+}
+
+#[test]
+fn unix_socket_and_several_binds() {
+    let dir = TempDir::new("unix");
+    let sock = dir.path("zdr.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut server = Launch::serve(&["--bind", &unix]).start();
+    server.wait_ready();
+    assert_eq!(server.get("/").status, 200);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert_eq!(parse_reply(&raw).unwrap().status, 200);
+    server.signal(Signal::SIGTERM);
+    server.wait_exit(Duration::from_secs(10));
+    assert!(!sock.exists(), "socket file left behind");
+}
+
+#[test]
+fn help_reads_like_gunicorn() {
+    let out = Launch::raw(&["serve", "--help"]).output();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--bind",
+        "--workers",
+        "--threads",
+        "--worker-connections",
+        "--backlog",
+        "--timeout",
+        "--graceful-timeout",
+        "--keep-alive",
+        "--max-requests",
+        "--max-requests-jitter",
+        "--preload",
+        "--pid",
+        "--log-level",
+        "--access-logfile",
+        "--error-logfile",
+        "--access-log-format",
+        "--config",
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}:\n{help}");
+    }
+    assert!(help.contains("ZDR_WORKERS"));
+}
