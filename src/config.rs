@@ -290,7 +290,7 @@ pub struct Settings {
 }
 
 fn seconds(name: &'static str, value: f64) -> Result<f64, ConfigError> {
-    if value.is_finite() && value >= 0.0 && value < 1.0e9 {
+    if (0.0..1.0e9).contains(&value) {
         Ok(value)
     } else {
         Err(ConfigError::invalid(
@@ -603,5 +603,19 @@ mod tests {
             ..Options::default()
         };
         assert!(Settings::resolve(o).is_err());
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// `zdr.toml.example` parses and states exactly the defaults.
+    #[test]
+    fn example_config_is_valid_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("zdr.toml.example");
+        let example = Settings::resolve(load_file(&path).unwrap()).unwrap();
+        let defaults = Settings::resolve(Options::default()).unwrap();
+        assert_eq!(example, defaults);
     }
 }

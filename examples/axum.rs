@@ -1,0 +1,58 @@
+//! An axum app served by zdr.
+//!
+//! ```sh
+//! cargo run --example axum -- serve --workers 2 --bind 127.0.0.1:8000
+//! curl localhost:8000/hello/world
+//! kill -HUP <master pid>   # rolling reload
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::Router;
+
+/// Built once per worker (or once in the master with `--preload`).
+struct Config {
+    greeting: String,
+}
+
+/// Per-worker state, built inside the worker's runtime.
+#[derive(Clone)]
+struct AppState {
+    config: Arc<Config>,
+    hits: Arc<AtomicU64>,
+}
+
+async fn hello(State(state): State<AppState>, Path(name): Path<String>) -> String {
+    let n = state.hits.fetch_add(1, Ordering::Relaxed) + 1;
+    let worker = zdr::WorkerInfo::current().map(|w| w.pid).unwrap_or(0);
+    format!(
+        "{}, {name}! (request {n} of worker {worker})\n",
+        state.config.greeting
+    )
+}
+
+fn main() -> std::process::ExitCode {
+    zdr::Server::new("axum-example")
+        .load(|| {
+            Ok(Config {
+                greeting: std::env::var("GREETING").unwrap_or_else(|_| "Hello".into()),
+            })
+        })
+        .service(|config: Arc<Config>| async move {
+            let state = AppState {
+                config,
+                hits: Arc::new(AtomicU64::new(0)),
+            };
+            Ok(Router::new()
+                .route("/", get(|| async { "axum on zdr\n" }))
+                .route("/hello/{name}", get(hello))
+                .with_state(state))
+        })
+        // A real app would check its database here; a worker only takes
+        // traffic once this passes.
+        .ready(|_config: Arc<Config>| async { Ok(()) })
+        .run()
+}
