@@ -1,0 +1,294 @@
+//! Zero-downtime reloads against the real binary: HUP under load, requests
+//! in flight across a HUP, rollback of a generation that cannot boot,
+//! scaling signals and hung-worker detection.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Samples the number of live workers every 5 ms until stopped; returns the
+/// smallest number seen.
+fn watch_worker_count(server_pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || {
+        let mut min = usize::MAX;
+        while !flag.load(Ordering::Relaxed) {
+            min = min.min(children_of(server_pid).len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        min
+    });
+    (stop, handle)
+}
+
+fn ten_hups_under_load(extra: &[&str]) {
+    let mut args = vec!["--workers", "3"];
+    args.extend_from_slice(extra);
+    let server = Launch::serve(&args).start();
+    server.wait_ready();
+    server.wait_workers(3);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 3, 3) });
+    let (stop_watch, watcher) = watch_worker_count(server.pid);
+    for i in 1..=10u64 {
+        server.signal(Signal::SIGHUP);
+        server.wait_for_log(
+            &format!("Reload to generation {} complete", i + 1),
+            Duration::from_secs(20),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let report = rt.block_on(load.stop());
+    stop_watch.store(true, Ordering::Relaxed);
+    let min_workers = watcher.join().unwrap();
+    eprintln!(
+        "load across 10 reloads: {} ok, {} failed, {} workers seen, min live workers {min_workers}",
+        report.ok,
+        report.failed,
+        report.by_pid.len()
+    );
+
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert!(
+        report.ok > 100,
+        "too little traffic to mean anything: {report:?}"
+    );
+    assert_eq!(server.log_count("rolled back"), 0, "{}", server.log_text());
+    assert!(
+        report.generations.contains(&11),
+        "generation 11 never answered: {:?}",
+        report.generations
+    );
+    assert!(min_workers >= 3, "worker count dropped to {min_workers}");
+    let last = server.wait_workers(3);
+    for _ in 0..6 {
+        let r = server.get("/");
+        assert_eq!(r.generation(), 11);
+        assert!(last.contains(&r.pid()));
+    }
+}
+
+#[test]
+fn ten_reloads_under_load_fail_no_request() {
+    ten_hups_under_load(&[]);
+}
+
+#[test]
+fn ten_reloads_under_load_fail_no_request_with_preload() {
+    ten_hups_under_load(&["--preload"]);
+}
+
+#[test]
+fn requests_in_flight_finish_on_the_old_generation() {
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let old = server.wait_workers(2);
+    let addr = server.addr();
+    let slow: Vec<_> = (0..20)
+        .map(|_| std::thread::spawn(move || try_get(addr, "/slow?ms=3000")))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || accepted_connections(
+            &old,
+            addr.port()
+        ) == 20),
+        "20 slow requests never reached the workers"
+    );
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(10));
+    // The new generation serves new requests while the old one finishes.
+    for _ in 0..10 {
+        let r = server.get("/");
+        assert_eq!(r.generation(), 2);
+        assert!(!old.contains(&r.pid()));
+    }
+    assert!(
+        old.iter().all(|p| alive(*p)),
+        "an old worker quit with requests in flight"
+    );
+    for s in slow {
+        let r = s.join().unwrap().expect("slow request failed");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.generation(), 1);
+        assert!(old.contains(&r.pid()));
+    }
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+}
+
+#[test]
+fn a_generation_that_cannot_boot_is_rolled_back() {
+    let dir = TempDir::new("rollback");
+    let exe = dir.path("zdr");
+    std::fs::copy(zdr_bin(), &exe).unwrap();
+    let server = Launch::serve(&["--workers", "2"]).exe(&exe).start();
+    server.wait_ready();
+    let old = server.wait_workers(2);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 2, 2) });
+
+    // Deploy a binary that dies at start-up.
+    let broken = dir.path("zdr.new");
+    write_file(
+        &broken,
+        "#!/bin/sh\necho 'fatal: cannot find libexample.so' >&2\nexit 3\n",
+    );
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &exe).unwrap();
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("rolled back", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let report = rt.block_on(load.stop());
+
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    let line = server
+        .log_text()
+        .lines()
+        .find(|l| l.contains("rolled back"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("Reload to generation 2 rolled back"),
+        "{line}"
+    );
+    assert!(line.contains("exited with status 3"), "{line}");
+    assert!(line.contains("generation 1 keeps serving"), "{line}");
+    assert_eq!(
+        server.worker_pids(),
+        old,
+        "the old workers must keep serving, untouched"
+    );
+    let served: BTreeSet<u32> = (0..10).map(|_| server.get("/").pid()).collect();
+    assert!(served.is_subset(&old));
+    assert_eq!(report.generations, BTreeSet::from([1]));
+}
+
+#[test]
+fn a_bad_config_on_reload_changes_nothing() {
+    let dir = TempDir::new("badreload");
+    let cfg = dir.path("zdr.toml");
+    write_file(&cfg, "workers = 2\n");
+    let server = Launch::serve(&["--config", cfg.to_str().unwrap()]).start();
+    server.wait_ready();
+    let old = server.wait_workers(2);
+    write_file(&cfg, "workers = 3\nthreads = \"many\"\n");
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log(
+        "Reload aborted, configuration unchanged",
+        Duration::from_secs(10),
+    );
+    assert!(
+        server
+            .log_text()
+            .contains(&format!("{}:2: key `threads`", cfg.display())),
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(server.worker_pids(), old);
+    assert_eq!(server.get("/").generation(), 1);
+
+    // A good edit takes effect on the next HUP.
+    write_file(&cfg, "workers = 3\n");
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    let new = server.wait_workers(3);
+    assert!(new.is_disjoint(&old));
+}
+
+#[test]
+fn ttin_ttou_and_winch() {
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    server.wait_workers(2);
+    server.signal(Signal::SIGTTIN);
+    let three = server.wait_workers(3);
+    // Signals of one kind sent together coalesce: wait for each effect.
+    server.signal(Signal::SIGTTOU);
+    server.wait_for_log("Number of workers: 2", Duration::from_secs(5));
+    server.wait_workers(2);
+    server.signal(Signal::SIGTTOU);
+    server.wait_for_log("Number of workers: 1", Duration::from_secs(5));
+    let one = server.wait_workers(1);
+    assert!(one.is_subset(&three));
+    server.signal(Signal::SIGTTOU); // never below one
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.worker_pids(), one);
+    assert_eq!(server.get("/").pid(), *one.iter().next().unwrap());
+
+    server.signal(Signal::SIGWINCH);
+    assert!(
+        wait_until(Duration::from_secs(10), || server.worker_pids().is_empty()),
+        "workers left after WINCH"
+    );
+    assert!(alive(server.pid), "WINCH must keep the master");
+    server.signal(Signal::SIGHUP);
+    server.wait_workers(2);
+    assert_eq!(server.get("/").status, 200);
+}
+
+#[test]
+fn a_hung_worker_is_killed_and_replaced() {
+    let server = Launch::serve(&["--workers", "2", "--timeout", "1"]).start();
+    server.wait_ready();
+    let before = server.wait_workers(2);
+    let addr = server.addr();
+    // Blocks the runtime of whichever worker takes it for 30 s.
+    let hung = std::thread::spawn(move || try_get(addr, "/block?ms=30000"));
+    server.wait_for_log("WORKER TIMEOUT", Duration::from_secs(10));
+    let victim = before
+        .iter()
+        .copied()
+        .find(|p| {
+            server
+                .log_text()
+                .contains(&format!("WORKER TIMEOUT (pid: {p}"))
+        })
+        .expect("the timed-out worker is one of ours");
+    assert!(wait_until(Duration::from_secs(10), || !server
+        .worker_pids()
+        .contains(&victim)));
+    let after = server.wait_workers(2);
+    assert!(!after.contains(&victim));
+    assert!(
+        hung.join().unwrap().is_err(),
+        "the hung request dies with its worker"
+    );
+    // A long request on a healthy runtime is not a timeout.
+    let slow = server.get("/slow?ms=2500");
+    assert_eq!(slow.status, 200);
+    assert_eq!(server.log_count("WORKER TIMEOUT"), 1);
+}
+
+#[test]
+fn a_hup_during_a_reload_supersedes_it() {
+    let server = Launch::serve(&["--workers", "2"])
+        .env("ZDR_DEMO_BOOT_MS", "700")
+        .start();
+    server.wait_ready();
+    let old = server.wait_workers(2);
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(5));
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 3 complete", Duration::from_secs(20));
+    assert!(server
+        .log_text()
+        .contains("Reload to generation 2 superseded"));
+    let now = server.wait_workers(2);
+    assert!(now.is_disjoint(&old));
+    let generations: BTreeSet<u64> = (0..10).map(|_| server.get("/").generation()).collect();
+    assert_eq!(generations, BTreeSet::from([3]));
+}
