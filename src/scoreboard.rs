@@ -62,6 +62,7 @@ pub struct Slot {
     heartbeat_ms: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
+    may_retire: AtomicU32,
     message_len: AtomicU32,
     message: [AtomicU8; MESSAGE_LEN],
 }
@@ -90,6 +91,7 @@ impl Slot {
         self.requests.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
+        self.may_retire.store(0, Ordering::Relaxed);
         self.state
             .store(SlotState::Booting as u32, Ordering::Release);
     }
@@ -152,6 +154,17 @@ impl Slot {
             self.connections
                 .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
+    }
+
+    /// Tells the worker (by the master) that its replacement is ready, so
+    /// it may retire itself the moment it reaches its request limit.
+    pub fn allow_retire(&self) {
+        self.may_retire.store(1, Ordering::Release);
+    }
+
+    /// Whether the worker may retire itself at its request limit.
+    pub fn may_retire(&self) -> bool {
+        self.may_retire.load(Ordering::Acquire) == 1
     }
 
     /// Connections open now.

@@ -45,8 +45,27 @@ pub(crate) struct WorkerSpec {
     pub(crate) listeners: Vec<Inherited>,
     pub(crate) scoreboard_fd: i32,
     pub(crate) doorbell_fd: i32,
-    /// Requests after which to ask for recycling; 0 for never.
-    pub(crate) max_requests: u64,
+    /// When to be recycled, if ever.
+    pub(crate) request_limit: Option<RequestLimit>,
+}
+
+/// A worker's request limit (`max_requests` plus its jitter), and the count
+/// at which the master starts its replacement so that it is ready in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RequestLimit {
+    pub(crate) limit: u64,
+    pub(crate) prespawn_at: u64,
+}
+
+impl RequestLimit {
+    /// The limit `limit`, with the replacement started half-way, so that
+    /// it is ready well before the limit even under heavy load.
+    pub(crate) fn new(limit: u64) -> Option<RequestLimit> {
+        (limit > 0).then(|| RequestLimit {
+            limit,
+            prespawn_at: (limit / 2).max(1),
+        })
+    }
 }
 
 /// Runs an exec'd worker if this process is one; `None` otherwise.
@@ -193,18 +212,29 @@ async fn serve(
         },
         None => None,
     };
-    let limit_bell = Arc::clone(&bell);
+    // Draining starts from a signal, or from the request that reaches the
+    // worker's limit: if the master says the replacement is ready, the
+    // worker stops accepting right there; otherwise the master drains it
+    // once the replacement is.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain_tx = Arc::new(drain_tx);
+    let (limit_bell, limit_drain) = (Arc::clone(&bell), Arc::clone(&drain_tx));
     let shared = Arc::new(Shared {
         service,
         builder: Shared::builder(settings),
         keepalive: settings.keepalive(),
         access_log,
         slot,
-        max_requests: spec.max_requests,
-        on_limit: Box::new(move || limit_bell.ring()),
+        request_limit: spec.request_limit,
+        on_limit: Box::new(move |reached: bool| {
+            if reached && slot.may_retire() {
+                slot.set_state(SlotState::Draining);
+                let _ = limit_drain.send(true);
+            }
+            limit_bell.ring();
+        }),
     });
 
-    let (drain_tx, drain_rx) = watch::channel(false);
     let capacity = settings.worker_connections;
     let permits = Arc::new(Semaphore::new(capacity));
     for listener in listeners {
@@ -218,7 +248,7 @@ async fn serve(
     slot.set_state(SlotState::Ready);
     bell.ring();
 
-    match wait_for_stop(spec.master_pid, &shared).await {
+    match wait_for_stop(spec.master_pid, &shared, drain_rx).await {
         Stop::Fast => return 0,
         Stop::Graceful => {}
     }
@@ -245,7 +275,7 @@ enum Stop {
     Fast,
 }
 
-async fn wait_for_stop(master_pid: u32, shared: &Shared) -> Stop {
+async fn wait_for_stop(master_pid: u32, shared: &Shared, mut drain: watch::Receiver<bool>) -> Stop {
     let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::quit()),
@@ -259,6 +289,10 @@ async fn wait_for_stop(master_pid: u32, shared: &Shared) -> Stop {
     loop {
         tokio::select! {
             _ = term.recv() => return Stop::Graceful,
+            _ = drain.wait_for(|d| *d) => {
+                tracing::info!("worker {}: request limit reached; retiring", std::process::id());
+                return Stop::Graceful;
+            }
             _ = quit.recv() => return Stop::Fast,
             _ = int.recv() => return Stop::Fast,
             _ = usr1.recv() => {

@@ -292,3 +292,59 @@ fn a_hup_during_a_reload_supersedes_it() {
     let generations: BTreeSet<u64> = (0..10).map(|_| server.get("/").generation()).collect();
     assert_eq!(generations, BTreeSet::from([3]));
 }
+
+#[test]
+fn max_requests_recycles_workers_without_failures() {
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--max-requests",
+        "50",
+        "--max-requests-jitter",
+        "10",
+    ])
+    .start();
+    server.wait_ready();
+    let first = server.wait_workers(2);
+    let rt = runtime();
+    // One request per connection: a worker that stops accepting at its
+    // limit takes no request beyond the ones it has already accepted.
+    let load = rt.block_on(async { load::start(server.addr(), "/", 0, 3) });
+    let (stop_watch, watcher) = watch_worker_count(server.pid);
+    assert!(
+        wait_until(Duration::from_secs(30), || server
+            .log_count("Worker exiting")
+            >= 20),
+        "fewer than 6 recycles; log:\n{}",
+        server.log_text()
+    );
+    let report = rt.block_on(load.stop());
+    stop_watch.store(true, Ordering::Relaxed);
+    let min_workers = watcher.join().unwrap();
+
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert!(min_workers >= 2, "capacity dipped to {min_workers} workers");
+    assert!(
+        first.iter().all(|p| !alive(*p)),
+        "the first workers were never recycled"
+    );
+    let recycled: Vec<(u32, u64)> = report
+        .by_pid
+        .iter()
+        .filter(|(p, _)| !alive(**p))
+        .map(|(p, n)| (*p, *n))
+        .collect();
+    assert!(recycled.len() >= 6, "{recycled:?}");
+    // Each worker stops accepting the moment it reaches its limit (50 +
+    // 0..=10); the only requests past it are on connections it had already
+    // accepted then, at most one per other client.
+    let clients = 3;
+    for (pid, n) in &recycled {
+        assert!(
+            (50..=60 + (clients - 1)).contains(n),
+            "worker {pid} served {n} requests; log:\n{}",
+            server.log_text()
+        );
+    }
+    eprintln!("recycled workers and their requests: {recycled:?}");
+}

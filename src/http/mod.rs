@@ -65,10 +65,11 @@ pub(crate) struct Shared {
     pub(crate) keepalive: Duration,
     pub(crate) access_log: Option<AccessLog>,
     pub(crate) slot: &'static Slot,
-    /// Requests after which this worker asks to be recycled; 0 for never.
-    pub(crate) max_requests: u64,
-    /// Rings the master when `max_requests` is reached.
-    pub(crate) on_limit: Box<dyn Fn() + Send + Sync>,
+    /// When this worker is recycled, if ever.
+    pub(crate) request_limit: Option<crate::worker::RequestLimit>,
+    /// Called when the request count reaches the pre-spawn point (`false`)
+    /// and the limit (`true`).
+    pub(crate) on_limit: Box<dyn Fn(bool) + Send + Sync>,
 }
 
 impl Shared {
@@ -127,6 +128,12 @@ impl hyper::service::Service<Request> for ConnService {
 
     fn call(&self, req: Request) -> Self::Future {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = self.shared.slot.add_request();
+        if let Some(limit) = &self.shared.request_limit {
+            if started == limit.prespawn_at || started == limit.limit {
+                (self.shared.on_limit)(started == limit.limit);
+            }
+        }
         let guard = InFlight {
             conn: Arc::clone(&self.conn),
             epoch: self.epoch,
@@ -148,10 +155,6 @@ impl hyper::service::Service<Request> for ConnService {
         let app = self.shared.service.clone();
         Box::pin(async move {
             let Ok(mut res) = app.oneshot(req).await;
-            let served = shared.slot.add_request();
-            if shared.max_requests > 0 && served == shared.max_requests {
-                (shared.on_limit)();
-            }
             if version < Version::HTTP_2 && guard.conn.draining.load(Ordering::Relaxed) {
                 res.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -32,7 +32,7 @@ use crate::app::{LoadedApp, Loader};
 use crate::config::{Settings, Sources};
 use crate::listener::{self, BindAddr, Listener};
 use crate::scoreboard::{monotonic_ms, Doorbell, Scoreboard, SlotState};
-use crate::worker::WorkerSpec;
+use crate::worker::{RequestLimit, WorkerSpec};
 use pidfile::Pidfile;
 use rollout::{Cause, Rollout, Verdict};
 use signals::Signals;
@@ -63,7 +63,7 @@ struct Worker {
     slot: usize,
     generation: u64,
     role: Role,
-    max_requests: u64,
+    request_limit: Option<RequestLimit>,
     announced_ready: bool,
 }
 
@@ -584,36 +584,38 @@ impl Master {
         };
         let w = self.workers.remove(index);
         let slot = self.board.slot(w.slot);
-        let state = slot.state();
-        let message = slot.message();
+        let (state, message, requests) = (slot.state(), slot.message(), slot.requests());
         slot.release();
+        // Expected: the master stopped it, or it retired itself at its
+        // request limit once its replacement was ready.
+        let expected = matches!(w.role, Role::Draining { .. } | Role::Killing { .. })
+            || (w.role == Role::Retiring && state == SlotState::Draining);
+        if expected {
+            info!(
+                "Worker exiting (pid: {pid}, generation {}, {requests} requests): {status}",
+                w.generation
+            );
+            return;
+        }
         let cause = match state {
             SlotState::BootFailed if !message.is_empty() => {
                 format!("worker {pid} failed to boot: {message}")
             }
             _ => format!("worker {pid} {status}"),
         };
-        match w.role {
-            Role::Draining { .. } | Role::Killing { .. } => {
-                info!(
-                    "Worker exiting (pid: {pid}, generation {}): {status}",
+        if state != SlotState::Ready && !w.announced_ready {
+            self.crash_streak += 1;
+            self.next_spawn = Instant::now() + backoff(self.crash_streak);
+        }
+        match &mut self.rollout {
+            Some(r) if r.generation.id == w.generation => r.worker_failed(cause),
+            _ if self.stop.is_none() => {
+                error!(
+                    "Worker (pid: {pid}, generation {}) died: {cause}",
                     w.generation
                 )
             }
-            Role::Active | Role::Retiring => {
-                if state != SlotState::Ready && !w.announced_ready {
-                    self.crash_streak += 1;
-                    self.next_spawn = Instant::now() + backoff(self.crash_streak);
-                }
-                match &mut self.rollout {
-                    Some(r) if r.generation.id == w.generation => r.worker_failed(cause),
-                    _ if self.stop.is_none() => error!(
-                        "Worker (pid: {pid}, generation {}) died: {cause}",
-                        w.generation
-                    ),
-                    _ => {}
-                }
-            }
+            _ => {}
         }
     }
 
@@ -622,7 +624,6 @@ impl Master {
         let now = Instant::now();
         let now_ms = monotonic_ms();
         let recycling_allowed = self.rollout.is_none() && self.stop.is_none();
-        let mut retiring = self.workers.iter().any(|w| w.role == Role::Retiring);
         let mut to_kill: Vec<(Pid, Signal)> = Vec::new();
         for i in 0..self.workers.len() {
             let settings = self
@@ -654,18 +655,16 @@ impl Master {
                     }
                     if w.role == Role::Active
                         && recycling_allowed
-                        && !retiring
-                        && w.max_requests > 0
-                        && slot.requests() >= w.max_requests
+                        && w.request_limit
+                            .is_some_and(|l| slot.requests() >= l.prespawn_at)
                     {
                         info!(
-                            "Worker (pid: {}) served {} requests (limit {}); starting its replacement",
+                            "Worker (pid: {}) near its request limit ({} of {}); starting its replacement",
                             w.pid,
                             slot.requests(),
-                            w.max_requests
+                            w.request_limit.map_or(0, |l| l.limit)
                         );
                         w.role = Role::Retiring;
-                        retiring = true;
                     }
                 }
                 Role::Draining { deadline } if now >= deadline => {
@@ -698,10 +697,17 @@ impl Master {
                 })
                 .count();
             if ready >= self.target {
+                // Replacements are ready: each retiring worker may now stop
+                // at its limit by itself, and one already past it drains now.
                 let done: Vec<Pid> = self
                     .workers
                     .iter()
                     .filter(|w| w.role == Role::Retiring)
+                    .filter(|w| {
+                        let slot = self.board.slot(w.slot);
+                        slot.allow_retire();
+                        w.request_limit.is_some_and(|l| slot.requests() >= l.limit)
+                    })
                     .map(|w| w.pid)
                     .collect();
                 for pid in done {
@@ -772,9 +778,9 @@ impl Master {
         let app = generation.app.clone();
         let slot = self.board.slot(slot_index);
         slot.claim(id);
-        let max_requests = match settings.max_requests {
-            0 => 0,
-            n => n + random_below(settings.max_requests_jitter + 1),
+        let request_limit = match settings.max_requests {
+            0 => None,
+            n => RequestLimit::new(n + random_below(settings.max_requests_jitter + 1)),
         };
         let spec = WorkerSpec {
             generation: id,
@@ -789,7 +795,7 @@ impl Master {
                 .collect(),
             scoreboard_fd: self.board.raw_fd(),
             doorbell_fd: self.bell.raw_fd(),
-            max_requests,
+            request_limit,
         };
         let result = match app {
             Some(app) => {
@@ -825,7 +831,7 @@ impl Master {
                     slot: slot_index,
                     generation: id,
                     role: Role::Active,
-                    max_requests,
+                    request_limit,
                     announced_ready: false,
                 });
             }
