@@ -174,3 +174,13 @@ pub fn reopen() {
         }
     }
 }
+
+/// Writes bytes as they are to the error log (a worker's forwarded stderr).
+pub fn write_raw(bytes: &[u8]) {
+    match ERROR_LOG.get() {
+        Some(log) => log.write_record(bytes),
+        None => {
+            let _ = io::stderr().lock().write_all(bytes);
+        }
+    }
+}

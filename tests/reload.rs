@@ -165,7 +165,10 @@ fn a_generation_that_cannot_boot_is_rolled_back() {
         line.contains("Reload to generation 2 rolled back"),
         "{line}"
     );
-    assert!(line.contains("exited with status 3"), "{line}");
+    assert!(
+        line.contains("exited with status 3; its last output: fatal: cannot find libexample.so"),
+        "{line}"
+    );
     assert!(line.contains("generation 1 keeps serving"), "{line}");
     assert_eq!(
         server.worker_pids(),

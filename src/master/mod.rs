@@ -8,6 +8,7 @@
 //! request limits, deadlines), advance the rollout and the stop, and
 //! start whatever workers are missing.
 
+mod output;
 mod pidfile;
 mod rollout;
 mod signals;
@@ -33,6 +34,7 @@ use crate::config::{Settings, Sources};
 use crate::listener::{self, BindAddr, Listener};
 use crate::scoreboard::{monotonic_ms, Doorbell, Scoreboard, SlotState};
 use crate::worker::{RequestLimit, WorkerSpec};
+use output::Output;
 use pidfile::Pidfile;
 use rollout::{Cause, Rollout, Verdict};
 use signals::Signals;
@@ -65,6 +67,8 @@ struct Worker {
     role: Role,
     request_limit: Option<RequestLimit>,
     announced_ready: bool,
+    /// Its stderr, forwarded to the error log.
+    output: Option<Output>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,13 +211,26 @@ impl Master {
             || self.stop.is_some()
             || self.workers.iter().any(|w| w.role != Role::Active);
         let timeout = if busy { 100u16 } else { 500 };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.signals.fd(), PollFlags::POLLIN),
             PollFd::new(self.bell_rx.as_fd(), PollFlags::POLLIN),
         ];
+        let outputs = self.workers.iter().filter_map(|w| w.output.as_ref());
+        fds.extend(outputs.map(|o| PollFd::new(o.fd(), PollFlags::POLLIN)));
         let _ = nix::poll::poll(&mut fds, PollTimeout::from(timeout));
+        let readable: Vec<bool> = fds[2..]
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
         let mut buf = [0u8; 256];
         while matches!(nix::unistd::read(self.bell_rx.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
+        let outputs = self.workers.iter_mut().filter_map(|w| w.output.as_mut());
+        for (output, readable) in outputs.zip(readable) {
+            if readable {
+                output.pump();
+            }
+        }
     }
 
     fn on_signal(&mut self, sig: i32) {
@@ -582,7 +599,8 @@ impl Master {
         let Some(index) = self.workers.iter().position(|w| w.pid == pid) else {
             return;
         };
-        let w = self.workers.remove(index);
+        let mut w = self.workers.remove(index);
+        let tail = w.output.take().map(Output::finish).unwrap_or_default();
         let slot = self.board.slot(w.slot);
         let (state, message, requests) = (slot.state(), slot.message(), slot.requests());
         slot.release();
@@ -601,7 +619,11 @@ impl Master {
             SlotState::BootFailed if !message.is_empty() => {
                 format!("worker {pid} failed to boot: {message}")
             }
-            _ => format!("worker {pid} {status}"),
+            _ if tail.is_empty() => format!("worker {pid} {status}"),
+            _ => format!(
+                "worker {pid} {status}; its last output: {}",
+                tail.join(" | ")
+            ),
         };
         if state != SlotState::Ready && !w.announced_ready {
             self.crash_streak += 1;
@@ -619,8 +641,36 @@ impl Master {
         }
     }
 
+    /// Logs each worker that became ready, with the rollout's progress.
+    fn announce_ready(&mut self) {
+        let booting = self.rollout.as_ref().map(|r| r.generation.id);
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.announced_ready || self.board.slot(w.slot).state() != SlotState::Ready {
+                continue;
+            }
+            self.workers[i].announced_ready = true;
+            self.crash_streak = 0;
+            let (pid, generation) = (self.workers[i].pid, self.workers[i].generation);
+            if booting == Some(generation) {
+                let ready = self
+                    .workers
+                    .iter()
+                    .filter(|o| o.generation == generation && o.announced_ready)
+                    .count();
+                info!(
+                    "Worker ready (pid: {pid}, generation {generation}): {ready}/{}",
+                    self.target
+                );
+            } else {
+                info!("Worker ready (pid: {pid}, generation {generation})");
+            }
+        }
+    }
+
     /// Readiness, heartbeats, request limits and deadlines.
     fn watch_workers(&mut self) {
+        self.announce_ready();
         let now = Instant::now();
         let now_ms = monotonic_ms();
         let recycling_allowed = self.rollout.is_none() && self.stop.is_none();
@@ -634,11 +684,6 @@ impl Master {
             let state = slot.state();
             match w.role {
                 Role::Active | Role::Retiring => {
-                    if state == SlotState::Ready && !w.announced_ready {
-                        w.announced_ready = true;
-                        self.crash_streak = 0;
-                        info!("Worker ready (pid: {}, generation {})", w.pid, w.generation);
-                    }
                     let timeout = settings.as_ref().and_then(|s| s.timeout());
                     if let Some(timeout) = timeout.filter(|_| state == SlotState::Ready) {
                         let silent = now_ms.saturating_sub(slot.heartbeat_ms());
@@ -797,6 +842,14 @@ impl Master {
             doorbell_fd: self.bell.raw_fd(),
             request_limit,
         };
+        let (output, stderr) = match Output::pipe() {
+            Ok(pair) => pair,
+            Err(e) => {
+                slot.release();
+                error!("Cannot start a worker: no pipe for its output: {e}");
+                return;
+            }
+        };
         let result = match app {
             Some(app) => {
                 let keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
@@ -808,6 +861,9 @@ impl Master {
                     .collect();
                 close.push(self.bell_rx.as_raw_fd());
                 close.push(self.signals.fd().as_raw_fd());
+                close.push(output.fd().as_raw_fd());
+                let outputs = self.workers.iter().filter_map(|w| w.output.as_ref());
+                close.extend(outputs.map(|o| o.fd().as_raw_fd()));
                 spawn::fork(
                     spec,
                     spawn::ForkParts {
@@ -816,11 +872,15 @@ impl Master {
                         bell: &self.bell,
                         signals: &self.signals,
                         close,
+                        stderr,
                         loader: &self.loader,
                     },
                 )
             }
-            None => spawn::exec(&self.exe, &format!("zdr: worker [{}]", self.name), &spec),
+            None => {
+                let title = format!("zdr: worker [{}]", self.name);
+                spawn::exec(&self.exe, &title, &spec, stderr)
+            }
         };
         match result {
             Ok(pid) => {
@@ -833,6 +893,7 @@ impl Master {
                     role: Role::Active,
                     request_limit,
                     announced_ready: false,
+                    output: Some(output),
                 });
             }
             Err(e) => {

@@ -2,7 +2,7 @@
 //! `--preload`) `fork` of the master after the app's load step.
 
 use std::io::{self, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,15 +17,19 @@ use crate::worker::{self, WorkerSpec, SPEC_ENV};
 
 use super::signals::Signals;
 
-/// Runs the executable at `exe` (whatever is on disk there now) as a worker.
-pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec) -> io::Result<Pid> {
+/// Runs the executable at `exe` (whatever is on disk there now) as a worker,
+/// with `stderr` as its standard error.
+pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec, stderr: OwnedFd) -> io::Result<Pid> {
     let json = serde_json::to_string(spec).map_err(io::Error::other)?;
     let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
     let master = spec.master_pid as i32;
     let mut cmd = Command::new(exe);
-    cmd.arg0(title).env(SPEC_ENV, json).stdin(Stdio::null());
+    cmd.arg0(title)
+        .env(SPEC_ENV, json)
+        .stdin(Stdio::null())
+        .stderr(Stdio::from(stderr));
     // SAFETY: runs in the child between fork and exec; it makes only
     // async-signal-safe system calls (fcntl, prctl, getppid) and does not
     // allocate: `inherit` was built before the fork.
@@ -61,6 +65,8 @@ pub(crate) struct ForkParts<'a> {
     pub(crate) signals: &'a Signals,
     /// The master's descriptors the worker must not keep.
     pub(crate) close: Vec<RawFd>,
+    /// The worker's standard error.
+    pub(crate) stderr: OwnedFd,
     pub(crate) loader: &'a Loader,
 }
 
@@ -75,6 +81,8 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             parts.signals.uninstall();
+            let _ = nix::unistd::dup2(parts.stderr.as_raw_fd(), 2);
+            drop(parts.stderr);
             for fd in &parts.close {
                 let _ = nix::unistd::close(*fd);
             }
