@@ -63,6 +63,7 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
     if let Some(code) = crate::worker::main_if_worker(&loader) {
         return code;
     }
+    let args_for_upgrade = args.clone();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -77,7 +78,7 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
             if let Err(e) = crate::logging::init(&settings) {
                 return fail(&e);
             }
-            crate::master::serve(name, sources, settings, loader)
+            crate::master::serve(name, sources, settings, loader, args_for_upgrade)
         }
         Command::Check { args, load_app } => {
             let settings = match args.sources().load() {

@@ -285,14 +285,9 @@ impl Listener {
         })
     }
 
-    /// Clears close-on-exec and gives up ownership of the descriptor, for a
-    /// new image of the master that takes the socket over across exec.
-    pub fn into_inherited(self) -> io::Result<(BindAddr, Inherited, bool)> {
-        set_cloexec(self.fd.as_raw_fd(), false)?;
-        let owns_path = self.unlink_on_exit.is_some();
-        let kind = self.kind;
-        let fd = self.fd.into_raw_fd();
-        Ok((self.addr, Inherited { fd, kind }, owns_path))
+    /// Whether this process created the socket's file (and removes it).
+    pub fn owns_socket_file(&self) -> bool {
+        self.unlink_on_exit.is_some()
     }
 
     /// Removes the Unix socket file this process created, if any. Called by

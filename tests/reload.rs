@@ -351,3 +351,80 @@ fn max_requests_recycles_workers_without_failures() {
     }
     eprintln!("recycled workers and their requests: {recycled:?}");
 }
+
+/// Replaces `path` (atomically, as a deploy would) with a shell script.
+fn deploy_script(path: &std::path::Path, script: &str) {
+    let tmp = path.with_extension("new");
+    write_file(&tmp, script);
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn usr2_upgrades_the_binary_keeping_the_master_pid() {
+    let dir = TempDir::new("usr2");
+    let exe = dir.path("zdr");
+    let real = dir.path("zdr-real");
+    std::fs::copy(zdr_bin(), &exe).unwrap();
+    std::fs::copy(zdr_bin(), &real).unwrap();
+    for preload in [false, true] {
+        std::fs::copy(zdr_bin(), &exe).unwrap();
+        let args: &[&str] = if preload {
+            &["--workers", "2", "--preload"]
+        } else {
+            &["--workers", "2"]
+        };
+        let server = Launch::serve(args).exe(&exe).start();
+        server.wait_ready();
+        let old = server.wait_workers(2);
+        let rt = runtime();
+        let load = rt.block_on(async { load::start(server.addr(), "/", 2, 2) });
+
+        // A binary whose check fails: nothing changes.
+        deploy_script(
+            &exe,
+            "#!/bin/sh\necho 'bad build: missing symbol' >&2\nexit 1\n",
+        );
+        server.signal(Signal::SIGUSR2);
+        server.wait_for_log("Binary upgrade aborted", Duration::from_secs(10));
+        assert!(server
+            .log_text()
+            .contains("check exited with status 1; its last output: bad build: missing symbol"));
+        assert_eq!(server.worker_pids(), old);
+
+        // A build that answers differently: same master, new code.
+        deploy_script(
+            &exe,
+            &format!(
+                "#!/bin/sh\nZDR_DEMO_MESSAGE=v2 exec {} \"$@\"\n",
+                real.display()
+            ),
+        );
+        server.signal(Signal::SIGUSR2);
+        server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(200));
+        let report = rt.block_on(load.stop());
+        assert_eq!(report.failed, 0, "preload={preload}: {:?}", report.failures);
+        assert!(
+            alive(server.pid),
+            "the master's pid must survive the upgrade"
+        );
+        assert!(server
+            .log_text()
+            .contains(&format!("pid {} stays", server.pid)));
+        let new = server.wait_workers(2);
+        assert!(new.is_disjoint(&old));
+        for _ in 0..6 {
+            let r = server.get("/");
+            assert_eq!(r.field("message").as_deref(), Some("v2"), "{r:?}");
+            assert_eq!(r.generation(), 2);
+            if preload {
+                assert_eq!(
+                    r.field("loaded_in"),
+                    Some(server.pid.to_string()),
+                    "preloaded by the upgraded master"
+                );
+            }
+        }
+    }
+}

@@ -13,10 +13,12 @@ mod pidfile;
 mod rollout;
 mod signals;
 mod spawn;
+mod upgrade;
 
 use std::collections::hash_map::RandomState;
+use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -88,10 +90,20 @@ struct Switchover {
     requested: Instant,
 }
 
+/// A binary upgrade waiting for the new binary's check.
+struct UpgradeCheck {
+    pid: Pid,
+    output: Output,
+    deadline: Instant,
+}
+
 /// The master process.
 pub(crate) struct Master {
     name: String,
     exe: PathBuf,
+    /// The command line, to check and re-execute with on SIGUSR2.
+    args: Vec<OsString>,
+    upgrade: Option<UpgradeCheck>,
     pid: u32,
     sources: Sources,
     loader: Loader,
@@ -114,9 +126,21 @@ pub(crate) struct Master {
     next_spawn: Instant,
 }
 
-/// Runs the server's master until it stops; returns the exit code.
-pub(crate) fn serve(name: &str, sources: Sources, settings: Settings, loader: Loader) -> ExitCode {
-    match Master::start(name, sources, settings, loader) {
+/// Runs the server's master until it stops; returns the exit code. After a
+/// binary upgrade, resumes the previous image's master instead.
+pub(crate) fn serve(
+    name: &str,
+    sources: Sources,
+    settings: Settings,
+    loader: Loader,
+    args: Vec<OsString>,
+) -> ExitCode {
+    let master = match upgrade::take() {
+        Some(Ok(handover)) => Master::resume(name, sources, settings, loader, args, handover),
+        Some(Err(e)) => Err(anyhow::anyhow!("bad binary-upgrade handover: {e}")),
+        None => Master::start(name, sources, settings, loader, args),
+    };
+    match master {
         Ok(master) => ExitCode::from(master.run()),
         Err(e) => {
             error!("{e:#}");
@@ -131,6 +155,7 @@ impl Master {
         sources: Sources,
         settings: Settings,
         loader: Loader,
+        args: Vec<OsString>,
     ) -> anyhow::Result<Master> {
         let pid = std::process::id();
         info!("Starting {name} (zdr {})", env!("CARGO_PKG_VERSION"));
@@ -156,6 +181,8 @@ impl Master {
         let mut master = Master {
             name: name.to_owned(),
             exe,
+            args,
+            upgrade: None,
             pid,
             sources,
             loader,
@@ -186,6 +213,212 @@ impl Master {
         };
         master.begin_rollout(settings, app, Cause::Start);
         Ok(master)
+    }
+
+    /// Takes over from the previous image of this master after a binary
+    /// upgrade, then rolls out a generation of the new code.
+    fn resume(
+        name: &str,
+        sources: Sources,
+        settings: Settings,
+        loader: Loader,
+        args: Vec<OsString>,
+        h: upgrade::Handover,
+    ) -> anyhow::Result<Master> {
+        let pid = std::process::id();
+        let signals = Signals::install()?;
+        upgrade::unblock_signals();
+        let listeners = h
+            .listeners
+            .into_iter()
+            .map(|l| Listener::adopt(l.addr, l.socket, l.owns_path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let board = Arc::new(Scoreboard::attach(h.scoreboard_fd)?);
+        // SAFETY: the previous image owned the doorbell's read end and
+        // handed it over across exec.
+        let bell_rx = unsafe { OwnedFd::from_raw_fd(h.bell_rx) };
+        listener::set_cloexec(bell_rx.as_raw_fd(), true)?;
+        let bell = Doorbell::from_inherited(h.bell_tx)?;
+        let now = Instant::now();
+        let serving = h.serving.map(|(id, s)| Generation {
+            id,
+            settings: Arc::new(s),
+            app: None,
+        });
+        let graceful = serving
+            .as_ref()
+            .map(|g| g.settings.graceful_timeout())
+            .unwrap_or_default();
+        let workers = h
+            .workers
+            .into_iter()
+            .map(|w| Worker {
+                pid: Pid::from_raw(w.pid),
+                slot: w.slot,
+                generation: w.generation,
+                role: if w.draining {
+                    Role::Draining {
+                        deadline: now + graceful,
+                    }
+                } else {
+                    Role::Active
+                },
+                request_limit: w.request_limit,
+                announced_ready: w.announced_ready,
+                output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
+            })
+            .collect::<Vec<_>>();
+        let pidfile = settings
+            .pidfile
+            .as_deref()
+            .map(Pidfile::create)
+            .transpose()?;
+        info!(
+            "Binary upgrade: now running {} (zdr {}), pid {pid}; adopted {} workers",
+            h.exe.display(),
+            env!("CARGO_PKG_VERSION"),
+            workers.len()
+        );
+        let mut master = Master {
+            name: name.to_owned(),
+            exe: h.exe,
+            args,
+            upgrade: None,
+            pid,
+            sources,
+            loader,
+            listeners,
+            board,
+            bell_rx,
+            bell,
+            signals,
+            pidfile,
+            workers,
+            serving,
+            rollout: None,
+            switchover: None,
+            next_generation: h.next_generation,
+            target: h.target,
+            paused: false,
+            stop: None,
+            crash_streak: 0,
+            next_spawn: now,
+        };
+        master.reload();
+        Ok(master)
+    }
+
+    /// SIGUSR2: check the binary on disk, then re-execute it in place.
+    fn begin_upgrade(&mut self) {
+        if self.stop.is_some() || self.upgrade.is_some() || self.rollout.is_some() {
+            warn!("Binary upgrade ignored: the master is busy (stopping, upgrading or reloading)");
+            return;
+        }
+        let Some(serving) = &self.serving else {
+            warn!("Binary upgrade ignored: no generation is serving");
+            return;
+        };
+        let boot_timeout = serving.settings.boot_timeout();
+        info!("Binary upgrade: checking {}", self.exe.display());
+        let started = Output::pipe().and_then(|(output, stderr)| {
+            let child = std::process::Command::new(&self.exe)
+                .args(upgrade::check_args(&self.args))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::from(stderr))
+                .spawn()?;
+            Ok((Pid::from_raw(child.id() as i32), output))
+        });
+        match started {
+            Ok((pid, output)) => {
+                self.upgrade = Some(UpgradeCheck {
+                    pid,
+                    output,
+                    deadline: Instant::now() + boot_timeout,
+                })
+            }
+            Err(e) => error!(
+                "Binary upgrade aborted: cannot run {}: {e}",
+                self.exe.display()
+            ),
+        }
+    }
+
+    /// The check exited: re-execute, or log why not.
+    fn finish_upgrade_check(&mut self, status: String, success: bool) {
+        let Some(check) = self.upgrade.take() else {
+            return;
+        };
+        let tail = check.output.finish();
+        if !success {
+            let output = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; its last output: {}", tail.join(" | "))
+            };
+            error!(
+                "Binary upgrade aborted: the new binary's check {status}{output}; nothing changed"
+            );
+            return;
+        }
+        if self.rollout.is_some() || self.stop.is_some() {
+            warn!("Binary upgrade aborted: a reload or stop began during the check");
+            return;
+        }
+        info!(
+            "Binary upgrade: check passed; re-executing in place (pid {} stays)",
+            self.pid
+        );
+        let handover = self.handover();
+        let fds = handover.fds();
+        for fd in &fds {
+            let _ = listener::set_cloexec(*fd, false);
+        }
+        let _ = std::io::Write::flush(&mut std::io::stderr());
+        upgrade::block_signals();
+        let err = upgrade::exec(&self.exe, &self.args, &handover);
+        upgrade::unblock_signals();
+        for fd in &fds {
+            let _ = listener::set_cloexec(*fd, true);
+        }
+        error!(
+            "Binary upgrade failed: cannot execute {}: {err}; nothing changed",
+            self.exe.display()
+        );
+    }
+
+    fn handover(&self) -> upgrade::Handover {
+        upgrade::Handover {
+            exe: self.exe.clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| upgrade::HandedListener {
+                    addr: l.addr.clone(),
+                    socket: l.inherited(),
+                    owns_path: l.owns_socket_file(),
+                })
+                .collect(),
+            scoreboard_fd: self.board.raw_fd(),
+            bell_rx: self.bell_rx.as_raw_fd(),
+            bell_tx: self.bell.raw_fd(),
+            workers: self
+                .workers
+                .iter()
+                .map(|w| upgrade::HandedWorker {
+                    pid: w.pid.as_raw(),
+                    slot: w.slot,
+                    generation: w.generation,
+                    draining: !matches!(w.role, Role::Active | Role::Retiring),
+                    request_limit: w.request_limit,
+                    announced_ready: w.announced_ready,
+                    output_fd: w.output.as_ref().map(|o| o.fd().as_raw_fd()),
+                })
+                .collect(),
+            serving: self.serving.as_ref().map(|g| (g.id, (*g.settings).clone())),
+            next_generation: self.next_generation,
+            target: self.target,
+        }
     }
 
     /// The event loop.
@@ -265,7 +498,7 @@ impl Master {
                     let _ = kill(w.pid, Signal::SIGUSR1);
                 }
             }
-            SIGUSR2 => warn!("binary upgrade (SIGUSR2) is not available yet; use SIGHUP"),
+            SIGUSR2 => self.begin_upgrade(),
             _ => {}
         }
     }
@@ -578,6 +811,16 @@ impl Master {
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code))
+                    if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) =>
+                {
+                    self.finish_upgrade_check(format!("exited with status {code}"), code == 0)
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _))
+                    if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) =>
+                {
+                    self.finish_upgrade_check(format!("was killed by {sig}"), false)
+                }
                 Ok(WaitStatus::Exited(pid, code)) => {
                     self.on_exit(pid, format!("exited with status {code}"))
                 }
@@ -671,6 +914,13 @@ impl Master {
     /// Readiness, heartbeats, request limits and deadlines.
     fn watch_workers(&mut self) {
         self.announce_ready();
+        if let Some(check) = &mut self.upgrade {
+            check.output.pump();
+            if Instant::now() >= check.deadline {
+                error!("Binary upgrade: the new binary's check is taking longer than the boot timeout; killing it");
+                let _ = kill(check.pid, Signal::SIGKILL);
+            }
+        }
         let now = Instant::now();
         let now_ms = monotonic_ms();
         let recycling_allowed = self.rollout.is_none() && self.stop.is_none();

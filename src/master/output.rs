@@ -80,3 +80,19 @@ impl Output {
         self.tail.into()
     }
 }
+
+impl Output {
+    /// Rebuilds the master's end from a descriptor handed over across exec.
+    pub(crate) fn adopt(fd: std::os::fd::RawFd) -> io::Result<Output> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the previous image of this master owned the descriptor
+        // and handed it over across exec; nothing else here uses it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        Ok(Output {
+            fd,
+            partial: Vec::new(),
+            tail: VecDeque::new(),
+        })
+    }
+}
