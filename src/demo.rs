@@ -4,6 +4,10 @@
 //! - `GET /` answers which worker (pid) and generation served it, and which
 //!   process ran the load step (the master's pid under `--preload`).
 //! - `GET /slow?ms=N` answers the same after N ms (at most 60 000).
+//! - `GET /echo` with `Connection: upgrade` and `Upgrade: echo` switches
+//!   protocols and echoes every byte back until the client closes: an
+//!   upgraded connection, like a WebSocket, that a reload leaves open until
+//!   the graceful timeout.
 //! - `GET /block?ms=N` blocks the worker's runtime thread for N ms (at most
 //!   60 000), as a handler with a blocking call would: with `--threads 1`
 //!   and `--timeout` shorter than N, the master kills and replaces it.
@@ -78,6 +82,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
     }
     match req.uri().path() {
         "/" => {}
+        "/echo" => return Ok(echo(req)),
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
         "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
         _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
@@ -96,6 +101,42 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         demo.message,
     );
     Ok(reply(StatusCode::OK, body))
+}
+
+/// Upgrades the connection to a byte echo.
+fn echo(mut req: Request) -> http::Response<Full<Bytes>> {
+    let wants = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"echo"));
+    if !wants {
+        return reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "send Connection: upgrade and Upgrade: echo\n".into(),
+        );
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut res = reply(StatusCode::SWITCHING_PROTOCOLS, String::new());
+    res.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    res.headers_mut().insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("echo"),
+    );
+    res
 }
 
 fn reply(status: StatusCode, body: String) -> http::Response<Full<Bytes>> {

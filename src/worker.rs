@@ -18,8 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::app::{LoadedApp, Loader, WorkerInfo};
 use crate::config::Settings;
@@ -338,13 +342,15 @@ async fn accept_loop(
                 let shared = Arc::clone(&shared);
                 let drain = drain.clone();
                 tokio::spawn(async move {
-                    shared.slot.add_connections(1);
+                    let slot = shared.slot;
                     match stream {
-                        Stream::Tcp(s) => http::serve(s, peer, Arc::clone(&shared), drain).await,
-                        Stream::Unix(s) => http::serve(s, peer, Arc::clone(&shared), drain).await,
+                        Stream::Tcp(s) => {
+                            http::serve(Tracked::new(s, permit, slot), peer, shared, drain).await
+                        }
+                        Stream::Unix(s) => {
+                            http::serve(Tracked::new(s, permit, slot), peer, shared, drain).await
+                        }
                     }
-                    shared.slot.add_connections(-1);
-                    drop(permit);
                 });
             }
             Err(e) if is_transient(&e) => {}
@@ -358,6 +364,70 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// A connection's socket, carrying its share of the worker's connection
+/// cap and its count on the scoreboard. Both are given back when the socket
+/// is dropped, which for an upgraded connection (WebSocket) is when the app
+/// is done with it, not when hyper hands it over: a draining worker waits
+/// for it, up to the graceful timeout.
+struct Tracked<I> {
+    io: I,
+    _permit: OwnedSemaphorePermit,
+    slot: &'static Slot,
+}
+
+impl<I> Tracked<I> {
+    fn new(io: I, permit: OwnedSemaphorePermit, slot: &'static Slot) -> Tracked<I> {
+        slot.add_connections(1);
+        Tracked {
+            io,
+            _permit: permit,
+            slot,
+        }
+    }
+}
+
+impl<I> Drop for Tracked<I> {
+    fn drop(&mut self) {
+        self.slot.add_connections(-1);
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

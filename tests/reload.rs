@@ -428,3 +428,85 @@ fn usr2_upgrades_the_binary_keeping_the_master_pid() {
         }
     }
 }
+
+#[test]
+fn upgraded_connections_outlive_a_reload_until_they_close() {
+    use std::io::{Read, Write};
+    let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "20"]).start();
+    server.wait_ready();
+    let old = server.wait_workers(1);
+    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "connection closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(10));
+    assert_eq!(server.get("/").generation(), 2);
+    // The old worker drains but keeps the upgraded connection working.
+    for word in [&b"still here"[..], b"after the reload"] {
+        s.write_all(word).unwrap();
+        let mut echoed = vec![0u8; word.len()];
+        s.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, word);
+    }
+    assert!(
+        old.iter().all(|p| alive(*p)),
+        "the old worker left with an upgraded connection open"
+    );
+    assert_eq!(server.log_count("Reload to generation 2 complete"), 0);
+    drop(s);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    assert!(old.iter().all(|p| !alive(*p)));
+}
+
+#[test]
+fn reload_adds_and_removes_bind_addresses() {
+    let dir = TempDir::new("rebind");
+    let cfg = dir.path("zdr.toml");
+    let sock = dir.path("extra.sock");
+    write_file(&cfg, "bind = \"127.0.0.1:0\"\n");
+    let server = Launch::raw(&["serve", "--config", cfg.to_str().unwrap()]).start();
+    server.wait_ready();
+    let tcp = server.addr();
+
+    write_file(
+        &cfg,
+        &format!("bind = [\"127.0.0.1:0\", \"unix:{}\"]\n", sock.display()),
+    );
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    assert_eq!(
+        get(tcp, "/").generation(),
+        2,
+        "the unchanged address keeps its socket"
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("the new address answers");
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert_eq!(parse_reply(&raw).unwrap().generation(), 2);
+
+    write_file(&cfg, &format!("bind = \"unix:{}\"\n", sock.display()));
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 3 complete", Duration::from_secs(10));
+    assert!(!port_open(tcp), "the removed address still accepts");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+}
