@@ -25,6 +25,8 @@ pub struct Report {
     /// Requests answered per worker pid.
     pub by_pid: BTreeMap<u32, u64>,
     pub generations: BTreeSet<u64>,
+    /// Latency of every successful request, in microseconds.
+    pub latencies_us: Vec<u32>,
 }
 
 impl Report {
@@ -40,6 +42,17 @@ impl Report {
             *self.by_pid.entry(pid).or_default() += n;
         }
         self.generations.extend(other.generations);
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    /// The latency at quantile `q` (0.0..=1.0), in milliseconds.
+    pub fn latency_ms(&mut self, q: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
     }
 
     fn fail(&mut self, why: String) {
@@ -119,6 +132,7 @@ async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBoo
     let mut report = Report::default();
     let mut sender: Option<Sender> = None;
     while !stop.load(Ordering::Relaxed) {
+        let connect_started = std::time::Instant::now();
         let mut s = match sender.take() {
             Some(s) if !s.is_closed() => s,
             _ => match connect(addr).await {
@@ -159,6 +173,11 @@ async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBoo
         match result {
             Ok((status, close, body)) => {
                 report.record(status, &body);
+                if status == 200 {
+                    report
+                        .latencies_us
+                        .push(connect_started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
                 if reuse && !close {
                     sender = Some(s);
                 }

@@ -1,0 +1,907 @@
+//! zdr's benchmark harness: zdr side by side with a bare hyper server,
+//! Gunicorn and nginx, in one run on one machine. See `benches/README.md`.
+//!
+//! ```sh
+//! cargo bench --bench harness                 # full run, about 5 minutes on 2 cores
+//! cargo bench --bench harness -- --quick      # about 1.5 minutes
+//! cargo bench --bench harness -- --only steady,reload --json out.json
+//! ```
+//!
+//! The binary also plays two servers for the runs, by re-executing itself:
+//! `--as-bare ADDR THREADS` is the bare hyper baseline (one process, the
+//! same handler as zdr's demo app), and `--as-table-app ARGS...` is a zdr
+//! app whose load step builds a table of `TABLE_MB` megabytes.
+
+#[path = "../tests/common/load.rs"]
+#[allow(dead_code)]
+mod load;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("--as-bare") => return bare::serve(&args[2], args[3].parse().unwrap_or(1)),
+        Some("--as-table-app") => {
+            let mut app_args: Vec<std::ffi::OsString> = vec![args[0].clone().into()];
+            app_args.extend(args[2..].iter().map(Into::into));
+            std::process::exit(match table_app().run_with_args(app_args) {
+                c if c == std::process::ExitCode::SUCCESS => 0,
+                _ => 1,
+            });
+        }
+        _ => {}
+    }
+    let opts = Opts::parse(&args[1..]);
+    let mut bench = Bench::new(opts);
+    bench.run();
+}
+
+// ---------------------------------------------------------------- options
+
+struct Opts {
+    quick: bool,
+    only: Option<Vec<String>>,
+    json: PathBuf,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Opts {
+        let mut opts = Opts {
+            quick: false,
+            only: None,
+            json: PathBuf::from("target/zdr-bench.json"),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--quick" => opts.quick = true,
+                "--only" => {
+                    opts.only = it.next().map(|s| s.split(',').map(str::to_owned).collect())
+                }
+                "--json" => opts.json = it.next().map(PathBuf::from).unwrap_or(opts.json),
+                "--bench" => {}
+                other => eprintln!("ignoring unknown argument {other:?}"),
+            }
+        }
+        opts
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == scenario))
+    }
+
+    fn duration(&self) -> Duration {
+        if self.quick {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(10)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- systems
+
+/// Worker processes for every system; the bare server gets the same total
+/// number of threads in one process.
+const WORKERS: usize = 2;
+const KEEPALIVE_CLIENTS: usize = 32;
+const FRESH_CLIENTS: usize = 8;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Zdr { preload: bool },
+    Bare,
+    Gunicorn { gthread: bool },
+    Nginx,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Zdr { preload: false } => "zdr",
+            Kind::Zdr { preload: true } => "zdr --preload",
+            Kind::Bare => "bare hyper",
+            Kind::Gunicorn { gthread: false } => "gunicorn sync",
+            Kind::Gunicorn { gthread: true } => "gunicorn gthread",
+            Kind::Nginx => "nginx",
+        }
+    }
+
+    fn installed(self) -> Result<(), String> {
+        match self {
+            Kind::Gunicorn { .. } => which("gunicorn")
+                .map(|_| ())
+                .ok_or_else(|| "gunicorn not installed".into()),
+            Kind::Nginx => which("nginx")
+                .map(|_| ())
+                .ok_or_else(|| "nginx not installed".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn can_reload(self) -> bool {
+        self != Kind::Bare
+    }
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    candidates
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}
+
+fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("local address")
+}
+
+/// A system under test, running.
+struct Running {
+    kind: Kind,
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Running {
+    fn start(
+        kind: Kind,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Running, String> {
+        kind.installed()?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let addr = free_addr();
+        let bind = addr.to_string();
+        let workers = WORKERS.to_string();
+        let mut cmd = match kind {
+            Kind::Zdr { preload } => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_zdr"));
+                c.args([
+                    "serve",
+                    "--bind",
+                    &bind,
+                    "--workers",
+                    &workers,
+                    "--log-level",
+                    "warning",
+                ]);
+                if preload {
+                    c.arg("--preload");
+                }
+                c
+            }
+            Kind::Bare => {
+                let mut c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+                c.args(["--as-bare", &bind, &workers]);
+                c
+            }
+            Kind::Gunicorn { gthread } => {
+                std::fs::write(dir.join("wsgi_app.py"), GUNICORN_APP).map_err(|e| e.to_string())?;
+                let mut c = Command::new(which("gunicorn").ok_or("gunicorn not installed")?);
+                c.current_dir(dir).args([
+                    "--bind",
+                    &bind,
+                    "--workers",
+                    &workers,
+                    "--log-level",
+                    "warning",
+                ]);
+                if gthread {
+                    c.args(["--worker-class", "gthread", "--threads", "16"]);
+                }
+                c.arg("wsgi_app:app");
+                c
+            }
+            Kind::Nginx => {
+                let conf = NGINX_CONF
+                    .replace("{workers}", &workers)
+                    .replace("{bind}", &bind)
+                    .replace("{dir}", &dir.display().to_string());
+                std::fs::write(dir.join("nginx.conf"), conf).map_err(|e| e.to_string())?;
+                let mut c = Command::new(which("nginx").ok_or("nginx not installed")?);
+                c.args([
+                    "-p",
+                    &dir.display().to_string(),
+                    "-c",
+                    &dir.join("nginx.conf").display().to_string(),
+                ]);
+                c
+            }
+        };
+        cmd.args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", kind.name()))?;
+        let running = Running {
+            kind,
+            child,
+            addr,
+            dir: dir.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if get(addr, "/").is_ok_and(|s| s == 200)
+                && (running.kind == Kind::Bare || running.workers().len() >= WORKERS)
+            {
+                return Ok(running);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} did not answer within 30 s", kind.name()))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn workers(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig);
+    }
+
+    fn reload(&self) {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Memory of the master and its workers: (RSS, PSS) in MiB.
+    fn memory_mib(&self) -> (f64, f64) {
+        let mut pids = vec![self.pid()];
+        pids.extend(self.workers());
+        let (mut rss, mut pss) = (0u64, 0u64);
+        for pid in pids {
+            let text =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            for line in text.lines() {
+                let kb = |l: &str| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                if line.starts_with("Rss:") {
+                    rss += kb(line);
+                } else if line.starts_with("Pss:") {
+                    pss += kb(line);
+                }
+            }
+        }
+        (rss as f64 / 1024.0, pss as f64 / 1024.0)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in self.workers() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut f = after.split_whitespace();
+        let state = f.next().unwrap_or("");
+        if f.next().and_then(|p| p.parse::<u32>().ok()) == Some(parent) && state != "Z" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A blocking GET; the status.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad response"))
+}
+
+const GUNICORN_APP: &str = r#"import os, time
+def app(environ, start_response):
+    if environ.get("PATH_INFO") == "/slow":
+        ms = int((environ.get("QUERY_STRING") or "ms=0").split("ms=")[-1] or 0)
+        time.sleep(min(ms, 60000) / 1000)
+    pid = os.getpid()
+    body = f"pid={pid} generation=0 loaded_in={pid}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+const NGINX_CONF: &str = r#"worker_processes {workers};
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000;
+    server {
+        listen {bind};
+        location / { default_type text/plain; return 200 "pid=$pid generation=0 loaded_in=$pid\n"; }
+    }
+}
+"#;
+
+// ---------------------------------------------------------------- the bare hyper baseline
+
+mod bare {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+
+    /// One process, `threads` runtime threads, the demo app's handler.
+    pub fn serve(addr: &str, threads: usize) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        let pid = std::process::id();
+                        let body = format!("pid={pid} generation=0 loaded_in={pid}\n");
+                        let mut res = http::Response::new(Full::new(Bytes::from(body)));
+                        res.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                        );
+                        Ok::<_, Infallible>(res)
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------- the table app (memory)
+
+struct Table {
+    values: Vec<u64>,
+}
+
+fn table_app() -> zdr::Server<Table> {
+    zdr::Server::new("bench-table")
+        .load(|| {
+            let mb: usize = std::env::var("TABLE_MB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(200);
+            let len = mb * 1024 * 1024 / 8;
+            Ok(Table {
+                values: (0..len as u64).map(|i| i ^ 0x5555).collect(),
+            })
+        })
+        .service(|table: std::sync::Arc<Table>| async move {
+            Ok(tower::service_fn(move |_req: zdr::Request| {
+                let n = table.values.len();
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(format!("entries={n}\n")))
+                }
+            }))
+        })
+}
+
+// ---------------------------------------------------------------- scenarios
+
+struct Bench {
+    opts: Opts,
+    rt: tokio::runtime::Runtime,
+    results: Vec<Value>,
+    tables: BTreeMap<&'static str, Vec<String>>,
+    scratch: PathBuf,
+    counter: u32,
+}
+
+/// Figures from one load run.
+struct Measured {
+    rps: f64,
+    ok: u64,
+    failed: u64,
+    failures: Vec<String>,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    by_pid: BTreeMap<u32, u64>,
+}
+
+impl Measured {
+    fn fairness(&self) -> Option<f64> {
+        if self.by_pid.len() < 2 {
+            return None;
+        }
+        let max = *self.by_pid.values().max()? as f64;
+        let min = *self.by_pid.values().min()? as f64;
+        Some(max / min.max(1.0))
+    }
+}
+
+const SYSTEMS: [Kind; 6] = [
+    Kind::Zdr { preload: false },
+    Kind::Zdr { preload: true },
+    Kind::Bare,
+    Kind::Gunicorn { gthread: false },
+    Kind::Gunicorn { gthread: true },
+    Kind::Nginx,
+];
+
+impl Bench {
+    fn new(opts: Opts) -> Bench {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let scratch = std::env::temp_dir().join(format!("zdr-bench-{}", std::process::id()));
+        Bench {
+            opts,
+            rt,
+            results: Vec::new(),
+            tables: BTreeMap::new(),
+            scratch,
+            counter: 0,
+        }
+    }
+
+    fn dir(&mut self) -> PathBuf {
+        self.counter += 1;
+        self.scratch.join(self.counter.to_string())
+    }
+
+    fn start(
+        &mut self,
+        kind: Kind,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Running, String> {
+        let dir = self.dir();
+        Running::start(kind, &dir, extra, env)
+    }
+
+    /// Drives load for `duration`, calling `during` every second.
+    fn load(&self, addr: SocketAddr, duration: Duration, mut during: impl FnMut(u32)) -> Measured {
+        let load = self
+            .rt
+            .block_on(async { load::start(addr, "/", KEEPALIVE_CLIENTS, FRESH_CLIENTS) });
+        let started = Instant::now();
+        let mut second = 0;
+        while started.elapsed() < duration {
+            std::thread::sleep(Duration::from_millis(50));
+            let s = started.elapsed().as_secs() as u32;
+            if s > second {
+                second = s;
+                during(second);
+            }
+        }
+        let mut report = self.rt.block_on(load.stop());
+        let elapsed = started.elapsed().as_secs_f64();
+        Measured {
+            rps: report.ok as f64 / elapsed,
+            ok: report.ok,
+            failed: report.failed,
+            failures: report.failures.clone(),
+            p50: report.latency_ms(0.50),
+            p99: report.latency_ms(0.99),
+            max: report.latency_ms(1.0),
+            by_pid: report.by_pid.clone(),
+        }
+    }
+
+    fn row(&mut self, scenario: &'static str, system: &str, cells: Vec<String>, record: Value) {
+        self.tables
+            .entry(scenario)
+            .or_default()
+            .push(format!("| {system} | {} |", cells.join(" | ")));
+        let mut record = record;
+        record["scenario"] = json!(scenario);
+        record["system"] = json!(system);
+        self.results.push(record);
+        eprintln!("  {scenario} / {system}: done");
+    }
+
+    fn skip(&mut self, scenario: &'static str, system: &str, why: &str, columns: usize) {
+        let mut cells = vec![format!("skipped: {why}")];
+        cells.extend(std::iter::repeat_n(String::new(), columns - 1));
+        self.row(scenario, system, cells, json!({ "skipped": why }));
+    }
+
+    fn run(&mut self) {
+        let started = Instant::now();
+        let mut steady: BTreeMap<&'static str, Measured> = BTreeMap::new();
+        if self.opts.wants("steady") || self.opts.wants("reload") || self.opts.wants("fairness") {
+            for kind in SYSTEMS {
+                eprintln!("steady: {}", kind.name());
+                match self.start(kind, &[], &[]) {
+                    Ok(server) => {
+                        let m = self.load(server.addr, self.opts.duration(), |_| {});
+                        let wrk = wrk_rps(server.addr, self.opts.duration());
+                        let fair = m.fairness();
+                        self.row(
+                            "steady",
+                            kind.name(),
+                            vec![
+                                format!("{:.0}", m.rps),
+                                wrk.map(|w| format!("{w:.0}")).unwrap_or_else(|| "-".into()),
+                                m.failed.to_string(),
+                                format!("{:.2}", m.p50),
+                                format!("{:.2}", m.p99),
+                                format!("{:.1}", m.max),
+                                fair.map(|f| format!("{f:.2}")).unwrap_or_else(|| "-".into()),
+                            ],
+                            json!({ "rps": m.rps, "wrk_rps": wrk, "ok": m.ok, "failed": m.failed, "p50_ms": m.p50, "p99_ms": m.p99, "max_ms": m.max, "fairness_max_over_min": fair, "requests_by_worker": m.by_pid.values().collect::<Vec<_>>() }),
+                        );
+                        steady.insert(kind.name(), m);
+                    }
+                    Err(why) => self.skip("steady", kind.name(), &why, 7),
+                }
+            }
+        }
+        if self.opts.wants("reload") {
+            for kind in SYSTEMS.into_iter().filter(|k| k.can_reload()) {
+                eprintln!("reload every second: {}", kind.name());
+                match self.start(kind, &[], &[]) {
+                    Ok(server) => {
+                        let m = self.load(server.addr, self.opts.duration(), |_| server.reload());
+                        let base = steady.get(kind.name());
+                        let dip = base.map(|b| 100.0 * (1.0 - m.rps / b.rps));
+                        let p99_ratio = base.map(|b| m.p99 / b.p99.max(0.001));
+                        self.row(
+                            "reload",
+                            kind.name(),
+                            vec![
+                                format!("{:.0}", m.rps),
+                                m.failed.to_string(),
+                                format!("{:.2}", m.p99),
+                                p99_ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+                                format!("{:.1}", m.max),
+                                dip.map(|d| format!("{d:.1}%")).unwrap_or_else(|| "-".into()),
+                            ],
+                            json!({ "rps": m.rps, "ok": m.ok, "failed": m.failed, "failures": m.failures, "p99_ms": m.p99, "p99_over_steady": p99_ratio, "max_ms": m.max, "throughput_dip_pct": dip }),
+                        );
+                    }
+                    Err(why) => self.skip("reload", kind.name(), &why, 6),
+                }
+            }
+        }
+        if self.opts.wants("reload_duration") {
+            for (kind, boot_ms) in [
+                (Kind::Zdr { preload: false }, "0"),
+                (Kind::Zdr { preload: false }, "500"),
+                (Kind::Zdr { preload: true }, "0"),
+                (Kind::Gunicorn { gthread: false }, "0"),
+                (Kind::Nginx, "0"),
+            ] {
+                let name = format!("{} (boot {boot_ms} ms)", kind.name());
+                eprintln!("reload duration: {name}");
+                match self.start(kind, &[], &[("ZDR_DEMO_BOOT_MS", boot_ms)]) {
+                    Ok(server) => {
+                        let runs: Vec<f64> =
+                            (0..5).filter_map(|_| reload_duration(&server)).collect();
+                        let median = median(&runs);
+                        self.row(
+                            "reload_duration",
+                            &name,
+                            vec![
+                                median
+                                    .map(|m| format!("{m:.0}"))
+                                    .unwrap_or_else(|| "timeout".into()),
+                                runs.iter()
+                                    .map(|r| format!("{r:.0}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            ],
+                            json!({ "median_ms": median, "runs_ms": runs }),
+                        );
+                    }
+                    Err(why) => self.skip("reload_duration", &name, &why, 2),
+                }
+            }
+        }
+        if self.opts.wants("inflight") {
+            for kind in [
+                Kind::Zdr { preload: false },
+                Kind::Gunicorn { gthread: true },
+            ] {
+                for (event, sig) in [
+                    ("reload", nix::sys::signal::Signal::SIGHUP),
+                    ("stop", nix::sys::signal::Signal::SIGTERM),
+                ] {
+                    let name = format!("{} across {event}", kind.name());
+                    eprintln!("in flight: {name}");
+                    match self.start(kind, &["--graceful-timeout", "30"], &[]) {
+                        Ok(server) => {
+                            let addr = server.addr;
+                            let slow: Vec<_> = (0..20)
+                                .map(|_| std::thread::spawn(move || get(addr, "/slow?ms=3000")))
+                                .collect();
+                            std::thread::sleep(Duration::from_millis(500));
+                            server.signal(sig);
+                            let completed = slow
+                                .into_iter()
+                                .map(|h| h.join())
+                                .filter(|r| matches!(r, Ok(Ok(200))))
+                                .count();
+                            self.row(
+                                "inflight",
+                                &name,
+                                vec![format!("{completed}/20")],
+                                json!({ "completed": completed, "of": 20 }),
+                            );
+                        }
+                        Err(why) => self.skip("inflight", &name, &why, 1),
+                    }
+                }
+            }
+        }
+        if self.opts.wants("memory") {
+            let mb = if self.opts.quick { "50" } else { "200" };
+            for preload in [false, true] {
+                let name = format!(
+                    "zdr table app, {mb} MB table{}",
+                    if preload { ", --preload" } else { "" }
+                );
+                eprintln!("memory: {name}");
+                let dir = self.dir();
+                let exe = std::env::current_exe().expect("own path");
+                let result = table_server(&exe, &dir, preload, mb);
+                match result {
+                    Ok(server) => {
+                        std::thread::sleep(Duration::from_millis(500));
+                        let (rss, pss) = server.memory_mib();
+                        let table: f64 = mb.parse().unwrap_or(1.0);
+                        self.row(
+                            "memory",
+                            &name,
+                            vec![format!("{rss:.0}"), format!("{pss:.0}"), format!("{:.2}", pss / table)],
+                            json!({ "rss_mib": rss, "pss_mib": pss, "pss_over_table": pss / table, "table_mib": table }),
+                        );
+                    }
+                    Err(why) => self.skip("memory", &name, &why, 3),
+                }
+            }
+        }
+        if self.opts.wants("recycle") {
+            let name = "zdr --max-requests 1000 --max-requests-jitter 100";
+            eprintln!("recycle: {name}");
+            match self.start(
+                Kind::Zdr { preload: false },
+                &["--max-requests", "1000", "--max-requests-jitter", "100"],
+                &[],
+            ) {
+                Ok(server) => {
+                    let m = self.load(server.addr, self.opts.duration(), |_| {});
+                    let base = steady
+                        .get(Kind::Zdr { preload: false }.name())
+                        .map(|b| b.rps);
+                    let ratio = base.map(|b| m.rps / b);
+                    self.row(
+                        "recycle",
+                        name,
+                        vec![format!("{:.0}", m.rps), m.failed.to_string(), ratio.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "-".into()), (m.by_pid.len()).to_string()],
+                        json!({ "rps": m.rps, "failed": m.failed, "failures": m.failures, "rps_over_steady": ratio, "workers_seen": m.by_pid.len() }),
+                    );
+                }
+                Err(why) => self.skip("recycle", name, &why, 4),
+            }
+        }
+        self.print(started.elapsed());
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+
+    fn print(&self, took: Duration) {
+        let headers: BTreeMap<&str, &str> = BTreeMap::from([
+            ("steady", "| system | req/s | wrk req/s | failed | p50 ms | p99 ms | max ms | busiest/idlest worker |\n|---|---|---|---|---|---|---|---|"),
+            ("reload", "| system (HUP every second) | req/s | failed | p99 ms | p99 / steady | max ms | throughput dip |\n|---|---|---|---|---|---|---|"),
+            ("reload_duration", "| system | median ms (signal to old workers gone) | runs |\n|---|---|---|"),
+            ("inflight", "| 20 requests of 3 s in flight | completed |\n|---|---|"),
+            ("memory", "| system | RSS MiB (sum) | PSS MiB (sum) | PSS / table |\n|---|---|---|---|"),
+            ("recycle", "| system | req/s | failed | of steady | workers seen |\n|---|---|---|---|---|"),
+        ]);
+        let mut out = String::new();
+        out.push_str(&format!(
+            "zdr benchmark, {} workers per system, {} keep-alive + {} one-request-per-connection clients, {} s per run, {} cores\n\n",
+            WORKERS,
+            KEEPALIVE_CLIENTS,
+            FRESH_CLIENTS,
+            self.opts.duration().as_secs(),
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        ));
+        for scenario in [
+            "steady",
+            "reload",
+            "reload_duration",
+            "inflight",
+            "memory",
+            "recycle",
+        ] {
+            if let Some(rows) = self.tables.get(scenario) {
+                out.push_str(&format!(
+                    "### {scenario}\n\n{}\n{}\n\n",
+                    headers[scenario],
+                    rows.join("\n")
+                ));
+            }
+        }
+        out.push_str(&format!("(run took {:.0} s)\n", took.as_secs_f64()));
+        print!("{out}");
+        let doc = json!({ "quick": self.opts.quick, "results": self.results });
+        if let Some(parent) = self.opts.json.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        match std::fs::write(
+            &self.opts.json,
+            serde_json::to_string_pretty(&doc).unwrap_or_default(),
+        ) {
+            Ok(()) => eprintln!("results written to {}", self.opts.json.display()),
+            Err(e) => eprintln!("cannot write {}: {e}", self.opts.json.display()),
+        }
+    }
+}
+
+fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Running, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let addr = free_addr();
+    let mut cmd = Command::new(exe);
+    let bind = addr.to_string();
+    let workers = WORKERS.to_string();
+    cmd.args([
+        "--as-table-app",
+        "serve",
+        "--bind",
+        &bind,
+        "--workers",
+        &workers,
+        "--log-level",
+        "warning",
+        "--boot-timeout",
+        "120",
+    ]);
+    if preload {
+        cmd.arg("--preload");
+    }
+    cmd.env("TABLE_MB", mb)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd.spawn().map_err(|e| e.to_string())?;
+    let running = Running {
+        kind: Kind::Zdr { preload },
+        child,
+        addr,
+        dir: dir.to_owned(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if get(addr, "/").is_ok_and(|s| s == 200) && running.workers().len() >= WORKERS {
+            // Let every worker finish booting (each builds its own table
+            // without --preload).
+            let ready = (0..40)
+                .map(|_| get(addr, "/").is_ok_and(|s| s == 200))
+                .all(|ok| ok);
+            if ready {
+                return Ok(running);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("the table app did not answer within 120 s".into())
+}
+
+/// Sends HUP and times it until every worker that was there is gone.
+fn reload_duration(server: &Running) -> Option<f64> {
+    let old = server.workers();
+    let started = Instant::now();
+    server.reload();
+    while started.elapsed() < Duration::from_secs(30) {
+        let now = server.workers();
+        if old.iter().all(|p| !now.contains(p)) && now.len() >= WORKERS {
+            let took = started.elapsed().as_secs_f64() * 1000.0;
+            std::thread::sleep(Duration::from_millis(200));
+            return Some(took);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+/// wrk's requests per second with 32 connections, when wrk is installed.
+fn wrk_rps(addr: SocketAddr, duration: Duration) -> Option<f64> {
+    let wrk = which("wrk")?;
+    let out = Command::new(wrk)
+        .args([
+            "-t",
+            "1",
+            "-c",
+            "32",
+            "-d",
+            &format!("{}s", duration.as_secs().min(5)),
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+}
