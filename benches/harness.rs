@@ -851,8 +851,7 @@ fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Runni
             // Let every worker finish booting (each builds its own table
             // without --preload).
             let ready = (0..40)
-                .map(|_| get(addr, "/").is_ok_and(|s| s == 200))
-                .all(|ok| ok);
+                .all(|_| get(addr, "/").is_ok_and(|s| s == 200));
             if ready {
                 return Ok(running);
             }
