@@ -850,8 +850,7 @@ fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Runni
         if get(addr, "/").is_ok_and(|s| s == 200) && running.workers().len() >= WORKERS {
             // Let every worker finish booting (each builds its own table
             // without --preload).
-            let ready = (0..40)
-                .all(|_| get(addr, "/").is_ok_and(|s| s == 200));
+            let ready = (0..40).all(|_| get(addr, "/").is_ok_and(|s| s == 200));
             if ready {
                 return Ok(running);
             }

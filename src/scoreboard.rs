@@ -68,6 +68,24 @@ pub struct Slot {
 }
 
 const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
+
+/// Server-wide figures, on a cache line of their own.
+#[repr(C, align(64))]
+struct Header {
+    /// Connections open in all workers.
+    connections: AtomicU64,
+    /// Workers accepting now (ready, not draining), kept by the master.
+    accepting: AtomicU64,
+}
+
+/// The whole shared mapping.
+#[repr(C)]
+struct Table {
+    header: Header,
+    slots: [Slot; CAPACITY],
+}
+
+const TABLE_SIZE: usize = std::mem::size_of::<Table>();
 const _: () = assert!(
     SLOT_SIZE <= 512,
     "a scoreboard slot should stay within 512 bytes"
@@ -147,7 +165,7 @@ impl Slot {
     }
 
     /// Counts a connection opened (+1) or closed (-1).
-    pub fn add_connections(&self, delta: i64) {
+    fn add_connections(&self, delta: i64) {
         if delta >= 0 {
             self.connections.fetch_add(delta as u64, Ordering::Relaxed);
         } else {
@@ -198,7 +216,7 @@ impl Slot {
 
 /// The shared table of slots.
 pub struct Scoreboard {
-    base: NonNull<Slot>,
+    base: NonNull<Table>,
     fd: OwnedFd,
 }
 
@@ -213,7 +231,7 @@ impl Scoreboard {
     pub fn create() -> io::Result<Scoreboard> {
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
         let fd = memfd_create(c"zdr-scoreboard", MemFdCreateFlag::MFD_CLOEXEC)?;
-        nix::unistd::ftruncate(&fd, (CAPACITY * SLOT_SIZE) as i64)?;
+        nix::unistd::ftruncate(&fd, (TABLE_SIZE) as i64)?;
         Self::map(fd)
     }
 
@@ -226,11 +244,11 @@ impl Scoreboard {
     }
 
     fn map(fd: OwnedFd) -> io::Result<Scoreboard> {
-        let len = NonZeroUsize::new(CAPACITY * SLOT_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
+        let len = NonZeroUsize::new(TABLE_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: a fresh shared mapping of a memfd sized above; no other
         // mapping in this process aliases it, and it is only read and
-        // written through the atomics of `Slot`, whose all-zero bit pattern
-        // is valid.
+        // written through the atomics of `Table`, whose all-zero bit
+        // pattern is valid.
         let ptr = unsafe {
             mmap(
                 None,
@@ -255,8 +273,47 @@ impl Scoreboard {
     /// Slot `index`; panics if out of range (indices come from the master).
     pub fn slot(&self, index: usize) -> &Slot {
         assert!(index < CAPACITY, "scoreboard slot {index} out of range");
-        // SAFETY: in bounds of the mapping, which lives as long as `self`.
-        unsafe { &*self.base.as_ptr().add(index) }
+        &self.table().slots[index]
+    }
+
+    fn table(&self) -> &Table {
+        // SAFETY: the mapping is TABLE_SIZE bytes, lives as long as `self`,
+        // and is only accessed through atomics.
+        unsafe { self.base.as_ref() }
+    }
+
+    /// Counts a connection opened (+1) or closed (-1) by the worker in
+    /// `slot`, in its slot and in the server-wide total.
+    pub fn add_connections(&self, slot: usize, delta: i64) {
+        self.slot(slot).add_connections(delta);
+        let total = &self.table().header.connections;
+        if delta >= 0 {
+            total.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            total.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// Records how many workers accept now (by the master).
+    pub fn set_accepting(&self, workers: usize) {
+        self.table()
+            .header
+            .accepting
+            .store(workers as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the worker in `slot` holds more than its share of the
+    /// server's connections: more than the average over accepting workers,
+    /// plus one. Such a worker leaves new connections to the others.
+    pub fn over_share(&self, slot: usize) -> bool {
+        let header = &self.table().header;
+        let workers = header.accepting.load(Ordering::Relaxed);
+        if workers < 2 {
+            return false;
+        }
+        let total = header.connections.load(Ordering::Relaxed);
+        let mine = self.slot(slot).connections();
+        mine * workers > total + workers
     }
 
     /// The first free slot, if any.
@@ -270,7 +327,7 @@ impl Drop for Scoreboard {
         // SAFETY: unmaps exactly the mapping made in `map`; no reference
         // into it outlives `self`.
         unsafe {
-            let _ = munmap(self.base.cast(), CAPACITY * SLOT_SIZE);
+            let _ = munmap(self.base.cast(), TABLE_SIZE);
         }
     }
 }
@@ -332,6 +389,21 @@ mod tests {
         assert_eq!(slot.message().chars().count(), MESSAGE_LEN / 2);
         slot.release();
         assert_eq!(board.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn a_worker_over_its_share_is_told_so() {
+        let board = Scoreboard::create().unwrap();
+        board.set_accepting(2);
+        board.add_connections(0, 3);
+        board.add_connections(1, 1);
+        // 4 connections over 2 workers: 3 is more than the average plus one.
+        assert!(!board.over_share(0));
+        board.add_connections(0, 1);
+        assert!(board.over_share(0));
+        assert!(!board.over_share(1));
+        board.set_accepting(1);
+        assert!(!board.over_share(0), "a lone worker always accepts");
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub(crate) fn run(
             )
         }
     };
-    let code = runtime.block_on(serve(spec, slot, bell, app));
+    let code = runtime.block_on(serve(spec, board, bell, app));
     runtime.shutdown_background();
     code
 }
@@ -167,10 +167,11 @@ fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
 
 async fn serve(
     spec: WorkerSpec,
-    slot: &'static Slot,
+    board: &'static Scoreboard,
     bell: Arc<Doorbell>,
     app: Arc<LoadedApp>,
 ) -> i32 {
+    let slot = board.slot(spec.slot);
     let settings = &spec.settings;
     let beat = settings
         .timeout()
@@ -228,6 +229,8 @@ async fn serve(
         builder: Shared::builder(settings),
         keepalive: settings.keepalive(),
         access_log,
+        board,
+        slot_index: spec.slot,
         slot,
         request_limit: spec.request_limit,
         on_limit: Box::new(move |reached: bool| {
@@ -317,6 +320,11 @@ async fn wait_for_stop(master_pid: u32, shared: &Shared, mut drain: watch::Recei
     }
 }
 
+/// How long, and how many times at most, a worker over its share of
+/// connections waits before accepting anyway.
+const BALANCE_WAIT: Duration = Duration::from_micros(250);
+const BALANCE_WAITS: u32 = 20;
+
 async fn accept_loop(
     listener: WorkerListener,
     shared: Arc<Shared>,
@@ -332,6 +340,19 @@ async fn accept_loop(
                 Err(_) => return,
             },
         };
+        // Holding more than its share of the server's connections, a
+        // worker gives the others a moment to take the next one: processes
+        // sharing one listener otherwise pile work on whichever is busiest.
+        for _ in 0..BALANCE_WAITS {
+            if !shared.board.over_share(shared.slot_index) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = drain.wait_for(|d| *d) => return,
+                _ = tokio::time::sleep(BALANCE_WAIT) => {}
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = drain.wait_for(|d| *d) => return,
@@ -341,17 +362,19 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let shared = Arc::clone(&shared);
                 let drain = drain.clone();
-                tokio::spawn(async move {
-                    let slot = shared.slot;
-                    match stream {
-                        Stream::Tcp(s) => {
-                            http::serve(Tracked::new(s, permit, slot), peer, shared, drain).await
-                        }
-                        Stream::Unix(s) => {
-                            http::serve(Tracked::new(s, permit, slot), peer, shared, drain).await
-                        }
+                // Counted now, not in the task, so that the share check
+                // before the next accept sees it.
+                let seat = (shared.board, shared.slot_index);
+                match stream {
+                    Stream::Tcp(s) => {
+                        let io = Tracked::new(s, permit, seat);
+                        tokio::spawn(http::serve(io, peer, shared, drain));
                     }
-                });
+                    Stream::Unix(s) => {
+                        let io = Tracked::new(s, permit, seat);
+                        tokio::spawn(http::serve(io, peer, shared, drain));
+                    }
+                }
             }
             Err(e) if is_transient(&e) => {}
             Err(e) => {
@@ -375,23 +398,23 @@ async fn accept_loop(
 struct Tracked<I> {
     io: I,
     _permit: OwnedSemaphorePermit,
-    slot: &'static Slot,
+    seat: (&'static Scoreboard, usize),
 }
 
 impl<I> Tracked<I> {
-    fn new(io: I, permit: OwnedSemaphorePermit, slot: &'static Slot) -> Tracked<I> {
-        slot.add_connections(1);
+    fn new(io: I, permit: OwnedSemaphorePermit, seat: (&'static Scoreboard, usize)) -> Tracked<I> {
+        seat.0.add_connections(seat.1, 1);
         Tracked {
             io,
             _permit: permit,
-            slot,
+            seat,
         }
     }
 }
 
 impl<I> Drop for Tracked<I> {
     fn drop(&mut self) {
-        self.slot.add_connections(-1);
+        self.seat.0.add_connections(self.seat.1, -1);
     }
 }
 

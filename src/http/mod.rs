@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) builder: auto::Builder<TokioExecutor>,
     pub(crate) keepalive: Duration,
     pub(crate) access_log: Option<AccessLog>,
+    pub(crate) board: &'static crate::scoreboard::Scoreboard,
+    pub(crate) slot_index: usize,
     pub(crate) slot: &'static Slot,
     /// When this worker is recycled, if ever.
     pub(crate) request_limit: Option<crate::worker::RequestLimit>,

@@ -914,6 +914,13 @@ impl Master {
     /// Readiness, heartbeats, request limits and deadlines.
     fn watch_workers(&mut self) {
         self.announce_ready();
+        let accepting = self
+            .workers
+            .iter()
+            .filter(|w| matches!(w.role, Role::Active | Role::Retiring))
+            .filter(|w| self.board.slot(w.slot).state() == SlotState::Ready)
+            .count();
+        self.board.set_accepting(accepting);
         if let Some(check) = &mut self.upgrade {
             check.output.pump();
             if Instant::now() >= check.deadline {
