@@ -9,8 +9,8 @@
 //!
 //! The binary also plays two servers for the runs, by re-executing itself:
 //! `--as-bare ADDR THREADS` is the bare hyper baseline (one process, the
-//! same handler as zdr's demo app), and `--as-table-app ARGS...` is a zdr
-//! app whose load step builds a table of `TABLE_MB` megabytes.
+//! same handler as zdr's demo app), and with `ZDR_BENCH_TABLE_APP` set it is
+//! a zdr app whose load step builds a table of `TABLE_MB` megabytes.
 
 #[path = "../tests/common/load.rs"]
 #[allow(dead_code)]
@@ -27,17 +27,18 @@ use serde_json::{json, Value};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("--as-bare") => return bare::serve(&args[2], args[3].parse().unwrap_or(1)),
-        Some("--as-table-app") => {
-            let mut app_args: Vec<std::ffi::OsString> = vec![args[0].clone().into()];
-            app_args.extend(args[2..].iter().map(Into::into));
-            std::process::exit(match table_app().run_with_args(app_args) {
-                c if c == std::process::ExitCode::SUCCESS => 0,
-                _ => 1,
-            });
-        }
-        _ => {}
+    // The table app's master and its exec'd workers (which inherit the
+    // environment, not the arguments) are this binary too.
+    if std::env::var_os(TABLE_APP_ENV).is_some() {
+        let code = table_app().run();
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
+    if args.get(1).map(String::as_str) == Some("--as-bare") {
+        return bare::serve(&args[2], args[3].parse().unwrap_or(1));
     }
     let opts = Opts::parse(&args[1..]);
     let mut bench = Bench::new(opts);
@@ -354,6 +355,9 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
 }
 
 const GUNICORN_APP: &str = r#"import os, time
+# With TABLE_MB set, a table of that size, built at import (so, with
+# --preload, in the master).
+TABLE = bytes(range(256)) * (int(os.environ.get("TABLE_MB", "0")) * 4096)
 def app(environ, start_response):
     if environ.get("PATH_INFO") == "/slow":
         ms = int((environ.get("QUERY_STRING") or "ms=0").split("ms=")[-1] or 0)
@@ -430,6 +434,8 @@ mod bare {
 }
 
 // ---------------------------------------------------------------- the table app (memory)
+
+const TABLE_APP_ENV: &str = "ZDR_BENCH_TABLE_APP";
 
 struct Table {
     values: Vec<u64>,
@@ -734,6 +740,26 @@ impl Bench {
                     Err(why) => self.skip("memory", &name, &why, 3),
                 }
             }
+            let name = format!("gunicorn sync --preload, {mb} MB table");
+            eprintln!("memory: {name}");
+            let table: f64 = mb.parse().unwrap_or(1.0);
+            match self.start(
+                Kind::Gunicorn { gthread: false },
+                &["--preload"],
+                &[("TABLE_MB", mb)],
+            ) {
+                Ok(server) => {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let (rss, pss) = server.memory_mib();
+                    self.row(
+                        "memory",
+                        &name,
+                        vec![format!("{rss:.0}"), format!("{pss:.0}"), format!("{:.2}", pss / table)],
+                        json!({ "rss_mib": rss, "pss_mib": pss, "pss_over_table": pss / table, "table_mib": table }),
+                    );
+                }
+                Err(why) => self.skip("memory", &name, &why, 3),
+            }
         }
         if self.opts.wants("recycle") {
             let name = "zdr --max-requests 1000 --max-requests-jitter 100";
@@ -819,8 +845,7 @@ fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Runni
     let mut cmd = Command::new(exe);
     let bind = addr.to_string();
     let workers = WORKERS.to_string();
-    cmd.args([
-        "--as-table-app",
+    cmd.env(TABLE_APP_ENV, "1").args([
         "serve",
         "--bind",
         &bind,
