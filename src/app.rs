@@ -12,7 +12,6 @@
 //!    database?"). A worker accepts connections only once it passes, and a
 //!    reload drains the old generation only once every new worker is ready.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
@@ -35,9 +34,6 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub type Response = http::Response<Body>;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// The app's service with its types erased.
-pub(crate) type AppService = tower::util::BoxCloneSyncService<Request, Response, Infallible>;
 
 /// What the load step produced, ready to be turned into a service in a
 /// worker.
@@ -193,37 +189,41 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    tower::util::BoxCloneSyncService::new(Adapter(svc))
+    AppService(Arc::new(Adapter(svc)))
+}
+
+/// The app's service with its types erased; a request costs one boxed
+/// future (and the boxed body).
+#[derive(Clone)]
+pub(crate) struct AppService(Arc<dyn ErasedService>);
+
+impl AppService {
+    /// Answers one request.
+    pub(crate) fn call(&self, req: Request) -> BoxFuture<Response> {
+        self.0.call(req)
+    }
+}
+
+trait ErasedService: Send + Sync {
+    fn call(&self, req: Request) -> BoxFuture<Response>;
 }
 
 /// Adapts an app's service to zdr's: boxes the body, and turns an error
 /// (from `poll_ready` or the call) into a 500.
-#[derive(Clone)]
 struct Adapter<S>(S);
 
-impl<S, B> tower::Service<Request> for Adapter<S>
+impl<S, B> ErasedService for Adapter<S>
 where
-    S: tower::Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+    S: tower::Service<Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&self, req: Request) -> BoxFuture<Response> {
         let svc = self.0.clone();
         Box::pin(async move {
-            Ok(match svc.oneshot(req).await {
+            match svc.oneshot(req).await {
                 Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
                 Err(err) => {
                     tracing::error!("app error: {}", err.into());
@@ -232,7 +232,7 @@ where
                         "Internal Server Error\n",
                     )
                 }
-            })
+            }
         })
     }
 }

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,9 +32,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use crate::app::{AppService, Request, Response};
 use crate::config::Settings;
@@ -97,7 +97,6 @@ struct ConnState {
     last_done_ms: AtomicU64,
     draining: AtomicBool,
     http2: AtomicBool,
-    done: Notify,
 }
 
 /// Decrements a connection's in-flight count however the request ends.
@@ -111,7 +110,6 @@ impl Drop for InFlight {
         let ms = self.epoch.elapsed().as_millis() as u64 + 1;
         self.conn.last_done_ms.store(ms, Ordering::Relaxed);
         self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.conn.done.notify_one();
     }
 }
 
@@ -126,9 +124,9 @@ struct ConnService {
 impl hyper::service::Service<Request> for ConnService {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = ConnFuture;
 
-    fn call(&self, req: Request) -> Self::Future {
+    fn call(&self, req: Request) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
@@ -136,52 +134,86 @@ impl hyper::service::Service<Request> for ConnService {
                 (self.shared.on_limit)(started == limit.limit);
             }
         }
-        let guard = InFlight {
-            conn: Arc::clone(&self.conn),
-            epoch: self.epoch,
-        };
         let version = req.version();
         if version == Version::HTTP_2 {
             self.conn.http2.store(true, Ordering::Relaxed);
         }
-        let started = std::time::Instant::now();
-        let facts = self.shared.access_log.as_ref().map(|_| {
-            (
-                req.method().clone(),
-                req.uri().clone(),
-                req.headers().clone(),
-            )
+        let log = self.shared.access_log.is_some().then(|| {
+            Box::new(LogFacts {
+                shared: Arc::clone(&self.shared),
+                peer: self.peer.clone(),
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                headers: req.headers().clone(),
+                started: std::time::Instant::now(),
+            })
         });
-        let shared = Arc::clone(&self.shared);
-        let peer = self.peer.clone();
-        let app = self.shared.service.clone();
-        Box::pin(async move {
-            let Ok(mut res) = app.oneshot(req).await;
-            if version < Version::HTTP_2 && guard.conn.draining.load(Ordering::Relaxed) {
-                res.headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            if let (Some(log), Some((method, uri, headers))) = (&shared.access_log, facts) {
+        ConnFuture {
+            inner: self.shared.service.call(req),
+            guard: Some(InFlight {
+                conn: Arc::clone(&self.conn),
+                epoch: self.epoch,
+            }),
+            version,
+            log,
+        }
+    }
+}
+
+/// What the access log needs of a request, kept only when logging.
+struct LogFacts {
+    shared: Arc<Shared>,
+    peer: Peer,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    started: std::time::Instant,
+}
+
+/// One request's response on its way: the app's future, then zdr's
+/// finishing touches (`Connection: close` while draining, the access log).
+pub(crate) struct ConnFuture {
+    inner: crate::app::BoxFuture<Response>,
+    guard: Option<InFlight>,
+    version: Version,
+    log: Option<Box<LogFacts>>,
+}
+
+impl Future for ConnFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut res = ready!(self.inner.as_mut().poll(cx));
+        let draining = self
+            .guard
+            .as_ref()
+            .is_some_and(|g| g.conn.draining.load(Ordering::Relaxed));
+        if self.version < Version::HTTP_2 && draining {
+            res.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(facts) = self.log.take() {
+            if let Some(log) = &facts.shared.access_log {
                 let body_len = res
                     .headers()
                     .get(CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok())
                     .or_else(|| res.body().size_hint().exact());
                 log.log(&Entry {
-                    peer: &peer.0,
-                    method: &method,
-                    uri: &uri,
-                    version,
-                    request_headers: &headers,
+                    peer: &facts.peer.0,
+                    method: &facts.method,
+                    uri: &facts.uri,
+                    version: self.version,
+                    request_headers: &facts.headers,
                     status: res.status().as_u16(),
                     response_headers: res.headers(),
                     body_len,
-                    elapsed: started.elapsed(),
+                    elapsed: facts.started.elapsed(),
                 });
             }
-            drop(guard);
-            Ok(res)
-        })
+        }
+        self.guard = None;
+        Poll::Ready(Ok(res))
     }
 }
 
@@ -208,19 +240,13 @@ pub(crate) async fn serve<I>(
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
 
+    // One timer per connection, re-armed lazily: it wakes once per
+    // keep-alive period at most, not once per request.
+    let timer = tokio::time::sleep(shared.keepalive);
+    tokio::pin!(timer);
     let mut draining = false;
     let mut closing = false;
-    let mut drain_deadline: Option<Instant> = None;
     loop {
-        let idle_deadline = match conn_state.last_done_ms.load(Ordering::Relaxed) {
-            0 => None,
-            _ if conn_state.in_flight.load(Ordering::Acquire) > 0 => None,
-            ms => Some(epoch + Duration::from_millis(ms) + shared.keepalive),
-        };
-        let deadline = match (idle_deadline, drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         tokio::select! {
             _ = conn.as_mut() => break,
             _ = drain.wait_for(|d| *d), if !draining => {
@@ -231,27 +257,29 @@ pub(crate) async fn serve<I>(
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
-                    drain_deadline = Some(Instant::now() + DRAIN_IDLE_GRACE.min(shared.keepalive));
+                    timer.as_mut().reset(Instant::now() + DRAIN_IDLE_GRACE.min(shared.keepalive));
                 }
             }
-            _ = conn_state.done.notified(), if !closing => {}
-            _ = sleep_until(deadline), if deadline.is_some() && !closing => {
+            _ = timer.as_mut(), if !closing => {
                 let now = Instant::now();
                 let idle = conn_state.in_flight.load(Ordering::Acquire) == 0;
-                let idle_expired = idle && idle_deadline.is_some_and(|d| d <= now);
-                let grace_over = drain_deadline.is_some_and(|d| d <= now);
-                if idle_expired || grace_over {
+                let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
+                    0 => None,
+                    ms => Some(epoch + Duration::from_millis(ms)),
+                };
+                // Draining: the grace is over (a request in flight will
+                // close the connection after its response). Otherwise:
+                // idle for the whole keep-alive period. Before the first
+                // request, hyper's header read timeout applies.
+                let idle_since = last_done.filter(|_| idle);
+                if draining || idle_since.is_some_and(|t| t + shared.keepalive <= now) {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                } else {
+                    let next = idle_since.map_or(now, |t| t.max(now - shared.keepalive)) + shared.keepalive;
+                    timer.as_mut().reset(next);
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
