@@ -36,6 +36,45 @@ enum Command {
         #[arg(long)]
         load_app: bool,
     },
+    /// Show a running server: its master, generations and workers.
+    Status {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload a running server (as SIGHUP). With --wait, wait until the new
+    /// generation took over (exit 0) or was rolled back (exit 1).
+    Reload {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Wait for the outcome.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait, in seconds.
+        #[arg(long = "wait-timeout", value_name = "SECONDS", default_value_t = 120.0)]
+        wait_timeout: f64,
+    },
+    /// Stop a running server: gracefully (as SIGTERM), or at once with --now.
+    Stop {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Let in-flight requests finish (the default).
+        #[arg(long, conflicts_with = "now")]
+        graceful: bool,
+        /// Stop at once (as SIGQUIT).
+        #[arg(long)]
+        now: bool,
+    },
+    /// Set the number of workers of a running server.
+    Scale {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// The number of workers.
+        #[arg(value_name = "WORKERS")]
+        count: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +119,21 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
             }
             crate::master::serve(name, sources, settings, loader, args_for_upgrade)
         }
+        Command::Status { args, json } => operate(args, crate::client::Command::Status { json }),
+        Command::Reload {
+            args,
+            wait,
+            wait_timeout,
+        } => {
+            let timeout = std::time::Duration::from_secs_f64(wait_timeout.clamp(0.1, 86_400.0));
+            operate(args, crate::client::Command::Reload { wait, timeout })
+        }
+        Command::Stop { args, now, .. } => {
+            operate(args, crate::client::Command::Stop { graceful: !now })
+        }
+        Command::Scale { args, count } => {
+            operate(args, crate::client::Command::Scale { workers: count })
+        }
         Command::Check { args, load_app } => {
             let settings = match args.sources().load() {
                 Ok(s) => s,
@@ -98,6 +152,14 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
                 Err(e) => fail(&e),
             }
         }
+    }
+}
+
+/// Runs an operator command against the server these arguments describe.
+fn operate(args: ServeArgs, command: crate::client::Command) -> ExitCode {
+    match args.sources().load() {
+        Ok(settings) => crate::client::run(&settings, command),
+        Err(e) => fail(&e),
     }
 }
 

@@ -114,6 +114,16 @@ pub struct Options {
     #[arg(short = 'p', long = "pid", env = "ZDR_PIDFILE", value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
 
+    /// The control socket that `zdr status`, `reload`, `stop` and `scale`
+    /// use. [default: beside the pidfile (PIDFILE.ctl), else
+    /// $TMPDIR/zdr-BIND.ctl]
+    #[arg(
+        long = "control-socket",
+        env = "ZDR_CONTROL_SOCKET",
+        value_name = "PATH"
+    )]
+    pub control_socket: Option<PathBuf>,
+
     /// The error log level: debug, info, warning, error or critical.
     /// [default: info]
     #[arg(long = "log-level", env = "ZDR_LOGLEVEL", value_name = "LEVEL")]
@@ -174,6 +184,7 @@ impl Options {
             max_requests_jitter: self.max_requests_jitter.or(lower.max_requests_jitter),
             preload: self.preload.or(lower.preload),
             pidfile: self.pidfile.or(lower.pidfile),
+            control_socket: self.control_socket.or(lower.control_socket),
             loglevel: self.loglevel.or(lower.loglevel),
             errorlog: self.errorlog.or(lower.errorlog),
             accesslog: self.accesslog.or(lower.accesslog),
@@ -278,6 +289,10 @@ pub struct Settings {
     /// Where to write the master's pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pidfile: Option<PathBuf>,
+    /// The control socket, when set explicitly (see
+    /// [`crate::control::socket_path`] for the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
     /// Error log level.
     pub loglevel: LogLevel,
     /// Error log destination; "-" is stderr.
@@ -340,6 +355,7 @@ impl Settings {
             max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
             preload: o.preload.unwrap_or(false),
             pidfile: o.pidfile,
+            control_socket: o.control_socket,
             loglevel: o.loglevel.unwrap_or(LogLevel::Info),
             errorlog: o.errorlog.unwrap_or_else(|| "-".to_owned()),
             accesslog: o.accesslog.filter(|s| !s.is_empty()),

@@ -29,7 +29,9 @@
 
 mod app;
 mod cli;
+mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod http;
 pub mod listener;

@@ -8,6 +8,7 @@
 //! request limits, deadlines), advance the rollout and the stop, and
 //! start whatever workers are missing.
 
+mod control;
 mod output;
 mod pidfile;
 mod rollout;
@@ -33,9 +34,11 @@ use tracing::{error, info, warn};
 
 use crate::app::{LoadedApp, Loader};
 use crate::config::{Settings, Sources};
+use crate::control::{ReloadOutcome, Request, Response, Status, WorkerStatus};
 use crate::listener::{self, BindAddr, Listener};
 use crate::scoreboard::{monotonic_ms, Doorbell, Scoreboard, SlotState};
 use crate::worker::{RequestLimit, WorkerSpec};
+use control::ControlServer;
 use output::Output;
 use pidfile::Pidfile;
 use rollout::{Cause, Rollout, Verdict};
@@ -71,6 +74,7 @@ struct Worker {
     announced_ready: bool,
     /// Its stderr, forwarded to the error log.
     output: Option<Output>,
+    spawned: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +108,9 @@ pub(crate) struct Master {
     /// The command line, to check and re-execute with on SIGUSR2.
     args: Vec<OsString>,
     upgrade: Option<UpgradeCheck>,
+    control: ControlServer,
+    started_at: Instant,
+    last_reload: Option<ReloadOutcome>,
     pid: u32,
     sources: Sources,
     loader: Loader,
@@ -167,6 +174,8 @@ impl Master {
         let signals = Signals::install()?;
         let board = Arc::new(Scoreboard::create()?);
         let (bell_rx, bell) = Doorbell::pair()?;
+        let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
+        info!("Control socket: {}", control.path().display());
         let pidfile = settings
             .pidfile
             .as_deref()
@@ -183,6 +192,9 @@ impl Master {
             exe,
             args,
             upgrade: None,
+            control,
+            started_at: Instant::now(),
+            last_reload: None,
             pid,
             sources,
             loader,
@@ -266,8 +278,10 @@ impl Master {
                 request_limit: w.request_limit,
                 announced_ready: w.announced_ready,
                 output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
+                spawned: now,
             })
             .collect::<Vec<_>>();
+        let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
         let pidfile = settings
             .pidfile
             .as_deref()
@@ -284,6 +298,9 @@ impl Master {
             exe: h.exe,
             args,
             upgrade: None,
+            control,
+            started_at: Instant::now(),
+            last_reload: None,
             pid,
             sources,
             loader,
@@ -304,7 +321,7 @@ impl Master {
             crash_streak: 0,
             next_spawn: now,
         };
-        master.reload();
+        let _ = master.reload();
         Ok(master)
     }
 
@@ -450,8 +467,15 @@ impl Master {
         ];
         let outputs = self.workers.iter().filter_map(|w| w.output.as_ref());
         fds.extend(outputs.map(|o| PollFd::new(o.fd(), PollFlags::POLLIN)));
+        let n_outputs = fds.len() - 2;
+        fds.extend(
+            self.control
+                .fds()
+                .into_iter()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
         let _ = nix::poll::poll(&mut fds, PollTimeout::from(timeout));
-        let readable: Vec<bool> = fds[2..]
+        let readable: Vec<bool> = fds[2..2 + n_outputs]
             .iter()
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
@@ -464,6 +488,98 @@ impl Master {
                 output.pump();
             }
         }
+        let requests = self.control.poll();
+        for (id, request) in requests {
+            self.on_request(id, request);
+        }
+    }
+
+    /// A command from the control socket.
+    fn on_request(&mut self, id: u64, request: Request) {
+        let response = match request {
+            Request::Status => Response {
+                status: Some(self.status()),
+                ..Response::ok("status")
+            },
+            Request::Reload { wait } => {
+                info!("Reload requested on the control socket");
+                match self.reload() {
+                    Ok(generation) if wait => {
+                        self.control.hold(id, generation);
+                        return;
+                    }
+                    Ok(generation) => {
+                        Response::ok(format!("reload started: generation {generation}"))
+                    }
+                    Err(why) => Response::error(why),
+                }
+            }
+            Request::Stop { graceful } => {
+                info!("Stop requested on the control socket");
+                self.begin_stop(if graceful {
+                    StopKind::Graceful
+                } else {
+                    StopKind::Fast
+                });
+                Response::ok(if graceful {
+                    "stopping gracefully"
+                } else {
+                    "stopping"
+                })
+            }
+            Request::Scale { workers } if workers >= 1 => {
+                self.target = workers;
+                info!("Number of workers: {workers}");
+                Response::ok(format!("scaling to {workers} workers"))
+            }
+            Request::Scale { .. } => Response::error("a server needs at least 1 worker"),
+        };
+        self.control.respond(id, &response);
+    }
+
+    /// The server's state, for `zdr status`.
+    fn status(&self) -> Status {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64;
+        let workers = self
+            .workers
+            .iter()
+            .map(|w| {
+                let slot = self.board.slot(w.slot);
+                let state = match (w.role, slot.state()) {
+                    (Role::Killing { .. }, _) => "exiting",
+                    (Role::Draining { .. }, _) | (_, SlotState::Draining) => "draining",
+                    (Role::Retiring, _) => "retiring",
+                    (_, SlotState::Ready) => "ready",
+                    _ => "booting",
+                };
+                let rss_pages = std::fs::read_to_string(format!("/proc/{}/statm", w.pid))
+                    .ok()
+                    .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                WorkerStatus {
+                    pid: w.pid.as_raw() as u32,
+                    generation: w.generation,
+                    state: state.to_owned(),
+                    age_secs: w.spawned.elapsed().as_secs_f64(),
+                    requests: slot.requests(),
+                    connections: slot.connections(),
+                    rss_bytes: rss_pages * page,
+                }
+            })
+            .collect();
+        Status {
+            master_pid: self.pid,
+            uptime_secs: self.started_at.elapsed().as_secs_f64(),
+            generation: self.serving.as_ref().map(|g| g.id),
+            booting_generation: self.rollout.as_ref().map(|r| r.generation.id),
+            bind: self.listeners.iter().map(|l| l.display_addr()).collect(),
+            target_workers: self.target,
+            workers,
+            last_reload: self.last_reload.clone(),
+        }
     }
 
     fn on_signal(&mut self, sig: i32) {
@@ -474,7 +590,9 @@ impl Master {
         match sig {
             SIGTERM => self.begin_stop(StopKind::Graceful),
             SIGINT | SIGQUIT => self.begin_stop(StopKind::Fast),
-            SIGHUP => self.reload(),
+            SIGHUP => {
+                let _ = self.reload();
+            }
             SIGTTIN => {
                 self.target += 1;
                 info!("Number of workers: {}", self.target);
@@ -504,15 +622,18 @@ impl Master {
     }
 
     /// SIGHUP: re-read the configuration and roll out a new generation.
-    fn reload(&mut self) {
+    /// SIGHUP (or `zdr reload`): re-read the configuration and roll out a
+    /// new generation. Returns its id, or why nothing changed.
+    fn reload(&mut self) -> Result<u64, String> {
         if self.stop.is_some() {
-            return;
+            return Err("the server is stopping".to_owned());
         }
         let settings = match self.sources.load() {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                error!("Reload aborted, configuration unchanged: {e}");
-                return;
+                let why = format!("Reload aborted, configuration unchanged: {e}");
+                error!("{why}");
+                return Err(why);
             }
         };
         for addr in &settings.bind {
@@ -523,9 +644,10 @@ impl Master {
                         self.listeners.push(l);
                     }
                     Err(e) => {
-                        error!("Reload aborted: {e}");
+                        let why = format!("Reload aborted: {e}");
+                        error!("{why}");
                         self.prune_listeners();
-                        return;
+                        return Err(why);
                     }
                 }
             }
@@ -533,22 +655,27 @@ impl Master {
         let app = match self.preload(&settings) {
             Ok(app) => app,
             Err(e) => {
-                error!("Reload aborted: {e:#}");
+                let why = format!("Reload aborted: {e:#}");
+                error!("{why}");
                 self.prune_listeners();
-                return;
+                return Err(why);
             }
         };
         if let Some(old) = &self.rollout {
-            warn!(
-                "Reload to generation {} superseded by a newer reload",
-                old.generation.id
-            );
+            let (id, started) = (old.generation.id, old.started);
+            warn!("Reload to generation {id} superseded by a newer reload");
             self.abandon_rollout();
+            self.record_reload(
+                id,
+                started,
+                0,
+                Err("superseded by a newer reload".to_owned()),
+            );
         }
         self.paused = false;
         self.target = settings.workers;
         crate::logging::reopen();
-        self.begin_rollout(settings, app, Cause::Reload);
+        Ok(self.begin_rollout(settings, app, Cause::Reload))
     }
 
     /// Runs the app's load step here when preloading.
@@ -568,7 +695,7 @@ impl Master {
         settings: Arc<Settings>,
         app: Option<Arc<LoadedApp>>,
         cause: Cause,
-    ) {
+    ) -> u64 {
         let id = self.next_generation;
         self.next_generation += 1;
         let boot_timeout = settings.boot_timeout();
@@ -586,6 +713,7 @@ impl Master {
             boot_timeout,
         ));
         self.next_spawn = Instant::now();
+        id
     }
 
     /// Stops the workers of an unfinished rollout: drained if they are
@@ -618,18 +746,18 @@ impl Master {
         }
     }
 
+    /// Workers of `generation` that are ready and not leaving.
+    fn ready_workers(&self, generation: u64) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == generation && w.role == Role::Active)
+            .filter(|w| self.board.slot(w.slot).state() == SlotState::Ready)
+            .count()
+    }
+
     fn advance_rollout(&mut self) {
         let Some(rollout) = &self.rollout else { return };
-        let id = rollout.generation.id;
-        let ready = self
-            .workers
-            .iter()
-            .filter(|w| {
-                w.generation == id
-                    && w.role == Role::Active
-                    && self.board.slot(w.slot).state() == SlotState::Ready
-            })
-            .count();
+        let ready = self.ready_workers(rollout.generation.id);
         match rollout.judge(ready, self.target, Instant::now()) {
             Verdict::Pending => {}
             Verdict::Complete => self.commit_rollout(),
@@ -675,12 +803,51 @@ impl Master {
         }
         self.prune_listeners();
         self.check_switchover();
+        if rollout.cause == Cause::Reload {
+            self.record_reload(id, rollout.started, self.target, Ok(()));
+        }
+    }
+
+    /// Remembers how a reload ended and tells whoever waits for it.
+    fn record_reload(
+        &mut self,
+        generation: u64,
+        started: Instant,
+        workers_ready: usize,
+        result: Result<(), String>,
+    ) {
+        let outcome = ReloadOutcome {
+            generation,
+            completed: result.is_ok(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            workers_ready,
+            error: result.as_ref().err().cloned(),
+        };
+        let message = match &result {
+            Ok(()) => format!(
+                "generation {generation} ready: {workers_ready} workers in {} ms",
+                outcome.duration_ms
+            ),
+            Err(why) => format!("reload to generation {generation} rolled back: {why}"),
+        };
+        let response = Response {
+            ok: result.is_ok(),
+            message,
+            status: None,
+            reload: Some(outcome.clone()),
+        };
+        self.control.reload_finished(generation, &response);
+        self.last_reload = Some(outcome);
     }
 
     fn roll_back(&mut self, why: String) {
         let Some(rollout) = &self.rollout else { return };
-        let (id, cause) = (rollout.generation.id, rollout.cause);
+        let (id, cause, started) = (rollout.generation.id, rollout.cause, rollout.started);
+        let ready = self.ready_workers(id);
         self.abandon_rollout();
+        if cause == Cause::Reload {
+            self.record_reload(id, started, ready, Err(why.clone()));
+        }
         match (&self.serving, cause) {
             (None, Cause::Start) => {
                 error!("Cannot start: {why}");
@@ -987,17 +1154,8 @@ impl Master {
         }
         // A retiring worker is drained once its generation again has every
         // worker it should have, ready.
-        if let Some(serving) = &self.serving {
-            let id = serving.id;
-            let ready = self
-                .workers
-                .iter()
-                .filter(|w| {
-                    w.generation == id
-                        && w.role == Role::Active
-                        && self.board.slot(w.slot).state() == SlotState::Ready
-                })
-                .count();
+        if let Some(id) = self.serving.as_ref().map(|g| g.id) {
+            let ready = self.ready_workers(id);
             if ready >= self.target {
                 // Replacements are ready: each retiring worker may now stop
                 // at its limit by itself, and one already past it drains now.
@@ -1110,17 +1268,9 @@ impl Master {
         let result = match app {
             Some(app) => {
                 let keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
-                let mut close: Vec<RawFd> = self
-                    .listeners
-                    .iter()
-                    .map(|l| l.fd.as_raw_fd())
-                    .filter(|fd| !keep.contains(fd))
-                    .collect();
-                close.push(self.bell_rx.as_raw_fd());
-                close.push(self.signals.fd().as_raw_fd());
+                let mut close = self.own_fds();
+                close.retain(|fd| !keep.contains(fd));
                 close.push(output.fd().as_raw_fd());
-                let outputs = self.workers.iter().filter_map(|w| w.output.as_ref());
-                close.extend(outputs.map(|o| o.fd().as_raw_fd()));
                 spawn::fork(
                     spec,
                     spawn::ForkParts {
@@ -1151,6 +1301,7 @@ impl Master {
                     request_limit,
                     announced_ready: false,
                     output: Some(output),
+                    spawned: Instant::now(),
                 });
             }
             Err(e) => {
@@ -1166,7 +1317,26 @@ impl Master {
         }
     }
 
+    /// Every descriptor the master owns (the scoreboard and the doorbell's
+    /// bell aside, which workers share): what a worker forked from it must
+    /// close, so that, say, a control socket never answers from a worker.
+    fn own_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        fds.push(self.bell_rx.as_raw_fd());
+        fds.push(self.signals.fd().as_raw_fd());
+        fds.extend(self.control.fds().iter().map(|fd| fd.as_raw_fd()));
+        fds.extend(
+            self.workers
+                .iter()
+                .filter_map(|w| w.output.as_ref())
+                .map(|o| o.fd().as_raw_fd()),
+        );
+        fds.extend(self.upgrade.as_ref().map(|u| u.output.fd().as_raw_fd()));
+        fds
+    }
+
     fn cleanup(&mut self) {
+        self.control.remove();
         for l in &self.listeners {
             l.remove_socket_file();
         }

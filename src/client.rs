@@ -1,0 +1,168 @@
+//! The operator's commands against a running server: `zdr status`,
+//! `zdr reload`, `zdr stop`, `zdr scale`. They speak to the master's
+//! control socket and, where that makes sense, fall back to a signal to the
+//! pid in the pidfile.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::Settings;
+use crate::control::{self, Request, Response, Status};
+
+/// What the operator asked for.
+pub(crate) enum Command {
+    Status { json: bool },
+    Reload { wait: bool, timeout: Duration },
+    Stop { graceful: bool },
+    Scale { workers: usize },
+}
+
+/// Runs one command against the server that `settings` describe.
+pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
+    let Some(path) = control::socket_path(settings) else {
+        eprintln!("zdr: error: the server binds an ephemeral port (:0); name it with --pid or --control-socket");
+        return ExitCode::FAILURE;
+    };
+    let (request, timeout) = match &command {
+        Command::Status { .. } => (Request::Status, Duration::from_secs(10)),
+        Command::Reload { wait, timeout } => (Request::Reload { wait: *wait }, *timeout),
+        Command::Stop { graceful } => (
+            Request::Stop {
+                graceful: *graceful,
+            },
+            Duration::from_secs(10),
+        ),
+        Command::Scale { workers } => (
+            Request::Scale { workers: *workers },
+            Duration::from_secs(10),
+        ),
+    };
+    let response = match control::send(&path, &request, timeout) {
+        Ok(r) => r,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            eprintln!("zdr: error: no answer from the server within {timeout:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            return fallback(
+                settings,
+                &command,
+                &format!("cannot reach the server at {}: {e}", path.display()),
+            )
+        }
+    };
+    report(&command, &response)
+}
+
+fn report(command: &Command, response: &Response) -> ExitCode {
+    match (command, &response.status) {
+        (Command::Status { json: true }, Some(status)) => {
+            match serde_json::to_string_pretty(status) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("zdr: error: {e}"),
+            }
+        }
+        (Command::Status { json: false }, Some(status)) => print!("{}", render(status)),
+        _ if response.ok => println!("{}", response.message),
+        _ => eprintln!("zdr: error: {}", response.message),
+    }
+    if response.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Without a control socket: signals via the pidfile, for the commands a
+/// signal can carry.
+fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
+    use nix::sys::signal::Signal;
+    let signal = match command {
+        Command::Reload { wait: false, .. } => Signal::SIGHUP,
+        Command::Stop { graceful: true } => Signal::SIGTERM,
+        Command::Stop { graceful: false } => Signal::SIGQUIT,
+        _ => {
+            eprintln!("zdr: error: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pid = settings
+        .pidfile
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let Some(pid) = pid else {
+        eprintln!("zdr: error: {why}, and no pidfile to signal");
+        return ExitCode::FAILURE;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+        Ok(()) => {
+            println!(
+                "sent {signal} to {pid} (from the pidfile; the control socket did not answer)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zdr: error: {why}; signalling pid {pid} failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{secs:.1}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The human-readable status.
+pub(crate) fn render(s: &Status) -> String {
+    let mut out = format!(
+        "master {}, up {}, generation {}{}, {} workers wanted\n",
+        s.master_pid,
+        duration(s.uptime_secs),
+        s.generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "-".into()),
+        s.booting_generation
+            .map(|g| format!(" (generation {g} booting)"))
+            .unwrap_or_default(),
+        s.target_workers
+    );
+    out.push_str(&format!("listening: {}\n", s.bind.join(", ")));
+    if let Some(r) = &s.last_reload {
+        match &r.error {
+            None => out.push_str(&format!(
+                "last reload: generation {} completed in {} ms\n",
+                r.generation, r.duration_ms
+            )),
+            Some(e) => out.push_str(&format!(
+                "last reload: generation {} rolled back: {e}\n",
+                r.generation
+            )),
+        }
+    }
+    out.push_str(&format!(
+        "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>10}\n",
+        "PID", "GEN", "STATE", "AGE", "REQUESTS", "CONNS", "RSS"
+    ));
+    for w in &s.workers {
+        out.push_str(&format!(
+            "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>8.1}Mi\n",
+            w.pid,
+            w.generation,
+            w.state,
+            duration(w.age_secs),
+            w.requests,
+            w.connections,
+            w.rss_bytes as f64 / 1048576.0
+        ));
+    }
+    out
+}

@@ -1,0 +1,177 @@
+//! The master's side of the control socket, served from its event loop
+//! without threads: accept, read one request line, answer, close.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::control::{Request, Response};
+
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A client connection.
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Waiting for the outcome of the reload to this generation.
+    waiting_for: Option<u64>,
+}
+
+/// The listening control socket and its clients.
+pub(crate) struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    conns: Vec<Conn>,
+    next_id: u64,
+}
+
+impl ControlServer {
+    /// Listens at `path`, readable and writable by this user only. A
+    /// leftover socket file nobody answers on is replaced; one a running
+    /// server answers on is an error.
+    pub(crate) fn bind(path: &Path) -> io::Result<ControlServer> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "control socket {} is in use: is this server already running?",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        // Created with mode 0600 from the start: no moment in which another
+        // user could connect. The master runs no other thread.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on control socket {}: {e}", path.display()),
+            )
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            listener,
+            conns: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// The socket's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Descriptors to poll: the listener and every client.
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.listener.as_fd()];
+        fds.extend(self.conns.iter().map(|c| c.stream.as_fd()));
+        fds
+    }
+
+    /// Accepts new clients and reads; returns the complete requests. A
+    /// malformed request is answered here.
+    pub(crate) fn poll(&mut self) -> Vec<(u64, Request)> {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_ok() {
+                self.conns.push(Conn {
+                    id: self.next_id,
+                    stream,
+                    buf: Vec::new(),
+                    waiting_for: None,
+                });
+                self.next_id += 1;
+            }
+        }
+        let mut requests = Vec::new();
+        let mut answered = Vec::new();
+        for conn in &mut self.conns {
+            if conn.waiting_for.is_some() {
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            loop {
+                match conn.stream.read(&mut chunk) {
+                    Ok(0) => {
+                        answered.push(conn.id);
+                        break;
+                    }
+                    Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            if let Some(end) = conn.buf.iter().position(|b| *b == b'\n') {
+                match serde_json::from_slice::<Request>(&conn.buf[..end]) {
+                    Ok(request) => requests.push((conn.id, request)),
+                    Err(e) => {
+                        write_response(
+                            &mut conn.stream,
+                            &Response::error(format!("bad request: {e}")),
+                        );
+                        answered.push(conn.id);
+                    }
+                }
+                conn.buf.clear();
+            } else if conn.buf.len() > MAX_REQUEST {
+                answered.push(conn.id);
+            }
+        }
+        self.conns.retain(|c| !answered.contains(&c.id));
+        requests
+    }
+
+    /// Answers a client and closes its connection.
+    pub(crate) fn respond(&mut self, id: u64, response: &Response) {
+        if let Some(i) = self.conns.iter().position(|c| c.id == id) {
+            let mut conn = self.conns.remove(i);
+            write_response(&mut conn.stream, response);
+        }
+    }
+
+    /// Keeps a client waiting for the outcome of the reload to `generation`.
+    pub(crate) fn hold(&mut self, id: u64, generation: u64) {
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
+            conn.waiting_for = Some(generation);
+        }
+    }
+
+    /// Answers the clients waiting for `generation`'s reload.
+    pub(crate) fn reload_finished(&mut self, generation: u64, response: &Response) {
+        let waiting: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|c| c.waiting_for == Some(generation))
+            .map(|c| c.id)
+            .collect();
+        for id in waiting {
+            self.respond(id, response);
+        }
+    }
+
+    /// Removes the socket file (the master is exiting).
+    pub(crate) fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn write_response(stream: &mut UnixStream, response: &Response) {
+    let Ok(mut line) = serde_json::to_string(response) else {
+        return;
+    };
+    line.push('\n');
+    // A client that does not read gets a second, not the master.
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(line.as_bytes());
+}

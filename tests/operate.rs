@@ -1,0 +1,153 @@
+//! Operating a running server: the control socket, `zdr status`,
+//! `zdr reload --wait`, `zdr scale`, `zdr stop`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use common::*;
+
+fn status(pidfile: &str) -> serde_json::Value {
+    let out = Launch::raw(&["status", "--json", "--pid", pidfile]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn pids_of(status: &serde_json::Value, generation: u64, state: &str) -> BTreeSet<u32> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["generation"] == generation && w["state"] == state)
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn status_lists_the_workers_and_both_generations_during_a_reload() {
+    let dir = TempDir::new("status");
+    let pidfile = dir.path("zdr.pid");
+    let pid = pidfile.to_str().unwrap();
+    let server = Launch::serve(&["--workers", "3", "--pid", pid])
+        .env("ZDR_DEMO_BOOT_MS", "1500")
+        .start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    for _ in 0..5 {
+        server.get("/");
+    }
+    let s = status(pid);
+    assert_eq!(s["master_pid"].as_u64(), Some(server.pid as u64));
+    assert_eq!(s["generation"].as_u64(), Some(1));
+    assert_eq!(pids_of(&s, 1, "ready"), workers);
+    let served: u64 = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(served, 5);
+
+    // The control socket belongs to this user alone.
+    let meta = std::fs::metadata(format!("{pid}.ctl")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), nix::unistd::getuid().as_raw());
+
+    // During a reload: the new generation boots beside the old one.
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(5));
+    let s = status(pid);
+    assert_eq!(s["booting_generation"].as_u64(), Some(2));
+    assert_eq!(pids_of(&s, 1, "ready"), workers);
+    assert_eq!(pids_of(&s, 2, "booting").len(), 3, "{s}");
+    let text = String::from_utf8_lossy(&Launch::raw(&["status", "--pid", pid]).output().stdout)
+        .into_owned();
+    assert!(
+        text.contains("generation 1 (generation 2 booting)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn reload_wait_reports_success_and_rollback() {
+    let dir = TempDir::new("reloadwait");
+    let exe = dir.path("zdr");
+    std::fs::copy(zdr_bin(), &exe).unwrap();
+    let pidfile = dir.path("zdr.pid");
+    let pid = pidfile.to_str().unwrap();
+    let server = Launch::serve(&["--workers", "2", "--pid", pid])
+        .exe(&exe)
+        .start();
+    server.wait_ready();
+
+    let out = Launch::raw(&["reload", "--wait", "--pid", pid]).output();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("generation 2 ready: 2 workers in "),
+        "{stdout}"
+    );
+    assert_eq!(server.get("/").generation(), 2);
+
+    let broken = dir.path("zdr.new");
+    write_file(
+        &broken,
+        "#!/bin/sh\necho 'cannot open config.yaml' >&2\nexit 4\n",
+    );
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &exe).unwrap();
+    // The client runs the test's own copy: the server's binary is broken now.
+    let out = Launch::raw(&["reload", "--wait", "--pid", pid]).output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("reload to generation 3 rolled back"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("exited with status 4; its last output: cannot open config.yaml"),
+        "{stderr}"
+    );
+    assert_eq!(server.get("/").generation(), 2);
+    let s = status(pid);
+    assert_eq!(s["last_reload"]["completed"], false);
+    assert_eq!(s["last_reload"]["generation"], 3);
+}
+
+#[test]
+fn scale_and_stop_through_the_control_socket() {
+    let dir = TempDir::new("scale");
+    let sock = dir.path("ctl.sock");
+    let sock_s = sock.to_str().unwrap();
+    let mut server = Launch::serve(&["--workers", "1", "--control-socket", sock_s]).start();
+    server.wait_ready();
+    server.wait_workers(1);
+    let out = Launch::raw(&["scale", "3", "--control-socket", sock_s]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.wait_workers(3);
+    let out = Launch::raw(&["stop", "--control-socket", sock_s]).output();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "stopping gracefully"
+    );
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(!sock.exists(), "control socket left behind");
+    let out = Launch::raw(&["status", "--control-socket", sock_s]).output();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the server at"));
+}
