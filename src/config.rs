@@ -124,6 +124,40 @@ pub struct Options {
     )]
     pub control_socket: Option<PathBuf>,
 
+    /// On SIGTERM, answer readiness probes with 503 for this many seconds
+    /// while still serving, so a load balancer can take the instance out
+    /// before the listeners close. [default: 0]
+    #[arg(
+        long = "shutdown-delay",
+        env = "ZDR_SHUTDOWN_DELAY",
+        value_name = "SECONDS"
+    )]
+    pub shutdown_delay: Option<f64>,
+
+    /// The liveness probe's path; "" turns it off. [default: /_zdr/live]
+    #[arg(
+        long = "health-live-path",
+        env = "ZDR_HEALTH_LIVE_PATH",
+        value_name = "PATH"
+    )]
+    pub health_live_path: Option<String>,
+
+    /// The readiness probe's path; "" turns it off. [default: /_zdr/ready]
+    #[arg(
+        long = "health-ready-path",
+        env = "ZDR_HEALTH_READY_PATH",
+        value_name = "PATH"
+    )]
+    pub health_ready_path: Option<String>,
+
+    /// The startup probe's path; "" turns it off. [default: /_zdr/startup]
+    #[arg(
+        long = "health-startup-path",
+        env = "ZDR_HEALTH_STARTUP_PATH",
+        value_name = "PATH"
+    )]
+    pub health_startup_path: Option<String>,
+
     /// The error log level: debug, info, warning, error or critical.
     /// [default: info]
     #[arg(long = "log-level", env = "ZDR_LOGLEVEL", value_name = "LEVEL")]
@@ -185,6 +219,10 @@ impl Options {
             preload: self.preload.or(lower.preload),
             pidfile: self.pidfile.or(lower.pidfile),
             control_socket: self.control_socket.or(lower.control_socket),
+            shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
+            health_live_path: self.health_live_path.or(lower.health_live_path),
+            health_ready_path: self.health_ready_path.or(lower.health_ready_path),
+            health_startup_path: self.health_startup_path.or(lower.health_startup_path),
             loglevel: self.loglevel.or(lower.loglevel),
             errorlog: self.errorlog.or(lower.errorlog),
             accesslog: self.accesslog.or(lower.accesslog),
@@ -293,6 +331,14 @@ pub struct Settings {
     /// [`crate::control::socket_path`] for the default).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    /// Seconds readiness answers 503 on SIGTERM before draining starts.
+    pub shutdown_delay: f64,
+    /// Liveness probe path; empty for none.
+    pub health_live_path: String,
+    /// Readiness probe path; empty for none.
+    pub health_ready_path: String,
+    /// Startup probe path; empty for none.
+    pub health_startup_path: String,
     /// Error log level.
     pub loglevel: LogLevel,
     /// Error log destination; "-" is stderr.
@@ -311,6 +357,22 @@ fn seconds(name: &'static str, value: f64) -> Result<f64, ConfigError> {
         Err(ConfigError::invalid(
             name,
             format!("must be a number of seconds >= 0, got {value}"),
+        ))
+    }
+}
+
+fn probe_path(
+    name: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let path = value.unwrap_or_else(|| default.to_owned());
+    if path.is_empty() || path.starts_with('/') {
+        Ok(path)
+    } else {
+        Err(ConfigError::invalid(
+            name,
+            format!("must start with / (or be empty to turn the probe off), got {path:?}"),
         ))
     }
 }
@@ -356,6 +418,14 @@ impl Settings {
             preload: o.preload.unwrap_or(false),
             pidfile: o.pidfile,
             control_socket: o.control_socket,
+            shutdown_delay: seconds("shutdown_delay", o.shutdown_delay.unwrap_or(0.0))?,
+            health_live_path: probe_path("health_live_path", o.health_live_path, "/_zdr/live")?,
+            health_ready_path: probe_path("health_ready_path", o.health_ready_path, "/_zdr/ready")?,
+            health_startup_path: probe_path(
+                "health_startup_path",
+                o.health_startup_path,
+                "/_zdr/startup",
+            )?,
             loglevel: o.loglevel.unwrap_or(LogLevel::Info),
             errorlog: o.errorlog.unwrap_or_else(|| "-".to_owned()),
             accesslog: o.accesslog.filter(|s| !s.is_empty()),
@@ -378,6 +448,11 @@ impl Settings {
     /// The boot timeout.
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.boot_timeout)
+    }
+
+    /// The shutdown delay.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_delay)
     }
 
     /// The keep-alive idle timeout.

@@ -76,6 +76,8 @@ struct Header {
     connections: AtomicU64,
     /// Workers accepting now (ready, not draining), kept by the master.
     accepting: AtomicU64,
+    /// Set by the master when the server is stopping: readiness fails.
+    stopping: AtomicU64,
 }
 
 /// The whole shared mapping.
@@ -292,6 +294,17 @@ impl Scoreboard {
         } else {
             total.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
+    }
+
+    /// Marks the server as stopping (by the master): every worker's
+    /// readiness probe fails from now on.
+    pub fn set_stopping(&self) {
+        self.table().header.stopping.store(1, Ordering::Release);
+    }
+
+    /// Whether the server is stopping.
+    pub fn stopping(&self) -> bool {
+        self.table().header.stopping.load(Ordering::Acquire) == 1
     }
 
     /// Records how many workers accept now (by the master).

@@ -240,6 +240,12 @@ async fn serve(
             }
             limit_bell.ring();
         }),
+        probes: crate::http::Probes {
+            live: settings.health_live_path.clone(),
+            ready: settings.health_ready_path.clone(),
+            startup: settings.health_startup_path.clone(),
+        },
+        ready: Arc::clone(&app.ready),
     });
 
     let capacity = settings.worker_connections;

@@ -151,3 +151,51 @@ fn scale_and_stop_through_the_control_socket() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the server at"));
 }
+
+#[test]
+fn health_probes_and_the_shutdown_delay() {
+    let mut server = Launch::serve(&["--workers", "2", "--shutdown-delay", "2"]).start();
+    server.wait_ready();
+    server.wait_workers(2);
+    for (path, body) in [
+        ("/_zdr/live", "live\n"),
+        ("/_zdr/ready", "ready\n"),
+        ("/_zdr/startup", "started\n"),
+    ] {
+        let r = server.get(path);
+        assert_eq!((r.status, r.body.as_str()), (200, body), "{path}");
+    }
+    let before: u64 = (0..3)
+        .map(|_| server.get("/_zdr/ready").status as u64)
+        .sum();
+    assert_eq!(before, 600);
+
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    server.wait_for_log("Shutdown delay", Duration::from_secs(5));
+    // During the delay: readiness fails, everything else is served.
+    for _ in 0..5 {
+        let ready = server.get("/_zdr/ready");
+        assert_eq!((ready.status, ready.body.as_str()), (503, "stopping\n"));
+        assert_eq!(server.get("/").status, 200);
+        assert_eq!(server.get("/_zdr/live").status, 200);
+    }
+    assert!(
+        server.log_count("Worker exiting") == 0,
+        "workers drained before the delay ended"
+    );
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn a_probe_turned_off_leaves_its_path_to_the_app() {
+    let server =
+        Launch::serve(&["--health-ready-path", "", "--health-live-path", "/healthz"]).start();
+    server.wait_ready();
+    assert_eq!(
+        server.get("/_zdr/ready").status,
+        404,
+        "the demo app answers 404 itself"
+    );
+    assert_eq!(server.get("/healthz").body, "live\n");
+    assert_eq!(server.get("/_zdr/live").status, 404);
+}

@@ -44,9 +44,9 @@ use access_log::{AccessLog, Entry};
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// A small plain-text response, for zdr's own answers.
-pub fn plain(status: StatusCode, text: &'static str) -> Response {
+pub fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response {
     let mut res = http::Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
+        Full::new(text.into())
             .map_err(|e| match e {})
             .boxed_unsync(),
     );
@@ -72,6 +72,55 @@ pub(crate) struct Shared {
     /// Called when the request count reaches the pre-spawn point (`false`)
     /// and the limit (`true`).
     pub(crate) on_limit: Box<dyn Fn(bool) + Send + Sync>,
+    /// The health probes' paths ("" for off).
+    pub(crate) probes: Probes,
+    /// The app's readiness check.
+    pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
+}
+
+/// The paths of the health probes a worker answers itself.
+pub(crate) struct Probes {
+    pub(crate) live: String,
+    pub(crate) ready: String,
+    pub(crate) startup: String,
+}
+
+impl Shared {
+    /// The answer to a health probe, if `req` is one. Probes are neither
+    /// counted as requests nor logged.
+    fn probe(&self, req: &Request) -> Option<crate::app::BoxFuture<Response>> {
+        if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+            return None;
+        }
+        let path = req.uri().path();
+        let answer = |status, text: &'static str| -> crate::app::BoxFuture<Response> {
+            Box::pin(std::future::ready(plain(status, text)))
+        };
+        if path == self.probes.live {
+            Some(answer(StatusCode::OK, "live\n"))
+        } else if path == self.probes.startup {
+            Some(answer(StatusCode::OK, "started\n"))
+        } else if path == self.probes.ready {
+            if self.board.stopping() {
+                return Some(answer(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"));
+            }
+            if self.slot.state() == crate::scoreboard::SlotState::Draining {
+                return Some(answer(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
+            }
+            let check = (self.ready)();
+            Some(Box::pin(async move {
+                match check.await {
+                    Ok(()) => plain(StatusCode::OK, "ready\n"),
+                    Err(e) => plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {e:#}\n"),
+                    ),
+                }
+            }))
+        } else {
+            None
+        }
+    }
 }
 
 impl Shared {
@@ -128,13 +177,25 @@ impl hyper::service::Service<Request> for ConnService {
 
     fn call(&self, req: Request) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = Some(InFlight {
+            conn: Arc::clone(&self.conn),
+            epoch: self.epoch,
+        });
+        let version = req.version();
+        if let Some(probe) = self.shared.probe(&req) {
+            return ConnFuture {
+                inner: probe,
+                guard,
+                version,
+                log: None,
+            };
+        }
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.prespawn_at || started == limit.limit {
                 (self.shared.on_limit)(started == limit.limit);
             }
         }
-        let version = req.version();
         if version == Version::HTTP_2 {
             self.conn.http2.store(true, Ordering::Relaxed);
         }
@@ -150,10 +211,7 @@ impl hyper::service::Service<Request> for ConnService {
         });
         ConnFuture {
             inner: self.shared.service.call(req),
-            guard: Some(InFlight {
-                conn: Arc::clone(&self.conn),
-                epoch: self.epoch,
-            }),
+            guard,
             version,
             log,
         }

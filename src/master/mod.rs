@@ -86,6 +86,8 @@ enum StopKind {
 struct Stop {
     kind: StopKind,
     exit_code: u8,
+    /// With a shutdown delay: when to start draining the workers.
+    drain_at: Option<Instant>,
 }
 
 /// A reload whose new generation is serving, while the old one drains.
@@ -901,14 +903,42 @@ impl Master {
     }
 
     fn begin_stop(&mut self, kind: StopKind) {
+        self.board.set_stopping();
+        self.rollout = None;
         match &mut self.stop {
             Some(stop) if stop.kind == StopKind::Graceful && kind == StopKind::Fast => {
-                stop.kind = kind
+                stop.kind = kind;
+                stop.drain_at = None;
             }
             Some(_) => return,
-            None => self.stop = Some(Stop { kind, exit_code: 0 }),
+            None => {
+                let delay = match kind {
+                    StopKind::Graceful => self
+                        .current_settings()
+                        .map(|s| s.shutdown_delay())
+                        .unwrap_or_default(),
+                    StopKind::Fast => Duration::ZERO,
+                };
+                let drain_at = (!delay.is_zero()).then(|| Instant::now() + delay);
+                self.stop = Some(Stop {
+                    kind,
+                    exit_code: 0,
+                    drain_at,
+                });
+                if drain_at.is_some() {
+                    info!(
+                        "Shutdown delay: readiness fails for {:.1}s, then the workers drain",
+                        delay.as_secs_f64()
+                    );
+                    return;
+                }
+            }
         }
-        self.rollout = None;
+        self.signal_stop(kind);
+    }
+
+    /// Sends every worker its stop signal.
+    fn signal_stop(&mut self, kind: StopKind) {
         let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
         for pid in pids {
             match kind {
@@ -919,6 +949,12 @@ impl Master {
     }
 
     fn advance_stop(&mut self) -> Option<u8> {
+        let stop = self.stop.as_mut()?;
+        if stop.drain_at.is_some_and(|at| Instant::now() >= at) {
+            stop.drain_at = None;
+            let kind = stop.kind;
+            self.signal_stop(kind);
+        }
         let stop = self.stop.as_ref()?;
         if self.workers.is_empty() {
             info!("Shutting down: Master");
@@ -960,6 +996,14 @@ impl Master {
             deadline: Instant::now() + grace,
         };
         let _ = kill(pid, signal);
+    }
+
+    /// The settings of the serving generation (else the booting one).
+    fn current_settings(&self) -> Option<&Settings> {
+        self.serving
+            .as_ref()
+            .or(self.rollout.as_ref().map(|r| &r.generation))
+            .map(|g| &*g.settings)
     }
 
     fn generation_settings(&self, id: u64) -> Option<&Settings> {
