@@ -92,6 +92,7 @@ impl ServeArgs {
         Sources {
             config_file: self.config,
             flags: self.options,
+            activated: Vec::new(),
         }
     }
 }
@@ -109,7 +110,8 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
     };
     match cli.command {
         Command::Serve(args) => {
-            let sources = args.sources();
+            let mut sources = args.sources();
+            sources.activated = crate::listener::activated_sockets();
             let settings = match sources.load() {
                 Ok(s) => s,
                 Err(e) => return fail(&e),

@@ -468,6 +468,9 @@ pub struct Sources {
     pub config_file: Option<PathBuf>,
     /// Flags and `ZDR_*` variables, as parsed at start.
     pub flags: Options,
+    /// Sockets from systemd socket activation; when any, they replace
+    /// `bind`.
+    pub activated: Vec<BindAddr>,
 }
 
 impl Sources {
@@ -487,7 +490,11 @@ impl Sources {
             None => Options::default(),
         };
         let platform = Options::platform(env)?;
-        Settings::resolve(self.flags.clone().or(file).or(platform))
+        let mut settings = Settings::resolve(self.flags.clone().or(file).or(platform))?;
+        if !self.activated.is_empty() {
+            settings.bind = self.activated.clone();
+        }
+        Ok(settings)
     }
 }
 
@@ -590,6 +597,7 @@ mod tests {
         Sources {
             config_file: file,
             flags,
+            activated: Vec::new(),
         }
     }
 

@@ -137,7 +137,8 @@ pub struct ReloadOutcome {
 /// Where a server's control socket is: the `control_socket` setting, else
 /// beside the pidfile (`app.pid` → `app.pid.ctl`), else in the temporary
 /// directory, named after the first bind address. `None` when the first
-/// address is an ephemeral port (`:0`), which names no server: the master
+/// address is an ephemeral port (`:0`) or an inherited socket (`fd://N`),
+/// which name no server: the master
 /// then names the socket after its pid, and a client needs `--pid` or
 /// `--control-socket`.
 pub fn socket_path(settings: &Settings) -> Option<PathBuf> {
@@ -150,7 +151,7 @@ pub fn socket_path(settings: &Settings) -> Option<PathBuf> {
         return Some(PathBuf::from(name));
     }
     let tag: String = match settings.bind.first() {
-        Some(BindAddr::Tcp { port: 0, .. }) => return None,
+        Some(BindAddr::Tcp { port: 0, .. } | BindAddr::Fd(_)) => return None,
         Some(BindAddr::Unix(p)) => p.display().to_string(),
         Some(other) => other.to_string(),
         None => return None,

@@ -319,6 +319,15 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// Listening sockets passed by systemd socket activation (`LISTEN_FDS` for
+/// this pid), as `fd://N` addresses; none without. Clears the variables so
+/// that workers do not take them for their own.
+pub fn activated_sockets() -> Vec<BindAddr> {
+    sd_notify::listen_fds()
+        .map(|fds| fds.map(BindAddr::Fd).collect())
+        .unwrap_or_default()
+}
+
 /// Binds every address, or fails naming the first that cannot be bound.
 pub fn bind_all(addrs: &[BindAddr], backlog: u32) -> Result<Vec<Listener>, BindError> {
     addrs.iter().map(|a| Listener::bind(a, backlog)).collect()

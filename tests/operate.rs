@@ -199,3 +199,68 @@ fn a_probe_turned_off_leaves_its_path_to_the_app() {
     assert_eq!(server.get("/healthz").body, "live\n");
     assert_eq!(server.get("/_zdr/live").status, 404);
 }
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = TempDir::new("notify");
+    let path = dir.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 1024];
+        let n = sock.recv(&mut buf).expect("a notification within 15 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut server = Launch::serve(&["--workers", "2"])
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .start();
+    let ready = recv();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=2 workers ready, generation 1\n"),
+        "{ready:?}"
+    );
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloading = recv();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    let ready = recv();
+    assert_eq!(ready, "READY=1\nSTATUS=2 workers ready, generation 2\n");
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(recv().starts_with("STOPPING=1\n"));
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn systemd_socket_activation() {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // LISTEN_PID must name the server: a shell sets it to its own pid and
+    // becomes the server with exec.
+    let script = format!(
+        "export LISTEN_PID=$$ LISTEN_FDS=1; exec {} serve --workers 2",
+        zdr_bin().display()
+    );
+    let server = Launch::raw(&["-c", &script])
+        .exe(std::path::Path::new("/bin/sh"))
+        .fd3(listener.as_raw_fd())
+        .start();
+    drop(listener);
+    server.wait_ready();
+    assert!(
+        server
+            .log_text()
+            .contains(&format!("Listening at: http://{addr}")),
+        "{}",
+        server.log_text()
+    );
+    server.wait_workers(2);
+    assert_eq!(get(addr, "/").status, 200);
+    // A reload keeps the activated socket.
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    assert_eq!(get(addr, "/").generation(), 2);
+}

@@ -9,6 +9,7 @@
 //! start whatever workers are missing.
 
 mod control;
+mod notify;
 mod output;
 mod pidfile;
 mod rollout;
@@ -627,9 +628,24 @@ impl Master {
     /// SIGHUP (or `zdr reload`): re-read the configuration and roll out a
     /// new generation. Returns its id, or why nothing changed.
     fn reload(&mut self) -> Result<u64, String> {
+        let result = self.try_reload();
+        if let Err(why) = &result {
+            // Tell systemd the reload is over: nothing changed.
+            if let Some(g) = &self.serving {
+                notify::ready(&format!(
+                    "{} workers ready, generation {}; {why}",
+                    self.target, g.id
+                ));
+            }
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<u64, String> {
         if self.stop.is_some() {
             return Err("the server is stopping".to_owned());
         }
+        notify::reloading();
         let settings = match self.sources.load() {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -808,6 +824,7 @@ impl Master {
         if rollout.cause == Cause::Reload {
             self.record_reload(id, rollout.started, self.target, Ok(()));
         }
+        notify::ready(&format!("{} workers ready, generation {id}", self.target));
     }
 
     /// Remembers how a reload ended and tells whoever waits for it.
@@ -858,10 +875,17 @@ impl Master {
                     stop.exit_code = 1;
                 }
             }
-            (Some(serving), _) => error!(
-                "Reload to generation {id} rolled back: {why}; generation {} keeps serving",
-                serving.id
-            ),
+            (Some(serving), _) => {
+                error!(
+                    "Reload to generation {id} rolled back: {why}; generation {} keeps serving",
+                    serving.id
+                );
+                let status = format!(
+                    "{} workers ready, generation {}; reload rolled back",
+                    self.target, serving.id
+                );
+                notify::ready(&status);
+            }
             (None, _) => error!("Generation {id} failed: {why}"),
         }
     }
@@ -912,6 +936,7 @@ impl Master {
             }
             Some(_) => return,
             None => {
+                notify::stopping();
                 let delay = match kind {
                     StopKind::Graceful => self
                         .current_settings()

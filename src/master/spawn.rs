@@ -26,6 +26,8 @@ pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec, stderr: OwnedFd) 
     inherit.push(spec.doorbell_fd);
     let master = spec.master_pid as i32;
     let mut cmd = Command::new(exe);
+    // The master alone speaks to systemd.
+    cmd.env_remove("NOTIFY_SOCKET");
     cmd.arg0(title)
         .env(SPEC_ENV, json)
         .stdin(Stdio::null())
@@ -81,6 +83,8 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             parts.signals.uninstall();
+            // Single-threaded still: the worker's runtime does not exist yet.
+            std::env::remove_var("NOTIFY_SOCKET");
             let _ = nix::unistd::dup2(parts.stderr.as_raw_fd(), 2);
             drop(parts.stderr);
             for fd in &parts.close {

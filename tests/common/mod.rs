@@ -62,6 +62,8 @@ pub struct Launch {
     exe: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// A descriptor to hand the server as fd 3 (socket activation).
+    fd3: Option<std::os::fd::RawFd>,
 }
 
 impl Launch {
@@ -77,6 +79,7 @@ impl Launch {
             exe: zdr_bin(),
             args: all,
             env: Vec::new(),
+            fd3: None,
         }
     }
 
@@ -86,11 +89,18 @@ impl Launch {
             exe: zdr_bin(),
             args: args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            fd3: None,
         }
     }
 
     pub fn exe(mut self, exe: &Path) -> Launch {
         self.exe = exe.to_owned();
+        self
+    }
+
+    /// Passes `fd` to the server as its descriptor 3.
+    pub fn fd3(mut self, fd: std::os::fd::RawFd) -> Launch {
+        self.fd3 = Some(fd);
         self
     }
 
@@ -108,6 +118,24 @@ impl Launch {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(fd) = self.fd3 {
+            // SAFETY: dup2 and fcntl are async-signal-safe; they make `fd`
+            // the child's descriptor 3, without close-on-exec (dup2 onto
+            // itself would leave the flag set).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let ok = if fd == 3 {
+                        nix::libc::fcntl(3, nix::libc::F_SETFD, 0) >= 0
+                    } else {
+                        nix::libc::dup2(fd, 3) >= 0
+                    };
+                    if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 
