@@ -95,6 +95,15 @@ pub struct Options {
     #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT")]
     pub max_requests: Option<u64>,
 
+    /// Recycle a worker whose resident memory passes this size (e.g. 512M,
+    /// 2G), replacement first. [default: none]
+    #[arg(
+        long = "max-worker-memory",
+        env = "ZDR_MAX_WORKER_MEMORY",
+        value_name = "SIZE"
+    )]
+    pub max_worker_memory: Option<ByteSize>,
+
     /// A random 0..=N added to max-requests per worker, so that workers do
     /// not all recycle at once. [default: 0]
     #[arg(
@@ -216,6 +225,7 @@ impl Options {
             keepalive: self.keepalive.or(lower.keepalive),
             max_requests: self.max_requests.or(lower.max_requests),
             max_requests_jitter: self.max_requests_jitter.or(lower.max_requests_jitter),
+            max_worker_memory: self.max_worker_memory.or(lower.max_worker_memory),
             preload: self.preload.or(lower.preload),
             pidfile: self.pidfile.or(lower.pidfile),
             control_socket: self.control_socket.or(lower.control_socket),
@@ -248,6 +258,72 @@ impl Options {
             layer.workers = Some(n);
         }
         Ok(layer)
+    }
+}
+
+/// A size in bytes, written as a number of bytes or with a K, M or G suffix
+/// (powers of 1024): `536870912`, `512M`, `2G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            Some((i, _)) => t.split_at(i),
+            None => (t, ""),
+        };
+        let shift = match unit
+            .trim()
+            .to_ascii_uppercase()
+            .trim_end_matches(['B', 'I'])
+        {
+            "" => 0,
+            "K" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            _ => return Err(format!("{s:?} is not a size (like 512M or 2G)")),
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (like 512M or 2G)"))?;
+        n.checked_mul(1 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            n if n > 0 && n % (1 << 30) == 0 => write!(f, "{}G", n >> 30),
+            n if n > 0 && n % (1 << 20) == 0 => write!(f, "{}M", n >> 20),
+            n if n > 0 && n % (1 << 10) == 0 => write!(f, "{}K", n >> 10),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -322,6 +398,9 @@ pub struct Settings {
     pub max_requests: u64,
     /// Random extra requests per worker, 0..=jitter.
     pub max_requests_jitter: u64,
+    /// Resident memory, in bytes, past which a worker is recycled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_worker_memory: Option<ByteSize>,
     /// Load the app in the master and fork workers from it.
     pub preload: bool,
     /// Where to write the master's pid.
@@ -415,6 +494,7 @@ impl Settings {
             keepalive: seconds("keepalive", o.keepalive.unwrap_or(2.0))?,
             max_requests: o.max_requests.unwrap_or(0),
             max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+            max_worker_memory: o.max_worker_memory.filter(|b| b.0 > 0),
             preload: o.preload.unwrap_or(false),
             pidfile: o.pidfile,
             control_socket: o.control_socket,
@@ -666,6 +746,18 @@ mod tests {
             msg.starts_with("/etc/zdr.toml:2: key `workers`: invalid type: string"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!("512M".parse(), Ok(ByteSize(512 << 20)));
+        assert_eq!("2G".parse(), Ok(ByteSize(2 << 30)));
+        assert_eq!("64kb".parse(), Ok(ByteSize(64 << 10)));
+        assert_eq!("1000".parse(), Ok(ByteSize(1000)));
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(512 << 20).to_string(), "512M");
+        let o = parse_file(Path::new("f"), "max_worker_memory = \"1G\"\n").unwrap();
+        assert_eq!(o.max_worker_memory, Some(ByteSize(1 << 30)));
     }
 
     #[test]

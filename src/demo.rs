@@ -8,6 +8,8 @@
 //!   protocols and echoes every byte back until the client closes: an
 //!   upgraded connection, like a WebSocket, that a reload leaves open until
 //!   the graceful timeout.
+//! - `GET /alloc?mb=N` makes the worker hold N more megabytes (at most
+//!   1024), to watch `--max-worker-memory` recycle it.
 //! - `GET /block?ms=N` blocks the worker's runtime thread for N ms (at most
 //!   60 000), as a handler with a blocking call would: with `--threads 1`
 //!   and `--timeout` shorter than N, the master kills and replaces it.
@@ -62,15 +64,22 @@ pub fn server() -> Server<Demo> {
         })
 }
 
-fn query_ms(req: &Request) -> u64 {
+/// Memory that `/alloc` holds on to.
+static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+fn query_param(req: &Request, name: &str) -> u64 {
     req.uri()
         .query()
         .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix("ms="))
-        .and_then(|v| v.parse().ok())
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-        .min(MAX_MS)
+}
+
+fn query_ms(req: &Request) -> u64 {
+    query_param(req, "ms").min(MAX_MS)
 }
 
 async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, Infallible> {
@@ -85,6 +94,13 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         "/echo" => return Ok(echo(req)),
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
         "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
+        "/alloc" => {
+            let mb = query_param(&req, "mb").min(1024) as usize;
+            // Touched, so that it is resident; kept until the worker exits.
+            HELD.lock()
+                .map(|mut held| held.push(vec![1u8; mb << 20]))
+                .ok();
+        }
         _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
     }
     let info = WorkerInfo::current();

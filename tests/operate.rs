@@ -264,3 +264,37 @@ fn systemd_socket_activation() {
     server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
     assert_eq!(get(addr, "/").generation(), 2);
 }
+
+#[test]
+fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
+    let server = Launch::serve(&["--workers", "2", "--max-worker-memory", "64M"]).start();
+    server.wait_ready();
+    let before = server.wait_workers(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 2, 2) });
+    // One worker grows past the limit.
+    let grown = server.get("/alloc?mb=100").pid();
+    server.wait_for_log(
+        &format!("Worker (pid: {grown}) uses"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(grown)),
+        "the worker over its limit was not recycled"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let after = server.wait_workers(2);
+    assert!(!after.contains(&grown));
+    let untouched: Vec<_> = before.iter().filter(|p| **p != grown).collect();
+    assert!(
+        untouched.iter().all(|p| after.contains(p)),
+        "only the worker over its limit is replaced"
+    );
+    assert!(server.log_text().contains("over --max-worker-memory 64M"));
+}

@@ -75,6 +75,8 @@ struct Worker {
     announced_ready: bool,
     /// Its stderr, forwarded to the error log.
     output: Option<Output>,
+    /// Retiring because it passed `--max-worker-memory`.
+    over_memory: bool,
     spawned: Instant,
 }
 
@@ -114,6 +116,7 @@ pub(crate) struct Master {
     control: ControlServer,
     started_at: Instant,
     last_reload: Option<ReloadOutcome>,
+    next_memory_check: Instant,
     pid: u32,
     sources: Sources,
     loader: Loader,
@@ -198,6 +201,7 @@ impl Master {
             control,
             started_at: Instant::now(),
             last_reload: None,
+            next_memory_check: Instant::now(),
             pid,
             sources,
             loader,
@@ -281,6 +285,7 @@ impl Master {
                 request_limit: w.request_limit,
                 announced_ready: w.announced_ready,
                 output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
+                over_memory: false,
                 spawned: now,
             })
             .collect::<Vec<_>>();
@@ -304,6 +309,7 @@ impl Master {
             control,
             started_at: Instant::now(),
             last_reload: None,
+            next_memory_check: Instant::now(),
             pid,
             sources,
             loader,
@@ -542,10 +548,6 @@ impl Master {
 
     /// The server's state, for `zdr status`.
     fn status(&self) -> Status {
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096) as u64;
         let workers = self
             .workers
             .iter()
@@ -558,10 +560,6 @@ impl Master {
                     (_, SlotState::Ready) => "ready",
                     _ => "booting",
                 };
-                let rss_pages = std::fs::read_to_string(format!("/proc/{}/statm", w.pid))
-                    .ok()
-                    .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .unwrap_or(0);
                 WorkerStatus {
                     pid: w.pid.as_raw() as u32,
                     generation: w.generation,
@@ -569,7 +567,7 @@ impl Master {
                     age_secs: w.spawned.elapsed().as_secs_f64(),
                     requests: slot.requests(),
                     connections: slot.connections(),
-                    rss_bytes: rss_pages * page,
+                    rss_bytes: rss_bytes(w.pid),
                 }
             })
             .collect();
@@ -1167,6 +1165,11 @@ impl Master {
         let now = Instant::now();
         let now_ms = monotonic_ms();
         let recycling_allowed = self.rollout.is_none() && self.stop.is_none();
+        // Memory is read from /proc once a second, not on every wake-up.
+        let check_memory = now >= self.next_memory_check;
+        if check_memory {
+            self.next_memory_check = now + Duration::from_secs(1);
+        }
         let mut to_kill: Vec<(Pid, Signal)> = Vec::new();
         for i in 0..self.workers.len() {
             let settings = self
@@ -1204,6 +1207,21 @@ impl Master {
                         );
                         w.role = Role::Retiring;
                     }
+                    let limit = settings.as_ref().and_then(|s| s.max_worker_memory);
+                    if let Some(limit) = limit
+                        .filter(|_| check_memory && w.role == Role::Active && recycling_allowed)
+                    {
+                        let rss = rss_bytes(w.pid);
+                        if rss > limit.0 {
+                            info!(
+                                "Worker (pid: {}) uses {:.0} MiB, over --max-worker-memory {limit}; starting its replacement",
+                                w.pid,
+                                rss as f64 / 1048576.0
+                            );
+                            w.role = Role::Retiring;
+                            w.over_memory = true;
+                        }
+                    }
                 }
                 Role::Draining { deadline } if now >= deadline => {
                     warn!(
@@ -1235,7 +1253,7 @@ impl Master {
                     .filter(|w| {
                         let slot = self.board.slot(w.slot);
                         slot.allow_retire();
-                        w.request_limit.is_some_and(|l| slot.requests() >= l.limit)
+                        w.over_memory || w.request_limit.is_some_and(|l| slot.requests() >= l.limit)
                     })
                     .map(|w| w.pid)
                     .collect();
@@ -1370,6 +1388,7 @@ impl Master {
                     request_limit,
                     announced_ready: false,
                     output: Some(output),
+                    over_memory: false,
                     spawned: Instant::now(),
                 });
             }
@@ -1414,6 +1433,18 @@ impl Master {
             tracing::debug!("removed pidfile {}", p.path().display());
         }
     }
+}
+
+/// A process's resident memory in bytes, from /proc (0 if it is gone).
+fn rss_bytes(pid: Pid) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
 }
 
 /// Delay before the next start after `streak` workers in a row died before
