@@ -133,6 +133,15 @@ pub struct Options {
     )]
     pub control_socket: Option<PathBuf>,
 
+    /// Serve Prometheus metrics for the whole server on this HOST:PORT
+    /// (keep it private). [default: off]
+    #[arg(
+        long = "metrics-bind",
+        env = "ZDR_METRICS_BIND",
+        value_name = "ADDRESS"
+    )]
+    pub metrics_bind: Option<String>,
+
     /// On SIGTERM, answer readiness probes with 503 for this many seconds
     /// while still serving, so a load balancer can take the instance out
     /// before the listeners close. [default: 0]
@@ -230,6 +239,7 @@ impl Options {
             pidfile: self.pidfile.or(lower.pidfile),
             control_socket: self.control_socket.or(lower.control_socket),
             shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
+            metrics_bind: self.metrics_bind.or(lower.metrics_bind),
             health_live_path: self.health_live_path.or(lower.health_live_path),
             health_ready_path: self.health_ready_path.or(lower.health_ready_path),
             health_startup_path: self.health_startup_path.or(lower.health_startup_path),
@@ -410,6 +420,9 @@ pub struct Settings {
     /// [`crate::control::socket_path`] for the default).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    /// Where the master serves Prometheus metrics, if anywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind: Option<BindAddr>,
     /// Seconds readiness answers 503 on SIGTERM before draining starts.
     pub shutdown_delay: f64,
     /// Liveness probe path; empty for none.
@@ -499,6 +512,14 @@ impl Settings {
             pidfile: o.pidfile,
             control_socket: o.control_socket,
             shutdown_delay: seconds("shutdown_delay", o.shutdown_delay.unwrap_or(0.0))?,
+            metrics_bind: match o.metrics_bind.filter(|m| !m.is_empty()) {
+                None => None,
+                Some(m) => match m.parse::<BindAddr>() {
+                    Ok(addr @ BindAddr::Tcp { .. }) => Some(addr),
+                    Ok(_) => return Err(ConfigError::invalid("metrics_bind", "must be HOST:PORT")),
+                    Err(e) => return Err(ConfigError::invalid("metrics_bind", e)),
+                },
+            },
             health_live_path: probe_path("health_live_path", o.health_live_path, "/_zdr/live")?,
             health_ready_path: probe_path("health_ready_path", o.health_ready_path, "/_zdr/ready")?,
             health_startup_path: probe_path(

@@ -37,6 +37,7 @@ pub mod http;
 pub mod listener;
 pub mod logging;
 mod master;
+pub mod metrics;
 pub mod scoreboard;
 mod worker;
 

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
+use crate::metrics::{RequestCounters, REQUEST_BUCKETS};
+
 /// How many workers can exist at once, across all generations.
 pub const CAPACITY: usize = 1024;
 const MESSAGE_LEN: usize = 440;
@@ -63,6 +65,9 @@ pub struct Slot {
     requests: AtomicU64,
     connections: AtomicU64,
     may_retire: AtomicU32,
+    by_class: [AtomicU64; 5],
+    duration_buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
+    duration_sum_us: AtomicU64,
     message_len: AtomicU32,
     message: [AtomicU8; MESSAGE_LEN],
 }
@@ -89,8 +94,8 @@ struct Table {
 
 const TABLE_SIZE: usize = std::mem::size_of::<Table>();
 const _: () = assert!(
-    SLOT_SIZE <= 512,
-    "a scoreboard slot should stay within 512 bytes"
+    SLOT_SIZE <= 1024,
+    "a scoreboard slot should stay within 1 KiB"
 );
 
 /// Milliseconds on the system-wide monotonic clock, comparable between
@@ -112,6 +117,10 @@ impl Slot {
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
         self.may_retire.store(0, Ordering::Relaxed);
+        for c in self.by_class.iter().chain(&self.duration_buckets) {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.duration_sum_us.store(0, Ordering::Relaxed);
         self.state
             .store(SlotState::Booting as u32, Ordering::Release);
     }
@@ -185,6 +194,29 @@ impl Slot {
     /// Whether the worker may retire itself at its request limit.
     pub fn may_retire(&self) -> bool {
         self.may_retire.load(Ordering::Acquire) == 1
+    }
+
+    /// Counts one answered request by status and duration, for metrics.
+    pub fn record(&self, status: u16, elapsed: std::time::Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        let bucket = RequestCounters::bucket(elapsed.as_secs_f64());
+        self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// What [`Slot::record`] has counted.
+    pub fn counters(&self) -> RequestCounters {
+        let mut c = RequestCounters::default();
+        for (a, b) in c.by_class.iter_mut().zip(&self.by_class) {
+            *a = b.load(Ordering::Relaxed);
+        }
+        for (a, b) in c.buckets.iter_mut().zip(&self.duration_buckets) {
+            *a = b.load(Ordering::Relaxed);
+        }
+        c.sum_us = self.duration_sum_us.load(Ordering::Relaxed);
+        c
     }
 
     /// Connections open now.
@@ -300,6 +332,11 @@ impl Scoreboard {
     /// readiness probe fails from now on.
     pub fn set_stopping(&self) {
         self.table().header.stopping.store(1, Ordering::Release);
+    }
+
+    /// Connections open in all workers.
+    pub fn total_connections(&self) -> u64 {
+        self.table().header.connections.load(Ordering::Relaxed)
     }
 
     /// Whether the server is stopping.

@@ -298,3 +298,81 @@ fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
     );
     assert!(server.log_text().contains("over --max-worker-memory 64M"));
 }
+
+fn scrape(server: &Server) -> String {
+    let addr: std::net::SocketAddr = server
+        .log_text()
+        .lines()
+        .find_map(|l| {
+            l.split("Metrics at: http://")
+                .nth(1)?
+                .strip_suffix("/metrics")?
+                .parse()
+                .ok()
+        })
+        .expect("the metrics address in the log");
+    let reply = get(addr, "/metrics");
+    assert_eq!(reply.status, 200);
+    reply.body
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn metrics_sum_over_workers_and_survive_reloads() {
+    let server = Launch::serve(&["--workers", "3", "--metrics-bind", "127.0.0.1:0"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    for _ in 0..40 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    for _ in 0..7 {
+        assert_eq!(server.get("/missing").status, 404);
+    }
+    let text = scrape(&server);
+    assert_eq!(metric(&text, "zdr_requests_total{class=\"2xx\"}"), 40.0);
+    assert_eq!(metric(&text, "zdr_requests_total{class=\"4xx\"}"), 7.0);
+    assert_eq!(metric(&text, "zdr_request_duration_seconds_count"), 47.0);
+    assert_eq!(
+        metric(&text, "zdr_workers{generation=\"1\",state=\"ready\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "zdr_reloads_total{outcome=\"completed\"}"),
+        0.0
+    );
+
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    assert!(workers.iter().all(|p| !alive(*p)));
+    let text = scrape(&server);
+    assert_eq!(
+        metric(&text, "zdr_requests_total{class=\"2xx\"}"),
+        40.0,
+        "the old workers' requests still count"
+    );
+    assert_eq!(
+        metric(&text, "zdr_reloads_total{outcome=\"completed\"}"),
+        1.0
+    );
+    assert_eq!(metric(&text, "zdr_reload_duration_seconds_count"), 1.0);
+    assert_eq!(
+        metric(&text, "zdr_workers{generation=\"2\",state=\"ready\"}"),
+        3.0
+    );
+
+    let victim = *server.wait_workers(3).iter().next().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || metric(
+        &scrape(&server),
+        "zdr_worker_restarts_total{cause=\"crash\"}"
+    ) == 1.0));
+}

@@ -188,6 +188,7 @@ impl hyper::service::Service<Request> for ConnService {
                 guard,
                 version,
                 log: None,
+                metrics: None,
             };
         }
         let started = self.shared.slot.add_request();
@@ -214,6 +215,7 @@ impl hyper::service::Service<Request> for ConnService {
             guard,
             version,
             log,
+            metrics: Some((self.shared.slot, std::time::Instant::now())),
         }
     }
 }
@@ -235,6 +237,8 @@ pub(crate) struct ConnFuture {
     guard: Option<InFlight>,
     version: Version,
     log: Option<Box<LogFacts>>,
+    /// Where to count the request, and when it started (not for probes).
+    metrics: Option<(&'static Slot, std::time::Instant)>,
 }
 
 impl Future for ConnFuture {
@@ -242,6 +246,9 @@ impl Future for ConnFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.inner.as_mut().poll(cx));
+        if let Some((slot, started)) = self.metrics.take() {
+            slot.record(res.status().as_u16(), started.elapsed());
+        }
         let draining = self
             .guard
             .as_ref()

@@ -13,6 +13,7 @@ mod notify;
 mod output;
 mod pidfile;
 mod rollout;
+mod scrape;
 mod signals;
 mod spawn;
 mod upgrade;
@@ -43,6 +44,7 @@ use control::ControlServer;
 use output::Output;
 use pidfile::Pidfile;
 use rollout::{Cause, Rollout, Verdict};
+use scrape::ScrapeServer;
 use signals::Signals;
 
 /// A generation: the workers started together with one configuration (and,
@@ -77,6 +79,9 @@ struct Worker {
     output: Option<Output>,
     /// Retiring because it passed `--max-worker-memory`.
     over_memory: bool,
+    /// Why it is being replaced, for the restart metrics: timeout,
+    /// max_requests or memory.
+    restart_cause: Option<&'static str>,
     spawned: Instant,
 }
 
@@ -117,6 +122,10 @@ pub(crate) struct Master {
     started_at: Instant,
     last_reload: Option<ReloadOutcome>,
     next_memory_check: Instant,
+    /// The metrics endpoint, when `metrics_bind` is set.
+    scrape: Option<ScrapeServer>,
+    /// What exited workers had counted, and the server's other counters.
+    totals: crate::metrics::Snapshot,
     pid: u32,
     sources: Sources,
     loader: Loader,
@@ -181,6 +190,14 @@ impl Master {
         let board = Arc::new(Scoreboard::create()?);
         let (bell_rx, bell) = Doorbell::pair()?;
         let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
+        let scrape = settings
+            .metrics_bind
+            .as_ref()
+            .map(ScrapeServer::bind)
+            .transpose()?;
+        if let Some(s) = &scrape {
+            info!("Metrics at: http://{}/metrics", s.local_addr());
+        }
         info!("Control socket: {}", control.path().display());
         let pidfile = settings
             .pidfile
@@ -202,6 +219,11 @@ impl Master {
             started_at: Instant::now(),
             last_reload: None,
             next_memory_check: Instant::now(),
+            scrape,
+            totals: crate::metrics::Snapshot {
+                reload_duration: crate::metrics::Histogram::new(&crate::metrics::RELOAD_BUCKETS),
+                ..Default::default()
+            },
             pid,
             sources,
             loader,
@@ -286,10 +308,19 @@ impl Master {
                 announced_ready: w.announced_ready,
                 output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
                 over_memory: false,
+                restart_cause: None,
                 spawned: now,
             })
             .collect::<Vec<_>>();
         let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
+        let scrape = settings
+            .metrics_bind
+            .as_ref()
+            .map(ScrapeServer::bind)
+            .transpose()?;
+        if let Some(s) = &scrape {
+            info!("Metrics at: http://{}/metrics", s.local_addr());
+        }
         let pidfile = settings
             .pidfile
             .as_deref()
@@ -310,6 +341,11 @@ impl Master {
             started_at: Instant::now(),
             last_reload: None,
             next_memory_check: Instant::now(),
+            scrape,
+            totals: crate::metrics::Snapshot {
+                reload_duration: crate::metrics::Histogram::new(&crate::metrics::RELOAD_BUCKETS),
+                ..Default::default()
+            },
             pid,
             sources,
             loader,
@@ -483,6 +519,11 @@ impl Master {
                 .into_iter()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
+        fds.extend(
+            self.scrape
+                .as_ref()
+                .map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)),
+        );
         let _ = nix::poll::poll(&mut fds, PollTimeout::from(timeout));
         let readable: Vec<bool> = fds[2..2 + n_outputs]
             .iter()
@@ -496,6 +537,10 @@ impl Master {
             if readable {
                 output.pump();
             }
+        }
+        let scrapes = self.scrape.as_ref().map(|s| s.accept()).unwrap_or_default();
+        for client in scrapes {
+            scrape::answer(client, || self.metrics().encode());
         }
         let requests = self.control.poll();
         for (id, request) in requests {
@@ -546,6 +591,33 @@ impl Master {
         self.control.respond(id, &response);
     }
 
+    /// The figures a metrics scrape reports: the counters of the living
+    /// workers plus those of the ones that exited.
+    fn metrics(&self) -> crate::metrics::Snapshot {
+        let mut snapshot = self.totals.clone();
+        for w in &self.workers {
+            let slot = self.board.slot(w.slot);
+            snapshot.requests.add(&slot.counters());
+            *snapshot
+                .workers
+                .entry((w.generation, self.worker_state(w).to_owned()))
+                .or_default() += 1;
+        }
+        snapshot.connections = self.board.total_connections();
+        snapshot
+    }
+
+    /// A worker's state, as `zdr status` and the metrics name it.
+    fn worker_state(&self, w: &Worker) -> &'static str {
+        match (w.role, self.board.slot(w.slot).state()) {
+            (Role::Killing { .. }, _) => "exiting",
+            (Role::Draining { .. }, _) | (_, SlotState::Draining) => "draining",
+            (Role::Retiring, _) => "retiring",
+            (_, SlotState::Ready) => "ready",
+            _ => "booting",
+        }
+    }
+
     /// The server's state, for `zdr status`.
     fn status(&self) -> Status {
         let workers = self
@@ -553,13 +625,7 @@ impl Master {
             .iter()
             .map(|w| {
                 let slot = self.board.slot(w.slot);
-                let state = match (w.role, slot.state()) {
-                    (Role::Killing { .. }, _) => "exiting",
-                    (Role::Draining { .. }, _) | (_, SlotState::Draining) => "draining",
-                    (Role::Retiring, _) => "retiring",
-                    (_, SlotState::Ready) => "ready",
-                    _ => "booting",
-                };
+                let state = self.worker_state(w);
                 WorkerStatus {
                     pid: w.pid.as_raw() as u32,
                     generation: w.generation,
@@ -854,6 +920,14 @@ impl Master {
             reload: Some(outcome.clone()),
         };
         self.control.reload_finished(generation, &response);
+        match result {
+            Ok(()) => self.totals.reloads_completed += 1,
+            Err(_) => self.totals.reloads_rolled_back += 1,
+        }
+        let secs = outcome.duration_ms as f64 / 1000.0;
+        self.totals
+            .reload_duration
+            .observe(&crate::metrics::RELOAD_BUCKETS, secs);
         self.last_reload = Some(outcome);
     }
 
@@ -1080,7 +1154,11 @@ impl Master {
         let tail = w.output.take().map(Output::finish).unwrap_or_default();
         let slot = self.board.slot(w.slot);
         let (state, message, requests) = (slot.state(), slot.message(), slot.requests());
+        self.totals.requests.add(&slot.counters());
         slot.release();
+        if let Some(cause) = w.restart_cause {
+            *self.totals.restarts.entry(cause).or_default() += 1;
+        }
         // Expected: the master stopped it, or it retired itself at its
         // request limit once its replacement was ready.
         let expected = matches!(w.role, Role::Draining { .. } | Role::Killing { .. })
@@ -1109,6 +1187,7 @@ impl Master {
         match &mut self.rollout {
             Some(r) if r.generation.id == w.generation => r.worker_failed(cause),
             _ if self.stop.is_none() => {
+                *self.totals.restarts.entry("crash").or_default() += 1;
                 error!(
                     "Worker (pid: {pid}, generation {}) died: {cause}",
                     w.generation
@@ -1191,6 +1270,7 @@ impl Master {
                                 silent as f64 / 1000.0
                             );
                             to_kill.push((w.pid, Signal::SIGABRT));
+                            w.restart_cause = Some("timeout");
                             continue;
                         }
                     }
@@ -1206,6 +1286,7 @@ impl Master {
                             w.request_limit.map_or(0, |l| l.limit)
                         );
                         w.role = Role::Retiring;
+                        w.restart_cause = Some("max_requests");
                     }
                     let limit = settings.as_ref().and_then(|s| s.max_worker_memory);
                     if let Some(limit) = limit
@@ -1220,6 +1301,7 @@ impl Master {
                             );
                             w.role = Role::Retiring;
                             w.over_memory = true;
+                            w.restart_cause = Some("memory");
                         }
                     }
                 }
@@ -1389,6 +1471,7 @@ impl Master {
                     announced_ready: false,
                     output: Some(output),
                     over_memory: false,
+                    restart_cause: None,
                     spawned: Instant::now(),
                 });
             }

@@ -1,0 +1,240 @@
+//! Prometheus metrics, aggregated over all workers by the master so that
+//! one scrape sees the whole server. Workers count into their scoreboard
+//! slots; the master adds what exited workers had counted, and encodes a
+//! [`Snapshot`] with `prometheus-client`.
+
+use std::collections::BTreeMap;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// Upper bounds, in seconds, of the request duration histogram's buckets.
+pub const REQUEST_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Upper bounds, in seconds, of the reload duration histogram's buckets.
+pub const RELOAD_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Request counters: by status class and by duration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestCounters {
+    /// Responses by status class: 1xx to 5xx.
+    pub by_class: [u64; 5],
+    /// Responses by duration bucket (not cumulative); the last counts those
+    /// above every bound.
+    pub buckets: [u64; REQUEST_BUCKETS.len() + 1],
+    /// Sum of durations, in microseconds.
+    pub sum_us: u64,
+}
+
+impl RequestCounters {
+    /// Adds another worker's counters.
+    pub fn add(&mut self, other: &RequestCounters) {
+        for (a, b) in self.by_class.iter_mut().zip(other.by_class) {
+            *a += b;
+        }
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
+    /// The bucket a duration falls in.
+    pub fn bucket(seconds: f64) -> usize {
+        REQUEST_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(REQUEST_BUCKETS.len())
+    }
+}
+
+/// A histogram as counts per bucket (not cumulative), with sum.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    /// Counts per bucket; one more than the bounds, for +Inf.
+    pub counts: Vec<u64>,
+    /// Sum of observations.
+    pub sum: f64,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds`.
+    pub fn new(bounds: &[f64]) -> Histogram {
+        Histogram {
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&mut self, bounds: &[f64], value: f64) {
+        let i = bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(bounds.len());
+        self.counts[i] += 1;
+        self.sum += value;
+    }
+}
+
+/// Everything a scrape reports.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Requests over the server's life.
+    pub requests: RequestCounters,
+    /// Connections open now.
+    pub connections: u64,
+    /// Workers now, by (generation, state).
+    pub workers: BTreeMap<(u64, String), u64>,
+    /// Reloads that completed.
+    pub reloads_completed: u64,
+    /// Reloads that were rolled back.
+    pub reloads_rolled_back: u64,
+    /// How long reloads took, in seconds.
+    pub reload_duration: Histogram,
+    /// Workers restarted, by cause: crash, timeout, max_requests, memory.
+    pub restarts: BTreeMap<&'static str, u64>,
+}
+
+impl Snapshot {
+    /// The Prometheus text exposition.
+    pub fn encode(self) -> String {
+        let mut registry = Registry::with_prefix("zdr");
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn cumulative(counts: &[u64], bounds: &[f64]) -> Vec<(f64, u64)> {
+    let mut total = 0;
+    counts
+        .iter()
+        .zip(bounds.iter().copied().chain([f64::INFINITY]))
+        .map(|(c, b)| {
+            total += c;
+            (b, total)
+        })
+        .collect()
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = enc.encode_descriptor(
+            "requests",
+            "Requests answered, by status class",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, n) in self.requests.by_class.iter().enumerate() {
+            let labels = [("class", format!("{}xx", i + 1))];
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+        }
+        let count: u64 = self.requests.buckets.iter().sum();
+        let buckets = cumulative(&self.requests.buckets, &REQUEST_BUCKETS);
+        enc.encode_descriptor(
+            "request_duration_seconds",
+            "Time to the response head",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            self.requests.sum_us as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )?;
+        ConstGauge::new(self.connections as i64).encode(enc.encode_descriptor(
+            "connections",
+            "Connections open now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut family = enc.encode_descriptor(
+            "workers",
+            "Worker processes, by generation and state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((generation, state), n) in &self.workers {
+            let labels = [
+                ("generation", generation.to_string()),
+                ("state", state.clone()),
+            ];
+            ConstGauge::new(*n as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family =
+            enc.encode_descriptor("reloads", "Reloads, by outcome", None, MetricType::Counter)?;
+        for (outcome, n) in [
+            ("completed", self.reloads_completed),
+            ("rolled_back", self.reloads_rolled_back),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        let count: u64 = self.reload_duration.counts.iter().sum();
+        let buckets = cumulative(&self.reload_duration.counts, &RELOAD_BUCKETS);
+        enc.encode_descriptor(
+            "reload_duration_seconds",
+            "From the reload's start to the switch or the rollback",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            self.reload_duration.sum,
+            count,
+            &buckets,
+            None,
+        )?;
+        let mut family = enc.encode_descriptor(
+            "worker_restarts",
+            "Workers replaced, by cause",
+            None,
+            MetricType::Counter,
+        )?;
+        for cause in ["crash", "timeout", "max_requests", "memory"] {
+            let n = self.restarts.get(cause).copied().unwrap_or(0);
+            ConstCounter::new(n).encode(family.encode_family(&[("cause", cause)])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_prometheus_text_format() {
+        let mut s = Snapshot::default();
+        s.requests.by_class[1] = 7;
+        s.requests.buckets[RequestCounters::bucket(0.002)] = 7;
+        s.requests.sum_us = 14_000;
+        s.workers.insert((2, "ready".into()), 3);
+        s.reloads_completed = 1;
+        s.reload_duration = Histogram::new(&RELOAD_BUCKETS);
+        s.reload_duration.observe(&RELOAD_BUCKETS, 0.02);
+        s.restarts.insert("memory", 2);
+        let text = s.encode();
+        for line in [
+            "zdr_requests_total{class=\"2xx\"} 7",
+            "zdr_request_duration_seconds_count 7",
+            "zdr_request_duration_seconds_bucket{le=\"0.0025\"} 7",
+            "zdr_request_duration_seconds_bucket{le=\"0.001\"} 0",
+            "zdr_workers{generation=\"2\",state=\"ready\"} 3",
+            "zdr_reloads_total{outcome=\"completed\"} 1",
+            "zdr_reload_duration_seconds_bucket{le=\"0.05\"} 1",
+            "zdr_worker_restarts_total{cause=\"memory\"} 2",
+            "zdr_worker_restarts_total{cause=\"crash\"} 0",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
+    }
+}
