@@ -18,7 +18,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
+use std::panic::AssertUnwindSafe;
 use tower::ServiceExt;
 
 /// Any error an app may return.
@@ -223,18 +225,32 @@ where
     fn call(&self, req: Request) -> BoxFuture<Response> {
         let svc = self.0.clone();
         Box::pin(async move {
-            match svc.oneshot(req).await {
-                Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
-                Err(err) => {
+            // A panic costs that request a 500 and nothing else.
+            match AssertUnwindSafe(svc.oneshot(req)).catch_unwind().await {
+                Ok(Ok(res)) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                Ok(Err(err)) => {
                     tracing::error!("app error: {}", err.into());
-                    crate::http::plain(
-                        http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "Internal Server Error\n",
-                    )
+                    internal_error()
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string payload".to_owned());
+                    tracing::error!("handler panicked: {what}; answered 500");
+                    internal_error()
                 }
             }
         })
     }
+}
+
+fn internal_error() -> Response {
+    crate::http::plain(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal Server Error\n",
+    )
 }
 
 /// Facts about the worker process the code is running in.

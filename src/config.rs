@@ -133,6 +133,52 @@ pub struct Options {
     )]
     pub control_socket: Option<PathBuf>,
 
+    /// The longest request line (method, target, version) in bytes; longer
+    /// gets 414. 0 for no limit. [default: 4094]
+    #[arg(
+        long = "limit-request-line",
+        env = "ZDR_LIMIT_REQUEST_LINE",
+        value_name = "BYTES"
+    )]
+    pub limit_request_line: Option<usize>,
+
+    /// The most header fields in a request; more gets 431. [default: 100]
+    #[arg(
+        long = "limit-request-fields",
+        env = "ZDR_LIMIT_REQUEST_FIELDS",
+        value_name = "INT"
+    )]
+    pub limit_request_fields: Option<usize>,
+
+    /// The longest header field (name and value) in bytes; longer gets 431.
+    /// 0 for no limit. [default: 8190]
+    #[arg(
+        long = "limit-request-field_size",
+        alias = "limit-request-field-size",
+        env = "ZDR_LIMIT_REQUEST_FIELD_SIZE",
+        value_name = "BYTES"
+    )]
+    pub limit_request_field_size: Option<usize>,
+
+    /// The largest request body (e.g. 10M); a larger Content-Length gets
+    /// 413. [default: none]
+    #[arg(
+        long = "limit-request-body",
+        env = "ZDR_LIMIT_REQUEST_BODY",
+        value_name = "SIZE"
+    )]
+    pub limit_request_body: Option<ByteSize>,
+
+    /// Seconds a client gets to send a request's head (and the longest a
+    /// keep-alive connection waits for the next one): slow clients are cut
+    /// off. [default: 10]
+    #[arg(
+        long = "header-timeout",
+        env = "ZDR_HEADER_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub header_timeout: Option<f64>,
+
     /// Serve Prometheus metrics for the whole server on this HOST:PORT
     /// (keep it private). [default: off]
     #[arg(
@@ -240,6 +286,13 @@ impl Options {
             control_socket: self.control_socket.or(lower.control_socket),
             shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
             metrics_bind: self.metrics_bind.or(lower.metrics_bind),
+            limit_request_line: self.limit_request_line.or(lower.limit_request_line),
+            limit_request_fields: self.limit_request_fields.or(lower.limit_request_fields),
+            limit_request_field_size: self
+                .limit_request_field_size
+                .or(lower.limit_request_field_size),
+            limit_request_body: self.limit_request_body.or(lower.limit_request_body),
+            header_timeout: self.header_timeout.or(lower.header_timeout),
             health_live_path: self.health_live_path.or(lower.health_live_path),
             health_ready_path: self.health_ready_path.or(lower.health_ready_path),
             health_startup_path: self.health_startup_path.or(lower.health_startup_path),
@@ -420,6 +473,17 @@ pub struct Settings {
     /// [`crate::control::socket_path`] for the default).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    /// Longest request line; 0 for no limit.
+    pub limit_request_line: usize,
+    /// Most header fields.
+    pub limit_request_fields: usize,
+    /// Longest header field; 0 for no limit.
+    pub limit_request_field_size: usize,
+    /// Largest request body, if limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_request_body: Option<ByteSize>,
+    /// Seconds to send a request's head.
+    pub header_timeout: f64,
     /// Where the master serves Prometheus metrics, if anywhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind: Option<BindAddr>,
@@ -512,6 +576,27 @@ impl Settings {
             pidfile: o.pidfile,
             control_socket: o.control_socket,
             shutdown_delay: seconds("shutdown_delay", o.shutdown_delay.unwrap_or(0.0))?,
+            limit_request_line: o.limit_request_line.unwrap_or(4094),
+            limit_request_fields: match o.limit_request_fields.unwrap_or(100) {
+                n @ 1..=32768 => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "limit_request_fields",
+                        "must be from 1 to 32768",
+                    ))
+                }
+            },
+            limit_request_field_size: o.limit_request_field_size.unwrap_or(8190),
+            limit_request_body: o.limit_request_body.filter(|b| b.0 > 0),
+            header_timeout: match seconds("header_timeout", o.header_timeout.unwrap_or(10.0))? {
+                t if t > 0.0 => t,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "header_timeout",
+                        "must be more than 0",
+                    ))
+                }
+            },
             metrics_bind: match o.metrics_bind.filter(|m| !m.is_empty()) {
                 None => None,
                 Some(m) => match m.parse::<BindAddr>() {
@@ -549,6 +634,11 @@ impl Settings {
     /// The boot timeout.
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.boot_timeout)
+    }
+
+    /// The header read timeout.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.header_timeout)
     }
 
     /// The shutdown delay.
@@ -829,5 +919,49 @@ mod example_file {
         let example = Settings::resolve(load_file(&path).unwrap()).unwrap();
         let defaults = Settings::resolve(Options::default()).unwrap();
         assert_eq!(example, defaults);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Mutations of `zdr.toml.example` parse or fail with an error, never
+    /// panic. Run longer with ZDR_FUZZ_ITERATIONS=1000000.
+    #[test]
+    fn mutated_config_files_never_panic() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("zdr.toml.example");
+        let seed = std::fs::read(&path).unwrap();
+        let iterations: usize = std::env::var("ZDR_FUZZ_ITERATIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"=\"'[]{},.#\n -_0123456789abcdefxyzMGK:/\\\xc3\xa9";
+        for _ in 0..iterations {
+            let mut text = seed.clone();
+            for _ in 0..1 + next() % 8 {
+                let i = (next() as usize) % text.len().max(1);
+                let byte = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 if !text.is_empty() => text[i] = byte,
+                    1 => text.insert(i.min(text.len()), byte),
+                    _ if !text.is_empty() => {
+                        text.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&text);
+            if let Ok(options) = parse_file(Path::new("fuzz.toml"), &text) {
+                let _ = Settings::resolve(options);
+            }
+        }
     }
 }

@@ -8,6 +8,8 @@
 //!   protocols and echoes every byte back until the client closes: an
 //!   upgraded connection, like a WebSocket, that a reload leaves open until
 //!   the graceful timeout.
+//! - `GET /panic` panics in the handler: the request gets a 500, the worker
+//!   goes on.
 //! - `GET /alloc?mb=N` makes the worker hold N more megabytes (at most
 //!   1024), to watch `--max-worker-memory` recycle it.
 //! - `GET /block?ms=N` blocks the worker's runtime thread for N ms (at most
@@ -94,6 +96,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         "/echo" => return Ok(echo(req)),
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
         "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
+        "/panic" => panic!("the demo app was asked to panic"),
         "/alloc" => {
             let mb = query_param(&req, "mb").min(1024) as usize;
             // Touched, so that it is resident; kept until the worker exits.

@@ -240,6 +240,11 @@ async fn serve(
             }
             limit_bell.ring();
         }),
+        limits: crate::http::Limits {
+            line: settings.limit_request_line,
+            field_size: settings.limit_request_field_size,
+            body: settings.limit_request_body.map(|b| b.0),
+        },
         probes: crate::http::Probes {
             live: settings.health_live_path.clone(),
             ready: settings.health_ready_path.clone(),

@@ -74,8 +74,55 @@ pub(crate) struct Shared {
     pub(crate) on_limit: Box<dyn Fn(bool) + Send + Sync>,
     /// The health probes' paths ("" for off).
     pub(crate) probes: Probes,
+    /// Limits on request heads and bodies.
+    pub(crate) limits: Limits,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
+}
+
+/// Limits on what a client sends, beyond those hyper enforces itself (the
+/// number of header fields, malformed heads: 431 and 400).
+pub(crate) struct Limits {
+    /// Longest request line; 0 for none.
+    pub(crate) line: usize,
+    /// Longest header field; 0 for none.
+    pub(crate) field_size: usize,
+    /// Largest Content-Length.
+    pub(crate) body: Option<u64>,
+}
+
+impl Limits {
+    /// The status a request that breaks a limit gets, if it does.
+    fn check(&self, req: &Request) -> Option<(StatusCode, &'static str)> {
+        if self.line > 0 {
+            let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+            // METHOD SP TARGET SP HTTP/1.1
+            if req.method().as_str().len() + target + 10 > self.line {
+                return Some((StatusCode::URI_TOO_LONG, "Request-URI Too Long\n"));
+            }
+        }
+        if self.field_size > 0
+            && req
+                .headers()
+                .iter()
+                .any(|(k, v)| k.as_str().len() + v.len() + 2 > self.field_size)
+        {
+            return Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large\n",
+            ));
+        }
+        if let Some(max) = self.body {
+            let length = req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if length.is_some_and(|n| n > max) {
+                return Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n"));
+            }
+        }
+        None
+    }
 }
 
 /// The paths of the health probes a worker answers itself.
@@ -125,9 +172,14 @@ impl Shared {
 
 impl Shared {
     /// Configures hyper for these settings.
-    pub(crate) fn builder(_settings: &Settings) -> auto::Builder<TokioExecutor> {
+    pub(crate) fn builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).keep_alive(true);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_headers(settings.limit_request_fields)
+            .header_read_timeout(settings.header_timeout());
         builder.http2().timer(TokioTimer::new());
         builder
     }
@@ -191,6 +243,7 @@ impl hyper::service::Service<Request> for ConnService {
                 metrics: None,
             };
         }
+        let refusal = self.shared.limits.check(&req);
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.prespawn_at || started == limit.limit {
@@ -210,8 +263,18 @@ impl hyper::service::Service<Request> for ConnService {
                 started: std::time::Instant::now(),
             })
         });
+        let inner: crate::app::BoxFuture<Response> = match refusal {
+            // Refused without reading the rest: the connection closes after.
+            Some((status, text)) => {
+                let mut res = plain(status, text);
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                Box::pin(std::future::ready(res))
+            }
+            None => self.shared.service.call(req),
+        };
         ConnFuture {
-            inner: self.shared.service.call(req),
+            inner,
             guard,
             version,
             log,

@@ -1,0 +1,230 @@
+//! Hostile clients and faults: request limits, slowloris, malformed input,
+//! panics in handlers, and a bounded fuzz run over request heads.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Sends raw bytes and reads until the server closes (or 10 s pass).
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> (Option<u16>, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut raw = Vec::new();
+    let closed = match s.read_to_end(&mut raw) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    let status = String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok());
+    (status, closed)
+}
+
+#[test]
+fn each_limit_answers_its_status_and_the_server_goes_on() {
+    let server = Launch::serve(&["--workers", "2", "--limit-request-body", "1M"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(2);
+    let addr = server.addr();
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(5000));
+    let many_fields: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let long_field = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    let cases: Vec<(String, Vec<u8>, u16)> = vec![
+        (
+            "request line over 4094 bytes".into(),
+            long_target.into_bytes(),
+            414,
+        ),
+        (
+            "101 header fields".into(),
+            format!("GET / HTTP/1.1\r\nHost: t\r\n{many_fields}\r\n").into_bytes(),
+            431,
+        ),
+        (
+            "a 9000-byte header field".into(),
+            long_field.into_bytes(),
+            431,
+        ),
+        (
+            "a body over 1M".into(),
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000\r\n\r\nabc".to_vec(),
+            413,
+        ),
+        (
+            "garbage".into(),
+            b"NONSENSE\x01\x02 / HTTP/9\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a bad header line".into(),
+            b"GET / HTTP/1.1\r\nHost t\r\n\r\n".to_vec(),
+            400,
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let (status, closed) = exchange(addr, &bytes);
+        assert_eq!(status, Some(expected), "{what}");
+        assert!(closed, "{what}: the connection should close");
+        assert_eq!(
+            server.get("/").status,
+            200,
+            "the server goes on after {what}"
+        );
+    }
+    assert_eq!(server.worker_pids(), workers, "no worker died");
+}
+
+#[test]
+fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let server = Launch::serve(&["--workers", "1", "--header-timeout", "2"]).start();
+    server.wait_ready();
+    let addr = server.addr();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa";
+    let started = Instant::now();
+    let mut cut_off = None;
+    for byte in head.iter() {
+        // Others are served meanwhile.
+        assert_eq!(server.get("/").status, 200);
+        if slow.write_all(&[*byte]).is_err() {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match slow.read(&mut buf) {
+            Ok(_) => {
+                cut_off = Some(started.elapsed());
+                break;
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                cut_off = Some(started.elapsed());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let cut_off = cut_off.expect("the slow client was never disconnected");
+    assert!(
+        cut_off >= Duration::from_millis(1900),
+        "cut off after {cut_off:?}, before the 2 s header timeout"
+    );
+    assert!(
+        cut_off < Duration::from_secs(6),
+        "cut off only after {cut_off:?}"
+    );
+}
+
+#[test]
+fn a_panicking_handler_costs_one_request() {
+    let server = Launch::serve(&["--workers", "1"]).start();
+    server.wait_ready();
+    let pid = *server.wait_workers(1).iter().next().unwrap();
+    let r = server.get("/panic");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (500, "Internal Server Error\n")
+    );
+    assert_eq!(
+        server.get("/").pid(),
+        pid,
+        "the same worker goes on serving"
+    );
+    server.wait_for_log(
+        "handler panicked: the demo app was asked to panic",
+        Duration::from_secs(5),
+    );
+}
+
+/// A small deterministic generator, so that a failure can be replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Request heads made by mutating valid ones: bytes flipped, inserted,
+/// deleted, lines repeated. Run longer with ZDR_FUZZ_ITERATIONS=100000.
+#[test]
+fn fuzzed_request_heads_never_crash_a_worker() {
+    let iterations: usize = std::env::var("ZDR_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let server = Launch::serve(&["--workers", "2", "--header-timeout", "1"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(2);
+    let addr = server.addr();
+    let seeds: [&[u8]; 4] = [
+        b"GET /slow?ms=0 HTTP/1.1\r\nHost: t\r\nUser-Agent: x\r\nConnection: close\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ];
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..iterations {
+        let mut head = seeds[rng.below(seeds.len())].to_vec();
+        for _ in 0..1 + rng.below(6) {
+            let i = rng.below(head.len());
+            match rng.below(4) {
+                0 => head[i] = rng.next() as u8,
+                1 => head.insert(i, rng.next() as u8),
+                2 => {
+                    head.remove(i);
+                }
+                _ => {
+                    let chunk: Vec<u8> = head[i..head.len().min(i + 16)].to_vec();
+                    head.splice(i..i, chunk);
+                }
+            }
+            if head.is_empty() {
+                head.push(b'G');
+            }
+        }
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&head);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        if let Some(status) = String::from_utf8_lossy(&sink)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+        {
+            assert!(
+                status < 500 || status == 505,
+                "a fuzzed head got {status}: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+    assert_eq!(
+        server.worker_pids(),
+        workers,
+        "a worker died under fuzzing; log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(server.get("/").status, 200);
+}
