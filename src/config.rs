@@ -179,6 +179,18 @@ pub struct Options {
     )]
     pub header_timeout: Option<f64>,
 
+    /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded
+    /// headers are trusted, comma-separated; * for every peer.
+    /// [default: 127.0.0.1,::1]
+    #[arg(
+        long = "forwarded-allow-ips",
+        env = "ZDR_FORWARDED_ALLOW_IPS",
+        value_name = "IPS",
+        value_delimiter = ','
+    )]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub forwarded_allow_ips: Option<Vec<String>>,
+
     /// Serve Prometheus metrics for the whole server on this HOST:PORT
     /// (keep it private). [default: off]
     #[arg(
@@ -286,6 +298,7 @@ impl Options {
             control_socket: self.control_socket.or(lower.control_socket),
             shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
             metrics_bind: self.metrics_bind.or(lower.metrics_bind),
+            forwarded_allow_ips: self.forwarded_allow_ips.or(lower.forwarded_allow_ips),
             limit_request_line: self.limit_request_line.or(lower.limit_request_line),
             limit_request_fields: self.limit_request_fields.or(lower.limit_request_fields),
             limit_request_field_size: self
@@ -304,7 +317,8 @@ impl Options {
     }
 
     /// The platform layer: `PORT` and `WEB_CONCURRENCY`, as set by Procfile
-    /// platforms. Below the config file in precedence.
+    /// platforms, and Gunicorn's `FORWARDED_ALLOW_IPS`. Below the config
+    /// file in precedence.
     fn platform(env: &dyn Fn(&str) -> Option<String>) -> Result<Options, ConfigError> {
         let mut layer = Options::default();
         if let Some(port) = env("PORT").filter(|p| !p.is_empty()) {
@@ -313,6 +327,9 @@ impl Options {
                 .parse()
                 .map_err(|_| ConfigError::env("PORT", format!("not a port number: {port:?}")))?;
             layer.bind = Some(vec![format!("0.0.0.0:{port}")]);
+        }
+        if let Some(ips) = env("FORWARDED_ALLOW_IPS").filter(|v| !v.is_empty()) {
+            layer.forwarded_allow_ips = Some(vec![ips]);
         }
         if let Some(n) = env("WEB_CONCURRENCY").filter(|n| !n.is_empty()) {
             let n: usize = n.trim().parse().map_err(|_| {
@@ -484,6 +501,8 @@ pub struct Settings {
     pub limit_request_body: Option<ByteSize>,
     /// Seconds to send a request's head.
     pub header_timeout: f64,
+    /// Peers whose forwarding headers are trusted; "*" for all.
+    pub forwarded_allow_ips: Vec<String>,
     /// Where the master serves Prometheus metrics, if anywhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind: Option<BindAddr>,
@@ -596,6 +615,14 @@ impl Settings {
                         "must be more than 0",
                     ))
                 }
+            },
+            forwarded_allow_ips: {
+                let ips = o
+                    .forwarded_allow_ips
+                    .unwrap_or_else(|| vec!["127.0.0.1".to_owned(), "::1".to_owned()]);
+                crate::http::forwarded::AllowList::parse(&ips)
+                    .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
+                ips
             },
             metrics_bind: match o.metrics_bind.filter(|m| !m.is_empty()) {
                 None => None,

@@ -1,8 +1,9 @@
 //! The built-in demo app that `zdr serve` runs, to watch reloads and
 //! draining from a terminal:
 //!
-//! - `GET /` answers which worker (pid) and generation served it, and which
-//!   process ran the load step (the master's pid under `--preload`).
+//! - `GET /` answers which worker (pid) and generation served it, which
+//!   process ran the load step (the master's pid under `--preload`), and
+//!   the client's address and scheme as zdr resolved them.
 //! - `GET /slow?ms=N` answers the same after N ms (at most 60 000).
 //! - `GET /echo` with `Connection: upgrade` and `Upgrade: echo` switches
 //!   protocols and echoes every byte back until the client closes: an
@@ -107,11 +108,16 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
     }
     let info = WorkerInfo::current();
+    let client = req.extensions().get::<crate::ClientInfo>();
     let body = format!(
-        "pid={} generation={} loaded_in={}{}{}\n",
+        "pid={} generation={} loaded_in={} client={} scheme={}{}{}\n",
         info.map(|i| i.pid).unwrap_or_else(std::process::id),
         info.map(|i| i.generation).unwrap_or(0),
         demo.loaded_in,
+        client
+            .and_then(|c| c.addr)
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        client.map_or("http", |c| c.scheme),
         if demo.message.is_empty() {
             ""
         } else {

@@ -42,3 +42,4 @@ pub mod scoreboard;
 mod worker;
 
 pub use app::{Body, BoxError, Request, Response, Server, WorkerInfo};
+pub use http::forwarded::ClientInfo;

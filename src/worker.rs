@@ -245,6 +245,12 @@ async fn serve(
             field_size: settings.limit_request_field_size,
             body: settings.limit_request_body.map(|b| b.0),
         },
+        forwarded: match crate::http::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
+            Ok(list) => list,
+            Err(e) => {
+                return boot_failed(slot, &bell, &anyhow::anyhow!("forwarded_allow_ips: {e}"))
+            }
+        },
         probes: crate::http::Probes {
             live: settings.health_live_path.clone(),
             ready: settings.health_ready_path.clone(),
@@ -475,11 +481,16 @@ async fn accept(listener: &WorkerListener) -> std::io::Result<(Stream, Peer)> {
         WorkerListener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), Peer(addr.ip().to_string().into())))
+            Ok((
+                Stream::Tcp(s),
+                Peer {
+                    ip: Some(addr.ip()),
+                },
+            ))
         }
         WorkerListener::Unix(l) => {
             let (s, _) = l.accept().await?;
-            Ok((Stream::Unix(s), Peer("-".into())))
+            Ok((Stream::Unix(s), Peer { ip: None }))
         }
     }
 }

@@ -228,3 +228,61 @@ fn fuzzed_request_heads_never_crash_a_worker() {
     );
     assert_eq!(server.get("/").status, 200);
 }
+
+fn get_with(addr: SocketAddr, headers: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw).unwrap()
+}
+
+#[test]
+fn forwarded_headers_from_trusted_peers_only() {
+    let dir = TempDir::new("fwd");
+    let log = dir.path("access.log");
+    // The test connects from 127.0.0.1: trusted by default.
+    let server = Launch::serve(&["--access-logfile", log.to_str().unwrap()]).start();
+    server.wait_ready();
+    let r = get_with(
+        server.addr(),
+        "X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nX-Forwarded-Proto: https\r\n",
+    );
+    assert_eq!(
+        (r.field("client").as_deref(), r.field("scheme").as_deref()),
+        (Some("203.0.113.7"), Some("https"))
+    );
+    let r = get_with(
+        server.addr(),
+        "Forwarded: for=\"[2001:db8::7]:4711\";proto=https\r\n",
+    );
+    assert_eq!(r.field("client").as_deref(), Some("2001:db8::7"));
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() == 2)
+    }));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .starts_with("203.0.113.7 - - ["),
+        "{text}"
+    );
+
+    // From a peer not in the list, the headers are ignored.
+    let server = Launch::serve(&["--forwarded-allow-ips", "10.1.2.3"]).start();
+    server.wait_ready();
+    let r = get_with(
+        server.addr(),
+        "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n",
+    );
+    assert_eq!(
+        (r.field("client").as_deref(), r.field("scheme").as_deref()),
+        (Some("127.0.0.1"), Some("http"))
+    );
+}

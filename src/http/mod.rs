@@ -15,6 +15,7 @@
 //!   timeout.
 
 pub mod access_log;
+pub mod forwarded;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -76,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) probes: Probes,
     /// Limits on request heads and bodies.
     pub(crate) limits: Limits,
+    /// Whose forwarding headers to trust.
+    pub(crate) forwarded: forwarded::AllowList,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -187,7 +190,10 @@ impl Shared {
 
 /// The peer as the access log names it.
 #[derive(Clone)]
-pub(crate) struct Peer(pub(crate) Arc<str>);
+pub(crate) struct Peer {
+    /// The peer's address; none over a Unix socket.
+    pub(crate) ip: Option<std::net::IpAddr>,
+}
 
 /// One connection's state, shared between its task and its requests.
 #[derive(Default)]
@@ -227,7 +233,7 @@ impl hyper::service::Service<Request> for ConnService {
     type Error = Infallible;
     type Future = ConnFuture;
 
-    fn call(&self, req: Request) -> ConnFuture {
+    fn call(&self, mut req: Request) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
@@ -244,6 +250,10 @@ impl hyper::service::Service<Request> for ConnService {
             };
         }
         let refusal = self.shared.limits.check(&req);
+        let client = self
+            .shared
+            .forwarded
+            .resolve(self.peer.ip, "http", req.headers());
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.prespawn_at || started == limit.limit {
@@ -256,7 +266,9 @@ impl hyper::service::Service<Request> for ConnService {
         let log = self.shared.access_log.is_some().then(|| {
             Box::new(LogFacts {
                 shared: Arc::clone(&self.shared),
-                peer: self.peer.clone(),
+                client: client
+                    .addr
+                    .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
@@ -271,7 +283,10 @@ impl hyper::service::Service<Request> for ConnService {
                     .insert(CONNECTION, HeaderValue::from_static("close"));
                 Box::pin(std::future::ready(res))
             }
-            None => self.shared.service.call(req),
+            None => {
+                req.extensions_mut().insert(client);
+                self.shared.service.call(req)
+            }
         };
         ConnFuture {
             inner,
@@ -286,7 +301,8 @@ impl hyper::service::Service<Request> for ConnService {
 /// What the access log needs of a request, kept only when logging.
 struct LogFacts {
     shared: Arc<Shared>,
-    peer: Peer,
+    /// The client's address as resolved (through trusted proxies).
+    client: String,
     method: http::Method,
     uri: http::Uri,
     headers: http::HeaderMap,
@@ -328,7 +344,7 @@ impl Future for ConnFuture {
                     .and_then(|v| v.to_str().ok()?.parse().ok())
                     .or_else(|| res.body().size_hint().exact());
                 log.log(&Entry {
-                    peer: &facts.peer.0,
+                    peer: &facts.client,
                     method: &facts.method,
                     uri: &facts.uri,
                     version: self.version,

@@ -1,0 +1,187 @@
+//! Who the client is, behind a proxy: `Forwarded`, `X-Forwarded-For` and
+//! `X-Forwarded-Proto`, trusted only from the peers in
+//! `forwarded_allow_ips`.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+/// The client of a request, as zdr resolved it; in every request's
+/// extensions (`req.extensions().get::<zdr::ClientInfo>()`) and used by the
+/// access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The client's address: from a trusted proxy's headers, else the peer's
+    /// (none over a Unix socket).
+    pub addr: Option<IpAddr>,
+    /// `http` or `https`: from a trusted proxy's headers, else how the
+    /// client reached zdr.
+    pub scheme: &'static str,
+    /// Whether the peer was a trusted proxy whose headers were used.
+    pub forwarded: bool,
+}
+
+/// The peers whose forwarding headers are trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowList {
+    any: bool,
+    ips: Vec<IpAddr>,
+}
+
+impl AllowList {
+    /// Parses `127.0.0.1,::1`; `*` trusts every peer.
+    pub fn parse(items: &[String]) -> Result<AllowList, String> {
+        let mut list = AllowList {
+            any: false,
+            ips: Vec::new(),
+        };
+        for item in items
+            .iter()
+            .flat_map(|i| i.split(','))
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            if item == "*" {
+                list.any = true;
+            } else {
+                list.ips.push(
+                    item.parse()
+                        .map_err(|_| format!("{item:?} is not an IP address or *"))?,
+                );
+            }
+        }
+        Ok(list)
+    }
+
+    fn trusts(&self, peer: IpAddr) -> bool {
+        self.any
+            || self.ips.contains(&peer)
+            || self
+                .ips
+                .iter()
+                .any(|ip| ip.to_canonical() == peer.to_canonical())
+    }
+
+    /// Resolves the client of a request from `peer` over `scheme`.
+    pub fn resolve(
+        &self,
+        peer: Option<IpAddr>,
+        scheme: &'static str,
+        headers: &HeaderMap,
+    ) -> ClientInfo {
+        let direct = ClientInfo {
+            addr: peer,
+            scheme,
+            forwarded: false,
+        };
+        if !peer.is_some_and(|p| self.trusts(p)) {
+            return direct;
+        }
+        let (mut addr, mut proto) = (None, None);
+        if let Some(fwd) = headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+            // The first element describes the client: for=...;proto=...
+            let first = fwd.split(',').next().unwrap_or("");
+            for pair in first.split(';') {
+                let Some((k, v)) = pair.split_once('=') else {
+                    continue;
+                };
+                let v = v.trim().trim_matches('"');
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "for" => addr = parse_node(v),
+                    "proto" => proto = Some(v.to_ascii_lowercase()),
+                    _ => {}
+                }
+            }
+        }
+        if addr.is_none() {
+            addr = headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| parse_node(v.trim()));
+        }
+        if proto.is_none() {
+            proto = headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim().to_ascii_lowercase());
+        }
+        let scheme = match proto.as_deref() {
+            Some("https") => "https",
+            Some("http") => "http",
+            _ => scheme,
+        };
+        let forwarded = addr.is_some() || scheme != direct.scheme;
+        ClientInfo {
+            addr: addr.or(peer),
+            scheme,
+            forwarded,
+        }
+    }
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:80`, `[::1]:80`, `::1`.
+fn parse_node(v: &str) -> Option<IpAddr> {
+    if let Ok(ip) = v.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    v.rsplit_once(':')?.0.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn trusted_proxies_only() {
+        let list = AllowList::parse(&["127.0.0.1,::1".to_owned()]).unwrap();
+        let h = headers(&[
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let trusted = list.resolve(Some("127.0.0.1".parse().unwrap()), "http", &h);
+        assert_eq!(
+            trusted,
+            ClientInfo {
+                addr: Some("203.0.113.7".parse().unwrap()),
+                scheme: "https",
+                forwarded: true
+            }
+        );
+        let untrusted = list.resolve(Some("198.51.100.2".parse().unwrap()), "http", &h);
+        assert_eq!(
+            untrusted,
+            ClientInfo {
+                addr: Some("198.51.100.2".parse().unwrap()),
+                scheme: "http",
+                forwarded: false
+            }
+        );
+    }
+
+    #[test]
+    fn forwarded_header_wins() {
+        let list = AllowList::parse(&["*".to_owned()]).unwrap();
+        let h = headers(&[
+            (
+                "forwarded",
+                "for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.1",
+            ),
+            ("x-forwarded-for", "1.1.1.1"),
+        ]);
+        let c = list.resolve(Some("10.0.0.9".parse().unwrap()), "http", &h);
+        assert_eq!(c.addr, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(c.scheme, "https");
+        assert!(AllowList::parse(&["not-an-ip".to_owned()]).is_err());
+    }
+}
