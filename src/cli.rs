@@ -112,10 +112,26 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
         Command::Serve(args) => {
             let mut sources = args.sources();
             sources.activated = crate::listener::activated_sockets();
+            // A reload re-reads the file from wherever --chdir leads.
+            if let Some(file) = &sources.config_file {
+                sources.config_file =
+                    Some(std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()));
+            }
             let settings = match sources.load() {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
+            if let Some(dir) = &settings.chdir {
+                if let Err(e) = std::env::set_current_dir(dir) {
+                    return fail(&format!(
+                        "cannot change to directory {}: {e}",
+                        dir.display()
+                    ));
+                }
+            }
+            if let Some(mask) = settings.umask {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+            }
             if let Err(e) = crate::logging::init(&settings) {
                 return fail(&e);
             }

@@ -191,6 +191,25 @@ pub struct Options {
     #[serde(default, deserialize_with = "one_or_many")]
     pub forwarded_allow_ips: Option<Vec<String>>,
 
+    /// Run the workers as this user (a name or a uid); the master binds the
+    /// sockets first, as root. [default: the master's user]
+    #[arg(short = 'u', long, env = "ZDR_USER", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run the workers in this group (a name or a gid). [default: the
+    /// user's primary group]
+    #[arg(short = 'g', long, env = "ZDR_GROUP", value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// The file mode creation mask of the server's processes, in octal.
+    /// [default: the inherited one]
+    #[arg(short = 'm', long, env = "ZDR_UMASK", value_name = "OCTAL")]
+    pub umask: Option<String>,
+
+    /// Change to this directory before loading the app.
+    #[arg(long, env = "ZDR_CHDIR", value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+
     /// Serve Prometheus metrics for the whole server on this HOST:PORT
     /// (keep it private). [default: off]
     #[arg(
@@ -298,6 +317,10 @@ impl Options {
             control_socket: self.control_socket.or(lower.control_socket),
             shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
             metrics_bind: self.metrics_bind.or(lower.metrics_bind),
+            user: self.user.or(lower.user),
+            group: self.group.or(lower.group),
+            umask: self.umask.or(lower.umask),
+            chdir: self.chdir.or(lower.chdir),
             forwarded_allow_ips: self.forwarded_allow_ips.or(lower.forwarded_allow_ips),
             limit_request_line: self.limit_request_line.or(lower.limit_request_line),
             limit_request_fields: self.limit_request_fields.or(lower.limit_request_fields),
@@ -503,6 +526,15 @@ pub struct Settings {
     pub header_timeout: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
+    /// The user and group workers run as (uid, gid), when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<(u32, u32)>,
+    /// The umask, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
+    /// The directory to work in, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chdir: Option<PathBuf>,
     /// Where the master serves Prometheus metrics, if anywhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind: Option<BindAddr>,
@@ -550,6 +582,54 @@ fn probe_path(
             format!("must start with / (or be empty to turn the probe off), got {path:?}"),
         ))
     }
+}
+
+/// Resolves `user` and `group` (names or numbers) to a uid and gid.
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>, ConfigError> {
+    use nix::unistd::{Group, Uid, User};
+    let user = user.map(str::trim).filter(|u| !u.is_empty());
+    let group = group.map(str::trim).filter(|g| !g.is_empty());
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let found = |name: &'static str, what: &str| {
+        ConfigError::invalid(name, format!("no such {name}: {what}"))
+    };
+    let (uid, primary) = match user {
+        None => (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        ),
+        Some(u) => match u.parse::<u32>() {
+            Ok(uid) => {
+                let primary = User::from_uid(Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map_or(uid, |u| u.gid.as_raw());
+                (uid, primary)
+            }
+            Err(_) => {
+                let entry = User::from_name(u)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| found("user", u))?;
+                (entry.uid.as_raw(), entry.gid.as_raw())
+            }
+        },
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| found("group", g))?
+                .gid
+                .as_raw(),
+        },
+    };
+    Ok(Some((uid, gid)))
 }
 
 fn at_least_one(name: &'static str, value: usize) -> Result<usize, ConfigError> {
@@ -624,6 +704,22 @@ impl Settings {
                     .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
                 ips
             },
+            run_as: run_as(o.user.as_deref(), o.group.as_deref())?,
+            umask: match o.umask.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(m) => Some(
+                    u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777)
+                        .ok_or_else(|| {
+                            ConfigError::invalid(
+                                "umask",
+                                format!("{m:?} is not an octal mask like 022"),
+                            )
+                        })?,
+                ),
+            },
+            chdir: o.chdir,
             metrics_bind: match o.metrics_bind.filter(|m| !m.is_empty()) {
                 None => None,
                 Some(m) => match m.parse::<BindAddr>() {
@@ -884,6 +980,32 @@ mod tests {
             msg.starts_with("/etc/zdr.toml:2: key `workers`: invalid type: string"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn users_groups_and_umask_resolve() {
+        let resolve = |user: Option<&str>, group: Option<&str>, umask: Option<&str>| {
+            Settings::resolve(Options {
+                user: user.map(Into::into),
+                group: group.map(Into::into),
+                umask: umask.map(Into::into),
+                ..Options::default()
+            })
+        };
+        let s = resolve(Some("root"), None, Some("027")).unwrap();
+        assert_eq!((s.run_as, s.umask), (Some((0, 0)), Some(0o27)));
+        assert_eq!(
+            resolve(Some("1234"), Some("99"), Some("0o022"))
+                .unwrap()
+                .run_as,
+            Some((1234, 99))
+        );
+        assert_eq!(resolve(None, None, None).unwrap().run_as, None);
+        let err = resolve(Some("no-such-user-zdr"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "setting `user`: no such user: no-such-user-zdr");
+        assert!(resolve(None, None, Some("999")).is_err());
     }
 
     #[test]

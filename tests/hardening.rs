@@ -286,3 +286,70 @@ fn forwarded_headers_from_trusted_peers_only() {
         (Some("127.0.0.1"), Some("http"))
     );
 }
+
+/// The real uid and gid of a process, from /proc.
+fn ids(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+#[test]
+fn workers_run_as_the_given_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!(
+            "skipped: dropping privileges needs root, and this test runs as uid {}",
+            nix::unistd::getuid()
+        );
+        return;
+    }
+    for preload in [false, true] {
+        let dir = TempDir::new("privs");
+        let pidfile = dir.path("zdr.pid");
+        let mut args = vec![
+            "--workers",
+            "2",
+            "--user",
+            "65534",
+            "--group",
+            "65534",
+            "--pid",
+            pidfile.to_str().unwrap(),
+        ];
+        if preload {
+            args.push("--preload");
+        }
+        let server = Launch::serve(&args).start();
+        server.wait_ready();
+        let workers = server.wait_workers(2);
+        for pid in &workers {
+            assert_eq!(
+                ids(*pid),
+                (65534, 65534),
+                "worker {pid} (preload={preload})"
+            );
+        }
+        assert_eq!(ids(server.pid), (0, 0), "the master keeps its user");
+        assert_eq!(server.get("/").status, 200);
+        let control = std::fs::metadata(format!("{}.ctl", pidfile.display())).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((control.uid(), control.gid()), (65534, 65534));
+        // A worker that dies is replaced under the same user.
+        let victim = *workers.iter().next().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || {
+            let now = server.worker_pids();
+            now.len() == 2 && !now.contains(&victim)
+        }));
+        for pid in server.wait_workers(2) {
+            assert_eq!(ids(pid).0, 65534);
+        }
+    }
+}

@@ -204,6 +204,11 @@ impl Master {
             .as_deref()
             .map(Pidfile::create)
             .transpose()?;
+        give_to_workers(
+            &settings,
+            pidfile.as_ref().map(|p| p.path()),
+            control.path(),
+        );
         info!(
             "Using worker: tokio (threads={}, worker_connections={}){}",
             settings.threads,
@@ -326,6 +331,11 @@ impl Master {
             .as_deref()
             .map(Pidfile::create)
             .transpose()?;
+        give_to_workers(
+            &settings,
+            pidfile.as_ref().map(|p| p.path()),
+            control.path(),
+        );
         info!(
             "Binary upgrade: now running {} (zdr {}), pid {pid}; adopted {} workers",
             h.exe.display(),
@@ -1514,6 +1524,30 @@ impl Master {
         if let Some(p) = &self.pidfile {
             p.remove();
             tracing::debug!("removed pidfile {}", p.path().display());
+        }
+    }
+}
+
+/// Gives the pidfile and the control socket to the user the workers run
+/// as, so that the operator commands work as that user too.
+fn give_to_workers(
+    settings: &Settings,
+    pidfile: Option<&std::path::Path>,
+    control: &std::path::Path,
+) {
+    let Some((uid, gid)) = settings.run_as else {
+        return;
+    };
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    );
+    for path in pidfile.into_iter().chain([control]) {
+        if let Err(e) = nix::unistd::chown(path, owner.0, owner.1) {
+            warn!(
+                "cannot give {} to uid {uid}, gid {gid}: {e}",
+                path.display()
+            );
         }
     }
 }

@@ -25,6 +25,7 @@ pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec, stderr: OwnedFd) 
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
     let master = spec.master_pid as i32;
+    let run_as = spec.settings.run_as;
     let mut cmd = Command::new(exe);
     // The master alone speaks to systemd.
     cmd.env_remove("NOTIFY_SOCKET");
@@ -39,6 +40,17 @@ pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec, stderr: OwnedFd) 
         cmd.pre_exec(move || {
             for fd in &inherit {
                 if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Drop privileges first: changing credentials clears the
+            // parent-death signal, which is set after.
+            if let Some((uid, gid)) = run_as {
+                let groups = [gid];
+                if nix::libc::setgroups(1, groups.as_ptr()) != 0
+                    || nix::libc::setgid(gid) != 0
+                    || nix::libc::setuid(uid) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -85,6 +97,16 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
             parts.signals.uninstall();
             // Single-threaded still: the worker's runtime does not exist yet.
             std::env::remove_var("NOTIFY_SOCKET");
+            if let Some((uid, gid)) = spec.settings.run_as {
+                use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+                let dropped = setgroups(&[Gid::from_raw(gid)])
+                    .and_then(|_| setgid(Gid::from_raw(gid)))
+                    .and_then(|_| setuid(Uid::from_raw(uid)));
+                if let Err(e) = dropped {
+                    eprintln!("zdr: error: worker cannot switch to uid {uid}, gid {gid}: {e}");
+                    std::process::exit(worker::BOOT_ERROR);
+                }
+            }
             let _ = nix::unistd::dup2(parts.stderr.as_raw_fd(), 2);
             drop(parts.stderr);
             for fd in &parts.close {
