@@ -348,6 +348,7 @@ async fn accept_loop(
     mut drain: watch::Receiver<bool>,
     permits: Arc<Semaphore>,
 ) {
+    let mut last_complaint = None;
     loop {
         let permit = tokio::select! {
             biased;
@@ -396,11 +397,17 @@ async fn accept_loop(
             Err(e) if is_transient(&e) => {}
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning,
-                // and let the other workers take the queue.
-                tracing::error!(
-                    "worker {}: accept failed: {e}; pausing 100 ms",
-                    std::process::id()
-                );
+                // and let the other workers take the queue. Said once every
+                // ten seconds at most.
+                if last_complaint
+                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
+                {
+                    tracing::error!(
+                        "worker {}: accept failed: {e}; retrying every 100 ms",
+                        std::process::id()
+                    );
+                    last_complaint = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -353,3 +353,58 @@ fn workers_run_as_the_given_user() {
         }
     }
 }
+
+/// CPU time a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[test]
+fn out_of_descriptors_backs_off_and_recovers() {
+    let script = format!(
+        "ulimit -n 48; exec {} serve --bind 127.0.0.1:0 --workers 1",
+        zdr_bin().display()
+    );
+    let server = Launch::raw(&["-c", &script])
+        .exe(std::path::Path::new("/bin/sh"))
+        .start();
+    server.wait_ready();
+    let worker = *server.wait_workers(1).iter().next().unwrap();
+    let addr = server.addr();
+    // Idle connections until the worker runs out of descriptors.
+    let idle: Vec<TcpStream> = (0..80)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    server.wait_for_log("accept failed", Duration::from_secs(10));
+    let before = cpu_ticks(worker);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(worker) - before;
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    assert!(
+        used < ticks_per_second / 2,
+        "the worker spun: {used} ticks of CPU in 2 s"
+    );
+    assert_eq!(
+        server.log_count("accept failed"),
+        1,
+        "the error is not repeated every 100 ms"
+    );
+    drop(idle);
+    // Once connections close, it serves again.
+    let ok = wait_until(Duration::from_secs(15), || {
+        try_get(addr, "/").is_ok_and(|r| r.status == 200)
+    });
+    assert!(
+        ok,
+        "the worker did not recover; log:\n{}",
+        server.log_text()
+    );
+    assert!(alive(worker), "the worker should have survived");
+}

@@ -1192,7 +1192,20 @@ impl Master {
         };
         if state != SlotState::Ready && !w.announced_ready {
             self.crash_streak += 1;
-            self.next_spawn = Instant::now() + backoff(self.crash_streak);
+            let delay = backoff(self.crash_streak);
+            self.next_spawn = Instant::now() + delay;
+            if self.crash_streak > 1
+                && self
+                    .rollout
+                    .as_ref()
+                    .is_none_or(|r| r.generation.id != w.generation)
+            {
+                warn!(
+                    "{} workers in a row died before becoming ready; backing off {} ms before the next start",
+                    self.crash_streak,
+                    delay.as_millis()
+                );
+            }
         }
         match &mut self.rollout {
             Some(r) if r.generation.id == w.generation => r.worker_failed(cause),
