@@ -191,6 +191,18 @@ pub struct Options {
     #[serde(default, deserialize_with = "one_or_many")]
     pub forwarded_allow_ips: Option<Vec<String>>,
 
+    /// Serve HTTPS with this certificate chain (PEM). [default: none]
+    #[arg(long, env = "ZDR_CERTFILE", value_name = "FILE")]
+    pub certfile: Option<PathBuf>,
+
+    /// The private key (PEM) of --certfile.
+    #[arg(long, env = "ZDR_KEYFILE", value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+
+    /// Require client certificates issued by these CAs (PEM).
+    #[arg(long = "ca-certs", env = "ZDR_CA_CERTS", value_name = "FILE")]
+    pub ca_certs: Option<PathBuf>,
+
     /// Run the workers as this user (a name or a uid); the master binds the
     /// sockets first, as root. [default: the master's user]
     #[arg(short = 'u', long, env = "ZDR_USER", value_name = "USER")]
@@ -317,6 +329,9 @@ impl Options {
             control_socket: self.control_socket.or(lower.control_socket),
             shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
             metrics_bind: self.metrics_bind.or(lower.metrics_bind),
+            certfile: self.certfile.or(lower.certfile),
+            keyfile: self.keyfile.or(lower.keyfile),
+            ca_certs: self.ca_certs.or(lower.ca_certs),
             user: self.user.or(lower.user),
             group: self.group.or(lower.group),
             umask: self.umask.or(lower.umask),
@@ -526,6 +541,15 @@ pub struct Settings {
     pub header_timeout: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
+    /// The TLS certificate chain, when serving HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certfile: Option<PathBuf>,
+    /// The TLS private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyfile: Option<PathBuf>,
+    /// CAs whose client certificates are required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_certs: Option<PathBuf>,
     /// The user and group workers run as (uid, gid), when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_as: Option<(u32, u32)>,
@@ -704,6 +728,25 @@ impl Settings {
                     .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
                 ips
             },
+            certfile: match (&o.certfile, &o.keyfile) {
+                (Some(_), Some(_)) | (None, None) => o.certfile,
+                (Some(_), None) => {
+                    return Err(ConfigError::invalid("keyfile", "certfile needs a keyfile"))
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::invalid("certfile", "keyfile needs a certfile"))
+                }
+            },
+            ca_certs: match (&o.ca_certs, &o.keyfile) {
+                (Some(_), None) => {
+                    return Err(ConfigError::invalid(
+                        "ca_certs",
+                        "client certificates need certfile and keyfile",
+                    ))
+                }
+                _ => o.ca_certs,
+            },
+            keyfile: o.keyfile,
             run_as: run_as(o.user.as_deref(), o.group.as_deref())?,
             umask: match o.umask.as_deref().map(str::trim) {
                 None | Some("") => None,

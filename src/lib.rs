@@ -39,6 +39,7 @@ pub mod logging;
 mod master;
 pub mod metrics;
 pub mod scoreboard;
+mod tls;
 mod worker;
 
 pub use app::{Body, BoxError, Request, Response, Server, WorkerInfo};

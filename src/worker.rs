@@ -210,6 +210,10 @@ async fn serve(
             }
         }
     }
+    let tls = match crate::tls::acceptor(settings) {
+        Ok(tls) => tls,
+        Err(e) => return boot_failed(slot, &bell, &e),
+    };
     let access_log = match &settings.accesslog {
         Some(path) => match AccessLog::open(path, &settings.access_log_format) {
             Ok(log) => Some(log),
@@ -245,6 +249,8 @@ async fn serve(
             field_size: settings.limit_request_field_size,
             body: settings.limit_request_body.map(|b| b.0),
         },
+        tls,
+        header_timeout: settings.header_timeout(),
         forwarded: match crate::http::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
             Ok(list) => list,
             Err(e) => {
@@ -386,11 +392,11 @@ async fn accept_loop(
                 match stream {
                     Stream::Tcp(s) => {
                         let io = Tracked::new(s, permit, seat);
-                        tokio::spawn(http::serve(io, peer, shared, drain));
+                        tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
                     }
                     Stream::Unix(s) => {
                         let io = Tracked::new(s, permit, seat);
-                        tokio::spawn(http::serve(io, peer, shared, drain));
+                        tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
                     }
                 }
             }
@@ -411,6 +417,29 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Serves a connection, after the TLS handshake when serving HTTPS. The
+/// handshake runs in the connection's task, bounded by the header timeout.
+async fn serve_maybe_tls<I>(
+    io: I,
+    mut peer: Peer,
+    shared: Arc<Shared>,
+    drain: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(acceptor) = shared.tls.clone() else {
+        return http::serve(io, peer, shared, drain).await;
+    };
+    match tokio::time::timeout(shared.header_timeout, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => {
+            peer.scheme = "https";
+            http::serve(stream, peer, shared, drain).await
+        }
+        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!("TLS handshake timed out"),
     }
 }
 
@@ -492,12 +521,19 @@ async fn accept(listener: &WorkerListener) -> std::io::Result<(Stream, Peer)> {
                 Stream::Tcp(s),
                 Peer {
                     ip: Some(addr.ip()),
+                    scheme: "http",
                 },
             ))
         }
         WorkerListener::Unix(l) => {
             let (s, _) = l.accept().await?;
-            Ok((Stream::Unix(s), Peer { ip: None }))
+            Ok((
+                Stream::Unix(s),
+                Peer {
+                    ip: None,
+                    scheme: "http",
+                },
+            ))
         }
     }
 }

@@ -79,6 +79,11 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     /// Whose forwarding headers to trust.
     pub(crate) forwarded: forwarded::AllowList,
+    /// The TLS acceptor, when serving HTTPS.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// How long a client gets to send a request's head (and finish the TLS
+    /// handshake).
+    pub(crate) header_timeout: Duration,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -193,6 +198,8 @@ impl Shared {
 pub(crate) struct Peer {
     /// The peer's address; none over a Unix socket.
     pub(crate) ip: Option<std::net::IpAddr>,
+    /// How it reached this worker: `http` or `https`.
+    pub(crate) scheme: &'static str,
 }
 
 /// One connection's state, shared between its task and its requests.
@@ -253,7 +260,7 @@ impl hyper::service::Service<Request> for ConnService {
         let client = self
             .shared
             .forwarded
-            .resolve(self.peer.ip, "http", req.headers());
+            .resolve(self.peer.ip, self.peer.scheme, req.headers());
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.prespawn_at || started == limit.limit {

@@ -182,6 +182,7 @@ impl Master {
         let pid = std::process::id();
         info!("Starting {name} (zdr {})", env!("CARGO_PKG_VERSION"));
         let exe = std::env::current_exe()?;
+        crate::tls::acceptor(&settings)?;
         let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
             info!("Listening at: {} ({pid})", l.display_addr());
@@ -728,6 +729,11 @@ impl Master {
                 return Err(why);
             }
         };
+        if let Err(e) = crate::tls::acceptor(&settings) {
+            let why = format!("Reload aborted, the old certificate stays: {e:#}");
+            error!("{why}");
+            return Err(why);
+        }
         for addr in &settings.bind {
             if !self.listeners.iter().any(|l| &l.addr == addr) {
                 match Listener::bind(addr, settings.backlog) {

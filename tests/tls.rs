@@ -1,0 +1,218 @@
+//! HTTPS: HTTP/1.1 and HTTP/2 by ALPN, certificates renewed by a reload
+//! with no failed request, and bad certificates refused.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+struct Cert {
+    der: CertificateDer<'static>,
+}
+
+/// A fresh self-signed certificate for localhost, written to `dir`.
+fn make_cert(dir: &Path) -> Cert {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    write_file(&dir.join("cert.pem.new"), &certified.cert.pem());
+    write_file(
+        &dir.join("key.pem.new"),
+        &certified.signing_key.serialize_pem(),
+    );
+    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
+    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
+    Cert {
+        der: certified.cert.der().clone(),
+    }
+}
+
+fn client_config(trust: &[&Cert], alpn: &[u8]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in trust {
+        roots.add(c.der.clone()).unwrap();
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// One HTTPS GET on a new connection: (HTTP version, status, body, the
+/// server's certificate).
+async fn https_get(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> Result<(hyper::Version, u16, String, CertificateDer<'static>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or("no certificate")?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let req = hyper::Request::get("https://localhost/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    let (version, status) = (res.version(), res.status().as_u16());
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((
+        version,
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        cert,
+    ))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn https_over_http1_and_http2_and_renewed_on_reload() {
+    let dir = TempDir::new("tls");
+    let first = make_cert(&dir.0);
+    let cert = dir.path("cert.pem");
+    let key = dir.path("key.pem");
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--certfile",
+        cert.to_str().unwrap(),
+        "--keyfile",
+        key.to_str().unwrap(),
+    ])
+    .start();
+    server.wait_ready();
+    let addr = server.addr();
+    let rt = runtime();
+    let (v, status, body, seen) = rt
+        .block_on(https_get(addr, client_config(&[&first], b"http/1.1")))
+        .unwrap();
+    assert_eq!((v, status), (hyper::Version::HTTP_11, 200));
+    assert!(body.contains("scheme=https"), "{body}");
+    assert_eq!(seen, first.der);
+    let (v, status, _, _) = rt
+        .block_on(https_get(addr, client_config(&[&first], b"h2")))
+        .unwrap();
+    assert_eq!((v, status), (hyper::Version::HTTP_2, 200));
+
+    // Renew the certificate, reload under load: nothing fails, new
+    // connections see the new certificate.
+    let second = make_cert(&dir.0);
+    let config = client_config(&[&first, &second], b"http/1.1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, config) = (Arc::clone(&stop), Arc::clone(&config));
+        rt.spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match https_get(addr, Arc::clone(&config)).await {
+                    Ok((_, 200, _, _)) => ok += 1,
+                    Ok((_, s, _, _)) => failed.push(format!("status {s}")),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = rt.block_on(load).unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 10, "only {ok} requests");
+    let (_, _, _, seen) = rt.block_on(https_get(addr, config)).unwrap();
+    assert_eq!(
+        seen, second.der,
+        "the reload did not pick up the new certificate"
+    );
+
+    // A broken certificate on reload: rolled back, the current one stays.
+    write_file(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    );
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log(
+        "Reload aborted, the old certificate stays",
+        Duration::from_secs(10),
+    );
+    let (_, status, _, seen) = rt
+        .block_on(https_get(addr, client_config(&[&second], b"h2")))
+        .unwrap();
+    assert_eq!((status, seen), (200, second.der));
+}
+
+#[test]
+fn a_missing_or_bad_certificate_stops_the_start() {
+    let dir = TempDir::new("tlsbad");
+    let missing = dir.path("nope.pem");
+    let out = Launch::serve(&[
+        "--certfile",
+        missing.to_str().unwrap(),
+        "--keyfile",
+        missing.to_str().unwrap(),
+    ])
+    .output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains(&format!("certfile {}", missing.display())),
+        "{stderr}"
+    );
+    let out = Launch::serve(&["--certfile", missing.to_str().unwrap()]).output();
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("setting `keyfile`: certfile needs a keyfile"));
+}
