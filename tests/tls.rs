@@ -216,3 +216,52 @@ fn a_missing_or_bad_certificate_stops_the_start() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("setting `keyfile`: certfile needs a keyfile"));
 }
+
+#[test]
+fn client_certificates_are_required_with_ca_certs() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let dir = TempDir::new("mtls");
+    let server_cert = make_cert(&dir.0);
+    // A CA, and a client certificate it issued.
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    write_file(&dir.path("ca.pem"), &ca_cert.pem());
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut client_params = CertificateParams::new(vec!["client".to_owned()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let path = |name: &str| dir.path(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+    let server =
+        Launch::serve(&["--certfile", &cert, "--keyfile", &key, "--ca-certs", &ca]).start();
+    server.wait_ready();
+    let rt = runtime();
+    // Without a client certificate: refused.
+    let anonymous = rt.block_on(https_get(
+        server.addr(),
+        client_config(&[&server_cert], b"http/1.1"),
+    ));
+    assert!(anonymous.is_err(), "{anonymous:?}");
+    // With one the CA issued: served.
+    let mut roots = RootCertStore::empty();
+    roots.add(server_cert.der.clone()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der())
+        .unwrap();
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![client_cert.der().clone()], key)
+        .unwrap();
+    let (_, status, _, _) = rt
+        .block_on(https_get(server.addr(), Arc::new(config)))
+        .unwrap();
+    assert_eq!(status, 200);
+}
