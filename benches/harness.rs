@@ -225,6 +225,7 @@ impl Running {
                 c
             }
         };
+        die_with_harness(&mut cmd);
         cmd.args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -312,6 +313,22 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes a system under test die with the harness, should the harness be
+/// killed before it can stop it.
+fn die_with_harness(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::libc::prctl(
+                nix::libc::PR_SET_PDEATHSIG,
+                nix::libc::SIGKILL as nix::libc::c_ulong,
+            );
+            Ok(())
+        });
     }
 }
 
@@ -845,6 +862,7 @@ fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Runni
     let mut cmd = Command::new(exe);
     let bind = addr.to_string();
     let workers = WORKERS.to_string();
+    die_with_harness(&mut cmd);
     cmd.env(TABLE_APP_ENV, "1").args([
         "serve",
         "--bind",
