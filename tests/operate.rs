@@ -270,11 +270,7 @@ fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
     let server = Launch::serve(&["--workers", "2", "--max-worker-memory", "64M"]).start();
     server.wait_ready();
     let before = server.wait_workers(2);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let load = rt.block_on(async { load::start(server.addr(), "/", 2, 2) });
     // One worker grows past the limit.
     let grown = server.get("/alloc?mb=100").pid();

@@ -12,14 +12,6 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Samples the number of live workers every 5 ms until stopped; returns the
 /// smallest number seen.
 fn watch_worker_count(server_pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {

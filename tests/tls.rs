@@ -104,14 +104,6 @@ async fn https_get(
     ))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn https_over_http1_and_http2_and_renewed_on_reload() {
     let dir = TempDir::new("tls");

@@ -158,9 +158,26 @@ pub(crate) fn serve(
     args: Vec<OsString>,
 ) -> ExitCode {
     let master = match upgrade::take() {
-        Some(Ok(handover)) => Master::resume(name, sources, settings, loader, args, handover),
+        Some(Ok(handover)) => Master::resume(
+            Inputs {
+                name,
+                sources,
+                loader,
+                args,
+            },
+            settings,
+            handover,
+        ),
         Some(Err(e)) => Err(anyhow::anyhow!("bad binary-upgrade handover: {e}")),
-        None => Master::start(name, sources, settings, loader, args),
+        None => Master::start(
+            Inputs {
+                name,
+                sources,
+                loader,
+                args,
+            },
+            settings,
+        ),
     };
     match master {
         Ok(master) => ExitCode::from(master.run()),
@@ -171,85 +188,62 @@ pub(crate) fn serve(
     }
 }
 
+/// What a master is made of that it either creates (at start) or takes
+/// over (after a binary upgrade).
+struct Base {
+    exe: PathBuf,
+    listeners: Vec<Listener>,
+    board: Arc<Scoreboard>,
+    bell_rx: OwnedFd,
+    bell: Doorbell,
+    signals: Signals,
+    workers: Vec<Worker>,
+    serving: Option<Generation>,
+    next_generation: u64,
+    target: usize,
+}
+
+/// What every master gets from the command line and the app.
+struct Inputs<'a> {
+    name: &'a str,
+    sources: Sources,
+    loader: Loader,
+    args: Vec<OsString>,
+}
+
 impl Master {
-    fn start(
-        name: &str,
-        sources: Sources,
-        settings: Settings,
-        loader: Loader,
-        args: Vec<OsString>,
-    ) -> anyhow::Result<Master> {
+    fn start(inputs: Inputs<'_>, settings: Settings) -> anyhow::Result<Master> {
         let pid = std::process::id();
-        info!("Starting {name} (zdr {})", env!("CARGO_PKG_VERSION"));
-        let exe = std::env::current_exe()?;
+        info!(
+            "Starting {} (zdr {})",
+            inputs.name,
+            env!("CARGO_PKG_VERSION")
+        );
         crate::tls::acceptor(&settings)?;
         let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
             info!("Listening at: {} ({pid})", l.display_addr());
         }
-        let signals = Signals::install()?;
-        let board = Arc::new(Scoreboard::create()?);
         let (bell_rx, bell) = Doorbell::pair()?;
-        let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
-        let scrape = settings
-            .metrics_bind
-            .as_ref()
-            .map(ScrapeServer::bind)
-            .transpose()?;
-        if let Some(s) = &scrape {
-            info!("Metrics at: http://{}/metrics", s.local_addr());
-        }
-        info!("Control socket: {}", control.path().display());
-        let pidfile = settings
-            .pidfile
-            .as_deref()
-            .map(Pidfile::create)
-            .transpose()?;
-        give_to_workers(
-            &settings,
-            pidfile.as_ref().map(|p| p.path()),
-            control.path(),
-        );
+        let base = Base {
+            exe: std::env::current_exe()?,
+            listeners,
+            board: Arc::new(Scoreboard::create()?),
+            bell_rx,
+            bell,
+            signals: Signals::install()?,
+            workers: Vec::new(),
+            serving: None,
+            next_generation: 1,
+            target: settings.workers,
+        };
         info!(
             "Using worker: tokio (threads={}, worker_connections={}){}",
             settings.threads,
             settings.worker_connections,
             if settings.preload { ", preload" } else { "" }
         );
-        let mut master = Master {
-            name: name.to_owned(),
-            exe,
-            args,
-            upgrade: None,
-            control,
-            started_at: Instant::now(),
-            last_reload: None,
-            next_memory_check: Instant::now(),
-            scrape,
-            totals: crate::metrics::Snapshot {
-                reload_duration: crate::metrics::Histogram::new(&crate::metrics::RELOAD_BUCKETS),
-                ..Default::default()
-            },
-            pid,
-            sources,
-            loader,
-            listeners,
-            board,
-            bell_rx,
-            bell,
-            signals,
-            pidfile,
-            workers: Vec::new(),
-            serving: None,
-            rollout: None,
-            switchover: None,
-            next_generation: 1,
-            target: settings.workers,
-            paused: false,
-            stop: None,
-            crash_streak: 0,
-            next_spawn: Instant::now(),
-        };
+        let mut master = Master::assemble(inputs, &settings, base)?;
         let settings = Arc::new(settings);
         let app = match master.preload(&settings) {
             Ok(app) => app,
@@ -265,14 +259,10 @@ impl Master {
     /// Takes over from the previous image of this master after a binary
     /// upgrade, then rolls out a generation of the new code.
     fn resume(
-        name: &str,
-        sources: Sources,
+        inputs: Inputs<'_>,
         settings: Settings,
-        loader: Loader,
-        args: Vec<OsString>,
         h: upgrade::Handover,
     ) -> anyhow::Result<Master> {
-        let pid = std::process::id();
         let signals = Signals::install()?;
         upgrade::unblock_signals();
         let listeners = h
@@ -280,12 +270,10 @@ impl Master {
             .into_iter()
             .map(|l| Listener::adopt(l.addr, l.socket, l.owns_path))
             .collect::<Result<Vec<_>, _>>()?;
-        let board = Arc::new(Scoreboard::attach(h.scoreboard_fd)?);
         // SAFETY: the previous image owned the doorbell's read end and
         // handed it over across exec.
         let bell_rx = unsafe { OwnedFd::from_raw_fd(h.bell_rx) };
         listener::set_cloexec(bell_rx.as_raw_fd(), true)?;
-        let bell = Doorbell::from_inherited(h.bell_tx)?;
         let now = Instant::now();
         let serving = h.serving.map(|(id, s)| Generation {
             id,
@@ -318,7 +306,42 @@ impl Master {
                 spawned: now,
             })
             .collect::<Vec<_>>();
-        let control = ControlServer::bind(&crate::control::master_socket_path(&settings, pid))?;
+        info!(
+            "Binary upgrade: now running {} (zdr {}), pid {}; adopted {} workers",
+            h.exe.display(),
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            workers.len()
+        );
+        let base = Base {
+            exe: h.exe,
+            listeners,
+            board: Arc::new(Scoreboard::attach(h.scoreboard_fd)?),
+            bell_rx,
+            bell: Doorbell::from_inherited(h.bell_tx)?,
+            signals,
+            workers,
+            serving,
+            next_generation: h.next_generation,
+            target: h.target,
+        };
+        let mut master = Master::assemble(inputs, &settings, base)?;
+        let _ = master.reload();
+        Ok(master)
+    }
+
+    /// Opens what every master has of its own (control socket, metrics,
+    /// pidfile) and puts the master together.
+    fn assemble(inputs: Inputs<'_>, settings: &Settings, base: Base) -> anyhow::Result<Master> {
+        let Inputs {
+            name,
+            sources,
+            loader,
+            args,
+        } = inputs;
+        let pid = std::process::id();
+        let control = ControlServer::bind(&crate::control::master_socket_path(settings, pid))?;
+        info!("Control socket: {}", control.path().display());
         let scrape = settings
             .metrics_bind
             .as_ref()
@@ -332,26 +355,17 @@ impl Master {
             .as_deref()
             .map(Pidfile::create)
             .transpose()?;
-        give_to_workers(
-            &settings,
-            pidfile.as_ref().map(|p| p.path()),
-            control.path(),
-        );
-        info!(
-            "Binary upgrade: now running {} (zdr {}), pid {pid}; adopted {} workers",
-            h.exe.display(),
-            env!("CARGO_PKG_VERSION"),
-            workers.len()
-        );
-        let mut master = Master {
+        give_to_workers(settings, pidfile.as_ref().map(|p| p.path()), control.path());
+        let now = Instant::now();
+        Ok(Master {
             name: name.to_owned(),
-            exe: h.exe,
+            exe: base.exe,
             args,
             upgrade: None,
             control,
-            started_at: Instant::now(),
+            started_at: now,
             last_reload: None,
-            next_memory_check: Instant::now(),
+            next_memory_check: now,
             scrape,
             totals: crate::metrics::Snapshot {
                 reload_duration: crate::metrics::Histogram::new(&crate::metrics::RELOAD_BUCKETS),
@@ -360,25 +374,23 @@ impl Master {
             pid,
             sources,
             loader,
-            listeners,
-            board,
-            bell_rx,
-            bell,
-            signals,
+            listeners: base.listeners,
+            board: base.board,
+            bell_rx: base.bell_rx,
+            bell: base.bell,
+            signals: base.signals,
             pidfile,
-            workers,
-            serving,
+            workers: base.workers,
+            serving: base.serving,
             rollout: None,
             switchover: None,
-            next_generation: h.next_generation,
-            target: h.target,
+            next_generation: base.next_generation,
+            target: base.target,
             paused: false,
             stop: None,
             crash_streak: 0,
             next_spawn: now,
-        };
-        let _ = master.reload();
-        Ok(master)
+        })
     }
 
     /// SIGUSR2: check the binary on disk, then re-execute it in place.

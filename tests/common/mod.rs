@@ -20,6 +20,15 @@ pub fn zdr_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_zdr"))
 }
 
+/// A 2-thread runtime for the load generator and async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A scratch directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
