@@ -426,14 +426,18 @@ mod bare {
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
+                    // The demo app's work: its body names the client too.
+                    let svc = hyper::service::service_fn(move |_req| async move {
                         let pid = std::process::id();
-                        let body = format!("pid={pid} generation=0 loaded_in={pid}\n");
+                        let client = peer.ip();
+                        let body = format!(
+                            "pid={pid} generation=0 loaded_in={pid} client={client} scheme=http\n"
+                        );
                         let mut res = http::Response::new(Full::new(Bytes::from(body)));
                         res.headers_mut().insert(
                             http::header::CONTENT_TYPE,

@@ -4,7 +4,11 @@
 
 use std::net::IpAddr;
 
+use http::header::{HeaderName, FORWARDED};
 use http::HeaderMap;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client of a request, as zdr resolved it; in every request's
 /// extensions (`req.extensions().get::<zdr::ClientInfo>()`) and used by the
@@ -78,7 +82,7 @@ impl AllowList {
             return direct;
         }
         let (mut addr, mut proto) = (None, None);
-        if let Some(fwd) = headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+        if let Some(fwd) = headers.get(FORWARDED).and_then(|v| v.to_str().ok()) {
             // The first element describes the client: for=...;proto=...
             let first = fwd.split(',').next().unwrap_or("");
             for pair in first.split(';') {
@@ -95,14 +99,14 @@ impl AllowList {
         }
         if addr.is_none() {
             addr = headers
-                .get("x-forwarded-for")
+                .get(X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.split(',').next())
                 .and_then(|v| parse_node(v.trim()));
         }
         if proto.is_none() {
             proto = headers
-                .get("x-forwarded-proto")
+                .get(X_FORWARDED_PROTO)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.trim().to_ascii_lowercase());
         }

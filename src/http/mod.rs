@@ -41,6 +41,9 @@ use crate::config::Settings;
 use crate::scoreboard::Slot;
 use access_log::{AccessLog, Entry};
 
+/// hyper's default cap on header fields (Gunicorn's default too).
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// The longest an idle HTTP/1 connection is kept open once draining starts.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
@@ -182,12 +185,18 @@ impl Shared {
     /// Configures hyper for these settings.
     pub(crate) fn builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let mut http1 = builder.http1();
+        http1
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .max_headers(settings.limit_request_fields)
-            .header_read_timeout(settings.header_timeout());
+            // zdr's own per-connection timer enforces the header timeout,
+            // without hyper re-arming one for every request.
+            .header_read_timeout(None);
+        // hyper's own limit is 100, kept on the stack; setting it at all
+        // makes hyper allocate the header array for every request.
+        if settings.limit_request_fields != HYPER_MAX_HEADERS {
+            http1.max_headers(settings.limit_request_fields);
+        }
         builder.http2().timer(TokioTimer::new());
         builder
     }
@@ -391,9 +400,12 @@ pub(crate) async fn serve<I>(
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
 
-    // One timer per connection, re-armed lazily: it wakes once per
-    // keep-alive period at most, not once per request.
-    let timer = tokio::time::sleep(shared.keepalive);
+    // One timer per connection, re-armed lazily: it wakes once per period
+    // at most, not once per request. With nothing in flight, a connection
+    // may wait for its first request's head for the header timeout (which
+    // cuts off clients that trickle it: slowloris), and after a response
+    // for the keep-alive timeout.
+    let timer = tokio::time::sleep(shared.header_timeout.min(shared.keepalive));
     tokio::pin!(timer);
     let mut draining = false;
     let mut closing = false;
@@ -418,17 +430,23 @@ pub(crate) async fn serve<I>(
                     0 => None,
                     ms => Some(epoch + Duration::from_millis(ms)),
                 };
+                let (since, allowed) = match last_done {
+                    None => (epoch, shared.header_timeout),
+                    Some(t) => (t, shared.keepalive),
+                };
+                if idle && last_done.is_none() && since + allowed <= now {
+                    // No complete head within the header timeout: drop it.
+                    break;
+                }
                 // Draining: the grace is over (a request in flight will
                 // close the connection after its response). Otherwise:
-                // idle for the whole keep-alive period. Before the first
-                // request, hyper's header read timeout applies.
-                let idle_since = last_done.filter(|_| idle);
-                if draining || idle_since.is_some_and(|t| t + shared.keepalive <= now) {
+                // idle for the whole keep-alive period.
+                if draining || (idle && since + allowed <= now) {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
-                    let next = idle_since.map_or(now, |t| t.max(now - shared.keepalive)) + shared.keepalive;
-                    timer.as_mut().reset(next);
+                    let next = if idle { since + allowed } else { now + allowed };
+                    timer.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
         }
