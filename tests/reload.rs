@@ -330,15 +330,32 @@ fn max_requests_recycles_workers_without_failures() {
         .map(|(p, n)| (*p, *n))
         .collect();
     assert!(recycled.len() >= 6, "{recycled:?}");
-    // Each worker stops accepting the moment it reaches its limit (50 +
-    // 0..=10); the only requests past it are on connections it had already
-    // accepted then, at most one per other client.
+    // A worker whose replacement is ready when it reaches its limit (50 +
+    // 0..=10) stops accepting at that moment; the only requests past it are
+    // on connections it had already accepted, at most one per other client.
+    // If the replacement is late (a slow machine), the worker serves on
+    // until it is ready, so that capacity never dips: that is the rarer
+    // path, and no worker ever retires early.
     let clients = 3;
-    for (pid, n) in &recycled {
+    let log = server.log_text();
+    let on_time: Vec<&(u32, u64)> = recycled
+        .iter()
+        .filter(|(pid, _)| log.contains(&format!("worker {pid}: request limit reached")))
+        .collect();
+    for (pid, n) in &on_time {
         assert!(
             (50..=60 + (clients - 1)).contains(n),
-            "worker {pid} served {n} requests; log:\n{}",
-            server.log_text()
+            "worker {pid} served {n} requests; log:\n{log}"
+        );
+    }
+    assert!(
+        on_time.len() * 2 >= recycled.len(),
+        "most recycles should be on time: {on_time:?} of {recycled:?}"
+    );
+    for (pid, n) in &recycled {
+        assert!(
+            *n >= 50,
+            "worker {pid} was recycled after only {n} requests"
         );
     }
     eprintln!("recycled workers and their requests: {recycled:?}");

@@ -542,11 +542,14 @@ impl Master {
                 .into_iter()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
-        fds.extend(
-            self.scrape
-                .as_ref()
-                .map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)),
-        );
+        if let Some(scrape) = &self.scrape {
+            fds.extend(
+                scrape
+                    .fds()
+                    .into_iter()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
+        }
         let _ = nix::poll::poll(&mut fds, PollTimeout::from(timeout));
         let readable: Vec<bool> = fds[2..2 + n_outputs]
             .iter()
@@ -561,9 +564,9 @@ impl Master {
                 output.pump();
             }
         }
-        let scrapes = self.scrape.as_ref().map(|s| s.accept()).unwrap_or_default();
-        for client in scrapes {
-            scrape::answer(client, || self.metrics().encode());
+        if let Some(mut scrape) = self.scrape.take() {
+            scrape.serve(|| self.metrics().encode());
+            self.scrape = Some(scrape);
         }
         let requests = self.control.poll();
         for (id, request) in requests {
@@ -1544,6 +1547,9 @@ impl Master {
                 .map(|o| o.fd().as_raw_fd()),
         );
         fds.extend(self.upgrade.as_ref().map(|u| u.output.fd().as_raw_fd()));
+        if let Some(scrape) = &self.scrape {
+            fds.extend(scrape.fds().iter().map(|fd| fd.as_raw_fd()));
+        }
         fds
     }
 

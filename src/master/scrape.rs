@@ -1,16 +1,27 @@
-//! The metrics endpoint, served by the master from its event loop: accept,
-//! read the request, answer with the Prometheus text, close.
+//! The metrics endpoint, served by the master from its event loop without
+//! blocking it: clients are read as their bytes arrive, answered once their
+//! request is complete, and dropped if it does not come within 5 s.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::listener::BindAddr;
 
-/// The listening metrics socket.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 8192;
+
+struct Client {
+    stream: TcpStream,
+    request: Vec<u8>,
+    since: Instant,
+}
+
+/// The listening metrics socket and its clients.
 pub(crate) struct ScrapeServer {
     listener: TcpListener,
+    clients: Vec<Client>,
 }
 
 impl ScrapeServer {
@@ -26,7 +37,10 @@ impl ScrapeServer {
             io::Error::new(e.kind(), format!("cannot bind metrics address {addr}: {e}"))
         })?;
         listener.set_nonblocking(true)?;
-        Ok(ScrapeServer { listener })
+        Ok(ScrapeServer {
+            listener,
+            clients: Vec::new(),
+        })
     }
 
     /// Where it listens.
@@ -37,48 +51,70 @@ impl ScrapeServer {
             .unwrap_or_default()
     }
 
-    /// The descriptor to poll.
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.listener.as_fd()
+    /// The descriptors to poll: the listener and every client.
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.listener.as_fd()];
+        fds.extend(self.clients.iter().map(|c| c.stream.as_fd()));
+        fds
     }
 
-    /// The clients waiting to be answered.
-    pub(crate) fn accept(&self) -> Vec<TcpStream> {
-        std::iter::from_fn(|| self.listener.accept().ok().map(|(s, _)| s))
-            .take(16)
-            .collect()
+    /// Accepts and reads; answers every client whose request is complete
+    /// with `body()` (computed once, if anyone asks).
+    pub(crate) fn serve(&mut self, body: impl FnOnce() -> String) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_ok() {
+                self.clients.push(Client {
+                    stream,
+                    request: Vec::new(),
+                    since: Instant::now(),
+                });
+            }
+        }
+        let mut body = Some(body);
+        let mut text: Option<String> = None;
+        self.clients.retain_mut(|c| {
+            let mut buf = [0u8; 2048];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => c.request.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            if c.request.windows(4).any(|w| w == b"\r\n\r\n") {
+                if text.is_none() {
+                    text = body.take().map(|f| f());
+                }
+                answer(&mut c.stream, &c.request, text.as_deref().unwrap_or(""));
+                return false;
+            }
+            c.request.len() < MAX_REQUEST && c.since.elapsed() < REQUEST_DEADLINE
+        });
     }
 }
 
-/// Answers one scrape. A client gets a moment, not the master: the reads
-/// and writes are bounded.
-pub(crate) fn answer(mut stream: TcpStream, body: impl FnOnce() -> String) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let mut request = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&request);
+/// Writes the answer; small enough to fit the socket buffer, with a bound
+/// for a client that does not read.
+fn answer(stream: &mut TcpStream, request: &[u8], metrics: &str) {
+    let line = String::from_utf8_lossy(request);
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, content_type, body) = if path == "/metrics" || path == "/" {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body())
-    } else {
         (
-            "404 Not Found",
-            "text/plain",
-            "metrics are at /metrics\n".to_owned(),
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics,
         )
+    } else {
+        ("404 Not Found", "text/plain", "metrics are at /metrics\n")
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = stream
         .write_all(head.as_bytes())
         .and_then(|_| stream.write_all(body.as_bytes()));
