@@ -746,41 +746,16 @@ impl Bench {
                 let dir = self.dir();
                 let exe = std::env::current_exe().expect("own path");
                 let result = table_server(&exe, &dir, preload, mb);
-                match result {
-                    Ok(server) => {
-                        std::thread::sleep(Duration::from_millis(500));
-                        let (rss, pss) = server.memory_mib();
-                        let table: f64 = mb.parse().unwrap_or(1.0);
-                        self.row(
-                            "memory",
-                            &name,
-                            vec![format!("{rss:.0}"), format!("{pss:.0}"), format!("{:.2}", pss / table)],
-                            json!({ "rss_mib": rss, "pss_mib": pss, "pss_over_table": pss / table, "table_mib": table }),
-                        );
-                    }
-                    Err(why) => self.skip("memory", &name, &why, 3),
-                }
+                self.memory_row(&name, mb, result);
             }
             let name = format!("gunicorn sync --preload, {mb} MB table");
             eprintln!("memory: {name}");
-            let table: f64 = mb.parse().unwrap_or(1.0);
-            match self.start(
+            let gunicorn = self.start(
                 Kind::Gunicorn { gthread: false },
                 &["--preload"],
                 &[("TABLE_MB", mb)],
-            ) {
-                Ok(server) => {
-                    std::thread::sleep(Duration::from_millis(500));
-                    let (rss, pss) = server.memory_mib();
-                    self.row(
-                        "memory",
-                        &name,
-                        vec![format!("{rss:.0}"), format!("{pss:.0}"), format!("{:.2}", pss / table)],
-                        json!({ "rss_mib": rss, "pss_mib": pss, "pss_over_table": pss / table, "table_mib": table }),
-                    );
-                }
-                Err(why) => self.skip("memory", &name, &why, 3),
-            }
+            );
+            self.memory_row(&name, mb, gunicorn);
         }
         if self.opts.wants("recycle") {
             let name = "zdr --max-requests 1000 --max-requests-jitter 100";
@@ -808,6 +783,25 @@ impl Bench {
         }
         self.print(started.elapsed());
         let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+
+    /// One row of the memory scenario: the server's RSS and PSS against
+    /// the table it holds.
+    fn memory_row(&mut self, name: &str, mb: &str, server: Result<Running, String>) {
+        match server {
+            Ok(server) => {
+                std::thread::sleep(Duration::from_millis(500));
+                let (rss, pss) = server.memory_mib();
+                let table: f64 = mb.parse().unwrap_or(1.0);
+                self.row(
+                    "memory",
+                    name,
+                    vec![format!("{rss:.0}"), format!("{pss:.0}"), format!("{:.2}", pss / table)],
+                    json!({ "rss_mib": rss, "pss_mib": pss, "pss_over_table": pss / table, "table_mib": table }),
+                );
+            }
+            Err(why) => self.skip("memory", name, &why, 3),
+        }
     }
 
     fn print(&self, took: Duration) {

@@ -157,27 +157,16 @@ pub(crate) fn serve(
     loader: Loader,
     args: Vec<OsString>,
 ) -> ExitCode {
+    let inputs = Inputs {
+        name,
+        sources,
+        loader,
+        args,
+    };
     let master = match upgrade::take() {
-        Some(Ok(handover)) => Master::resume(
-            Inputs {
-                name,
-                sources,
-                loader,
-                args,
-            },
-            settings,
-            handover,
-        ),
+        Some(Ok(handover)) => Master::resume(inputs, settings, handover),
         Some(Err(e)) => Err(anyhow::anyhow!("bad binary-upgrade handover: {e}")),
-        None => Master::start(
-            Inputs {
-                name,
-                sources,
-                loader,
-                args,
-            },
-            settings,
-        ),
+        None => Master::start(inputs, settings),
     };
     match master {
         Ok(master) => ExitCode::from(master.run()),
