@@ -15,8 +15,9 @@ use crate::config::{Options, Sources};
     about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts",
     long_about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts.\n\n\
         Signals to the master: HUP reloads (new workers, then the old ones drain), \
-        TERM stops gracefully, INT and QUIT stop at once, TTIN and TTOU add or remove \
-        a worker, USR1 reopens the log files, WINCH stops the workers but keeps the master."
+        TERM stops gracefully, INT and QUIT stop at once, USR2 upgrades to the binary on \
+        disk keeping the master's pid, TTIN and TTOU add or remove a worker, USR1 \
+        reopens the log files, WINCH stops the workers but keeps the master."
 )]
 struct Cli {
     #[command(subcommand)]
