@@ -40,7 +40,7 @@ enum Command {
     /// Show a running server: its master, generations and workers.
     Status {
         #[command(flatten)]
-        args: ServeArgs,
+        args: TargetArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -49,18 +49,18 @@ enum Command {
     /// generation took over (exit 0) or was rolled back (exit 1).
     Reload {
         #[command(flatten)]
-        args: ServeArgs,
+        args: TargetArgs,
         /// Wait for the outcome.
         #[arg(long)]
         wait: bool,
-        /// How long to wait, in seconds.
-        #[arg(long = "wait-timeout", value_name = "SECONDS", default_value_t = 120.0)]
-        wait_timeout: f64,
+        /// How long to wait for it, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+        timeout: f64,
     },
     /// Stop a running server: gracefully (as SIGTERM), or at once with --now.
     Stop {
         #[command(flatten)]
-        args: ServeArgs,
+        args: TargetArgs,
         /// Let in-flight requests finish (the default).
         #[arg(long, conflicts_with = "now")]
         graceful: bool,
@@ -71,11 +71,55 @@ enum Command {
     /// Set the number of workers of a running server.
     Scale {
         #[command(flatten)]
-        args: ServeArgs,
+        args: TargetArgs,
         /// The number of workers.
         #[arg(value_name = "WORKERS")]
         count: usize,
     },
+}
+
+/// How an operator command finds its server: the same `--config`, `--pid`,
+/// `--control-socket` or `--bind` that `serve` was given.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// The server's configuration file.
+    #[arg(short = 'c', long, env = "ZDR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The server's pidfile (its control socket is beside it).
+    #[arg(short = 'p', long = "pid", env = "ZDR_PIDFILE", value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    /// The server's control socket.
+    #[arg(
+        long = "control-socket",
+        env = "ZDR_CONTROL_SOCKET",
+        value_name = "PATH"
+    )]
+    control_socket: Option<PathBuf>,
+    /// The server's first bind address, if neither of the above is known.
+    #[arg(
+        short = 'b',
+        long = "bind",
+        env = "ZDR_BIND",
+        value_name = "ADDRESS",
+        value_delimiter = ','
+    )]
+    bind: Option<Vec<String>>,
+}
+
+impl TargetArgs {
+    fn sources(self) -> Sources {
+        let flags = Options {
+            pidfile: self.pidfile,
+            control_socket: self.control_socket,
+            bind: self.bind,
+            ..Options::default()
+        };
+        Sources {
+            config_file: self.config,
+            flags,
+            activated: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -142,9 +186,9 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
         Command::Reload {
             args,
             wait,
-            wait_timeout,
+            timeout,
         } => {
-            let timeout = std::time::Duration::from_secs_f64(wait_timeout.clamp(0.1, 86_400.0));
+            let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
             operate(args, crate::client::Command::Reload { wait, timeout })
         }
         Command::Stop { args, now, .. } => {
@@ -175,7 +219,7 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
 }
 
 /// Runs an operator command against the server these arguments describe.
-fn operate(args: ServeArgs, command: crate::client::Command) -> ExitCode {
+fn operate(args: TargetArgs, command: crate::client::Command) -> ExitCode {
     match args.sources().load() {
         Ok(settings) => crate::client::run(&settings, command),
         Err(e) => fail(&e),

@@ -372,3 +372,23 @@ fn metrics_sum_over_workers_and_survive_reloads() {
         "zdr_worker_restarts_total{cause=\"crash\"}"
     ) == 1.0));
 }
+
+#[test]
+fn reload_wait_gives_up_at_its_timeout() {
+    let dir = TempDir::new("reloadtimeout");
+    let pidfile = dir.path("zdr.pid");
+    let pid = pidfile.to_str().unwrap();
+    let server = Launch::serve(&["--workers", "1", "--pid", pid])
+        .env("ZDR_DEMO_BOOT_MS", "3000")
+        .start();
+    server.wait_ready();
+    let out = Launch::raw(&["reload", "--wait", "--timeout", "0.5", "--pid", pid]).output();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no answer from the server within"),
+        "{stderr}"
+    );
+    // The reload itself goes on and completes.
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(20));
+}
