@@ -295,8 +295,11 @@ impl Running {
 }
 
 impl Drop for Running {
+    /// Stops the system and everything it started: each system runs in a
+    /// process group of its own (a launcher script's grandchildren too).
     fn drop(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let group = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -304,22 +307,17 @@ impl Drop for Running {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for pid in self.workers() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.child.kill();
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Makes a system under test die with the harness, should the harness be
-/// killed before it can stop it.
+/// Puts a system under test in a process group of its own, and makes it
+/// die with the harness should the harness be killed before it can stop it.
 fn die_with_harness(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
     // SAFETY: prctl is async-signal-safe and allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
