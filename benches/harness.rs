@@ -100,9 +100,17 @@ const FRESH_CLIENTS: usize = 8;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
-    Zdr { preload: bool },
+    Zdr {
+        preload: bool,
+    },
+    /// A zdr app whose load step builds a table of `TABLE_MB` megabytes.
+    ZdrTable {
+        preload: bool,
+    },
     Bare,
-    Gunicorn { gthread: bool },
+    Gunicorn {
+        gthread: bool,
+    },
     Nginx,
 }
 
@@ -111,6 +119,8 @@ impl Kind {
         match self {
             Kind::Zdr { preload: false } => "zdr",
             Kind::Zdr { preload: true } => "zdr --preload",
+            Kind::ZdrTable { preload: false } => "zdr table app",
+            Kind::ZdrTable { preload: true } => "zdr table app, --preload",
             Kind::Bare => "bare hyper",
             Kind::Gunicorn { gthread: false } => "gunicorn sync",
             Kind::Gunicorn { gthread: true } => "gunicorn gthread",
@@ -171,8 +181,17 @@ impl Running {
         let bind = addr.to_string();
         let workers = WORKERS.to_string();
         let mut cmd = match kind {
-            Kind::Zdr { preload } => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_zdr"));
+            Kind::Zdr { preload } | Kind::ZdrTable { preload } => {
+                let mut c = match kind {
+                    Kind::ZdrTable { .. } => {
+                        let mut c =
+                            Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+                        c.env(TABLE_APP_ENV, "1");
+                        c
+                    }
+                    _ => Command::new(env!("CARGO_BIN_EXE_zdr")),
+                };
+                let control = dir.join("control.sock");
                 c.args([
                     "serve",
                     "--bind",
@@ -181,7 +200,9 @@ impl Running {
                     &workers,
                     "--log-level",
                     "warning",
-                ]);
+                ])
+                .args(["--boot-timeout", "120", "--control-socket"])
+                .arg(&control);
                 if preload {
                     c.arg("--preload");
                 }
@@ -240,16 +261,34 @@ impl Running {
             addr,
             dir: dir.to_owned(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if get(addr, "/").is_ok_and(|s| s == 200)
-                && (running.kind == Kind::Bare || running.workers().len() >= WORKERS)
-            {
+            if running.is_ready() {
                 return Ok(running);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("{} did not answer within 30 s", kind.name()))
+        Err(format!("{} was not ready within 120 s", kind.name()))
+    }
+
+    /// zdr: its master says every worker is ready. Others: the server
+    /// answers and has its worker processes.
+    fn is_ready(&self) -> bool {
+        match self.kind {
+            Kind::Zdr { .. } | Kind::ZdrTable { .. } => {
+                let ask = zdr::control::send(
+                    &self.dir.join("control.sock"),
+                    &zdr::control::Request::Status,
+                    Duration::from_secs(2),
+                );
+                ask.ok().and_then(|r| r.status).is_some_and(|s| {
+                    s.booting_generation.is_none()
+                        && s.workers.iter().filter(|w| w.state == "ready").count() == WORKERS
+                })
+            }
+            Kind::Bare => get(self.addr, "/").is_ok_and(|s| s == 200),
+            _ => get(self.addr, "/").is_ok_and(|s| s == 200) && self.workers().len() >= WORKERS,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -741,10 +780,8 @@ impl Bench {
                     if preload { ", --preload" } else { "" }
                 );
                 eprintln!("memory: {name}");
-                let dir = self.dir();
-                let exe = std::env::current_exe().expect("own path");
-                let result = table_server(&exe, &dir, preload, mb);
-                self.memory_row(&name, mb, result);
+                let table = self.start(Kind::ZdrTable { preload }, &[], &[("TABLE_MB", mb)]);
+                self.memory_row(&name, mb, table);
             }
             let name = format!("gunicorn sync --preload, {mb} MB table");
             eprintln!("memory: {name}");
@@ -788,7 +825,6 @@ impl Bench {
     fn memory_row(&mut self, name: &str, mb: &str, server: Result<Running, String>) {
         match server {
             Ok(server) => {
-                std::thread::sleep(Duration::from_millis(500));
                 let (rss, pss) = server.memory_mib();
                 let table: f64 = mb.parse().unwrap_or(1.0);
                 self.row(
@@ -850,53 +886,6 @@ impl Bench {
             Err(e) => eprintln!("cannot write {}: {e}", self.opts.json.display()),
         }
     }
-}
-
-fn table_server(exe: &Path, dir: &Path, preload: bool, mb: &str) -> Result<Running, String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let addr = free_addr();
-    let mut cmd = Command::new(exe);
-    let bind = addr.to_string();
-    let workers = WORKERS.to_string();
-    die_with_harness(&mut cmd);
-    cmd.env(TABLE_APP_ENV, "1").args([
-        "serve",
-        "--bind",
-        &bind,
-        "--workers",
-        &workers,
-        "--log-level",
-        "warning",
-        "--boot-timeout",
-        "120",
-    ]);
-    if preload {
-        cmd.arg("--preload");
-    }
-    cmd.env("TABLE_MB", mb)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = cmd.spawn().map_err(|e| e.to_string())?;
-    let running = Running {
-        kind: Kind::Zdr { preload },
-        child,
-        addr,
-        dir: dir.to_owned(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if get(addr, "/").is_ok_and(|s| s == 200) && running.workers().len() >= WORKERS {
-            // Let every worker finish booting (each builds its own table
-            // without --preload).
-            let ready = (0..40).all(|_| get(addr, "/").is_ok_and(|s| s == 200));
-            if ready {
-                return Ok(running);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err("the table app did not answer within 120 s".into())
 }
 
 /// Sends HUP and times it until every worker that was there is gone.

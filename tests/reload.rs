@@ -219,8 +219,28 @@ fn ttin_ttou_and_winch() {
     server.wait_for_log("Number of workers: 1", Duration::from_secs(5));
     let one = server.wait_workers(1);
     assert!(one.is_subset(&three));
-    server.signal(Signal::SIGTTOU); // never below one
-    std::thread::sleep(Duration::from_millis(300));
+    // Never below one: the master answers the signal, and a status it
+    // gives after that (its maintenance runs before it reads requests)
+    // still shows the one worker, ready.
+    server.signal(Signal::SIGTTOU);
+    server.wait_for_log_count("Number of workers: 1", 2, Duration::from_secs(5));
+    let socket = std::env::temp_dir().join(format!("zdr-{}.ctl", server.pid));
+    let out = Launch::raw(&[
+        "status",
+        "--json",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ])
+    .output();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["target_workers"], 1);
+    let listed: Vec<(u64, &str)> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["pid"].as_u64().unwrap(), w["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(listed, vec![(*one.iter().next().unwrap() as u64, "ready")]);
     assert_eq!(server.worker_pids(), one);
     assert_eq!(server.get("/").pid(), *one.iter().next().unwrap());
 

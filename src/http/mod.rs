@@ -279,6 +279,8 @@ impl hyper::service::Service<Request> for ConnService {
         if version == Version::HTTP_2 {
             self.conn.http2.store(true, Ordering::Relaxed);
         }
+        // One clock read per request, for the metrics and the access log.
+        let began = std::time::Instant::now();
         let log = self.shared.access_log.is_some().then(|| {
             Box::new(LogFacts {
                 shared: Arc::clone(&self.shared),
@@ -288,7 +290,6 @@ impl hyper::service::Service<Request> for ConnService {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 headers: req.headers().clone(),
-                started: std::time::Instant::now(),
             })
         });
         let inner: crate::app::BoxFuture<Response> = match refusal {
@@ -309,7 +310,7 @@ impl hyper::service::Service<Request> for ConnService {
             guard,
             version,
             log,
-            metrics: Some((self.shared.slot, std::time::Instant::now())),
+            metrics: Some((self.shared.slot, began)),
         }
     }
 }
@@ -322,7 +323,6 @@ struct LogFacts {
     method: http::Method,
     uri: http::Uri,
     headers: http::HeaderMap,
-    started: std::time::Instant,
 }
 
 /// One request's response on its way: the app's future, then zdr's
@@ -341,9 +341,11 @@ impl Future for ConnFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.inner.as_mut().poll(cx));
-        if let Some((slot, started)) = self.metrics.take() {
-            slot.record(res.status().as_u16(), started.elapsed());
-        }
+        let elapsed = self.metrics.take().map(|(slot, began)| {
+            let elapsed = began.elapsed();
+            slot.record(res.status().as_u16(), elapsed);
+            elapsed
+        });
         let draining = self
             .guard
             .as_ref()
@@ -368,7 +370,7 @@ impl Future for ConnFuture {
                     status: res.status().as_u16(),
                     response_headers: res.headers(),
                     body_len,
-                    elapsed: facts.started.elapsed(),
+                    elapsed: elapsed.unwrap_or_default(),
                 });
             }
         }

@@ -77,10 +77,9 @@ struct Worker {
     announced_ready: bool,
     /// Its stderr, forwarded to the error log.
     output: Option<Output>,
-    /// Retiring because it passed `--max-worker-memory`.
-    over_memory: bool,
-    /// Why it is being replaced, for the restart metrics: timeout,
-    /// max_requests or memory.
+    /// Why it is being replaced: timeout, max_requests or memory (a
+    /// worker over its memory limit drains as soon as its replacement is
+    /// ready; the others at their request limit). Also the restart metric.
     restart_cause: Option<&'static str>,
     spawned: Instant,
 }
@@ -290,7 +289,6 @@ impl Master {
                 request_limit: w.request_limit,
                 announced_ready: w.announced_ready,
                 output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
-                over_memory: false,
                 restart_cause: None,
                 spawned: now,
             })
@@ -1333,7 +1331,6 @@ impl Master {
                                 rss as f64 / 1048576.0
                             );
                             w.role = Role::Retiring;
-                            w.over_memory = true;
                             w.restart_cause = Some("memory");
                         }
                     }
@@ -1368,7 +1365,8 @@ impl Master {
                     .filter(|w| {
                         let slot = self.board.slot(w.slot);
                         slot.allow_retire();
-                        w.over_memory || w.request_limit.is_some_and(|l| slot.requests() >= l.limit)
+                        w.restart_cause == Some("memory")
+                            || w.request_limit.is_some_and(|l| slot.requests() >= l.limit)
                     })
                     .map(|w| w.pid)
                     .collect();
@@ -1503,7 +1501,6 @@ impl Master {
                     request_limit,
                     announced_ready: false,
                     output: Some(output),
-                    over_memory: false,
                     restart_cause: None,
                     spawned: Instant::now(),
                 });
