@@ -1112,6 +1112,26 @@ mod example_file {
         let defaults = Settings::resolve(Options::default()).unwrap();
         assert_eq!(example, defaults);
     }
+
+    /// Every setting has its own entry in `zdr.toml.example`, set or
+    /// commented out (`key = ...` or `# key = ...`).
+    #[test]
+    fn example_config_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("zdr.toml.example");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let documented: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim_start_matches('#').trim().split_once(" = "))
+            .map(|(key, _)| key.trim())
+            .collect();
+        let command = <Options as clap::Args>::augment_args(clap::Command::new("zdr"));
+        let missing: Vec<&str> = command
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !documented.contains(id))
+            .collect();
+        assert!(missing.is_empty(), "zdr.toml.example lacks {missing:?}");
+    }
 }
 
 #[cfg(test)]

@@ -114,6 +114,10 @@ pub struct WorkerStatus {
     pub requests: u64,
     /// Connections open now.
     pub connections: u64,
+    /// Whether the worker itself says it takes new connections: false
+    /// before it is ready and once it has begun to drain.
+    #[serde(default)]
+    pub accepting: bool,
     /// Resident memory, in bytes.
     pub rss_bytes: u64,
 }

@@ -5,6 +5,9 @@
 //!   process ran the load step (the master's pid under `--preload`), and
 //!   the client's address and scheme as zdr resolved them.
 //! - `GET /slow?ms=N` answers the same after N ms (at most 60 000).
+//! - `POST /` reads the whole request body, then answers as `GET /` does,
+//!   plus `received=BYTES`: a request stays in flight for as long as its
+//!   client takes to send the body.
 //! - `GET /echo` with `Connection: upgrade` and `Upgrade: echo` switches
 //!   protocols and echoes every byte back until the client closes: an
 //!   upgraded connection, like a WebSocket, that a reload leaves open until
@@ -86,13 +89,34 @@ fn query_ms(req: &Request) -> u64 {
 }
 
 async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, Infallible> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
-        ));
+    let mut received = None;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, _) => {}
+        (&Method::POST, "/") => {}
+        _ => {
+            return Ok(reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            ))
+        }
     }
+    let (client, info) = (
+        req.extensions().get::<crate::ClientInfo>().cloned(),
+        WorkerInfo::current(),
+    );
     match req.uri().path() {
+        "/" if req.method() == Method::POST => {
+            use http_body_util::BodyExt;
+            match req.into_body().collect().await {
+                Ok(body) => received = Some(body.to_bytes().len()),
+                Err(e) => {
+                    return Ok(reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}\n"),
+                    ))
+                }
+            }
+        }
         "/" => {}
         "/echo" => return Ok(echo(req)),
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
@@ -107,10 +131,9 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         }
         _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
     }
-    let info = WorkerInfo::current();
-    let client = req.extensions().get::<crate::ClientInfo>();
+    let client = client.as_ref();
     let body = format!(
-        "pid={} generation={} loaded_in={} client={} scheme={}{}{}\n",
+        "pid={} generation={} loaded_in={} client={} scheme={}{}{}{}\n",
         info.map(|i| i.pid).unwrap_or_else(std::process::id),
         info.map(|i| i.generation).unwrap_or(0),
         demo.loaded_in,
@@ -124,6 +147,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
             " message="
         },
         demo.message,
+        received.map_or_else(String::new, |n| format!(" received={n}")),
     );
     Ok(reply(StatusCode::OK, body))
 }

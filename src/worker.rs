@@ -239,8 +239,10 @@ async fn serve(
         request_limit: spec.request_limit,
         on_limit: Box::new(move |reached: bool| {
             if reached && slot.may_retire() {
-                slot.set_state(SlotState::Draining);
+                // Accepting stops first, so that a slot marked draining
+                // never takes another connection.
                 let _ = limit_drain.send(true);
+                slot.set_state(SlotState::Draining);
             }
             limit_bell.ring();
         }),
@@ -282,9 +284,9 @@ async fn serve(
         Stop::Fast => return 0,
         Stop::Graceful => {}
     }
+    let _ = drain_tx.send(true);
     slot.set_state(SlotState::Draining);
     bell.ring();
-    let _ = drain_tx.send(true);
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
     let graceful = settings.graceful_timeout();
     if tokio::time::timeout(graceful, permits.acquire_many(all))

@@ -239,7 +239,29 @@ fn client_certificates_are_required_with_ca_certs() {
         server.addr(),
         client_config(&[&server_cert], b"http/1.1"),
     ));
-    assert!(anonymous.is_err(), "{anonymous:?}");
+    assert!(anonymous.is_err(), "served without a client certificate");
+    // The refusal is the server's: a TLS alert that a certificate is
+    // required (TLS 1.3 sends it after the client's half of the handshake).
+    let alert = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&[&server_cert], b"http/1.1"));
+        let mut tls = match connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+        {
+            Ok(tls) => tls,
+            Err(e) => return e.to_string(),
+        };
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf).await {
+            Ok(n) => format!("read {n} bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => e.to_string(),
+        }
+    });
+    assert!(alert.contains("CertificateRequired"), "{alert}");
     // With one the CA issued: served.
     let mut roots = RootCertStore::empty();
     roots.add(server_cert.der.clone()).unwrap();

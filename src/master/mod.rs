@@ -646,6 +646,7 @@ impl Master {
                     age_secs: w.spawned.elapsed().as_secs_f64(),
                     requests: slot.requests(),
                     connections: slot.connections(),
+                    accepting: slot.state() == SlotState::Ready,
                     rss_bytes: rss_bytes(w.pid),
                 }
             })

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,21 +62,51 @@ impl Report {
         }
     }
 
-    fn record(&mut self, status: u16, body: &[u8]) {
+    /// Counts one answer; returns the generation of a successful one.
+    fn record(&mut self, status: u16, body: &[u8]) -> Option<u64> {
         if status != 200 {
             self.fail(format!("status {status}"));
-            return;
+            return None;
         }
         self.ok += 1;
         let text = String::from_utf8_lossy(body);
+        let mut generation = None;
         for kv in text.split_whitespace() {
             if let Some(p) = kv.strip_prefix("pid=").and_then(|p| p.parse().ok()) {
                 *self.by_pid.entry(p).or_default() += 1;
             }
             if let Some(g) = kv.strip_prefix("generation=").and_then(|g| g.parse().ok()) {
                 self.generations.insert(g);
+                generation = Some(g);
             }
         }
+        Some(generation.unwrap_or(0))
+    }
+}
+
+/// Successful requests so far, per generation: shared by the clients, so
+/// that a test can wait for traffic to flow after an event.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<Mutex<BTreeMap<u64, u64>>>);
+
+impl Progress {
+    fn count(&self, generation: u64) {
+        *self.0.lock().unwrap().entry(generation).or_default() += 1;
+    }
+
+    /// Successful requests answered by `generation`.
+    pub fn of(&self, generation: u64) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&generation)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Successful requests answered by any generation.
+    pub fn total(&self) -> u64 {
+        self.0.lock().unwrap().values().sum()
     }
 }
 
@@ -84,25 +114,59 @@ impl Report {
 pub struct Load {
     stop: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<Report>>,
+    progress: Progress,
 }
 
 /// Starts `keepalive` clients that reuse connections and `fresh` clients
 /// that open one connection per request, all sending `GET path`.
 pub fn start(addr: SocketAddr, path: &str, keepalive: usize, fresh: usize) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Progress::default();
     let mut tasks = Vec::new();
     for i in 0..keepalive + fresh {
         let stop = Arc::clone(&stop);
+        let progress = progress.clone();
         let path = path.to_owned();
         let reuse = i < keepalive;
         tasks.push(tokio::spawn(async move {
-            client(addr, path, reuse, stop).await
+            client(addr, path, reuse, stop, progress).await
         }));
     }
-    Load { stop, tasks }
+    Load {
+        stop,
+        tasks,
+        progress,
+    }
 }
 
 impl Load {
+    /// Successful requests so far, live.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Waits (up to a generous bound) until `n` more requests than now have
+    /// succeeded: traffic still flows.
+    pub fn wait_for_more(&self, n: u64) {
+        let from = self.progress.total();
+        assert!(
+            wait_until(Duration::from_secs(30), || self.progress.total()
+                >= from + n),
+            "traffic stopped: {} requests in 30 s",
+            self.progress.total() - from
+        );
+    }
+
+    /// Waits until `generation` has answered at least `n` requests.
+    pub fn wait_for_generation(&self, generation: u64, n: u64) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self.progress.of(generation)
+                >= n),
+            "generation {generation} answered only {} requests in 30 s",
+            self.progress.of(generation)
+        );
+    }
+
     /// Stops the clients (each finishes its request in flight) and sums up.
     pub async fn stop(self) -> Report {
         self.stop.store(true, Ordering::Relaxed);
@@ -128,7 +192,13 @@ async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     Ok(sender)
 }
 
-async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBool>) -> Report {
+async fn client(
+    addr: SocketAddr,
+    path: String,
+    reuse: bool,
+    stop: Arc<AtomicBool>,
+    progress: Progress,
+) -> Report {
     let mut report = Report::default();
     let mut sender: Option<Sender> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -172,7 +242,9 @@ async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBoo
         .unwrap_or_else(|_| Err("timeout".to_owned()));
         match result {
             Ok((status, close, body)) => {
-                report.record(status, &body);
+                if let Some(generation) = report.record(status, &body) {
+                    progress.count(generation);
+                }
                 if status == 200 {
                     report
                         .latencies_us
@@ -186,4 +258,17 @@ async fn client(addr: SocketAddr, path: String, reuse: bool, stop: Arc<AtomicBoo
         }
     }
     report
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes (this file
+/// stands alone: the benchmark harness includes it too).
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }

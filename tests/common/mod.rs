@@ -1,6 +1,9 @@
 //! Test fixtures: the real `zdr` binary on an ephemeral port, its log, its
-//! workers (from /proc), and plain HTTP against it. Every process a test
-//! starts is killed when its `Server` is dropped, and every wait is bounded.
+//! workers (from /proc and from its control socket), and plain HTTP against
+//! it. Every process a test starts is killed when its `Server` is dropped,
+//! every file it makes lives in the server's own temporary directory
+//! (`TMPDIR` for the server, so its default control socket too), and every
+//! wait is for an event, under a generous bound.
 
 #![allow(dead_code)]
 
@@ -177,8 +180,10 @@ impl Launch {
 
     /// Starts the server and waits until it listens.
     pub fn start(&self) -> Server {
+        let dir = TempDir::new("server");
         let mut child = self
             .command()
+            .env("TMPDIR", &dir.0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -203,6 +208,7 @@ impl Launch {
             log,
             addr: None,
             exited: None,
+            dir,
         };
         let found = wait_until(Duration::from_secs(15), || {
             server.addr = server.listening_addr();
@@ -225,9 +231,93 @@ pub struct Server {
     log: Arc<Mutex<Vec<String>>>,
     addr: Option<SocketAddr>,
     exited: Option<ExitStatus>,
+    /// The server's `TMPDIR`, removed after the server is killed.
+    dir: TempDir,
 }
 
 impl Server {
+    /// The control socket the master makes when no pidfile or socket is
+    /// given: `$TMPDIR/zdr-PID.ctl` (the tests bind port 0).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path(&format!("zdr-{}.ctl", self.pid))
+    }
+
+    /// The master's state, asked on the control socket at `socket`.
+    pub fn status_at(&self, socket: &Path) -> zdr::control::Status {
+        let response = zdr::control::send(
+            socket,
+            &zdr::control::Request::Status,
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("status from {}: {e}", socket.display()));
+        response.status.expect("a status in the answer")
+    }
+
+    /// The master's state, from its default control socket.
+    pub fn status(&self) -> zdr::control::Status {
+        self.status_at(&self.control_socket())
+    }
+
+    /// Waits until the master reports exactly `n` workers, all of them
+    /// ready, in generation `generation`; returns their pids.
+    pub fn wait_generation_ready(&self, generation: u64, n: usize) -> BTreeSet<u32> {
+        let mut last = None;
+        let ok = wait_until(Duration::from_secs(30), || {
+            let s = self.status();
+            let done = s.workers.len() == n
+                && s.workers
+                    .iter()
+                    .all(|w| w.generation == generation && w.state == "ready");
+            last = Some(s);
+            done
+        });
+        let last = last.expect("at least one status");
+        assert!(
+            ok,
+            "expected {n} ready workers of generation {generation}: {:?}; log:\n{}",
+            last.workers,
+            self.log_text()
+        );
+        last.workers.iter().map(|w| w.pid).collect()
+    }
+
+    /// Watches the master's status until stopped and returns the fewest
+    /// workers that were serving (ready, or ready and awaiting their
+    /// replacement) at any moment, and the most processes at any moment.
+    pub fn watch_capacity(&self) -> CapacityWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let socket = self.control_socket();
+        let handle = std::thread::spawn(move || {
+            let (mut min_serving, mut max_processes, mut samples) = (usize::MAX, 0, 0u64);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(r) = zdr::control::send(
+                    &socket,
+                    &zdr::control::Request::Status,
+                    Duration::from_secs(20),
+                ) else {
+                    continue;
+                };
+                let Some(s) = r.status else { continue };
+                let serving = s
+                    .workers
+                    .iter()
+                    .filter(|w| w.state == "ready" || w.state == "retiring")
+                    .count();
+                min_serving = min_serving.min(serving);
+                max_processes = max_processes.max(s.workers.len());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Capacity {
+                min_serving,
+                max_processes,
+                samples,
+            }
+        });
+        CapacityWatch { stop, handle }
+    }
+
     fn listening_addr(&self) -> Option<SocketAddr> {
         let log = self.log.lock().unwrap();
         log.iter().find_map(|l| {
@@ -389,6 +479,32 @@ impl Drop for Server {
     }
 }
 
+/// A running [`Server::watch_capacity`].
+pub struct CapacityWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Capacity>,
+}
+
+/// What a [`CapacityWatch`] saw.
+#[derive(Debug)]
+pub struct Capacity {
+    /// The fewest serving workers at any moment.
+    pub min_serving: usize,
+    /// The most worker processes at any moment.
+    pub max_processes: usize,
+    /// How many status answers it read.
+    pub samples: u64,
+}
+
+impl CapacityWatch {
+    pub fn stop(self) -> Capacity {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let capacity = self.handle.join().expect("the capacity watch panicked");
+        assert!(capacity.samples > 0, "no status was ever read");
+        capacity
+    }
+}
+
 /// One HTTP response, as the raw client saw it.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -507,4 +623,62 @@ pub fn accepted_connections(pids: &BTreeSet<u32>, port: u16) -> usize {
         }
     }
     count
+}
+
+/// A request the client keeps in flight for as long as it likes: a `POST /`
+/// whose body it sends all but the last byte of. The demo app answers only
+/// once it has the whole body, so the request is in flight, on whichever
+/// worker accepted it, until [`HeldRequest::finish`].
+pub struct HeldRequest {
+    stream: TcpStream,
+}
+
+impl HeldRequest {
+    /// Connects and sends the head and the first byte of a two-byte body.
+    pub fn start(addr: SocketAddr) -> HeldRequest {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        stream
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 2\r\n\r\nx",
+            )
+            .unwrap();
+        HeldRequest { stream }
+    }
+
+    /// Sends the last byte and reads the answer.
+    pub fn finish(mut self) -> std::io::Result<Reply> {
+        self.stream.write_all(b"y")?;
+        let mut raw = Vec::new();
+        self.stream.read_to_end(&mut raw)?;
+        parse_reply(&raw).ok_or_else(|| {
+            std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
+        })
+    }
+
+    /// Reads what the server sends without finishing the request: its
+    /// answer, or an error when the connection is reset.
+    pub fn read_without_finishing(mut self) -> std::io::Result<Vec<u8>> {
+        let mut raw = Vec::new();
+        self.stream.read_to_end(&mut raw)?;
+        Ok(raw)
+    }
+}
+
+/// Starts `n` held requests and waits until the given workers have
+/// accepted all of them.
+pub fn hold_requests(addr: SocketAddr, n: usize, workers: &BTreeSet<u32>) -> Vec<HeldRequest> {
+    let held: Vec<HeldRequest> = (0..n).map(|_| HeldRequest::start(addr)).collect();
+    let ok = wait_until(Duration::from_secs(30), || {
+        accepted_connections(workers, addr.port()) >= n
+    });
+    assert!(
+        ok,
+        "{n} held requests never all reached the workers {workers:?} ({} did)",
+        accepted_connections(workers, addr.port())
+    );
+    held
 }
