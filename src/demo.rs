@@ -20,12 +20,25 @@
 //!   60 000), as a handler with a blocking call would: with `--threads 1`
 //!   and `--timeout` shorter than N, the master kills and replaces it.
 //!
-//! Environment variables shape it, to try out start-up failures and slow
-//! boots: `ZDR_DEMO_MESSAGE` (added to every answer), `ZDR_DEMO_LOAD_ERROR`
-//! (the load step fails with this message), `ZDR_DEMO_BOOT_MS` (each worker
-//! takes this long to build its service).
+//! - `GET /error` makes the service return an error, which zdr answers
+//!   with a 500.
+//!
+//! Every answer names the worker (`pid=`), its `generation=`, the process
+//! that ran the load step (`loaded_in=`) and how many times that process
+//! has run it (`loads=`: with `--preload`, each reload runs it again in
+//! the master).
+//!
+//! Environment variables shape it, to try out start-up failures, slow
+//! boots and readiness: `ZDR_DEMO_MESSAGE` (added to every answer),
+//! `ZDR_DEMO_LOAD_ERROR` (the load step fails with this message),
+//! `ZDR_DEMO_BOOT_MS` (each worker takes this long to build its service),
+//! `ZDR_DEMO_BOOT_FAIL_FILE` (while this file exists, a booting worker fails
+//! to build its service and exits), `ZDR_DEMO_UNREADY_FILE` (while this
+//! file exists, the readiness check fails: a booting worker waits, a
+//! serving one answers 503 on the readiness probe).
 
-use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +54,27 @@ const MAX_MS: u64 = 60_000;
 #[derive(Debug)]
 pub struct Demo {
     loaded_in: u32,
+    loads: u64,
     message: String,
     boot_delay: Duration,
+    boot_fail_file: Option<PathBuf>,
+    unready_file: Option<PathBuf>,
 }
+
+/// How many times this process has run the load step.
+static LOADS: AtomicU64 = AtomicU64::new(0);
+
+/// The demo's way of saying that the service failed (answered with a 500).
+#[derive(Debug)]
+struct DemoError;
+
+impl std::fmt::Display for DemoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the demo app was asked to fail")
+    }
+}
+
+impl std::error::Error for DemoError {}
 
 /// The demo app as a zdr server.
 pub fn server() -> Server<Demo> {
@@ -58,15 +89,27 @@ pub fn server() -> Server<Demo> {
                 .unwrap_or(0);
             Ok(Demo {
                 loaded_in: std::process::id(),
+                loads: LOADS.fetch_add(1, Ordering::Relaxed) + 1,
                 message: std::env::var("ZDR_DEMO_MESSAGE").unwrap_or_default(),
                 boot_delay: Duration::from_millis(boot_ms),
+                boot_fail_file: std::env::var_os("ZDR_DEMO_BOOT_FAIL_FILE").map(PathBuf::from),
+                unready_file: std::env::var_os("ZDR_DEMO_UNREADY_FILE").map(PathBuf::from),
             })
         })
         .service(|demo: Arc<Demo>| async move {
             tokio::time::sleep(demo.boot_delay).await;
+            if let Some(file) = demo.boot_fail_file.as_ref().filter(|f| f.exists()) {
+                anyhow::bail!("demo app: {} exists", file.display());
+            }
             Ok(tower::service_fn(move |req: Request| {
                 handle(Arc::clone(&demo), req)
             }))
+        })
+        .ready(|demo: Arc<Demo>| async move {
+            match demo.unready_file.as_ref().filter(|f| f.exists()) {
+                Some(file) => anyhow::bail!("{} exists", file.display()),
+                None => Ok(()),
+            }
         })
 }
 
@@ -88,7 +131,7 @@ fn query_ms(req: &Request) -> u64 {
     query_param(req, "ms").min(MAX_MS)
 }
 
-async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, Infallible> {
+async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, DemoError> {
     let mut received = None;
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, _) => {}
@@ -122,6 +165,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
         "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
         "/panic" => panic!("the demo app was asked to panic"),
+        "/error" => return Err(DemoError),
         "/alloc" => {
             let mb = query_param(&req, "mb").min(1024) as usize;
             // Touched, so that it is resident; kept until the worker exits.
@@ -133,10 +177,11 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
     }
     let client = client.as_ref();
     let body = format!(
-        "pid={} generation={} loaded_in={} client={} scheme={}{}{}{}\n",
+        "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",
         info.map(|i| i.pid).unwrap_or_else(std::process::id),
         info.map(|i| i.generation).unwrap_or(0),
         demo.loaded_in,
+        demo.loads,
         client
             .and_then(|c| c.addr)
             .map_or_else(|| "-".to_owned(), |a| a.to_string()),

@@ -406,14 +406,6 @@ fn max_requests_recycles_workers_without_failures() {
     eprintln!("recycled workers and their requests: {recycled:?}");
 }
 
-/// Replaces `path` (atomically, as a deploy would) with a shell script.
-fn deploy_script(path: &std::path::Path, script: &str) {
-    let tmp = path.with_extension("new");
-    write_file(&tmp, script);
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn usr2_upgrades_the_binary_keeping_the_master_pid() {
     let dir = TempDir::new("usr2");

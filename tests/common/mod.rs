@@ -178,8 +178,25 @@ impl Launch {
         }
     }
 
-    /// Starts the server and waits until it listens.
+    /// Starts the server and waits until it says (on stderr) where it
+    /// listens.
     pub fn start(&self) -> Server {
+        let mut server = self.spawn();
+        let found = wait_until(Duration::from_secs(30), || {
+            server.addr = server.listening_addr();
+            server.addr.is_some() || server.has_exited()
+        });
+        assert!(
+            found,
+            "server did not listen within 30 s; log:\n{}",
+            server.log_text()
+        );
+        server
+    }
+
+    /// Starts the server without waiting for anything (for one whose log
+    /// goes elsewhere than stderr).
+    pub fn spawn(&self) -> Server {
         let dir = TempDir::new("server");
         let mut child = self
             .command()
@@ -202,24 +219,14 @@ impl Launch {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut server = Server {
+        Server {
             pid: child.id(),
             child,
             log,
             addr: None,
             exited: None,
             dir,
-        };
-        let found = wait_until(Duration::from_secs(15), || {
-            server.addr = server.listening_addr();
-            server.addr.is_some() || server.has_exited()
-        });
-        assert!(
-            found,
-            "server did not listen within 15 s; log:\n{}",
-            server.log_text()
-        );
-        server
+        }
     }
 }
 
@@ -581,6 +588,49 @@ pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
 /// Whether something still accepts connections on `addr`.
 pub fn port_open(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+}
+
+/// A plain GET over a Unix socket (`Connection: close`).
+pub fn get_unix(path: &Path, target: &str) -> std::io::Result<Reply> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(70)))?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_reply(&raw).ok_or_else(|| {
+        std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
+    })
+}
+
+/// Replaces `path` (atomically, as a deploy would) with a shell script.
+pub fn deploy_script(path: &Path, script: &str) {
+    let tmp = path.with_extension("new");
+    write_file(&tmp, script);
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A script that runs the real binary with `env` (`NAME=value ...`) set.
+pub fn wrapper(env: &str) -> String {
+    format!("#!/bin/sh\n{env} exec {} \"$@\"\n", zdr_bin().display())
+}
+
+/// Polls a file until it contains `needle`.
+pub fn wait_for_file_text(path: &Path, needle: &str) -> String {
+    let mut text = String::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains(needle)
+    });
+    assert!(
+        ok,
+        "no {needle:?} in {} within 30 s:\n{text}",
+        path.display()
+    );
+    text
 }
 
 /// Writes a config file.
