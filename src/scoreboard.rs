@@ -125,8 +125,8 @@ impl Slot {
             .store(SlotState::Booting as u32, Ordering::Release);
     }
 
-    /// Marks the slot unused.
-    pub fn release(&self) {
+    /// Marks the slot unused (see [`Scoreboard::release`]).
+    fn release(&self) {
         self.state.store(SlotState::Free as u32, Ordering::Release);
     }
 
@@ -328,6 +328,19 @@ impl Scoreboard {
         }
     }
 
+    /// Frees the slot of a worker that exited (by the master): the
+    /// connections it still counted died with it, so they leave the
+    /// server-wide total too.
+    pub fn release(&self, slot: usize) {
+        let slot = self.slot(slot);
+        let left = slot.connections.swap(0, Ordering::Relaxed);
+        let total = &self.table().header.connections;
+        let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(left))
+        });
+        slot.release();
+    }
+
     /// Marks the server as stopping (by the master): every worker's
     /// readiness probe fails from now on.
     pub fn set_stopping(&self) {
@@ -437,8 +450,24 @@ mod tests {
         assert_eq!(slot.message(), "ünïcode is cut on a boundary");
         slot.set_message(&"é".repeat(400));
         assert_eq!(slot.message().chars().count(), MESSAGE_LEN / 2);
-        slot.release();
+        board.release(0);
         assert_eq!(board.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn a_dead_workers_connections_leave_the_total() {
+        let board = Scoreboard::create().unwrap();
+        board.slot(0).claim(1);
+        board.slot(1).claim(1);
+        board.add_connections(0, 3);
+        board.add_connections(1, 2);
+        // Worker 0 is killed with its three connections open.
+        board.release(0);
+        assert_eq!(board.total_connections(), 2);
+        board.slot(0).claim(2);
+        assert_eq!(board.slot(0).connections(), 0);
+        board.add_connections(1, -2);
+        assert_eq!(board.total_connections(), 0);
     }
 
     #[test]

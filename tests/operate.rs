@@ -430,3 +430,112 @@ fn reload_wait_gives_up_at_its_timeout() {
     // The reload itself goes on and completes.
     server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(20));
 }
+
+#[test]
+fn the_apps_readiness_check_gates_traffic_and_reloads() {
+    let dir = TempDir::new("readyhook");
+    let unready = dir.path("unready");
+    let server = Launch::serve(&["--workers", "2", "--boot-timeout", "3"])
+        .env("ZDR_DEMO_UNREADY_FILE", unready.to_str().unwrap())
+        .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 2);
+    assert_eq!(server.get("/_zdr/ready").body, "ready\n");
+
+    // The app's check fails: the probe says so, the app still serves.
+    write_file(&unready, "");
+    let r = server.get("/_zdr/ready");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.body, format!("not ready: {} exists\n", unready.display()));
+    assert_eq!(server.get("/").status, 200);
+    assert_eq!(server.get("/_zdr/live").status, 200);
+
+    // A generation whose check never passes is rolled back at the boot
+    // timeout; the old one serves on.
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log(
+        "Reload to generation 2 rolled back",
+        Duration::from_secs(60),
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("only 0 of 2 workers were ready after the boot timeout (3s)"),
+        "{}",
+        server.log_text()
+    );
+    assert!(server.status().workers.iter().all(|w| w.generation == 1));
+    assert_eq!(server.get("/").generation(), 1);
+
+    // Once it passes, the next reload goes through.
+    std::fs::remove_file(&unready).unwrap();
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 3 complete", Duration::from_secs(60));
+    assert_eq!(server.get("/").generation(), 3);
+    assert_eq!(server.get("/_zdr/ready").status, 200);
+}
+
+#[test]
+fn metrics_count_connections_restart_causes_and_rollbacks() {
+    let dir = TempDir::new("metrics");
+    let exe = dir.path("zdr");
+    std::fs::copy(zdr_bin(), &exe).unwrap();
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--metrics-bind",
+        "127.0.0.1:0",
+        "--max-requests",
+        "5",
+        "--timeout",
+        "3",
+    ])
+    .exe(&exe)
+    .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 1);
+
+    // A hung worker is killed: cause timeout.
+    let addr = server.addr();
+    let _hung = std::thread::spawn(move || try_get(addr, "/block?ms=60000"));
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(
+            &scrape(&server),
+            "zdr_worker_restarts_total{cause=\"timeout\"}"
+        ) == 1.0),
+        "{}",
+        scrape(&server)
+    );
+    let workers = server.wait_generation_ready(1, 1);
+    // Connections open now.
+    let held = hold_requests(server.addr(), 3, &workers);
+    assert_eq!(metric(&scrape(&server), "zdr_connections"), 3.0);
+    for h in held {
+        assert_eq!(h.finish().unwrap().status, 200);
+    }
+    // A worker at its request limit is replaced: cause max_requests.
+    for _ in 0..6 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(
+            &scrape(&server),
+            "zdr_worker_restarts_total{cause=\"max_requests\"}"
+        ) >= 1.0),
+        "{}",
+        scrape(&server)
+    );
+    // A reload that cannot boot counts as rolled back.
+    deploy_script(&exe, "#!/bin/sh\nexit 3\n");
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("rolled back", Duration::from_secs(60));
+    let text = scrape(&server);
+    assert_eq!(
+        metric(&text, "zdr_reloads_total{outcome=\"rolled_back\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "zdr_reloads_total{outcome=\"completed\"}"),
+        0.0
+    );
+}

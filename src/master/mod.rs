@@ -1174,7 +1174,7 @@ impl Master {
         let slot = self.board.slot(w.slot);
         let (state, message, requests) = (slot.state(), slot.message(), slot.requests());
         self.totals.requests.add(&slot.counters());
-        slot.release();
+        self.board.release(w.slot);
         if let Some(cause) = w.restart_cause {
             *self.totals.restarts.entry(cause).or_default() += 1;
         }
@@ -1461,7 +1461,7 @@ impl Master {
         let (output, stderr) = match Output::pipe() {
             Ok(pair) => pair,
             Err(e) => {
-                slot.release();
+                self.board.release(slot_index);
                 error!("Cannot start a worker: no pipe for its output: {e}");
                 return;
             }
@@ -1507,7 +1507,7 @@ impl Master {
                 });
             }
             Err(e) => {
-                slot.release();
+                self.board.release(slot_index);
                 let cause = format!("cannot start a worker from {}: {e}", self.exe.display());
                 self.crash_streak += 1;
                 self.next_spawn = Instant::now() + backoff(self.crash_streak);
