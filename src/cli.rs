@@ -202,6 +202,10 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
+            // The certificates are read as serve would read them.
+            if let Err(e) = crate::tls::acceptor(&settings) {
+                return fail(&format!("{e:#}"));
+            }
             if load_app {
                 if let Err(e) = loader() {
                     return fail(&format!("the app failed to load: {e:#}"));

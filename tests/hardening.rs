@@ -12,7 +12,7 @@ use common::*;
 /// Sends raw bytes and reads until the server closes (or 10 s pass).
 fn exchange(addr: SocketAddr, bytes: &[u8]) -> (Option<u16>, bool) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let _ = s.write_all(bytes);
     let mut raw = Vec::new();
     let closed = match s.read_to_end(&mut raw) {
@@ -145,8 +145,42 @@ fn a_panicking_handler_costs_one_request() {
     );
     server.wait_for_log(
         "handler panicked: the demo app was asked to panic",
-        Duration::from_secs(5),
+        Duration::from_secs(60),
     );
+}
+
+#[test]
+fn a_service_error_is_a_500_and_the_worker_goes_on() {
+    let server = Launch::serve(&["--workers", "1"]).start();
+    server.wait_ready();
+    let pid = *server.wait_workers(1).iter().next().unwrap();
+    let r = server.get("/error");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (500, "Internal Server Error\n")
+    );
+    assert_eq!(server.get("/").pid(), pid);
+    server.wait_for_log(
+        "app error: the demo app was asked to fail",
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn limits_of_zero_mean_none() {
+    let server = Launch::serve(&[
+        "--limit-request-line",
+        "0",
+        "--limit-request-field_size",
+        "0",
+    ])
+    .start();
+    server.wait_ready();
+    // Far past the defaults (4094 and 8190 bytes): answered by the app.
+    let long_target = format!("/{}", "a".repeat(20_000));
+    assert_eq!(server.get(&long_target).status, 404);
+    let r = get_with(server.addr(), &format!("X-Big: {}\r\n", "b".repeat(20_000)));
+    assert_eq!(r.status, 200);
 }
 
 /// A small deterministic generator, so that a failure can be replayed.
@@ -231,7 +265,7 @@ fn fuzzed_request_heads_never_crash_a_worker() {
 
 fn get_with(addr: SocketAddr, headers: &str) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(
         s,
         "GET / HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n"
@@ -262,7 +296,7 @@ fn forwarded_headers_from_trusted_peers_only() {
         "Forwarded: for=\"[2001:db8::7]:4711\";proto=https\r\n",
     );
     assert_eq!(r.field("client").as_deref(), Some("2001:db8::7"));
-    assert!(wait_until(Duration::from_secs(5), || {
+    assert!(wait_until(Duration::from_secs(60), || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() == 2)
     }));
     let text = std::fs::read_to_string(&log).unwrap();
@@ -344,7 +378,7 @@ fn workers_run_as_the_given_user() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        assert!(wait_until(Duration::from_secs(10), || {
+        assert!(wait_until(Duration::from_secs(60), || {
             let now = server.worker_pids();
             now.len() == 2 && !now.contains(&victim)
         }));
@@ -380,7 +414,7 @@ fn out_of_descriptors_backs_off_and_recovers() {
     let idle: Vec<TcpStream> = (0..80)
         .filter_map(|_| TcpStream::connect(addr).ok())
         .collect();
-    server.wait_for_log("accept failed", Duration::from_secs(10));
+    server.wait_for_log("accept failed", Duration::from_secs(60));
     // A worker that retried at once would burn a core; one that backs off
     // sleeps nearly all the time, however busy the machine is.
     let before = cpu_ticks(worker);
@@ -403,7 +437,7 @@ fn out_of_descriptors_backs_off_and_recovers() {
     );
     drop(idle);
     // Once connections close, it serves again.
-    let ok = wait_until(Duration::from_secs(15), || {
+    let ok = wait_until(Duration::from_secs(60), || {
         try_get(addr, "/").is_ok_and(|r| r.status == 200)
     });
     assert!(

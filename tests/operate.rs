@@ -74,7 +74,7 @@ fn status_lists_the_workers_and_both_generations_during_a_reload() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&script, &exe).unwrap();
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(10));
+    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(60));
     let ok = wait_until(Duration::from_secs(30), || {
         pids_of(&status(pid), 2, "booting").len() == 3
     });
@@ -161,7 +161,7 @@ fn scale_and_stop_through_the_control_socket() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "stopping gracefully"
     );
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
     assert!(!sock.exists(), "control socket left behind");
     let out = Launch::raw(&["status", "--control-socket", sock_s]).output();
     assert_eq!(out.status.code(), Some(1));
@@ -185,7 +185,7 @@ fn health_probes_and_the_shutdown_delay() {
     }
 
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    server.wait_for_log("Shutdown delay", Duration::from_secs(10));
+    server.wait_for_log("Shutdown delay", Duration::from_secs(60));
     // During the delay: readiness fails, everything else is served.
     for _ in 0..5 {
         let ready = server.get("/_zdr/ready");
@@ -243,11 +243,11 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let dir = TempDir::new("notify");
     let path = dir.path("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let recv = || {
         let mut buf = [0u8; 1024];
-        let n = sock.recv(&mut buf).expect("a notification within 15 s");
+        let n = sock.recv(&mut buf).expect("a notification within 60 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let mut server = Launch::serve(&["--workers", "2"])
@@ -268,7 +268,7 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(ready, "READY=1\nSTATUS=2 workers ready, generation 2\n");
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(recv().starts_with("STOPPING=1\n"));
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }
 
 #[test]
@@ -299,7 +299,7 @@ fn systemd_socket_activation() {
     assert_eq!(get(addr, "/").status, 200);
     // A reload keeps the activated socket.
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert_eq!(get(addr, "/").generation(), 2);
 }
 
@@ -314,13 +314,13 @@ fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
     let grown = server.get("/alloc?mb=100").pid();
     server.wait_for_log(
         &format!("Worker (pid: {grown}) uses"),
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     );
     assert!(
-        wait_until(Duration::from_secs(10), || !alive(grown)),
+        wait_until(Duration::from_secs(60), || !alive(grown)),
         "the worker over its limit was not recycled"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_for_more(50);
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     let after = server.wait_workers(2);
@@ -381,7 +381,7 @@ fn metrics_sum_over_workers_and_survive_reloads() {
     );
 
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert!(workers.iter().all(|p| !alive(*p)));
     let text = scrape(&server);
     assert_eq!(
@@ -405,7 +405,7 @@ fn metrics_sum_over_workers_and_survive_reloads() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || metric(
+    assert!(wait_until(Duration::from_secs(60), || metric(
         &scrape(&server),
         "zdr_worker_restarts_total{cause=\"crash\"}"
     ) == 1.0));
@@ -428,7 +428,7 @@ fn reload_wait_gives_up_at_its_timeout() {
         "{stderr}"
     );
     // The reload itself goes on and completes.
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(20));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
 }
 
 #[test]

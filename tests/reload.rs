@@ -181,7 +181,7 @@ fn a_bad_config_on_reload_changes_nothing() {
     server.signal(Signal::SIGHUP);
     server.wait_for_log(
         "Reload aborted, configuration unchanged",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     );
     assert!(
         server
@@ -196,7 +196,7 @@ fn a_bad_config_on_reload_changes_nothing() {
     // A good edit takes effect on the next HUP.
     write_file(&cfg, "workers = 3\n");
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     let new = server.wait_workers(3);
     assert!(new.is_disjoint(&old));
 }
@@ -210,17 +210,17 @@ fn ttin_ttou_and_winch() {
     let three = server.wait_workers(3);
     // Signals of one kind sent together coalesce: wait for each effect.
     server.signal(Signal::SIGTTOU);
-    server.wait_for_log("Number of workers: 2", Duration::from_secs(5));
+    server.wait_for_log("Number of workers: 2", Duration::from_secs(60));
     server.wait_workers(2);
     server.signal(Signal::SIGTTOU);
-    server.wait_for_log("Number of workers: 1", Duration::from_secs(5));
+    server.wait_for_log("Number of workers: 1", Duration::from_secs(60));
     let one = server.wait_workers(1);
     assert!(one.is_subset(&three));
     // Never below one: the master answers the signal, and a status it
     // gives after that (its maintenance runs before it reads requests)
     // still shows the one worker, ready.
     server.signal(Signal::SIGTTOU);
-    server.wait_for_log_count("Number of workers: 1", 2, Duration::from_secs(5));
+    server.wait_for_log_count("Number of workers: 1", 2, Duration::from_secs(60));
     let socket = server.control_socket();
     let out = Launch::raw(&[
         "status",
@@ -243,7 +243,7 @@ fn ttin_ttou_and_winch() {
 
     server.signal(Signal::SIGWINCH);
     assert!(
-        wait_until(Duration::from_secs(10), || server.worker_pids().is_empty()),
+        wait_until(Duration::from_secs(60), || server.worker_pids().is_empty()),
         "workers left after WINCH"
     );
     assert!(alive(server.pid), "WINCH must keep the master");
@@ -303,7 +303,7 @@ fn a_hup_during_a_reload_supersedes_it() {
         ),
     );
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(10));
+    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(60));
     let ok = wait_until(Duration::from_secs(30), || {
         server
             .status()
@@ -432,7 +432,7 @@ fn usr2_upgrades_the_binary_keeping_the_master_pid() {
             "#!/bin/sh\necho 'bad build: missing symbol' >&2\nexit 1\n",
         );
         server.signal(Signal::SIGUSR2);
-        server.wait_for_log("Binary upgrade aborted", Duration::from_secs(10));
+        server.wait_for_log("Binary upgrade aborted", Duration::from_secs(60));
         assert!(server
             .log_text()
             .contains("check exited with status 1; its last output: bad build: missing symbol"));
@@ -447,8 +447,8 @@ fn usr2_upgrades_the_binary_keeping_the_master_pid() {
             ),
         );
         server.signal(Signal::SIGUSR2);
-        server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(200));
+        server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+        load.wait_for_generation(2, 50);
         let report = rt.block_on(load.stop());
         assert_eq!(report.failed, 0, "preload={preload}: {:?}", report.failures);
         assert!(
@@ -482,7 +482,7 @@ fn upgraded_connections_outlive_a_reload_until_they_close() {
     server.wait_ready();
     let old = server.wait_workers(1);
     let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
         .unwrap();
     let mut head = Vec::new();
@@ -502,7 +502,7 @@ fn upgraded_connections_outlive_a_reload_until_they_close() {
     );
 
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Generation 2 ready", Duration::from_secs(10));
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
     assert_eq!(server.get("/").generation(), 2);
     // The old worker drains but keeps the upgraded connection working.
     for word in [&b"still here"[..], b"after the reload"] {
@@ -517,7 +517,7 @@ fn upgraded_connections_outlive_a_reload_until_they_close() {
     );
     assert_eq!(server.log_count("Reload to generation 2 complete"), 0);
     drop(s);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert!(old.iter().all(|p| !alive(*p)));
 }
 
@@ -536,7 +536,7 @@ fn reload_adds_and_removes_bind_addresses() {
         &format!("bind = [\"127.0.0.1:0\", \"unix:{}\"]\n", sock.display()),
     );
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert_eq!(
         get(tcp, "/").generation(),
         2,
@@ -552,7 +552,111 @@ fn reload_adds_and_removes_bind_addresses() {
 
     write_file(&cfg, &format!("bind = \"unix:{}\"\n", sock.display()));
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 3 complete", Duration::from_secs(10));
+    server.wait_for_log("Reload to generation 3 complete", Duration::from_secs(60));
     assert!(!port_open(tcp), "the removed address still accepts");
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+}
+
+#[test]
+fn a_draining_worker_closes_http1_with_connection_close_and_http2_with_goaway() {
+    use std::io::{Read, Write};
+    let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "120"]).start();
+    server.wait_ready();
+    let old = server.wait_generation_ready(1, 1);
+    let addr = server.addr();
+
+    // HTTP/1.1: a keep-alive connection with a request in flight.
+    let mut h1 = std::net::TcpStream::connect(addr).unwrap();
+    h1.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    h1.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nx")
+        .unwrap();
+    // HTTP/2: a connection with a stream in flight (its body not finished).
+    let rt = runtime();
+    let (mut h2_body, h2_response, h2_conn) = rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let (body_tx, body_rx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(1);
+        let body = http_body_util::StreamBody::new(tokio_stream_from(body_rx));
+        let req = hyper::Request::post("http://test/").body(body).unwrap();
+        let response = tokio::spawn(async move { sender.send_request(req).await });
+        body_tx
+            .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"x",
+            ))))
+            .await
+            .unwrap();
+        (body_tx, response, conn)
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), || accepted_connections(
+            &old,
+            addr.port()
+        ) == 2),
+        "both connections reach the worker"
+    );
+
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
+    let ok = wait_until(Duration::from_secs(60), || {
+        server
+            .status()
+            .workers
+            .iter()
+            .all(|w| w.generation == 2 || !w.accepting)
+    });
+    assert!(ok, "the old worker never began to drain");
+
+    // HTTP/1.1: the answer says the connection closes, and it does.
+    h1.write_all(b"y").unwrap();
+    let mut raw = Vec::new();
+    h1.read_to_end(&mut raw).unwrap();
+    let reply = parse_reply(&raw).expect("a whole response");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation(), 1);
+    assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+
+    // HTTP/2: the stream in flight completes; the connection then ends
+    // cleanly (GOAWAY, not a reset), and takes no new stream.
+    let (status, conn_result) = rt.block_on(async {
+        h2_body
+            .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"y",
+            ))))
+            .await
+            .unwrap();
+        drop(std::mem::replace(
+            &mut h2_body,
+            tokio::sync::mpsc::channel(1).0,
+        ));
+        let response = h2_response
+            .await
+            .unwrap()
+            .expect("the stream in flight is answered");
+        let status = response.status().as_u16();
+        use http_body_util::BodyExt;
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("generation=1"));
+        let conn = tokio::time::timeout(Duration::from_secs(60), h2_conn)
+            .await
+            .expect("the HTTP/2 connection closes once drained");
+        (status, conn.unwrap())
+    });
+    assert_eq!(status, 200);
+    assert!(conn_result.is_ok(), "{conn_result:?}");
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+}
+
+/// A stream of a channel's items.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

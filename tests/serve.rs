@@ -62,7 +62,7 @@ fn keep_alive_reuses_then_closes_idle_connections() {
     let server = Launch::serve(&["--keep-alive", "1"]).start();
     server.wait_ready();
     let mut s = TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut pids = Vec::new();
     for _ in 0..2 {
         s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
@@ -171,7 +171,7 @@ fn a_killed_worker_is_replaced() {
     let before = server.wait_workers(2);
     let victim = *before.iter().next().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(60), || {
         let now = server.worker_pids();
         now.len() == 2 && !now.contains(&victim)
     });
@@ -196,8 +196,8 @@ fn workers_do_not_outlive_a_killed_master() {
     let workers = server.wait_workers(3);
     let addr = server.addr();
     server.signal(Signal::SIGKILL);
-    server.wait_exit(Duration::from_secs(5));
-    let gone = wait_until(Duration::from_secs(20), || {
+    server.wait_exit(Duration::from_secs(60));
+    let gone = wait_until(Duration::from_secs(60), || {
         workers.iter().all(|p| !alive(*p))
     });
     assert!(gone, "workers still alive 20 s after the master died");
@@ -363,7 +363,7 @@ fn pidfile_is_written_and_removed() {
         server.pid.to_string()
     );
     server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
     assert!(!pidfile.exists());
 }
 
@@ -376,7 +376,7 @@ fn access_log_uses_gunicorn_format() {
     let slow = server.get("/slow?ms=1");
     assert_eq!(slow.status, 200);
     assert_eq!(server.get("/nope").status, 404);
-    let ok = wait_until(Duration::from_secs(5), || {
+    let ok = wait_until(Duration::from_secs(60), || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() == 2)
     });
     assert!(ok);
@@ -414,7 +414,7 @@ fn unix_socket_and_several_binds() {
     s.read_to_end(&mut raw).unwrap();
     assert_eq!(parse_reply(&raw).unwrap().status, 200);
     server.signal(Signal::SIGTERM);
-    server.wait_exit(Duration::from_secs(10));
+    server.wait_exit(Duration::from_secs(60));
     assert!(!sock.exists(), "socket file left behind");
 }
 
@@ -444,4 +444,347 @@ fn help_reads_like_gunicorn() {
         assert!(help.contains(flag), "help lacks {flag}:\n{help}");
     }
     assert!(help.contains("ZDR_WORKERS"));
+}
+
+#[test]
+fn check_validates_without_binding_and_load_app_runs_the_load_step() {
+    // A port in use does not matter to check: it binds nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bind = taken.local_addr().unwrap().to_string();
+    let t = check(Launch::raw(&["check", "--bind", &bind, "--workers", "3"]));
+    assert_eq!(t["workers"].as_integer(), Some(3));
+    assert_eq!(
+        t["bind"].as_array().unwrap()[0].as_str(),
+        Some(bind.as_str())
+    );
+    // Without --load-app the app is not loaded; with it, its failure is
+    // the check's.
+    let broken = || Launch::raw(&["check"]).env("ZDR_DEMO_LOAD_ERROR", "no database");
+    check(broken());
+    let out = Launch::raw(&["check", "--load-app"])
+        .env("ZDR_DEMO_LOAD_ERROR", "no database")
+        .output();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("demo app: no database"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Launch::raw(&["check", "--load-app"]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_zdr_variable_reaches_its_setting() {
+    let dir = TempDir::new("envvars");
+    let d = dir.0.to_str().unwrap();
+    let file = |name: &str| format!("{d}/{name}");
+    // (variable, value, key in check's output, value there)
+    let cases: Vec<(&str, String, &str, String)> = vec![
+        (
+            "ZDR_BIND",
+            "127.0.0.1:9555".into(),
+            "bind",
+            "[\"127.0.0.1:9555\"]".into(),
+        ),
+        ("ZDR_BACKLOG", "77".into(), "backlog", "77".into()),
+        ("ZDR_WORKERS", "4".into(), "workers", "4".into()),
+        ("ZDR_THREADS", "3".into(), "threads", "3".into()),
+        (
+            "ZDR_WORKER_CONNECTIONS",
+            "55".into(),
+            "worker_connections",
+            "55".into(),
+        ),
+        ("ZDR_TIMEOUT", "12".into(), "timeout", "12.0".into()),
+        (
+            "ZDR_GRACEFUL_TIMEOUT",
+            "13".into(),
+            "graceful_timeout",
+            "13.0".into(),
+        ),
+        (
+            "ZDR_BOOT_TIMEOUT",
+            "14".into(),
+            "boot_timeout",
+            "14.0".into(),
+        ),
+        ("ZDR_KEEPALIVE", "5".into(), "keepalive", "5.0".into()),
+        (
+            "ZDR_MAX_REQUESTS",
+            "100".into(),
+            "max_requests",
+            "100".into(),
+        ),
+        (
+            "ZDR_MAX_WORKER_MEMORY",
+            "512M".into(),
+            "max_worker_memory",
+            "\"512M\"".into(),
+        ),
+        (
+            "ZDR_MAX_REQUESTS_JITTER",
+            "9".into(),
+            "max_requests_jitter",
+            "9".into(),
+        ),
+        ("ZDR_PRELOAD", "true".into(), "preload", "true".into()),
+        (
+            "ZDR_PIDFILE",
+            file("a.pid"),
+            "pidfile",
+            format!("\"{}\"", file("a.pid")),
+        ),
+        (
+            "ZDR_CONTROL_SOCKET",
+            file("c.sock"),
+            "control_socket",
+            format!("\"{}\"", file("c.sock")),
+        ),
+        (
+            "ZDR_LIMIT_REQUEST_LINE",
+            "0".into(),
+            "limit_request_line",
+            "0".into(),
+        ),
+        (
+            "ZDR_LIMIT_REQUEST_FIELDS",
+            "7".into(),
+            "limit_request_fields",
+            "7".into(),
+        ),
+        (
+            "ZDR_LIMIT_REQUEST_FIELD_SIZE",
+            "0".into(),
+            "limit_request_field_size",
+            "0".into(),
+        ),
+        (
+            "ZDR_LIMIT_REQUEST_BODY",
+            "1M".into(),
+            "limit_request_body",
+            "\"1M\"".into(),
+        ),
+        (
+            "ZDR_HEADER_TIMEOUT",
+            "4".into(),
+            "header_timeout",
+            "4.0".into(),
+        ),
+        (
+            "ZDR_FORWARDED_ALLOW_IPS",
+            "10.0.0.1".into(),
+            "forwarded_allow_ips",
+            "[\"10.0.0.1\"]".into(),
+        ),
+        (
+            "FORWARDED_ALLOW_IPS",
+            "10.0.0.2".into(),
+            "forwarded_allow_ips",
+            "[\"10.0.0.2\"]".into(),
+        ),
+        (
+            "ZDR_USER",
+            "65534".into(),
+            "run_as",
+            "[65534, 65534]".into(),
+        ),
+        (
+            "ZDR_GROUP",
+            "65534".into(),
+            "run_as",
+            format!("[{}, 65534]", nix::unistd::getuid()),
+        ),
+        ("ZDR_UMASK", "027".into(), "umask", "23".into()),
+        ("ZDR_CHDIR", d.into(), "chdir", format!("\"{d}\"")),
+        (
+            "ZDR_METRICS_BIND",
+            "127.0.0.1:9556".into(),
+            "metrics_bind",
+            "\"127.0.0.1:9556\"".into(),
+        ),
+        (
+            "ZDR_SHUTDOWN_DELAY",
+            "3".into(),
+            "shutdown_delay",
+            "3.0".into(),
+        ),
+        (
+            "ZDR_HEALTH_LIVE_PATH",
+            "/l".into(),
+            "health_live_path",
+            "\"/l\"".into(),
+        ),
+        (
+            "ZDR_HEALTH_READY_PATH",
+            "/r".into(),
+            "health_ready_path",
+            "\"/r\"".into(),
+        ),
+        (
+            "ZDR_HEALTH_STARTUP_PATH",
+            "/s".into(),
+            "health_startup_path",
+            "\"/s\"".into(),
+        ),
+        (
+            "ZDR_LOGLEVEL",
+            "debug".into(),
+            "loglevel",
+            "\"debug\"".into(),
+        ),
+        (
+            "ZDR_ERRORLOG",
+            file("e.log"),
+            "errorlog",
+            format!("\"{}\"", file("e.log")),
+        ),
+        (
+            "ZDR_ACCESSLOG",
+            file("a.log"),
+            "accesslog",
+            format!("\"{}\"", file("a.log")),
+        ),
+        (
+            "ZDR_ACCESS_LOG_FORMAT",
+            "%(s)s".into(),
+            "access_log_format",
+            "\"%(s)s\"".into(),
+        ),
+    ];
+    for (var, value, key, expected) in &cases {
+        let t = check(Launch::raw(&["check"]).env(var, value));
+        let got = t
+            .get(*key)
+            .unwrap_or_else(|| panic!("{var}: no {key} in check's output: {t}"))
+            .to_string();
+        assert_eq!(&got, expected, "{var}={value}");
+    }
+    // The certificate settings are checked together.
+    let out = Launch::raw(&["check"])
+        .env("ZDR_CERTFILE", &file("missing.pem"))
+        .env("ZDR_KEYFILE", &file("missing.key"))
+        .env("ZDR_CA_CERTS", &file("ca.pem"))
+        .output();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every variable a flag declares is in the table above.
+    let command = <zdr::config::Options as clap::Args>::augment_args(clap::Command::new("zdr"));
+    for arg in command.get_arguments() {
+        let Some(var) = arg.get_env() else { continue };
+        let var = var.to_string_lossy();
+        assert!(
+            cases.iter().any(|c| c.0 == var)
+                || ["ZDR_CERTFILE", "ZDR_KEYFILE", "ZDR_CA_CERTS"].contains(&&*var),
+            "{var} is not tested"
+        );
+    }
+}
+
+#[test]
+fn umask_and_chdir_shape_the_files_it_makes() {
+    let dir = TempDir::new("chdir");
+    let mut server = Launch::serve(&[
+        "--chdir",
+        dir.0.to_str().unwrap(),
+        "--umask",
+        "077",
+        "--pid",
+        "zdr.pid",
+        "--access-logfile",
+        "access.log",
+    ])
+    .start();
+    server.wait_ready();
+    server.wait_workers(1);
+    assert_eq!(server.get("/").status, 200);
+    // Relative paths are under --chdir; files are made under --umask.
+    let pidfile = dir.path("zdr.pid");
+    wait_for_file_text(&dir.path("access.log"), "\"GET / HTTP/1.1\" 200");
+    for file in [pidfile.clone(), dir.path("access.log")] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&file).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", file.display());
+    }
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", server.pid)).unwrap();
+    assert_eq!(cwd, dir.0.canonicalize().unwrap());
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert!(!pidfile.exists());
+}
+
+#[test]
+fn backlog_sets_the_listen_queue() {
+    let server = Launch::serve(&["--backlog", "77"]).start();
+    server.wait_ready();
+    // ss shows a listening socket's backlog as its Send-Q.
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", server.port())])
+        .output()
+        .expect("ss (iproute2) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(send_q, ["77"], "{text}");
+}
+
+/// Builds (if `cargo test` has not already) and returns an example binary.
+fn example(name: &str) -> std::path::PathBuf {
+    let dir = zdr_bin().parent().unwrap().join("examples");
+    let exe = dir.join(name);
+    if !exe.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build --example {name}");
+    }
+    exe
+}
+
+#[test]
+fn the_examples_serve_and_reload() {
+    let server = Launch::serve(&["--workers", "2"])
+        .exe(&example("axum"))
+        .env("GREETING", "Bonjour")
+        .start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let r = server.get("/hello/zdr");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.starts_with("Bonjour, zdr! (request 1 of worker "),
+        "{}",
+        r.body
+    );
+    assert_eq!(server.get("/_zdr/ready").status, 200);
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+    assert_eq!(server.get("/").body, "axum on zdr\n");
+
+    let server = Launch::serve(&["--workers", "2", "--preload"])
+        .exe(&example("preload"))
+        .env("TABLE_MB", "1")
+        .start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let r = server.get("/lookup/7");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body
+            .ends_with(&format!("(table built in pid {})\n", server.pid)),
+        "{}",
+        r.body
+    );
 }

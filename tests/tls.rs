@@ -138,13 +138,17 @@ fn https_over_http1_and_http2_and_renewed_on_reload() {
     let second = make_cert(&dir.0);
     let config = client_config(&[&first, &second], b"http/1.1");
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let load = {
-        let (stop, config) = (Arc::clone(&stop), Arc::clone(&config));
+        let (stop, config, done) = (Arc::clone(&stop), Arc::clone(&config), Arc::clone(&done));
         rt.spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 match https_get(addr, Arc::clone(&config)).await {
-                    Ok((_, 200, _, _)) => ok += 1,
+                    Ok((_, 200, _, _)) => {
+                        ok += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok((_, s, _, _)) => failed.push(format!("status {s}")),
                     Err(e) => failed.push(e),
                 }
@@ -152,10 +156,19 @@ fn https_over_http1_and_http2_and_renewed_on_reload() {
             (ok, failed)
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    let served = |n: u64| {
+        assert!(
+            wait_until(Duration::from_secs(60), || done.load(Ordering::Relaxed)
+                >= n),
+            "traffic stopped at {} requests",
+            done.load(Ordering::Relaxed)
+        )
+    };
+    served(10);
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(200));
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+    // Traffic goes on after the reload.
+    served(done.load(Ordering::Relaxed) + 10);
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = rt.block_on(load).unwrap();
     assert!(
@@ -179,7 +192,7 @@ fn https_over_http1_and_http2_and_renewed_on_reload() {
     server.signal(nix::sys::signal::Signal::SIGHUP);
     server.wait_for_log(
         "Reload aborted, the old certificate stays",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     );
     let (_, status, _, seen) = rt
         .block_on(https_get(addr, client_config(&[&second], b"h2")))

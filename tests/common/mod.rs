@@ -162,7 +162,7 @@ impl Launch {
             .spawn()
             .unwrap();
         let pgid = child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if child.try_wait().unwrap().is_some() {
                 return child.wait_with_output().unwrap();
@@ -172,7 +172,7 @@ impl Launch {
                     nix::unistd::Pid::from_raw(pgid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                panic!("{:?} did not exit within 20 s", self.args);
+                panic!("{:?} did not exit within 60 s", self.args);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -210,7 +210,7 @@ impl Launch {
         let log = Arc::new(Mutex::new(Vec::<String>::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if std::env::var_os("ZDR_TEST_ECHO").is_some() {
@@ -223,6 +223,7 @@ impl Launch {
             pid: child.id(),
             child,
             log,
+            log_reader: Some(log_reader),
             addr: None,
             exited: None,
             dir,
@@ -236,6 +237,8 @@ pub struct Server {
     pub pid: u32,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Reads the server's stderr until every process holding it is gone.
+    log_reader: Option<std::thread::JoinHandle<()>>,
     addr: Option<SocketAddr>,
     exited: Option<ExitStatus>,
     /// The server's `TMPDIR`, removed after the server is killed.
@@ -371,7 +374,7 @@ impl Server {
 
     /// Waits until the first generation is ready.
     pub fn wait_ready(&self) {
-        self.wait_for_log("Ready: generation", Duration::from_secs(20));
+        self.wait_for_log("Ready: generation", Duration::from_secs(60));
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -393,8 +396,15 @@ impl Server {
             "master did not exit within {timeout:?}; log:\n{}",
             self.log_text()
         );
-        // Let the log reader catch up.
-        std::thread::sleep(Duration::from_millis(50));
+        // The whole log: its reader ends when the last process writing to
+        // it (the master, or a worker that outlived it) is gone.
+        let reader = self.log_reader.take();
+        let done = wait_until(timeout, || reader.as_ref().is_none_or(|r| r.is_finished()));
+        assert!(
+            done,
+            "a process still holds the server's stderr; log:\n{}",
+            self.log_text()
+        );
         self.exited.unwrap()
     }
 
@@ -407,7 +417,7 @@ impl Server {
     /// their pids.
     pub fn wait_workers(&self, n: usize) -> BTreeSet<u32> {
         let mut pids = BTreeSet::new();
-        let ok = wait_until(Duration::from_secs(20), || {
+        let ok = wait_until(Duration::from_secs(60), || {
             pids = self.worker_pids();
             pids.len() == n && pids.iter().all(|p| is_serving(*p))
         });
@@ -551,7 +561,7 @@ pub fn get(addr: SocketAddr, path: &str) -> Reply {
 }
 
 pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
     s.set_read_timeout(Some(Duration::from_secs(70)))?;
     write!(
         s,
