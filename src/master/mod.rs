@@ -101,6 +101,10 @@ struct Stop {
 struct Switchover {
     generation: u64,
     requested: Instant,
+    /// The answer for `zdr reload --wait`, given once no worker of an older
+    /// generation accepts any more: from then on every new connection
+    /// reaches the new generation.
+    reply: Option<Response>,
 }
 
 /// A binary upgrade waiting for the new binary's check.
@@ -893,9 +897,20 @@ impl Master {
                     retiring.len(),
                     n = self.target
                 );
+                // A reload that completed before this one took over is
+                // answered now.
+                if let Some(Switchover {
+                    generation,
+                    reply: Some(reply),
+                    ..
+                }) = self.switchover.take()
+                {
+                    self.control.reload_finished(generation, &reply);
+                }
                 self.switchover = Some(Switchover {
                     generation: id,
                     requested: rollout.started,
+                    reply: None,
                 });
             }
         }
@@ -938,7 +953,10 @@ impl Master {
             status: None,
             reload: Some(outcome.clone()),
         };
-        self.control.reload_finished(generation, &response);
+        match (&mut self.switchover, result.is_ok()) {
+            (Some(s), true) if s.generation == generation => s.reply = Some(response),
+            _ => self.control.reload_finished(generation, &response),
+        }
         match result {
             Ok(()) => self.totals.reloads_completed += 1,
             Err(_) => self.totals.reloads_rolled_back += 1,
@@ -984,7 +1002,17 @@ impl Master {
     /// Logs the end of a reload once the last worker of older generations
     /// has exited.
     fn check_switchover(&mut self) {
-        let Some(s) = &self.switchover else { return };
+        let Some(s) = &mut self.switchover else {
+            return;
+        };
+        let old_accepting = self.workers.iter().any(|w| {
+            w.generation < s.generation && self.board.slot(w.slot).state() == SlotState::Ready
+        });
+        if !old_accepting {
+            if let Some(reply) = s.reply.take() {
+                self.control.reload_finished(s.generation, &reply);
+            }
+        }
         if self.workers.iter().all(|w| w.generation >= s.generation) {
             info!(
                 "Reload to generation {} complete in {} ms",
