@@ -27,7 +27,7 @@ use tower::ServiceExt;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The request type zdr hands to the app's service.
-pub type Request = http::Request<hyper::body::Incoming>;
+pub type Request = http::Request<crate::http::body::RequestBody>;
 
 /// The response body zdr sends: any app body, boxed.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;

@@ -5,9 +5,11 @@
 //!   process ran the load step (the master's pid under `--preload`), and
 //!   the client's address and scheme as zdr resolved them.
 //! - `GET /slow?ms=N` answers the same after N ms (at most 60 000).
-//! - `POST /` reads the whole request body, then answers as `GET /` does,
-//!   plus `received=BYTES`: a request stays in flight for as long as its
-//!   client takes to send the body.
+//! - `POST /` (or `/upload`) reads the whole request body, then answers as
+//!   `GET /` does, plus `received=BYTES`: a request stays in flight for as
+//!   long as its client takes to send the body. A POST anywhere else is
+//!   answered 405 at once, without reading its body, as many apps answer
+//!   (an upload refused before it is read).
 //! - `GET /echo` with `Connection: upgrade` and `Upgrade: echo` switches
 //!   protocols and echoes every byte back until the client closes: an
 //!   upgraded connection, like a WebSocket, that a reload leaves open until
@@ -135,7 +137,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
     let mut received = None;
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, _) => {}
-        (&Method::POST, "/") => {}
+        (&Method::POST, "/" | "/upload") => {}
         _ => {
             return Ok(reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -148,7 +150,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         WorkerInfo::current(),
     );
     match req.uri().path() {
-        "/" if req.method() == Method::POST => {
+        "/" | "/upload" if req.method() == Method::POST => {
             use http_body_util::BodyExt;
             match req.into_body().collect().await {
                 Ok(body) => received = Some(body.to_bytes().len()),

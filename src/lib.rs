@@ -43,4 +43,5 @@ mod tls;
 mod worker;
 
 pub use app::{Body, BoxError, Request, Response, Server, WorkerInfo};
+pub use http::body::{BodyTooLarge, RequestBody};
 pub use http::forwarded::ClientInfo;

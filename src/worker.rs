@@ -269,24 +269,41 @@ async fn serve(
 
     let capacity = settings.worker_connections;
     let permits = Arc::new(Semaphore::new(capacity));
-    for listener in listeners {
-        tokio::spawn(accept_loop(
-            listener,
-            Arc::clone(&shared),
-            drain_rx.clone(),
-            Arc::clone(&permits),
-        ));
-    }
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(accept_loop(
+                listener,
+                Arc::clone(&shared),
+                drain_rx.clone(),
+                Arc::clone(&permits),
+            ))
+        })
+        .collect();
     slot.set_state(SlotState::Ready);
     bell.ring();
 
-    match wait_for_stop(spec.master_pid, &shared, drain_rx).await {
+    match wait_for_stop(spec.master_pid, &shared, drain_rx.clone()).await {
         Stop::Fast => return 0,
         Stop::Graceful => {}
     }
     let _ = drain_tx.send(true);
     slot.set_state(SlotState::Draining);
     bell.ring();
+    let mut listeners = Vec::with_capacity(accepting.len());
+    for task in accepting {
+        if let Ok(listener) = task.await {
+            listeners.push(listener);
+        }
+    }
+    let swept = if shared.board.stopping() {
+        sweep(&listeners, &shared, &drain_rx, &permits)
+    } else {
+        0
+    };
+    // This worker's copies of the listening sockets close here.
+    drop(listeners);
+    let capacity = capacity + swept;
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
     let graceful = settings.graceful_timeout();
     if tokio::time::timeout(graceful, permits.acquire_many(all))
@@ -350,18 +367,30 @@ async fn wait_for_stop(master_pid: u32, shared: &Shared, mut drain: watch::Recei
 const BALANCE_WAIT: Duration = Duration::from_micros(250);
 const BALANCE_WAITS: u32 = 20;
 
+/// Accepts on one listener until the worker drains; returns the listener.
 async fn accept_loop(
     listener: WorkerListener,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
     permits: Arc<Semaphore>,
+) -> WorkerListener {
+    accept_until_drained(&listener, &shared, &mut drain, &permits).await;
+    listener
+}
+
+/// Accepts connections until the worker drains.
+async fn accept_until_drained(
+    listener: &WorkerListener,
+    shared: &Arc<Shared>,
+    drain: &mut watch::Receiver<bool>,
+    permits: &Arc<Semaphore>,
 ) {
     let mut last_complaint = None;
     loop {
         let permit = tokio::select! {
             biased;
             _ = drain.wait_for(|d| *d) => return,
-            p = Arc::clone(&permits).acquire_owned() => match p {
+            p = Arc::clone(permits).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -382,26 +411,10 @@ async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             _ = drain.wait_for(|d| *d) => return,
-            a = accept(&listener) => a,
+            a = accept(listener) => a,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                let drain = drain.clone();
-                // Counted now, not in the task, so that the share check
-                // before the next accept sees it.
-                let seat = (shared.board, shared.slot_index);
-                match stream {
-                    Stream::Tcp(s) => {
-                        let io = Tracked::new(s, permit, seat);
-                        tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
-                    }
-                    Stream::Unix(s) => {
-                        let io = Tracked::new(s, permit, seat);
-                        tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
-                    }
-                }
-            }
+            Ok((stream, peer)) => start_serving(stream, peer, permit, shared, drain),
             Err(e) if is_transient(&e) => {}
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning,
@@ -420,6 +433,70 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Serves an accepted connection in a task of its own.
+fn start_serving(
+    stream: Stream,
+    peer: Peer,
+    permit: OwnedSemaphorePermit,
+    shared: &Arc<Shared>,
+    drain: &watch::Receiver<bool>,
+) {
+    let (shared, drain) = (Arc::clone(shared), drain.clone());
+    // Counted now, not in the task, so that the share check before the
+    // next accept sees it.
+    let seat = (shared.board, shared.slot_index);
+    match stream {
+        Stream::Tcp(s) => {
+            let io = Tracked::new(s, permit, seat);
+            tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
+        }
+        Stream::Unix(s) => {
+            let io = Tracked::new(s, permit, seat);
+            tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
+        }
+    }
+}
+
+/// When the whole server stops, the master has closed its copies of the
+/// listening sockets; each worker takes what is already queued before it
+/// closes its own. Once the last copy is closed, new connections are
+/// refused at once, and none that was queued is dropped. (On a reload the
+/// next generation takes the queue instead.) Connections taken past the
+/// worker's cap get permits of their own; returns how many.
+fn sweep(
+    listeners: &[WorkerListener],
+    shared: &Arc<Shared>,
+    drain: &watch::Receiver<bool>,
+    permits: &Arc<Semaphore>,
+) -> usize {
+    use futures_util::FutureExt;
+    let mut extra = 0;
+    for listener in listeners {
+        loop {
+            match accept(listener).now_or_never() {
+                Some(Ok((stream, peer))) => {
+                    let permit = match Arc::clone(permits).try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => {
+                            permits.add_permits(1);
+                            extra += 1;
+                            match Arc::clone(permits).try_acquire_owned() {
+                                Ok(permit) => permit,
+                                Err(_) => break,
+                            }
+                        }
+                    };
+                    start_serving(stream, peer, permit, shared, drain);
+                }
+                Some(Err(e)) if is_transient(&e) => {}
+                // Nothing queued (or no descriptor left to take it with).
+                _ => break,
+            }
+        }
+    }
+    extra
 }
 
 /// Serves a connection, after the TLS handshake when serving HTTPS. The
@@ -450,11 +527,22 @@ async fn serve_maybe_tls<I>(
 /// is dropped, which for an upgraded connection (WebSocket) is when the app
 /// is done with it, not when hyper hands it over: a draining worker waits
 /// for it, up to the graceful timeout.
+///
+/// It closes with a lingering close: once the response is out it shuts
+/// its sending side, then reads and drops whatever the client still sends
+/// until the client closes too (or [`LINGER`] passes), so that unread
+/// request bytes never turn the close into a reset that could destroy the
+/// response on its way.
 struct Tracked<I> {
     io: I,
     _permit: OwnedSemaphorePermit,
     seat: (&'static Scoreboard, usize),
+    /// Set once the sending side is shut: the end of the lingering close.
+    linger_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The longest a closing connection waits for its client to close too.
+const LINGER: Duration = Duration::from_secs(2);
 
 impl<I> Tracked<I> {
     fn new(io: I, permit: OwnedSemaphorePermit, seat: (&'static Scoreboard, usize)) -> Tracked<I> {
@@ -463,6 +551,7 @@ impl<I> Tracked<I> {
             io,
             _permit: permit,
             seat,
+            linger_until: None,
         }
     }
 }
@@ -483,7 +572,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -505,7 +594,28 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        let until = match &mut this.linger_until {
+            Some(until) => until,
+            None => {
+                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                this.linger_until
+                    .insert(Box::pin(tokio::time::sleep(LINGER)))
+            }
+        };
+        let mut scratch = [0u8; 2048];
+        loop {
+            if std::future::Future::poll(until.as_mut(), cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed (or failed): nothing is left to reset.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

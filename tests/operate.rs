@@ -464,7 +464,8 @@ fn the_apps_readiness_check_gates_traffic_and_reloads() {
         "{}",
         server.log_text()
     );
-    assert!(server.status().workers.iter().all(|w| w.generation == 1));
+    // The rolled-back workers are killed; the old ones remain.
+    server.wait_generation_ready(1, 2);
     assert_eq!(server.get("/").generation(), 1);
 
     // Once it passes, the next reload goes through.

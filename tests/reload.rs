@@ -160,7 +160,7 @@ fn a_generation_that_cannot_boot_is_rolled_back() {
     );
     assert!(line.contains("generation 1 keeps serving"), "{line}");
     assert_eq!(
-        server.worker_pids(),
+        server.wait_generation_ready(1, 2),
         old,
         "the old workers must keep serving, untouched"
     );

@@ -207,8 +207,8 @@ fn usr2_rolls_back_a_binary_that_passes_its_check_but_cannot_boot() {
             "{}",
             server.log_text()
         );
-        assert_eq!(server.worker_pids(), old, "preload={preload}");
-        assert!(server.status().workers.iter().all(|w| w.generation == 1));
+        // The failed generation's workers go; the old ones stay.
+        assert_eq!(server.wait_generation_ready(1, 2), old, "preload={preload}");
     }
 }
 
@@ -282,4 +282,50 @@ fn stop_now_and_the_pidfile_fallback() {
     );
     assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
     assert!(server.log_text().contains("Handling signal: SIGTERM"));
+}
+
+#[test]
+fn a_graceful_stop_serves_what_is_queued_and_refuses_what_comes_after() {
+    let mut server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--worker-connections",
+        "1",
+        "--graceful-timeout",
+        "120",
+    ])
+    .start();
+    server.wait_ready();
+    let workers = server.wait_workers(1);
+    let addr = server.addr();
+    // The worker's one connection is busy; a second request waits in the
+    // listen queue, not accepted.
+    let busy = hold_requests(addr, 1, &workers).pop().unwrap();
+    let queued = std::thread::spawn(move || try_get(addr, "/"));
+    assert!(
+        wait_until(Duration::from_secs(60), || queued_connections(addr.port())
+            == 1),
+        "the second connection never reached the queue"
+    );
+    assert_eq!(accepted_connections(&workers, addr.port()), 1);
+
+    server.signal(Signal::SIGTERM);
+    // Once every copy of the listener is closed, a new connection is
+    // refused at once rather than left waiting.
+    let refused = wait_until(Duration::from_secs(60), || {
+        matches!(
+            std::net::TcpStream::connect(addr),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    });
+    assert!(refused, "new connections are not refused during the drain");
+    // The queued request is served, and so is the one in flight.
+    let r = queued
+        .join()
+        .unwrap()
+        .expect("the queued request was dropped");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(busy.finish().expect("the request in flight").status, 200);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }

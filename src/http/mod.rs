@@ -15,6 +15,7 @@
 //!   timeout.
 
 pub mod access_log;
+pub mod body;
 pub mod forwarded;
 
 use std::convert::Infallible;
@@ -244,28 +245,41 @@ struct ConnService {
     epoch: Instant,
 }
 
-impl hyper::service::Service<Request> for ConnService {
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
     type Response = Response;
     type Error = Infallible;
     type Future = ConnFuture;
 
-    fn call(&self, mut req: Request) -> ConnFuture {
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
             epoch: self.epoch,
         });
         let version = req.version();
+        let (req, body) = {
+            let (parts, incoming) = req.into_parts();
+            let (body, watch) = body::RequestBody::new(
+                incoming,
+                self.shared.limits.body,
+                version < Version::HTTP_2,
+            );
+            (Request::from_parts(parts, body), watch)
+        };
+        let mut req = req;
         if let Some(probe) = self.shared.probe(&req) {
             return ConnFuture {
                 inner: probe,
                 guard,
                 version,
+                head: req.method() == http::Method::HEAD,
+                body: None,
                 log: None,
                 metrics: None,
             };
         }
         let refusal = self.shared.limits.check(&req);
+        let req_is_head = req.method() == http::Method::HEAD;
         let client = self
             .shared
             .forwarded
@@ -309,6 +323,8 @@ impl hyper::service::Service<Request> for ConnService {
             inner,
             guard,
             version,
+            head: req_is_head,
+            body,
             log,
             metrics: Some((self.shared.slot, began)),
         }
@@ -331,6 +347,10 @@ pub(crate) struct ConnFuture {
     inner: crate::app::BoxFuture<Response>,
     guard: Option<InFlight>,
     version: Version,
+    /// A HEAD request: the response keeps its length but loses its content.
+    head: bool,
+    /// What became of the request's body, when it has one.
+    body: Option<Arc<body::BodyWatch>>,
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
     metrics: Option<(&'static Slot, std::time::Instant)>,
@@ -341,6 +361,18 @@ impl Future for ConnFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.inner.as_mut().poll(cx));
+        let mut close = false;
+        if let Some(body) = self.body.take() {
+            if body.too_large() {
+                // Whatever the app made of the error, the client sent too
+                // much: it hears so, and the connection closes.
+                res = plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n");
+                close = true;
+            } else {
+                close = body.must_close();
+            }
+        }
+        without_forbidden_content(&mut res, self.head);
         let elapsed = self.metrics.take().map(|(slot, began)| {
             let elapsed = began.elapsed();
             slot.record(res.status().as_u16(), elapsed);
@@ -350,7 +382,7 @@ impl Future for ConnFuture {
             .guard
             .as_ref()
             .is_some_and(|g| g.conn.draining.load(Ordering::Relaxed));
-        if self.version < Version::HTTP_2 && draining {
+        if self.version < Version::HTTP_2 && (draining || close) {
             res.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -376,6 +408,43 @@ impl Future for ConnFuture {
         }
         self.guard = None;
         Poll::Ready(Ok(res))
+    }
+}
+
+/// Takes the content out of a response that must not have any, whatever
+/// the app put in it (RFC 9110 §6.4.1 and §15; RFC 9113 §8.1): the answer
+/// to HEAD keeps the length it would have had, a 304 keeps its length too,
+/// 1xx and 204 carry no length, and 205 says 0. Over HTTP/2 a DATA frame
+/// in such a response is a protocol error for the client.
+fn without_forbidden_content(res: &mut Response, head: bool) {
+    let status = res.status().as_u16();
+    let empty_status = matches!(status, 100..=199 | 204 | 205 | 304);
+    if !head && !empty_status {
+        return;
+    }
+    if res.body().is_end_stream() && !head && status != 205 {
+        if matches!(status, 100..=199 | 204) {
+            res.headers_mut().remove(CONTENT_LENGTH);
+        }
+        return;
+    }
+    let length = res.body().size_hint().exact();
+    *res.body_mut() = http_body_util::Empty::new()
+        .map_err(|e| match e {})
+        .boxed_unsync();
+    let headers = res.headers_mut();
+    match status {
+        100..=199 | 204 => {
+            headers.remove(CONTENT_LENGTH);
+        }
+        205 => {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        _ => {
+            if let (false, Some(n)) = (headers.contains_key(CONTENT_LENGTH), length) {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
     }
 }
 

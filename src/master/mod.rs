@@ -1081,8 +1081,14 @@ impl Master {
         self.signal_stop(kind);
     }
 
-    /// Sends every worker its stop signal.
+    /// Sends every worker its stop signal, and closes the master's copies
+    /// of the listening sockets: once the workers have taken what is
+    /// queued and closed theirs, a new connection is refused at once
+    /// instead of waiting in a queue nobody accepts from.
     fn signal_stop(&mut self, kind: StopKind) {
+        for l in std::mem::take(&mut self.listeners) {
+            l.remove_socket_file();
+        }
         let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
         for pid in pids {
             match kind {

@@ -648,6 +648,19 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Connections to `port` that wait in its listen queue: established but
+/// accepted by no process (the listening socket's Recv-Q, from `ss`).
+pub fn queued_connections(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) is installed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
 /// Connections on `port` that the given processes have accepted: their
 /// socket descriptors that /proc/net/tcp lists as established there.
 pub fn accepted_connections(pids: &BTreeSet<u32>, port: u16) -> usize {

@@ -1,0 +1,197 @@
+//! The request body an app reads: hyper's, held to `--limit-request-body`
+//! on the bytes actually received (chunked and HTTP/2 bodies included, not
+//! only a declared Content-Length), and discarded in the background when
+//! the app answers without reading it, so that an HTTP/1.1 connection
+//! stays usable for the client's next request.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// The most an unread HTTP/1.1 body is read and thrown away to keep its
+/// connection; a larger rest closes the connection instead (the response
+/// then says `Connection: close`).
+pub(crate) const DISCARD_MAX: u64 = 4 << 20;
+
+/// How long the discarding of an unread body may wait for the client.
+const DISCARD_TIME: Duration = Duration::from_secs(10);
+
+/// A request's body, as the app's service receives it.
+///
+/// It yields the bytes the client sends. Past `--limit-request-body` it
+/// yields an error instead ([`BodyTooLarge`]), and zdr answers the request
+/// with 413 whatever the app answers. An app that does not read it need not
+/// care: what it leaves unread is discarded for it.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    /// Limits and what was seen: only for requests that have a body.
+    watch: Option<Arc<BodyWatch>>,
+    received: u64,
+}
+
+/// What a body's reader found, for the connection to act on once the
+/// response is ready.
+#[derive(Debug)]
+pub(crate) struct BodyWatch {
+    limit: Option<u64>,
+    /// Whether what is left unread may be discarded to keep the connection
+    /// (HTTP/1.x); over HTTP/2 the stream is reset instead, which is
+    /// harmless.
+    discard: bool,
+    too_large: AtomicBool,
+    /// Whether the app read it to its end.
+    ended: AtomicBool,
+    /// The length the client declared, if it did.
+    declared: Option<u64>,
+}
+
+impl BodyWatch {
+    /// Whether the body went past the limit.
+    pub(crate) fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection must close after the response: the app left
+    /// more of the body unread than zdr would read and discard for it.
+    pub(crate) fn must_close(&self) -> bool {
+        self.discard
+            && !self.ended.load(Ordering::Relaxed)
+            && self.declared.is_none_or(|n| n > self.budget())
+    }
+
+    fn budget(&self) -> u64 {
+        self.limit.unwrap_or(DISCARD_MAX).min(DISCARD_MAX)
+    }
+}
+
+/// The error a body yields past `--limit-request-body`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTooLarge {
+    /// The limit, in bytes.
+    pub limit: u64,
+}
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body over the limit of {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl RequestBody {
+    /// Wraps hyper's body. A request without a body costs nothing more.
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        discard: bool,
+    ) -> (RequestBody, Option<Arc<BodyWatch>>) {
+        let watch = (!inner.is_end_stream()).then(|| {
+            Arc::new(BodyWatch {
+                limit,
+                discard,
+                too_large: AtomicBool::new(false),
+                ended: AtomicBool::new(false),
+                declared: inner.size_hint().exact(),
+            })
+        });
+        let body = RequestBody {
+            inner: Some(inner),
+            watch: watch.clone(),
+            received: 0,
+        };
+        (body, watch)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                if let Some(watch) = &this.watch {
+                    watch.ended.store(true, Ordering::Relaxed);
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        if let (Some(data), Some(watch)) = (frame.data_ref(), &this.watch) {
+            this.received += data.len() as u64;
+            if let Some(limit) = watch.limit.filter(|l| this.received > *l) {
+                watch.too_large.store(true, Ordering::Relaxed);
+                // Nothing more is read: the connection closes after the 413.
+                this.inner = None;
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.as_ref().is_none_or(Body::is_end_stream);
+        if let (true, Some(watch)) = (end, &self.watch) {
+            watch.ended.store(true, Ordering::Relaxed);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let Some(watch) = &self.watch else { return };
+        if !watch.discard || inner.is_end_stream() || watch.too_large() {
+            return;
+        }
+        // The app answers without the rest of the body: read it and throw it
+        // away, so that hyper can go on to the next request on this
+        // connection. Past the limits, dropping it closes the connection.
+        let budget = watch.budget().saturating_sub(self.received);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(inner, budget));
+        }
+    }
+}
+
+/// Reads and drops up to `budget` bytes of a body, within [`DISCARD_TIME`].
+async fn discard(mut body: Incoming, budget: u64) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(DISCARD_TIME, async move {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > budget {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+}
