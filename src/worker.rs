@@ -530,19 +530,24 @@ async fn serve_maybe_tls<I>(
 ///
 /// It closes with a lingering close: once the response is out it shuts
 /// its sending side, then reads and drops whatever the client still sends
-/// until the client closes too (or [`LINGER`] passes), so that unread
+/// until the client closes too (or is silent for [`LINGER`], or
+/// [`LINGER_MAX`] passes), so that unread
 /// request bytes never turn the close into a reset that could destroy the
 /// response on its way.
 struct Tracked<I> {
     io: I,
     _permit: OwnedSemaphorePermit,
     seat: (&'static Scoreboard, usize),
-    /// Set once the sending side is shut: the end of the lingering close.
-    linger_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the sending side is shut: when the lingering close began,
+    /// and when it ends unless the client sends more.
+    linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
 }
 
-/// The longest a closing connection waits for its client to close too.
+/// How long a closing connection waits for more from its client (nginx's
+/// `lingering_timeout`), and for its client to close at all
+/// (`lingering_time`).
 const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX: Duration = Duration::from_secs(30);
 
 impl<I> Tracked<I> {
     fn new(io: I, permit: OwnedSemaphorePermit, seat: (&'static Scoreboard, usize)) -> Tracked<I> {
@@ -551,7 +556,7 @@ impl<I> Tracked<I> {
             io,
             _permit: permit,
             seat,
-            linger_until: None,
+            linger: None,
         }
     }
 }
@@ -595,12 +600,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let until = match &mut this.linger_until {
-            Some(until) => until,
+        let (began, until) = match &mut this.linger {
+            Some((began, until)) => (*began, until),
             None => {
                 std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-                this.linger_until
-                    .insert(Box::pin(tokio::time::sleep(LINGER)))
+                let now = tokio::time::Instant::now();
+                let (_, until) = this
+                    .linger
+                    .insert((now, Box::pin(tokio::time::sleep(LINGER))));
+                (now, until)
             }
         };
         let mut scratch = [0u8; 2048];
@@ -610,7 +618,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
             }
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    // More from the client: wait for the rest, within bounds.
+                    let next = tokio::time::Instant::now() + LINGER;
+                    until.as_mut().reset(next.min(began + LINGER_MAX));
+                }
                 // The client closed (or failed): nothing is left to reset.
                 Poll::Ready(_) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,

@@ -447,3 +447,65 @@ fn out_of_descriptors_backs_off_and_recovers() {
     );
     assert!(alive(worker), "the worker should have survived");
 }
+
+#[test]
+fn a_refused_upload_is_read_to_its_end_so_the_client_sees_the_answer() {
+    let server = Launch::serve(&["--limit-request-body", "64K"]).start();
+    server.wait_ready();
+    // The client sends its whole 4 MiB body before it reads: a server that
+    // closed with the body unread would reset the connection, and the 413
+    // would be lost on the way.
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let size = 4 << 20;
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(&vec![b'z'; size])
+        .expect("the whole body is taken");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("the answer, not a reset");
+    let reply = parse_reply(&raw).expect("a whole response");
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.header("connection"), Some("close"));
+}
+
+#[test]
+fn an_unread_body_does_not_cost_the_connection() {
+    let server = Launch::serve(&[]).start();
+    server.wait_ready();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = vec![b'z'; 256 * 1024];
+    let mut statuses = Vec::new();
+    for path in ["/refused", "/", "/refused", "/upload", "/"] {
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        // One response: its head, then its Content-Length of body.
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed after {statuses:?}");
+            raw.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert!(!head.contains("connection: close"), "{head}");
+        let len: usize = head
+            .split("content-length: ")
+            .nth(1)
+            .and_then(|v| v.split("\r\n").next()?.parse().ok())
+            .unwrap();
+        let mut content = vec![0u8; len];
+        s.read_exact(&mut content).unwrap();
+        statuses.push(head.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    assert_eq!(statuses, ["405", "200", "405", "200", "200"]);
+}

@@ -1,8 +1,9 @@
 //! The request body an app reads: hyper's, held to `--limit-request-body`
 //! on the bytes actually received (chunked and HTTP/2 bodies included, not
 //! only a declared Content-Length), and discarded in the background when
-//! the app answers without reading it, so that an HTTP/1.1 connection
-//! stays usable for the client's next request.
+//! the app answers without reading it: an HTTP/1.1 connection stays usable
+//! for the client's next request, and an HTTP/2 stream ends cleanly rather
+//! than with a reset some clients take for an error.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +15,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-/// The most an unread HTTP/1.1 body is read and thrown away to keep its
-/// connection; a larger rest closes the connection instead (the response
-/// then says `Connection: close`).
+/// The most of an unread body that is read and thrown away; past it, an
+/// HTTP/1.1 connection closes instead (the response then says
+/// `Connection: close`) and an HTTP/2 stream is reset.
 pub(crate) const DISCARD_MAX: u64 = 4 << 20;
 
 /// How long the discarding of an unread body may wait for the client.
@@ -40,10 +41,6 @@ pub struct RequestBody {
 #[derive(Debug)]
 pub(crate) struct BodyWatch {
     limit: Option<u64>,
-    /// Whether what is left unread may be discarded to keep the connection
-    /// (HTTP/1.x); over HTTP/2 the stream is reset instead, which is
-    /// harmless.
-    discard: bool,
     too_large: AtomicBool,
     /// Whether the app read it to its end.
     ended: AtomicBool,
@@ -57,12 +54,10 @@ impl BodyWatch {
         self.too_large.load(Ordering::Relaxed)
     }
 
-    /// Whether the connection must close after the response: the app left
-    /// more of the body unread than zdr would read and discard for it.
+    /// Whether an HTTP/1.1 connection must close after the response: the
+    /// app left more of the body unread than zdr reads and discards for it.
     pub(crate) fn must_close(&self) -> bool {
-        self.discard
-            && !self.ended.load(Ordering::Relaxed)
-            && self.declared.is_none_or(|n| n > self.budget())
+        !self.ended.load(Ordering::Relaxed) && self.declared.is_none_or(|n| n > self.budget())
     }
 
     fn budget(&self) -> u64 {
@@ -90,12 +85,10 @@ impl RequestBody {
     pub(crate) fn new(
         inner: Incoming,
         limit: Option<u64>,
-        discard: bool,
     ) -> (RequestBody, Option<Arc<BodyWatch>>) {
         let watch = (!inner.is_end_stream()).then(|| {
             Arc::new(BodyWatch {
                 limit,
-                discard,
                 too_large: AtomicBool::new(false),
                 ended: AtomicBool::new(false),
                 declared: inner.size_hint().exact(),
@@ -166,12 +159,13 @@ impl Drop for RequestBody {
             return;
         };
         let Some(watch) = &self.watch else { return };
-        if !watch.discard || inner.is_end_stream() || watch.too_large() {
+        if inner.is_end_stream() || watch.too_large() {
             return;
         }
         // The app answers without the rest of the body: read it and throw it
         // away, so that hyper can go on to the next request on this
-        // connection. Past the limits, dropping it closes the connection.
+        // connection (or end the stream cleanly). Past the limits, dropping
+        // it closes the connection (or resets the stream).
         let budget = watch.budget().saturating_sub(self.received);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(discard(inner, budget));

@@ -3,8 +3,6 @@
 //! and draining without racing a client.
 //!
 //! Draining a connection:
-//! - HTTP/2: GOAWAY at once (hyper's graceful shutdown); the protocol makes
-//!   that race-free.
 //! - HTTP/1 with a request in flight: the response carries
 //!   `Connection: close` and the connection closes after it.
 //! - HTTP/1 idle: closing now would race a client that is just sending its
@@ -13,6 +11,13 @@
 //!   arrives meanwhile is served with `Connection: close`, and one that
 //!   does not arrive finds the connection closed as after any keep-alive
 //!   timeout.
+//! - HTTP/2: GOAWAY (hyper's graceful shutdown: GOAWAY, PING, final
+//!   GOAWAY), sent at a moment with no stream in flight if one comes within
+//!   the same grace, else at its end; streams in flight finish. A client
+//!   that never answers the PING does not hold the connection: once nothing
+//!   is in flight, it closes after the grace.
+//!
+//! Every close is a lingering close (see the worker's connection wrapper).
 
 pub mod access_log;
 pub mod body;
@@ -45,8 +50,13 @@ use access_log::{AccessLog, Entry};
 /// hyper's default cap on header fields (Gunicorn's default too).
 const HYPER_MAX_HEADERS: usize = 100;
 
-/// The longest an idle HTTP/1 connection is kept open once draining starts.
+/// The longest an idle HTTP/1 connection is kept open once draining starts,
+/// and the longest a closing connection with nothing in flight waits for
+/// its client's part of the close.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a draining connection looks at its state.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// A small plain-text response, for zdr's own answers.
 pub fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response {
@@ -259,11 +269,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let version = req.version();
         let (req, body) = {
             let (parts, incoming) = req.into_parts();
-            let (body, watch) = body::RequestBody::new(
-                incoming,
-                self.shared.limits.body,
-                version < Version::HTTP_2,
-            );
+            let (body, watch) = body::RequestBody::new(incoming, self.shared.limits.body);
             (Request::from_parts(parts, body), watch)
         };
         let mut req = req;
@@ -478,25 +484,61 @@ pub(crate) async fn serve<I>(
     // for the keep-alive timeout.
     let timer = tokio::time::sleep(shared.header_timeout.min(shared.keepalive));
     tokio::pin!(timer);
-    let mut draining = false;
-    let mut closing = false;
+    // When draining began, and when the connection was told to close.
+    let mut drain_began: Option<Instant> = None;
+    let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
-            _ = drain.wait_for(|d| *d), if !draining => {
-                draining = true;
+            _ = drain.wait_for(|d| *d), if drain_began.is_none() => {
+                let now = Instant::now();
+                drain_began = Some(now);
                 conn_state.draining.store(true, Ordering::Relaxed);
                 let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
-                if busy || conn_state.http2.load(Ordering::Relaxed) {
+                let http2 = conn_state.http2.load(Ordering::Relaxed);
+                if busy && !http2 {
+                    // The response in flight says `Connection: close`.
                     conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing_since = Some(now);
                 } else {
-                    timer.as_mut().reset(Instant::now() + DRAIN_IDLE_GRACE.min(shared.keepalive));
+                    // Idle, or HTTP/2: look again shortly (see below).
+                    timer.as_mut().reset(now + DRAIN_POLL);
                 }
             }
-            _ = timer.as_mut(), if !closing => {
+            _ = timer.as_mut() => {
                 let now = Instant::now();
                 let idle = conn_state.in_flight.load(Ordering::Acquire) == 0;
+                if let Some(since) = closing_since {
+                    // Told to close. An HTTP/2 client that never answers
+                    // the closing PING would hold the connection until the
+                    // graceful timeout: with nothing in flight, it closes
+                    // after a short grace instead.
+                    if !conn_state.http2.load(Ordering::Relaxed) {
+                        // HTTP/1: hyper closes it, lingering (see worker).
+                        timer.as_mut().reset(now + Duration::from_secs(3600));
+                    } else if idle && now >= since + DRAIN_IDLE_GRACE {
+                        break;
+                    } else {
+                        timer.as_mut().reset(now + DRAIN_POLL);
+                    }
+                    continue;
+                }
+                if let Some(began) = drain_began {
+                    // HTTP/1 idle: a client may be sending its next request
+                    // right now; it is served (with `Connection: close`) if
+                    // it arrives within the grace. HTTP/2: GOAWAY goes out
+                    // at a moment with no stream in flight if one comes
+                    // within the grace (some clients fail a stream in
+                    // flight when GOAWAY and PING arrive), else at its end.
+                    let http2 = conn_state.http2.load(Ordering::Relaxed);
+                    let grace = DRAIN_IDLE_GRACE.min(shared.keepalive);
+                    if now >= began + grace || (http2 && idle) {
+                        conn.as_mut().graceful_shutdown();
+                        closing_since = Some(now);
+                    }
+                    timer.as_mut().reset(now + DRAIN_POLL);
+                    continue;
+                }
                 let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
                     0 => None,
                     ms => Some(epoch + Duration::from_millis(ms)),
@@ -509,17 +551,55 @@ pub(crate) async fn serve<I>(
                     // No complete head within the header timeout: drop it.
                     break;
                 }
-                // Draining: the grace is over (a request in flight will
-                // close the connection after its response). Otherwise:
-                // idle for the whole keep-alive period.
-                if draining || (idle && since + allowed <= now) {
+                if idle && since + allowed <= now {
+                    // Idle for the whole keep-alive period.
                     conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing_since = Some(now);
+                    timer.as_mut().reset(now + DRAIN_POLL);
                 } else {
                     let next = if idle { since + allowed } else { now + allowed };
                     timer.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, body: &'static str) -> Response {
+        let mut res = plain(StatusCode::from_u16(status).unwrap(), body);
+        if status == 304 {
+            res.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from_static("9"));
+        }
+        res
+    }
+
+    /// (status, HEAD?) → (content-length, whether content is left).
+    #[test]
+    fn responses_that_must_not_have_content_lose_it() {
+        let cases = [
+            (200, true, Some("5"), false),
+            (200, false, None, true),
+            (204, false, None, false),
+            (204, true, None, false),
+            (205, false, Some("0"), false),
+            (304, false, Some("9"), false),
+            (101, false, None, false),
+            (404, true, Some("5"), false),
+        ];
+        for (status, head, length, content) in cases {
+            let mut res = response(status, "hello");
+            without_forbidden_content(&mut res, head);
+            let got = res
+                .headers()
+                .get(CONTENT_LENGTH)
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(got.as_deref(), length, "{status} head={head}");
+            assert_eq!(!res.body().is_end_stream(), content, "{status} head={head}");
         }
     }
 }

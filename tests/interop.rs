@@ -1,0 +1,384 @@
+//! The real binary against clients nobody on the project wrote: curl,
+//! python-requests, httpx (HTTP/1.1 and HTTP/2), nghttp and h2load. Each
+//! run asserts exact outcomes: every status and body as expected, zero
+//! errors.
+//!
+//! `.ci/run` installs every tool, and in CI (`CI` set) a missing tool is a
+//! failure; on a developer's machine without one, the test says it is
+//! skipped and why.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Whether `program` runs (`program --version`, or the given check); in CI
+/// a missing one fails the test, elsewhere it is skipped with a reason.
+fn have(program: &str, check: &[&str]) -> bool {
+    let ok = Command::new(program)
+        .args(check)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing: .ci/run installs it"
+        );
+        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
+    }
+    ok
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn big_file(dir: &TempDir, bytes: usize) -> String {
+    let path = dir.path(&format!("body-{bytes}"));
+    std::fs::write(&path, vec![b'z'; bytes]).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn curl_over_http1_and_http2() {
+    if !have("curl", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("curl");
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let base = format!("http://{}", server.addr());
+    let body = big_file(&dir, 256 * 1024);
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let get = run("curl", &["-sS", "--fail", proto, &format!("{base}/")]);
+        assert!(text(&get).starts_with("pid="), "{proto}: {}", text(&get));
+        // HEAD: the length of the GET, no content (curl exits 0 only then).
+        let head = run("curl", &["-sS", "-I", "--fail", proto, &format!("{base}/")]);
+        let head = text(&head).to_ascii_lowercase();
+        assert!(head.contains("content-length: "), "{proto}: {head}");
+        let post = run(
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                proto,
+                "--data-binary",
+                &format!("@{body}"),
+                &format!("{base}/upload"),
+            ],
+        );
+        assert!(
+            text(&post).contains(" received=262144"),
+            "{proto}: {}",
+            text(&post)
+        );
+        // A POST answered before its body is read, then a GET: both
+        // answered. (curl itself closes a connection on which an error came
+        // before its upload ended; python-requests and httpx reuse it,
+        // below. curl 7.88 cannot reuse an h2c prior-knowledge connection
+        // at all, with any server: a fresh curl per request there.)
+        let (data, refused_url, get_url) = (
+            format!("@{body}"),
+            format!("{base}/refused"),
+            format!("{base}/"),
+        );
+        let refused = [
+            "-sS",
+            proto,
+            "--data-binary",
+            &data,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &refused_url,
+        ];
+        let get = [
+            proto,
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &get_url,
+        ];
+        let out = if proto == "--http1.1" {
+            run("curl", &[&refused[..], &["--next"], &get[..]].concat())
+        } else {
+            let mut first = run("curl", &refused);
+            first.stdout.extend(run("curl", &get).stdout);
+            first
+        };
+        assert_eq!(text(&out), "405\n200\n", "{proto}");
+    }
+}
+
+#[test]
+fn curl_over_tls() {
+    if !have("curl", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("curltls");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path("cert.pem"), dir.path("key.pem"));
+    write_file(&cert_path, &cert.pem());
+    write_file(&key_path, &key.serialize_pem());
+    let server = Launch::serve(&[
+        "--certfile",
+        cert_path.to_str().unwrap(),
+        "--keyfile",
+        key_path.to_str().unwrap(),
+    ])
+    .start();
+    server.wait_ready();
+    let url = format!("https://localhost:{}/", server.port());
+    let resolve = format!("localhost:{}:127.0.0.1", server.port());
+    for proto in ["--http1.1", "--http2"] {
+        let out = run(
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                proto,
+                "--cacert",
+                cert_path.to_str().unwrap(),
+                "--resolve",
+                &resolve,
+                "-w",
+                "\n%{http_version}",
+                &url,
+            ],
+        );
+        let text = text(&out);
+        assert!(text.contains("scheme=https"), "{proto}: {text}");
+        let version = if proto == "--http2" { "2" } else { "1.1" };
+        assert!(text.ends_with(&format!("\n{version}")), "{proto}: {text}");
+        run(
+            "curl",
+            &[
+                "-sS",
+                "-I",
+                "--fail",
+                proto,
+                "--cacert",
+                cert_path.to_str().unwrap(),
+                "--resolve",
+                &resolve,
+                &url,
+            ],
+        );
+    }
+}
+
+/// What `tests/interop/clients.py` printed.
+fn python_clients(base: &str, client: &str, count: usize) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/clients.py");
+    let out = run(
+        "python3",
+        &[script.to_str().unwrap(), base, client, &count.to_string()],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+#[test]
+fn python_requests_and_httpx_over_keep_alive() {
+    if !have("python3", &["-c", "import requests, httpx, h2"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let base = format!("http://{}", server.addr());
+    for (client, version) in [
+        ("requests", "HTTP/1.1"),
+        ("httpx-h1", "HTTP/1.1"),
+        ("httpx-h2", "HTTP/2"),
+    ] {
+        let report = python_clients(&base, client, 2000);
+        eprintln!("{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["ok"], 2000, "{report}");
+        assert_eq!(report["versions"], serde_json::json!([version]), "{report}");
+    }
+}
+
+/// Across reloads, the HTTP/1.1 clients. (httpx over HTTP/2 uses the `h2`
+/// library, which fails a stream in flight when a GOAWAY and a PING arrive
+/// together, as every graceful HTTP/2 close sends them: python-hyper/h2
+/// issue 1199. zdr sends them at a moment with no stream in flight where
+/// it can, which narrows that window but cannot close it.)
+#[test]
+fn python_clients_across_reloads() {
+    if !have("python3", &["-c", "import requests, httpx, h2"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let base = format!("http://{}", server.addr());
+    let clients: Vec<_> = ["requests", "httpx-h1"]
+        .into_iter()
+        .map(|client| {
+            let base = base.clone();
+            std::thread::spawn(move || python_clients(&base, client, 3000))
+        })
+        .collect();
+    // Reload until the clients are done, each reload complete before the
+    // next.
+    let mut reloads = 0;
+    while !clients.iter().all(|c| c.is_finished()) {
+        server.signal(Signal::SIGHUP);
+        reloads += 1;
+        server.wait_for_log(
+            &format!("Reload to generation {} complete", reloads + 1),
+            Duration::from_secs(60),
+        );
+    }
+    for c in clients {
+        let report = c.join().unwrap();
+        eprintln!("{report} across {reloads} reloads");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["ok"], 3000, "{report}");
+    }
+    assert!(reloads >= 1);
+}
+
+#[test]
+fn nghttp_sees_no_content_for_head() {
+    if !have("nghttp", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&[]).start();
+    server.wait_ready();
+    for path in ["/", "/_zdr/ready"] {
+        let url = format!("http://{}{path}", server.addr());
+        let out = run("nghttp", &["-v", "-H", ":method: HEAD", &url]);
+        let trace = text(&out);
+        assert!(trace.contains(":status: 200"), "{path}: {trace}");
+        assert!(!trace.contains("recv DATA frame"), "{path}: {trace}");
+        assert!(!trace.contains("PROTOCOL_ERROR"), "{path}: {trace}");
+    }
+}
+
+#[test]
+fn h2load_across_reloads_gets_no_error_status() {
+    if !have("h2load", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let url = format!("http://{}/", server.addr());
+    let load = std::thread::spawn(move || {
+        Command::new("h2load")
+            // One stream at a time per connection: with several, nghttp2
+            // may send its PING answer ahead of requests it had queued, and
+            // the final GOAWAY then refuses them (safe to retry, but h2load
+            // counts them as failed).
+            .args(["-n", "30000", "-c", "8", "-m", "1", &url])
+            .output()
+            .unwrap()
+    });
+    let mut reloads = 0;
+    while !load.is_finished() {
+        server.signal(Signal::SIGHUP);
+        reloads += 1;
+        server.wait_for_log(
+            &format!("Reload to generation {} complete", reloads + 1),
+            Duration::from_secs(60),
+        );
+    }
+    let out = load.join().unwrap();
+    let report = text(&out);
+    eprintln!("{report}");
+    assert!(out.status.success(), "{report}");
+    // h2load does not reconnect after a GOAWAY: the requests it had yet to
+    // send on a closed connection count as failed without being sent. And
+    // nghttp2 may answer the closing PING ahead of a request it queued while
+    // reading the same packet (the response before it in the packet made
+    // h2load submit it), so the final GOAWAY refuses that request: a few
+    // started requests are refused, unprocessed and safe to retry (RFC 9113
+    // §6.8), which h2load counts as failed too: at most one per connection
+    // with one stream at a time. What must hold: no request got an error
+    // status or timed out, and no more than that one per connection
+    // failed.
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("requests: "))
+        .expect("h2load's summary");
+    let figure = |name: &str| -> u64 {
+        line.split(", ")
+            .find_map(|part| part.trim_start_matches("requests: ").strip_suffix(name))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name:?} in {line:?}"))
+    };
+    let (started, succeeded) = (figure(" started"), figure(" succeeded"));
+    assert!(started > 0 && started - succeeded <= 8, "{report}");
+    assert_eq!(figure(" timeout"), 0, "{report}");
+    assert!(
+        report.contains(&format!(
+            "status codes: {succeeded} 2xx, 0 3xx, 0 4xx, 0 5xx"
+        )),
+        "across {reloads} reloads:\n{report}"
+    );
+}
+
+#[test]
+fn bodies_over_the_limit_are_refused_however_they_are_sent() {
+    if !have("curl", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("bodylimit");
+    let server = Launch::serve(&["--limit-request-body", "64K"]).start();
+    server.wait_ready();
+    let base = format!("http://{}", server.addr());
+    let under = big_file(&dir, 64 * 1024);
+    let over = big_file(&dir, 64 * 1024 + 1);
+    // (protocol, extra header): declared lengths, chunked HTTP/1.1, and
+    // HTTP/2 without a length.
+    let ways: [(&str, &[&str]); 3] = [
+        ("--http1.1", &[]),
+        ("--http1.1", &["-H", "Transfer-Encoding: chunked"]),
+        ("--http2-prior-knowledge", &["-H", "Content-Length:"]),
+    ];
+    for (proto, extra) in ways {
+        for (file, expected) in [(&under, "200"), (&over, "413")] {
+            let mut args = vec![
+                "-sS",
+                proto,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--data-binary",
+            ];
+            let data = format!("@{file}");
+            args.push(&data);
+            args.extend_from_slice(extra);
+            let url = format!("{base}/upload");
+            args.push(&url);
+            let out = run("curl", &args);
+            assert_eq!(text(&out), expected, "{proto} {extra:?} {file}");
+        }
+    }
+}
