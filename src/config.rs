@@ -179,6 +179,26 @@ pub struct Options {
     )]
     pub header_timeout: Option<f64>,
 
+    /// Seconds a request's body may go without a byte from the client (as
+    /// nginx's client_body_timeout); past it the app's read fails and the
+    /// connection closes. 0 disables. [default: 60]
+    #[arg(
+        long = "body-timeout",
+        env = "ZDR_BODY_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub body_timeout: Option<f64>,
+
+    /// Seconds a response may wait for the client to take more of it (as
+    /// nginx's send_timeout); past it the connection closes. 0 disables.
+    /// [default: 60]
+    #[arg(
+        long = "send-timeout",
+        env = "ZDR_SEND_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub send_timeout: Option<f64>,
+
     /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded
     /// headers are trusted, comma-separated; * for every peer.
     /// [default: 127.0.0.1,::1]
@@ -344,6 +364,8 @@ impl Options {
                 .or(lower.limit_request_field_size),
             limit_request_body: self.limit_request_body.or(lower.limit_request_body),
             header_timeout: self.header_timeout.or(lower.header_timeout),
+            body_timeout: self.body_timeout.or(lower.body_timeout),
+            send_timeout: self.send_timeout.or(lower.send_timeout),
             health_live_path: self.health_live_path.or(lower.health_live_path),
             health_ready_path: self.health_ready_path.or(lower.health_ready_path),
             health_startup_path: self.health_startup_path.or(lower.health_startup_path),
@@ -539,6 +561,10 @@ pub struct Settings {
     pub limit_request_body: Option<ByteSize>,
     /// Seconds to send a request's head.
     pub header_timeout: f64,
+    /// Seconds a body may go without a byte; 0 for no limit.
+    pub body_timeout: f64,
+    /// Seconds a response may wait for the client to read; 0 for no limit.
+    pub send_timeout: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
     /// The TLS certificate chain, when serving HTTPS.
@@ -720,6 +746,8 @@ impl Settings {
                     ))
                 }
             },
+            body_timeout: seconds("body_timeout", o.body_timeout.unwrap_or(60.0))?,
+            send_timeout: seconds("send_timeout", o.send_timeout.unwrap_or(60.0))?,
             forwarded_allow_ips: {
                 let ips = o
                     .forwarded_allow_ips
@@ -805,6 +833,16 @@ impl Settings {
     /// The header read timeout.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.header_timeout)
+    }
+
+    /// The idle timeout on reading a request body, if any.
+    pub fn body_timeout(&self) -> Option<Duration> {
+        (self.body_timeout > 0.0).then(|| Duration::from_secs_f64(self.body_timeout))
+    }
+
+    /// The idle timeout on sending a response, if any.
+    pub fn send_timeout(&self) -> Option<Duration> {
+        (self.send_timeout > 0.0).then(|| Duration::from_secs_f64(self.send_timeout))
     }
 
     /// The shutdown delay.

@@ -249,10 +249,13 @@ async fn serve(
         limits: crate::http::Limits {
             line: settings.limit_request_line,
             field_size: settings.limit_request_field_size,
+            fields: settings.limit_request_fields,
             body: settings.limit_request_body.map(|b| b.0),
         },
         tls,
         header_timeout: settings.header_timeout(),
+        body_timeout: settings.body_timeout(),
+        send_timeout: settings.send_timeout(),
         forwarded: match crate::http::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
             Ok(list) => list,
             Err(e) => {
@@ -447,13 +450,14 @@ fn start_serving(
     // Counted now, not in the task, so that the share check before the
     // next accept sees it.
     let seat = (shared.board, shared.slot_index);
+    let send_timeout = shared.send_timeout;
     match stream {
         Stream::Tcp(s) => {
-            let io = Tracked::new(s, permit, seat);
+            let io = Tracked::new(s, permit, seat, send_timeout);
             tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
         }
         Stream::Unix(s) => {
-            let io = Tracked::new(s, permit, seat);
+            let io = Tracked::new(s, permit, seat, send_timeout);
             tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
         }
     }
@@ -541,6 +545,11 @@ struct Tracked<I> {
     /// Set once the sending side is shut: when the lingering close began,
     /// and when it ends unless the client sends more.
     linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// How long a write may wait for the client to take more (the send
+    /// timeout), and the timer armed while one waits.
+    send_timeout: Option<Duration>,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
 }
 
 /// How long a closing connection waits for more from its client (nginx's
@@ -550,14 +559,50 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_MAX: Duration = Duration::from_secs(30);
 
 impl<I> Tracked<I> {
-    fn new(io: I, permit: OwnedSemaphorePermit, seat: (&'static Scoreboard, usize)) -> Tracked<I> {
+    fn new(
+        io: I,
+        permit: OwnedSemaphorePermit,
+        seat: (&'static Scoreboard, usize),
+        send_timeout: Option<Duration>,
+    ) -> Tracked<I> {
         seat.0.add_connections(seat.1, 1);
         Tracked {
             io,
             _permit: permit,
             seat,
             linger: None,
+            send_timeout,
+            stall: None,
+            stalled: false,
         }
+    }
+
+    /// A write's outcome, held to the send timeout: a client that takes
+    /// nothing for that long has its connection closed.
+    fn within_send_timeout<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        let Some(after) = self.send_timeout.filter(|_| poll.is_pending()) else {
+            self.stalled = false;
+            return poll;
+        };
+        let deadline = tokio::time::Instant::now() + after;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stalled {
+            stall.as_mut().reset(deadline);
+            self.stalled = true;
+        }
+        if std::future::Future::poll(stall.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took nothing for the send timeout",
+        )))
     }
 }
 
@@ -583,20 +628,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.within_send_timeout(cx, poll)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.within_send_timeout(cx, poll)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.within_send_timeout(cx, poll)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;

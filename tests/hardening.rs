@@ -509,3 +509,103 @@ fn an_unread_body_does_not_cost_the_connection() {
     }
     assert_eq!(statuses, ["405", "200", "405", "200", "200"]);
 }
+
+#[test]
+fn malformed_heads_get_400_and_never_reach_the_app() {
+    let dir = TempDir::new("malformed");
+    let log = dir.path("access.log");
+    let server = Launch::serve(&["--access-logfile", log.to_str().unwrap()]).start();
+    server.wait_ready();
+    let addr = server.addr();
+    let cases: [(&str, &[u8]); 6] = [
+        ("no Host in HTTP/1.1", b"GET / HTTP/1.1\r\n\r\n"),
+        (
+            "two Host headers",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+        ("an invalid Host", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+        (
+            "a Host with userinfo",
+            b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        ),
+        ("* with GET", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
+        (
+            "an authority target with GET",
+            b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in cases {
+        let (status, closed) = exchange(addr, bytes);
+        assert_eq!(status, Some(400), "{what}");
+        assert!(closed, "{what}: the connection should close");
+    }
+    // HTTP/1.0 without Host is fine; OPTIONS * reaches the app (a 405).
+    assert_eq!(exchange(addr, b"GET / HTTP/1.0\r\n\r\n").0, Some(200));
+    assert_eq!(
+        exchange(addr, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").0,
+        Some(405)
+    );
+    // A field of exactly the limit passes; one byte more does not (the
+    // limit counts the line with its CRLF, as Gunicorn does).
+    let field = |len: usize| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\nConnection: close\r\n\r\n",
+            "v".repeat(len - "X: \r\n".len())
+        )
+    };
+    assert_eq!(exchange(addr, field(8190).as_bytes()).0, Some(200));
+    assert_eq!(exchange(addr, field(8191).as_bytes()).0, Some(431));
+}
+
+#[test]
+fn a_body_that_stops_coming_gets_408_after_the_body_timeout() {
+    let server = Launch::serve(&["--body-timeout", "1"]).start();
+    server.wait_ready();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let sent = Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("an answer, then the close");
+    let reply = parse_reply(&raw).expect("a whole response");
+    assert_eq!(reply.status, 408);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "before the timeout"
+    );
+}
+
+#[test]
+fn a_client_that_reads_nothing_is_cut_off_after_the_send_timeout() {
+    let server = Launch::serve(&["--send-timeout", "1"]).start();
+    server.wait_ready();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Echoed bytes pile up unread until the server's writes stall; then the
+    // server gives up on the client and closes.
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let error = loop {
+        if let Err(e) = s.write_all(&chunk) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "the server never closed: {error}"
+    );
+}

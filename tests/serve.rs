@@ -575,6 +575,8 @@ fn every_zdr_variable_reaches_its_setting() {
             "header_timeout",
             "4.0".into(),
         ),
+        ("ZDR_BODY_TIMEOUT", "5".into(), "body_timeout", "5.0".into()),
+        ("ZDR_SEND_TIMEOUT", "6".into(), "send_timeout", "6.0".into()),
         (
             "ZDR_FORWARDED_ALLOW_IPS",
             "10.0.0.1".into(),

@@ -1,10 +1,12 @@
 //! The request body an app reads: hyper's, held to `--limit-request-body`
 //! on the bytes actually received (chunked and HTTP/2 bodies included, not
-//! only a declared Content-Length), and discarded in the background when
+//! only a declared Content-Length) and to `--body-timeout` between bytes,
+//! and discarded in the background when
 //! the app answers without reading it: an HTTP/1.1 connection stays usable
 //! for the client's next request, and an HTTP/2 stream ends cleanly rather
 //! than with a reset some clients take for an error.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,11 @@ pub struct RequestBody {
     /// Limits and what was seen: only for requests that have a body.
     watch: Option<Arc<BodyWatch>>,
     received: u64,
+    /// How long the client may leave the body waiting for its next byte.
+    timeout: Option<Duration>,
+    /// Armed while the body waits for the client.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
 }
 
 /// What a body's reader found, for the connection to act on once the
@@ -42,6 +49,8 @@ pub struct RequestBody {
 pub(crate) struct BodyWatch {
     limit: Option<u64>,
     too_large: AtomicBool,
+    /// The client left the body waiting past the body timeout.
+    timed_out: AtomicBool,
     /// Whether the app read it to its end.
     ended: AtomicBool,
     /// The length the client declared, if it did.
@@ -52,6 +61,11 @@ impl BodyWatch {
     /// Whether the body went past the limit.
     pub(crate) fn too_large(&self) -> bool {
         self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client stopped sending the body for the body timeout.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
     }
 
     /// Whether an HTTP/1.1 connection must close after the response: the
@@ -80,16 +94,38 @@ impl std::fmt::Display for BodyTooLarge {
 
 impl std::error::Error for BodyTooLarge {}
 
+/// The error a body yields when the client sends nothing for the body
+/// timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTimeout {
+    /// The timeout.
+    pub after: Duration,
+}
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no request body data for {:.1}s (--body-timeout)",
+            self.after.as_secs_f64()
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
 impl RequestBody {
     /// Wraps hyper's body. A request without a body costs nothing more.
     pub(crate) fn new(
         inner: Incoming,
         limit: Option<u64>,
+        timeout: Option<Duration>,
     ) -> (RequestBody, Option<Arc<BodyWatch>>) {
         let watch = (!inner.is_end_stream()).then(|| {
             Arc::new(BodyWatch {
                 limit,
                 too_large: AtomicBool::new(false),
+                timed_out: AtomicBool::new(false),
                 ended: AtomicBool::new(false),
                 declared: inner.size_hint().exact(),
             })
@@ -98,6 +134,9 @@ impl RequestBody {
             inner: Some(inner),
             watch: watch.clone(),
             received: 0,
+            timeout,
+            stall: None,
+            stalled: false,
         };
         (body, watch)
     }
@@ -124,8 +163,9 @@ impl Body for RequestBody {
                 }
                 return Poll::Ready(None);
             }
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => return this.wait_for_client(cx),
         };
+        this.stalled = false;
         if let (Some(data), Some(watch)) = (frame.data_ref(), &this.watch) {
             this.received += data.len() as u64;
             if let Some(limit) = watch.limit.filter(|l| this.received > *l) {
@@ -153,13 +193,41 @@ impl Body for RequestBody {
     }
 }
 
+impl RequestBody {
+    /// The client has sent nothing more yet: fails the body once it has
+    /// been silent for the body timeout.
+    fn wait_for_client(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        let (Some(after), Some(watch)) = (self.timeout, &self.watch) else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::now() + after;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stalled {
+            stall.as_mut().reset(deadline);
+            self.stalled = true;
+        }
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        watch.timed_out.store(true, Ordering::Relaxed);
+        // Nothing more is read: the connection closes after the answer.
+        self.inner = None;
+        Poll::Ready(Some(Err(Box::new(BodyTimeout { after }))))
+    }
+}
+
 impl Drop for RequestBody {
     fn drop(&mut self) {
         let Some(inner) = self.inner.take() else {
             return;
         };
         let Some(watch) = &self.watch else { return };
-        if inner.is_end_stream() || watch.too_large() {
+        if inner.is_end_stream() || watch.too_large() || watch.timed_out() {
             return;
         }
         // The app answers without the rest of the body: read it and throw it

@@ -98,6 +98,10 @@ pub(crate) struct Shared {
     /// How long a client gets to send a request's head (and finish the TLS
     /// handshake).
     pub(crate) header_timeout: Duration,
+    /// How long a request body may wait for the client's next byte.
+    pub(crate) body_timeout: Option<Duration>,
+    /// How long a response may wait for the client to take more of it.
+    pub(crate) send_timeout: Option<Duration>,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -109,6 +113,8 @@ pub(crate) struct Limits {
     pub(crate) line: usize,
     /// Longest header field; 0 for none.
     pub(crate) field_size: usize,
+    /// Most header fields (hyper enforces it for HTTP/1; zdr for HTTP/2).
+    pub(crate) fields: usize,
     /// Largest Content-Length.
     pub(crate) body: Option<u64>,
 }
@@ -116,6 +122,9 @@ pub(crate) struct Limits {
 impl Limits {
     /// The status a request that breaks a limit gets, if it does.
     fn check(&self, req: &Request) -> Option<(StatusCode, &'static str)> {
+        if malformed(req) {
+            return Some((StatusCode::BAD_REQUEST, "Bad Request\n"));
+        }
         if self.line > 0 {
             let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
             // METHOD SP TARGET SP HTTP/1.1
@@ -123,11 +132,14 @@ impl Limits {
                 return Some((StatusCode::URI_TOO_LONG, "Request-URI Too Long\n"));
             }
         }
-        if self.field_size > 0
-            && req
-                .headers()
-                .iter()
-                .any(|(k, v)| k.as_str().len() + v.len() + 2 > self.field_size)
+        // A field counts as its line does: `name: value` and its CRLF.
+        let too_many = req.version() == Version::HTTP_2 && req.headers().len() > self.fields;
+        if too_many
+            || self.field_size > 0
+                && req
+                    .headers()
+                    .iter()
+                    .any(|(k, v)| k.as_str().len() + v.len() + 4 > self.field_size)
         {
             return Some((
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -145,6 +157,34 @@ impl Limits {
         }
         None
     }
+}
+
+/// Whether an HTTP/1 request's head is malformed in ways hyper's parser
+/// lets through (RFC 9112 §3.2-3.2.4): no `Host` in HTTP/1.1 (unless the
+/// target is in absolute form), more than
+/// one, or one that is no valid host; `*` with a method other than
+/// OPTIONS; an authority alone as the target of a method other than
+/// CONNECT. They get 400 and never reach the app, as in nginx.
+fn malformed(req: &Request) -> bool {
+    if req.version() >= Version::HTTP_2 {
+        return false;
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let bad_host = match (hosts.next(), hosts.next()) {
+        // An absolute-form target names the host itself.
+        (None, _) => req.version() == Version::HTTP_11 && req.uri().authority().is_none(),
+        (Some(_), Some(_)) => true,
+        (Some(host), None) => {
+            !host.is_empty()
+                && (host.as_bytes().contains(&b'@')
+                    || http::uri::Authority::try_from(host.as_bytes()).is_err())
+        }
+    };
+    let uri = req.uri();
+    let method = req.method();
+    bad_host
+        || (uri.path() == "*" && uri.authority().is_none() && method != http::Method::OPTIONS)
+        || (uri.scheme().is_none() && uri.authority().is_some() && method != http::Method::CONNECT)
 }
 
 /// The paths of the health probes a worker answers itself.
@@ -208,7 +248,17 @@ impl Shared {
         if settings.limit_request_fields != HYPER_MAX_HEADERS {
             http1.max_headers(settings.limit_request_fields);
         }
-        builder.http2().timer(TokioTimer::new());
+        let mut http2 = builder.http2();
+        http2.timer(TokioTimer::new());
+        // HTTP/2's own bound on a head (SETTINGS_MAX_HEADER_LIST_SIZE),
+        // from the same limits; zdr checks each field and the count after
+        // decoding.
+        if settings.limit_request_field_size > 0 {
+            let list = settings
+                .limit_request_fields
+                .saturating_mul(settings.limit_request_field_size);
+            http2.max_header_list_size(u32::try_from(list).unwrap_or(u32::MAX));
+        }
         builder
     }
 }
@@ -269,7 +319,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let version = req.version();
         let (req, body) = {
             let (parts, incoming) = req.into_parts();
-            let (body, watch) = body::RequestBody::new(incoming, self.shared.limits.body);
+            let (body, watch) =
+                body::RequestBody::new(incoming, self.shared.limits.body, self.shared.body_timeout);
             (Request::from_parts(parts, body), watch)
         };
         let mut req = req;
@@ -373,6 +424,9 @@ impl Future for ConnFuture {
                 // Whatever the app made of the error, the client sent too
                 // much: it hears so, and the connection closes.
                 res = plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n");
+                close = true;
+            } else if body.timed_out() {
+                res = plain(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
                 close = true;
             } else {
                 close = body.must_close();
