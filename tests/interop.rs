@@ -382,3 +382,205 @@ fn bodies_over_the_limit_are_refused_however_they_are_sent() {
         }
     }
 }
+
+/// The Gunicorn release whose request corpus the test runs.
+const GUNICORN: &str = "27.0.1";
+
+/// Gunicorn's `tests/requests`, from its source distribution on PyPI
+/// (fetched once into cargo's test scratch directory, never committed).
+fn gunicorn_corpus() -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gunicorn-{GUNICORN}"));
+    let corpus = root.join(format!("gunicorn-{GUNICORN}/tests/requests"));
+    if corpus.join("valid").is_dir() {
+        return Some(corpus);
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let script = format!(
+        "import glob, subprocess, sys, tarfile\n\
+         subprocess.run([sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', \
+         '--no-binary', ':all:', '--disable-pip-version-check', '-d', '{dir}', \
+         'gunicorn=={GUNICORN}'], check=True)\n\
+         tarfile.open(glob.glob('{dir}/gunicorn-*.tar.gz')[0]).extractall('{dir}', filter='data')\n",
+        dir = root.display()
+    );
+    let ok = Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot fetch gunicorn {GUNICORN}'s sources from PyPI"
+        );
+        eprintln!("skipped: cannot fetch gunicorn {GUNICORN}'s sources from PyPI");
+        return None;
+    }
+    Some(corpus)
+}
+
+/// Valid in Gunicorn's corpus, refused by zdr on purpose.
+const VALID_BUT_REFUSED: &[(&str, &str)] = &[
+    // HTTP/1.1 without Host: RFC 9112 §3.2 requires a 400 (so does nginx).
+    ("valid/004.http", "no Host"),
+    ("valid/005.http", "no Host"),
+    ("valid/006.http", "no Host"),
+    ("valid/007.http", "no Host"),
+    ("valid/010.http", "no Host"),
+    ("valid/011.http", "no Host"),
+    ("valid/012.http", "no Host"),
+    ("valid/013.http", "no Host"),
+    ("valid/014.http", "no Host"),
+    ("valid/018.http", "no Host"),
+    ("valid/021.http", "no Host"),
+    ("valid/022.http", "no Host in the second request"),
+    ("valid/023.http", "no Host"),
+    ("valid/025.http", "no Host"),
+    ("valid/025_line.http", "no Host"),
+    ("valid/028.http", "no Host"),
+    ("valid/029.http", "no Host"),
+    ("valid/030.http", "no Host"),
+    ("valid/031.http", "no Host"),
+    ("valid/031compat.http", "no Host"),
+    ("valid/031compat2.http", "no Host"),
+    ("valid/100.http", "no Host"),
+    (
+        "valid/compat_obs_fold_huge.http",
+        "no Host, and obsolete line folding",
+    ),
+    // Past the default limits; Gunicorn's own test raises them.
+    ("valid/024.http", "request line over --limit-request-line"),
+    (
+        "valid/026.http",
+        "header field over --limit-request-field_size",
+    ),
+    // Obsolete line folding: RFC 9112 §5.2 lets a server refuse it.
+    ("valid/compat_obs_fold.http", "obsolete line folding"),
+    // The PROXY protocol is not supported.
+    ("valid/pp_01.http", "PROXY protocol"),
+    ("valid/pp_02.http", "PROXY protocol"),
+    ("valid/pp_04.http", "PROXY protocol"),
+    ("valid/pp_05.http", "PROXY protocol"),
+];
+
+/// Invalid to Gunicorn, accepted by zdr on purpose (each within the RFCs).
+const INVALID_BUT_ACCEPTED: &[(&str, &str)] = &[
+    (
+        "invalid/011.http",
+        "Host `0.0.0.0=5000` is a valid reg-name (RFC 3986)",
+    ),
+    (
+        "invalid/012.http",
+        "Host `0.0.0.0=5000` is a valid reg-name (RFC 3986)",
+    ),
+    ("invalid/040.http", "underscores are valid in field names"),
+    (
+        "invalid/041.http",
+        "a repeated Content-Type is left to the app",
+    ),
+    (
+        "invalid/rfc9112_bare_lf_01.http",
+        "a bare LF ends a line (RFC 9112 §2.2)",
+    ),
+    (
+        "invalid/rfc9112_leading_crlf_02.http",
+        "empty lines before a request are skipped (RFC 9112 §2.2)",
+    ),
+    // Found in the body, after the app has the head: the connection closes.
+    (
+        "invalid/rfc9110_trailer_forbidden_cl_01.http",
+        "trailer, after the head",
+    ),
+    (
+        "invalid/rfc9110_trailer_forbidden_host_01.http",
+        "trailer, after the head",
+    ),
+    (
+        "invalid/rfc9110_trailer_forbidden_te_01.http",
+        "trailer, after the head",
+    ),
+    (
+        "invalid/rfc9112_chunked_missing_final_crlf_01.http",
+        "body framing, after the head",
+    ),
+    // Read as chunked, Content-Length ignored (RFC 9112 §6.3).
+    (
+        "invalid/rfc9112_smuggle_cl_te_chunked_01.http",
+        "chunked wins over Content-Length",
+    ),
+];
+
+#[test]
+fn gunicorns_request_corpus() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let Some(corpus) = gunicorn_corpus() else {
+        return;
+    };
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/gunicorn_corpus.py");
+    let out = run(
+        "python3",
+        &[
+            script.to_str().unwrap(),
+            "127.0.0.1",
+            &server.port().to_string(),
+            corpus.to_str().unwrap(),
+        ],
+    );
+    let (mut valid, mut invalid) = ((0, 0), (0, 0));
+    let mut wrong = Vec::new();
+    for line in text(&out).lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let file = row["file"].as_str().unwrap();
+        let statuses: Vec<u64> = row["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .collect();
+        let reached_app = row["app"].as_array().unwrap().iter().any(|a| a == true);
+        if file.starts_with("valid/") {
+            // Answered, and not refused by zdr (the demo answers 404 or
+            // 405 to most of these paths and methods).
+            let refused = statuses.is_empty()
+                || statuses
+                    .iter()
+                    .any(|s| matches!(s, 400 | 408 | 411 | 413 | 414 | 431 | 501 | 505));
+            let expected = VALID_BUT_REFUSED.iter().any(|(f, _)| *f == file);
+            if refused != expected {
+                wrong.push(format!(
+                    "{file}: {statuses:?} (refused expected: {expected})"
+                ));
+            }
+            if refused {
+                valid.1 += 1
+            } else {
+                valid.0 += 1
+            }
+        } else {
+            let expected = INVALID_BUT_ACCEPTED.iter().any(|(f, _)| *f == file);
+            if reached_app != expected {
+                wrong.push(format!(
+                    "{file}: {statuses:?} (reached the app: {reached_app})"
+                ));
+            }
+            if reached_app {
+                invalid.0 += 1
+            } else {
+                invalid.1 += 1
+            }
+            assert!(row["closed"] == true, "{file}: the connection stayed open");
+        }
+    }
+    eprintln!(
+        "gunicorn {GUNICORN} corpus: valid {} answered / {} refused; invalid {} reached the app / {} refused",
+        valid.0, valid.1, invalid.0, invalid.1
+    );
+    assert!(
+        valid.0 + valid.1 > 50 && invalid.0 + invalid.1 > 50,
+        "the corpus is missing"
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

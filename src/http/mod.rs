@@ -164,7 +164,9 @@ impl Limits {
 /// target is in absolute form), more than
 /// one, or one that is no valid host; `*` with a method other than
 /// OPTIONS; an authority alone as the target of a method other than
-/// CONNECT. They get 400 and never reach the app, as in nginx.
+/// CONNECT; a target with bytes no URI may hold; both Content-Length and
+/// Transfer-Encoding; control characters in a field value. They get 400
+/// and never reach the app, as in nginx.
 fn malformed(req: &Request) -> bool {
     if req.version() >= Version::HTTP_2 {
         return false;
@@ -182,9 +184,22 @@ fn malformed(req: &Request) -> bool {
     };
     let uri = req.uri();
     let method = req.method();
+    let headers = req.headers();
     bad_host
         || (uri.path() == "*" && uri.authority().is_none() && method != http::Method::OPTIONS)
         || (uri.scheme().is_none() && uri.authority().is_some() && method != http::Method::CONNECT)
+        // Bytes no target may hold (RFC 3986): controls, space, non-ASCII.
+        || uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().bytes().any(|b| b <= b' ' || b >= 0x7f))
+        // Both framings at once: the way to smuggle a request past a proxy
+        // (RFC 9112 §6.1; nginx refuses it too).
+        || (headers.contains_key(http::header::TRANSFER_ENCODING)
+            && headers.contains_key(CONTENT_LENGTH))
+        // Control characters in a field value (RFC 9110 §5.5).
+        || headers
+            .values()
+            .any(|v| v.as_bytes().iter().any(|b| (*b < b' ' && *b != b'\t') || *b == 0x7f))
 }
 
 /// The paths of the health probes a worker answers itself.
@@ -240,6 +255,9 @@ impl Shared {
         http1
             .timer(TokioTimer::new())
             .keep_alive(true)
+            // A client may shut its sending side once its request is out
+            // (`nc -N`, some HTTP/1.0 clients): it still gets its answer.
+            .half_close(true)
             // zdr's own per-connection timer enforces the header timeout,
             // without hyper re-arming one for every request.
             .header_read_timeout(None);
