@@ -682,6 +682,22 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>,
     Ok(Some((uid, gid)))
 }
 
+/// The most workers a server runs: during a reload two generations run side
+/// by side, and each needs a scoreboard slot, so a server stays within
+/// [`crate::scoreboard::CAPACITY`] with room for replacements.
+pub const MAX_WORKERS: usize = (crate::scoreboard::CAPACITY - 24) / 2;
+
+fn worker_count(value: usize) -> Result<usize, ConfigError> {
+    match value {
+        0 => Err(ConfigError::invalid("workers", "must be at least 1")),
+        n if n > MAX_WORKERS => Err(ConfigError::invalid(
+            "workers",
+            format!("must be at most {MAX_WORKERS}, got {n}"),
+        )),
+        n => Ok(n),
+    }
+}
+
 fn at_least_one(name: &'static str, value: usize) -> Result<usize, ConfigError> {
     if value >= 1 {
         Ok(value)
@@ -708,7 +724,7 @@ impl Settings {
         Ok(Settings {
             bind,
             backlog: o.backlog.unwrap_or(2048),
-            workers: at_least_one("workers", o.workers.unwrap_or(1))?,
+            workers: worker_count(o.workers.unwrap_or(1))?,
             threads: at_least_one("threads", o.threads.unwrap_or(1))?,
             worker_connections: at_least_one(
                 "worker_connections",

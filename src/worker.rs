@@ -72,9 +72,54 @@ impl RequestLimit {
     }
 }
 
+/// The signal actions a worker boots with, removed once its runtime's own
+/// handlers are in place.
+static BOOT_ACTIONS: std::sync::Mutex<Vec<signal_hook::SigId>> = std::sync::Mutex::new(Vec::new());
+
+/// Gives a new worker the signal actions it boots with, before any of its
+/// own handlers exist: a stop (TERM, INT, QUIT) ends it at once, and the
+/// signals only the master acts on (HUP, USR1, USR2, WINCH, TTIN, TTOU) do
+/// nothing, so that a log reopen (USR1) does not kill a booting worker. A
+/// forked worker would otherwise keep the master's handlers, which set
+/// flags nobody reads: a stop would be lost until it had booted. They go
+/// through the same registry as the runtime's handlers, which install
+/// themselves beside them.
+pub(crate) fn boot_dispositions() {
+    use signal_hook::consts::signal::*;
+    let mut ids = Vec::new();
+    for sig in [SIGTERM, SIGINT, SIGQUIT] {
+        // SAFETY: the action only calls `_exit`, which is
+        // async-signal-safe; a just-forked child is single-threaded.
+        if let Ok(id) = unsafe { signal_hook::low_level::register(sig, || nix::libc::_exit(0)) } {
+            ids.push(id);
+        }
+    }
+    for sig in [SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGTTIN, SIGTTOU] {
+        // SAFETY: the action does nothing at all.
+        if let Ok(id) = unsafe { signal_hook::low_level::register(sig, || {}) } {
+            ids.push(id);
+        }
+    }
+    if let Ok(mut actions) = BOOT_ACTIONS.lock() {
+        *actions = ids;
+    }
+}
+
+/// Removes the boot-time actions: the runtime's handlers take over.
+fn end_boot_dispositions() {
+    let ids = BOOT_ACTIONS
+        .lock()
+        .map(|mut a| std::mem::take(&mut *a))
+        .unwrap_or_default();
+    for id in ids {
+        signal_hook::low_level::unregister(id);
+    }
+}
+
 /// Runs an exec'd worker if this process is one; `None` otherwise.
 pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
     let spec = std::env::var_os(SPEC_ENV)?;
+    boot_dispositions();
     // The app's own child processes are not workers.
     std::env::remove_var(SPEC_ENV);
     let spec: WorkerSpec = match serde_json::from_str(&spec.to_string_lossy()) {
@@ -185,17 +230,36 @@ async fn serve(
         }
     });
 
-    let service = match (app.make_service)().await {
-        Ok(service) => service,
-        Err(e) => return boot_failed(slot, &bell, &e),
+    // The worker's own handlers, from here on: a stop while it boots ends
+    // the boot, and one that comes later is seen by `wait_for_stop`.
+    let Some(mut signals) = StopSignals::install() else {
+        return boot_failed(
+            slot,
+            &bell,
+            &anyhow::anyhow!("cannot install signal handlers"),
+        );
     };
-    let mut attempts = 0u32;
-    while let Err(e) = (app.ready)().await {
-        attempts += 1;
-        if attempts == 1 || attempts % 10 == 0 {
-            tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
+    end_boot_dispositions();
+    let service = tokio::select! {
+        made = (app.make_service)() => match made {
+            Ok(service) => service,
+            Err(e) => return boot_failed(slot, &bell, &e),
+        },
+        _ = signals.stop() => return 0,
+    };
+    let ready = async {
+        let mut attempts = 0u32;
+        while let Err(e) = (app.ready)().await {
+            attempts += 1;
+            if attempts == 1 || attempts % 10 == 0 {
+                tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::select! {
+        _ = ready => {}
+        _ = signals.stop() => return 0,
     }
     let mut listeners = Vec::with_capacity(spec.listeners.len());
     for inherited in &spec.listeners {
@@ -286,7 +350,7 @@ async fn serve(
     slot.set_state(SlotState::Ready);
     bell.ring();
 
-    match wait_for_stop(spec.master_pid, &shared, drain_rx.clone()).await {
+    match wait_for_stop(spec.master_pid, &shared, &mut signals, drain_rx.clone()).await {
         Stop::Fast => return 0,
         Stop::Graceful => {}
     }
@@ -327,16 +391,46 @@ enum Stop {
     Fast,
 }
 
-async fn wait_for_stop(master_pid: u32, shared: &Shared, mut drain: watch::Receiver<bool>) -> Stop {
-    let (Ok(mut term), Ok(mut quit), Ok(mut int), Ok(mut usr1)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::quit()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::user_defined1()),
-    ) else {
-        tracing::error!("worker cannot install signal handlers");
-        return Stop::Fast;
-    };
+/// The signals a worker acts on itself.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Option<StopSignals> {
+        Some(StopSignals {
+            term: signal(SignalKind::terminate()).ok()?,
+            quit: signal(SignalKind::quit()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            usr1: signal(SignalKind::user_defined1()).ok()?,
+        })
+    }
+
+    /// Any stop at all.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.quit.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_for_stop(
+    master_pid: u32,
+    shared: &Shared,
+    signals: &mut StopSignals,
+    mut drain: watch::Receiver<bool>,
+) -> Stop {
+    let StopSignals {
+        term,
+        quit,
+        int,
+        usr1,
+    } = signals;
     let mut orphan_check = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {

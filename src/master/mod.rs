@@ -53,6 +53,8 @@ pub(crate) struct Generation {
     pub(crate) id: u64,
     pub(crate) settings: Arc<Settings>,
     pub(crate) app: Option<Arc<LoadedApp>>,
+    /// The executable its workers run, without `--preload`.
+    pub(crate) exe: Option<Arc<spawn::Executable>>,
 }
 
 /// What the master is doing with a worker.
@@ -82,6 +84,10 @@ struct Worker {
     /// ready; the others at their request limit). Also the restart metric.
     restart_cause: Option<&'static str>,
     spawned: Instant,
+    /// Its generation's graceful timeout, kept with the worker: a worker
+    /// outlives its generation's place in the master (a rollout abandoned
+    /// by a stop, say) and must still drain by its own settings.
+    graceful: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +154,8 @@ pub(crate) struct Master {
     stop: Option<Stop>,
     /// Consecutive workers that died before becoming ready.
     crash_streak: u32,
+    /// When the master last said that no scoreboard slot was free.
+    slots_full_since: Option<Instant>,
     next_spawn: Instant,
 }
 
@@ -271,6 +279,7 @@ impl Master {
             id,
             settings: Arc::new(s),
             app: None,
+            exe: Some(Arc::new(spawn::Executable::pin(&h.exe))),
         });
         let graceful = serving
             .as_ref()
@@ -295,6 +304,7 @@ impl Master {
                 output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
                 restart_cause: None,
                 spawned: now,
+                graceful,
             })
             .collect::<Vec<_>>();
         info!(
@@ -378,6 +388,7 @@ impl Master {
             next_generation: base.next_generation,
             target: base.target,
             paused: false,
+            slots_full_since: None,
             stop: None,
             crash_streak: 0,
             next_spawn: now,
@@ -598,12 +609,16 @@ impl Master {
                     "stopping"
                 })
             }
-            Request::Scale { workers } if workers >= 1 => {
+            Request::Scale { workers } if (1..=crate::config::MAX_WORKERS).contains(&workers) => {
                 self.target = workers;
                 info!("Number of workers: {workers}");
                 Response::ok(format!("scaling to {workers} workers"))
             }
-            Request::Scale { .. } => Response::error("a server needs at least 1 worker"),
+            Request::Scale { workers: 0 } => Response::error("a server needs at least 1 worker"),
+            Request::Scale { workers } => Response::error(format!(
+                "cannot scale to {workers} workers: at most {} (two generations must fit side by side)",
+                crate::config::MAX_WORKERS
+            )),
         };
         self.control.respond(id, &response);
     }
@@ -677,6 +692,12 @@ impl Master {
             SIGINT | SIGQUIT => self.begin_stop(StopKind::Fast),
             SIGHUP => {
                 let _ = self.reload();
+            }
+            SIGTTIN if self.target >= crate::config::MAX_WORKERS => {
+                warn!(
+                    "Number of workers stays {}: that is the most a server runs",
+                    self.target
+                );
             }
             SIGTTIN => {
                 self.target += 1;
@@ -777,7 +798,6 @@ impl Master {
                 Err("superseded by a newer reload".to_owned()),
             );
         }
-        self.paused = false;
         self.target = settings.workers;
         crate::logging::reopen();
         Ok(self.begin_rollout(settings, app, Cause::Reload))
@@ -810,7 +830,15 @@ impl Master {
                 self.target
             );
         }
-        let generation = Generation { id, settings, app };
+        let exe = app
+            .is_none()
+            .then(|| Arc::new(spawn::Executable::pin(&self.exe)));
+        let generation = Generation {
+            id,
+            settings,
+            app,
+            exe,
+        };
         self.rollout = Some(Rollout::new(
             generation,
             cause,
@@ -876,6 +904,7 @@ impl Master {
         };
         let id = rollout.generation.id;
         let ms = rollout.started.elapsed().as_millis();
+        self.paused = false;
         let old = self.serving.replace(rollout.generation);
         let retiring: Vec<Pid> = self
             .workers
@@ -1121,10 +1150,7 @@ impl Master {
         if matches!(w.role, Role::Draining { .. } | Role::Killing { .. }) {
             return;
         }
-        let graceful = self
-            .generation_settings(w.generation)
-            .map(|s| s.graceful_timeout())
-            .unwrap_or_default();
+        let graceful = w.graceful;
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
             w.role = Role::Draining {
                 deadline: Instant::now() + graceful,
@@ -1415,17 +1441,17 @@ impl Master {
     /// Starts missing workers of the serving and the booting generation,
     /// and drains extra ones.
     fn maintain(&mut self) {
-        if self.stop.is_some() || self.paused || Instant::now() < self.next_spawn {
+        if self.stop.is_some() || Instant::now() < self.next_spawn {
             return;
         }
-        let ids: Vec<u64> = [
-            self.serving.as_ref(),
-            self.rollout.as_ref().map(|r| &r.generation),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|g| g.id)
-        .collect();
+        // After WINCH the serving generation is not topped up; a reload
+        // (HUP) starts the next one, and only that one.
+        let serving = self.serving.as_ref().filter(|_| !self.paused);
+        let ids: Vec<u64> = [serving, self.rollout.as_ref().map(|r| &r.generation)]
+            .into_iter()
+            .flatten()
+            .map(|g| g.id)
+            .collect();
         for id in ids {
             let active: Vec<Pid> = self
                 .workers
@@ -1463,14 +1489,25 @@ impl Master {
         .find(|g| g.id == id);
         let Some(generation) = generation else { return };
         let Some(slot_index) = self.board.free_slot() else {
-            error!(
-                "Cannot start a worker: all {} scoreboard slots are in use",
-                crate::scoreboard::CAPACITY
-            );
+            // Draining workers hold every slot: wait for them, and say so
+            // once every ten seconds, not at every turn of the loop.
+            let now = Instant::now();
+            self.next_spawn = now + Duration::from_secs(1);
+            if self
+                .slots_full_since
+                .is_none_or(|t| now >= t + Duration::from_secs(10))
+            {
+                error!(
+                    "Cannot start a worker: all {} scoreboard slots are in use (draining workers hold them); retrying every second",
+                    crate::scoreboard::CAPACITY
+                );
+                self.slots_full_since = Some(now);
+            }
             return;
         };
         let settings = Arc::clone(&generation.settings);
         let app = generation.app.clone();
+        let exe = generation.exe.clone();
         let slot = self.board.slot(slot_index);
         slot.claim(id);
         let request_limit = match settings.max_requests {
@@ -1521,7 +1558,8 @@ impl Master {
             }
             None => {
                 let title = format!("zdr: worker [{}]", self.name);
-                spawn::exec(&self.exe, &title, &spec, stderr)
+                let exe = exe.unwrap_or_else(|| Arc::new(spawn::Executable::pin(&self.exe)));
+                spawn::exec(&exe, &title, &spec, stderr)
             }
         };
         match result {
@@ -1538,6 +1576,7 @@ impl Master {
                     output: Some(output),
                     restart_cause: None,
                     spawned: Instant::now(),
+                    graceful: settings.graceful_timeout(),
                 });
             }
             Err(e) => {

@@ -97,6 +97,7 @@ mod tests {
             id: 2,
             settings: Arc::new(settings),
             app: None,
+            exe: None,
         };
         Rollout::new(generation, Cause::Reload, now, Duration::from_secs(5))
     }

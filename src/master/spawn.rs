@@ -8,25 +8,80 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{ForkResult, Pid};
 
 use crate::app::{LoadedApp, Loader};
 use crate::scoreboard::{Doorbell, Scoreboard};
 use crate::worker::{self, WorkerSpec, SPEC_ENV};
 
-use super::signals::Signals;
+use super::signals::{Signals, HANDLED};
 
-/// Runs the executable at `exe` (whatever is on disk there now) as a worker,
-/// with `stderr` as its standard error.
-pub(crate) fn exec(exe: &Path, title: &str, spec: &WorkerSpec, stderr: OwnedFd) -> io::Result<Pid> {
+/// The executable a generation's workers run, opened when the generation
+/// starts: replacing the file on disk afterwards (a deploy, a broken
+/// build, a rollback) does not change what that generation's new workers
+/// run, so a rolled-back generation heals with its own code.
+#[derive(Debug)]
+pub(crate) struct Executable {
+    path: std::path::PathBuf,
+    /// The file as it was when the generation started; `None` if it could
+    /// not be opened (then the path is run, and fails as it would).
+    file: Option<OwnedFd>,
+    /// A `#!` script: its interpreter opens it by name after the exec, so
+    /// the descriptor must survive the exec.
+    script: bool,
+}
+
+impl Executable {
+    /// Opens the file at `path` now.
+    pub(crate) fn pin(path: &Path) -> Executable {
+        use std::io::Read;
+        let opened = std::fs::File::open(path).map(|mut f| {
+            let mut magic = [0u8; 2];
+            let script = f.read(&mut magic).is_ok_and(|n| n == 2 && magic == *b"#!");
+            (OwnedFd::from(f), script)
+        });
+        let (file, script) = match opened {
+            Ok((fd, script)) => (Some(fd), script),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot open {}: {e}; its workers run it by name",
+                    path.display()
+                );
+                (None, false)
+            }
+        };
+        Executable {
+            path: path.to_owned(),
+            file,
+            script,
+        }
+    }
+}
+
+/// Runs `exe` (as it was when its generation started) as a worker, with
+/// `stderr` as its standard error.
+pub(crate) fn exec(
+    exe: &Executable,
+    title: &str,
+    spec: &WorkerSpec,
+    stderr: OwnedFd,
+) -> io::Result<Pid> {
     let json = serde_json::to_string(spec).map_err(io::Error::other)?;
     let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
     let master = spec.master_pid as i32;
     let run_as = spec.settings.run_as;
-    let mut cmd = Command::new(exe);
+    let pinned = exe.file.as_ref().map(|f| f.as_raw_fd());
+    if let (Some(fd), true) = (pinned, exe.script) {
+        inherit.push(fd);
+    }
+    let mut cmd = match pinned {
+        // The kernel resolves the child's own descriptor at the exec.
+        Some(fd) => Command::new(format!("/proc/self/fd/{fd}")),
+        None => Command::new(&exe.path),
+    };
     // The master alone speaks to systemd.
     cmd.env_remove("NOTIFY_SOCKET");
     cmd.arg0(title)
@@ -88,13 +143,30 @@ pub(crate) struct ForkParts<'a> {
 pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
+    // Signals are held from before the fork until the child has its own
+    // dispositions: one sent to the child at its first instruction is
+    // delivered then, not swallowed by the master's handlers.
+    let mut held = SigSet::empty();
+    for sig in HANDLED {
+        if let Ok(sig) = Signal::try_from(sig) {
+            held.add(sig);
+        }
+    }
+    let mut before = SigSet::empty();
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut before));
     // SAFETY: the master runs no threads of its own (no runtime, no logging
     // thread), so the child is a complete copy and may run any code; the
     // master warns if the app's load step left threads running.
-    match unsafe { nix::unistd::fork() }? {
+    let forked = unsafe { nix::unistd::fork() };
+    if !matches!(forked, Ok(ForkResult::Child)) {
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
+    match forked? {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             parts.signals.uninstall();
+            worker::boot_dispositions();
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
             // Single-threaded still: the worker's runtime does not exist yet.
             std::env::remove_var("NOTIFY_SOCKET");
             if let Some((uid, gid)) = spec.settings.run_as {
