@@ -67,6 +67,18 @@ enum Command {
         /// Stop at once (as SIGQUIT).
         #[arg(long)]
         now: bool,
+        /// Wait until the master has exited: exit 0 if every worker
+        /// finished in time, 1 if some had to be killed.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait, in seconds.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 120.0,
+            requires = "wait"
+        )]
+        timeout: f64,
     },
     /// Set the number of workers of a running server.
     Scale {
@@ -191,8 +203,21 @@ pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode 
             let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
             operate(args, crate::client::Command::Reload { wait, timeout })
         }
-        Command::Stop { args, now, .. } => {
-            operate(args, crate::client::Command::Stop { graceful: !now })
+        Command::Stop {
+            args,
+            now,
+            wait,
+            timeout,
+            ..
+        } => {
+            let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
+            operate(
+                args,
+                crate::client::Command::Stop {
+                    graceful: !now,
+                    wait: wait.then_some(timeout),
+                },
+            )
         }
         Command::Scale { args, count } => {
             operate(args, crate::client::Command::Scale { workers: count })

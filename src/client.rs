@@ -11,10 +11,21 @@ use crate::control::{self, Request, Response, Status};
 
 /// What the operator asked for.
 pub(crate) enum Command {
-    Status { json: bool },
-    Reload { wait: bool, timeout: Duration },
-    Stop { graceful: bool },
-    Scale { workers: usize },
+    Status {
+        json: bool,
+    },
+    Reload {
+        wait: bool,
+        timeout: Duration,
+    },
+    Stop {
+        graceful: bool,
+        /// Wait this long for the master to exit.
+        wait: Option<Duration>,
+    },
+    Scale {
+        workers: usize,
+    },
 }
 
 /// Runs one command against the server that `settings` describe.
@@ -26,11 +37,12 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
     let (request, timeout) = match &command {
         Command::Status { .. } => (Request::Status, Duration::from_secs(10)),
         Command::Reload { wait, timeout } => (Request::Reload { wait: *wait }, *timeout),
-        Command::Stop { graceful } => (
+        Command::Stop { graceful, wait } => (
             Request::Stop {
                 graceful: *graceful,
+                wait: wait.is_some(),
             },
-            Duration::from_secs(10),
+            wait.unwrap_or(Duration::from_secs(10)),
         ),
         Command::Scale { workers } => (
             Request::Scale { workers: *workers },
@@ -47,11 +59,18 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            return fallback(
-                settings,
-                &command,
-                &format!("cannot reach the server at {}: {e}", path.display()),
-            )
+            let why = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => format!(
+                    "cannot reach the server at {}: no master listens there (one that was killed left it behind?)",
+                    path.display()
+                ),
+                std::io::ErrorKind::NotFound => format!(
+                    "cannot reach the server at {}: no such socket (is the server running?)",
+                    path.display()
+                ),
+                _ => format!("cannot reach the server at {}: {e}", path.display()),
+            };
+            return fallback(settings, &command, &why);
         }
     };
     report(&command, &response)
@@ -82,8 +101,14 @@ fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
     use nix::sys::signal::Signal;
     let signal = match command {
         Command::Reload { wait: false, .. } => Signal::SIGHUP,
-        Command::Stop { graceful: true } => Signal::SIGTERM,
-        Command::Stop { graceful: false } => Signal::SIGQUIT,
+        Command::Stop {
+            graceful: true,
+            wait: None,
+        } => Signal::SIGTERM,
+        Command::Stop {
+            graceful: false,
+            wait: None,
+        } => Signal::SIGQUIT,
         _ => {
             eprintln!("zdr: error: {why}");
             return ExitCode::FAILURE;

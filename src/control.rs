@@ -32,6 +32,10 @@ pub enum Request {
     Stop {
         /// Let in-flight requests finish.
         graceful: bool,
+        /// Answer only when the master exits: ok if every worker finished
+        /// in time, an error if some had to be killed.
+        #[serde(default)]
+        wait: bool,
     },
     /// Run this many workers.
     Scale {

@@ -368,9 +368,13 @@ fn workers_run_as_the_given_user() {
         }
         assert_eq!(ids(server.pid), (0, 0), "the master keeps its user");
         assert_eq!(server.get("/").status, 200);
-        let control = std::fs::metadata(format!("{}.ctl", pidfile.display())).unwrap();
+        // The pidfile is the workers' user's; the control socket stays the
+        // master's (only root and its user may command the server).
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((control.uid(), control.gid()), (65534, 65534));
+        let meta = std::fs::metadata(&pidfile).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        let control = std::fs::metadata(format!("{}.ctl", pidfile.display())).unwrap();
+        assert_eq!((control.uid(), control.gid()), (0, 0));
         // A worker that dies is replaced under the same user.
         let victim = *workers.iter().next().unwrap();
         nix::sys::signal::kill(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use common::*;
@@ -119,4 +120,112 @@ fn a_rolled_back_generation_heals_with_its_own_binary() {
     assert!(!after.contains(&victim));
     assert_eq!(server.get("/").generation(), 1);
     assert_eq!(server.log_count("backing off"), 0, "{}", server.log_text());
+}
+
+#[test]
+fn stop_wait_returns_when_the_master_is_gone_and_says_whether_it_forced() {
+    // Nothing in flight: 0, "stopped gracefully".
+    let mut server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let socket = server.control_socket();
+    let out = Launch::raw(&[
+        "stop",
+        "--wait",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ])
+    .output();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "stopped gracefully"
+    );
+    // The answer comes as the master exits.
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+
+    // A request that outlasts the graceful timeout: 1, and why.
+    let mut server = Launch::serve(&["--workers", "1", "--graceful-timeout", "1"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(1);
+    let held = hold_requests(server.addr(), 1, &workers);
+    let socket = server.control_socket();
+    let out = Launch::raw(&[
+        "stop",
+        "--wait",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ])
+    .output();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("stopped; 1 worker(s) still busy at the graceful timeout were killed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.wait_exit(Duration::from_secs(60));
+    drop(held);
+}
+
+#[test]
+fn a_master_started_after_a_killed_one_takes_over_its_files() {
+    let dir = TempDir::new("stale");
+    let pidfile = dir.path("zdr.pid");
+    let pid = pidfile.to_str().unwrap();
+    let mut server = Launch::serve(&["--workers", "1", "--pid", pid]).start();
+    server.wait_ready();
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(Duration::from_secs(60));
+    assert!(
+        pidfile.exists(),
+        "a killed master cannot remove its pidfile"
+    );
+    let out = Launch::raw(&["status", "--pid", pid]).output();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no master listens there"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = Launch::serve(&["--workers", "1", "--pid", pid]).start();
+    server.wait_ready();
+    server.wait_for_log("named pid", Duration::from_secs(60));
+    server.wait_for_log("was left by a master that is gone", Duration::from_secs(60));
+    let out = Launch::raw(&["status", "--json", "--pid", pid]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn only_root_and_the_masters_user_may_command_it() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root, to run a client as another user");
+        return;
+    }
+    let server = Launch::serve(&["--workers", "1", "--user", "65534"]).start();
+    server.wait_ready();
+    server.wait_workers(1);
+    let socket = server.control_socket();
+    // As the workers' user: refused, and the server is untouched.
+    let out = std::process::Command::new(zdr_bin())
+        .args(["scale", "3", "--control-socket", socket.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(server.status().target_workers, 1);
+    // As root: obeyed.
+    let out = Launch::raw(&["scale", "2", "--control-socket", socket.to_str().unwrap()]).output();
+    assert!(out.status.success());
+    server.wait_workers(2);
 }

@@ -29,6 +29,10 @@ pub(crate) struct ControlServer {
     next_id: u64,
 }
 
+/// What a client waiting for the master's exit waits for (no generation
+/// has this number).
+const EXIT: u64 = u64::MAX;
+
 impl ControlServer {
     /// Listens at `path`, readable and writable by this user only. A
     /// leftover socket file nobody answers on is replaced; one a running
@@ -44,6 +48,10 @@ impl ControlServer {
                     ),
                 ));
             }
+            tracing::warn!(
+                "control socket {} was left by a master that is gone: taking it over",
+                path.display()
+            );
             std::fs::remove_file(path)?;
         }
         // Created with mode 0600 from the start: no moment in which another
@@ -80,9 +88,28 @@ impl ControlServer {
     }
 
     /// Accepts new clients and reads; returns the complete requests. A
-    /// malformed request is answered here.
+    /// malformed request is answered here, and so is a client that is
+    /// neither root nor the master's own user (`SO_PEERCRED`): code running
+    /// in a worker as `--user` cannot command the server.
     pub(crate) fn poll(&mut self) -> Vec<(u64, Request)> {
-        while let Ok((stream, _)) = self.listener.accept() {
+        while let Ok((mut stream, _)) = self.listener.accept() {
+            let peer =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map(|c| c.uid());
+            let me = nix::unistd::geteuid().as_raw();
+            match peer {
+                Ok(uid) if uid == 0 || uid == me => {}
+                Ok(uid) => {
+                    write_response(
+                        &mut stream,
+                        &Response::error(format!(
+                            "permission denied: uid {uid} may not command this server (only root and uid {me})"
+                        )),
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            }
             if stream.set_nonblocking(true).is_ok() {
                 self.conns.push(Conn {
                     id: self.next_id,
@@ -144,6 +171,18 @@ impl ControlServer {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
             conn.waiting_for = Some(generation);
         }
+    }
+
+    /// Keeps a client waiting until the master exits.
+    pub(crate) fn hold_until_exit(&mut self, id: u64) {
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
+            conn.waiting_for = Some(EXIT);
+        }
+    }
+
+    /// Answers the clients waiting for the master to exit.
+    pub(crate) fn exiting(&mut self, response: &Response) {
+        self.reload_finished(EXIT, response);
     }
 
     /// Answers the clients waiting for `generation`'s reload.

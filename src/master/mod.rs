@@ -99,6 +99,8 @@ enum StopKind {
 struct Stop {
     kind: StopKind,
     exit_code: u8,
+    /// Workers still busy at the graceful timeout, and killed.
+    forced: usize,
     /// With a shutdown delay: when to start draining the workers.
     drain_at: Option<Instant>,
 }
@@ -356,7 +358,7 @@ impl Master {
             .as_deref()
             .map(Pidfile::create)
             .transpose()?;
-        give_to_workers(settings, pidfile.as_ref().map(|p| p.path()), control.path());
+        give_pidfile_to_workers(settings, pidfile.as_ref().map(|p| p.path()));
         let now = Instant::now();
         Ok(Master {
             name: name.to_owned(),
@@ -596,13 +598,17 @@ impl Master {
                     Err(why) => Response::error(why),
                 }
             }
-            Request::Stop { graceful } => {
+            Request::Stop { graceful, wait } => {
                 info!("Stop requested on the control socket");
                 self.begin_stop(if graceful {
                     StopKind::Graceful
                 } else {
                     StopKind::Fast
                 });
+                if wait {
+                    self.control.hold_until_exit(id);
+                    return;
+                }
                 Response::ok(if graceful {
                     "stopping gracefully"
                 } else {
@@ -1096,6 +1102,7 @@ impl Master {
                 self.stop = Some(Stop {
                     kind,
                     exit_code: 0,
+                    forced: 0,
                     drain_at,
                 });
                 if drain_at.is_some() {
@@ -1137,7 +1144,16 @@ impl Master {
         let stop = self.stop.as_ref()?;
         if self.workers.is_empty() {
             info!("Shutting down: Master");
-            return Some(stop.exit_code);
+            let (code, forced, kind) = (stop.exit_code, stop.forced, stop.kind);
+            let answer = match (kind, forced) {
+                (StopKind::Graceful, 0) => Response::ok("stopped gracefully"),
+                (StopKind::Graceful, n) => Response::error(format!(
+                    "stopped; {n} worker(s) still busy at the graceful timeout were killed"
+                )),
+                (StopKind::Fast, _) => Response::ok("stopped"),
+            };
+            self.control.exiting(&answer);
+            return Some(code);
         }
         None
     }
@@ -1402,6 +1418,9 @@ impl Master {
                         w.pid
                     );
                     to_kill.push((w.pid, Signal::SIGKILL));
+                    if let Some(stop) = &mut self.stop {
+                        stop.forced += 1;
+                    }
                 }
                 Role::Killing { deadline } if now >= deadline => {
                     to_kill.push((w.pid, Signal::SIGKILL))
@@ -1625,27 +1644,22 @@ impl Master {
     }
 }
 
-/// Gives the pidfile and the control socket to the user the workers run
-/// as, so that the operator commands work as that user too.
-fn give_to_workers(
-    settings: &Settings,
-    pidfile: Option<&std::path::Path>,
-    control: &std::path::Path,
-) {
-    let Some((uid, gid)) = settings.run_as else {
+/// Gives the pidfile to the user the workers run as. The control socket
+/// stays the master's: only root and the master's own user may command the
+/// server (the control server checks each client's credentials).
+fn give_pidfile_to_workers(settings: &Settings, pidfile: Option<&std::path::Path>) {
+    let (Some((uid, gid)), Some(path)) = (settings.run_as, pidfile) else {
         return;
     };
     let owner = (
         Some(nix::unistd::Uid::from_raw(uid)),
         Some(nix::unistd::Gid::from_raw(gid)),
     );
-    for path in pidfile.into_iter().chain([control]) {
-        if let Err(e) = nix::unistd::chown(path, owner.0, owner.1) {
-            warn!(
-                "cannot give {} to uid {uid}, gid {gid}: {e}",
-                path.display()
-            );
-        }
+    if let Err(e) = nix::unistd::chown(path, owner.0, owner.1) {
+        warn!(
+            "cannot give {} to uid {uid}, gid {gid}: {e}",
+            path.display()
+        );
     }
 }
 

@@ -17,6 +17,12 @@ impl Pidfile {
                 let me = std::process::id() as i32;
                 let alive = pid > 0
                     && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+                if pid != me && !alive {
+                    tracing::warn!(
+                        "pidfile {} named pid {pid}, which is gone: taking it over",
+                        path.display()
+                    );
+                }
                 if pid != me && alive {
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
