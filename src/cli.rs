@@ -68,7 +68,8 @@ enum Command {
         #[arg(long)]
         now: bool,
         /// Wait until the master has exited: exit 0 if every worker
-        /// finished in time, 1 if some had to be killed.
+        /// finished in time, 1 if some still had connections open at the
+        /// graceful timeout.
         #[arg(long)]
         wait: bool,
         /// How long to wait, in seconds.

@@ -95,8 +95,9 @@ pub struct Options {
     #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT")]
     pub max_requests: Option<u64>,
 
-    /// Recycle a worker whose resident memory passes this size (e.g. 512M,
-    /// 2G), replacement first. [default: none]
+    /// Recycle a worker whose own memory (private pages, not those shared
+    /// with a --preload master) passes this size (e.g. 512M, 2G),
+    /// replacement first. [default: none]
     #[arg(
         long = "max-worker-memory",
         env = "ZDR_MAX_WORKER_MEMORY",

@@ -124,6 +124,10 @@ pub struct WorkerStatus {
     pub accepting: bool,
     /// Resident memory, in bytes.
     pub rss_bytes: u64,
+    /// Memory it owns alone (private pages, not shared copy-on-write with
+    /// the master), in bytes: what `--max-worker-memory` limits.
+    #[serde(default)]
+    pub owned_bytes: u64,
 }
 
 /// How a reload ended.

@@ -39,6 +39,10 @@ pub(crate) const SPEC_ENV: &str = "ZDR_WORKER_SPEC";
 /// The exit code of a worker whose app failed to boot (Gunicorn's).
 pub(crate) const BOOT_ERROR: i32 = 3;
 
+/// A worker's exit code when the graceful timeout passed with connections
+/// still open: it drained, but not all of them.
+pub(crate) const GAVE_UP: i32 = 4;
+
 /// Everything a worker needs from its master.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WorkerSpec {
@@ -54,7 +58,7 @@ pub(crate) struct WorkerSpec {
 }
 
 /// A worker's request limit (`max_requests` plus its jitter), and the count
-/// at which the master starts its replacement so that it is ready in time.
+/// at which the master starts its replacement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RequestLimit {
     pub(crate) limit: u64,
@@ -62,12 +66,17 @@ pub(crate) struct RequestLimit {
 }
 
 impl RequestLimit {
-    /// The limit `limit`, with the replacement started half-way, so that
-    /// it is ready well before the limit even under heavy load.
+    /// The limit `limit`, with the replacement started when the worker
+    /// reaches it: the worker serves on until its replacement is ready,
+    /// then drains, so capacity never dips and the server runs at most one
+    /// process more than it should (the recycling budget, see the master),
+    /// however slow the traffic. A replacement started earlier would sit
+    /// beside its worker for as long as the traffic takes to reach the
+    /// limit.
     pub(crate) fn new(limit: u64) -> Option<RequestLimit> {
-        (limit > 0).then(|| RequestLimit {
+        (limit > 0).then_some(RequestLimit {
             limit,
-            prespawn_at: (limit / 2).max(1),
+            prespawn_at: limit,
         })
     }
 }
@@ -382,6 +391,7 @@ async fn serve(
             "worker {}: graceful timeout with {open} connection(s) still open",
             std::process::id()
         );
+        return GAVE_UP;
     }
     0
 }

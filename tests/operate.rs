@@ -313,7 +313,7 @@ fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
     // One worker grows past the limit.
     let grown = server.get("/alloc?mb=100").pid();
     server.wait_for_log(
-        &format!("Worker (pid: {grown}) uses"),
+        &format!("Worker (pid: {grown}) owns"),
         Duration::from_secs(60),
     );
     assert!(

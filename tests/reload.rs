@@ -379,30 +379,21 @@ fn max_requests_recycles_workers_without_failures() {
         .map(|(p, n)| (*p, *n))
         .collect();
     assert!(recycled.len() >= 6, "{recycled:?}");
-    // A worker whose replacement is ready when it reaches its limit (50 +
-    // 0..=10) stops accepting at that moment; the only requests past it are
-    // on connections it had already accepted, at most one per other client.
-    // If the replacement is late (a slow machine), the worker serves on
-    // until it is ready, so that capacity never dips; either way no worker
-    // ever retires early.
-    let clients = 3;
-    let log = server.log_text();
-    let on_time: Vec<&(u32, u64)> = recycled
-        .iter()
-        .filter(|(pid, _)| log.contains(&format!("worker {pid}: request limit reached")))
-        .collect();
-    for (pid, n) in &on_time {
-        assert!(
-            (50..=60 + (clients - 1)).contains(n),
-            "worker {pid} served {n} requests; log:\n{log}"
-        );
-    }
+    // No worker retires before its limit (50 + 0..=10): it serves on until
+    // its replacement is ready, then drains.
     for (pid, n) in &recycled {
         assert!(
             *n >= 50,
             "worker {pid} was recycled after only {n} requests"
         );
     }
+    // One recycled worker at a time: never more than one process beyond
+    // the two workers.
+    assert!(
+        capacity.max_processes <= 3,
+        "{} processes at once",
+        capacity.max_processes
+    );
     eprintln!("recycled workers and their requests: {recycled:?}");
 }
 

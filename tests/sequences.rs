@@ -165,7 +165,7 @@ fn stop_wait_returns_when_the_master_is_gone_and_says_whether_it_forced() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("stopped; 1 worker(s) still busy at the graceful timeout were killed"),
+            .contains("stopped; 1 worker(s) still had connections open at the graceful timeout"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

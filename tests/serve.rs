@@ -777,10 +777,16 @@ fn the_examples_serve_and_reload() {
 
     let server = Launch::serve(&["--workers", "2", "--preload"])
         .exe(&example("preload"))
-        .env("TABLE_MB", "1")
+        .env("TABLE_MB", "64")
         .start();
     server.wait_ready();
     server.wait_workers(2);
+    // The table is shared copy-on-write: resident in every worker, owned
+    // by none (what --max-worker-memory counts).
+    for w in server.status().workers {
+        assert!(w.rss_bytes > 64 << 20, "{w:?}");
+        assert!(w.owned_bytes < 32 << 20, "{w:?}");
+    }
     let r = server.get("/lookup/7");
     assert_eq!(r.status, 200);
     assert!(

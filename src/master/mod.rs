@@ -47,6 +47,11 @@ use rollout::{Cause, Rollout, Verdict};
 use scrape::ScrapeServer;
 use signals::Signals;
 
+/// Replacements for recycled workers (request or memory limit) in flight
+/// at once, for the whole server: it never runs more than this many
+/// processes beyond its workers for recycling.
+const MAX_SURGE: usize = 1;
+
 /// A generation: the workers started together with one configuration (and,
 /// with `--preload`, one loaded app).
 pub(crate) struct Generation {
@@ -88,6 +93,9 @@ struct Worker {
     /// outlives its generation's place in the master (a rollout abandoned
     /// by a stop, say) and must still drain by its own settings.
     graceful: Duration,
+    /// It reached the graceful timeout with connections open: it gave
+    /// them up itself, or the master killed it.
+    gave_up: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +107,7 @@ enum StopKind {
 struct Stop {
     kind: StopKind,
     exit_code: u8,
-    /// Workers still busy at the graceful timeout, and killed.
+    /// Workers that reached the graceful timeout with connections open.
     forced: usize,
     /// With a shutdown delay: when to start draining the workers.
     drain_at: Option<Instant>,
@@ -307,6 +315,7 @@ impl Master {
                 restart_cause: None,
                 spawned: now,
                 graceful,
+                gave_up: false,
             })
             .collect::<Vec<_>>();
         info!(
@@ -673,6 +682,7 @@ impl Master {
                     connections: slot.connections(),
                     accepting: slot.state() == SlotState::Ready,
                     rss_bytes: rss_bytes(w.pid),
+                    owned_bytes: owned_bytes(w.pid),
                 }
             })
             .collect();
@@ -1148,7 +1158,7 @@ impl Master {
             let answer = match (kind, forced) {
                 (StopKind::Graceful, 0) => Response::ok("stopped gracefully"),
                 (StopKind::Graceful, n) => Response::error(format!(
-                    "stopped; {n} worker(s) still busy at the graceful timeout were killed"
+                    "stopped; {n} worker(s) still had connections open at the graceful timeout"
                 )),
                 (StopKind::Fast, _) => Response::ok("stopped"),
             };
@@ -1225,6 +1235,11 @@ impl Master {
                     self.finish_upgrade_check(format!("was killed by {sig}"), false)
                 }
                 Ok(WaitStatus::Exited(pid, code)) => {
+                    if code == crate::worker::GAVE_UP {
+                        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                            w.gave_up = true;
+                        }
+                    }
                     self.on_exit(pid, format!("exited with status {code}"))
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
@@ -1246,6 +1261,9 @@ impl Master {
             return;
         };
         let mut w = self.workers.remove(index);
+        if let (true, Some(stop)) = (w.gave_up, &mut self.stop) {
+            stop.forced += 1;
+        }
         let tail = w.output.take().map(Output::finish).unwrap_or_default();
         let slot = self.board.slot(w.slot);
         let (state, message, requests) = (slot.state(), slot.message(), slot.requests());
@@ -1358,6 +1376,17 @@ impl Master {
             self.next_memory_check = now + Duration::from_secs(1);
         }
         let mut to_kill: Vec<(Pid, Signal)> = Vec::new();
+        // The recycling budget: recycled workers not yet gone (awaiting
+        // their replacement, or draining), for the whole server.
+        let mut retiring = self
+            .workers
+            .iter()
+            .filter(|w| {
+                w.role == Role::Retiring
+                    || (matches!(w.role, Role::Draining { .. })
+                        && matches!(w.restart_cause, Some("max_requests" | "memory")))
+            })
+            .count();
         for i in 0..self.workers.len() {
             let settings = self
                 .generation_settings(self.workers[i].generation)
@@ -1382,33 +1411,39 @@ impl Master {
                             continue;
                         }
                     }
+                    let may_recycle = recycling_allowed && retiring < MAX_SURGE;
                     if w.role == Role::Active
-                        && recycling_allowed
+                        && may_recycle
                         && w.request_limit
                             .is_some_and(|l| slot.requests() >= l.prespawn_at)
                     {
                         info!(
-                            "Worker (pid: {}) near its request limit ({} of {}); starting its replacement",
+                            "Worker (pid: {}) reached its request limit ({} of {}); starting its replacement",
                             w.pid,
                             slot.requests(),
                             w.request_limit.map_or(0, |l| l.limit)
                         );
                         w.role = Role::Retiring;
                         w.restart_cause = Some("max_requests");
+                        retiring += 1;
                     }
                     let limit = settings.as_ref().and_then(|s| s.max_worker_memory);
-                    if let Some(limit) = limit
-                        .filter(|_| check_memory && w.role == Role::Active && recycling_allowed)
-                    {
-                        let rss = rss_bytes(w.pid);
-                        if rss > limit.0 {
+                    if let Some(limit) = limit.filter(|_| {
+                        check_memory
+                            && w.role == Role::Active
+                            && recycling_allowed
+                            && retiring < MAX_SURGE
+                    }) {
+                        let owned = owned_bytes(w.pid);
+                        if owned > limit.0 {
                             info!(
-                                "Worker (pid: {}) uses {:.0} MiB, over --max-worker-memory {limit}; starting its replacement",
+                                "Worker (pid: {}) owns {:.0} MiB, over --max-worker-memory {limit}; starting its replacement",
                                 w.pid,
-                                rss as f64 / 1048576.0
+                                owned as f64 / 1048576.0
                             );
                             w.role = Role::Retiring;
                             w.restart_cause = Some("memory");
+                            retiring += 1;
                         }
                     }
                 }
@@ -1418,9 +1453,7 @@ impl Master {
                         w.pid
                     );
                     to_kill.push((w.pid, Signal::SIGKILL));
-                    if let Some(stop) = &mut self.stop {
-                        stop.forced += 1;
-                    }
+                    w.gave_up = true;
                 }
                 Role::Killing { deadline } if now >= deadline => {
                     to_kill.push((w.pid, Signal::SIGKILL))
@@ -1596,6 +1629,7 @@ impl Master {
                     restart_cause: None,
                     spawned: Instant::now(),
                     graceful: settings.graceful_timeout(),
+                    gave_up: false,
                 });
             }
             Err(e) => {
@@ -1673,6 +1707,23 @@ fn rss_bytes(pid: Pid) -> u64 {
         .ok()
         .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * page)
+}
+
+/// The memory a process owns alone (its private pages, "USS"), from
+/// /proc/PID/smaps_rollup: unlike its resident size, it leaves out pages
+/// shared copy-on-write with the master under `--preload`, which would
+/// otherwise put every worker over a memory limit at once. Falls back to
+/// the resident size where the kernel has no rollup.
+fn owned_bytes(pid: Pid) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return rss_bytes(pid);
+    };
+    let kib: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    kib * 1024
 }
 
 /// Delay before the next start after `streak` workers in a row died before
