@@ -30,6 +30,37 @@ pub struct RequestCounters {
     pub buckets: [u64; REQUEST_BUCKETS.len() + 1],
     /// Sum of durations, in microseconds.
     pub sum_us: u64,
+    /// Connections closed for a client's slowness, by [`ClientTimeout`].
+    pub timeouts: [u64; 3],
+}
+
+/// A client too slow for one of the timeouts, which closes its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// No complete request head within `--header-timeout`.
+    Header = 0,
+    /// A request body silent for `--body-timeout`.
+    Body = 1,
+    /// A response the client did not take for `--send-timeout`.
+    Send = 2,
+}
+
+impl ClientTimeout {
+    /// Every kind, in the order of [`RequestCounters::timeouts`].
+    pub const ALL: [ClientTimeout; 3] = [
+        ClientTimeout::Header,
+        ClientTimeout::Body,
+        ClientTimeout::Send,
+    ];
+
+    /// Its label in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientTimeout::Header => "header",
+            ClientTimeout::Body => "body",
+            ClientTimeout::Send => "send",
+        }
+    }
 }
 
 impl RequestCounters {
@@ -42,6 +73,9 @@ impl RequestCounters {
             *a += b;
         }
         self.sum_us += other.sum_us;
+        for (a, b) in self.timeouts.iter_mut().zip(other.timeouts) {
+            *a += b;
+        }
     }
 
     /// The bucket a duration falls in.
@@ -114,15 +148,14 @@ impl Snapshot {
     }
 }
 
-fn cumulative(counts: &[u64], bounds: &[f64]) -> Vec<(f64, u64)> {
-    let mut total = 0;
+/// Buckets as the encoder takes them: each bucket's own count (it
+/// accumulates them itself), the last one's bound `f64::MAX`, which it
+/// writes as `+Inf`.
+fn buckets(counts: &[u64], bounds: &[f64]) -> Vec<(f64, u64)> {
     counts
         .iter()
-        .zip(bounds.iter().copied().chain([f64::INFINITY]))
-        .map(|(c, b)| {
-            total += c;
-            (b, total)
-        })
+        .zip(bounds.iter().copied().chain([f64::MAX]))
+        .map(|(c, b)| (b, *c))
         .collect()
 }
 
@@ -139,7 +172,7 @@ impl Collector for Snapshot {
             ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
         }
         let count: u64 = self.requests.buckets.iter().sum();
-        let buckets = cumulative(&self.requests.buckets, &REQUEST_BUCKETS);
+        let request_buckets = buckets(&self.requests.buckets, &REQUEST_BUCKETS);
         enc.encode_descriptor(
             "request_duration_seconds",
             "Time to the response head",
@@ -149,7 +182,7 @@ impl Collector for Snapshot {
         .encode_histogram::<NoLabelSet>(
             self.requests.sum_us as f64 / 1e6,
             count,
-            &buckets,
+            &request_buckets,
             None,
         )?;
         ConstGauge::new(self.connections as i64).encode(enc.encode_descriptor(
@@ -180,7 +213,7 @@ impl Collector for Snapshot {
             ConstCounter::new(n).encode(family.encode_family(&[("outcome", outcome)])?)?;
         }
         let count: u64 = self.reload_duration.counts.iter().sum();
-        let buckets = cumulative(&self.reload_duration.counts, &RELOAD_BUCKETS);
+        let reload_buckets = buckets(&self.reload_duration.counts, &RELOAD_BUCKETS);
         enc.encode_descriptor(
             "reload_duration_seconds",
             "From the reload's start to the switch or the rollback",
@@ -190,9 +223,19 @@ impl Collector for Snapshot {
         .encode_histogram::<NoLabelSet>(
             self.reload_duration.sum,
             count,
-            &buckets,
+            &reload_buckets,
             None,
         )?;
+        let mut family = enc.encode_descriptor(
+            "client_timeouts",
+            "Connections closed because the client was too slow, by timeout",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in ClientTimeout::ALL {
+            let n = self.requests.timeouts[kind as usize];
+            ConstCounter::new(n).encode(family.encode_family(&[("kind", kind.name())])?)?;
+        }
         let mut family = enc.encode_descriptor(
             "worker_restarts",
             "Workers replaced, by cause",
@@ -233,6 +276,10 @@ mod tests {
             "zdr_reload_duration_seconds_bucket{le=\"0.05\"} 1",
             "zdr_worker_restarts_total{cause=\"memory\"} 2",
             "zdr_worker_restarts_total{cause=\"crash\"} 0",
+            "zdr_request_duration_seconds_bucket{le=\"5.0\"} 7",
+            "zdr_request_duration_seconds_bucket{le=\"+Inf\"} 7",
+            "zdr_reload_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "zdr_client_timeouts_total{kind=\"body\"} 0",
         ] {
             assert!(text.contains(line), "no {line:?} in:\n{text}");
         }

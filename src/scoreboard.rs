@@ -68,6 +68,7 @@ pub struct Slot {
     by_class: [AtomicU64; 5],
     duration_buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
     duration_sum_us: AtomicU64,
+    timeouts: [AtomicU64; 3],
     message_len: AtomicU32,
     message: [AtomicU8; MESSAGE_LEN],
 }
@@ -117,7 +118,12 @@ impl Slot {
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
         self.may_retire.store(0, Ordering::Relaxed);
-        for c in self.by_class.iter().chain(&self.duration_buckets) {
+        for c in self
+            .by_class
+            .iter()
+            .chain(&self.duration_buckets)
+            .chain(&self.timeouts)
+        {
             c.store(0, Ordering::Relaxed);
         }
         self.duration_sum_us.store(0, Ordering::Relaxed);
@@ -216,7 +222,15 @@ impl Slot {
             *a = b.load(Ordering::Relaxed);
         }
         c.sum_us = self.duration_sum_us.load(Ordering::Relaxed);
+        for (a, b) in c.timeouts.iter_mut().zip(&self.timeouts) {
+            *a = b.load(Ordering::Relaxed);
+        }
         c
+    }
+
+    /// Counts a connection closed for a client's slowness.
+    pub fn count_timeout(&self, kind: crate::metrics::ClientTimeout) {
+        self.timeouts[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections open now.

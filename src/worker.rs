@@ -703,6 +703,10 @@ impl<I> Tracked<I> {
         if std::future::Future::poll(stall.as_mut(), cx).is_pending() {
             return Poll::Pending;
         }
+        let (board, slot) = self.seat;
+        board
+            .slot(slot)
+            .count_timeout(crate::metrics::ClientTimeout::Send);
         Poll::Ready(Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the client took nothing for the send timeout",

@@ -563,7 +563,7 @@ fn malformed_heads_get_400_and_never_reach_the_app() {
 
 #[test]
 fn a_body_that_stops_coming_gets_408_after_the_body_timeout() {
-    let server = Launch::serve(&["--body-timeout", "1"]).start();
+    let server = Launch::serve(&["--body-timeout", "1", "--metrics-bind", "127.0.0.1:0"]).start();
     server.wait_ready();
     let mut s = TcpStream::connect(server.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -579,11 +579,15 @@ fn a_body_that_stops_coming_gets_408_after_the_body_timeout() {
         sent.elapsed() >= Duration::from_millis(900),
         "before the timeout"
     );
+    assert_eq!(
+        metric(&server.scrape(), "zdr_client_timeouts_total{kind=\"body\"}"),
+        1.0
+    );
 }
 
 #[test]
 fn a_client_that_reads_nothing_is_cut_off_after_the_send_timeout() {
-    let server = Launch::serve(&["--send-timeout", "1"]).start();
+    let server = Launch::serve(&["--send-timeout", "1", "--metrics-bind", "127.0.0.1:0"]).start();
     server.wait_ready();
     let mut s = TcpStream::connect(server.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -612,4 +616,8 @@ fn a_client_that_reads_nothing_is_cut_off_after_the_send_timeout() {
         ),
         "the server never closed: {error}"
     );
+    let counted = wait_until(Duration::from_secs(60), || {
+        metric(&server.scrape(), "zdr_client_timeouts_total{kind=\"send\"}") == 1.0
+    });
+    assert!(counted, "{}", server.scrape());
 }

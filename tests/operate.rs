@@ -333,29 +333,6 @@ fn a_worker_over_its_memory_limit_is_recycled_without_failures() {
     assert!(server.log_text().contains("over --max-worker-memory 64M"));
 }
 
-fn scrape(server: &Server) -> String {
-    let addr: std::net::SocketAddr = server
-        .log_text()
-        .lines()
-        .find_map(|l| {
-            l.split("Metrics at: http://")
-                .nth(1)?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .expect("the metrics address in the log");
-    let reply = get(addr, "/metrics");
-    assert_eq!(reply.status, 200);
-    reply.body
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 #[test]
 fn metrics_sum_over_workers_and_survive_reloads() {
     let server = Launch::serve(&["--workers", "3", "--metrics-bind", "127.0.0.1:0"]).start();
@@ -367,10 +344,21 @@ fn metrics_sum_over_workers_and_survive_reloads() {
     for _ in 0..7 {
         assert_eq!(server.get("/missing").status, 404);
     }
-    let text = scrape(&server);
+    let text = server.scrape();
     assert_eq!(metric(&text, "zdr_requests_total{class=\"2xx\"}"), 40.0);
     assert_eq!(metric(&text, "zdr_requests_total{class=\"4xx\"}"), 7.0);
     assert_eq!(metric(&text, "zdr_request_duration_seconds_count"), 47.0);
+    // Buckets accumulate once, end at +Inf with the count, never decrease.
+    assert_eq!(
+        metric(&text, "zdr_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        47.0
+    );
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("zdr_request_duration_seconds_bucket"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
     assert_eq!(
         metric(&text, "zdr_workers{generation=\"1\",state=\"ready\"}"),
         3.0
@@ -383,7 +371,7 @@ fn metrics_sum_over_workers_and_survive_reloads() {
     server.signal(nix::sys::signal::Signal::SIGHUP);
     server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert!(workers.iter().all(|p| !alive(*p)));
-    let text = scrape(&server);
+    let text = server.scrape();
     assert_eq!(
         metric(&text, "zdr_requests_total{class=\"2xx\"}"),
         40.0,
@@ -406,7 +394,7 @@ fn metrics_sum_over_workers_and_survive_reloads() {
     )
     .unwrap();
     assert!(wait_until(Duration::from_secs(60), || metric(
-        &scrape(&server),
+        &server.scrape(),
         "zdr_worker_restarts_total{cause=\"crash\"}"
     ) == 1.0));
 }
@@ -501,16 +489,16 @@ fn metrics_count_connections_restart_causes_and_rollbacks() {
     let _hung = std::thread::spawn(move || try_get(addr, "/block?ms=60000"));
     assert!(
         wait_until(Duration::from_secs(60), || metric(
-            &scrape(&server),
+            &server.scrape(),
             "zdr_worker_restarts_total{cause=\"timeout\"}"
         ) == 1.0),
         "{}",
-        scrape(&server)
+        server.scrape()
     );
     let workers = server.wait_generation_ready(1, 1);
     // Connections open now.
     let held = hold_requests(server.addr(), 3, &workers);
-    assert_eq!(metric(&scrape(&server), "zdr_connections"), 3.0);
+    assert_eq!(metric(&server.scrape(), "zdr_connections"), 3.0);
     for h in held {
         assert_eq!(h.finish().unwrap().status, 200);
     }
@@ -520,17 +508,17 @@ fn metrics_count_connections_restart_causes_and_rollbacks() {
     }
     assert!(
         wait_until(Duration::from_secs(60), || metric(
-            &scrape(&server),
+            &server.scrape(),
             "zdr_worker_restarts_total{cause=\"max_requests\"}"
         ) >= 1.0),
         "{}",
-        scrape(&server)
+        server.scrape()
     );
     // A reload that cannot boot counts as rolled back.
     deploy_script(&exe, "#!/bin/sh\nexit 3\n");
     server.signal(nix::sys::signal::Signal::SIGHUP);
     server.wait_for_log("rolled back", Duration::from_secs(60));
-    let text = scrape(&server);
+    let text = server.scrape();
     assert_eq!(
         metric(&text, "zdr_reloads_total{outcome=\"rolled_back\"}"),
         1.0

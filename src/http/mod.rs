@@ -444,6 +444,9 @@ impl Future for ConnFuture {
                 res = plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n");
                 close = true;
             } else if body.timed_out() {
+                if let Some((slot, _)) = &self.metrics {
+                    slot.count_timeout(crate::metrics::ClientTimeout::Body);
+                }
                 res = plain(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
                 close = true;
             } else {
@@ -621,6 +624,7 @@ pub(crate) async fn serve<I>(
                 };
                 if idle && last_done.is_none() && since + allowed <= now {
                     // No complete head within the header timeout: drop it.
+                    shared.slot.count_timeout(crate::metrics::ClientTimeout::Header);
                     break;
                 }
                 if idle && since + allowed <= now {

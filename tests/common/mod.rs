@@ -496,6 +496,34 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// The Prometheus text from the server's metrics endpoint (it must run
+    /// with `--metrics-bind`).
+    pub fn scrape(&self) -> String {
+        let addr: SocketAddr = self
+            .log_text()
+            .lines()
+            .find_map(|l| {
+                l.split("Metrics at: http://")
+                    .nth(1)?
+                    .strip_suffix("/metrics")?
+                    .parse()
+                    .ok()
+            })
+            .expect("the metrics address in the log");
+        let reply = get(addr, "/metrics");
+        assert_eq!(reply.status, 200);
+        reply.body
+    }
+}
+
+/// One sample's value in Prometheus text, by its name and labels.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 /// A running [`Server::watch_capacity`].
 pub struct CapacityWatch {
     stop: Arc<std::sync::atomic::AtomicBool>,
