@@ -650,10 +650,8 @@ struct Tracked<I> {
     /// and when it ends unless the client sends more.
     linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// How long a write may wait for the client to take more (the send
-    /// timeout), and the timer armed while one waits.
-    send_timeout: Option<Duration>,
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    stalled: bool,
+    /// timeout).
+    send_stall: Option<crate::http::stall::Stall>,
 }
 
 /// How long a closing connection waits for more from its client (nginx's
@@ -675,9 +673,7 @@ impl<I> Tracked<I> {
             _permit: permit,
             seat,
             linger: None,
-            send_timeout,
-            stall: None,
-            stalled: false,
+            send_stall: send_timeout.map(crate::http::stall::Stall::new),
         }
     }
 
@@ -688,19 +684,14 @@ impl<I> Tracked<I> {
         cx: &mut Context<'_>,
         poll: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        let Some(after) = self.send_timeout.filter(|_| poll.is_pending()) else {
-            self.stalled = false;
+        let Some(stall) = &mut self.send_stall else {
             return poll;
         };
-        let deadline = tokio::time::Instant::now() + after;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.stalled {
-            stall.as_mut().reset(deadline);
-            self.stalled = true;
+        if poll.is_ready() {
+            stall.progress();
+            return poll;
         }
-        if std::future::Future::poll(stall.as_mut(), cx).is_pending() {
+        if !stall.expired(cx) {
             return Poll::Pending;
         }
         let (board, slot) = self.seat;

@@ -6,7 +6,6 @@
 //! for the client's next request, and an HTTP/2 stream ends cleanly rather
 //! than with a reset some clients take for an error.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,10 +36,7 @@ pub struct RequestBody {
     watch: Option<Arc<BodyWatch>>,
     received: u64,
     /// How long the client may leave the body waiting for its next byte.
-    timeout: Option<Duration>,
-    /// Armed while the body waits for the client.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    stalled: bool,
+    stall: Option<super::stall::Stall>,
 }
 
 /// What a body's reader found, for the connection to act on once the
@@ -134,9 +130,7 @@ impl RequestBody {
             inner: Some(inner),
             watch: watch.clone(),
             received: 0,
-            timeout,
-            stall: None,
-            stalled: false,
+            stall: timeout.map(super::stall::Stall::new),
         };
         (body, watch)
     }
@@ -165,7 +159,9 @@ impl Body for RequestBody {
             }
             Poll::Pending => return this.wait_for_client(cx),
         };
-        this.stalled = false;
+        if let Some(stall) = &mut this.stall {
+            stall.progress();
+        }
         if let (Some(data), Some(watch)) = (frame.data_ref(), &this.watch) {
             this.received += data.len() as u64;
             if let Some(limit) = watch.limit.filter(|l| this.received > *l) {
@@ -200,20 +196,13 @@ impl RequestBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
-        let (Some(after), Some(watch)) = (self.timeout, &self.watch) else {
+        let (Some(stall), Some(watch)) = (&mut self.stall, &self.watch) else {
             return Poll::Pending;
         };
-        let deadline = tokio::time::Instant::now() + after;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.stalled {
-            stall.as_mut().reset(deadline);
-            self.stalled = true;
-        }
-        if stall.as_mut().poll(cx).is_pending() {
+        if !stall.expired(cx) {
             return Poll::Pending;
         }
+        let after = stall.after();
         watch.timed_out.store(true, Ordering::Relaxed);
         // Nothing more is read: the connection closes after the answer.
         self.inner = None;

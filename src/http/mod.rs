@@ -22,6 +22,7 @@
 pub mod access_log;
 pub mod body;
 pub mod forwarded;
+pub(crate) mod stall;
 
 use std::convert::Infallible;
 use std::future::Future;
