@@ -68,13 +68,6 @@ fn draw(rng: &mut Rng) -> Event {
     }
 }
 
-fn control(server: &Server, args: &[&str]) -> std::process::Output {
-    let socket = server.control_socket();
-    let mut all = args.to_vec();
-    all.extend(["--control-socket", socket.to_str().unwrap()]);
-    Launch::raw(&all).output()
-}
-
 /// The master's children that are zombies (exited, not yet reaped).
 fn zombies(master: u32) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -119,13 +112,13 @@ fn run_seed(seed: u64, events: usize) {
             Event::Ttou => server.signal(Signal::SIGTTOU),
             Event::Winch => server.signal(Signal::SIGWINCH),
             Event::Scale(n) => {
-                let out = control(&server, &["scale", &n.to_string()]);
+                let out = server.control(&["scale", &n.to_string()]);
                 assert!(out.status.success(), "seed {seed}: scale {n}: {out:?}");
             }
             Event::ReloadWait => {
                 // Its outcome depends on what else is going on (a newer
                 // reload supersedes it, a WINCH abandons it); it must answer.
-                let out = control(&server, &["reload", "--wait", "--timeout", "60"]);
+                let out = server.control(&["reload", "--wait", "--timeout", "60"]);
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 assert!(
                     !stderr.contains("no answer from the server"),
@@ -168,7 +161,7 @@ fn run_seed(seed: u64, events: usize) {
     // succeed.
     deploy_script(&exe, &wrapper(""));
     write_file(&config, good_config);
-    let out = control(&server, &["reload", "--wait", "--timeout", "120"]);
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
     assert!(
         out.status.success(),
         "seed {seed}: the final reload failed: {}; events {log:?}\n{}",

@@ -64,14 +64,7 @@ fn hup_after_winch_starts_exactly_one_generation() {
 fn a_scale_past_the_bound_is_refused() {
     let server = Launch::serve(&["--workers", "1"]).start();
     server.wait_ready();
-    let socket = server.control_socket();
-    let out = Launch::raw(&[
-        "scale",
-        "100000",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ])
-    .output();
+    let out = server.control(&["scale", "100000"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -98,14 +91,7 @@ fn a_rolled_back_generation_heals_with_its_own_binary() {
     server.wait_ready();
     let before = server.wait_generation_ready(1, 2);
     deploy_script(&exe, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
-    let socket = server.control_socket();
-    let out = Launch::raw(&[
-        "reload",
-        "--wait",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ])
-    .output();
+    let out = server.control(&["reload", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "the reload must roll back");
     // A worker of the serving generation dies: its replacement runs the
     // generation's own binary, not the broken file now on disk.
@@ -128,14 +114,7 @@ fn stop_wait_returns_when_the_master_is_gone_and_says_whether_it_forced() {
     let mut server = Launch::serve(&["--workers", "2"]).start();
     server.wait_ready();
     server.wait_workers(2);
-    let socket = server.control_socket();
-    let out = Launch::raw(&[
-        "stop",
-        "--wait",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ])
-    .output();
+    let out = server.control(&["stop", "--wait"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -154,14 +133,7 @@ fn stop_wait_returns_when_the_master_is_gone_and_says_whether_it_forced() {
     server.wait_ready();
     let workers = server.wait_workers(1);
     let held = hold_requests(server.addr(), 1, &workers);
-    let socket = server.control_socket();
-    let out = Launch::raw(&[
-        "stop",
-        "--wait",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ])
-    .output();
+    let out = server.control(&["stop", "--wait"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr)

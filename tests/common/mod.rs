@@ -263,6 +263,14 @@ impl Server {
         response.status.expect("a status in the answer")
     }
 
+    /// Runs `zdr ARGS --control-socket SOCKET` against this server.
+    pub fn control(&self, args: &[&str]) -> std::process::Output {
+        let socket = self.control_socket();
+        let mut all = args.to_vec();
+        all.extend(["--control-socket", socket.to_str().unwrap()]);
+        Launch::raw(&all).output()
+    }
+
     /// The master's state, from its default control socket.
     pub fn status(&self) -> zdr::control::Status {
         self.status_at(&self.control_socket())
