@@ -55,6 +55,10 @@ pub(crate) struct WorkerSpec {
     pub(crate) doorbell_fd: i32,
     /// When to be recycled, if ever.
     pub(crate) request_limit: Option<RequestLimit>,
+    /// The descriptor of the executable the master ran this worker from
+    /// (its generation's pinned file), for the worker to close.
+    #[serde(default)]
+    pub(crate) exe_fd: Option<i32>,
 }
 
 /// A worker's request limit (`max_requests` plus its jitter), and the count
@@ -138,6 +142,10 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
             return Some(ExitCode::FAILURE);
         }
     };
+    if let Some(fd) = spec.exe_fd {
+        // Kept open across the exec only so that it could be run by name.
+        let _ = nix::unistd::close(fd);
+    }
     if let Err(e) = crate::logging::init(&spec.settings) {
         eprintln!("zdr: error: {e}");
         return Some(ExitCode::FAILURE);

@@ -121,10 +121,27 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// The status a request that breaks a limit gets, if it does.
+    /// The status a request that breaks a limit or is malformed gets, if
+    /// it does. One pass over the header fields does every field check.
     fn check(&self, req: &Request) -> Option<(StatusCode, &'static str)> {
-        if malformed(req) {
-            return Some((StatusCode::BAD_REQUEST, "Bad Request\n"));
+        const BAD: Option<(StatusCode, &str)> = Some((StatusCode::BAD_REQUEST, "Bad Request\n"));
+        let http1 = req.version() < Version::HTTP_2;
+        let (mut hosts, mut malformed, mut too_large) = (0u32, false, false);
+        for (name, value) in req.headers() {
+            let bytes = value.as_bytes();
+            // A field counts as its line does: `name: value` and its CRLF.
+            too_large |=
+                self.field_size > 0 && name.as_str().len() + bytes.len() + 4 > self.field_size;
+            if http1 && name == http::header::HOST {
+                hosts += 1;
+                malformed |= !valid_host(bytes);
+            } else if http1 {
+                // Control characters in a field value (RFC 9110 §5.5).
+                malformed |= has_control(bytes);
+            }
+        }
+        if http1 && (malformed || hosts > 1 || malformed_target(req, hosts)) {
+            return BAD;
         }
         if self.line > 0 {
             let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
@@ -133,15 +150,7 @@ impl Limits {
                 return Some((StatusCode::URI_TOO_LONG, "Request-URI Too Long\n"));
             }
         }
-        // A field counts as its line does: `name: value` and its CRLF.
-        let too_many = req.version() == Version::HTTP_2 && req.headers().len() > self.fields;
-        if too_many
-            || self.field_size > 0
-                && req
-                    .headers()
-                    .iter()
-                    .any(|(k, v)| k.as_str().len() + v.len() + 4 > self.field_size)
-        {
+        if too_large || (!http1 && req.headers().len() > self.fields) {
             return Some((
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "Request Header Fields Too Large\n",
@@ -160,48 +169,75 @@ impl Limits {
     }
 }
 
-/// Whether an HTTP/1 request's head is malformed in ways hyper's parser
-/// lets through (RFC 9112 §3.2-3.2.4): no `Host` in HTTP/1.1 (unless the
-/// target is in absolute form), more than
-/// one, or one that is no valid host; `*` with a method other than
-/// OPTIONS; an authority alone as the target of a method other than
-/// CONNECT; a target with bytes no URI may hold; both Content-Length and
-/// Transfer-Encoding; control characters in a field value. They get 400
-/// and never reach the app, as in nginx.
-fn malformed(req: &Request) -> bool {
-    if req.version() >= Version::HTTP_2 {
-        return false;
-    }
-    let mut hosts = req.headers().get_all(http::header::HOST).iter();
-    let bad_host = match (hosts.next(), hosts.next()) {
-        // An absolute-form target names the host itself.
-        (None, _) => req.version() == Version::HTTP_11 && req.uri().authority().is_none(),
-        (Some(_), Some(_)) => true,
-        (Some(host), None) => {
-            !host.is_empty()
-                && (host.as_bytes().contains(&b'@')
-                    || http::uri::Authority::try_from(host.as_bytes()).is_err())
-        }
-    };
+/// Whether an HTTP/1 request's target (with the number of its `Host`
+/// fields) is malformed in ways hyper's parser lets through (RFC 9112
+/// §3.2-3.2.4): no `Host` in HTTP/1.1 unless the target is in absolute
+/// form; `*` with a method other than OPTIONS; an authority alone as the
+/// target of a method other than CONNECT; bytes no URI may hold. With the
+/// field checks of [`Limits::check`] (two `Host` fields, an invalid host,
+/// control characters in a value), they get 400 and never reach the app,
+/// as in nginx.
+fn malformed_target(req: &Request, hosts: u32) -> bool {
     let uri = req.uri();
     let method = req.method();
-    let headers = req.headers();
-    bad_host
+    (hosts == 0 && req.version() == Version::HTTP_11 && uri.authority().is_none())
         || (uri.path() == "*" && uri.authority().is_none() && method != http::Method::OPTIONS)
         || (uri.scheme().is_none() && uri.authority().is_some() && method != http::Method::CONNECT)
-        // Bytes no target may hold (RFC 3986): controls, space, non-ASCII.
-        || uri
-            .path_and_query()
-            .is_some_and(|p| p.as_str().bytes().any(|b| b <= b' ' || b >= 0x7f))
-        // Both framings at once: the way to smuggle a request past a proxy
-        // (RFC 9112 §6.1; nginx refuses it too).
-        || (headers.contains_key(http::header::TRANSFER_ENCODING)
-            && headers.contains_key(CONTENT_LENGTH))
-        // Control characters in a field value (RFC 9110 §5.5).
-        || headers
-            .values()
-            .any(|v| v.as_bytes().iter().any(|b| (*b < b' ' && *b != b'\t') || *b == 0x7f))
+        // Controls, space, non-ASCII (RFC 3986).
+        || uri.path_and_query().is_some_and(|p| {
+            p.as_str()
+                .bytes()
+                .fold(false, |bad, b| bad | (b <= b' ') | (b >= 0x7f))
+        })
 }
+
+/// Whether a field value holds a control character other than HTAB. No
+/// early exit: the loop stays branch-free, and values are short.
+fn has_control(value: &[u8]) -> bool {
+    value.iter().fold(false, |bad, b| {
+        bad | ((*b < b' ') & (*b != b'\t')) | (*b == 0x7f)
+    })
+}
+
+/// Whether a `Host` value is a host with an optional port: a reg-name or
+/// IP literal (RFC 3986 unreserved, sub-delims, percent-encoding, `[`, `]`
+/// and `:`), with no userinfo. Empty is allowed.
+fn valid_host(host: &[u8]) -> bool {
+    host.iter().fold(true, |ok, b| ok & HOST_BYTES[*b as usize])
+}
+
+/// The bytes [`valid_host`] accepts.
+const HOST_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+                    | b'%'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// The paths of the health probes a worker answers itself.
 pub(crate) struct Probes {

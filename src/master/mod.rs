@@ -1580,6 +1580,7 @@ impl Master {
             scoreboard_fd: self.board.raw_fd(),
             doorbell_fd: self.bell.raw_fd(),
             request_limit,
+            exe_fd: None,
         };
         let (output, stderr) = match Output::pipe() {
             Ok(pair) => pair,

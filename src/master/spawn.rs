@@ -27,34 +27,24 @@ pub(crate) struct Executable {
     /// The file as it was when the generation started; `None` if it could
     /// not be opened (then the path is run, and fails as it would).
     file: Option<OwnedFd>,
-    /// A `#!` script: its interpreter opens it by name after the exec, so
-    /// the descriptor must survive the exec.
-    script: bool,
 }
 
 impl Executable {
     /// Opens the file at `path` now.
     pub(crate) fn pin(path: &Path) -> Executable {
-        use std::io::Read;
-        let opened = std::fs::File::open(path).map(|mut f| {
-            let mut magic = [0u8; 2];
-            let script = f.read(&mut magic).is_ok_and(|n| n == 2 && magic == *b"#!");
-            (OwnedFd::from(f), script)
-        });
-        let (file, script) = match opened {
-            Ok((fd, script)) => (Some(fd), script),
+        let file = match std::fs::File::open(path) {
+            Ok(f) => Some(OwnedFd::from(f)),
             Err(e) => {
                 tracing::warn!(
                     "cannot open {}: {e}; its workers run it by name",
                     path.display()
                 );
-                (None, false)
+                None
             }
         };
         Executable {
             path: path.to_owned(),
             file,
-            script,
         }
     }
 }
@@ -67,14 +57,21 @@ pub(crate) fn exec(
     spec: &WorkerSpec,
     stderr: OwnedFd,
 ) -> io::Result<Pid> {
-    let json = serde_json::to_string(spec).map_err(io::Error::other)?;
+    let pinned = exe.file.as_ref().map(|f| f.as_raw_fd());
+    let spec = WorkerSpec {
+        exe_fd: pinned,
+        ..spec.clone()
+    };
+    let json = serde_json::to_string(&spec).map_err(io::Error::other)?;
     let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
     let master = spec.master_pid as i32;
     let run_as = spec.settings.run_as;
-    let pinned = exe.file.as_ref().map(|f| f.as_raw_fd());
-    if let (Some(fd), true) = (pinned, exe.script) {
+    // The descriptor stays open across the exec: whatever runs next may
+    // open the file by this name again (a script's interpreter; a wrapper
+    // such as valgrind that re-executes it). The worker closes it.
+    if let Some(fd) = pinned {
         inherit.push(fd);
     }
     let mut cmd = match pinned {
