@@ -589,17 +589,7 @@ fn a_body_that_stops_coming_gets_408_after_the_body_timeout() {
 fn a_client_that_reads_nothing_is_cut_off_after_the_send_timeout() {
     let server = Launch::serve(&["--send-timeout", "1", "--metrics-bind", "127.0.0.1:0"]).start();
     server.wait_ready();
-    let mut s = TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1);
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut s = upgrade_to_echo(server.addr());
     // Echoed bytes pile up unread until the server's writes stall; then the
     // server gives up on the client and closes.
     s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();

@@ -472,25 +472,7 @@ fn upgraded_connections_outlive_a_reload_until_they_close() {
     let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "20"]).start();
     server.wait_ready();
     let old = server.wait_workers(1);
-    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).unwrap(),
-            1,
-            "connection closed during the handshake"
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut s = upgrade_to_echo(server.addr());
 
     server.signal(Signal::SIGHUP);
     server.wait_for_log("Generation 2 ready", Duration::from_secs(60));

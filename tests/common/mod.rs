@@ -777,6 +777,31 @@ impl HeldRequest {
     }
 }
 
+/// Opens a connection upgraded to the demo app's byte echo (`GET /echo`
+/// with `Upgrade: echo`), past its `101` answer.
+pub fn upgrade_to_echo(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "connection closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
 /// Starts `n` held requests and waits until the given workers have
 /// accepted all of them.
 pub fn hold_requests(addr: SocketAddr, n: usize, workers: &BTreeSet<u32>) -> Vec<HeldRequest> {
