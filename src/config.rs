@@ -562,9 +562,13 @@ pub struct Settings {
     pub limit_request_body: Option<ByteSize>,
     /// Seconds to send a request's head.
     pub header_timeout: f64,
-    /// Seconds a body may go without a byte; 0 for no limit.
+    /// Seconds a body may go without a byte; 0 for no limit. (A default
+    /// when absent: a master of an earlier build, whose settings lack it,
+    /// may start workers of this one on a reload.)
+    #[serde(default = "default_client_timeout")]
     pub body_timeout: f64,
     /// Seconds a response may wait for the client to read; 0 for no limit.
+    #[serde(default = "default_client_timeout")]
     pub send_timeout: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
@@ -683,6 +687,11 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>,
     Ok(Some((uid, gid)))
 }
 
+/// The body and send timeouts' default, in seconds (nginx's).
+fn default_client_timeout() -> f64 {
+    60.0
+}
+
 /// The most workers a server runs: during a reload two generations run side
 /// by side, and each needs a scoreboard slot, so a server stays within
 /// [`crate::scoreboard::CAPACITY`] with room for replacements.
@@ -763,8 +772,14 @@ impl Settings {
                     ))
                 }
             },
-            body_timeout: seconds("body_timeout", o.body_timeout.unwrap_or(60.0))?,
-            send_timeout: seconds("send_timeout", o.send_timeout.unwrap_or(60.0))?,
+            body_timeout: seconds(
+                "body_timeout",
+                o.body_timeout.unwrap_or_else(default_client_timeout),
+            )?,
+            send_timeout: seconds(
+                "send_timeout",
+                o.send_timeout.unwrap_or_else(default_client_timeout),
+            )?,
             forwarded_allow_ips: {
                 let ips = o
                     .forwarded_allow_ips
@@ -1011,6 +1026,21 @@ mod tests {
             flags,
             activated: Vec::new(),
         }
+    }
+
+    /// Settings travel from the master to workers that may be of a newer
+    /// build (a reload runs the binary now on disk): a field added since
+    /// must have a default when absent.
+    #[test]
+    fn settings_from_an_earlier_master_still_parse() {
+        let settings = Settings::resolve(Options::default()).unwrap();
+        let mut json = serde_json::to_value(&settings).unwrap();
+        let map = json.as_object_mut().unwrap();
+        for added in ["body_timeout", "send_timeout"] {
+            map.remove(added);
+        }
+        let back: Settings = serde_json::from_value(json).unwrap();
+        assert_eq!(back, settings);
     }
 
     #[test]

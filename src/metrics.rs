@@ -30,8 +30,6 @@ pub struct RequestCounters {
     pub buckets: [u64; REQUEST_BUCKETS.len() + 1],
     /// Sum of durations, in microseconds.
     pub sum_us: u64,
-    /// Connections closed for a client's slowness, by [`ClientTimeout`].
-    pub timeouts: [u64; 3],
 }
 
 /// A client too slow for one of the timeouts, which closes its connection.
@@ -46,7 +44,7 @@ pub enum ClientTimeout {
 }
 
 impl ClientTimeout {
-    /// Every kind, in the order of [`RequestCounters::timeouts`].
+    /// Every kind, in the order of [`Snapshot::client_timeouts`].
     pub const ALL: [ClientTimeout; 3] = [
         ClientTimeout::Header,
         ClientTimeout::Body,
@@ -73,9 +71,6 @@ impl RequestCounters {
             *a += b;
         }
         self.sum_us += other.sum_us;
-        for (a, b) in self.timeouts.iter_mut().zip(other.timeouts) {
-            *a += b;
-        }
     }
 
     /// The bucket a duration falls in.
@@ -133,6 +128,8 @@ pub struct Snapshot {
     pub reload_duration: Histogram,
     /// Workers restarted, by cause: crash, timeout, max_requests, memory.
     pub restarts: BTreeMap<&'static str, u64>,
+    /// Connections closed for a client's slowness, by [`ClientTimeout`].
+    pub client_timeouts: [u64; 3],
 }
 
 impl Snapshot {
@@ -233,7 +230,7 @@ impl Collector for Snapshot {
             MetricType::Counter,
         )?;
         for kind in ClientTimeout::ALL {
-            let n = self.requests.timeouts[kind as usize];
+            let n = self.client_timeouts[kind as usize];
             ConstCounter::new(n).encode(family.encode_family(&[("kind", kind.name())])?)?;
         }
         let mut family = enc.encode_descriptor(

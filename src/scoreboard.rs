@@ -68,7 +68,6 @@ pub struct Slot {
     by_class: [AtomicU64; 5],
     duration_buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
     duration_sum_us: AtomicU64,
-    timeouts: [AtomicU64; 3],
     message_len: AtomicU32,
     message: [AtomicU8; MESSAGE_LEN],
 }
@@ -84,7 +83,21 @@ struct Header {
     accepting: AtomicU64,
     /// Set by the master when the server is stopping: readiness fails.
     stopping: AtomicU64,
+    /// Connections closed for a client's slowness, by
+    /// [`crate::metrics::ClientTimeout`], over the server's life.
+    client_timeouts: [AtomicU64; 3],
 }
+
+// The layout is shared by processes of different builds: a master and the
+// workers a reload starts from a newer binary on disk, and a master and the
+// new image it becomes on SIGUSR2. A new field must not move an old one:
+// the header keeps its cache line (new server-wide figures go in its spare
+// bytes), and a slot keeps its size and order.
+const _: () = assert!(std::mem::size_of::<Header>() == 64);
+const _: () = assert!(
+    SLOT_SIZE == 648,
+    "the slot layout is shared across builds: append nothing to it"
+);
 
 /// The whole shared mapping.
 #[repr(C)]
@@ -118,12 +131,7 @@ impl Slot {
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
         self.may_retire.store(0, Ordering::Relaxed);
-        for c in self
-            .by_class
-            .iter()
-            .chain(&self.duration_buckets)
-            .chain(&self.timeouts)
-        {
+        for c in self.by_class.iter().chain(&self.duration_buckets) {
             c.store(0, Ordering::Relaxed);
         }
         self.duration_sum_us.store(0, Ordering::Relaxed);
@@ -222,15 +230,7 @@ impl Slot {
             *a = b.load(Ordering::Relaxed);
         }
         c.sum_us = self.duration_sum_us.load(Ordering::Relaxed);
-        for (a, b) in c.timeouts.iter_mut().zip(&self.timeouts) {
-            *a = b.load(Ordering::Relaxed);
-        }
         c
-    }
-
-    /// Counts a connection closed for a client's slowness.
-    pub fn count_timeout(&self, kind: crate::metrics::ClientTimeout) {
-        self.timeouts[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections open now.
@@ -353,6 +353,17 @@ impl Scoreboard {
             Some(n.saturating_sub(left))
         });
         slot.release();
+    }
+
+    /// Counts a connection closed for a client's slowness (by a worker).
+    pub fn count_timeout(&self, kind: crate::metrics::ClientTimeout) {
+        self.table().header.client_timeouts[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed for a client's slowness, by kind, so far.
+    pub fn client_timeouts(&self) -> [u64; 3] {
+        let counts = &self.table().header.client_timeouts;
+        [0, 1, 2].map(|i| counts[i].load(Ordering::Relaxed))
     }
 
     /// Marks the server as stopping (by the master): every worker's

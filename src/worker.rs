@@ -702,9 +702,8 @@ impl<I> Tracked<I> {
         if !stall.expired(cx) {
             return Poll::Pending;
         }
-        let (board, slot) = self.seat;
-        board
-            .slot(slot)
+        self.seat
+            .0
             .count_timeout(crate::metrics::ClientTimeout::Send);
         Poll::Ready(Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

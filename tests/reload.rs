@@ -81,22 +81,11 @@ fn requests_in_flight_finish_on_the_old_generation() {
     // test keeps them.
     let held = hold_requests(addr, 20, &old);
     server.signal(Signal::SIGHUP);
-    server.wait_for_log("Generation 2 ready", Duration::from_secs(30));
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
     // The new generation takes every new request while the old one
     // finishes its own: once the old workers have heard the drain (their
     // listeners closed to them), none of them accepts again.
-    let ok = wait_until(Duration::from_secs(30), || {
-        server
-            .status()
-            .workers
-            .iter()
-            .all(|w| w.generation == 2 || (w.state == "draining" && !w.accepting))
-    });
-    assert!(
-        ok,
-        "the old workers never stopped accepting: {:?}",
-        server.status()
-    );
+    server.wait_old_generations_stop_accepting(2);
     for _ in 0..10 {
         let r = server.get("/");
         assert_eq!(r.generation(), 2);
@@ -476,6 +465,7 @@ fn upgraded_connections_outlive_a_reload_until_they_close() {
 
     server.signal(Signal::SIGHUP);
     server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
+    server.wait_old_generations_stop_accepting(2);
     assert_eq!(server.get("/").generation(), 2);
     // The old worker drains but keeps the upgraded connection working.
     for word in [&b"still here"[..], b"after the reload"] {
@@ -578,14 +568,7 @@ fn a_draining_worker_closes_http1_with_connection_close_and_http2_with_goaway() 
 
     server.signal(Signal::SIGHUP);
     server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
-    let ok = wait_until(Duration::from_secs(60), || {
-        server
-            .status()
-            .workers
-            .iter()
-            .all(|w| w.generation == 2 || !w.accepting)
-    });
-    assert!(ok, "the old worker never began to drain");
+    server.wait_old_generations_stop_accepting(2);
 
     // HTTP/1.1: the answer says the connection closes, and it does.
     h1.write_all(b"y").unwrap();

@@ -41,12 +41,13 @@ pub struct RequestBody {
 
 /// What a body's reader found, for the connection to act on once the
 /// response is ready.
-#[derive(Debug)]
 pub(crate) struct BodyWatch {
     limit: Option<u64>,
     too_large: AtomicBool,
     /// The client left the body waiting past the body timeout.
     timed_out: AtomicBool,
+    /// Where a body timeout is counted.
+    board: &'static crate::scoreboard::Scoreboard,
     /// Whether the app read it to its end.
     ended: AtomicBool,
     /// The length the client declared, if it did.
@@ -116,12 +117,14 @@ impl RequestBody {
         inner: Incoming,
         limit: Option<u64>,
         timeout: Option<Duration>,
+        board: &'static crate::scoreboard::Scoreboard,
     ) -> (RequestBody, Option<Arc<BodyWatch>>) {
         let watch = (!inner.is_end_stream()).then(|| {
             Arc::new(BodyWatch {
                 limit,
                 too_large: AtomicBool::new(false),
                 timed_out: AtomicBool::new(false),
+                board,
                 ended: AtomicBool::new(false),
                 declared: inner.size_hint().exact(),
             })
@@ -204,6 +207,9 @@ impl RequestBody {
         }
         let after = stall.after();
         watch.timed_out.store(true, Ordering::Relaxed);
+        watch
+            .board
+            .count_timeout(crate::metrics::ClientTimeout::Body);
         // Nothing more is read: the connection closes after the answer.
         self.inner = None;
         Poll::Ready(Some(Err(Box::new(BodyTimeout { after }))))

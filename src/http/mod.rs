@@ -374,8 +374,12 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let version = req.version();
         let (req, body) = {
             let (parts, incoming) = req.into_parts();
-            let (body, watch) =
-                body::RequestBody::new(incoming, self.shared.limits.body, self.shared.body_timeout);
+            let (body, watch) = body::RequestBody::new(
+                incoming,
+                self.shared.limits.body,
+                self.shared.body_timeout,
+                self.shared.board,
+            );
             (Request::from_parts(parts, body), watch)
         };
         let mut req = req;
@@ -481,9 +485,6 @@ impl Future for ConnFuture {
                 res = plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n");
                 close = true;
             } else if body.timed_out() {
-                if let Some((slot, _)) = &self.metrics {
-                    slot.count_timeout(crate::metrics::ClientTimeout::Body);
-                }
                 res = plain(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
                 close = true;
             } else {
@@ -661,7 +662,9 @@ pub(crate) async fn serve<I>(
                 };
                 if idle && last_done.is_none() && since + allowed <= now {
                     // No complete head within the header timeout: drop it.
-                    shared.slot.count_timeout(crate::metrics::ClientTimeout::Header);
+                    shared
+                        .board
+                        .count_timeout(crate::metrics::ClientTimeout::Header);
                     break;
                 }
                 if idle && since + allowed <= now {

@@ -651,6 +651,7 @@ impl Master {
                 .or_default() += 1;
         }
         snapshot.connections = self.board.total_connections();
+        snapshot.client_timeouts = self.board.client_timeouts();
         snapshot
     }
 

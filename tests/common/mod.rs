@@ -299,6 +299,18 @@ impl Server {
         last.workers.iter().map(|w| w.pid).collect()
     }
 
+    /// Waits until no worker of a generation older than `generation`
+    /// accepts connections any more (they have heard the drain).
+    pub fn wait_old_generations_stop_accepting(&self, generation: u64) {
+        let ok = wait_until(Duration::from_secs(60), || {
+            self.status()
+                .workers
+                .iter()
+                .all(|w| w.generation >= generation || !w.accepting)
+        });
+        assert!(ok, "older workers still accept: {:?}", self.status());
+    }
+
     /// Watches the master's status until stopped and returns the fewest
     /// workers that were serving (ready, or ready and awaiting their
     /// replacement) at any moment, and the most processes at any moment.
