@@ -282,6 +282,46 @@ fn nghttp_sees_no_content_for_head() {
 }
 
 #[test]
+fn nghttp_streams_in_flight_finish_across_a_reload() {
+    if !have("nghttp", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2"]).start();
+    server.wait_ready();
+    let workers = server.wait_generation_ready(1, 2);
+    let url = format!("http://{}/slow?ms=1000", server.addr());
+    // A hundred streams on one connection, all sent at once, each taking a
+    // second: the reload comes while they are in flight.
+    let client = std::thread::spawn(move || {
+        Command::new("nghttp")
+            .args(["-n", "-s", "-m", "100", &url])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), || accepted_connections(
+            &workers,
+            server.port()
+        ) == 1),
+        "nghttp never connected"
+    );
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+    let out = client.join().unwrap();
+    let stats = text(&out);
+    assert!(
+        out.status.success(),
+        "{stats}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answered = stats
+        .lines()
+        .filter(|l| l.contains(" 200 ") && l.ends_with("/slow?ms=1000"))
+        .count();
+    assert_eq!(answered, 100, "{stats}");
+}
+
+#[test]
 fn h2load_across_reloads_gets_no_error_status() {
     if !have("h2load", &["--version"]) {
         return;
