@@ -288,7 +288,7 @@ fn nghttp_streams_in_flight_finish_across_a_reload() {
     }
     let server = Launch::serve(&["--workers", "2"]).start();
     server.wait_ready();
-    let workers = server.wait_generation_ready(1, 2);
+    server.wait_generation_ready(1, 2);
     let url = format!("http://{}/slow?ms=1000", server.addr());
     // A hundred streams on one connection, all sent at once, each taking a
     // second: the reload comes while they are in flight.
@@ -298,13 +298,12 @@ fn nghttp_streams_in_flight_finish_across_a_reload() {
             .output()
             .unwrap()
     });
-    assert!(
-        wait_until(Duration::from_secs(60), || accepted_connections(
-            &workers,
-            server.port()
-        ) == 1),
-        "nghttp never connected"
-    );
+    // Its connection is open on a worker (or, on a very slow machine, it
+    // is already done: then the reload finds nothing in flight).
+    let connected = wait_until(Duration::from_secs(60), || {
+        client.is_finished() || server.status().workers.iter().any(|w| w.connections > 0)
+    });
+    assert!(connected, "nghttp never connected");
     server.signal(Signal::SIGHUP);
     server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     let out = client.join().unwrap();
