@@ -609,14 +609,20 @@ pub fn get(addr: SocketAddr, path: &str) -> Reply {
 }
 
 pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
     s.set_read_timeout(Some(Duration::from_secs(70)))?;
+    get_on(s, path)
+}
+
+/// Sends `GET path` with `Connection: close` on `stream` and reads the
+/// answer to its end.
+fn get_on(mut stream: impl Read + Write, path: &str) -> std::io::Result<Reply> {
     write!(
-        s,
+        stream,
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    stream.read_to_end(&mut raw)?;
     parse_reply(&raw).ok_or_else(|| {
         std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
     })
@@ -650,17 +656,9 @@ pub fn port_open(addr: SocketAddr) -> bool {
 
 /// A plain GET over a Unix socket (`Connection: close`).
 pub fn get_unix(path: &Path, target: &str) -> std::io::Result<Reply> {
-    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    let s = std::os::unix::net::UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(70)))?;
-    write!(
-        s,
-        "GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_reply(&raw).ok_or_else(|| {
-        std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
-    })
+    get_on(s, target)
 }
 
 /// Replaces `path` (atomically, as a deploy would) with a shell script.
