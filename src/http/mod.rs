@@ -372,17 +372,14 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             epoch: self.epoch,
         });
         let version = req.version();
-        let (req, body) = {
-            let (parts, incoming) = req.into_parts();
-            let (body, watch) = body::RequestBody::new(
-                incoming,
-                self.shared.limits.body,
-                self.shared.body_timeout,
-                self.shared.board,
-            );
-            (Request::from_parts(parts, body), watch)
-        };
-        let mut req = req;
+        let (parts, incoming) = req.into_parts();
+        let (body, watch) = body::RequestBody::new(
+            incoming,
+            self.shared.limits.body,
+            self.shared.body_timeout,
+            self.shared.board,
+        );
+        let mut req = Request::from_parts(parts, body);
         if let Some(probe) = self.shared.probe(&req) {
             return ConnFuture {
                 inner: probe,
@@ -440,7 +437,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             guard,
             version,
             head: req_is_head,
-            body,
+            body: watch,
             log,
             metrics: Some((self.shared.slot, began)),
         }

@@ -17,8 +17,17 @@ struct Conn {
     id: u64,
     stream: UnixStream,
     buf: Vec<u8>,
-    /// Waiting for the outcome of the reload to this generation.
-    waiting_for: Option<u64>,
+    /// What the client waits for, once its request is taken.
+    waiting_for: Option<Awaited>,
+}
+
+/// What a held client waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaited {
+    /// The outcome of the reload to this generation.
+    Reload(u64),
+    /// The master's exit.
+    Exit,
 }
 
 /// The listening control socket and its clients.
@@ -28,10 +37,6 @@ pub(crate) struct ControlServer {
     conns: Vec<Conn>,
     next_id: u64,
 }
-
-/// What a client waiting for the master's exit waits for (no generation
-/// has this number).
-const EXIT: u64 = u64::MAX;
 
 impl ControlServer {
     /// Listens at `path`, readable and writable by this user only. A
@@ -169,28 +174,33 @@ impl ControlServer {
     /// Keeps a client waiting for the outcome of the reload to `generation`.
     pub(crate) fn hold(&mut self, id: u64, generation: u64) {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
-            conn.waiting_for = Some(generation);
+            conn.waiting_for = Some(Awaited::Reload(generation));
         }
     }
 
     /// Keeps a client waiting until the master exits.
     pub(crate) fn hold_until_exit(&mut self, id: u64) {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
-            conn.waiting_for = Some(EXIT);
+            conn.waiting_for = Some(Awaited::Exit);
         }
     }
 
     /// Answers the clients waiting for the master to exit.
     pub(crate) fn exiting(&mut self, response: &Response) {
-        self.reload_finished(EXIT, response);
+        self.answer(Awaited::Exit, response);
     }
 
     /// Answers the clients waiting for `generation`'s reload.
     pub(crate) fn reload_finished(&mut self, generation: u64, response: &Response) {
+        self.answer(Awaited::Reload(generation), response);
+    }
+
+    /// Answers the clients waiting for `what`.
+    fn answer(&mut self, what: Awaited, response: &Response) {
         let waiting: Vec<u64> = self
             .conns
             .iter()
-            .filter(|c| c.waiting_for == Some(generation))
+            .filter(|c| c.waiting_for == Some(what))
             .map(|c| c.id)
             .collect();
         for id in waiting {
