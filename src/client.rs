@@ -149,8 +149,9 @@ fn duration(secs: f64) -> String {
 /// The human-readable status.
 pub(crate) fn render(s: &Status) -> String {
     let mut out = format!(
-        "master {}, up {}, generation {}{}, {} workers wanted\n",
+        "master {} ({}), up {}, generation {}{}, {} workers wanted\n",
         s.master_pid,
+        s.state,
         duration(s.uptime_secs),
         s.generation
             .map(|g| g.to_string())

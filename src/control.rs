@@ -86,6 +86,10 @@ impl Response {
 pub struct Status {
     /// The master's pid.
     pub master_pid: u32,
+    /// What the master is doing: booting, serving, reloading, paused (after
+    /// SIGWINCH) or stopping.
+    #[serde(default)]
+    pub state: String,
     /// Seconds since the master started.
     pub uptime_secs: f64,
     /// The generation that serves.

@@ -38,6 +38,7 @@ pub mod listener;
 pub mod logging;
 mod master;
 pub mod metrics;
+mod recycle;
 pub mod scoreboard;
 mod tls;
 mod worker;

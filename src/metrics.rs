@@ -61,6 +61,45 @@ impl ClientTimeout {
     }
 }
 
+/// Why a worker was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartCause {
+    /// It exited (or could not start) without being asked to.
+    Crash = 0,
+    /// It stopped sending heartbeats for `--timeout`.
+    Timeout = 1,
+    /// It reached its `--max-requests` limit.
+    MaxRequests = 2,
+    /// It owned more than `--max-worker-memory`.
+    Memory = 3,
+}
+
+impl RestartCause {
+    /// Every cause, in the order of [`Snapshot::restarts`].
+    pub const ALL: [RestartCause; 4] = [
+        RestartCause::Crash,
+        RestartCause::Timeout,
+        RestartCause::MaxRequests,
+        RestartCause::Memory,
+    ];
+
+    /// Its label in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartCause::Crash => "crash",
+            RestartCause::Timeout => "timeout",
+            RestartCause::MaxRequests => "max_requests",
+            RestartCause::Memory => "memory",
+        }
+    }
+
+    /// Whether it is a recycle: a healthy worker replaced by policy, which
+    /// counts against the surge budget.
+    pub fn is_recycle(self) -> bool {
+        matches!(self, RestartCause::MaxRequests | RestartCause::Memory)
+    }
+}
+
 impl RequestCounters {
     /// Adds another worker's counters.
     pub fn add(&mut self, other: &RequestCounters) {
@@ -126,8 +165,8 @@ pub struct Snapshot {
     pub reloads_rolled_back: u64,
     /// How long reloads took, in seconds.
     pub reload_duration: Histogram,
-    /// Workers restarted, by cause: crash, timeout, max_requests, memory.
-    pub restarts: BTreeMap<&'static str, u64>,
+    /// Workers restarted, by [`RestartCause`].
+    pub restarts: [u64; 4],
     /// Connections closed for a client's slowness, by [`ClientTimeout`].
     pub client_timeouts: [u64; 3],
 }
@@ -239,9 +278,9 @@ impl Collector for Snapshot {
             None,
             MetricType::Counter,
         )?;
-        for cause in ["crash", "timeout", "max_requests", "memory"] {
-            let n = self.restarts.get(cause).copied().unwrap_or(0);
-            ConstCounter::new(n).encode(family.encode_family(&[("cause", cause)])?)?;
+        for cause in RestartCause::ALL {
+            let n = self.restarts[cause as usize];
+            ConstCounter::new(n).encode(family.encode_family(&[("cause", cause.name())])?)?;
         }
         Ok(())
     }
@@ -261,7 +300,7 @@ mod tests {
         s.reloads_completed = 1;
         s.reload_duration = Histogram::new(&RELOAD_BUCKETS);
         s.reload_duration.observe(&RELOAD_BUCKETS, 0.02);
-        s.restarts.insert("memory", 2);
+        s.restarts[RestartCause::Memory as usize] = 2;
         let text = s.encode();
         for line in [
             "zdr_requests_total{class=\"2xx\"} 7",

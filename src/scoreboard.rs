@@ -64,7 +64,8 @@ pub struct Slot {
     heartbeat_ms: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
-    may_retire: AtomicU32,
+    /// Unused; keeps the layout that workers of earlier builds share.
+    reserved: AtomicU32,
     by_class: [AtomicU64; 5],
     duration_buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
     duration_sum_us: AtomicU64,
@@ -130,7 +131,7 @@ impl Slot {
         self.requests.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
-        self.may_retire.store(0, Ordering::Relaxed);
+        self.reserved.store(0, Ordering::Relaxed);
         for c in self.by_class.iter().chain(&self.duration_buckets) {
             c.store(0, Ordering::Relaxed);
         }
@@ -197,17 +198,6 @@ impl Slot {
             self.connections
                 .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
-    }
-
-    /// Tells the worker (by the master) that its replacement is ready, so
-    /// it may retire itself the moment it reaches its request limit.
-    pub fn allow_retire(&self) {
-        self.may_retire.store(1, Ordering::Release);
-    }
-
-    /// Whether the worker may retire itself at its request limit.
-    pub fn may_retire(&self) -> bool {
-        self.may_retire.load(Ordering::Acquire) == 1
     }
 
     /// Counts one answered request by status and duration, for metrics.

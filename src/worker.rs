@@ -30,6 +30,7 @@ use crate::config::Settings;
 use crate::http::access_log::AccessLog;
 use crate::http::{self, Peer, Shared};
 use crate::listener::{Inherited, WorkerListener};
+use crate::recycle::RequestLimit;
 use crate::scoreboard::{Doorbell, Scoreboard, Slot, SlotState};
 
 /// The environment variable that carries a [`WorkerSpec`] to an exec'd
@@ -59,30 +60,6 @@ pub(crate) struct WorkerSpec {
     /// (its generation's pinned file), for the worker to close.
     #[serde(default)]
     pub(crate) exe_fd: Option<i32>,
-}
-
-/// A worker's request limit (`max_requests` plus its jitter), and the count
-/// at which the master starts its replacement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct RequestLimit {
-    pub(crate) limit: u64,
-    pub(crate) prespawn_at: u64,
-}
-
-impl RequestLimit {
-    /// The limit `limit`, with the replacement started when the worker
-    /// reaches it: the worker serves on until its replacement is ready,
-    /// then drains, so capacity never dips and the server runs at most one
-    /// process more than it should (the recycling budget, see the master),
-    /// however slow the traffic. A replacement started earlier would sit
-    /// beside its worker for as long as the traffic takes to reach the
-    /// limit.
-    pub(crate) fn new(limit: u64) -> Option<RequestLimit> {
-        (limit > 0).then_some(RequestLimit {
-            limit,
-            prespawn_at: limit,
-        })
-    }
 }
 
 /// The signal actions a worker boots with, removed once its runtime's own
@@ -302,13 +279,11 @@ async fn serve(
         },
         None => None,
     };
-    // Draining starts from a signal, or from the request that reaches the
-    // worker's limit: if the master says the replacement is ready, the
-    // worker stops accepting right there; otherwise the master drains it
-    // once the replacement is.
+    // Draining starts from a signal: at its request limit a worker rings
+    // the master, which drains it once its replacement is ready.
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
-    let (limit_bell, limit_drain) = (Arc::clone(&bell), Arc::clone(&drain_tx));
+    let limit_bell = Arc::clone(&bell);
     let shared = Arc::new(Shared {
         service,
         builder: Shared::builder(settings),
@@ -318,15 +293,7 @@ async fn serve(
         slot_index: spec.slot,
         slot,
         request_limit: spec.request_limit,
-        on_limit: Box::new(move |reached: bool| {
-            if reached && slot.may_retire() {
-                // Accepting stops first, so that a slot marked draining
-                // never takes another connection.
-                let _ = limit_drain.send(true);
-                slot.set_state(SlotState::Draining);
-            }
-            limit_bell.ring();
-        }),
+        on_limit: Box::new(move || limit_bell.ring()),
         limits: crate::http::Limits {
             line: settings.limit_request_line,
             field_size: settings.limit_request_field_size,

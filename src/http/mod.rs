@@ -84,10 +84,9 @@ pub(crate) struct Shared {
     pub(crate) slot_index: usize,
     pub(crate) slot: &'static Slot,
     /// When this worker is recycled, if ever.
-    pub(crate) request_limit: Option<crate::worker::RequestLimit>,
-    /// Called when the request count reaches the pre-spawn point (`false`)
-    /// and the limit (`true`).
-    pub(crate) on_limit: Box<dyn Fn(bool) + Send + Sync>,
+    pub(crate) request_limit: Option<crate::recycle::RequestLimit>,
+    /// Called when the request count reaches the limit.
+    pub(crate) on_limit: Box<dyn Fn() + Send + Sync>,
     /// The health probes' paths ("" for off).
     pub(crate) probes: Probes,
     /// Limits on request heads and bodies.
@@ -399,8 +398,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             .resolve(self.peer.ip, self.peer.scheme, req.headers());
         let started = self.shared.slot.add_request();
         if let Some(limit) = &self.shared.request_limit {
-            if started == limit.prespawn_at || started == limit.limit {
-                (self.shared.on_limit)(started == limit.limit);
+            if started == limit.limit {
+                (self.shared.on_limit)();
             }
         }
         if version == Version::HTTP_2 {

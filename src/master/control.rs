@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::machine::Awaited;
 use crate::control::{Request, Response};
 
 const MAX_REQUEST: usize = 64 * 1024;
@@ -19,15 +20,6 @@ struct Conn {
     buf: Vec<u8>,
     /// What the client waits for, once its request is taken.
     waiting_for: Option<Awaited>,
-}
-
-/// What a held client waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Awaited {
-    /// The outcome of the reload to this generation.
-    Reload(u64),
-    /// The master's exit.
-    Exit,
 }
 
 /// The listening control socket and its clients.
@@ -171,32 +163,15 @@ impl ControlServer {
         }
     }
 
-    /// Keeps a client waiting for the outcome of the reload to `generation`.
-    pub(crate) fn hold(&mut self, id: u64, generation: u64) {
+    /// Keeps a client waiting for `what`.
+    pub(crate) fn hold(&mut self, id: u64, what: Awaited) {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
-            conn.waiting_for = Some(Awaited::Reload(generation));
+            conn.waiting_for = Some(what);
         }
-    }
-
-    /// Keeps a client waiting until the master exits.
-    pub(crate) fn hold_until_exit(&mut self, id: u64) {
-        if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
-            conn.waiting_for = Some(Awaited::Exit);
-        }
-    }
-
-    /// Answers the clients waiting for the master to exit.
-    pub(crate) fn exiting(&mut self, response: &Response) {
-        self.answer(Awaited::Exit, response);
-    }
-
-    /// Answers the clients waiting for `generation`'s reload.
-    pub(crate) fn reload_finished(&mut self, generation: u64, response: &Response) {
-        self.answer(Awaited::Reload(generation), response);
     }
 
     /// Answers the clients waiting for `what`.
-    fn answer(&mut self, what: Awaited, response: &Response) {
+    pub(crate) fn answer(&mut self, what: Awaited, response: &Response) {
         let waiting: Vec<u64> = self
             .conns
             .iter()

@@ -15,8 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use super::Generation;
-
 /// Why a rollout was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cause {
@@ -28,7 +26,6 @@ pub(crate) enum Cause {
 
 /// A generation booting to take over.
 pub(crate) struct Rollout {
-    pub(crate) generation: Generation,
     pub(crate) cause: Cause,
     pub(crate) started: Instant,
     deadline: Instant,
@@ -48,14 +45,8 @@ pub(crate) enum Verdict {
 
 impl Rollout {
     /// Starts a rollout that must be complete within `boot_timeout`.
-    pub(crate) fn new(
-        generation: Generation,
-        cause: Cause,
-        now: Instant,
-        boot_timeout: Duration,
-    ) -> Rollout {
+    pub(crate) fn new(cause: Cause, now: Instant, boot_timeout: Duration) -> Rollout {
         Rollout {
-            generation,
             cause,
             started: now,
             deadline: now + boot_timeout,
@@ -89,17 +80,9 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn rollout(now: Instant) -> Rollout {
-        let settings = crate::config::Settings::resolve(Default::default()).unwrap();
-        let generation = Generation {
-            id: 2,
-            settings: Arc::new(settings),
-            app: None,
-            exe: None,
-        };
-        Rollout::new(generation, Cause::Reload, now, Duration::from_secs(5))
+        Rollout::new(Cause::Reload, now, Duration::from_secs(5))
     }
 
     #[test]

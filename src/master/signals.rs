@@ -11,6 +11,8 @@ use nix::libc::c_int;
 use signal_hook::consts::signal::*;
 use signal_hook::SigId;
 
+use super::machine::Sig;
+
 /// The signals the master handles, in the order it acts on them when
 /// several arrive together: stopping first.
 pub(crate) const HANDLED: [c_int; 10] = [
@@ -84,4 +86,21 @@ pub(crate) fn name(sig: c_int) -> &'static str {
         SIGTTOU => "SIGTTOU",
         _ => "signal",
     }
+}
+
+/// What a signal asks of the master (none for SIGCHLD: children are reaped
+/// on every turn of the loop).
+pub(crate) fn decode(sig: c_int) -> Option<Sig> {
+    Some(match sig {
+        SIGHUP => Sig::Hup,
+        SIGINT => Sig::Int,
+        SIGQUIT => Sig::Quit,
+        SIGTERM => Sig::Term,
+        SIGUSR1 => Sig::Usr1,
+        SIGUSR2 => Sig::Usr2,
+        SIGWINCH => Sig::Winch,
+        SIGTTIN => Sig::Ttin,
+        SIGTTOU => Sig::Ttou,
+        _ => return None,
+    })
 }

@@ -24,8 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::listener::{BindAddr, Inherited};
-use crate::worker::RequestLimit;
+use crate::recycle::RequestLimit;
 
+use nix::unistd::Pid;
+use std::os::fd::AsRawFd;
+use tracing::{error, info};
+
+use super::machine::Event;
+use super::output::Output;
 use super::signals::HANDLED;
 
 /// The environment variable that carries the handover across exec.
@@ -143,6 +149,114 @@ pub(crate) fn exec(exe: &std::path::Path, args: &[OsString], handover: &Handover
     };
     std::env::remove_var(HANDOVER_ENV);
     err
+}
+
+impl super::Master {
+    /// Runs the binary on disk as `check --load-app` with the server's
+    /// arguments; returns why it could not start.
+    pub(super) fn start_upgrade_check(&mut self) -> Result<(), String> {
+        info!("Binary upgrade: checking {}", self.exe.display());
+        let started = Output::pipe().and_then(|(output, stderr)| {
+            let child = std::process::Command::new(&self.exe)
+                .args(check_args(&self.args))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::from(stderr))
+                .spawn()?;
+            Ok((Pid::from_raw(child.id() as i32), output))
+        });
+        match started {
+            Ok((pid, output)) => {
+                self.upgrade = Some(super::UpgradeCheck { pid, output });
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot run {}: {e}", self.exe.display())),
+        }
+    }
+
+    /// The check exited: its verdict for the decider.
+    pub(super) fn upgrade_check_ended(&mut self, status: String, success: bool) -> Event {
+        let tail = self
+            .upgrade
+            .take()
+            .map(|check| check.output.finish())
+            .unwrap_or_default();
+        let output = if tail.is_empty() || success {
+            String::new()
+        } else {
+            format!("; its last output: {}", tail.join(" | "))
+        };
+        Event::UpgradeChecked {
+            passed: success,
+            report: format!("the new binary's check {status}{output}"),
+        }
+    }
+
+    /// Re-executes the binary in place, handing everything over; returns
+    /// only if that failed (then nothing changed).
+    pub(super) fn exec_upgrade(&mut self) {
+        info!(
+            "Binary upgrade: check passed; re-executing in place (pid {} stays)",
+            self.pid
+        );
+        let handover = self.handover();
+        let fds = handover.fds();
+        for fd in &fds {
+            let _ = crate::listener::set_cloexec(*fd, false);
+        }
+        let _ = std::io::Write::flush(&mut std::io::stderr());
+        block_signals();
+        let err = exec(&self.exe, &self.args, &handover);
+        unblock_signals();
+        for fd in &fds {
+            let _ = crate::listener::set_cloexec(*fd, true);
+        }
+        error!(
+            "Binary upgrade failed: cannot execute {}: {err}; nothing changed",
+            self.exe.display()
+        );
+    }
+
+    fn handover(&self) -> Handover {
+        Handover {
+            exe: self.exe.clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| HandedListener {
+                    addr: l.addr.clone(),
+                    socket: l.inherited(),
+                    owns_path: l.owns_socket_file(),
+                })
+                .collect(),
+            scoreboard_fd: self.board.raw_fd(),
+            bell_rx: self.bell_rx.as_raw_fd(),
+            bell_tx: self.bell.raw_fd(),
+            workers: self
+                .machine
+                .workers()
+                .iter()
+                .filter_map(|w| {
+                    let h = self.handles.iter().find(|h| h.pid == w.pid)?;
+                    Some(HandedWorker {
+                        pid: w.pid.as_raw(),
+                        slot: h.slot,
+                        generation: w.generation,
+                        draining: !w.role.serves(),
+                        request_limit: w.request_limit,
+                        announced_ready: w.announced_ready,
+                        output_fd: h.output.as_ref().map(|o| o.fd().as_raw_fd()),
+                    })
+                })
+                .collect(),
+            serving: self
+                .machine
+                .serving()
+                .map(|g| (g.id, (*g.settings).clone())),
+            next_generation: self.machine.next_generation(),
+            target: self.machine.target(),
+        }
+    }
 }
 
 #[cfg(test)]

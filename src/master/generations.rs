@@ -1,0 +1,122 @@
+//! What each generation holds that the decider need not see (its preloaded
+//! app, its pinned executable), loading the configuration of a new one,
+//! and the listening sockets they bind.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::spawn::Executable;
+use super::Master;
+use crate::app::LoadedApp;
+use crate::config::Settings;
+use crate::listener::{BindAddr, Listener};
+
+/// One generation's resources.
+pub(crate) struct Resources {
+    pub(crate) settings: Arc<Settings>,
+    /// The app loaded in the master, with `--preload`.
+    pub(crate) app: Option<Arc<LoadedApp>>,
+    /// The executable its workers run, without `--preload`.
+    pub(crate) exe: Option<Arc<Executable>>,
+}
+
+/// The generations the master may still start workers of.
+#[derive(Default)]
+pub(crate) struct Generations(Vec<(u64, Resources)>);
+
+impl Generations {
+    /// Records generation `id`'s resources.
+    pub(crate) fn insert(
+        &mut self,
+        id: u64,
+        settings: Arc<Settings>,
+        app: Option<Arc<LoadedApp>>,
+        exe: Option<Arc<Executable>>,
+    ) {
+        self.remove(id);
+        self.0.push((id, Resources { settings, app, exe }));
+    }
+
+    /// Drops generation `id`'s resources.
+    pub(crate) fn remove(&mut self, id: u64) {
+        self.0.retain(|(g, _)| *g != id);
+    }
+
+    /// Generation `id`'s resources.
+    pub(crate) fn get(&self, id: u64) -> Option<&Resources> {
+        self.0.iter().find(|(g, _)| *g == id).map(|(_, r)| r)
+    }
+
+    /// Whether any generation binds `addr`.
+    fn binds(&self, addr: &BindAddr) -> bool {
+        self.0.iter().any(|(_, r)| r.settings.bind.contains(addr))
+    }
+}
+
+impl Master {
+    /// Loads the configuration for a new generation: checks its
+    /// certificate, binds the listeners it adds and, with `--preload`,
+    /// loads the app. On success the generation's resources are kept under
+    /// `id`; on failure nothing changes and the reason is returned.
+    pub(super) fn prepare(&mut self, id: u64) -> Result<Arc<Settings>, String> {
+        let settings = match self.sources.load() {
+            Ok(s) => Arc::new(s),
+            Err(e) => return Err(format!("Reload aborted, configuration unchanged: {e}")),
+        };
+        if let Err(e) = crate::tls::acceptor(&settings) {
+            return Err(format!("Reload aborted, the old certificate stays: {e:#}"));
+        }
+        for addr in &settings.bind {
+            if !self.listeners.iter().any(|l| &l.addr == addr) {
+                match Listener::bind(addr, settings.backlog) {
+                    Ok(l) => {
+                        info!("Listening at: {} ({})", l.display_addr(), self.pid);
+                        self.listeners.push(l);
+                    }
+                    Err(e) => {
+                        self.prune_listeners();
+                        return Err(format!("Reload aborted: {e}"));
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.add_generation(id, Arc::clone(&settings)) {
+            self.prune_listeners();
+            return Err(format!("Reload aborted: {e:#}"));
+        }
+        Ok(settings)
+    }
+
+    /// Keeps generation `id`'s resources: its app, loaded here with
+    /// `--preload`, or else its executable, pinned now.
+    pub(super) fn add_generation(
+        &mut self,
+        id: u64,
+        settings: Arc<Settings>,
+    ) -> anyhow::Result<()> {
+        let (app, exe) = if settings.preload {
+            let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
+            if let Some(n) = super::spawn::thread_count().filter(|n| *n > 1) {
+                warn!("The app's load step left {n} threads running in the master; forked workers get only the calling thread");
+            }
+            (Some(Arc::new(app)), None)
+        } else {
+            (None, Some(Arc::new(Executable::pin(&self.exe))))
+        };
+        self.generations.insert(id, settings, app, exe);
+        Ok(())
+    }
+
+    /// Closes listeners that no generation binds any more.
+    pub(super) fn prune_listeners(&mut self) {
+        let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| self.generations.binds(&l.addr));
+        for l in close {
+            info!("Closing listener {}", l.display_addr());
+            l.remove_socket_file();
+        }
+        self.listeners = keep;
+    }
+}

@@ -1,0 +1,92 @@
+//! What the master reports: `zdr status` and the metrics, read from the
+//! decider's workers, their scoreboard slots and /proc.
+
+use nix::unistd::Pid;
+
+use super::Master;
+use crate::control::{Status, WorkerStatus};
+use crate::scoreboard::SlotState;
+
+impl Master {
+    /// The figures a metrics scrape reports: the counters of the living
+    /// workers plus those of the ones that exited.
+    pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
+        let mut snapshot = self.totals.clone();
+        for w in self.machine.workers() {
+            let Some(slot) = self.slot_of(w.pid) else {
+                continue;
+            };
+            snapshot.requests.add(&slot.counters());
+            *snapshot
+                .workers
+                .entry((w.generation, w.state_name(slot.state()).to_owned()))
+                .or_default() += 1;
+        }
+        snapshot.connections = self.board.total_connections();
+        snapshot.client_timeouts = self.board.client_timeouts();
+        snapshot
+    }
+
+    /// The server's state, for `zdr status`.
+    pub(super) fn status(&self) -> Status {
+        let workers = self
+            .machine
+            .workers()
+            .iter()
+            .filter_map(|w| {
+                let slot = self.slot_of(w.pid)?;
+                Some(WorkerStatus {
+                    pid: w.pid.as_raw() as u32,
+                    generation: w.generation,
+                    state: w.state_name(slot.state()).to_owned(),
+                    age_secs: w.spawned.elapsed().as_secs_f64(),
+                    requests: slot.requests(),
+                    connections: slot.connections(),
+                    accepting: slot.state() == SlotState::Ready,
+                    rss_bytes: rss_bytes(w.pid),
+                    owned_bytes: owned_bytes(w.pid),
+                })
+            })
+            .collect();
+        Status {
+            master_pid: self.pid,
+            state: self.machine.state().name().to_owned(),
+            uptime_secs: self.started_at.elapsed().as_secs_f64(),
+            generation: self.machine.serving().map(|g| g.id),
+            booting_generation: self.machine.booting().map(|g| g.id),
+            bind: self.listeners.iter().map(|l| l.display_addr()).collect(),
+            target_workers: self.machine.target(),
+            workers,
+            last_reload: self.last_reload.clone(),
+        }
+    }
+}
+
+/// A process's resident memory in bytes, from /proc (0 if it is gone).
+pub(super) fn rss_bytes(pid: Pid) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
+}
+
+/// The memory a process owns alone (its private pages, "USS"), from
+/// /proc/PID/smaps_rollup: unlike its resident size, it leaves out pages
+/// shared copy-on-write with the master under `--preload`, which would
+/// otherwise put every worker over a memory limit at once. Falls back to
+/// the resident size where the kernel has no rollup.
+pub(super) fn owned_bytes(pid: Pid) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return rss_bytes(pid);
+    };
+    let kib: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    kib * 1024
+}
