@@ -23,13 +23,13 @@
 //!
 //! | event | Booting | Serving | Reloading | Paused | Stopping |
 //! |---|---|---|---|---|---|
-//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (killed, reported) and a new one boots | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
+//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
 //! | `reload --wait` | as HUP; answered when the outcome is known (see below) | ← | ← | ← | refused |
 //! | a configuration that does not load | error logged, nothing changes, client told why | ← | ← | ← | — |
 //! | TERM, `stop` | graceful stop (shutdown delay first, if set) | ← | ← | ← | already stopping: nothing |
 //! | INT, QUIT, `stop --now` | fast stop | ← | ← | ← | a graceful stop turns fast; fast: nothing |
 //! | TTIN / TTOU / `scale N` | target ±1 / N (1 ..= `MAX_WORKERS`) | ← | ← (the rollout waits for the new target) | ← (applies at the next HUP) | ignored, refused |
-//! | WINCH | booting workers killed, then Paused | workers drained, Paused | rollout abandoned (reported), all drained, Paused | nothing new | ignored |
+//! | WINCH | booting workers stopped, then Paused | workers drained, Paused | rollout abandoned (reported), all drained, Paused | nothing new | ignored |
 //! | USR1 | logs reopened, workers told | ← | ← | ← | ← |
 //! | USR2 | refused: busy | check the binary, then re-execute | refused: busy | check, re-execute | refused |
 //! | a worker ready | counted toward the rollout | logged | counted toward the rollout | — | — |
@@ -726,26 +726,23 @@ impl Machine {
         }
     }
 
-    /// Stops the workers of an unfinished rollout (drained if already
-    /// accepting, killed if still booting) and reports it.
+    /// Stops the workers of an unfinished rollout and reports it.
     fn abandon_rollout(&mut self, why: &str, now: Instant, out: &mut Out) {
         let Some(b) = self.booting.take() else {
             return;
         };
         let id = b.generation.id;
         let ready = self.ready_workers(id);
-        let pids: Vec<(Pid, SlotState)> = self
+        // SIGTERM for all: a ready worker drains, and a booting one exits
+        // at once (it handles stops from its first instruction).
+        let pids: Vec<Pid> = self
             .workers
             .iter()
             .filter(|w| w.generation == id)
-            .map(|w| (w.pid, w.state))
+            .map(|w| w.pid)
             .collect();
-        for (pid, state) in pids {
-            if state == SlotState::Ready {
-                self.drain(pid, now, out);
-            } else {
-                self.kill(pid, Signal::SIGKILL, now, out);
-            }
+        for pid in pids {
+            self.drain(pid, now, out);
         }
         out.push(Action::Forget { generation: id });
         if b.rollout.cause == Cause::Reload {
@@ -1013,7 +1010,7 @@ impl Machine {
         if observed.iter().any(|o| o.owned_bytes.is_some()) {
             self.next_memory_check = now + Duration::from_secs(1);
         }
-        self.announce_ready(out);
+        self.announce_ready(now, out);
         if let Some(Some(deadline)) = self.upgrade {
             if now >= deadline {
                 out.error("Binary upgrade: the new binary's check is taking longer than the boot timeout; killing it".into());
@@ -1032,7 +1029,7 @@ impl Machine {
     }
 
     /// Logs each worker that became ready, with the rollout's progress.
-    fn announce_ready(&mut self, out: &mut Out) {
+    fn announce_ready(&mut self, now: Instant, out: &mut Out) {
         let booting = self.booting.as_ref().map(|b| b.generation.id);
         for i in 0..self.workers.len() {
             let w = &self.workers[i];
@@ -1041,7 +1038,11 @@ impl Machine {
             }
             let (pid, generation) = (w.pid, w.generation);
             self.workers[i].announced_ready = true;
-            self.crash_streak = 0;
+            if self.crash_streak > 0 {
+                // The streak is over: what is missing starts now.
+                self.crash_streak = 0;
+                self.next_spawn = self.next_spawn.min(now);
+            }
             if booting == Some(generation) {
                 let ready = self
                     .workers
@@ -1393,6 +1394,9 @@ impl Machine {
                     out.push(Action::Spawn { generation: id });
                 }
                 if self.crash_streak > 0 {
+                    // The next start waits until this one is known to
+                    // work, or for the back-off.
+                    self.next_spawn = now + backoff(self.crash_streak);
                     return;
                 }
             } else if active.len() > self.target && self.booting.is_none() {
@@ -1409,3 +1413,6 @@ impl Machine {
 pub(crate) fn backoff(streak: u32) -> Duration {
     Duration::from_millis(100 << streak.clamp(1, 7).saturating_sub(1))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,823 @@
+//! The decider driven through its table: a simulated shell starts "workers"
+//! (pids from a counter), marks them ready, exits them and moves a clock;
+//! the tests read the decisions. Nothing here forks or sleeps.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn settings(workers: usize) -> Settings {
+    let mut s = Settings::resolve(Default::default()).expect("defaults resolve");
+    s.workers = workers;
+    s.graceful_timeout = 30.0;
+    s.boot_timeout = 30.0;
+    s.timeout = 30.0;
+    s.shutdown_delay = 0.0;
+    s
+}
+
+/// What a simulated worker's slot says.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    state: SlotState,
+    requests: u64,
+    silent_ms: u64,
+    owned: u64,
+}
+
+/// The decider with a pretend shell around it.
+struct Sim {
+    m: Machine,
+    now: Instant,
+    next_pid: i32,
+    slots: BTreeMap<i32, Slot>,
+    generation_of: BTreeMap<i32, u64>,
+    /// Settings the next Prepare loads, or why it fails.
+    next_config: Result<Settings, String>,
+    /// Every action so far.
+    log: Vec<Action>,
+    /// Whether Spawn fails for want of a slot.
+    slots_full: bool,
+    exited: Option<u8>,
+}
+
+impl Sim {
+    /// A server started with `s`, before its first tick.
+    fn start(s: Settings) -> Sim {
+        let now = Instant::now();
+        let mut sim = Sim {
+            m: Machine::new(s.workers, 1, now),
+            now,
+            next_pid: 100,
+            slots: BTreeMap::new(),
+            generation_of: BTreeMap::new(),
+            next_config: Ok(s.clone()),
+            log: Vec::new(),
+            slots_full: false,
+            exited: None,
+        };
+        sim.feed(Event::Prepared {
+            generation: 1,
+            client: None,
+            result: Ok(Arc::new(s)),
+        });
+        sim
+    }
+
+    /// A server whose first generation of `workers` serves.
+    fn serving(workers: usize) -> Sim {
+        let mut sim = Sim::start(settings(workers));
+        sim.tick();
+        sim.ready_all();
+        assert_eq!(sim.m.state(), State::Serving);
+        sim.log.clear();
+        sim
+    }
+
+    /// Feeds an event and everything the pretend shell answers; returns
+    /// the actions it caused.
+    fn feed(&mut self, event: Event) -> Vec<Action> {
+        let mut queue = vec![event];
+        let mut all = Vec::new();
+        while !queue.is_empty() {
+            let event = queue.remove(0);
+            for action in self.m.handle(event, self.now) {
+                match &action {
+                    Action::Prepare { generation, client } => {
+                        queue.push(Event::Prepared {
+                            generation: *generation,
+                            client: *client,
+                            result: self.next_config.clone().map(Arc::new),
+                        });
+                    }
+                    Action::Spawn { generation } if self.slots_full => {
+                        queue.push(Event::SpawnFailed {
+                            generation: *generation,
+                            why: SpawnFailure::NoSlot,
+                        })
+                    }
+                    Action::Spawn { generation } => {
+                        let pid = self.next_pid;
+                        self.next_pid += 1;
+                        self.slots.insert(
+                            pid,
+                            Slot {
+                                state: SlotState::Booting,
+                                requests: 0,
+                                silent_ms: 0,
+                                owned: 0,
+                            },
+                        );
+                        self.generation_of.insert(pid, *generation);
+                        queue.push(Event::Spawned {
+                            generation: *generation,
+                            pid: Pid::from_raw(pid),
+                            request_limit: None,
+                        });
+                    }
+                    Action::Exit(code) => self.exited = Some(*code),
+                    _ => {}
+                }
+                all.push(action);
+            }
+        }
+        self.log.extend(all.iter().cloned());
+        all
+    }
+
+    fn tick(&mut self) -> Vec<Action> {
+        let memory = self.m.wants_memory(self.now);
+        let observed = self
+            .slots
+            .iter()
+            .map(|(pid, s)| Observed {
+                pid: Pid::from_raw(*pid),
+                state: s.state,
+                requests: s.requests,
+                silent_ms: s.silent_ms,
+                owned_bytes: memory.then_some(s.owned),
+            })
+            .collect();
+        self.feed(Event::Tick(observed))
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        self.now += d;
+        self.tick()
+    }
+
+    fn signal(&mut self, sig: Sig) -> Vec<Action> {
+        self.feed(Event::Signal(sig))
+    }
+
+    fn pids(&self, generation: u64) -> Vec<i32> {
+        self.m
+            .workers()
+            .iter()
+            .filter(|w| w.generation == generation)
+            .map(|w| w.pid.as_raw())
+            .collect()
+    }
+
+    fn role(&self, pid: i32) -> Role {
+        self.m
+            .workers()
+            .iter()
+            .find(|w| w.pid.as_raw() == pid)
+            .map(|w| w.role)
+            .expect("a living worker")
+    }
+
+    fn set_state(&mut self, pid: i32, state: SlotState) {
+        if let Some(s) = self.slots.get_mut(&pid) {
+            s.state = state;
+        }
+    }
+
+    /// Every booting worker becomes ready; then a tick.
+    fn ready_all(&mut self) -> Vec<Action> {
+        for s in self.slots.values_mut() {
+            if s.state == SlotState::Booting {
+                s.state = SlotState::Ready;
+            }
+        }
+        self.tick()
+    }
+
+    /// Worker `pid` exits with `status`.
+    fn exit(&mut self, pid: i32, status: &str) -> Vec<Action> {
+        let slot = self.slots.remove(&pid).expect("a simulated worker");
+        self.feed(Event::Exited {
+            pid: Pid::from_raw(pid),
+            exit: Exit {
+                status: status.into(),
+                gave_up: false,
+                state: slot.state,
+                message: String::new(),
+                requests: slot.requests,
+                tail: Vec::new(),
+            },
+        })
+    }
+
+    /// Every worker sent SIGTERM, SIGQUIT or SIGKILL exits.
+    fn exit_signalled(&mut self) -> Vec<Action> {
+        let pids: Vec<i32> = self
+            .m
+            .workers()
+            .iter()
+            .filter(|w| !w.role.serves())
+            .map(|w| w.pid.as_raw())
+            .collect();
+        let mut all = Vec::new();
+        for pid in pids {
+            all.extend(self.exit(pid, "exited with status 0"));
+        }
+        all.extend(self.tick());
+        all
+    }
+}
+
+fn signals_to(actions: &[Action], sig: Signal) -> Vec<i32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal(pid, s) if *s == sig => Some(pid.as_raw()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn spawns(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { generation } => Some(*generation),
+            _ => None,
+        })
+        .collect()
+}
+
+fn logged(actions: &[Action], level: Level, text: &str) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Log(l, m) if *l == level && m.contains(text)))
+}
+
+fn answers(actions: &[Action], what: Awaited) -> Vec<Response> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Answer(w, r) if *w == what => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn client(id: u64, wait: bool) -> Client {
+    Client { id, wait }
+}
+
+#[test]
+fn start_boots_then_serves() {
+    let mut sim = Sim::start(settings(3));
+    assert_eq!(sim.m.state(), State::Booting);
+    assert_eq!(spawns(&sim.tick()), vec![1, 1, 1]);
+    let actions = sim.ready_all();
+    assert_eq!(sim.m.state(), State::Serving);
+    assert!(logged(
+        &actions,
+        Level::INFO,
+        "Ready: generation 1, 3 workers"
+    ));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Notify(Notice::Ready(_)))));
+}
+
+#[test]
+fn hup_rolls_out_and_drains_the_old_generation_once_all_new_are_ready() {
+    let mut sim = Sim::serving(2);
+    let old = sim.pids(1);
+    sim.feed(Event::Reload {
+        client: client(7, true),
+    });
+    assert_eq!(sim.m.state(), State::Reloading);
+    assert!(sim.log.contains(&Action::Hold(7, Awaited::Reload(2))));
+    assert_eq!(spawns(&sim.tick()), vec![2, 2]);
+    // One new worker ready: nothing is drained yet.
+    let first = sim.pids(2)[0];
+    sim.set_state(first, SlotState::Ready);
+    assert!(signals_to(&sim.tick(), Signal::SIGTERM).is_empty());
+    let actions = sim.ready_all();
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), old);
+    assert_eq!(sim.m.state(), State::Serving);
+    assert!(actions.contains(&Action::Forget { generation: 1 }));
+    // `reload --wait` is answered once no old worker accepts.
+    assert!(answers(&actions, Awaited::Reload(2)).is_empty());
+    for pid in &old {
+        sim.set_state(*pid, SlotState::Draining);
+    }
+    let answered = answers(&sim.tick(), Awaited::Reload(2));
+    assert_eq!(answered.len(), 1);
+    assert!(answered[0].ok);
+    for pid in old {
+        assert!(logged(
+            &sim.exit(pid, "exited with status 0"),
+            Level::INFO,
+            "Worker exiting"
+        ));
+    }
+    assert!(logged(
+        &sim.log,
+        Level::INFO,
+        "Reload to generation 2 complete"
+    ));
+}
+
+#[test]
+fn a_configuration_that_does_not_load_changes_nothing() {
+    let mut sim = Sim::serving(2);
+    sim.next_config = Err("Reload aborted, configuration unchanged: bad".into());
+    let actions = sim.feed(Event::Reload {
+        client: client(3, true),
+    });
+    assert_eq!(sim.m.state(), State::Serving);
+    assert!(matches!(&actions[..], [.., Action::Reply(3, r)] if !r.ok));
+    assert!(spawns(&sim.tick()).is_empty());
+    // The generation number is not used up.
+    sim.next_config = Ok(settings(2));
+    sim.signal(Sig::Hup);
+    assert_eq!(sim.m.booting().map(|g| g.id), Some(2));
+}
+
+#[test]
+fn a_failing_new_generation_is_rolled_back_and_the_old_keeps_serving() {
+    let mut sim = Sim::serving(2);
+    let old = sim.pids(1);
+    sim.feed(Event::Reload {
+        client: client(9, true),
+    });
+    sim.tick();
+    let new = sim.pids(2);
+    let actions = sim.exit(new[0], "exited with status 3");
+    let actions = [actions, sim.tick()].concat();
+    assert!(logged(
+        &actions,
+        Level::ERROR,
+        "Reload to generation 2 rolled back"
+    ));
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![new[1]]);
+    let answered = answers(&actions, Awaited::Reload(2));
+    assert!(answered.len() == 1 && !answered[0].ok);
+    assert_eq!(sim.m.state(), State::Serving);
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(1));
+    assert!(old.iter().all(|p| sim.role(*p) == Role::Active));
+}
+
+#[test]
+fn the_boot_timeout_rolls_back() {
+    let mut sim = Sim::serving(1);
+    sim.signal(Sig::Hup);
+    sim.tick();
+    let actions = sim.advance(31 * SEC);
+    assert!(logged(
+        &actions,
+        Level::ERROR,
+        "only 0 of 1 workers were ready after the boot timeout"
+    ));
+    assert_eq!(sim.m.state(), State::Serving);
+}
+
+#[test]
+fn a_first_generation_that_cannot_boot_stops_the_server_with_exit_code_1() {
+    let mut sim = Sim::start(settings(2));
+    sim.tick();
+    let pid = sim.pids(1)[0];
+    sim.exit(pid, "exited with status 3");
+    let actions = sim.tick();
+    assert!(logged(&actions, Level::ERROR, "Cannot start"));
+    assert_eq!(sim.m.state(), State::Stopping(StopKind::Fast));
+    sim.exit_signalled();
+    assert_eq!(sim.exited, Some(1));
+}
+
+/// Issue row 1: a stop reaches a worker in every phase of its life, and the
+/// booting workers of a superseded generation are killed, never left to
+/// start accepting.
+#[test]
+fn a_stop_reaches_booting_workers_and_a_superseded_generation_is_killed() {
+    let mut sim = Sim::serving(2);
+    sim.signal(Sig::Hup);
+    sim.tick();
+    let booting = sim.pids(2);
+    let actions = sim.signal(Sig::Hup);
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), booting);
+    assert!(logged(&actions, Level::WARN, "superseded"));
+    sim.tick();
+    let newest = sim.pids(3);
+    assert_eq!(newest.len(), 2);
+    let actions = sim.signal(Sig::Term);
+    let mut stopped = signals_to(&actions, Signal::SIGTERM);
+    stopped.sort();
+    let mut expected = [sim.pids(1), newest].concat();
+    expected.sort();
+    assert_eq!(stopped, expected, "every worker, booting or not, is told");
+    // Booting workers exit at once; the old ones drain.
+    sim.exit_signalled();
+    assert_eq!(sim.exited, Some(0));
+}
+
+/// Issue row 2: HUP after WINCH starts exactly one generation.
+#[test]
+fn hup_after_winch_starts_exactly_one_generation() {
+    let mut sim = Sim::serving(2);
+    let actions = sim.signal(Sig::Winch);
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), sim.pids(1));
+    sim.exit_signalled();
+    assert_eq!(sim.m.state(), State::Paused);
+    assert!(spawns(&sim.advance(SEC)).is_empty(), "paused: no top-up");
+    sim.signal(Sig::Hup);
+    assert_eq!(spawns(&sim.tick()), vec![2, 2]);
+    assert!(spawns(&sim.advance(SEC)).is_empty());
+    sim.ready_all();
+    assert_eq!(sim.m.state(), State::Serving);
+    assert!(spawns(&sim.advance(SEC)).is_empty());
+    assert_eq!(sim.m.workers().len(), 2);
+}
+
+/// Issue row 3: scale past the bound is refused; TTIN stops at it.
+#[test]
+fn scaling_is_bounded() {
+    let mut sim = Sim::serving(1);
+    let actions = sim.feed(Event::Scale {
+        workers: 100_000,
+        client: 4,
+    });
+    assert!(
+        matches!(&actions[..], [Action::Reply(4, r)] if !r.ok && r.message.contains("at most"))
+    );
+    let actions = sim.feed(Event::Scale {
+        workers: 0,
+        client: 5,
+    });
+    assert!(matches!(&actions[..], [Action::Reply(5, r)] if !r.ok));
+    sim.feed(Event::Scale {
+        workers: MAX_WORKERS,
+        client: 6,
+    });
+    let actions = sim.signal(Sig::Ttin);
+    assert!(logged(&actions, Level::WARN, "that is the most"));
+    assert_eq!(sim.m.target(), MAX_WORKERS);
+    sim.signal(Sig::Ttou);
+    assert_eq!(sim.m.target(), MAX_WORKERS - 1);
+}
+
+#[test]
+fn a_full_scoreboard_is_retried_and_said_once_per_ten_seconds() {
+    let mut sim = Sim::serving(1);
+    sim.slots_full = true;
+    sim.signal(Sig::Ttin);
+    let first = sim.tick();
+    assert!(logged(&first, Level::ERROR, "scoreboard slots are in use"));
+    let mut said = 0;
+    for _ in 0..9 {
+        let actions = sim.advance(SEC);
+        said += usize::from(logged(&actions, Level::ERROR, "slots are in use"));
+    }
+    assert_eq!(said, 0);
+    assert!(logged(&sim.advance(SEC), Level::ERROR, "slots are in use"));
+}
+
+/// Issue row 5: at most MAX_SURGE replacements in flight, whatever the
+/// number of workers at their limit; a worker past it is drained as soon
+/// as its replacement is ready.
+#[test]
+fn recycling_keeps_within_the_surge_budget() {
+    let mut s = settings(3);
+    s.max_requests = 100;
+    let mut sim = Sim::start(s);
+    sim.tick();
+    // The pretend shell gives no limit; set them as the real one would.
+    for w in &mut sim.m.workers {
+        w.request_limit = RequestLimit::new(100, 0);
+    }
+    sim.ready_all();
+    let first = sim.pids(1);
+    for pid in &first {
+        sim.slots.get_mut(pid).expect("slot").requests = 100;
+    }
+    let mut most = 0;
+    let mut replaced = 0;
+    for _ in 0..20 {
+        let actions = [sim.tick(), sim.ready_all()].concat();
+        most = most.max(sim.m.workers().len());
+        for pid in signals_to(&actions, Signal::SIGTERM) {
+            assert!(first.contains(&pid));
+            replaced += 1;
+            sim.exit(pid, "exited with status 0");
+        }
+    }
+    assert_eq!(replaced, 3, "every worker at its limit was replaced");
+    assert_eq!(most, 3 + MAX_SURGE);
+    assert!(sim
+        .log
+        .contains(&Action::Record(Record::Restart(RestartCause::MaxRequests))));
+}
+
+/// Issue row 6: the owned memory decides, and such a worker drains as soon
+/// as its replacement is ready.
+#[test]
+fn a_worker_over_its_memory_limit_is_replaced() {
+    let mut s = settings(2);
+    s.max_worker_memory = Some(crate::config::ByteSize(1 << 20));
+    let mut sim = Sim::start(s);
+    sim.tick();
+    sim.ready_all();
+    let pid = sim.pids(1)[0];
+    sim.slots.get_mut(&pid).expect("slot").owned = 2 << 20;
+    let actions = sim.advance(2 * SEC);
+    assert!(logged(&actions, Level::INFO, "over --max-worker-memory"));
+    assert_eq!(sim.role(pid), Role::Retiring);
+    assert_eq!(spawns(&actions), vec![1]);
+    let actions = sim.ready_all();
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![pid]);
+}
+
+/// Issue row 8: a worker the master stopped is logged at info; only an
+/// unexpected exit is an error, and it is replaced.
+#[test]
+fn only_unexpected_exits_are_errors() {
+    let mut sim = Sim::serving(2);
+    sim.signal(Sig::Ttou);
+    let actions = sim.tick();
+    let drained = signals_to(&actions, Signal::SIGTERM);
+    assert_eq!(drained.len(), 1);
+    let actions = sim.exit(drained[0], "was killed by SIGTERM");
+    assert!(logged(&actions, Level::INFO, "Worker exiting"));
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::Log(Level::ERROR, _))));
+    let survivor = sim.pids(1)[0];
+    let actions = sim.exit(survivor, "was killed by SIGSEGV");
+    assert!(logged(&actions, Level::ERROR, "died"));
+    assert!(actions.contains(&Action::Record(Record::Restart(RestartCause::Crash))));
+    assert_eq!(spawns(&sim.tick()), vec![1]);
+}
+
+/// Issue row 9: `stop --wait` is answered when the master exits, with
+/// whether it had to force.
+#[test]
+fn stop_wait_answers_at_exit_and_says_if_it_forced() {
+    let mut sim = Sim::serving(2);
+    let actions = sim.feed(Event::Stop {
+        graceful: true,
+        client: client(11, true),
+    });
+    assert!(actions.contains(&Action::Hold(11, Awaited::Exit)));
+    assert!(actions.contains(&Action::CloseListeners));
+    // One worker finishes; the other is still busy at the graceful timeout.
+    let pids = sim.pids(1);
+    sim.exit(pids[0], "exited with status 0");
+    let actions = sim.advance(31 * SEC);
+    assert_eq!(signals_to(&actions, Signal::SIGKILL), vec![pids[1]]);
+    let actions = sim.exit(pids[1], "was killed by SIGKILL");
+    let actions = [actions, sim.tick()].concat();
+    let answered = answers(&actions, Awaited::Exit);
+    assert!(answered.len() == 1 && !answered[0].ok);
+    assert_eq!(sim.exited, Some(0));
+    assert!(sim.advance(SEC).is_empty(), "nothing after the exit");
+}
+
+#[test]
+fn term_during_a_reload_abandons_it_and_answers_its_waiters() {
+    let mut sim = Sim::serving(1);
+    sim.feed(Event::Reload {
+        client: client(2, true),
+    });
+    sim.tick();
+    let actions = sim.signal(Sig::Term);
+    let answered = answers(&actions, Awaited::Reload(2));
+    assert!(answered.len() == 1 && !answered[0].ok);
+    assert!(spawns(&sim.advance(SEC)).is_empty());
+    let actions = sim.feed(Event::Reload {
+        client: client(3, false),
+    });
+    assert!(matches!(&actions[..], [.., Action::Reply(3, r)] if !r.ok));
+    sim.exit_signalled();
+    assert_eq!(sim.exited, Some(0));
+}
+
+#[test]
+fn int_after_term_turns_the_stop_fast() {
+    let mut sim = Sim::serving(2);
+    sim.signal(Sig::Term);
+    let actions = sim.signal(Sig::Int);
+    assert_eq!(signals_to(&actions, Signal::SIGQUIT), sim.pids(1));
+    assert_eq!(sim.m.state(), State::Stopping(StopKind::Fast));
+    // A second TERM changes nothing.
+    assert!(signals_to(&sim.signal(Sig::Term), Signal::SIGTERM).is_empty());
+}
+
+#[test]
+fn the_shutdown_delay_holds_the_drain() {
+    let mut s = settings(1);
+    s.shutdown_delay = 5.0;
+    let mut sim = Sim::start(s);
+    sim.tick();
+    sim.ready_all();
+    let actions = sim.signal(Sig::Term);
+    assert!(actions.contains(&Action::MarkStopping));
+    assert!(signals_to(&actions, Signal::SIGTERM).is_empty());
+    assert!(signals_to(&sim.advance(4 * SEC), Signal::SIGTERM).is_empty());
+    assert_eq!(signals_to(&sim.advance(SEC), Signal::SIGTERM), sim.pids(1));
+}
+
+#[test]
+fn a_silent_worker_is_aborted_then_killed() {
+    let mut sim = Sim::serving(1);
+    let pid = sim.pids(1)[0];
+    sim.slots.get_mut(&pid).expect("slot").silent_ms = 31_000;
+    let actions = sim.tick();
+    assert!(logged(&actions, Level::ERROR, "WORKER TIMEOUT"));
+    assert_eq!(signals_to(&actions, Signal::SIGABRT), vec![pid]);
+    assert_eq!(
+        signals_to(&sim.advance(2 * SEC), Signal::SIGKILL),
+        vec![pid]
+    );
+    let actions = sim.exit(pid, "was killed by SIGKILL");
+    assert!(actions.contains(&Action::Record(Record::Restart(RestartCause::Timeout))));
+}
+
+#[test]
+fn workers_dying_before_ready_are_restarted_one_at_a_time_with_back_off() {
+    let mut sim = Sim::serving(3);
+    for pid in sim.pids(1) {
+        sim.exit(pid, "exited with status 1");
+    }
+    // Three died, but none of them before becoming ready: no back-off.
+    assert_eq!(spawns(&sim.tick()), vec![1, 1, 1]);
+    let fresh = sim.pids(1);
+    sim.exit(fresh[0], "exited with status 1");
+    let actions = sim.exit(fresh[1], "exited with status 1");
+    assert!(logged(&actions, Level::WARN, "backing off"));
+    assert!(spawns(&sim.tick()).is_empty(), "waits out the back-off");
+    assert_eq!(spawns(&sim.advance(SEC)), vec![1], "then one at a time");
+    assert!(spawns(&sim.tick()).is_empty());
+    assert_eq!(
+        spawns(&sim.ready_all()),
+        vec![1],
+        "a ready worker ends the streak"
+    );
+}
+
+#[test]
+fn usr2_is_refused_while_busy_and_aborted_by_a_reload_during_the_check() {
+    let mut sim = Sim::serving(1);
+    sim.signal(Sig::Hup);
+    assert!(logged(&sim.signal(Sig::Usr2), Level::WARN, "busy"));
+    sim.tick();
+    sim.ready_all();
+    let actions = sim.signal(Sig::Usr2);
+    assert!(actions.contains(&Action::StartUpgradeCheck));
+    sim.signal(Sig::Hup);
+    let actions = sim.feed(Event::UpgradeChecked {
+        passed: true,
+        report: String::new(),
+    });
+    assert!(!actions.contains(&Action::ExecUpgrade));
+    assert!(logged(&actions, Level::WARN, "aborted"));
+}
+
+#[test]
+fn a_passed_check_re_executes_and_a_slow_one_is_killed() {
+    let mut sim = Sim::serving(1);
+    sim.signal(Sig::Usr2);
+    assert!(sim.advance(31 * SEC).contains(&Action::KillUpgradeCheck));
+    let actions = sim.feed(Event::UpgradeChecked {
+        passed: false,
+        report: "the new binary's check was killed by SIGKILL".into(),
+    });
+    assert!(logged(&actions, Level::ERROR, "nothing changed"));
+    sim.signal(Sig::Usr2);
+    let actions = sim.feed(Event::UpgradeChecked {
+        passed: true,
+        report: String::new(),
+    });
+    assert!(actions.contains(&Action::ExecUpgrade));
+}
+
+#[test]
+fn usr1_reopens_logs_and_tells_every_worker() {
+    let mut sim = Sim::serving(2);
+    let actions = sim.signal(Sig::Usr1);
+    assert!(actions.contains(&Action::ReopenLogs));
+    assert_eq!(signals_to(&actions, Signal::SIGUSR1), sim.pids(1));
+}
+
+/// A small deterministic generator, so that a failing seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Every event in every state: random sequences of signals, commands,
+/// readiness, crashes, failing configurations and time. Invariants hold
+/// after every step, and once things settle the server has exactly its
+/// target of ready workers, all of the newest generation.
+#[test]
+fn random_sequences_keep_the_invariants() {
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut sim = Sim::serving(1 + rng.below(3) as usize);
+        let mut trail = Vec::new();
+        for _ in 0..60 {
+            let choice = rng.below(16);
+            trail.push(choice);
+            match choice {
+                0 => drop(sim.signal(Sig::Hup)),
+                1 => drop(sim.signal(Sig::Ttin)),
+                2 => drop(sim.signal(Sig::Ttou)),
+                3 => drop(sim.signal(Sig::Winch)),
+                4 => drop(sim.signal(Sig::Usr2)),
+                5 => drop(sim.feed(Event::UpgradeChecked {
+                    passed: rng.below(2) == 0,
+                    report: String::new(),
+                })),
+                6 => {
+                    sim.next_config = if rng.below(3) == 0 {
+                        Err("Reload aborted: bad".into())
+                    } else {
+                        Ok(settings(1 + rng.below(4) as usize))
+                    };
+                }
+                7 => drop(sim.feed(Event::Scale {
+                    workers: rng.below(6) as usize,
+                    client: 1,
+                })),
+                8 | 9 => drop(sim.ready_all()),
+                10 => {
+                    // A random worker crashes, whatever it was doing.
+                    let pids: Vec<i32> = sim.slots.keys().copied().collect();
+                    if !pids.is_empty() {
+                        let pid = pids[rng.below(pids.len() as u64) as usize];
+                        sim.exit(pid, "was killed by SIGKILL");
+                    }
+                }
+                11 => drop(sim.exit_signalled()),
+                12 => drop(sim.advance(Duration::from_millis(rng.below(40_000)))),
+                _ => drop(sim.tick()),
+            }
+            check_invariants(&sim, seed, &trail);
+        }
+        // Settle: a good configuration, HUP, workers become ready, the
+        // signalled ones exit, time passes.
+        sim.next_config = Ok(settings(2));
+        sim.signal(Sig::Hup);
+        for _ in 0..40 {
+            sim.ready_all();
+            sim.exit_signalled();
+            sim.advance(SEC * 10);
+        }
+        let newest = sim.m.serving().map(|g| g.id);
+        let workers = sim.m.workers();
+        assert_eq!(sim.m.state(), State::Serving, "seed {seed}: {trail:?}");
+        assert_eq!(workers.len(), sim.m.target(), "seed {seed}: {trail:?}");
+        assert!(
+            workers
+                .iter()
+                .all(|w| Some(w.generation) == newest && w.role == Role::Active),
+            "seed {seed}: {trail:?}"
+        );
+        // And the stop always ends in an exit.
+        sim.signal(Sig::Term);
+        for _ in 0..10 {
+            sim.exit_signalled();
+            sim.advance(SEC * 40);
+        }
+        assert_eq!(sim.exited, Some(0), "seed {seed}: {trail:?}");
+    }
+}
+
+fn check_invariants(sim: &Sim, seed: u64, trail: &[u64]) {
+    let m = &sim.m;
+    let serving = m.serving().map(|g| g.id);
+    let booting = m.booting().map(|g| g.id);
+    for w in m.workers() {
+        // A worker of neither the serving nor the booting generation is
+        // always on its way out.
+        if Some(w.generation) != serving && Some(w.generation) != booting {
+            assert!(!w.role.serves(), "seed {seed}: stray {w:?} after {trail:?}");
+        }
+    }
+    if let (Some(s), Some(b)) = (serving, booting) {
+        assert!(b > s, "seed {seed}: booting {b} not newer than {s}");
+    }
+    let retiring = m
+        .workers()
+        .iter()
+        .filter(|w| w.role == Role::Retiring)
+        .count();
+    assert!(retiring <= MAX_SURGE, "seed {seed}");
+    if matches!(m.state(), State::Stopping(_)) {
+        assert!(
+            m.workers().iter().all(|w| !w.role.serves())
+                || matches!(
+                    m.phase,
+                    Phase::Stopping(Stop {
+                        drain_at: Some(_),
+                        ..
+                    })
+                ),
+            "seed {seed}: a worker still serves during a stop"
+        );
+    }
+}
