@@ -1,6 +1,6 @@
 //! The application side: how an app hands zdr its service.
 //!
-//! An app's start-up has up to three steps, each given to [`Server`]:
+//! An app's start-up has up to three steps, each given to [`crate::Server`]:
 //!
 //! 1. **load** (sync, optional): build shared state — config, data,
 //!    templates. With `--preload` it runs once in the master before the
@@ -14,7 +14,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -23,11 +22,10 @@ use http_body_util::BodyExt;
 use std::panic::AssertUnwindSafe;
 use tower::ServiceExt;
 
-/// Any error an app may return.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::body::BoxError;
 
 /// The request type zdr hands to the app's service.
-pub type Request = http::Request<crate::http::body::RequestBody>;
+pub type Request = http::Request<crate::body::RequestBody>;
 
 /// The response body zdr sends: any app body, boxed.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -47,143 +45,9 @@ pub(crate) struct LoadedApp {
 /// Runs the app's load step.
 pub(crate) type Loader = Arc<dyn Fn() -> anyhow::Result<LoadedApp> + Send + Sync>;
 
-type MakeService<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<AppService>> + Send + Sync>;
-type Ready<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<()>> + Send + Sync>;
-
-/// A zdr server for an app: give it the app's steps, then [`Server::run`]
-/// makes the program a complete zdr server with the whole CLI (`serve`,
-/// `check`, every flag).
-///
-/// ```no_run
-/// use std::sync::Arc;
-///
-/// struct Shared { greeting: String }
-///
-/// fn main() -> std::process::ExitCode {
-///     zdr::Server::new("hello")
-///         .load(|| Ok(Shared { greeting: "hello".into() }))
-///         .service(|shared: Arc<Shared>| async move {
-///             Ok(tower::service_fn(move |_req: zdr::Request| {
-///                 let body = shared.greeting.clone();
-///                 async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
-///             }))
-///         })
-///         .run()
-/// }
-/// ```
-pub struct Server<S = ()> {
-    name: String,
-    load: Arc<dyn Fn() -> anyhow::Result<S> + Send + Sync>,
-    service: Option<MakeService<S>>,
-    ready: Option<Ready<S>>,
-}
-
-impl Server<()> {
-    /// A server for the app called `name` (used in `--help` and logs).
-    pub fn new(name: impl Into<String>) -> Server<()> {
-        Server {
-            name: name.into(),
-            load: Arc::new(|| Ok(())),
-            service: None,
-            ready: None,
-        }
-    }
-}
-
-impl<S: Send + Sync + 'static> Server<S> {
-    /// Sets the load step, which builds the state shared by the service.
-    /// Call it before [`Server::service`] and [`Server::ready`], which
-    /// receive its result.
-    pub fn load<T, F>(self, load: F) -> Server<T>
-    where
-        T: Send + Sync + 'static,
-        F: Fn() -> anyhow::Result<T> + Send + Sync + 'static,
-    {
-        Server {
-            name: self.name,
-            load: Arc::new(load),
-            service: None,
-            ready: None,
-        }
-    }
-
-    /// Sets the per-worker step that builds the service, inside the
-    /// worker's runtime. Any `tower::Service` over [`Request`] whose
-    /// response body yields [`Bytes`] will do, an axum `Router` included.
-    pub fn service<F, Fut, Svc, B>(mut self, make: F) -> Self
-    where
-        F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<Svc>> + Send + 'static,
-        Svc: tower::Service<Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
-        Svc::Future: Send + 'static,
-        Svc::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let make = Arc::new(make);
-        self.service = Some(Arc::new(move |state: Arc<S>| {
-            let fut = make(state);
-            Box::pin(async move { Ok(erase(fut.await?)) }) as BoxFuture<_>
-        }));
-        self
-    }
-
-    /// Sets the readiness check. It must pass before a worker accepts
-    /// connections; it is retried until the boot timeout.
-    pub fn ready<F, Fut>(mut self, ready: F) -> Self
-    where
-        F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        self.ready = Some(Arc::new(move |state| {
-            Box::pin(ready(state)) as BoxFuture<_>
-        }));
-        self
-    }
-
-    /// Runs the program as a zdr server: parses the command line and
-    /// serves, checks or (in a worker) works. Returns the exit code.
-    pub fn run(self) -> ExitCode {
-        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        self.run_with_args(args)
-    }
-
-    /// As [`Server::run`], with the arguments given (the first is the
-    /// program name).
-    pub fn run_with_args(self, args: Vec<std::ffi::OsString>) -> ExitCode {
-        let name = self.name.clone();
-        let loader = self.into_loader();
-        crate::cli::main(&name, loader, args)
-    }
-
-    fn into_loader(self) -> Loader {
-        let Server {
-            load,
-            service,
-            ready,
-            ..
-        } = self;
-        Arc::new(move || {
-            let make = service.clone().ok_or_else(|| {
-                anyhow::anyhow!("the app gave zdr no service (call Server::service)")
-            })?;
-            let state = Arc::new(load()?);
-            let ready = ready.clone();
-            let for_service = Arc::clone(&state);
-            Ok(LoadedApp {
-                make_service: Box::new(move || make(Arc::clone(&for_service))),
-                ready: Arc::new(move || match &ready {
-                    Some(check) => check(Arc::clone(&state)),
-                    None => Box::pin(async { Ok(()) }),
-                }),
-            })
-        })
-    }
-}
-
 /// Boxes an app's service into zdr's erased type. An app error becomes a
 /// 500 response for that request.
-fn erase<Svc, B>(svc: Svc) -> AppService
+pub(crate) fn erase<Svc, B>(svc: Svc) -> AppService
 where
     Svc: tower::Service<Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
     Svc::Future: Send + 'static,
@@ -247,7 +111,7 @@ where
 }
 
 fn internal_error() -> Response {
-    crate::http::plain(
+    plain(
         http::StatusCode::INTERNAL_SERVER_ERROR,
         "Internal Server Error\n",
     )
@@ -275,4 +139,19 @@ impl WorkerInfo {
     pub(crate) fn set(info: WorkerInfo) {
         let _ = WORKER_INFO.set(info);
     }
+}
+
+/// A plain-text response with `status`.
+pub(crate) fn plain(status: http::StatusCode, text: impl Into<Bytes>) -> Response {
+    let mut res = http::Response::new(
+        http_body_util::Full::new(text.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
 }

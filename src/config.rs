@@ -784,7 +784,7 @@ impl Settings {
                 let ips = o
                     .forwarded_allow_ips
                     .unwrap_or_else(|| vec!["127.0.0.1".to_owned(), "::1".to_owned()]);
-                crate::http::forwarded::AllowList::parse(&ips)
+                crate::forwarded::AllowList::parse(&ips)
                     .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
                 ips
             },

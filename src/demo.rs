@@ -48,7 +48,8 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 
-use crate::app::{Request, Server, WorkerInfo};
+use crate::app::{Request, WorkerInfo};
+use crate::server::Server;
 
 const MAX_MS: u64 = 60_000;
 

@@ -28,11 +28,13 @@
 #![warn(missing_docs)]
 
 mod app;
+mod body;
 mod cli;
 mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+mod forwarded;
 pub mod http;
 pub mod listener;
 pub mod logging;
@@ -40,9 +42,13 @@ mod master;
 pub mod metrics;
 mod recycle;
 pub mod scoreboard;
+mod server;
+mod stall;
+mod sys;
 mod tls;
 mod worker;
 
-pub use app::{Body, BoxError, Request, Response, Server, WorkerInfo};
-pub use http::body::{BodyTooLarge, RequestBody};
-pub use http::forwarded::ClientInfo;
+pub use app::{Body, BoxError, Request, Response, WorkerInfo};
+pub use body::{BodyTooLarge, RequestBody};
+pub use forwarded::ClientInfo;
+pub use server::Server;

@@ -233,7 +233,7 @@ impl Listener {
                 // SAFETY: the descriptor was handed to this process to own
                 // (`fd://N`), and was just checked to be an open socket.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                set_cloexec(fd.as_raw_fd(), true).map_err(|e| fail(e.to_string()))?;
+                crate::sys::set_cloexec(fd.as_raw_fd(), true).map_err(|e| fail(e.to_string()))?;
                 Ok(Listener {
                     addr: addr.clone(),
                     fd,
@@ -272,7 +272,7 @@ impl Listener {
         // SAFETY: the descriptor was passed to this process across exec by
         // its previous image, which owned it.
         let fd = unsafe { OwnedFd::from_raw_fd(inherited.fd) };
-        set_cloexec(fd.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         let unlink_on_exit = match (&addr, owns_path) {
             (BindAddr::Unix(p), true) => Some(p.clone()),
             _ => None,
@@ -306,19 +306,6 @@ fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
-/// Sets or clears `FD_CLOEXEC` on a descriptor.
-pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    let flags = if on {
-        FdFlag::FD_CLOEXEC
-    } else {
-        FdFlag::empty()
-    };
-    fcntl(fd, FcntlArg::F_SETFD(flags))
-        .map(|_| ())
-        .map_err(io::Error::from)
-}
-
 /// Listening sockets passed by systemd socket activation (`LISTEN_FDS` for
 /// this pid), as `fd://N` addresses; none without. Clears the variables so
 /// that workers do not take them for their own.
@@ -348,7 +335,7 @@ impl WorkerListener {
         // SAFETY: the master passed this descriptor to the worker to own;
         // nothing else in the worker uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(inherited.fd) };
-        set_cloexec(fd.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         match inherited.kind {
             Kind::Tcp => {
                 let std = TcpListener::from(fd);

@@ -277,7 +277,7 @@ impl Scoreboard {
     pub fn attach(fd: RawFd) -> io::Result<Scoreboard> {
         // SAFETY: the master passed this descriptor for the worker to own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         Self::map(fd)
     }
 
@@ -429,7 +429,7 @@ impl Doorbell {
     pub fn from_inherited(fd: RawFd) -> io::Result<Doorbell> {
         // SAFETY: the master passed this descriptor for the worker to own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         Ok(Doorbell { fd })
     }
 

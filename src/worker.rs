@@ -304,7 +304,7 @@ async fn serve(
         header_timeout: settings.header_timeout(),
         body_timeout: settings.body_timeout(),
         send_timeout: settings.send_timeout(),
-        forwarded: match crate::http::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
+        forwarded: match crate::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
             Ok(list) => list,
             Err(e) => {
                 return boot_failed(slot, &bell, &anyhow::anyhow!("forwarded_allow_ips: {e}"))
@@ -626,7 +626,7 @@ struct Tracked<I> {
     linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// How long a write may wait for the client to take more (the send
     /// timeout).
-    send_stall: Option<crate::http::stall::Stall>,
+    send_stall: Option<crate::stall::Stall>,
 }
 
 /// How long a closing connection waits for more from its client (nginx's
@@ -648,7 +648,7 @@ impl<I> Tracked<I> {
             _permit: permit,
             seat,
             linger: None,
-            send_stall: send_timeout.map(crate::http::stall::Stall::new),
+            send_stall: send_timeout.map(crate::stall::Stall::new),
         }
     }
 

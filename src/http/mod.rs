@@ -20,9 +20,6 @@
 //! Every close is a lingering close (see the worker's connection wrapper).
 
 pub mod access_log;
-pub mod body;
-pub mod forwarded;
-pub(crate) mod stall;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,18 +29,17 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::app::{AppService, Request, Response};
+use crate::app::{plain, AppService, Request, Response};
 use crate::config::Settings;
 use crate::scoreboard::Slot;
 use access_log::{AccessLog, Entry};
@@ -58,21 +54,6 @@ const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a draining connection looks at its state.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
-
-/// A small plain-text response, for zdr's own answers.
-pub fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response {
-    let mut res = http::Response::new(
-        Full::new(text.into())
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
-}
 
 /// What every connection of a worker shares.
 pub(crate) struct Shared {
@@ -92,7 +73,7 @@ pub(crate) struct Shared {
     /// Limits on request heads and bodies.
     pub(crate) limits: Limits,
     /// Whose forwarding headers to trust.
-    pub(crate) forwarded: forwarded::AllowList,
+    pub(crate) forwarded: crate::forwarded::AllowList,
     /// The TLS acceptor, when serving HTTPS.
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// How long a client gets to send a request's head (and finish the TLS
@@ -372,7 +353,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         });
         let version = req.version();
         let (parts, incoming) = req.into_parts();
-        let (body, watch) = body::RequestBody::new(
+        let (body, watch) = crate::body::RequestBody::new(
             incoming,
             self.shared.limits.body,
             self.shared.body_timeout,
@@ -462,7 +443,7 @@ pub(crate) struct ConnFuture {
     /// A HEAD request: the response keeps its length but loses its content.
     head: bool,
     /// What became of the request's body, when it has one.
-    body: Option<Arc<body::BodyWatch>>,
+    body: Option<Arc<crate::body::BodyWatch>>,
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
     metrics: Option<(&'static Slot, std::time::Instant)>,

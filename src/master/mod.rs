@@ -213,7 +213,7 @@ impl Master {
         // SAFETY: the previous image owned the doorbell's read end and
         // handed it over across exec.
         let bell_rx = unsafe { OwnedFd::from_raw_fd(h.bell_rx) };
-        listener::set_cloexec(bell_rx.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(bell_rx.as_raw_fd(), true)?;
         let now = Instant::now();
         let mut generations = Generations::default();
         let serving = h.serving.map(|(id, s)| {

@@ -88,7 +88,7 @@ impl Output {
         // SAFETY: the previous image of this master owned the descriptor
         // and handed it over across exec; nothing else here uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        crate::listener::set_cloexec(fd.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         Ok(Output {
             fd,
             partial: Vec::new(),

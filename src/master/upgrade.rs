@@ -202,14 +202,14 @@ impl super::Master {
         let handover = self.handover();
         let fds = handover.fds();
         for fd in &fds {
-            let _ = crate::listener::set_cloexec(*fd, false);
+            let _ = crate::sys::set_cloexec(*fd, false);
         }
         let _ = std::io::Write::flush(&mut std::io::stderr());
         block_signals();
         let err = exec(&self.exe, &self.args, &handover);
         unblock_signals();
         for fd in &fds {
-            let _ = crate::listener::set_cloexec(*fd, true);
+            let _ = crate::sys::set_cloexec(*fd, true);
         }
         error!(
             "Binary upgrade failed: cannot execute {}: {err}; nothing changed",

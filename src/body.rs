@@ -16,6 +16,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+/// Any error an app may return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The most of an unread body that is read and thrown away; past it, an
 /// HTTP/1.1 connection closes instead (the response then says
 /// `Connection: close`) and an HTTP/2 stream is reset.
@@ -36,7 +39,7 @@ pub struct RequestBody {
     watch: Option<Arc<BodyWatch>>,
     received: u64,
     /// How long the client may leave the body waiting for its next byte.
-    stall: Option<super::stall::Stall>,
+    stall: Option<crate::stall::Stall>,
 }
 
 /// What a body's reader found, for the connection to act on once the
@@ -133,7 +136,7 @@ impl RequestBody {
             inner: Some(inner),
             watch: watch.clone(),
             received: 0,
-            stall: timeout.map(super::stall::Stall::new),
+            stall: timeout.map(crate::stall::Stall::new),
         };
         (body, watch)
     }
@@ -141,7 +144,7 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = crate::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -198,7 +201,7 @@ impl RequestBody {
     fn wait_for_client(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let (Some(stall), Some(watch)) = (&mut self.stall, &self.watch) else {
             return Poll::Pending;
         };

@@ -1,0 +1,145 @@
+//! The public entry point: [`Server`], the builder an app's `main` hands
+//! its steps to (see [`crate::app`] for what each step does), and that
+//! makes the program a complete zdr server with the whole CLI.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::app::{erase, AppService, BoxError, BoxFuture, LoadedApp, Loader, Request};
+
+type MakeService<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<AppService>> + Send + Sync>;
+type Ready<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<()>> + Send + Sync>;
+
+/// A zdr server for an app: give it the app's steps, then [`Server::run`]
+/// makes the program a complete zdr server with the whole CLI (`serve`,
+/// `check`, every flag).
+///
+/// ```no_run
+/// use std::sync::Arc;
+///
+/// struct Shared { greeting: String }
+///
+/// fn main() -> std::process::ExitCode {
+///     zdr::Server::new("hello")
+///         .load(|| Ok(Shared { greeting: "hello".into() }))
+///         .service(|shared: Arc<Shared>| async move {
+///             Ok(tower::service_fn(move |_req: zdr::Request| {
+///                 let body = shared.greeting.clone();
+///                 async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+///             }))
+///         })
+///         .run()
+/// }
+/// ```
+pub struct Server<S = ()> {
+    name: String,
+    load: Arc<dyn Fn() -> anyhow::Result<S> + Send + Sync>,
+    service: Option<MakeService<S>>,
+    ready: Option<Ready<S>>,
+}
+
+impl Server<()> {
+    /// A server for the app called `name` (used in `--help` and logs).
+    pub fn new(name: impl Into<String>) -> Server<()> {
+        Server {
+            name: name.into(),
+            load: Arc::new(|| Ok(())),
+            service: None,
+            ready: None,
+        }
+    }
+}
+
+impl<S: Send + Sync + 'static> Server<S> {
+    /// Sets the load step, which builds the state shared by the service.
+    /// Call it before [`Server::service`] and [`Server::ready`], which
+    /// receive its result.
+    pub fn load<T, F>(self, load: F) -> Server<T>
+    where
+        T: Send + Sync + 'static,
+        F: Fn() -> anyhow::Result<T> + Send + Sync + 'static,
+    {
+        Server {
+            name: self.name,
+            load: Arc::new(load),
+            service: None,
+            ready: None,
+        }
+    }
+
+    /// Sets the per-worker step that builds the service, inside the
+    /// worker's runtime. Any `tower::Service` over [`Request`] whose
+    /// response body yields [`Bytes`] will do, an axum `Router` included.
+    pub fn service<F, Fut, Svc, B>(mut self, make: F) -> Self
+    where
+        F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Svc>> + Send + 'static,
+        Svc: tower::Service<Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
+        Svc::Future: Send + 'static,
+        Svc::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let make = Arc::new(make);
+        self.service = Some(Arc::new(move |state: Arc<S>| {
+            let fut = make(state);
+            Box::pin(async move { Ok(erase(fut.await?)) }) as BoxFuture<_>
+        }));
+        self
+    }
+
+    /// Sets the readiness check. It must pass before a worker accepts
+    /// connections; it is retried until the boot timeout.
+    pub fn ready<F, Fut>(mut self, ready: F) -> Self
+    where
+        F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.ready = Some(Arc::new(move |state| {
+            Box::pin(ready(state)) as BoxFuture<_>
+        }));
+        self
+    }
+
+    /// Runs the program as a zdr server: parses the command line and
+    /// serves, checks or (in a worker) works. Returns the exit code.
+    pub fn run(self) -> ExitCode {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        self.run_with_args(args)
+    }
+
+    /// As [`Server::run`], with the arguments given (the first is the
+    /// program name).
+    pub fn run_with_args(self, args: Vec<std::ffi::OsString>) -> ExitCode {
+        let name = self.name.clone();
+        let loader = self.into_loader();
+        crate::cli::main(&name, loader, args)
+    }
+
+    fn into_loader(self) -> Loader {
+        let Server {
+            load,
+            service,
+            ready,
+            ..
+        } = self;
+        Arc::new(move || {
+            let make = service.clone().ok_or_else(|| {
+                anyhow::anyhow!("the app gave zdr no service (call Server::service)")
+            })?;
+            let state = Arc::new(load()?);
+            let ready = ready.clone();
+            let for_service = Arc::clone(&state);
+            Ok(LoadedApp {
+                make_service: Box::new(move || make(Arc::clone(&for_service))),
+                ready: Arc::new(move || match &ready {
+                    Some(check) => check(Arc::clone(&state)),
+                    None => Box::pin(async { Ok(()) }),
+                }),
+            })
+        })
+    }
+}
