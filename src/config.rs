@@ -28,7 +28,7 @@ pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// The socket to bind: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N.
+    /// The socket to bind: HOST:PORT, `[IPV6]:PORT`, unix:PATH or fd://N.
     /// Repeat (or separate with commas) to bind several. [default:
     /// 0.0.0.0:$PORT when PORT is set, else 127.0.0.1:8000]
     #[arg(

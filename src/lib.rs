@@ -19,11 +19,13 @@
 //! }
 //! ```
 //!
-//! Layout: [`config`] (settings and their sources), [`listener`] (binding
-//! and inheriting sockets), [`scoreboard`] (the shared memory between
-//! master and workers), `master` (the arbiter and its rollout state
-//! machine), `worker` (a worker process), [`http`] (serving a connection),
-//! [`logging`], [`demo`] (the built-in demo app), `cli`.
+//! Layout, bottom up (ARCHITECTURE.md has the whole map): [`config`]
+//! (settings and their sources), [`listener`] (binding and inheriting
+//! sockets), [`scoreboard`] (the shared memory between master and
+//! workers), [`http`] (serving a connection), `worker` (a worker process),
+//! `master` (the arbiter: an I/O-free decider and the loop that carries out
+//! its decisions), `cli`, and [`Server`] on top; [`logging`], [`metrics`],
+//! [`control`] beside them, and [`demo`], the built-in demo app.
 
 #![warn(missing_docs)]
 
