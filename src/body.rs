@@ -42,6 +42,15 @@ pub struct RequestBody {
     stall: Option<crate::stall::Stall>,
 }
 
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("received", &self.received)
+            .field("done", &self.inner.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a body's reader found, for the connection to act on once the
 /// response is ready.
 pub(crate) struct BodyWatch {

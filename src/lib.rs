@@ -19,31 +19,30 @@
 //! }
 //! ```
 //!
-//! Layout, bottom up (ARCHITECTURE.md has the whole map): [`config`]
-//! (settings and their sources), [`listener`] (binding and inheriting
-//! sockets), [`scoreboard`] (the shared memory between master and
-//! workers), [`http`] (serving a connection), `worker` (a worker process),
-//! `master` (the arbiter: an I/O-free decider and the loop that carries out
-//! its decisions), `cli`, and [`Server`] on top; [`logging`], [`metrics`],
-//! [`control`] beside them, and [`demo`], the built-in demo app.
+//! The public API is what an app's `main` needs: [`Server`] and the types
+//! its service sees ([`Request`], [`RequestBody`], [`Response`], [`Body`],
+//! [`WorkerInfo`], [`ClientInfo`]); [`control`], the control-socket
+//! protocol, for tools that command a running server; and [`demo`], the
+//! built-in demo app the `zdr` binary serves. ARCHITECTURE.md maps the
+//! rest.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 mod app;
 mod body;
 mod cli;
 mod client;
-pub mod config;
+mod config;
 pub mod control;
 pub mod demo;
 mod forwarded;
-pub mod http;
-pub mod listener;
-pub mod logging;
+mod http;
+mod listener;
+mod logging;
 mod master;
-pub mod metrics;
+mod metrics;
 mod recycle;
-pub mod scoreboard;
+mod scoreboard;
 mod server;
 mod stall;
 mod sys;

@@ -268,9 +268,17 @@ impl Listener {
 
     /// Rebuilds a master's listener from a descriptor this process inherited
     /// across `exec` (binary upgrade), keeping ownership of its socket file.
-    pub fn adopt(addr: BindAddr, inherited: Inherited, owns_path: bool) -> io::Result<Listener> {
-        // SAFETY: the descriptor was passed to this process across exec by
-        // its previous image, which owned it.
+    ///
+    /// # Safety
+    ///
+    /// `inherited.fd` must be an open descriptor that this process owns and
+    /// that nothing else closes or adopts.
+    pub(crate) unsafe fn adopt(
+        addr: BindAddr,
+        inherited: Inherited,
+        owns_path: bool,
+    ) -> io::Result<Listener> {
+        // SAFETY: the caller hands over a descriptor this process owns.
         let fd = unsafe { OwnedFd::from_raw_fd(inherited.fd) };
         crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         let unlink_on_exit = match (&addr, owns_path) {
@@ -331,7 +339,12 @@ pub(crate) enum WorkerListener {
 impl WorkerListener {
     /// Rebuilds a listener from a descriptor inherited from the master.
     /// Must run inside the worker's runtime.
-    pub(crate) fn from_inherited(inherited: Inherited) -> io::Result<WorkerListener> {
+    ///
+    /// # Safety
+    ///
+    /// `inherited.fd` must be an open descriptor that this process owns and
+    /// that nothing else closes or adopts.
+    pub(crate) unsafe fn from_inherited(inherited: Inherited) -> io::Result<WorkerListener> {
         // SAFETY: the master passed this descriptor to the worker to own;
         // nothing else in the worker uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(inherited.fd) };

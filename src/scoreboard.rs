@@ -151,11 +151,13 @@ impl Slot {
     }
 
     /// The worker's pid, 0 until known.
+    #[cfg(test)]
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
     }
 
     /// The generation the slot was claimed for.
+    #[cfg(test)]
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
     }
@@ -274,8 +276,14 @@ impl Scoreboard {
     }
 
     /// Maps a scoreboard from a descriptor inherited from the master.
-    pub fn attach(fd: RawFd) -> io::Result<Scoreboard> {
-        // SAFETY: the master passed this descriptor for the worker to own.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open descriptor that this process owns and that
+    /// nothing else closes or adopts: it is closed when the result is
+    /// dropped.
+    pub(crate) unsafe fn attach(fd: RawFd) -> io::Result<Scoreboard> {
+        // SAFETY: the caller hands over a descriptor this process owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         Self::map(fd)
@@ -426,8 +434,14 @@ impl Doorbell {
     }
 
     /// Rebuilds the bell from a descriptor inherited from the master.
-    pub fn from_inherited(fd: RawFd) -> io::Result<Doorbell> {
-        // SAFETY: the master passed this descriptor for the worker to own.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open descriptor that this process owns and that
+    /// nothing else closes or adopts: it is closed when the result is
+    /// dropped.
+    pub(crate) unsafe fn from_inherited(fd: RawFd) -> io::Result<Doorbell> {
+        // SAFETY: the caller hands over a descriptor this process owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         crate::sys::set_cloexec(fd.as_raw_fd(), true)?;
         Ok(Doorbell { fd })
@@ -504,7 +518,8 @@ mod tests {
     fn shared_across_fork_like_mappings() {
         let board = Scoreboard::create().unwrap();
         let dup = nix::unistd::dup(board.raw_fd()).unwrap();
-        let other = Scoreboard::attach(dup).unwrap();
+        // SAFETY: `dup` is a fresh duplicate owned by nothing else.
+        let other = unsafe { Scoreboard::attach(dup) }.unwrap();
         board.slot(3).claim(1);
         other.slot(3).set_state(SlotState::Ready);
         other.slot(3).add_request();

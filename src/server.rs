@@ -41,6 +41,16 @@ pub struct Server<S = ()> {
     ready: Option<Ready<S>>,
 }
 
+impl<S> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .field("service", &self.service.is_some())
+            .field("ready", &self.ready.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server<()> {
     /// A server for the app called `name` (used in `--help` and logs).
     pub fn new(name: impl Into<String>) -> Server<()> {

@@ -127,14 +127,17 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
         eprintln!("zdr: error: {e}");
         return Some(ExitCode::FAILURE);
     }
-    let board = match Scoreboard::attach(spec.scoreboard_fd) {
+    // SAFETY: the master passed these descriptors in the spec for this
+    // worker to own; each is adopted once.
+    let board = match unsafe { Scoreboard::attach(spec.scoreboard_fd) } {
         Ok(board) => board,
         Err(e) => {
             tracing::error!("worker cannot map the scoreboard: {e}");
             return Some(ExitCode::FAILURE);
         }
     };
-    let bell = match Doorbell::from_inherited(spec.doorbell_fd) {
+    // SAFETY: as above.
+    let bell = match unsafe { Doorbell::from_inherited(spec.doorbell_fd) } {
         Ok(bell) => bell,
         Err(e) => {
             tracing::error!("worker cannot open the doorbell: {e}");
@@ -257,7 +260,8 @@ async fn serve(
     }
     let mut listeners = Vec::with_capacity(spec.listeners.len());
     for inherited in &spec.listeners {
-        match WorkerListener::from_inherited(*inherited) {
+        // SAFETY: as the scoreboard's; the spec lists each listener once.
+        match unsafe { WorkerListener::from_inherited(*inherited) } {
             Ok(l) => listeners.push(l),
             Err(e) => {
                 return boot_failed(

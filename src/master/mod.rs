@@ -208,7 +208,11 @@ impl Master {
         let listeners = h
             .listeners
             .into_iter()
-            .map(|l| Listener::adopt(l.addr, l.socket, l.owns_path))
+            .map(|l| {
+                // SAFETY: the previous image handed each listener over
+                // across exec, once, for this process to own.
+                unsafe { Listener::adopt(l.addr, l.socket, l.owns_path) }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // SAFETY: the previous image owned the doorbell's read end and
         // handed it over across exec.
@@ -236,7 +240,8 @@ impl Master {
                 handles.push(Handle {
                     pid,
                     slot: w.slot,
-                    output: w.output_fd.and_then(|fd| Output::adopt(fd).ok()),
+                    // SAFETY: handed over across exec, once, like the listeners.
+                    output: w.output_fd.and_then(|fd| unsafe { Output::adopt(fd) }.ok()),
                 });
                 machine::Worker::adopted(
                     pid,
@@ -261,9 +266,11 @@ impl Master {
             exe: h.exe,
             listeners,
             generations,
-            board: Arc::new(Scoreboard::attach(h.scoreboard_fd)?),
+            // SAFETY: handed over across exec, once, like the listeners.
+            board: Arc::new(unsafe { Scoreboard::attach(h.scoreboard_fd) }?),
             bell_rx,
-            bell: Doorbell::from_inherited(h.bell_tx)?,
+            // SAFETY: handed over across exec, once, like the listeners.
+            bell: unsafe { Doorbell::from_inherited(h.bell_tx) }?,
             signals,
             handles,
         };

@@ -83,7 +83,12 @@ impl Output {
 
 impl Output {
     /// Rebuilds the master's end from a descriptor handed over across exec.
-    pub(crate) fn adopt(fd: std::os::fd::RawFd) -> io::Result<Output> {
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open descriptor that this process owns and that
+    /// nothing else closes or adopts.
+    pub(crate) unsafe fn adopt(fd: std::os::fd::RawFd) -> io::Result<Output> {
         use std::os::fd::FromRawFd;
         // SAFETY: the previous image of this master owned the descriptor
         // and handed it over across exec; nothing else here uses it.

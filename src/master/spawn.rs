@@ -184,8 +184,11 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
             let code = match nix::unistd::dup(parts.bell.raw_fd())
                 .map_err(io::Error::from)
-                .and_then(Doorbell::from_inherited)
-            {
+                .and_then(|fd| {
+                    // SAFETY: `dup` just made this descriptor for this
+                    // process alone.
+                    unsafe { Doorbell::from_inherited(fd) }
+                }) {
                 Ok(bell) => worker::run(spec, parts.board, bell, Some(parts.app), parts.loader),
                 Err(e) => {
                     tracing::error!("worker cannot open the doorbell: {e}");
