@@ -1,8 +1,10 @@
 //! Settings: what they are, where they come from, and how layers combine.
 //!
-//! Every setting is declared once, in [`Options`]. That one struct is the
-//! command line (clap, with a `ZDR_*` environment variable per flag), the TOML
-//! file (serde, Gunicorn's key names) and a layer in the merge. Precedence,
+//! Every setting is declared once, in [`Options`]. That one declaration is
+//! the command line (clap, with a `ZDR_*` environment variable per flag),
+//! the TOML file (serde, Gunicorn's key names), a layer in the merge and
+//! the list of keys. [`Settings::resolve`] gives each its default and
+//! checks it. Precedence,
 //! lowest to highest: built-in defaults, the platform's `PORT` and
 //! `WEB_CONCURRENCY`, the config file, `ZDR_*` variables, flags.
 //! [`Settings`] is the resolved result that the master and workers run on.
@@ -19,6 +21,45 @@ use crate::listener::BindAddr;
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
     r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
 
+/// Declares the settings layer: every setting once, with its doc line (the
+/// `--help` text), its flag and `ZDR_*` variable (clap), its config-file key
+/// (the field's name, serde) and its type. From that one declaration follow
+/// the layer's merge ([`Options::or`]) and the list of keys
+/// ([`Options::KEYS`]); resolution and validation are in
+/// [`Settings::resolve`].
+macro_rules! settings_layer {
+    (
+        $(#[$struct_meta:meta])*
+        pub struct Options {
+            $(
+                $(#[$meta:meta])*
+                pub $key:ident: Option<$ty:ty>,
+            )*
+        }
+    ) => {
+        $(#[$struct_meta])*
+        pub struct Options {
+            $(
+                $(#[$meta])*
+                pub $key: Option<$ty>,
+            )*
+        }
+
+        impl Options {
+            /// Every setting's key, as the config file spells it.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
+
+            /// Fills every field this layer leaves unset from `lower`.
+            pub fn or(self, lower: Options) -> Options {
+                Options {
+                    $($key: self.$key.or(lower.$key),)*
+                }
+            }
+        }
+    };
+}
+
+settings_layer! {
 /// One layer of settings: every field is optional, and an absent field falls
 /// through to the layer below.
 ///
@@ -313,6 +354,7 @@ pub struct Options {
     )]
     pub access_log_format: Option<String>,
 }
+}
 
 /// Accepts `bind = "a"` as well as `bind = ["a", "b"]`.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
@@ -330,53 +372,6 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
 }
 
 impl Options {
-    /// Fills every field this layer leaves unset from `lower`.
-    pub fn or(self, lower: Options) -> Options {
-        Options {
-            bind: self.bind.or(lower.bind),
-            backlog: self.backlog.or(lower.backlog),
-            workers: self.workers.or(lower.workers),
-            threads: self.threads.or(lower.threads),
-            worker_connections: self.worker_connections.or(lower.worker_connections),
-            timeout: self.timeout.or(lower.timeout),
-            graceful_timeout: self.graceful_timeout.or(lower.graceful_timeout),
-            boot_timeout: self.boot_timeout.or(lower.boot_timeout),
-            keepalive: self.keepalive.or(lower.keepalive),
-            max_requests: self.max_requests.or(lower.max_requests),
-            max_requests_jitter: self.max_requests_jitter.or(lower.max_requests_jitter),
-            max_worker_memory: self.max_worker_memory.or(lower.max_worker_memory),
-            preload: self.preload.or(lower.preload),
-            pidfile: self.pidfile.or(lower.pidfile),
-            control_socket: self.control_socket.or(lower.control_socket),
-            shutdown_delay: self.shutdown_delay.or(lower.shutdown_delay),
-            metrics_bind: self.metrics_bind.or(lower.metrics_bind),
-            certfile: self.certfile.or(lower.certfile),
-            keyfile: self.keyfile.or(lower.keyfile),
-            ca_certs: self.ca_certs.or(lower.ca_certs),
-            user: self.user.or(lower.user),
-            group: self.group.or(lower.group),
-            umask: self.umask.or(lower.umask),
-            chdir: self.chdir.or(lower.chdir),
-            forwarded_allow_ips: self.forwarded_allow_ips.or(lower.forwarded_allow_ips),
-            limit_request_line: self.limit_request_line.or(lower.limit_request_line),
-            limit_request_fields: self.limit_request_fields.or(lower.limit_request_fields),
-            limit_request_field_size: self
-                .limit_request_field_size
-                .or(lower.limit_request_field_size),
-            limit_request_body: self.limit_request_body.or(lower.limit_request_body),
-            header_timeout: self.header_timeout.or(lower.header_timeout),
-            body_timeout: self.body_timeout.or(lower.body_timeout),
-            send_timeout: self.send_timeout.or(lower.send_timeout),
-            health_live_path: self.health_live_path.or(lower.health_live_path),
-            health_ready_path: self.health_ready_path.or(lower.health_ready_path),
-            health_startup_path: self.health_startup_path.or(lower.health_startup_path),
-            loglevel: self.loglevel.or(lower.loglevel),
-            errorlog: self.errorlog.or(lower.errorlog),
-            accesslog: self.accesslog.or(lower.accesslog),
-            access_log_format: self.access_log_format.or(lower.access_log_format),
-        }
-    }
-
     /// The platform layer: `PORT` and `WEB_CONCURRENCY`, as set by Procfile
     /// platforms, and Gunicorn's `FORWARDED_ALLOW_IPS`. Below the config
     /// file in precedence.
@@ -639,6 +634,74 @@ fn probe_path(
     }
 }
 
+/// The listening addresses (at least one).
+fn bind_addrs(bind: Option<Vec<String>>) -> Result<Vec<BindAddr>, ConfigError> {
+    let bind = bind.unwrap_or_else(|| vec!["127.0.0.1:8000".to_owned()]);
+    if bind.is_empty() {
+        return Err(ConfigError::invalid("bind", "needs at least one address"));
+    }
+    bind.iter()
+        .map(|b| {
+            b.parse::<BindAddr>()
+                .map_err(|e| ConfigError::invalid("bind", e))
+        })
+        .collect()
+}
+
+/// The peers whose forwarding headers are trusted, checked.
+fn allow_list(ips: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let ips = ips.unwrap_or_else(|| vec!["127.0.0.1".to_owned(), "::1".to_owned()]);
+    crate::forwarded::AllowList::parse(&ips)
+        .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
+    Ok(ips)
+}
+
+/// The TLS files: a certificate and its key come together, and client
+/// certificates need both.
+#[allow(clippy::type_complexity)]
+fn tls_files(
+    certfile: Option<PathBuf>,
+    keyfile: Option<PathBuf>,
+    ca_certs: Option<PathBuf>,
+) -> Result<(Option<PathBuf>, Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    match (&certfile, &keyfile, &ca_certs) {
+        (Some(_), None, _) => Err(ConfigError::invalid("keyfile", "certfile needs a keyfile")),
+        (None, Some(_), _) => Err(ConfigError::invalid("certfile", "keyfile needs a certfile")),
+        (None, None, Some(_)) => Err(ConfigError::invalid(
+            "ca_certs",
+            "client certificates need certfile and keyfile",
+        )),
+        _ => Ok((certfile, keyfile, ca_certs)),
+    }
+}
+
+/// An octal umask such as `022`.
+fn umask(value: Option<&str>) -> Result<Option<u32>, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .map(Some)
+            .ok_or_else(|| {
+                ConfigError::invalid("umask", format!("{m:?} is not an octal mask like 022"))
+            }),
+    }
+}
+
+/// The metrics endpoint's address: TCP only.
+fn metrics_addr(value: Option<String>) -> Result<Option<BindAddr>, ConfigError> {
+    match value
+        .filter(|m| !m.is_empty())
+        .map(|m| m.parse::<BindAddr>())
+    {
+        None => Ok(None),
+        Some(Ok(addr @ BindAddr::Tcp { .. })) => Ok(Some(addr)),
+        Some(Ok(_)) => Err(ConfigError::invalid("metrics_bind", "must be HOST:PORT")),
+        Some(Err(e)) => Err(ConfigError::invalid("metrics_bind", e)),
+    }
+}
+
 /// Resolves `user` and `group` (names or numbers) to a uid and gid.
 fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>, ConfigError> {
     use nix::unistd::{Group, Uid, User};
@@ -720,19 +783,9 @@ impl Settings {
     /// Resolves a merged layer into settings, applying defaults and
     /// validating every value.
     pub fn resolve(o: Options) -> Result<Settings, ConfigError> {
-        let bind = o.bind.unwrap_or_else(|| vec!["127.0.0.1:8000".to_owned()]);
-        if bind.is_empty() {
-            return Err(ConfigError::invalid("bind", "needs at least one address"));
-        }
-        let bind = bind
-            .iter()
-            .map(|b| {
-                b.parse::<BindAddr>()
-                    .map_err(|e| ConfigError::invalid("bind", e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let (certfile, keyfile, ca_certs) = tls_files(o.certfile, o.keyfile, o.ca_certs)?;
         Ok(Settings {
-            bind,
+            bind: bind_addrs(o.bind)?,
             backlog: o.backlog.unwrap_or(2048),
             workers: worker_count(o.workers.unwrap_or(1))?,
             threads: at_least_one("threads", o.threads.unwrap_or(1))?,
@@ -780,57 +833,14 @@ impl Settings {
                 "send_timeout",
                 o.send_timeout.unwrap_or_else(default_client_timeout),
             )?,
-            forwarded_allow_ips: {
-                let ips = o
-                    .forwarded_allow_ips
-                    .unwrap_or_else(|| vec!["127.0.0.1".to_owned(), "::1".to_owned()]);
-                crate::forwarded::AllowList::parse(&ips)
-                    .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
-                ips
-            },
-            certfile: match (&o.certfile, &o.keyfile) {
-                (Some(_), Some(_)) | (None, None) => o.certfile,
-                (Some(_), None) => {
-                    return Err(ConfigError::invalid("keyfile", "certfile needs a keyfile"))
-                }
-                (None, Some(_)) => {
-                    return Err(ConfigError::invalid("certfile", "keyfile needs a certfile"))
-                }
-            },
-            ca_certs: match (&o.ca_certs, &o.keyfile) {
-                (Some(_), None) => {
-                    return Err(ConfigError::invalid(
-                        "ca_certs",
-                        "client certificates need certfile and keyfile",
-                    ))
-                }
-                _ => o.ca_certs,
-            },
-            keyfile: o.keyfile,
+            forwarded_allow_ips: allow_list(o.forwarded_allow_ips)?,
+            certfile,
+            keyfile,
+            ca_certs,
             run_as: run_as(o.user.as_deref(), o.group.as_deref())?,
-            umask: match o.umask.as_deref().map(str::trim) {
-                None | Some("") => None,
-                Some(m) => Some(
-                    u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                        .ok()
-                        .filter(|m| *m <= 0o777)
-                        .ok_or_else(|| {
-                            ConfigError::invalid(
-                                "umask",
-                                format!("{m:?} is not an octal mask like 022"),
-                            )
-                        })?,
-                ),
-            },
+            umask: umask(o.umask.as_deref())?,
             chdir: o.chdir,
-            metrics_bind: match o.metrics_bind.filter(|m| !m.is_empty()) {
-                None => None,
-                Some(m) => match m.parse::<BindAddr>() {
-                    Ok(addr @ BindAddr::Tcp { .. }) => Some(addr),
-                    Ok(_) => return Err(ConfigError::invalid("metrics_bind", "must be HOST:PORT")),
-                    Err(e) => return Err(ConfigError::invalid("metrics_bind", e)),
-                },
-            },
+            metrics_bind: metrics_addr(o.metrics_bind)?,
             health_live_path: probe_path("health_live_path", o.health_live_path, "/_zdr/live")?,
             health_ready_path: probe_path("health_ready_path", o.health_ready_path, "/_zdr/ready")?,
             health_startup_path: probe_path(
@@ -1209,11 +1219,10 @@ mod example_file {
             .filter_map(|l| l.trim_start_matches('#').trim().split_once(" = "))
             .map(|(key, _)| key.trim())
             .collect();
-        let command = <Options as clap::Args>::augment_args(clap::Command::new("zdr"));
-        let missing: Vec<&str> = command
-            .get_arguments()
-            .map(|a| a.get_id().as_str())
-            .filter(|id| !documented.contains(id))
+        let missing: Vec<&str> = Options::KEYS
+            .iter()
+            .copied()
+            .filter(|key| !documented.contains(key))
             .collect();
         assert!(missing.is_empty(), "zdr.toml.example lacks {missing:?}");
     }

@@ -214,19 +214,7 @@ async fn serve(
     app: Arc<LoadedApp>,
 ) -> i32 {
     let slot = board.slot(spec.slot);
-    let settings = &spec.settings;
-    let beat = settings
-        .timeout()
-        .map(|t| (t / 4).min(Duration::from_secs(1)))
-        .unwrap_or(Duration::from_secs(1));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(beat.max(Duration::from_millis(50)));
-        loop {
-            tick.tick().await;
-            slot.beat();
-        }
-    });
-
+    start_heartbeat(slot, spec.settings.timeout());
     // The worker's own handlers, from here on: a stop while it boots ends
     // the boot, and one that comes later is seen by `wait_for_stop`.
     let Some(mut signals) = StopSignals::install() else {
@@ -237,92 +225,15 @@ async fn serve(
         );
     };
     end_boot_dispositions();
-    let service = tokio::select! {
-        made = (app.make_service)() => match made {
-            Ok(service) => service,
-            Err(e) => return boot_failed(slot, &bell, &e),
-        },
-        _ = signals.stop() => return 0,
-    };
-    let ready = async {
-        let mut attempts = 0u32;
-        while let Err(e) = (app.ready)().await {
-            attempts += 1;
-            if attempts == 1 || attempts % 10 == 0 {
-                tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    tokio::select! {
-        _ = ready => {}
-        _ = signals.stop() => return 0,
-    }
-    let mut listeners = Vec::with_capacity(spec.listeners.len());
-    for inherited in &spec.listeners {
-        // SAFETY: as the scoreboard's; the spec lists each listener once.
-        match unsafe { WorkerListener::from_inherited(*inherited) } {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                return boot_failed(
-                    slot,
-                    &bell,
-                    &anyhow::anyhow!("cannot use listener fd {}: {e}", inherited.fd),
-                )
-            }
-        }
-    }
-    let tls = match crate::tls::acceptor(settings) {
-        Ok(tls) => tls,
-        Err(e) => return boot_failed(slot, &bell, &e),
-    };
-    let access_log = match &settings.accesslog {
-        Some(path) => match AccessLog::open(path, &settings.access_log_format) {
-            Ok(log) => Some(log),
-            Err(e) => return boot_failed(slot, &bell, &e.into()),
-        },
-        None => None,
+    let (shared, listeners) = match boot(&spec, board, &bell, &app, &mut signals).await {
+        Ok(booted) => booted,
+        Err(BootEnd::Stopped) => return 0,
+        Err(BootEnd::Failed(e)) => return boot_failed(slot, &bell, &e),
     };
     // Draining starts from a signal: at its request limit a worker rings
     // the master, which drains it once its replacement is ready.
     let (drain_tx, drain_rx) = watch::channel(false);
-    let drain_tx = Arc::new(drain_tx);
-    let limit_bell = Arc::clone(&bell);
-    let shared = Arc::new(Shared {
-        service,
-        builder: Shared::builder(settings),
-        keepalive: settings.keepalive(),
-        access_log,
-        board,
-        slot_index: spec.slot,
-        slot,
-        request_limit: spec.request_limit,
-        on_limit: Box::new(move || limit_bell.ring()),
-        limits: crate::http::Limits {
-            line: settings.limit_request_line,
-            field_size: settings.limit_request_field_size,
-            fields: settings.limit_request_fields,
-            body: settings.limit_request_body.map(|b| b.0),
-        },
-        tls,
-        header_timeout: settings.header_timeout(),
-        body_timeout: settings.body_timeout(),
-        send_timeout: settings.send_timeout(),
-        forwarded: match crate::forwarded::AllowList::parse(&settings.forwarded_allow_ips) {
-            Ok(list) => list,
-            Err(e) => {
-                return boot_failed(slot, &bell, &anyhow::anyhow!("forwarded_allow_ips: {e}"))
-            }
-        },
-        probes: crate::http::Probes {
-            live: settings.health_live_path.clone(),
-            ready: settings.health_ready_path.clone(),
-            startup: settings.health_startup_path.clone(),
-        },
-        ready: Arc::clone(&app.ready),
-    });
-
-    let capacity = settings.worker_connections;
+    let capacity = spec.settings.worker_connections;
     let permits = Arc::new(Semaphore::new(capacity));
     let accepting: Vec<_> = listeners
         .into_iter()
@@ -358,9 +269,120 @@ async fn serve(
     };
     // This worker's copies of the listening sockets close here.
     drop(listeners);
-    let capacity = capacity + swept;
+    finish(capacity + swept, &permits, spec.settings.graceful_timeout()).await
+}
+
+/// Beats the worker's heartbeat on the scoreboard, several times per
+/// heartbeat timeout, from a task of its own: a worker whose runtime is
+/// stuck stops beating.
+fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
+    let beat = timeout
+        .map(|t| (t / 4).min(Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(beat.max(Duration::from_millis(50)));
+        loop {
+            tick.tick().await;
+            slot.beat();
+        }
+    });
+}
+
+/// How a boot ended early.
+enum BootEnd {
+    /// A stop signal came.
+    Stopped,
+    /// It failed, for this reason.
+    Failed(anyhow::Error),
+}
+
+/// Boots: builds the service, waits for the app's readiness check, and
+/// opens everything serving needs (listeners, TLS, access log). A stop
+/// signal ends it at any step.
+async fn boot(
+    spec: &WorkerSpec,
+    board: &'static Scoreboard,
+    bell: &Arc<Doorbell>,
+    app: &LoadedApp,
+    signals: &mut StopSignals,
+) -> Result<(Arc<Shared>, Vec<WorkerListener>), BootEnd> {
+    let settings = &spec.settings;
+    let service = tokio::select! {
+        made = (app.make_service)() => made.map_err(BootEnd::Failed)?,
+        _ = signals.stop() => return Err(BootEnd::Stopped),
+    };
+    let ready = async {
+        let mut attempts = 0u32;
+        while let Err(e) = (app.ready)().await {
+            attempts += 1;
+            if attempts == 1 || attempts % 10 == 0 {
+                tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = ready => {}
+        _ = signals.stop() => return Err(BootEnd::Stopped),
+    }
+    let mut listeners = Vec::with_capacity(spec.listeners.len());
+    for inherited in &spec.listeners {
+        // SAFETY: as the scoreboard's; the spec lists each listener once.
+        let listener = unsafe { WorkerListener::from_inherited(*inherited) }.map_err(|e| {
+            BootEnd::Failed(anyhow::anyhow!(
+                "cannot use listener fd {}: {e}",
+                inherited.fd
+            ))
+        })?;
+        listeners.push(listener);
+    }
+    let tls = crate::tls::acceptor(settings).map_err(BootEnd::Failed)?;
+    let access_log = match &settings.accesslog {
+        Some(path) => Some(
+            AccessLog::open(path, &settings.access_log_format)
+                .map_err(|e| BootEnd::Failed(e.into()))?,
+        ),
+        None => None,
+    };
+    let forwarded = crate::forwarded::AllowList::parse(&settings.forwarded_allow_ips)
+        .map_err(|e| BootEnd::Failed(anyhow::anyhow!("forwarded_allow_ips: {e}")))?;
+    let limit_bell = Arc::clone(bell);
+    let slot = board.slot(spec.slot);
+    let shared = Arc::new(Shared {
+        service,
+        builder: Shared::builder(settings),
+        keepalive: settings.keepalive(),
+        access_log,
+        board,
+        slot_index: spec.slot,
+        slot,
+        request_limit: spec.request_limit,
+        on_limit: Box::new(move || limit_bell.ring()),
+        limits: crate::http::Limits {
+            line: settings.limit_request_line,
+            field_size: settings.limit_request_field_size,
+            fields: settings.limit_request_fields,
+            body: settings.limit_request_body.map(|b| b.0),
+        },
+        tls,
+        header_timeout: settings.header_timeout(),
+        body_timeout: settings.body_timeout(),
+        send_timeout: settings.send_timeout(),
+        forwarded,
+        probes: crate::http::Probes {
+            live: settings.health_live_path.clone(),
+            ready: settings.health_ready_path.clone(),
+            startup: settings.health_startup_path.clone(),
+        },
+        ready: Arc::clone(&app.ready),
+    });
+    Ok((shared, listeners))
+}
+
+/// Waits, up to the graceful timeout, for every connection to close (all
+/// `capacity` permits back); returns the worker's exit code.
+async fn finish(capacity: usize, permits: &Semaphore, graceful: Duration) -> i32 {
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
-    let graceful = settings.graceful_timeout();
     if tokio::time::timeout(graceful, permits.acquire_many(all))
         .await
         .is_err()

@@ -566,94 +566,162 @@ pub(crate) async fn serve<I>(
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-
     // One timer per connection, re-armed lazily: it wakes once per period
-    // at most, not once per request. With nothing in flight, a connection
-    // may wait for its first request's head for the header timeout (which
-    // cuts off clients that trickle it: slowloris), and after a response
-    // for the keep-alive timeout.
+    // at most, not once per request. What it means when it fires is
+    // decided by the connection's `Clock`.
+    let mut clock = Clock {
+        epoch,
+        header_timeout: shared.header_timeout,
+        keepalive: shared.keepalive,
+        drain_began: None,
+        closing_since: None,
+    };
     let timer = tokio::time::sleep(shared.header_timeout.min(shared.keepalive));
     tokio::pin!(timer);
-    // When draining began, and when the connection was told to close.
-    let mut drain_began: Option<Instant> = None;
-    let mut closing_since: Option<Instant> = None;
     loop {
-        tokio::select! {
+        let step = tokio::select! {
             _ = conn.as_mut() => break,
-            _ = drain.wait_for(|d| *d), if drain_began.is_none() => {
-                let now = Instant::now();
-                drain_began = Some(now);
-                conn_state.draining.store(true, Ordering::Relaxed);
+            _ = drain.wait_for(|d| *d), if clock.drain_began.is_none() => {
                 let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
                 let http2 = conn_state.http2.load(Ordering::Relaxed);
-                if busy && !http2 {
-                    // The response in flight says `Connection: close`.
-                    conn.as_mut().graceful_shutdown();
-                    closing_since = Some(now);
-                } else {
-                    // Idle, or HTTP/2: look again shortly (see below).
-                    timer.as_mut().reset(now + DRAIN_POLL);
-                }
+                conn_state.draining.store(true, Ordering::Relaxed);
+                clock.drain(Instant::now(), busy, http2)
             }
             _ = timer.as_mut() => {
-                let now = Instant::now();
-                let idle = conn_state.in_flight.load(Ordering::Acquire) == 0;
-                if let Some(since) = closing_since {
-                    // Told to close. An HTTP/2 client that never answers
-                    // the closing PING would hold the connection until the
-                    // graceful timeout: with nothing in flight, it closes
-                    // after a short grace instead.
-                    if !conn_state.http2.load(Ordering::Relaxed) {
-                        // HTTP/1: hyper closes it, lingering (see worker).
-                        timer.as_mut().reset(now + Duration::from_secs(3600));
-                    } else if idle && now >= since + DRAIN_IDLE_GRACE {
-                        break;
-                    } else {
-                        timer.as_mut().reset(now + DRAIN_POLL);
-                    }
-                    continue;
-                }
-                if let Some(began) = drain_began {
-                    // HTTP/1 idle: a client may be sending its next request
-                    // right now; it is served (with `Connection: close`) if
-                    // it arrives within the grace. HTTP/2: GOAWAY goes out
-                    // at a moment with no stream in flight if one comes
-                    // within the grace (some clients fail a stream in
-                    // flight when GOAWAY and PING arrive), else at its end.
-                    let http2 = conn_state.http2.load(Ordering::Relaxed);
-                    let grace = DRAIN_IDLE_GRACE.min(shared.keepalive);
-                    if now >= began + grace || (http2 && idle) {
-                        conn.as_mut().graceful_shutdown();
-                        closing_since = Some(now);
-                    }
-                    timer.as_mut().reset(now + DRAIN_POLL);
-                    continue;
-                }
                 let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
                     0 => None,
                     ms => Some(epoch + Duration::from_millis(ms)),
                 };
-                let (since, allowed) = match last_done {
-                    None => (epoch, shared.header_timeout),
-                    Some(t) => (t, shared.keepalive),
-                };
-                if idle && last_done.is_none() && since + allowed <= now {
-                    // No complete head within the header timeout: drop it.
-                    shared
-                        .board
-                        .count_timeout(crate::metrics::ClientTimeout::Header);
-                    break;
-                }
-                if idle && since + allowed <= now {
-                    // Idle for the whole keep-alive period.
-                    conn.as_mut().graceful_shutdown();
-                    closing_since = Some(now);
-                    timer.as_mut().reset(now + DRAIN_POLL);
-                } else {
-                    let next = if idle { since + allowed } else { now + allowed };
-                    timer.as_mut().reset(next.max(now + Duration::from_millis(1)));
-                }
+                clock.fired(
+                    Instant::now(),
+                    conn_state.in_flight.load(Ordering::Acquire) == 0,
+                    conn_state.http2.load(Ordering::Relaxed),
+                    last_done,
+                )
             }
+        };
+        match step {
+            Step::Close => break,
+            Step::HeaderTimeout => {
+                shared
+                    .board
+                    .count_timeout(crate::metrics::ClientTimeout::Header);
+                break;
+            }
+            Step::Shutdown { then } => {
+                conn.as_mut().graceful_shutdown();
+                timer.as_mut().reset(then);
+            }
+            Step::Wait { until } => timer.as_mut().reset(until),
+        }
+    }
+}
+
+/// What a connection does next, as its [`Clock`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Close it now.
+    Close,
+    /// Close it now: no complete request head came within the header
+    /// timeout.
+    HeaderTimeout,
+    /// Tell it to close (HTTP/1.1: `Connection: close` on the response in
+    /// flight, or close if idle; HTTP/2: GOAWAY), and look again then.
+    Shutdown { then: Instant },
+    /// Look again then.
+    Wait { until: Instant },
+}
+
+/// A connection's timing rules, with no I/O: the header timeout, the
+/// keep-alive timeout, and the drain. With nothing in flight, a connection
+/// may wait for its first request's head for the header timeout (which
+/// cuts off clients that trickle it: slowloris), and after a response for
+/// the keep-alive timeout.
+#[derive(Debug, Clone)]
+struct Clock {
+    epoch: Instant,
+    header_timeout: Duration,
+    keepalive: Duration,
+    /// When draining began.
+    drain_began: Option<Instant>,
+    /// When the connection was told to close.
+    closing_since: Option<Instant>,
+}
+
+impl Clock {
+    /// The worker started draining.
+    fn drain(&mut self, now: Instant, busy: bool, http2: bool) -> Step {
+        self.drain_began = Some(now);
+        if busy && !http2 {
+            // The response in flight says `Connection: close`.
+            self.closing_since = Some(now);
+            Step::Shutdown {
+                then: now + Duration::from_secs(3600),
+            }
+        } else {
+            // Idle, or HTTP/2: look again shortly.
+            Step::Wait {
+                until: now + DRAIN_POLL,
+            }
+        }
+    }
+
+    /// The timer fired: `idle` is whether no request is in flight, and
+    /// `last_done` when the last response was finished.
+    fn fired(&mut self, now: Instant, idle: bool, http2: bool, last_done: Option<Instant>) -> Step {
+        if let Some(since) = self.closing_since {
+            // Told to close. An HTTP/2 client that never answers the
+            // closing PING would hold the connection until the graceful
+            // timeout: with nothing in flight, it closes after a short
+            // grace instead. HTTP/1: hyper closes it, lingering (see
+            // worker).
+            return if !http2 {
+                Step::Wait {
+                    until: now + Duration::from_secs(3600),
+                }
+            } else if idle && now >= since + DRAIN_IDLE_GRACE {
+                Step::Close
+            } else {
+                Step::Wait {
+                    until: now + DRAIN_POLL,
+                }
+            };
+        }
+        if let Some(began) = self.drain_began {
+            // HTTP/1 idle: a client may be sending its next request right
+            // now; it is served (with `Connection: close`) if it arrives
+            // within the grace. HTTP/2: GOAWAY goes out at a moment with no
+            // stream in flight if one comes within the grace (some clients
+            // fail a stream in flight when GOAWAY and PING arrive), else at
+            // its end.
+            let grace = DRAIN_IDLE_GRACE.min(self.keepalive);
+            if now >= began + grace || (http2 && idle) {
+                self.closing_since = Some(now);
+                return Step::Shutdown {
+                    then: now + DRAIN_POLL,
+                };
+            }
+            return Step::Wait {
+                until: now + DRAIN_POLL,
+            };
+        }
+        let (since, allowed) = match last_done {
+            None => (self.epoch, self.header_timeout),
+            Some(t) => (t, self.keepalive),
+        };
+        if idle && since + allowed <= now {
+            if last_done.is_none() {
+                return Step::HeaderTimeout;
+            }
+            // Idle for the whole keep-alive period.
+            self.closing_since = Some(now);
+            return Step::Shutdown {
+                then: now + DRAIN_POLL,
+            };
+        }
+        let next = if idle { since + allowed } else { now + allowed };
+        Step::Wait {
+            until: next.max(now + Duration::from_millis(1)),
         }
     }
 }
@@ -661,6 +729,112 @@ pub(crate) async fn serve<I>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clock(now: Instant) -> Clock {
+        Clock {
+            epoch: now,
+            header_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(2),
+            drain_began: None,
+            closing_since: None,
+        }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_head_that_never_completes_is_cut_off_at_the_header_timeout() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        assert_eq!(
+            c.fired(t0 + 2 * S, true, false, None),
+            Step::Wait { until: t0 + 10 * S }
+        );
+        assert_eq!(c.fired(t0 + 10 * S, true, false, None), Step::HeaderTimeout);
+    }
+
+    #[test]
+    fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let done = Some(t0 + 5 * S);
+        assert_eq!(
+            c.fired(t0 + 6 * S, true, false, done),
+            Step::Wait { until: t0 + 7 * S }
+        );
+        // A request in flight is never timed out by the keep-alive timer.
+        assert_eq!(
+            c.fired(t0 + 7 * S, false, false, done),
+            Step::Wait { until: t0 + 9 * S }
+        );
+        assert!(matches!(
+            c.fired(t0 + 7 * S, true, false, done),
+            Step::Shutdown { .. }
+        ));
+        // HTTP/1.1: hyper closes it; the clock only waits.
+        assert!(matches!(
+            c.fired(t0 + 8 * S, true, false, done),
+            Step::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn a_draining_http1_connection_is_closed_after_the_grace_not_at_once() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let done = Some(t0);
+        assert_eq!(
+            c.drain(t0, false, false),
+            Step::Wait {
+                until: t0 + DRAIN_POLL
+            }
+        );
+        // A request that arrives now is served (with `Connection: close`).
+        assert!(matches!(
+            c.fired(t0 + DRAIN_POLL, true, false, done),
+            Step::Wait { .. }
+        ));
+        let grace = DRAIN_IDLE_GRACE.min(c.keepalive);
+        assert!(matches!(
+            c.fired(t0 + grace, true, false, done),
+            Step::Shutdown { .. }
+        ));
+    }
+
+    #[test]
+    fn a_busy_http1_connection_closes_after_its_response() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        assert!(matches!(c.drain(t0, true, false), Step::Shutdown { .. }));
+    }
+
+    #[test]
+    fn a_draining_http2_connection_gets_goaway_when_idle_then_closes_after_a_grace() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let done = Some(t0);
+        assert!(matches!(c.drain(t0, true, true), Step::Wait { .. }));
+        // Streams in flight: no GOAWAY yet, within the grace.
+        assert!(matches!(
+            c.fired(t0 + DRAIN_POLL, false, true, done),
+            Step::Wait { .. }
+        ));
+        let at = t0 + 2 * DRAIN_POLL;
+        assert!(matches!(
+            c.fired(at, true, true, done),
+            Step::Shutdown { .. }
+        ));
+        // A client that never answers the closing PING: closed once idle
+        // for the grace.
+        assert!(matches!(
+            c.fired(at + DRAIN_POLL, true, true, done),
+            Step::Wait { .. }
+        ));
+        assert_eq!(
+            c.fired(at + DRAIN_IDLE_GRACE, true, true, done),
+            Step::Close
+        );
+    }
 
     fn response(status: u16, body: &'static str) -> Response {
         let mut res = plain(StatusCode::from_u16(status).unwrap(), body);
