@@ -22,11 +22,11 @@ struct Table {
     built_in: u32,
 }
 
-fn build_table() -> anyhow::Result<Table> {
+fn build_table() -> Result<Table, zdr::BoxError> {
     let mb: usize = match std::env::var("TABLE_MB") {
         Ok(v) => v
             .parse()
-            .map_err(|_| anyhow::anyhow!("TABLE_MB must be a whole number, got {v:?}"))?,
+            .map_err(|_| format!("TABLE_MB must be a whole number, got {v:?}"))?,
         Err(_) => 64,
     };
     let len = mb * 1024 * 1024 / 8;

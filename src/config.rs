@@ -960,13 +960,51 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Options, ConfigError> {
             }
             None => (None, None),
         };
+        let message = with_suggestion(e.message().trim(), key.as_deref());
         ConfigError::File {
             path: path.to_owned(),
             line,
             key,
-            message: e.message().trim().to_owned(),
+            message,
         }
     })
+}
+
+/// Adds "did you mean" to an unknown key's message when a setting's key
+/// is one or two edits away (`wrkers`, `graceful-timeout`).
+fn with_suggestion(message: &str, key: Option<&str>) -> String {
+    let nearest = key
+        .filter(|_| message.starts_with("unknown field"))
+        .and_then(|key| {
+            let key = key.replace('-', "_");
+            Options::KEYS
+                .iter()
+                .map(|k| (edit_distance(&key, k), *k))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+        });
+    match nearest {
+        Some((_, k)) => format!("did you mean `{k}`? {message}"),
+        None => message.to_owned(),
+    }
+}
+
+/// The Levenshtein distance between two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let here = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(here + 1);
+            prev = here;
+        }
+    }
+    row[b.len()]
 }
 
 /// A configuration that cannot be used; nothing starts.
@@ -1101,8 +1139,23 @@ mod tests {
         let err = parse_file(Path::new("zdr.toml"), "workers = 2\n\nwrkers = 3\n").unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.starts_with("zdr.toml:3: key `wrkers`: unknown field `wrkers`"),
+            msg.starts_with(
+                "zdr.toml:3: key `wrkers`: did you mean `workers`? unknown field `wrkers`"
+            ),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_key_far_from_every_setting_gets_no_suggestion() {
+        let err = parse_file(Path::new("zdr.toml"), "worker_class = \"gthread\"\n").unwrap_err();
+        assert!(!err.to_string().contains("did you mean"), "{err}");
+        assert_eq!(
+            edit_distance(
+                "graceful-timeout".replace('-', "_").as_str(),
+                "graceful_timeout"
+            ),
+            0
         );
     }
 

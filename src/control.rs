@@ -157,7 +157,7 @@ pub struct ReloadOutcome {
 /// which name no server: the master
 /// then names the socket after its pid, and a client needs `--pid` or
 /// `--control-socket`.
-pub fn socket_path(settings: &Settings) -> Option<PathBuf> {
+pub(crate) fn socket_path(settings: &Settings) -> Option<PathBuf> {
     if let Some(path) = &settings.control_socket {
         return Some(path.clone());
     }
@@ -187,7 +187,7 @@ pub fn socket_path(settings: &Settings) -> Option<PathBuf> {
 
 /// The socket path a master uses: [`socket_path`], or one named after its
 /// pid.
-pub fn master_socket_path(settings: &Settings, pid: u32) -> PathBuf {
+pub(crate) fn master_socket_path(settings: &Settings, pid: u32) -> PathBuf {
     socket_path(settings).unwrap_or_else(|| std::env::temp_dir().join(format!("zdr-{pid}.ctl")))
 }
 

@@ -48,8 +48,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 
-use crate::app::{Request, WorkerInfo};
-use crate::server::Server;
+use zdr::{Request, Server, WorkerInfo};
 
 const MAX_MS: u64 = 60_000;
 
@@ -84,7 +83,7 @@ pub fn server() -> Server<Demo> {
     Server::new("demo")
         .load(|| {
             if let Ok(msg) = std::env::var("ZDR_DEMO_LOAD_ERROR") {
-                anyhow::bail!("demo app: {msg}");
+                return Err(format!("demo app: {msg}").into());
             }
             let boot_ms = std::env::var("ZDR_DEMO_BOOT_MS")
                 .ok()
@@ -102,7 +101,7 @@ pub fn server() -> Server<Demo> {
         .service(|demo: Arc<Demo>| async move {
             tokio::time::sleep(demo.boot_delay).await;
             if let Some(file) = demo.boot_fail_file.as_ref().filter(|f| f.exists()) {
-                anyhow::bail!("demo app: {} exists", file.display());
+                return Err(format!("demo app: {} exists", file.display()).into());
             }
             Ok(tower::service_fn(move |req: Request| {
                 handle(Arc::clone(&demo), req)
@@ -110,7 +109,7 @@ pub fn server() -> Server<Demo> {
         })
         .ready(|demo: Arc<Demo>| async move {
             match demo.unready_file.as_ref().filter(|f| f.exists()) {
-                Some(file) => anyhow::bail!("{} exists", file.display()),
+                Some(file) => Err(format!("{} exists", file.display()).into()),
                 None => Ok(()),
             }
         })
@@ -147,7 +146,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         }
     }
     let (client, info) = (
-        req.extensions().get::<crate::ClientInfo>().cloned(),
+        req.extensions().get::<zdr::ClientInfo>().cloned(),
         WorkerInfo::current(),
     );
     match req.uri().path() {

@@ -21,10 +21,10 @@
 //!
 //! The public API is what an app's `main` needs: [`Server`] and the types
 //! its service sees ([`Request`], [`RequestBody`], [`Response`], [`Body`],
-//! [`WorkerInfo`], [`ClientInfo`]); [`control`], the control-socket
-//! protocol, for tools that command a running server; and [`demo`], the
-//! built-in demo app the `zdr` binary serves. ARCHITECTURE.md maps the
-//! rest.
+//! [`WorkerInfo`], [`ClientInfo`], and [`BoxError`] for every step's
+//! errors); and [`control`], the control-socket protocol, for tools that
+//! command a running server. The `zdr` binary is this library serving a
+//! built-in demo app. ARCHITECTURE.md maps the rest.
 
 #![warn(missing_docs, missing_debug_implementations)]
 
@@ -34,7 +34,6 @@ mod cli;
 mod client;
 mod config;
 pub mod control;
-pub mod demo;
 mod forwarded;
 mod http;
 mod listener;

@@ -1,5 +1,8 @@
-//! The `zdr` binary: the zdr server with its built-in demo app.
+//! The `zdr` binary: the whole server and command line, serving the
+//! built-in demo app (see `demo.rs`).
+
+mod demo;
 
 fn main() -> std::process::ExitCode {
-    zdr::demo::server().run()
+    demo::server().run()
 }

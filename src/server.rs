@@ -36,7 +36,7 @@ type Ready<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<()>> + Send + Syn
 /// ```
 pub struct Server<S = ()> {
     name: String,
-    load: Arc<dyn Fn() -> anyhow::Result<S> + Send + Sync>,
+    load: Arc<dyn Fn() -> Result<S, BoxError> + Send + Sync>,
     service: Option<MakeService<S>>,
     ready: Option<Ready<S>>,
 }
@@ -67,10 +67,14 @@ impl<S: Send + Sync + 'static> Server<S> {
     /// Sets the load step, which builds the state shared by the service.
     /// Call it before [`Server::service`] and [`Server::ready`], which
     /// receive its result.
+    ///
+    /// Every step returns its errors as a [`BoxError`], so that `?` works
+    /// on any error type (an `anyhow::Error` or an `std::io::Error` alike);
+    /// zdr logs the error with its chain of causes.
     pub fn load<T, F>(self, load: F) -> Server<T>
     where
         T: Send + Sync + 'static,
-        F: Fn() -> anyhow::Result<T> + Send + Sync + 'static,
+        F: Fn() -> Result<T, BoxError> + Send + Sync + 'static,
     {
         Server {
             name: self.name,
@@ -86,7 +90,7 @@ impl<S: Send + Sync + 'static> Server<S> {
     pub fn service<F, Fut, Svc, B>(mut self, make: F) -> Self
     where
         F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<Svc>> + Send + 'static,
+        Fut: Future<Output = Result<Svc, BoxError>> + Send + 'static,
         Svc: tower::Service<Request, Response = http::Response<B>> + Clone + Send + Sync + 'static,
         Svc::Future: Send + 'static,
         Svc::Error: Into<BoxError>,
@@ -96,7 +100,8 @@ impl<S: Send + Sync + 'static> Server<S> {
         let make = Arc::new(make);
         self.service = Some(Arc::new(move |state: Arc<S>| {
             let fut = make(state);
-            Box::pin(async move { Ok(erase(fut.await?)) }) as BoxFuture<_>
+            Box::pin(async move { Ok(erase(fut.await.map_err(anyhow::Error::from_boxed)?)) })
+                as BoxFuture<_>
         }));
         self
     }
@@ -106,10 +111,11 @@ impl<S: Send + Sync + 'static> Server<S> {
     pub fn ready<F, Fut>(mut self, ready: F) -> Self
     where
         F: Fn(Arc<S>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         self.ready = Some(Arc::new(move |state| {
-            Box::pin(ready(state)) as BoxFuture<_>
+            let check = ready(state);
+            Box::pin(async move { check.await.map_err(anyhow::Error::from_boxed) }) as BoxFuture<_>
         }));
         self
     }
@@ -140,7 +146,7 @@ impl<S: Send + Sync + 'static> Server<S> {
             let make = service.clone().ok_or_else(|| {
                 anyhow::anyhow!("the app gave zdr no service (call Server::service)")
             })?;
-            let state = Arc::new(load()?);
+            let state = Arc::new(load().map_err(anyhow::Error::from_boxed)?);
             let ready = ready.clone();
             let for_service = Arc::clone(&state);
             Ok(LoadedApp {

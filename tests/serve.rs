@@ -224,7 +224,9 @@ fn bad_configuration_is_named_and_nothing_starts() {
     let cfg_s = cfg.to_str().unwrap();
     fails_with(
         Launch::raw(&["serve", "-c", cfg_s]),
-        &[&format!("{cfg_s}:2: key `wrkers`: unknown field `wrkers`")],
+        &[&format!(
+            "{cfg_s}:2: key `wrkers`: did you mean `workers`? unknown field `wrkers`"
+        )],
     );
     write_file(&cfg, "bind = \"127.0.0.1:0\"\ntimeout = \"long\"\n");
     fails_with(
