@@ -1,8 +1,9 @@
 //! A seeded chaos test on the real binary: under continuous keep-alive
-//! load, a generator draws sequences of signals (HUP, TTIN, TTOU, WINCH),
-//! control commands (`scale N`, `reload --wait`), broken deploys (a binary
-//! that cannot start, a configuration that does not parse) and faults
-//! (SIGKILL or SIGSTOP of a worker), with random gaps. Then it restores a
+//! load, a generator draws sequences of signals (HUP, TTIN, TTOU, WINCH,
+//! USR2), control commands (`scale N`, `reload`, `reload --wait`), deploys
+//! (a binary that cannot start, one that boots slowly, a configuration
+//! that does not parse) and faults (SIGKILL or SIGSTOP of a worker), with
+//! random gaps. Then it restores a
 //! good build and checks that the server ends where it should: a
 //! `reload --wait` succeeds, exactly the wanted number of workers run, all
 //! ready and of that newest generation, the process table agrees with
@@ -51,10 +52,14 @@ enum Event {
     BrokenConfigHup,
     KillWorker,
     StopWorker,
+    Upgrade,
+    SlowReload,
 }
 
 fn draw(rng: &mut Rng) -> Event {
-    match rng.below(20) {
+    match rng.below(22) {
+        20 => Event::Upgrade,
+        21 => Event::SlowReload,
         0..=4 => Event::Hup,
         5..=6 => Event::Ttin,
         7..=8 => Event::Ttou,
@@ -137,6 +142,15 @@ fn run_seed(seed: u64, events: usize) {
                 server.signal(Signal::SIGHUP);
                 server.wait_for_log_count("Reload aborted", aborted + 1, Duration::from_secs(60));
                 write_file(&config, good_config);
+            }
+            Event::Upgrade => server.signal(Signal::SIGUSR2),
+            Event::SlowReload => {
+                // A build that takes a while to boot; `reload` answers once
+                // the new generation has pinned it, so the good build can go
+                // back on disk at once.
+                deploy_script(&exe, &wrapper("ZDR_DEMO_BOOT_MS=1500"));
+                let _ = server.control(&["reload"]);
+                deploy_script(&exe, &wrapper(""));
             }
             Event::KillWorker | Event::StopWorker => {
                 let pids: Vec<u32> = server.worker_pids().into_iter().collect();
