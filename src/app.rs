@@ -40,7 +40,14 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) struct LoadedApp {
     pub(crate) make_service: Box<dyn Fn() -> BoxFuture<anyhow::Result<AppService>> + Send + Sync>,
     pub(crate) ready: Arc<dyn Fn() -> BoxFuture<anyhow::Result<()>> + Send + Sync>,
+    /// Run once the worker has drained (with the time left of the graceful
+    /// timeout; zero for a fast stop); returns an exit code for the worker
+    /// when it has one to report.
+    pub(crate) stop: Option<StopHook>,
 }
+
+/// See [`LoadedApp::stop`].
+pub(crate) type StopHook = Arc<dyn Fn(std::time::Duration) -> BoxFuture<i32> + Send + Sync>;
 
 /// Runs the app's load step.
 pub(crate) type Loader = Arc<dyn Fn() -> anyhow::Result<LoadedApp> + Send + Sync>;

@@ -353,6 +353,32 @@ pub struct Options {
         value_name = "FORMAT"
     )]
     pub access_log_format: Option<String>,
+
+    /// When the port a `-- CMD` command must listen on ($PORT) counts as
+    /// ready: a path answered with a 2xx (like a load balancer's check), or
+    /// empty for "accepts connections". [default: empty]
+    #[arg(
+        long = "worker-ready-path",
+        env = "ZDR_WORKER_READY_PATH",
+        value_name = "PATH"
+    )]
+    pub worker_ready_path: Option<String>,
+
+    /// The signal a `-- CMD` command gets to stop, once its worker has
+    /// drained its clients (SIGKILL to its process group at the graceful
+    /// timeout). [default: TERM]
+    #[arg(
+        long = "worker-stop-signal",
+        env = "ZDR_WORKER_STOP_SIGNAL",
+        value_name = "SIGNAL"
+    )]
+    pub worker_stop_signal: Option<String>,
+
+    /// Serve any HTTP app: each worker runs this command with a private
+    /// port in $PORT and forwards its requests to it (after `--`, or
+    /// `command = [...]` in the config file).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Option<Vec<String>>,
 }
 }
 
@@ -605,6 +631,16 @@ pub struct Settings {
     pub accesslog: Option<String>,
     /// Access log format.
     pub access_log_format: String,
+    /// The command each worker runs and forwards to; empty for the app
+    /// linked into this binary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// A command's readiness path; empty for "accepts connections".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker_ready_path: String,
+    /// The signal that stops a command, by number.
+    #[serde(default = "default_stop_signal")]
+    pub worker_stop_signal: i32,
 }
 
 fn seconds(name: &'static str, value: f64) -> Result<f64, ConfigError> {
@@ -632,6 +668,60 @@ fn probe_path(
             format!("must start with / (or be empty to turn the probe off), got {path:?}"),
         ))
     }
+}
+
+/// The command to serve, if any. `--preload` has no meaning for it: the
+/// app is loaded by the command, in each worker.
+fn command(command: Option<Vec<String>>, preload: bool) -> Result<Vec<String>, ConfigError> {
+    let command = command.unwrap_or_default();
+    match command.first() {
+        None => Ok(command),
+        Some(program) if program.trim().is_empty() => Err(ConfigError::invalid(
+            "command",
+            "the command's program is empty",
+        )),
+        Some(_) if preload => Err(ConfigError::invalid(
+            "preload",
+            "has no meaning with a command: each worker's command loads its own app \
+             (use the app server's own preload in the command, such as gunicorn --preload)",
+        )),
+        Some(_) => Ok(command),
+    }
+}
+
+/// The signal numbers a command may be stopped with, by name.
+const STOP_SIGNALS: [(&str, i32); 7] = [
+    ("TERM", nix::libc::SIGTERM),
+    ("INT", nix::libc::SIGINT),
+    ("QUIT", nix::libc::SIGQUIT),
+    ("HUP", nix::libc::SIGHUP),
+    ("USR1", nix::libc::SIGUSR1),
+    ("USR2", nix::libc::SIGUSR2),
+    ("KILL", nix::libc::SIGKILL),
+];
+
+/// The default stop signal, SIGTERM.
+fn default_stop_signal() -> i32 {
+    nix::libc::SIGTERM
+}
+
+/// A stop signal by name (`TERM`, `SIGTERM`, any case) or number.
+fn stop_signal(value: Option<&str>) -> Result<i32, ConfigError> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(default_stop_signal());
+    };
+    let upper = value.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    STOP_SIGNALS
+        .iter()
+        .find(|(n, number)| *n == name || value.parse::<i32>().ok() == Some(*number))
+        .map(|(_, number)| *number)
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "worker_stop_signal",
+                format!("{value:?} is not one of TERM, INT, QUIT, HUP, USR1, USR2, KILL"),
+            )
+        })
 }
 
 /// The listening addresses (at least one).
@@ -854,6 +944,9 @@ impl Settings {
             access_log_format: o
                 .access_log_format
                 .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
+            command: command(o.command, o.preload.unwrap_or(false))?,
+            worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
+            worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,
         })
     }
 

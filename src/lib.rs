@@ -32,6 +32,7 @@ mod app;
 mod body;
 mod cli;
 mod client;
+mod command;
 mod config;
 pub mod control;
 mod forwarded;

@@ -155,6 +155,7 @@ impl<S: Send + Sync + 'static> Server<S> {
                     Some(check) => check(Arc::clone(&state)),
                     None => Box::pin(async { Ok(()) }),
                 }),
+                stop: None,
             })
         })
     }

@@ -173,6 +173,8 @@ pub(crate) fn run(
 
     let app = match app {
         Some(app) => app,
+        // `zdr serve -- CMD`: the command is this worker's app.
+        None if !spec.settings.command.is_empty() => Arc::new(crate::command::load(&spec)),
         None => match loader() {
             Ok(app) => Arc::new(app),
             Err(e) => return boot_failed(slot, &bell, &e),
@@ -249,10 +251,17 @@ async fn serve(
     slot.set_state(SlotState::Ready);
     bell.ring();
 
+    let graceful = spec.settings.graceful_timeout();
     match wait_for_stop(spec.master_pid, &shared, &mut signals, drain_rx.clone()).await {
-        Stop::Fast => return 0,
+        Stop::Fast => {
+            return match &app.stop {
+                Some(stop) => stop(Duration::ZERO).await,
+                None => 0,
+            }
+        }
         Stop::Graceful => {}
     }
+    let draining_since = tokio::time::Instant::now();
     let _ = drain_tx.send(true);
     slot.set_state(SlotState::Draining);
     bell.ring();
@@ -269,7 +278,14 @@ async fn serve(
     };
     // This worker's copies of the listening sockets close here.
     drop(listeners);
-    finish(capacity + swept, &permits, spec.settings.graceful_timeout()).await
+    let code = finish(capacity + swept, &permits, graceful).await;
+    match &app.stop {
+        Some(stop) => {
+            let left = graceful.saturating_sub(draining_since.elapsed());
+            code.max(stop(left).await)
+        }
+        None => code,
+    }
 }
 
 /// Beats the worker's heartbeat on the scoreboard, several times per

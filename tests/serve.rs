@@ -661,6 +661,18 @@ fn every_zdr_variable_reaches_its_setting() {
             "access_log_format",
             "\"%(s)s\"".into(),
         ),
+        (
+            "ZDR_WORKER_READY_PATH",
+            "/health".into(),
+            "worker_ready_path",
+            "\"/health\"".into(),
+        ),
+        (
+            "ZDR_WORKER_STOP_SIGNAL",
+            "sigint".into(),
+            "worker_stop_signal",
+            "2".into(),
+        ),
     ];
     for (var, value, key, expected) in &cases {
         let t = check(Launch::raw(&["check"]).env(var, value));

@@ -181,6 +181,12 @@ impl Master {
             settings.worker_connections,
             if settings.preload { ", preload" } else { "" }
         );
+        if !settings.command.is_empty() {
+            info!(
+                "Each worker runs the command {:?} and forwards to it",
+                settings.command.join(" ")
+            );
+        }
         let mut master = Master::assemble(inputs, &settings, base)?;
         let settings = Arc::new(settings);
         let generation = master.machine.next_generation();

@@ -1,0 +1,336 @@
+//! Serving any HTTP app: `zdr serve -- CMD`. Each worker runs the command
+//! as its child, with a private loopback port in `$PORT`, and forwards
+//! every request to it ([`proxy`]). The worker keeps everything zdr does at
+//! the front (limits, timeouts, probes, access log, TLS, HTTP/2, the drain
+//! without races, request counts), so a reload, a recycle or a stop is as
+//! safe for the command's app as for a linked one, whatever its own server
+//! does when it is told to stop.
+//!
+//! The pair is one unit: the worker is ready once the child accepts
+//! connections on its port (or answers `--worker-ready-path` with a 2xx);
+//! it drains its clients first and only then gives the child its stop
+//! signal, with SIGKILL to the child's process group at the graceful
+//! timeout; a child that exits on its own takes its worker out of service
+//! (the worker drains and exits 1, and the master replaces it).
+//!
+//! The child writes to the worker's standard error, which the master logs
+//! and keeps the last lines of: a child that fails to boot is reported with
+//! its own words.
+
+mod proxy;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use crate::app::{BoxFuture, LoadedApp};
+use crate::worker::WorkerSpec;
+
+/// The command's process, as its worker holds it.
+struct Child {
+    pid: Pid,
+    port: u16,
+    /// The exit status once it has exited ("exited with status 1").
+    exited: watch::Receiver<Option<String>>,
+    /// The worker is stopping it: its exit is expected.
+    stopping: AtomicBool,
+    /// Its last lines of output, and whether its output has ended.
+    output: Arc<Output>,
+}
+
+/// What the command wrote last.
+#[derive(Default)]
+struct Output {
+    tail: Mutex<std::collections::VecDeque<String>>,
+    ended: watch::Sender<bool>,
+}
+
+/// Lines of the command's output kept for a boot error.
+const TAIL_LINES: usize = 5;
+
+impl Child {
+    /// Kills its whole process group.
+    fn kill_group(&self) {
+        let _ = killpg(self.pid, Signal::SIGKILL);
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // However the worker ends, the command does not outlive it.
+        if self.exited.borrow().is_none() {
+            self.kill_group();
+        }
+    }
+}
+
+/// The command as the worker's app: its "service" starts the command and
+/// forwards to it once it listens; its readiness is the command being
+/// alive; its stop stops the command.
+pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
+    let settings = Arc::new(spec.settings.clone());
+    let env = vec![
+        ("ZDR_WORKER_ID".to_owned(), spec.slot.to_string()),
+        ("ZDR_GENERATION".to_owned(), spec.generation.to_string()),
+        ("ZDR_MASTER_PID".to_owned(), spec.master_pid.to_string()),
+    ];
+    let child: Arc<Mutex<Option<Arc<Child>>>> = Arc::new(Mutex::new(None));
+    let (started, alive, stopped) = (Arc::clone(&child), Arc::clone(&child), child);
+    let stop_signal = spec.settings.worker_stop_signal;
+    LoadedApp {
+        make_service: Box::new(move || {
+            let (settings, env, started) =
+                (Arc::clone(&settings), env.clone(), Arc::clone(&started));
+            Box::pin(async move {
+                let child = Arc::new(start(&settings.command, &env)?);
+                if let Ok(mut slot) = started.lock() {
+                    *slot = Some(Arc::clone(&child));
+                }
+                wait_until_listening(&child, &settings.worker_ready_path).await?;
+                watch_for_exit(Arc::clone(&child));
+                Ok(proxy::service(child.port, settings.timeout()))
+            }) as BoxFuture<_>
+        }),
+        ready: Arc::new(move || {
+            let child = alive.lock().ok().and_then(|c| c.clone());
+            Box::pin(async move {
+                match child.map(|c| c.exited.borrow().clone()) {
+                    Some(None) => Ok(()),
+                    Some(Some(status)) => Err(anyhow::anyhow!("the command {status}")),
+                    None => Err(anyhow::anyhow!("the command has not started")),
+                }
+            }) as BoxFuture<_>
+        }),
+        stop: Some(Arc::new(move |grace: Duration| {
+            let child = stopped.lock().ok().and_then(|c| c.clone());
+            Box::pin(async move {
+                match child {
+                    Some(child) => stop(&child, stop_signal, grace).await,
+                    None => 0,
+                }
+            }) as BoxFuture<_>
+        })),
+    }
+}
+
+/// A free loopback port for the command (the kernel's pick; the command
+/// binds it a moment later).
+fn free_port() -> std::io::Result<u16> {
+    let probe = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    Ok(probe.local_addr()?.port())
+}
+
+/// Starts the command in a process group of its own, with `$PORT` and the
+/// worker's identity in its environment and the worker's standard error
+/// as its output.
+fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("no command to run"))?;
+    let port = free_port()?;
+    let (output, output_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let stderr = output_tx.try_clone()?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env("PORT", port.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null())
+        .stdout(output_tx)
+        .stderr(stderr);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // one async-signal-safe call (prctl).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            // The command dies with its worker, however the worker ends.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let mut process = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot run the command {program:?}: {e}"))?;
+    drop(cmd);
+    let pid = Pid::from_raw(process.id() as i32);
+    tracing::info!("Started the command (pid: {pid}) on port {port}");
+    let kept = Arc::new(Output::default());
+    relay_output(output, pid, Arc::clone(&kept))?;
+    let (tx, rx) = watch::channel(None);
+    // Reaped by a thread of its own: waiting blocks, and the runtime's
+    // threads must not.
+    std::thread::Builder::new()
+        .name("zdr-command".into())
+        .spawn(move || {
+            let status = match process.wait() {
+                Ok(s) => describe(s),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            let _ = tx.send(Some(status));
+        })?;
+    Ok(Child {
+        pid,
+        port,
+        exited: rx,
+        stopping: AtomicBool::new(false),
+        output: kept,
+    })
+}
+
+/// Logs the command's output (both streams) line by line through the
+/// worker's log, from a thread of its own, so that each line carries the
+/// worker's pid and reaches the master, which keeps the last lines of a
+/// worker that fails.
+fn relay_output(output: std::os::fd::OwnedFd, pid: Pid, kept: Arc<Output>) -> std::io::Result<()> {
+    use std::io::BufRead;
+    std::thread::Builder::new()
+        .name("zdr-command-output".into())
+        .spawn(move || {
+            for line in std::io::BufReader::new(std::fs::File::from(output)).lines() {
+                let Ok(line) = line else { break };
+                tracing::info!("[command {pid}] {line}");
+                if let Ok(mut tail) = kept.tail.lock() {
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            }
+            kept.ended.send_replace(true);
+        })?;
+    Ok(())
+}
+
+/// "exited with status N" or "was killed by SIGX".
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("was killed by {s}"),
+            Err(_) => format!("was killed by signal {sig}"),
+        },
+        _ => "ended".to_owned(),
+    }
+}
+
+/// Waits until the command accepts connections on its port (and, with a
+/// ready path, answers it with a 2xx), or fails if it exits first. The
+/// master's boot timeout bounds the wait.
+async fn wait_until_listening(child: &Child, ready_path: &str) -> anyhow::Result<()> {
+    let mut exited = child.exited.clone();
+    let mut attempts = 0u32;
+    loop {
+        let status = exited.borrow().clone();
+        if let Some(status) = status {
+            // Its last words first: the reason is usually there.
+            let mut ended = child.output.ended.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|e| *e)).await;
+            let tail: Vec<String> = child
+                .output
+                .tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
+            let said = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; its last output: {}", tail.join(" | "))
+            };
+            anyhow::bail!(
+                "the command {status} before it answered on port {}{said}",
+                child.port
+            );
+        }
+        let answered = if ready_path.is_empty() {
+            tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, child.port))
+                .await
+                .is_ok()
+        } else {
+            proxy::probe(child.port, ready_path).await
+        };
+        if answered {
+            return Ok(());
+        }
+        attempts += 1;
+        if attempts % 50 == 0 {
+            tracing::info!(
+                "worker {}: waiting for the command to answer on port {}",
+                std::process::id(),
+                child.port
+            );
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(100));
+        tokio::select! {
+            _ = pause => {}
+            _ = exited.changed() => {}
+        }
+    }
+}
+
+/// Takes the worker out of service if its command exits on its own: the
+/// worker drains (SIGTERM to itself) and exits 1, and the master starts a
+/// new pair.
+fn watch_for_exit(child: Arc<Child>) {
+    tokio::spawn(async move {
+        let mut exited = child.exited.clone();
+        let status = loop {
+            if let Some(status) = exited.borrow().clone() {
+                break status;
+            }
+            if exited.changed().await.is_err() {
+                return;
+            }
+        };
+        if !child.stopping.load(Ordering::Acquire) {
+            tracing::error!(
+                "worker {}: the command (pid: {}) {status}; the worker leaves service",
+                std::process::id(),
+                child.pid
+            );
+            DIED.store(true, Ordering::Release);
+            let _ = kill(Pid::this(), Signal::SIGTERM);
+        }
+    });
+}
+
+/// The command exited without being asked to.
+static DIED: AtomicBool = AtomicBool::new(false);
+
+/// Stops the command once its worker has drained: its stop signal, then
+/// SIGKILL to its process group after `grace`. Returns the worker's exit
+/// code: 1 if the command had exited on its own.
+async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
+    child.stopping.store(true, Ordering::Release);
+    let mut exited = child.exited.clone();
+    if exited.borrow().is_none() {
+        match Signal::try_from(signal) {
+            Ok(sig) if !grace.is_zero() => {
+                let _ = kill(child.pid, sig);
+            }
+            _ => child.kill_group(),
+        }
+        let gone = tokio::time::timeout(grace, exited.wait_for(|s| s.is_some()))
+            .await
+            .is_ok();
+        if !gone {
+            tracing::warn!(
+                "worker {}: the command (pid: {}) still runs at the graceful timeout; killing its process group",
+                std::process::id(),
+                child.pid
+            );
+            child.kill_group();
+            let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|s| s.is_some()))
+                .await;
+        }
+    }
+    // Whatever it left behind in its group goes too.
+    child.kill_group();
+    i32::from(DIED.load(Ordering::Acquire))
+}

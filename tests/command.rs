@@ -1,0 +1,293 @@
+//! `zdr serve -- CMD`: apps in other languages, each run by a zdr worker on
+//! a private port and reached through it. The apps are the examples in
+//! `examples/command/` (uvicorn, gunicorn, Node); `.ci/run` installs them,
+//! and in CI (`CI` set) a missing one fails the test, elsewhere it is
+//! skipped with a reason.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Whether `program` runs with `check`; in CI a missing one fails.
+fn have(program: &str, check: &[&str]) -> bool {
+    let ok = Command::new(program)
+        .args(check)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing: .ci/run installs it"
+        );
+        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
+    }
+    ok
+}
+
+/// The example apps' directory.
+fn apps() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/command")
+}
+
+fn uvicorn() -> String {
+    format!(
+        "cd {} && exec uvicorn asgi_app:app --port $PORT --lifespan off --no-access-log",
+        apps().display()
+    )
+}
+
+fn gunicorn() -> String {
+    format!(
+        "cd {} && exec gunicorn wsgi_app:app --bind 127.0.0.1:$PORT --workers 1 --threads 4",
+        apps().display()
+    )
+}
+
+fn node() -> String {
+    format!("cd {} && exec node server.js", apps().display())
+}
+
+/// A server of `workers` workers, each running `script` with `sh -c`.
+fn serve(workers: usize, extra: &[&str], script: &str) -> Server {
+    let workers = workers.to_string();
+    let mut args = vec!["--workers", &workers];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    let server = Launch::serve(&args).start();
+    server.wait_ready();
+    server
+}
+
+/// Keep-alive and fresh-connection load while the server reloads
+/// `reloads` times, each reload complete before the next: not one request
+/// fails, and answers then come from the last generation.
+fn reloads_under_load(server: &Server, reloads: u64) {
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    for _ in 0..reloads {
+        let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+        assert!(
+            out.status.success(),
+            "reload failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            server.log_text()
+        );
+        load.wait_for_more(20);
+    }
+    let last = server.status().generation.expect("a serving generation");
+    assert_eq!(last, 1 + reloads);
+    load.wait_for_generation(last, 50);
+    let report = rt.block_on(load.stop());
+    eprintln!(
+        "{} requests ok, {} failed, across {reloads} reloads",
+        report.ok, report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(server.get("/").generation(), last);
+}
+
+#[test]
+fn uvicorn_reloads_without_a_failed_request() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(3, &[], &uvicorn());
+    server.wait_generation_ready(1, 3);
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation(), 1);
+    // The command's own pid, not the worker's: the app answers.
+    assert!(!server.worker_pids().contains(&reply.pid()));
+    reloads_under_load(&server, 10);
+}
+
+#[test]
+fn gunicorn_reloads_without_a_failed_request() {
+    if !have("gunicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(2, &[], &gunicorn());
+    server.wait_generation_ready(1, 2);
+    reloads_under_load(&server, 4);
+}
+
+#[test]
+fn node_reloads_without_a_failed_request_and_passes_upgrades_through() {
+    if !have("node", &["--version"]) {
+        return;
+    }
+    let server = serve(2, &[], &node());
+    server.wait_generation_ready(1, 2);
+    // An upgraded connection reaches the app and echoes.
+    let mut echo = upgrade_to_echo(server.addr());
+    std::io::Write::write_all(&mut echo, b"ping").unwrap();
+    let mut got = [0u8; 4];
+    std::io::Read::read_exact(&mut echo, &mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    drop(echo);
+    reloads_under_load(&server, 4);
+}
+
+/// Requests in flight when a reload starts are answered by the old
+/// generation's app, after the new generation took over.
+#[test]
+fn requests_in_flight_finish_across_a_reload() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(2, &[], &uvicorn());
+    server.wait_generation_ready(1, 2);
+    let held: Vec<HeldRequest> = (0..3).map(|_| HeldRequest::start(server.addr())).collect();
+    // The app has each request (it waits for the rest of its body).
+    assert!(wait_until(Duration::from_secs(30), || {
+        server
+            .status()
+            .workers
+            .iter()
+            .map(|w| w.requests)
+            .sum::<u64>()
+            >= 3
+    }));
+    server.signal(Signal::SIGHUP);
+    assert!(wait_until(Duration::from_secs(60), || {
+        let s = server.status();
+        s.generation == Some(2)
+            && s.workers
+                .iter()
+                .filter(|w| w.generation == 2 && w.state == "ready")
+                .count()
+                == 2
+    }));
+    server.wait_old_generations_stop_accepting(2);
+    for h in held {
+        let reply = h.finish().expect("an answer");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.generation(), 1);
+        assert_eq!(reply.field("received").as_deref(), Some("2"));
+    }
+    assert_eq!(server.get("/").generation(), 2);
+}
+
+/// A command that exits at boot rolls the reload back, with the command's
+/// own words in `reload --wait`'s answer; the old generation serves on.
+#[test]
+fn a_command_that_fails_to_boot_is_rolled_back() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("command-config");
+    let config = dir.path("zdr.toml");
+    let toml = |script: &str| {
+        format!(
+            "workers = 2\nboot_timeout = 20\ncommand = [\"sh\", \"-c\", {}]\n",
+            toml_string(script)
+        )
+    };
+    write_file(&config, &toml(&uvicorn()));
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 2);
+    write_file(
+        &config,
+        &toml("echo 'cannot import module app' >&2; exit 3"),
+    );
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("rolled back"), "{said}");
+    assert!(said.contains("cannot import module app"), "{said}");
+    assert_eq!(server.get("/").generation(), 1);
+    // A command that never listens: rolled back at the boot timeout.
+    write_file(
+        &config,
+        "workers = 1\nboot_timeout = 2\ncommand = [\"sleep\", \"600\"]\n",
+    );
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("boot timeout"), "{said}");
+    assert_eq!(server.get("/").generation(), 1);
+}
+
+/// A command that dies while serving takes its worker out of service; a
+/// new pair replaces it.
+#[test]
+fn a_command_that_dies_is_replaced_with_its_worker() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(1, &[], &uvicorn());
+    let before = server.wait_workers(1);
+    let app_pid = server.get("/").pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pid as i32), Signal::SIGKILL).unwrap();
+    server.wait_for_log("the worker leaves service", Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(60), || {
+        let now = server.worker_pids();
+        now.len() == 1 && now != before && server.status().workers.iter().all(|w| w.accepting)
+    }));
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200);
+    assert_ne!(reply.pid(), app_pid);
+}
+
+/// `--max-requests` recycles the pairs, replacement first: no request
+/// fails.
+#[test]
+fn max_requests_recycles_commands_without_a_failed_request() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(2, &["--max-requests", "200"], &uvicorn());
+    server.wait_generation_ready(1, 2);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 0) });
+    server.wait_for_log_count("reached its request limit", 3, Duration::from_secs(120));
+    load.wait_for_more(100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+}
+
+/// Stopping the server stops every command, however it was started.
+#[test]
+fn a_stop_leaves_no_command_behind() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let mut server = serve(2, &[], &uvicorn());
+    server.wait_generation_ready(1, 2);
+    let apps: Vec<u32> = (0..20).map(|_| server.get("/").pid()).collect();
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    for pid in apps {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "command {pid} outlived the server"
+        );
+    }
+}
+
+#[test]
+fn preload_has_no_meaning_for_a_command() {
+    let out = Launch::raw(&["check", "--preload", "--", "true"]).output();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("preload") && said.contains("has no meaning with a command"),
+        "{said}"
+    );
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
