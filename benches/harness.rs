@@ -111,6 +111,9 @@ enum Kind {
     Gunicorn {
         gthread: bool,
     },
+    /// `zdr serve -- gunicorn`: each zdr worker runs a one-process gunicorn
+    /// gthread and forwards to it.
+    ZdrCommand,
     Nginx,
 }
 
@@ -124,13 +127,14 @@ impl Kind {
             Kind::Bare => "bare hyper",
             Kind::Gunicorn { gthread: false } => "gunicorn sync",
             Kind::Gunicorn { gthread: true } => "gunicorn gthread",
+            Kind::ZdrCommand => "zdr -- gunicorn gthread",
             Kind::Nginx => "nginx",
         }
     }
 
     fn installed(self) -> Result<(), String> {
         match self {
-            Kind::Gunicorn { .. } => which("gunicorn")
+            Kind::Gunicorn { .. } | Kind::ZdrCommand => which("gunicorn")
                 .map(|_| ())
                 .ok_or_else(|| "gunicorn not installed".into()),
             Kind::Nginx => which("nginx")
@@ -213,6 +217,24 @@ impl Running {
                 c.args(["--as-bare", &bind, &workers]);
                 c
             }
+            Kind::ZdrCommand => {
+                std::fs::write(dir.join("wsgi_app.py"), GUNICORN_APP).map_err(|e| e.to_string())?;
+                let gunicorn = which("gunicorn").ok_or("gunicorn not installed")?;
+                // `$PORT` is each command's own: expanded by a shell.
+                let script = format!(
+                    "exec {} --bind 127.0.0.1:$PORT --workers 1 --worker-class gthread \
+                     --threads 16 --log-level warning wsgi_app:app",
+                    gunicorn.display()
+                );
+                let mut c = Command::new(env!("CARGO_BIN_EXE_zdr"));
+                c.current_dir(dir)
+                    .args(["serve", "--bind", &bind, "--workers", &workers])
+                    .args(["--log-level", "warning", "--boot-timeout", "120"])
+                    .arg("--control-socket")
+                    .arg(dir.join("control.sock"))
+                    .args(["--", "sh", "-c", &script]);
+                c
+            }
             Kind::Gunicorn { gthread } => {
                 std::fs::write(dir.join("wsgi_app.py"), GUNICORN_APP).map_err(|e| e.to_string())?;
                 let mut c = Command::new(which("gunicorn").ok_or("gunicorn not installed")?);
@@ -275,7 +297,7 @@ impl Running {
     /// answers and has its worker processes.
     fn is_ready(&self) -> bool {
         match self.kind {
-            Kind::Zdr { .. } | Kind::ZdrTable { .. } => {
+            Kind::Zdr { .. } | Kind::ZdrTable { .. } | Kind::ZdrCommand => {
                 let ask = zdr::control::send(
                     &self.dir.join("control.sock"),
                     &zdr::control::Request::Status,
@@ -555,12 +577,13 @@ impl Measured {
     }
 }
 
-const SYSTEMS: [Kind; 6] = [
+const SYSTEMS: [Kind; 7] = [
     Kind::Zdr { preload: false },
     Kind::Zdr { preload: true },
     Kind::Bare,
     Kind::Gunicorn { gthread: false },
     Kind::Gunicorn { gthread: true },
+    Kind::ZdrCommand,
     Kind::Nginx,
 ];
 
