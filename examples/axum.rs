@@ -36,6 +36,7 @@ async fn hello(State(state): State<AppState>, Path(name): Path<String>) -> Strin
 
 fn main() -> std::process::ExitCode {
     zdr::Server::new("axum-example")
+        .version(env!("CARGO_PKG_VERSION"))
         .load(|| {
             Ok(Config {
                 greeting: std::env::var("GREETING").unwrap_or_else(|_| "Hello".into()),

@@ -12,6 +12,9 @@ use crate::config::{Options, Sources};
 #[derive(Debug, Parser)]
 #[command(
     version,
+    // A flag given twice (in ZDR_CMD_ARGS, then on the command line) takes
+    // its last value.
+    args_override_self = true,
     about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts",
     long_about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts.\n\n\
         Signals to the master: HUP reloads (new workers, then the old ones drain), \
@@ -155,14 +158,92 @@ impl ServeArgs {
     }
 }
 
+/// Parses the command line of the app `name` (its `--help` and
+/// `--version` name the app and its version when it gives one, and zdr's).
+fn parse(name: &str, version: Option<&str>, args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let zdr = env!("CARGO_PKG_VERSION");
+    let mut command = Cli::command();
+    if let Some(version) = version {
+        let program = args
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .map_or_else(|| name.to_owned(), |n| n.to_string_lossy().into_owned());
+        let about = format!("{name} {version}, served by zdr {zdr}");
+        let signals = command
+            .get_long_about()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        command = command
+            .name(program)
+            .version(format!("{version} (zdr {zdr})"))
+            .long_about(format!("{about}.\n\n{signals}"))
+            .about(about);
+    }
+    let matches = command.try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// Puts the flags of `ZDR_CMD_ARGS` (Gunicorn's `GUNICORN_CMD_ARGS`: flags
+/// in one variable, split as a shell would) right after `serve` or `check`,
+/// so that the command line's own flags come later and win.
+fn with_cmd_args(mut args: Vec<OsString>, cmd_args: Option<&str>) -> Vec<OsString> {
+    let Some(words) = cmd_args.map(split_words).filter(|w| !w.is_empty()) else {
+        return args;
+    };
+    if args.get(1).is_some_and(|a| a == "serve" || a == "check") {
+        let tail = args.split_off(2);
+        args.extend(words.into_iter().map(OsString::from));
+        args.extend(tail);
+    }
+    args
+}
+
+/// Splits a line into words as a POSIX shell does for quotes and
+/// backslashes (no expansion): `--bind 0.0.0.0:80 --name "my app"`.
+fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                w.extend(chars.by_ref().take_while(|c| *c != '\''));
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => w.extend(chars.next()),
+                        c => w.push(c),
+                    }
+                }
+            }
+            '\\' => word.get_or_insert_with(String::new).extend(chars.next()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
 /// The whole program: worker mode when the master started this process as
 /// a worker, else the command line.
-pub(crate) fn main(name: &str, loader: Loader, args: Vec<OsString>) -> ExitCode {
+pub(crate) fn main(
+    name: &str,
+    version: Option<&str>,
+    loader: Loader,
+    args: Vec<OsString>,
+) -> ExitCode {
     if let Some(code) = crate::worker::main_if_worker(&loader) {
         return code;
     }
+    let args = with_cmd_args(args, std::env::var("ZDR_CMD_ARGS").ok().as_deref());
     let args_for_upgrade = args.clone();
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match parse(name, version, args) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
@@ -264,6 +345,46 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cmd_args_split_as_a_shell_would() {
+        assert_eq!(
+            split_words(r#" --bind 0.0.0.0:80  --name "my app" -e 'A=b c' x\ y"#),
+            [
+                "--bind",
+                "0.0.0.0:80",
+                "--name",
+                "my app",
+                "-e",
+                "A=b c",
+                "x y"
+            ]
+        );
+        assert!(split_words("  ").is_empty());
+    }
+
+    #[test]
+    fn cmd_args_go_before_the_command_lines_own_flags() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            with_cmd_args(args(&["zdr", "serve", "-w", "3"]), Some("-w 2 --preload")),
+            args(&["zdr", "serve", "-w", "2", "--preload", "-w", "3"])
+        );
+        assert_eq!(
+            with_cmd_args(args(&["zdr", "status"]), Some("-w 2")),
+            args(&["zdr", "status"])
+        );
+        let cli = Cli::try_parse_from(with_cmd_args(
+            args(&["zdr", "serve", "-w", "3"]),
+            Some("-w 2 --keep-alive 7"),
+        ))
+        .unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!()
+        };
+        assert_eq!(serve.options.workers, Some(3));
+        assert_eq!(serve.options.keepalive, Some(7.0));
+    }
     use clap::CommandFactory;
 
     #[test]

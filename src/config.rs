@@ -329,7 +329,12 @@ pub struct Options {
 
     /// The error log level: debug, info, warning, error or critical.
     /// [default: info]
-    #[arg(long = "log-level", env = "ZDR_LOGLEVEL", value_name = "LEVEL")]
+    #[arg(
+        long = "log-level",
+        env = "ZDR_LOGLEVEL",
+        value_name = "LEVEL",
+        ignore_case = true
+    )]
     pub loglevel: Option<LogLevel>,
 
     /// The error log file; '-' for stderr. [default: -]
@@ -373,6 +378,12 @@ pub struct Options {
         value_name = "SIGNAL"
     )]
     pub worker_stop_signal: Option<String>,
+
+    /// An environment variable for the workers (and a `-- CMD` command),
+    /// KEY=VALUE; repeat for several. Re-read on every reload, so a changed
+    /// value reaches the app without a restart. [default: none]
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub raw_env: Option<Vec<String>>,
 
     /// Serve any HTTP app: each worker runs this command with a private
     /// port in $PORT and forwards its requests to it (after `--`, or
@@ -489,8 +500,8 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// The error log level, with Gunicorn's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// The error log level, with Gunicorn's names, in any case (`WARNING`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     /// Everything, including per-connection detail.
@@ -505,6 +516,17 @@ pub enum LogLevel {
     Error,
     /// Only what stops the server.
     Critical,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        <LogLevel as clap::ValueEnum>::from_str(&name, true).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{name:?} is not a log level: debug, info, warning, error or critical"
+            ))
+        })
+    }
 }
 
 impl LogLevel {
@@ -631,6 +653,9 @@ pub struct Settings {
     pub accesslog: Option<String>,
     /// Access log format.
     pub access_log_format: String,
+    /// Environment variables set in every worker before the app loads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw_env: Vec<(String, String)>,
     /// The command each worker runs and forwards to; empty for the app
     /// linked into this binary.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -668,6 +693,24 @@ fn probe_path(
             format!("must start with / (or be empty to turn the probe off), got {path:?}"),
         ))
     }
+}
+
+/// `KEY=VALUE` pairs for the workers' environment.
+fn raw_env(items: Vec<String>) -> Result<Vec<(String, String)>, ConfigError> {
+    items
+        .into_iter()
+        .map(|item| match item.split_once('=') {
+            Some((key, value))
+                if !key.is_empty() && !key.contains('\0') && !value.contains('\0') =>
+            {
+                Ok((key.to_owned(), value.to_owned()))
+            }
+            _ => Err(ConfigError::invalid(
+                "raw_env",
+                format!("{item:?} is not KEY=VALUE"),
+            )),
+        })
+        .collect()
 }
 
 /// The command to serve, if any. `--preload` has no meaning for it: the
@@ -944,6 +987,7 @@ impl Settings {
             access_log_format: o
                 .access_log_format
                 .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
+            raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
             worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,

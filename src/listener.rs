@@ -38,6 +38,8 @@ impl FromStr for BindAddr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        // Gunicorn's explicit form.
+        let s = s.strip_prefix("tcp://").unwrap_or(s);
         if let Some(path) = s.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if path.is_empty() {

@@ -36,6 +36,7 @@ type Ready<S> = Arc<dyn Fn(Arc<S>) -> BoxFuture<anyhow::Result<()>> + Send + Syn
 /// ```
 pub struct Server<S = ()> {
     name: String,
+    version: Option<String>,
     load: Arc<dyn Fn() -> Result<S, BoxError> + Send + Sync>,
     service: Option<MakeService<S>>,
     ready: Option<Ready<S>>,
@@ -45,6 +46,7 @@ impl<S> std::fmt::Debug for Server<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("name", &self.name)
+            .field("version", &self.version)
             .field("service", &self.service.is_some())
             .field("ready", &self.ready.is_some())
             .finish_non_exhaustive()
@@ -56,6 +58,7 @@ impl Server<()> {
     pub fn new(name: impl Into<String>) -> Server<()> {
         Server {
             name: name.into(),
+            version: None,
             load: Arc::new(|| Ok(())),
             service: None,
             ready: None,
@@ -78,10 +81,18 @@ impl<S: Send + Sync + 'static> Server<S> {
     {
         Server {
             name: self.name,
+            version: self.version,
             load: Arc::new(load),
             service: None,
             ready: None,
         }
+    }
+
+    /// Sets the app's version, which `--version` and `--help` show
+    /// (`env!("CARGO_PKG_VERSION")` in the app's `main`), beside zdr's.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
     }
 
     /// Sets the per-worker step that builds the service, inside the
@@ -131,8 +142,9 @@ impl<S: Send + Sync + 'static> Server<S> {
     /// program name).
     pub fn run_with_args(self, args: Vec<std::ffi::OsString>) -> ExitCode {
         let name = self.name.clone();
+        let version = self.version.clone();
         let loader = self.into_loader();
-        crate::cli::main(&name, loader, args)
+        crate::cli::main(&name, version.as_deref(), loader, args)
     }
 
     fn into_loader(self) -> Loader {

@@ -157,6 +157,11 @@ pub(crate) fn run(
     app: Option<Arc<LoadedApp>>,
     loader: &Loader,
 ) -> i32 {
+    // Before the app loads and before any thread exists (the runtime comes
+    // later): this process is single-threaded here.
+    for (key, value) in &spec.settings.raw_env {
+        std::env::set_var(key, value);
+    }
     let pid = std::process::id();
     WorkerInfo::set(WorkerInfo {
         pid,

@@ -779,6 +779,16 @@ fn example(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn the_examples_serve_and_reload() {
+    // An app names itself and its version, beside zdr's.
+    let out = std::process::Command::new(example("axum"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.starts_with("axum ") && version.contains("(zdr "),
+        "{version}"
+    );
     let server = Launch::serve(&["--workers", "2"])
         .exe(&example("axum"))
         .env("GREETING", "Bonjour")
@@ -817,4 +827,39 @@ fn the_examples_serve_and_reload() {
         "{}",
         r.body
     );
+}
+
+/// Gunicorn's habits: flags in one variable (`ZDR_CMD_ARGS`, under the
+/// command line's own), a log level in capitals, `tcp://` binds, and
+/// `-e`/`raw_env` reaching the app, re-read on a reload.
+#[test]
+fn gunicorn_habits_work() {
+    let dir = TempDir::new("habits");
+    let config = dir.path("zdr.toml");
+    write_file(&config, "raw_env = [\"ZDR_DEMO_MESSAGE=first\"]\n");
+    let server = Launch::raw(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--log-level",
+        "INFO",
+    ])
+    .env(
+        "ZDR_CMD_ARGS",
+        "--bind tcp://127.0.0.1:0 --workers 2 --log-level WARNING",
+    )
+    .start();
+    server.wait_for_log("Listening at", Duration::from_secs(30));
+    // The command line's --log-level INFO wins over ZDR_CMD_ARGS's.
+    server.wait_ready();
+    server.wait_generation_ready(1, 2);
+    assert_eq!(server.get("/").field("message").as_deref(), Some("first"));
+    write_file(&config, "raw_env = [\"ZDR_DEMO_MESSAGE=second\"]\n");
+    let out = server.control(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(server.get("/").field("message").as_deref(), Some("second"));
+    // A malformed pair is refused, naming the setting.
+    let out = Launch::raw(&["check", "-e", "NOEQUALS"]).output();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raw_env"));
 }
