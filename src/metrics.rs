@@ -157,6 +157,12 @@ pub struct Snapshot {
     pub requests: RequestCounters,
     /// Connections open now.
     pub connections: u64,
+    /// Requests being answered now.
+    pub in_flight: u64,
+    /// Serving workers with at least one request in flight now.
+    pub busy_workers: u64,
+    /// Serving workers (ready, accepting or about to be replaced).
+    pub serving_workers: u64,
     /// Workers now, by (generation, state).
     pub workers: BTreeMap<(u64, String), u64>,
     /// Reloads that completed.
@@ -171,8 +177,45 @@ pub struct Snapshot {
     pub client_timeouts: [u64; 3],
 }
 
+/// The content type of the OpenMetrics text exposition.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of Prometheus's classic text exposition.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Turns the OpenMetrics text (what the encoder writes) into Prometheus's
+/// classic text format, for scrapers that do not ask for OpenMetrics: a
+/// counter's `# HELP` and `# TYPE` name its samples' `_total` name, and
+/// there is no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 impl Snapshot {
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(self) -> String {
         let mut registry = Registry::with_prefix("zdr");
         registry.register_collector(Box::new(self));
@@ -224,6 +267,24 @@ impl Collector for Snapshot {
         ConstGauge::new(self.connections as i64).encode(enc.encode_descriptor(
             "connections",
             "Connections open now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(self.in_flight as i64).encode(enc.encode_descriptor(
+            "requests_in_flight",
+            "Requests being answered now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(self.busy_workers as i64).encode(enc.encode_descriptor(
+            "workers_busy",
+            "Serving workers with a request in flight now (divide by zdr_workers_serving for a utilisation ratio)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(self.serving_workers as i64).encode(enc.encode_descriptor(
+            "workers_serving",
+            "Workers that serve now",
             None,
             MetricType::Gauge,
         )?)?;
@@ -289,6 +350,17 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples_and_has_no_eof() {
+        let om = "# HELP zdr_reloads Reloads\n# TYPE zdr_reloads counter\n# UNIT zdr_reloads x\n\
+                  zdr_reloads_total 1\n# TYPE zdr_connections gauge\nzdr_connections 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP zdr_reloads_total Reloads\n# TYPE zdr_reloads_total counter\n\
+             zdr_reloads_total 1\n# TYPE zdr_connections gauge\nzdr_connections 2\n"
+        );
+    }
 
     #[test]
     fn encodes_the_prometheus_text_format() {

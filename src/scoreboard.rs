@@ -64,8 +64,8 @@ pub struct Slot {
     heartbeat_ms: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
-    /// Unused; keeps the layout that workers of earlier builds share.
-    reserved: AtomicU32,
+    /// Requests being answered now (workers of earlier builds leave it 0).
+    in_flight: AtomicU32,
     by_class: [AtomicU64; 5],
     duration_buckets: [AtomicU64; REQUEST_BUCKETS.len() + 1],
     duration_sum_us: AtomicU64,
@@ -131,7 +131,7 @@ impl Slot {
         self.requests.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
         self.message_len.store(0, Ordering::Relaxed);
-        self.reserved.store(0, Ordering::Relaxed);
+        self.in_flight.store(0, Ordering::Relaxed);
         for c in self.by_class.iter().chain(&self.duration_buckets) {
             c.store(0, Ordering::Relaxed);
         }
@@ -185,6 +185,25 @@ impl Slot {
     /// Counts one served request and returns the new total.
     pub fn add_request(&self) -> u64 {
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A request is being answered: one more in flight (see
+    /// [`Slot::end_request`]).
+    pub fn begin_request(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request begun with [`Slot::begin_request`] is over, however it
+    /// ended.
+    pub fn end_request(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Requests served so far.

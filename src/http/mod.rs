@@ -322,10 +322,15 @@ struct ConnState {
 struct InFlight {
     conn: Arc<ConnState>,
     epoch: Instant,
+    /// The worker's slot, once the request counts there.
+    slot: Option<&'static Slot>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            slot.end_request();
+        }
         let ms = self.epoch.elapsed().as_millis() as u64 + 1;
         self.conn.last_done_ms.store(ms, Ordering::Relaxed);
         self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -347,9 +352,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = Some(InFlight {
+        let mut guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
             epoch: self.epoch,
+            slot: None,
         });
         let version = req.version();
         let (parts, incoming) = req.into_parts();
@@ -378,6 +384,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             .forwarded
             .resolve(self.peer.ip, self.peer.scheme, req.headers());
         let started = self.shared.slot.add_request();
+        self.shared.slot.begin_request();
+        if let Some(g) = &mut guard {
+            g.slot = Some(self.shared.slot);
+        }
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.limit {
                 (self.shared.on_limit)();

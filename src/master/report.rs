@@ -16,7 +16,14 @@ impl Master {
             let Some(slot) = self.slot_of(w.pid) else {
                 continue;
             };
-            snapshot.requests.add(&slot.counters());
+            let counters = slot.counters();
+            let in_flight = u64::from(slot.in_flight());
+            snapshot.in_flight += in_flight;
+            if w.role.serves() {
+                snapshot.busy_workers += u64::from(in_flight > 0);
+                snapshot.serving_workers += 1;
+            }
+            snapshot.requests.add(&counters);
             *snapshot
                 .workers
                 .entry((w.generation, w.state_name(slot.state()).to_owned()))

@@ -100,12 +100,21 @@ impl ScrapeServer {
 fn answer(stream: &mut TcpStream, request: &[u8], metrics: &str) {
     let line = String::from_utf8_lossy(request);
     let path = line.split_whitespace().nth(1).unwrap_or("");
+    // OpenMetrics for a scraper that asks for it (Prometheus does), the
+    // classic text format for everyone else.
+    let openmetrics = line
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
+        .any(|(_, value)| value.contains("application/openmetrics-text"));
+    let classic;
     let (status, content_type, body) = if path == "/metrics" || path == "/" {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics,
-        )
+        if openmetrics {
+            ("200 OK", crate::metrics::OPENMETRICS, metrics)
+        } else {
+            classic = crate::metrics::to_prometheus_text(metrics);
+            ("200 OK", crate::metrics::PROMETHEUS_TEXT, classic.as_str())
+        }
     } else {
         ("404 Not Found", "text/plain", "metrics are at /metrics\n")
     };

@@ -520,8 +520,14 @@ impl Server {
     /// The Prometheus text from the server's metrics endpoint (it must run
     /// with `--metrics-bind`).
     pub fn scrape(&self) -> String {
-        let addr: SocketAddr = self
-            .log_text()
+        let reply = get(self.metrics_addr(), "/metrics");
+        assert_eq!(reply.status, 200);
+        reply.body
+    }
+
+    /// The metrics endpoint's address, from the log.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.log_text()
             .lines()
             .find_map(|l| {
                 l.split("Metrics at: http://")
@@ -530,10 +536,7 @@ impl Server {
                     .parse()
                     .ok()
             })
-            .expect("the metrics address in the log");
-        let reply = get(addr, "/metrics");
-        assert_eq!(reply.status, 200);
-        reply.body
+            .expect("the metrics address in the log")
     }
 }
 
