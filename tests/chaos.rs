@@ -73,23 +73,6 @@ fn draw(rng: &mut Rng) -> Event {
     }
 }
 
-/// The master's children that are zombies (exited, not yet reaped).
-fn zombies(master: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter(|stat| {
-            let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-            let mut f = after.split_whitespace();
-            f.next() == Some("Z") && f.next().and_then(|p| p.parse::<u32>().ok()) == Some(master)
-        })
-        .count()
-}
-
 fn run_seed(seed: u64, events: usize) {
     let dir = TempDir::new(&format!("chaos-{seed}"));
     let exe = dir.path("zdr");

@@ -8,6 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use common::*;
+use nix::sys::signal::Signal;
 
 fn status(pidfile: &str) -> serde_json::Value {
     let out = Launch::raw(&["status", "--json", "--pid", pidfile]).output();
@@ -648,4 +649,92 @@ fn metrics_parse_in_both_formats_and_count_across_recycling() {
         &server.scrape(),
         "zdr_requests_in_flight"
     ) == 0.0));
+}
+
+/// The kubelet's termination sequence, replayed: clients keep opening new
+/// connections and reusing keep-alive ones while readiness is polled; on
+/// SIGTERM readiness turns 503, traffic is still served (the endpoint is
+/// removed only once the 503 is seen), then the workers drain and the
+/// master exits 0. Not one request fails.
+#[test]
+fn the_kubelet_termination_sequence_fails_no_request() {
+    // The delay only has to outlast the few requests the test waits for
+    // after the first 503; it is a bound, not a measured duration.
+    let mut server = Launch::serve(&["--workers", "2", "--shutdown-delay", "15"]).start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    server.signal(Signal::SIGTERM);
+    // The kubelet's readiness probe, polled until it fails.
+    assert!(
+        wait_until(Duration::from_secs(30), || server.get("/_zdr/ready").status
+            == 503),
+        "readiness never failed after SIGTERM"
+    );
+    // The endpoint is still in the load balancer for a moment: served.
+    load.wait_for_more(50);
+    // Removed from the endpoints: no new traffic.
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(server.wait_exit(Duration::from_secs(120)).code(), Some(0));
+}
+
+/// As PID 1 of a container (here a new PID namespace), the master reaps
+/// every orphan reparented to it, not only its own workers.
+#[test]
+fn as_pid_1_it_reaps_orphans() {
+    let unshare = std::path::Path::new("/usr/bin/unshare");
+    let root = nix::unistd::geteuid().is_root();
+    if !root || !unshare.exists() {
+        assert!(
+            std::env::var_os("CI").is_none() || !root,
+            "unshare is missing"
+        );
+        eprintln!("skipped: needs root and unshare for a PID namespace");
+        return;
+    }
+    let zdr = zdr_bin();
+    // Each command leaves an orphan (a `sleep` whose parent exited), which
+    // the kernel hands to the namespace's PID 1: the master.
+    let mut server = Launch::raw(&[
+        "--pid",
+        "--fork",
+        "--kill-child",
+        zdr.to_str().unwrap(),
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        "(sleep 3 &); exec python3 -m http.server $PORT --bind 127.0.0.1",
+    ])
+    .exe(unshare)
+    .start();
+    server.wait_ready();
+    let master = *children_of(server.pid)
+        .iter()
+        .next()
+        .expect("the master, unshare's child");
+    let orphan = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || children_of(master)
+            .iter()
+            .any(orphan)),
+        "no orphan reached the master"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || !children_of(master)
+            .iter()
+            .any(orphan)
+            && zombies(master) == 0),
+        "an orphan was left unreaped: {} zombies",
+        zombies(master)
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(master as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }

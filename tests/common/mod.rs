@@ -851,3 +851,20 @@ pub fn hold_requests(addr: SocketAddr, n: usize, workers: &BTreeSet<u32>) -> Vec
     );
     held
 }
+
+/// The master's children that are zombies (exited, not yet reaped).
+pub fn zombies(master: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter(|stat| {
+            let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+            let mut f = after.split_whitespace();
+            f.next() == Some("Z") && f.next().and_then(|p| p.parse::<u32>().ok()) == Some(master)
+        })
+        .count()
+}
