@@ -379,6 +379,11 @@ pub struct Options {
     )]
     pub worker_stop_signal: Option<String>,
 
+    /// The name in process titles (`ps`): workers show as
+    /// `zdr: worker [NAME] gen N`. [default: the app's name]
+    #[arg(short = 'n', long = "name", env = "ZDR_PROC_NAME", value_name = "NAME")]
+    pub proc_name: Option<String>,
+
     /// An environment variable for the workers (and a `-- CMD` command),
     /// KEY=VALUE; repeat for several. Re-read on every reload, so a changed
     /// value reaches the app without a restart. [default: none]
@@ -653,6 +658,9 @@ pub struct Settings {
     pub accesslog: Option<String>,
     /// Access log format.
     pub access_log_format: String,
+    /// The name in process titles, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_name: Option<String>,
     /// Environment variables set in every worker before the app loads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raw_env: Vec<(String, String)>,
@@ -987,6 +995,10 @@ impl Settings {
             access_log_format: o
                 .access_log_format
                 .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
+            proc_name: o
+                .proc_name
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty()),
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,

@@ -662,6 +662,12 @@ fn every_zdr_variable_reaches_its_setting() {
             "\"%(s)s\"".into(),
         ),
         (
+            "ZDR_PROC_NAME",
+            "shop".into(),
+            "proc_name",
+            "\"shop\"".into(),
+        ),
+        (
             "ZDR_WORKER_READY_PATH",
             "/health".into(),
             "worker_ready_path",
@@ -862,4 +868,33 @@ fn gunicorn_habits_work() {
     let out = Launch::raw(&["check", "-e", "NOEQUALS"]).output();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("raw_env"));
+}
+
+/// `ps` names each worker, its server and its generation.
+#[test]
+fn workers_have_process_titles() {
+    let server = Launch::serve(&["--workers", "2", "--name", "shop"]).start();
+    server.wait_ready();
+    let title = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ")
+    };
+    let workers = server.wait_generation_ready(1, 2);
+    for pid in &workers {
+        assert!(
+            title(pid).starts_with("zdr: worker [shop] gen 1"),
+            "{}",
+            title(pid)
+        );
+    }
+    let out = server.control(&["reload", "--wait"]);
+    assert!(out.status.success());
+    for pid in server.wait_generation_ready(2, 2) {
+        assert!(
+            title(&pid).starts_with("zdr: worker [shop] gen 2"),
+            "{}",
+            title(&pid)
+        );
+    }
 }

@@ -96,7 +96,8 @@ impl Master {
                 )
             }
             None => {
-                let title = format!("zdr: worker [{}]", self.name);
+                let name = settings.proc_name.as_deref().unwrap_or(&self.name);
+                let title = format!("zdr: worker [{name}] gen {id}");
                 let exe = exe.unwrap_or_else(|| Arc::new(spawn::Executable::pin(&self.exe)));
                 spawn::exec(&exe, &title, &spec, stderr)
             }
