@@ -379,6 +379,16 @@ pub struct Options {
     )]
     pub worker_stop_signal: Option<String>,
 
+    /// For development: reload when the executable, the config file or an
+    /// extra file changes (a new build rolls out by itself; with --preload,
+    /// a new executable is a binary upgrade). [default: false]
+    #[arg(long, env = "ZDR_RELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub reload: Option<bool>,
+
+    /// With --reload, also watch this file; repeat for several.
+    #[arg(long = "reload-extra-file", value_name = "FILE")]
+    pub reload_extra_files: Option<Vec<PathBuf>>,
+
     /// The name in process titles (`ps`): workers show as
     /// `zdr: worker [NAME] gen N`. [default: the app's name]
     #[arg(short = 'n', long = "name", env = "ZDR_PROC_NAME", value_name = "NAME")]
@@ -658,6 +668,12 @@ pub struct Settings {
     pub accesslog: Option<String>,
     /// Access log format.
     pub access_log_format: String,
+    /// Reload when a watched file changes (development).
+    #[serde(default)]
+    pub reload: bool,
+    /// Files watched besides the executable and the config file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reload_extra_files: Vec<PathBuf>,
     /// The name in process titles, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proc_name: Option<String>,
@@ -995,6 +1011,8 @@ impl Settings {
             access_log_format: o
                 .access_log_format
                 .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
+            reload: o.reload.unwrap_or(false),
+            reload_extra_files: o.reload_extra_files.unwrap_or_default(),
             proc_name: o
                 .proc_name
                 .map(|n| n.trim().to_owned())

@@ -616,3 +616,27 @@ fn tokio_stream_from<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// `--reload` (development): a new build of the executable, or an edited
+/// config file, rolls out by itself, with the usual readiness gate.
+#[test]
+fn reload_flag_rolls_out_a_new_build_and_an_edited_config() {
+    let dir = TempDir::new("watch");
+    let exe = dir.path("zdr");
+    std::fs::copy(zdr_bin(), &exe).unwrap();
+    let config = dir.path("zdr.toml");
+    write_file(&config, "workers = 1\n");
+    let server = Launch::serve(&["--reload", "--config", config.to_str().unwrap()])
+        .exe(&exe)
+        .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 1);
+    // A new build lands (as cargo's does: a whole new file).
+    deploy_script(&exe, &wrapper("ZDR_DEMO_MESSAGE=rebuilt"));
+    server.wait_generation_ready(2, 1);
+    assert_eq!(server.get("/").field("message").as_deref(), Some("rebuilt"));
+    // An edited configuration.
+    write_file(&config, "workers = 2\n");
+    server.wait_generation_ready(3, 2);
+    assert!(server.log_text().contains("changed: reloading"));
+}

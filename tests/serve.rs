@@ -661,6 +661,7 @@ fn every_zdr_variable_reaches_its_setting() {
             "access_log_format",
             "\"%(s)s\"".into(),
         ),
+        ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
         (
             "ZDR_PROC_NAME",
             "shop".into(),

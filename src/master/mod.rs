@@ -32,6 +32,7 @@ mod scrape;
 mod signals;
 mod spawn;
 mod upgrade;
+mod watch;
 mod workers;
 
 use std::collections::VecDeque;
@@ -94,6 +95,10 @@ pub(crate) struct Master {
     pidfile: Option<Pidfile>,
     /// The worker processes, by pid.
     handles: Vec<Handle>,
+    /// With `--reload`: the files whose change rolls out a reload.
+    watch: Option<watch::Watch>,
+    /// Whether the app is preloaded (a new executable then needs USR2).
+    preload: bool,
 }
 
 /// Runs the server's master until it stops; returns the exit code. After a
@@ -310,6 +315,20 @@ impl Master {
             .map(Pidfile::create)
             .transpose()?;
         give_pidfile_to_workers(settings, pidfile.as_ref().map(|p| p.path()));
+        let watch = settings.reload.then(|| {
+            let mut files = vec![base.exe.clone()];
+            files.extend(sources.config_file.clone());
+            files.extend(settings.reload_extra_files.iter().cloned());
+            info!(
+                "Watching {} for changes (--reload)",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            watch::Watch::new(files)
+        });
         Ok(Master {
             machine: base.machine,
             name: name.to_owned(),
@@ -335,6 +354,8 @@ impl Master {
             signals: base.signals,
             pidfile,
             handles: base.handles,
+            watch,
+            preload: settings.preload,
         })
     }
 
@@ -353,6 +374,20 @@ impl Master {
                     info!("Handling signal: {}", signals::name(raw));
                     events.push_back(Event::Signal(sig));
                 }
+            }
+            if let Some(changed) = self.watch.as_mut().and_then(|w| w.poll(Instant::now())) {
+                // New code under --preload needs the master to run it.
+                let upgrade = self.preload && changed == self.exe;
+                info!(
+                    "{} changed: {}",
+                    changed.display(),
+                    if upgrade {
+                        "binary upgrade"
+                    } else {
+                        "reloading"
+                    }
+                );
+                events.push_back(Event::Signal(if upgrade { Sig::Usr2 } else { Sig::Hup }));
             }
             if let Some(code) = self.feed(&mut events) {
                 self.cleanup();
