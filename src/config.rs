@@ -337,6 +337,16 @@ pub struct Options {
     )]
     pub loglevel: Option<LogLevel>,
 
+    /// The format of both logs: `text` (Gunicorn's lines) or `json` (one
+    /// object per line, for log aggregators). [default: text]
+    #[arg(
+        long = "log-format",
+        env = "ZDR_LOG_FORMAT",
+        value_name = "FORMAT",
+        ignore_case = true
+    )]
+    pub log_format: Option<LogFormat>,
+
     /// The error log file; '-' for stderr. [default: -]
     #[arg(
         long = "error-logfile",
@@ -515,6 +525,17 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// How the logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Gunicorn's lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The error log level, with Gunicorn's names, in any case (`WARNING`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -661,6 +682,9 @@ pub struct Settings {
     pub health_startup_path: String,
     /// Error log level.
     pub loglevel: LogLevel,
+    /// The format of both logs.
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// Error log destination; "-" is stderr.
     pub errorlog: String,
     /// Access log destination; "-" is stdout; none disables.
@@ -1006,6 +1030,7 @@ impl Settings {
                 "/_zdr/startup",
             )?,
             loglevel: o.loglevel.unwrap_or(LogLevel::Info),
+            log_format: o.log_format.unwrap_or_default(),
             errorlog: o.errorlog.unwrap_or_else(|| "-".to_owned()),
             accesslog: o.accesslog.filter(|s| !s.is_empty()),
             access_log_format: o

@@ -119,13 +119,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let level = match *event.metadata().level() {
-            tracing::Level::ERROR => "ERROR",
-            tracing::Level::WARN => "WARNING",
-            tracing::Level::INFO => "INFO",
-            tracing::Level::DEBUG => "DEBUG",
-            tracing::Level::TRACE => "TRACE",
-        };
+        let level = level_name(*event.metadata().level());
         write!(
             writer,
             "[{}] [{}] [{level}] ",
@@ -135,6 +129,51 @@ where
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }
+}
+
+/// The error log as JSON lines:
+/// `{"time":"2026-11-22T10:00:00Z","pid":1234,"level":"INFO","message":"..."}`.
+struct JsonFormat;
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut message = String::new();
+        ctx.field_format()
+            .format_fields(Writer::new(&mut message), event)?;
+        let line = serde_json::json!({
+            "time": rfc3339_now(),
+            "pid": std::process::id(),
+            "level": level_name(*event.metadata().level()),
+            "message": message,
+        });
+        writeln!(writer, "{line}")
+    }
+}
+
+fn level_name(level: tracing::Level) -> &'static str {
+    match level {
+        tracing::Level::ERROR => "ERROR",
+        tracing::Level::WARN => "WARNING",
+        tracing::Level::INFO => "INFO",
+        tracing::Level::DEBUG => "DEBUG",
+        tracing::Level::TRACE => "TRACE",
+    }
+}
+
+/// Now, as RFC 3339 in UTC.
+pub(crate) fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn timestamp() -> String {
@@ -157,12 +196,17 @@ pub fn init(settings: &Settings) -> io::Result<()> {
     let _ = ERROR_LOG.set(Arc::clone(&target));
     let filter =
         tracing_subscriber::filter::LevelFilter::from_level(settings.loglevel.as_tracing());
-    let subscriber = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_max_level(filter)
-        .event_format(GunicornFormat)
-        .with_writer(ErrorLog(target))
-        .finish();
-    let _ = tracing::subscriber::set_global_default(subscriber);
+        .with_writer(ErrorLog(target));
+    let _ = match settings.log_format {
+        crate::config::LogFormat::Text => {
+            tracing::subscriber::set_global_default(builder.event_format(GunicornFormat).finish())
+        }
+        crate::config::LogFormat::Json => {
+            tracing::subscriber::set_global_default(builder.event_format(JsonFormat).finish())
+        }
+    };
     Ok(())
 }
 

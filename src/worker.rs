@@ -360,8 +360,12 @@ async fn boot(
     let tls = crate::tls::acceptor(settings).map_err(BootEnd::Failed)?;
     let access_log = match &settings.accesslog {
         Some(path) => Some(
-            AccessLog::open(path, &settings.access_log_format)
-                .map_err(|e| BootEnd::Failed(e.into()))?,
+            AccessLog::open(
+                path,
+                &settings.access_log_format,
+                settings.log_format == crate::config::LogFormat::Json,
+            )
+            .map_err(|e| BootEnd::Failed(e.into()))?,
         ),
         None => None,
     };

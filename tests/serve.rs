@@ -663,6 +663,12 @@ fn every_zdr_variable_reaches_its_setting() {
         ),
         ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
         (
+            "ZDR_LOG_FORMAT",
+            "JSON".into(),
+            "log_format",
+            "\"json\"".into(),
+        ),
+        (
             "ZDR_PROC_NAME",
             "shop".into(),
             "proc_name",
@@ -896,6 +902,40 @@ fn workers_have_process_titles() {
             title(&pid).starts_with("zdr: worker [shop] gen 2"),
             "{}",
             title(&pid)
+        );
+    }
+}
+
+/// `--log-format json`: both logs write one JSON object per line.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = TempDir::new("jsonlog");
+    let access = dir.path("access.log");
+    let server = Launch::serve(&[
+        "--log-format",
+        "json",
+        "--access-logfile",
+        access.to_str().unwrap(),
+    ])
+    .start();
+    server.wait_for_log("\"Listening at: ", Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(30), || server
+        .status()
+        .workers
+        .iter()
+        .all(|w| w.state == "ready")));
+    assert_eq!(server.get("/json?x=1").status, 404);
+    let text = wait_for_file_text(&access, "/json");
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["path"], "/json");
+    assert_eq!(line["query"], "x=1");
+    assert_eq!(line["status"], 404);
+    assert_eq!(line["method"], "GET");
+    for l in server.log_text().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(
+            v["level"].is_string() && v["message"].is_string() && v["pid"].is_u64(),
+            "{l}"
         );
     }
 }
