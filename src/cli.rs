@@ -134,6 +134,7 @@ impl TargetArgs {
             config_file: self.config,
             flags,
             activated: Vec::new(),
+            from_env: Vec::new(),
         }
     }
 }
@@ -146,6 +147,11 @@ struct ServeArgs {
 
     #[command(flatten)]
     options: Options,
+
+    /// The settings whose value came from a `ZDR_*` variable: (key,
+    /// variable), for error messages.
+    #[arg(skip)]
+    from_env: Vec<(String, String)>,
 }
 
 impl ServeArgs {
@@ -154,6 +160,7 @@ impl ServeArgs {
             config_file: self.config,
             flags: self.options,
             activated: Vec::new(),
+            from_env: self.from_env,
         }
     }
 }
@@ -180,8 +187,30 @@ fn parse(name: &str, version: Option<&str>, args: Vec<OsString>) -> Result<Cli, 
             .long_about(format!("{about}.\n\n{signals}"))
             .about(about);
     }
-    let matches = command.try_get_matches_from(args)?;
-    Cli::from_arg_matches(&matches)
+    let matches = command.clone().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    // Which values came from the environment, to name the variable when
+    // one is refused.
+    if let Some((sub, sub_matches)) = matches.subcommand() {
+        let from_env: Vec<(String, String)> = command
+            .find_subcommand(sub)
+            .into_iter()
+            .flat_map(|c| c.get_arguments())
+            .filter(|a| {
+                sub_matches.value_source(a.get_id().as_str())
+                    == Some(clap::parser::ValueSource::EnvVariable)
+            })
+            .filter_map(|a| {
+                let var = a.get_env()?.to_string_lossy().into_owned();
+                Some((a.get_id().as_str().to_owned(), var))
+            })
+            .collect();
+        match &mut cli.command {
+            Command::Serve(args) | Command::Check { args, .. } => args.from_env = from_env,
+            _ => {}
+        }
+    }
+    Ok(cli)
 }
 
 /// Puts the flags of `ZDR_CMD_ARGS` (Gunicorn's `GUNICORN_CMD_ARGS`: flags
@@ -313,7 +342,15 @@ pub(crate) fn main(
             if let Err(e) = crate::tls::acceptor(&settings) {
                 return fail(&format!("{e:#}"));
             }
-            if load_app {
+            if let (true, Some(program)) = (load_app, settings.command.first()) {
+                // A command's app is loaded by the command: its program must
+                // at least be there to run.
+                if !runnable(program) {
+                    return fail(&format!(
+                        "the command's program {program:?} is not an executable file or on PATH"
+                    ));
+                }
+            } else if load_app {
                 if let Err(e) = loader() {
                     return fail(&format!("the app failed to load: {e:#}"));
                 }
@@ -327,6 +364,21 @@ pub(crate) fn main(
             }
         }
     }
+}
+
+/// Whether `program` names an executable file, as a path or on `PATH`.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|dir| executable(&dir.join(program)))
 }
 
 /// Runs an operator command against the server these arguments describe.

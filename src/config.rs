@@ -1100,6 +1100,9 @@ pub struct Sources {
     /// Sockets from systemd socket activation; when any, they replace
     /// `bind`.
     pub activated: Vec<BindAddr>,
+    /// The settings whose value came from a `ZDR_*` variable: (key,
+    /// variable). An error about one names the variable.
+    pub from_env: Vec<(String, String)>,
 }
 
 impl Sources {
@@ -1119,7 +1122,19 @@ impl Sources {
             None => Options::default(),
         };
         let platform = Options::platform(env)?;
-        let mut settings = Settings::resolve(self.flags.clone().or(file).or(platform))?;
+        let resolved = Settings::resolve(self.flags.clone().or(file).or(platform));
+        let mut settings = resolved.map_err(|e| match e {
+            ConfigError::Invalid { name, message } => {
+                match self.from_env.iter().find(|(key, _)| key == name) {
+                    Some((_, var)) => ConfigError::Invalid {
+                        name,
+                        message: format!("{message} (from the environment variable {var})"),
+                    },
+                    None => ConfigError::Invalid { name, message },
+                }
+            }
+            other => other,
+        })?;
         if !self.activated.is_empty() {
             settings.bind = self.activated.clone();
         }
@@ -1262,6 +1277,7 @@ mod tests {
 
     fn sources(flags: Options, file: Option<PathBuf>) -> Sources {
         Sources {
+            from_env: Vec::new(),
             config_file: file,
             flags,
             activated: Vec::new(),

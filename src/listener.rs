@@ -249,11 +249,17 @@ impl Listener {
     /// The URL-ish name the socket is reachable at, with the real port when
     /// `:0` was asked for (`http://127.0.0.1:41234`, `unix:/run/app.sock`).
     pub fn display_addr(&self) -> String {
+        self.url(false)
+    }
+
+    /// The address as a URL: `https://` when serving TLS.
+    pub fn url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
         let sock = socket2::SockRef::from(&self.fd);
         match self.kind {
             Kind::Tcp => match sock.local_addr().ok().and_then(|a| a.as_socket()) {
-                Some(SocketAddr::V6(a)) => format!("http://[{}]:{}", a.ip(), a.port()),
-                Some(a) => format!("http://{a}"),
+                Some(SocketAddr::V6(a)) => format!("{scheme}://[{}]:{}", a.ip(), a.port()),
+                Some(a) => format!("{scheme}://{a}"),
                 None => self.addr.to_string(),
             },
             Kind::Unix => self.addr.to_string(),

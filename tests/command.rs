@@ -277,6 +277,15 @@ fn a_stop_leaves_no_command_behind() {
 }
 
 #[test]
+fn check_load_app_finds_the_commands_program() {
+    let out = Launch::raw(&["check", "--load-app", "--", "no-such-program-here"]).output();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-program-here"));
+    let out = Launch::raw(&["check", "--load-app", "--", "sh", "-c", "true"]).output();
+    assert!(out.status.success());
+}
+
+#[test]
 fn preload_has_no_meaning_for_a_command() {
     let out = Launch::raw(&["check", "--preload", "--", "true"]).output();
     assert!(!out.status.success());

@@ -738,3 +738,26 @@ fn as_pid_1_it_reaps_orphans() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(master as i32), Signal::SIGTERM).unwrap();
     assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }
+
+/// A reload moves the metrics endpoint when `metrics_bind` changes.
+#[test]
+fn metrics_bind_follows_a_reload() {
+    let dir = TempDir::new("metricsbind");
+    let config = dir.path("zdr.toml");
+    write_file(&config, "metrics_bind = \"127.0.0.1:0\"\n");
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_ready();
+    let first = server.metrics_addr();
+    assert_eq!(get(first, "/metrics").status, 200);
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    write_file(&config, &format!("metrics_bind = \"{free}\"\n"));
+    let out = server.control(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let reply = get(free, "/metrics");
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.contains("zdr_requests_total"));
+    assert!(!port_open(first), "the old endpoint is closed");
+}

@@ -939,3 +939,17 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+/// An error about a value that came from a `ZDR_*` variable names it.
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let out = Launch::raw(&["check"]).env("ZDR_WORKERS", "0").output();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("`workers`") && said.contains("ZDR_WORKERS"),
+        "{said}"
+    );
+    let out = Launch::raw(&["check", "--workers", "0"]).output();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ZDR_WORKERS"));
+}

@@ -120,6 +120,10 @@ fn https_over_http1_and_http2_and_renewed_on_reload() {
     ])
     .start();
     server.wait_ready();
+    assert!(
+        server.log_text().contains("Listening at: https://"),
+        "a TLS server says so"
+    );
     let addr = server.addr();
     let rt = runtime();
     let (v, status, body, seen) = rt

@@ -71,7 +71,8 @@ impl Master {
             if !self.listeners.iter().any(|l| &l.addr == addr) {
                 match Listener::bind(addr, settings.backlog) {
                     Ok(l) => {
-                        info!("Listening at: {} ({})", l.display_addr(), self.pid);
+                        let tls = settings.certfile.is_some();
+                        info!("Listening at: {} ({})", l.url(tls), self.pid);
                         self.listeners.push(l);
                     }
                     Err(e) => {
@@ -81,11 +82,37 @@ impl Master {
                 }
             }
         }
+        if let Err(e) = self.follow_metrics_bind(&settings) {
+            self.prune_listeners();
+            return Err(format!("Reload aborted: {e}"));
+        }
         if let Err(e) = self.add_generation(id, Arc::clone(&settings)) {
             self.prune_listeners();
             return Err(format!("Reload aborted: {e:#}"));
         }
         Ok(settings)
+    }
+
+    /// Moves the metrics endpoint to the new configuration's
+    /// `metrics_bind`, if it changed.
+    fn follow_metrics_bind(&mut self, settings: &Settings) -> Result<(), String> {
+        if settings.metrics_bind == self.metrics_bind {
+            return Ok(());
+        }
+        self.scrape = match &settings.metrics_bind {
+            Some(addr) => {
+                let scrape = super::scrape::ScrapeServer::bind(addr)
+                    .map_err(|e| format!("cannot serve metrics at {addr}: {e}"))?;
+                info!("Metrics at: http://{}/metrics", scrape.local_addr());
+                Some(scrape)
+            }
+            None => {
+                info!("Metrics endpoint closed");
+                None
+            }
+        };
+        self.metrics_bind = settings.metrics_bind.clone();
+        Ok(())
     }
 
     /// Keeps generation `id`'s resources: its app, loaded here with

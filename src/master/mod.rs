@@ -81,6 +81,8 @@ pub(crate) struct Master {
     last_reload: Option<ReloadOutcome>,
     /// The metrics endpoint, when `metrics_bind` is set.
     scrape: Option<ScrapeServer>,
+    /// The address it was bound for.
+    metrics_bind: Option<listener::BindAddr>,
     /// What exited workers had counted, and the server's other counters.
     totals: crate::metrics::Snapshot,
     pid: u32,
@@ -165,7 +167,10 @@ impl Master {
         crate::tls::acceptor(&settings)?;
         let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
-            info!("Listening at: {} ({pid})", l.display_addr());
+            info!(
+                "Listening at: {} ({pid})",
+                l.url(settings.certfile.is_some())
+            );
         }
         let (bell_rx, bell) = Doorbell::pair()?;
         let now = Instant::now();
@@ -339,6 +344,7 @@ impl Master {
             started_at: Instant::now(),
             last_reload: None,
             scrape,
+            metrics_bind: settings.metrics_bind.clone(),
             totals: crate::metrics::Snapshot {
                 reload_duration: crate::metrics::Histogram::new(&crate::metrics::RELOAD_BUCKETS),
                 ..Default::default()

@@ -351,7 +351,10 @@ impl Server {
     fn listening_addr(&self) -> Option<SocketAddr> {
         let log = self.log.lock().unwrap();
         log.iter().find_map(|l| {
-            let rest = l.split("Listening at: http://").nth(1)?;
+            let rest = l.split("Listening at: ").nth(1)?;
+            let rest = rest
+                .strip_prefix("http://")
+                .or_else(|| rest.strip_prefix("https://"))?;
             rest.split_whitespace().next()?.parse().ok()
         })
     }
