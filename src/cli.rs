@@ -15,6 +15,7 @@ use crate::config::{Options, Sources};
     // A flag given twice (in ZDR_CMD_ARGS, then on the command line) takes
     // its last value.
     args_override_self = true,
+
     about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts",
     long_about = "A pre-fork HTTP server for Rust apps, with zero-downtime restarts.\n\n\
         Signals to the master: HUP reloads (new workers, then the old ones drain), \
@@ -30,9 +31,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
+    // `--workers -1` is a bad number, not an unknown flag.
+    #[command(allow_negative_numbers = true)]
     Serve(ServeArgs),
     /// Validate the configuration and print the effective settings, without
     /// binding anything. With --load-app, also run the app's load step.
+    #[command(allow_negative_numbers = true)]
     Check {
         #[command(flatten)]
         args: ServeArgs,

@@ -83,15 +83,15 @@ pub struct Options {
     pub bind: Option<Vec<String>>,
 
     /// The maximum number of pending connections per listening socket. [default: 2048]
-    #[arg(long, env = "ZDR_BACKLOG", value_name = "INT")]
+    #[arg(long, env = "ZDR_BACKLOG", value_name = "INT", value_parser = whole::<u32>)]
     pub backlog: Option<u32>,
 
     /// The number of worker processes. [default: $WEB_CONCURRENCY, else 1]
-    #[arg(short = 'w', long, env = "ZDR_WORKERS", value_name = "INT")]
+    #[arg(short = 'w', long, env = "ZDR_WORKERS", value_name = "INT", value_parser = whole::<usize>)]
     pub workers: Option<usize>,
 
     /// The number of runtime threads in each worker. [default: 1]
-    #[arg(long, env = "ZDR_THREADS", value_name = "INT")]
+    #[arg(long, env = "ZDR_THREADS", value_name = "INT", value_parser = whole::<usize>)]
     pub threads: Option<usize>,
 
     /// The maximum number of simultaneous connections per worker; a worker
@@ -99,7 +99,8 @@ pub struct Options {
     #[arg(
         long = "worker-connections",
         env = "ZDR_WORKER_CONNECTIONS",
-        value_name = "INT"
+        value_name = "INT",
+        value_parser = whole::<usize>
     )]
     pub worker_connections: Option<usize>,
 
@@ -133,7 +134,7 @@ pub struct Options {
 
     /// Recycle a worker after it has served this many requests; 0 disables.
     /// [default: 0]
-    #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT")]
+    #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT", value_parser = whole::<u64>)]
     pub max_requests: Option<u64>,
 
     /// Recycle a worker whose own memory (private pages, not those shared
@@ -151,7 +152,8 @@ pub struct Options {
     #[arg(
         long = "max-requests-jitter",
         env = "ZDR_MAX_REQUESTS_JITTER",
-        value_name = "INT"
+        value_name = "INT",
+        value_parser = whole::<u64>
     )]
     pub max_requests_jitter: Option<u64>,
 
@@ -180,7 +182,8 @@ pub struct Options {
     #[arg(
         long = "limit-request-line",
         env = "ZDR_LIMIT_REQUEST_LINE",
-        value_name = "BYTES"
+        value_name = "BYTES",
+        value_parser = whole::<usize>
     )]
     pub limit_request_line: Option<usize>,
 
@@ -188,7 +191,8 @@ pub struct Options {
     #[arg(
         long = "limit-request-fields",
         env = "ZDR_LIMIT_REQUEST_FIELDS",
-        value_name = "INT"
+        value_name = "INT",
+        value_parser = whole::<usize>
     )]
     pub limit_request_fields: Option<usize>,
 
@@ -198,7 +202,8 @@ pub struct Options {
         long = "limit-request-field_size",
         alias = "limit-request-field-size",
         env = "ZDR_LIMIT_REQUEST_FIELD_SIZE",
-        value_name = "BYTES"
+        value_name = "BYTES",
+        value_parser = whole::<usize>
     )]
     pub limit_request_field_size: Option<usize>,
 
@@ -416,6 +421,15 @@ pub struct Options {
     #[arg(last = true, value_name = "CMD")]
     pub command: Option<Vec<String>>,
 }
+}
+
+/// A whole number for a flag, refused clearly when negative or not a
+/// number.
+fn whole<T: std::str::FromStr>(value: &str) -> Result<T, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("must be a whole number of 0 or more, got {value:?}"))
 }
 
 /// Accepts `bind = "a"` as well as `bind = ["a", "b"]`.

@@ -953,3 +953,25 @@ fn a_bad_value_from_the_environment_names_its_variable() {
     let out = Launch::raw(&["check", "--workers", "0"]).output();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("ZDR_WORKERS"));
 }
+
+/// A negative number is refused with a clear error, whichever way it comes.
+#[test]
+fn negative_numbers_are_refused_clearly() {
+    for (args, env) in [
+        (&["check", "--workers", "-1"][..], None),
+        (&["check"][..], Some(("ZDR_WORKERS", "-2"))),
+        (&["check", "--timeout", "-1"][..], None),
+    ] {
+        let mut launch = Launch::raw(args);
+        if let Some((k, v)) = env {
+            launch = launch.env(k, v);
+        }
+        let out = launch.output();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            said.contains("whole number of 0 or more") || said.contains(">= 0"),
+            "{args:?}: {said}"
+        );
+    }
+}
