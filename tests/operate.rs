@@ -634,6 +634,38 @@ fn metrics_parse_in_both_formats_and_count_across_recycling() {
         assert!(out.status.success(), "{format}: {said}");
         assert!(said.trim().ends_with(" 100"), "{format}: {said}");
     }
+    // Prometheus's own linter accepts the classic text.
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    match promtool {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(classic.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is missing: .ci/run installs it"
+            );
+            eprintln!("skipped promtool: not installed");
+        }
+    }
     // A request in flight: one busy worker of the serving ones.
     let held = HeldRequest::start(server.addr());
     assert!(wait_until(Duration::from_secs(30), || {
