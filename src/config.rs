@@ -415,6 +415,21 @@ pub struct Options {
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub raw_env: Option<Vec<String>>,
 
+    /// Socket mode for a `-- CMD` command: hand it the listening sockets
+    /// (fds 3.. with LISTEN_FDS, systemd-style) instead of forwarding to
+    /// it; for apps that drain correctly by themselves. [default: false]
+    #[arg(long = "pass-socket", env = "ZDR_PASS_SOCKET", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub pass_socket: Option<bool>,
+
+    /// In socket mode, count a command as ready this many seconds after it
+    /// starts, instead of waiting for its READY=1 on NOTIFY_SOCKET.
+    #[arg(
+        long = "worker-ready-delay",
+        env = "ZDR_WORKER_READY_DELAY",
+        value_name = "SECONDS"
+    )]
+    pub worker_ready_delay: Option<f64>,
+
     /// Serve any HTTP app: each worker runs this command with a private
     /// port in $PORT and forwards its requests to it (after `--`, or
     /// `command = [...]` in the config file).
@@ -725,6 +740,13 @@ pub struct Settings {
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
+    /// Hand a command the listening sockets instead of forwarding to it.
+    #[serde(default)]
+    pub pass_socket: bool,
+    /// In socket mode, seconds after which a command counts as ready; 0
+    /// for "when it sends READY=1".
+    #[serde(default)]
+    pub worker_ready_delay: f64,
     /// The signal that stops a command, by number.
     #[serde(default = "default_stop_signal")]
     pub worker_stop_signal: i32,
@@ -1059,6 +1081,8 @@ impl Settings {
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
+            pass_socket: o.pass_socket.unwrap_or(false),
+            worker_ready_delay: seconds("worker_ready_delay", o.worker_ready_delay.unwrap_or(0.0))?,
             worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,
         })
     }
@@ -1096,6 +1120,12 @@ impl Settings {
     /// The shutdown delay.
     pub fn shutdown_delay(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_delay)
+    }
+
+    /// In socket mode, the delay after which a command counts as ready, if
+    /// not its own READY=1.
+    pub fn worker_ready_delay(&self) -> Option<Duration> {
+        (self.worker_ready_delay > 0.0).then(|| Duration::from_secs_f64(self.worker_ready_delay))
     }
 
     /// The keep-alive idle timeout.

@@ -96,7 +96,7 @@ pub(crate) fn boot_dispositions() {
 }
 
 /// Removes the boot-time actions: the runtime's handlers take over.
-fn end_boot_dispositions() {
+pub(crate) fn end_boot_dispositions() {
     let ids = BOOT_ACTIONS
         .lock()
         .map(|mut a| std::mem::take(&mut *a))
@@ -176,6 +176,9 @@ pub(crate) fn run(
     let slot = board.slot(spec.slot);
     let bell = Arc::new(bell);
 
+    if spec.settings.pass_socket && !spec.settings.command.is_empty() {
+        return crate::command::socket::run(&spec, slot, bell);
+    }
     let app = match app {
         Some(app) => app,
         // `zdr serve -- CMD`: the command is this worker's app.
@@ -205,7 +208,7 @@ pub(crate) fn run(
     code
 }
 
-fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
+pub(crate) fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
     let message = format!("{err:#}");
     tracing::error!("worker {} failed to boot: {message}", std::process::id());
     slot.set_message(&message);

@@ -276,6 +276,42 @@ fn a_stop_leaves_no_command_behind() {
     }
 }
 
+/// Socket mode: the command gets the listening sockets (LISTEN_FDS) and
+/// says when it is ready (READY=1 on NOTIFY_SOCKET, as gunicorn does), or
+/// counts as ready after `--worker-ready-delay` (uvicorn, which cannot say).
+#[test]
+fn socket_mode_hands_the_command_the_listening_sockets() {
+    if !have("gunicorn", &["--version"]) || !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let gunicorn = format!(
+        "cd {} && exec gunicorn wsgi_app:app --workers 1 --threads 4",
+        apps().display()
+    );
+    let server = serve(2, &["--pass-socket"], &gunicorn);
+    server.wait_generation_ready(1, 2);
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation(), 1);
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(wait_until(Duration::from_secs(60), || server
+        .get("/")
+        .generation()
+        == 2));
+
+    let uvicorn = format!(
+        "cd {} && exec uvicorn asgi_app:app --fd 3 --lifespan off",
+        apps().display()
+    );
+    let server = serve(1, &["--pass-socket", "--worker-ready-delay", "1"], &uvicorn);
+    server.wait_generation_ready(1, 1);
+    assert!(wait_until(Duration::from_secs(30), || server
+        .get("/")
+        .status
+        == 200));
+}
+
 #[test]
 fn check_load_app_finds_the_commands_program() {
     let out = Launch::raw(&["check", "--load-app", "--", "no-such-program-here"]).output();

@@ -663,6 +663,18 @@ fn every_zdr_variable_reaches_its_setting() {
         ),
         ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
         (
+            "ZDR_PASS_SOCKET",
+            "true".into(),
+            "pass_socket",
+            "true".into(),
+        ),
+        (
+            "ZDR_WORKER_READY_DELAY",
+            "2".into(),
+            "worker_ready_delay",
+            "2.0".into(),
+        ),
+        (
             "ZDR_LOG_FORMAT",
             "JSON".into(),
             "log_format",

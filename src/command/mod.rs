@@ -18,6 +18,7 @@
 //! its own words.
 
 mod proxy;
+pub(crate) mod socket;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,26 +127,19 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// Starts the command in a process group of its own, with `$PORT` and the
-/// worker's identity in its environment and the worker's standard error
-/// as its output.
+/// worker's identity in its environment.
 fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("no command to run"))?;
     let port = free_port()?;
-    let (output, output_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let stderr = output_tx.try_clone()?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .env("PORT", port.to_string())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .stdin(std::process::Stdio::null())
-        .stdout(output_tx)
-        .stderr(stderr);
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        .env_remove("LISTEN_FDNAMES");
     // SAFETY: the closure runs in the forked child before exec and makes
     // one async-signal-safe call (prctl).
     unsafe {
@@ -154,12 +148,29 @@ fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> 
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
+    spawn(cmd, port)
+}
+
+/// Spawns `cmd` as the worker's command: in a process group of its own,
+/// with its output (both streams) relayed to the worker's log and its exit
+/// watched.
+fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let (output, output_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let stderr = output_tx.try_clone()?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(output_tx)
+        .stderr(stderr);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut process = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot run the command {program:?}: {e}"))?;
     drop(cmd);
     let pid = Pid::from_raw(process.id() as i32);
-    tracing::info!("Started the command (pid: {pid}) on port {port}");
+    match port {
+        0 => tracing::info!("Started the command (pid: {pid}) with the listening sockets"),
+        port => tracing::info!("Started the command (pid: {pid}) on port {port}"),
+    }
     let kept = Arc::new(Output::default());
     relay_output(output, pid, Arc::clone(&kept))?;
     let (tx, rx) = watch::channel(None);

@@ -193,8 +193,13 @@ impl Master {
         );
         if !settings.command.is_empty() {
             info!(
-                "Each worker runs the command {:?} and forwards to it",
-                settings.command.join(" ")
+                "Each worker runs the command {:?} and {}",
+                settings.command.join(" "),
+                if settings.pass_socket {
+                    "hands it the listening sockets (--pass-socket)"
+                } else {
+                    "forwards to it"
+                }
             );
         }
         let mut master = Master::assemble(inputs, &settings, base)?;
