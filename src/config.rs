@@ -430,6 +430,35 @@ pub struct Options {
     )]
     pub worker_ready_delay: Option<f64>,
 
+    /// Close a connection older than this many seconds after its current
+    /// response (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so that
+    /// long-lived clients move to new generations and new workers; 0 off.
+    /// [default: 0]
+    #[arg(
+        long = "max-connection-age",
+        env = "ZDR_MAX_CONNECTION_AGE",
+        value_name = "SECONDS"
+    )]
+    pub max_connection_age: Option<f64>,
+
+    /// A random 0..=S seconds added to each connection's maximum age.
+    /// [default: 0]
+    #[arg(
+        long = "max-connection-age-jitter",
+        env = "ZDR_MAX_CONNECTION_AGE_JITTER",
+        value_name = "SECONDS"
+    )]
+    pub max_connection_age_jitter: Option<f64>,
+
+    /// Seconds an aged HTTP/2 connection gets after GOAWAY to finish its
+    /// streams before it is closed. [default: 10]
+    #[arg(
+        long = "max-connection-age-grace",
+        env = "ZDR_MAX_CONNECTION_AGE_GRACE",
+        value_name = "SECONDS"
+    )]
+    pub max_connection_age_grace: Option<f64>,
+
     /// Serve any HTTP app: each worker runs this command with a private
     /// port in $PORT and forwards its requests to it (after `--`, or
     /// `command = [...]` in the config file).
@@ -740,6 +769,15 @@ pub struct Settings {
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
+    /// Seconds a connection may live; 0 for no limit.
+    #[serde(default)]
+    pub max_connection_age: f64,
+    /// Random extra seconds per connection.
+    #[serde(default)]
+    pub max_connection_age_jitter: f64,
+    /// Seconds an aged HTTP/2 connection gets after GOAWAY.
+    #[serde(default = "default_age_grace")]
+    pub max_connection_age_grace: f64,
     /// Hand a command the listening sockets instead of forwarding to it.
     #[serde(default)]
     pub pass_socket: bool,
@@ -826,6 +864,11 @@ const STOP_SIGNALS: [(&str, i32); 7] = [
     ("USR2", nix::libc::SIGUSR2),
     ("KILL", nix::libc::SIGKILL),
 ];
+
+/// The grace an aged HTTP/2 connection gets, in seconds.
+fn default_age_grace() -> f64 {
+    10.0
+}
 
 /// The default stop signal, SIGTERM.
 fn default_stop_signal() -> i32 {
@@ -1081,6 +1124,15 @@ impl Settings {
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
+            max_connection_age: seconds("max_connection_age", o.max_connection_age.unwrap_or(0.0))?,
+            max_connection_age_jitter: seconds(
+                "max_connection_age_jitter",
+                o.max_connection_age_jitter.unwrap_or(0.0),
+            )?,
+            max_connection_age_grace: seconds(
+                "max_connection_age_grace",
+                o.max_connection_age_grace.unwrap_or_else(default_age_grace),
+            )?,
             pass_socket: o.pass_socket.unwrap_or(false),
             worker_ready_delay: seconds("worker_ready_delay", o.worker_ready_delay.unwrap_or(0.0))?,
             worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,

@@ -394,6 +394,11 @@ async fn boot(
         },
         tls,
         header_timeout: settings.header_timeout(),
+        max_age: (settings.max_connection_age > 0.0).then(|| crate::http::MaxAge {
+            age: Duration::from_secs_f64(settings.max_connection_age),
+            jitter: Duration::from_secs_f64(settings.max_connection_age_jitter),
+            grace: Duration::from_secs_f64(settings.max_connection_age_grace),
+        }),
         body_timeout: settings.body_timeout(),
         send_timeout: settings.send_timeout(),
         forwarded,

@@ -793,3 +793,38 @@ fn metrics_bind_follows_a_reload() {
     assert!(reply.body.contains("zdr_requests_total"));
     assert!(!port_open(first), "the old endpoint is closed");
 }
+
+/// `--max-connection-age`: keep-alive clients that would stay on their
+/// first worker forever move, connection by connection, to a worker added
+/// later; not one request fails on the way.
+#[test]
+fn max_connection_age_moves_pinned_keep_alive_clients() {
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--max-connection-age",
+        "1",
+        "--max-connection-age-jitter",
+        "0.5",
+    ])
+    .start();
+    server.wait_ready();
+    server.wait_workers(1);
+    let rt = runtime();
+    // Keep-alive clients only: without a maximum age none would reconnect.
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 0) });
+    load.wait_for_more(50);
+    let out = server.control(&["scale", "2"]);
+    assert!(out.status.success());
+    let newcomer = wait_until(Duration::from_secs(60), || {
+        let s = server.status();
+        s.workers.len() == 2 && s.workers.iter().all(|w| w.requests >= 10)
+    });
+    assert!(
+        newcomer,
+        "the added worker got no keep-alive client: {:?}",
+        server.status().workers
+    );
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+}

@@ -663,6 +663,24 @@ fn every_zdr_variable_reaches_its_setting() {
         ),
         ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
         (
+            "ZDR_MAX_CONNECTION_AGE",
+            "30".into(),
+            "max_connection_age",
+            "30.0".into(),
+        ),
+        (
+            "ZDR_MAX_CONNECTION_AGE_JITTER",
+            "5".into(),
+            "max_connection_age_jitter",
+            "5.0".into(),
+        ),
+        (
+            "ZDR_MAX_CONNECTION_AGE_GRACE",
+            "7".into(),
+            "max_connection_age_grace",
+            "7.0".into(),
+        ),
+        (
             "ZDR_PASS_SOCKET",
             "true".into(),
             "pass_socket",

@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     /// How long a client gets to send a request's head (and finish the TLS
     /// handshake).
     pub(crate) header_timeout: Duration,
+    /// The longest a connection lives (`--max-connection-age`), its
+    /// jitter, and the grace an aged HTTP/2 connection gets after GOAWAY.
+    pub(crate) max_age: Option<MaxAge>,
     /// How long a request body may wait for the client's next byte.
     pub(crate) body_timeout: Option<Duration>,
     /// How long a response may wait for the client to take more of it.
@@ -583,10 +586,18 @@ pub(crate) async fn serve<I>(
         epoch,
         header_timeout: shared.header_timeout,
         keepalive: shared.keepalive,
+        max_age: shared
+            .max_age
+            .map(|m| (epoch + m.for_connection(epoch), m.grace)),
         drain_began: None,
         closing_since: None,
     };
-    let timer = tokio::time::sleep(shared.header_timeout.min(shared.keepalive));
+    let first = shared.header_timeout.min(shared.keepalive);
+    let timer = tokio::time::sleep_until(
+        clock
+            .max_age
+            .map_or(epoch + first, |(at, _)| (epoch + first).min(at)),
+    );
     tokio::pin!(timer);
     loop {
         let step = tokio::select! {
@@ -602,12 +613,18 @@ pub(crate) async fn serve<I>(
                     0 => None,
                     ms => Some(epoch + Duration::from_millis(ms)),
                 };
-                clock.fired(
+                let step = clock.fired(
                     Instant::now(),
                     conn_state.in_flight.load(Ordering::Acquire) == 0,
                     conn_state.http2.load(Ordering::Relaxed),
                     last_done,
-                )
+                );
+                // Past its age, the connection drains as if its worker did:
+                // the next response says `Connection: close`.
+                if clock.drain_began.is_some() {
+                    conn_state.draining.store(true, Ordering::Relaxed);
+                }
+                step
             }
         };
         match step {
@@ -624,6 +641,29 @@ pub(crate) async fn serve<I>(
             }
             Step::Wait { until } => timer.as_mut().reset(until),
         }
+    }
+}
+
+/// `--max-connection-age` and its companions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaxAge {
+    pub(crate) age: Duration,
+    pub(crate) jitter: Duration,
+    pub(crate) grace: Duration,
+}
+
+impl MaxAge {
+    /// This connection's own limit: the age plus a random share of the
+    /// jitter, so that connections opened together do not close together.
+    fn for_connection(&self, epoch: Instant) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        if self.jitter.is_zero() {
+            return self.age;
+        }
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(epoch.elapsed().as_nanos() as u64);
+        let share = (h.finish() % 1_000_000) as f64 / 1_000_000.0;
+        self.age + self.jitter.mul_f64(share)
     }
 }
 
@@ -652,6 +692,9 @@ struct Clock {
     epoch: Instant,
     header_timeout: Duration,
     keepalive: Duration,
+    /// When the connection reaches its maximum age, and the grace an
+    /// HTTP/2 connection then gets to finish its streams.
+    max_age: Option<(Instant, Duration)>,
     /// When draining began.
     drain_began: Option<Instant>,
     /// When the connection was told to close.
@@ -679,6 +722,20 @@ impl Clock {
     /// The timer fired: `idle` is whether no request is in flight, and
     /// `last_done` when the last response was finished.
     fn fired(&mut self, now: Instant, idle: bool, http2: bool, last_done: Option<Instant>) -> Step {
+        if let Some((at, grace)) = self.max_age {
+            if self.drain_began.is_none() && now >= at {
+                // Too old: drained like a worker's connection.
+                return self.drain(now, !idle, http2);
+            }
+            if http2
+                && self
+                    .drain_began
+                    .is_some_and(|began| now >= began + DRAIN_IDLE_GRACE + grace)
+            {
+                // An aged HTTP/2 connection had GOAWAY and its grace.
+                return Step::Close;
+            }
+        }
         if let Some(since) = self.closing_since {
             // Told to close. An HTTP/2 client that never answers the
             // closing PING would hold the connection until the graceful
@@ -730,6 +787,7 @@ impl Clock {
             };
         }
         let next = if idle { since + allowed } else { now + allowed };
+        let next = self.max_age.map_or(next, |(at, _)| next.min(at));
         Step::Wait {
             until: next.max(now + Duration::from_millis(1)),
         }
@@ -745,6 +803,7 @@ mod tests {
             epoch: now,
             header_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(2),
+            max_age: None,
             drain_began: None,
             closing_since: None,
         }
@@ -809,6 +868,39 @@ mod tests {
             c.fired(t0 + grace, true, false, done),
             Step::Shutdown { .. }
         ));
+    }
+
+    #[test]
+    fn a_connection_past_its_maximum_age_drains() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        c.max_age = Some((t0 + 5 * S, 3 * S));
+        let done = Some(t0 + S);
+        // The keep-alive timer is cut short by the age.
+        assert_eq!(
+            c.fired(t0 + 2 * S, false, false, done),
+            Step::Wait { until: t0 + 4 * S }
+        );
+        assert_eq!(
+            c.fired(t0 + 4 * S, false, false, done),
+            Step::Wait { until: t0 + 5 * S }
+        );
+        // Busy HTTP/1.1 at its age: `Connection: close` on this response.
+        assert!(matches!(
+            c.fired(t0 + 5 * S, false, false, done),
+            Step::Shutdown { .. }
+        ));
+        assert!(c.drain_began.is_some());
+        // HTTP/2: GOAWAY when idle, then closed after the grace whatever
+        // is still in flight.
+        let mut c = clock(t0);
+        c.max_age = Some((t0 + 5 * S, 3 * S));
+        assert!(matches!(
+            c.fired(t0 + 5 * S, false, true, done),
+            Step::Wait { .. }
+        ));
+        let later = t0 + 5 * S + DRAIN_IDLE_GRACE + 3 * S;
+        assert_eq!(c.fired(later, false, true, done), Step::Close);
     }
 
     #[test]
