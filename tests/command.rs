@@ -7,27 +7,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-/// Whether `program` runs with `check`; in CI a missing one fails.
-fn have(program: &str, check: &[&str]) -> bool {
-    let ok = Command::new(program)
-        .args(check)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing: .ci/run installs it"
-        );
-        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
-    }
-    ok
-}
 
 /// The example apps' directory.
 fn apps() -> PathBuf {

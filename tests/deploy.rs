@@ -12,23 +12,6 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 
-fn have(program: &str, check: &[&str]) -> bool {
-    let ok = Command::new(program)
-        .args(check)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing: .ci/run installs it"
-        );
-        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
-    }
-    ok
-}
-
 fn deploy(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")

@@ -16,23 +16,6 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 
-/// Whether `program` runs (`program --version`, or the given check); in CI
-/// a missing one fails the test, elsewhere it is skipped with a reason.
-fn have(program: &str, check: &[&str]) -> bool {
-    let ok = Command::new(program)
-        .args(check)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing: .ci/run installs it"
-        );
-        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
-    }
-    ok
-}
-
 fn run(program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)
         .args(args)

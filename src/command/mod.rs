@@ -55,6 +55,25 @@ struct Output {
 const TAIL_LINES: usize = 5;
 
 impl Child {
+    /// "; its last output: ..." once its output has ended (or after a
+    /// moment), when it wrote something: a boot error's reason is usually
+    /// there.
+    async fn last_words(&self) -> String {
+        let mut ended = self.output.ended.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|e| *e)).await;
+        let tail: Vec<String> = self
+            .output
+            .tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its last output: {}", tail.join(" | "))
+        }
+    }
+
     /// Kills its whole process group.
     fn kill_group(&self) {
         let _ = killpg(self.pid, Signal::SIGKILL);
@@ -240,20 +259,7 @@ async fn wait_until_listening(child: &Child, ready_path: &str) -> anyhow::Result
     loop {
         let status = exited.borrow().clone();
         if let Some(status) = status {
-            // Its last words first: the reason is usually there.
-            let mut ended = child.output.ended.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|e| *e)).await;
-            let tail: Vec<String> = child
-                .output
-                .tail
-                .lock()
-                .map(|t| t.iter().cloned().collect())
-                .unwrap_or_default();
-            let said = if tail.is_empty() {
-                String::new()
-            } else {
-                format!("; its last output: {}", tail.join(" | "))
-            };
+            let said = child.last_words().await;
             anyhow::bail!(
                 "the command {status} before it answered on port {}{said}",
                 child.port

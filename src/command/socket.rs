@@ -104,11 +104,9 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
         _ = ready => {}
         _ = exited.wait_for(|s| s.is_some()) => {
             let status = child.exited.borrow().clone().unwrap_or_default();
-            // Its last words first: the reason is usually there.
-            let mut ended = child.output.ended.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(2), ended.wait_for(|e| *e)).await;
+            let said = child.last_words().await;
             return crate::worker::boot_failed(slot, bell, &anyhow::anyhow!(
-                "the command {status} before it was ready{}", child.said()));
+                "the command {status} before it was ready{said}"));
         }
         _ = term.recv() => { child.kill_group(); return 0; }
         _ = quit.recv() => { child.kill_group(); return 0; }
@@ -219,21 +217,4 @@ fn start(
         });
     }
     super::spawn(cmd, 0)
-}
-
-impl super::Child {
-    /// ": its last output: ..." when it wrote something.
-    fn said(&self) -> String {
-        let tail: Vec<String> = self
-            .output
-            .tail
-            .lock()
-            .map(|t| t.iter().cloned().collect())
-            .unwrap_or_default();
-        if tail.is_empty() {
-            String::new()
-        } else {
-            format!("; its last output: {}", tail.join(" | "))
-        }
-    }
 }

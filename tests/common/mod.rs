@@ -871,3 +871,23 @@ pub fn zombies(master: u32) -> usize {
         })
         .count()
 }
+
+/// Whether `program` runs (`program` with `check` succeeds). In CI (`CI`
+/// set, where `.ci/run` installs every tool) a missing one fails the test;
+/// elsewhere the test is skipped with a printed reason.
+pub fn have(program: &str, check: &[&str]) -> bool {
+    let ok = std::process::Command::new(program)
+        .args(check)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing: .ci/run installs it"
+        );
+        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
+    }
+    ok
+}
