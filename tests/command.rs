@@ -319,3 +319,24 @@ fn preload_has_no_meaning_for_a_command() {
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
+
+/// `--max-worker-memory` counts what the command and its children own,
+/// not only the worker in front of them.
+#[test]
+fn max_worker_memory_counts_the_commands_memory() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let app = "import http.server as h, os\n\
+               held = b'x' * (96 << 20)\n\
+               h.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), h.SimpleHTTPRequestHandler).serve_forever()";
+    let server = Launch::serve(&["--max-worker-memory", "48M", "--", "python3", "-c", app]).start();
+    server.wait_ready();
+    server.wait_for_log("over --max-worker-memory", Duration::from_secs(60));
+    // Its own figure in `zdr status` counts the command's memory too.
+    assert!(wait_until(Duration::from_secs(60), || server
+        .status()
+        .workers
+        .iter()
+        .any(|w| w.owned_bytes > 48 << 20)));
+}

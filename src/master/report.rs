@@ -51,7 +51,7 @@ impl Master {
                     connections: slot.connections(),
                     accepting: slot.state() == SlotState::Ready,
                     rss_bytes: rss_bytes(w.pid),
-                    owned_bytes: owned_bytes(w.pid),
+                    owned_bytes: tree_owned_bytes(w.pid),
                 })
             })
             .collect();
@@ -79,6 +79,39 @@ pub(super) fn rss_bytes(pid: Pid) -> u64 {
         .ok()
         .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * page)
+}
+
+/// The memory a worker owns with its descendants (a `-- CMD` command and
+/// whatever it starts): the sum of each one's [`owned_bytes`].
+pub(super) fn tree_owned_bytes(pid: Pid) -> u64 {
+    let mut family = vec![pid.as_raw()];
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut i = 0;
+    while i < family.len() {
+        let parent = family[i];
+        family.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    family
+        .into_iter()
+        .map(|p| owned_bytes(Pid::from_raw(p)))
+        .sum()
 }
 
 /// The memory a process owns alone (its private pages, "USS"), from

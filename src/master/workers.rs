@@ -183,7 +183,7 @@ impl Master {
                     state: slot.state(),
                     requests: slot.requests(),
                     silent_ms: now_ms.saturating_sub(slot.heartbeat_ms()),
-                    owned_bytes: memory.then(|| report::owned_bytes(h.pid)),
+                    owned_bytes: memory.then(|| report::tree_owned_bytes(h.pid)),
                 }
             })
             .collect()
