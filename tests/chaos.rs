@@ -11,8 +11,9 @@
 //! killed under it, and TERM stops it all.
 //!
 //! `cargo test` runs a few fixed seeds. `ZDR_CHAOS_SEEDS=N` runs N seeds
-//! from `ZDR_CHAOS_FIRST_SEED` (default 1) on demand; a failure prints its
-//! seed and events, and the same seed replays them.
+//! from `ZDR_CHAOS_FIRST_SEED` (default 1) on demand, and
+//! `ZDR_CHAOS_SOAK_MINUTES=M` as many as fit in M minutes (a soak); a
+//! failure prints its seed and events, and the same seed replays them.
 
 mod common;
 
@@ -229,6 +230,20 @@ fn seeded_operator_sequences_end_where_they_should() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // The soak: seeds one after another until the minutes are up.
+    if let Some(minutes) = std::env::var("ZDR_CHAOS_SOAK_MINUTES")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        let until = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+        let mut seed = first;
+        while std::time::Instant::now() < until {
+            run_seed(seed, 14);
+            seed += 1;
+        }
+        eprintln!("soak: seeds {first}..{} in {minutes} minutes", seed - 1);
+        return;
+    }
     for seed in first..first + seeds {
         run_seed(seed, 14);
     }
