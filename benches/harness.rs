@@ -114,6 +114,11 @@ enum Kind {
     /// `zdr serve -- gunicorn`: each zdr worker runs a one-process gunicorn
     /// gthread and forwards to it.
     ZdrCommand,
+    /// `zdr serve -- uvicorn`, forwarded to (proxy mode) or handed the
+    /// listening socket (`--pass-socket`).
+    ZdrUvicorn {
+        socket: bool,
+    },
     Nginx,
 }
 
@@ -128,12 +133,17 @@ impl Kind {
             Kind::Gunicorn { gthread: false } => "gunicorn sync",
             Kind::Gunicorn { gthread: true } => "gunicorn gthread",
             Kind::ZdrCommand => "zdr -- gunicorn gthread",
+            Kind::ZdrUvicorn { socket: false } => "zdr -- uvicorn",
+            Kind::ZdrUvicorn { socket: true } => "zdr --pass-socket -- uvicorn",
             Kind::Nginx => "nginx",
         }
     }
 
     fn installed(self) -> Result<(), String> {
         match self {
+            Kind::ZdrUvicorn { .. } => which("uvicorn")
+                .map(|_| ())
+                .ok_or_else(|| "uvicorn not installed".into()),
             Kind::Gunicorn { .. } | Kind::ZdrCommand => which("gunicorn")
                 .map(|_| ())
                 .ok_or_else(|| "gunicorn not installed".into()),
@@ -235,6 +245,26 @@ impl Running {
                     .args(["--", "sh", "-c", &script]);
                 c
             }
+            Kind::ZdrUvicorn { socket } => {
+                std::fs::write(dir.join("asgi_app.py"), UVICORN_APP).map_err(|e| e.to_string())?;
+                let uvicorn = which("uvicorn").ok_or("uvicorn not installed")?;
+                let script = format!(
+                    "exec {} asgi_app:app --lifespan off --no-access-log --log-level warning {}",
+                    uvicorn.display(),
+                    if socket { "--fd 3" } else { "--port $PORT" }
+                );
+                let mut c = Command::new(env!("CARGO_BIN_EXE_zdr"));
+                c.current_dir(dir)
+                    .args(["serve", "--bind", &bind, "--workers", &workers])
+                    .args(["--log-level", "warning", "--boot-timeout", "120"])
+                    .arg("--control-socket")
+                    .arg(dir.join("control.sock"));
+                if socket {
+                    c.args(["--pass-socket", "--worker-ready-delay", "1"]);
+                }
+                c.args(["--", "sh", "-c", &script]);
+                c
+            }
             Kind::Gunicorn { gthread } => {
                 std::fs::write(dir.join("wsgi_app.py"), GUNICORN_APP).map_err(|e| e.to_string())?;
                 let mut c = Command::new(which("gunicorn").ok_or("gunicorn not installed")?);
@@ -297,7 +327,10 @@ impl Running {
     /// answers and has its worker processes.
     fn is_ready(&self) -> bool {
         match self.kind {
-            Kind::Zdr { .. } | Kind::ZdrTable { .. } | Kind::ZdrCommand => {
+            Kind::Zdr { .. }
+            | Kind::ZdrTable { .. }
+            | Kind::ZdrCommand
+            | Kind::ZdrUvicorn { .. } => {
                 let ask = zdr::control::send(
                     &self.dir.join("control.sock"),
                     &zdr::control::Request::Status,
@@ -444,6 +477,16 @@ def app(environ, start_response):
     return [body]
 "#;
 
+const UVICORN_APP: &str = r#"import os
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = f"pid={os.getpid()} generation={os.environ.get('ZDR_GENERATION', '0')}\n".encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"#;
+
 const NGINX_CONF: &str = r#"worker_processes {workers};
 daemon off;
 master_process on;
@@ -577,13 +620,15 @@ impl Measured {
     }
 }
 
-const SYSTEMS: [Kind; 7] = [
+const SYSTEMS: [Kind; 9] = [
     Kind::Zdr { preload: false },
     Kind::Zdr { preload: true },
     Kind::Bare,
     Kind::Gunicorn { gthread: false },
     Kind::Gunicorn { gthread: true },
     Kind::ZdrCommand,
+    Kind::ZdrUvicorn { socket: false },
+    Kind::ZdrUvicorn { socket: true },
     Kind::Nginx,
 ];
 
