@@ -430,6 +430,15 @@ pub struct Options {
     )]
     pub worker_ready_delay: Option<f64>,
 
+    /// Roll a reload out in batches of this many workers: each batch starts
+    /// beside the old workers, and as many old ones drain once it is ready,
+    /// so the server never runs more than workers + N processes (a
+    /// memory-bound machine need not hold two whole generations) and never
+    /// fewer than `workers` ready; 0 starts the whole new generation at
+    /// once. [default: 0]
+    #[arg(long = "max-surge", env = "ZDR_MAX_SURGE", value_name = "INT", value_parser = whole::<usize>)]
+    pub max_surge: Option<usize>,
+
     /// Close a connection older than this many seconds after its current
     /// response (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so that
     /// long-lived clients move to new generations and new workers; 0 off.
@@ -769,6 +778,9 @@ pub struct Settings {
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
+    /// Reload batch size; 0 for the whole generation at once.
+    #[serde(default)]
+    pub max_surge: usize,
     /// Seconds a connection may live; 0 for no limit.
     #[serde(default)]
     pub max_connection_age: f64,
@@ -1124,6 +1136,7 @@ impl Settings {
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
+            max_surge: o.max_surge.unwrap_or(0),
             max_connection_age: seconds("max_connection_age", o.max_connection_age.unwrap_or(0.0))?,
             max_connection_age_jitter: seconds(
                 "max_connection_age_jitter",

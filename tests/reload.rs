@@ -640,3 +640,35 @@ fn reload_flag_rolls_out_a_new_build_and_an_edited_config() {
     server.wait_generation_ready(3, 2);
     assert!(server.log_text().contains("changed: reloading"));
 }
+
+/// `--max-surge 2` with 6 workers: a reload replaces them two at a time,
+/// never running more than 8 processes nor fewer than 6 serving workers,
+/// and not one request fails.
+#[test]
+fn a_batched_reload_stays_within_its_surge() {
+    let server = Launch::serve(&["--workers", "6", "--max-surge", "2"]).start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 6);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    let watch = server.watch_capacity();
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{out:?}");
+    server.wait_generation_ready(2, 6);
+    load.wait_for_generation(2, 50);
+    let capacity = watch.stop();
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(capacity.samples > 0);
+    assert!(
+        capacity.max_processes <= 8,
+        "{} processes at once",
+        capacity.max_processes
+    );
+    assert!(
+        capacity.min_serving >= 6,
+        "only {} serving at one point",
+        capacity.min_serving
+    );
+}

@@ -662,6 +662,7 @@ fn every_zdr_variable_reaches_its_setting() {
             "\"%(s)s\"".into(),
         ),
         ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
+        ("ZDR_MAX_SURGE", "2".into(), "max_surge", "2".into()),
         (
             "ZDR_MAX_CONNECTION_AGE",
             "30".into(),

@@ -39,6 +39,7 @@
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
 //! | request or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once), worker drained once it is ready | deferred until Serving | — | — |
+//! | a batch of a `max_surge` reload is ready | — | — | as many old workers drain; the next batch starts while every process fits in target + batch | — | — |
 //! | the graceful timeout passes for a draining worker | SIGKILL | ← | ← | ← | ← (counted: `stop --wait` fails) |
 //!
 //! "←" means the same as the cell to its left.
@@ -1020,6 +1021,7 @@ impl Machine {
         }
         self.watch_workers(observed, now, out);
         self.drain_replaced(now, out);
+        self.drain_replaced_by_batch(now, out);
         self.advance_rollout(now, out);
         self.check_switchover(now, out);
         if self.advance_stop(now, out) {
@@ -1159,6 +1161,35 @@ impl Machine {
             .map(|w| w.pid)
             .collect();
         for pid in done {
+            self.drain(pid, now, out);
+        }
+    }
+
+    /// A reload in batches (`max_surge` > 0): the reload's batch size.
+    fn batch(&self) -> Option<usize> {
+        let b = self.booting.as_ref()?;
+        let surge = b.generation.settings.max_surge;
+        (surge > 0 && self.serving.is_some() && b.rollout.cause == Cause::Reload).then_some(surge)
+    }
+
+    /// In a batched reload, drains as many old workers as new ones are
+    /// ready beyond the target: the server keeps `target` ready workers.
+    fn drain_replaced_by_batch(&mut self, now: Instant, out: &mut Out) {
+        let Some(id) = self
+            .batch()
+            .and(self.booting.as_ref().map(|b| b.generation.id))
+        else {
+            return;
+        };
+        let ready_new = self.ready_workers(id);
+        let old: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != id && w.role.serves())
+            .map(|w| w.pid)
+            .collect();
+        let excess = (ready_new + old.len()).saturating_sub(self.target);
+        for pid in old.into_iter().take(excess) {
             self.drain(pid, now, out);
         }
     }
@@ -1366,11 +1397,13 @@ impl Machine {
             return;
         }
         // While paused the serving generation is not topped up; a reload
-        // starts the next one, and only that one.
+        // starts the next one, and only that one. Nor during a batched
+        // reload, which replaces it worker by worker.
+        let batch = self.batch();
         let serving = self
             .serving
             .as_ref()
-            .filter(|_| !matches!(self.phase, Phase::Paused));
+            .filter(|_| !matches!(self.phase, Phase::Paused) && batch.is_none());
         let ids: Vec<u64> = [serving, self.booting()]
             .into_iter()
             .flatten()
@@ -1384,12 +1417,17 @@ impl Machine {
                 .map(|w| w.pid)
                 .collect();
             if active.len() < self.target {
-                // After crashes, one at a time.
-                let missing = if self.crash_streak > 0 {
+                // After crashes, one at a time; in a batched reload, only as
+                // many as keep every process within target + batch.
+                let mut missing = if self.crash_streak > 0 {
                     1
                 } else {
                     self.target - active.len()
                 };
+                if let Some(surge) = batch.filter(|_| Some(id) == self.booting().map(|g| g.id)) {
+                    let room = (self.target + surge).saturating_sub(self.workers.len());
+                    missing = missing.min(room);
+                }
                 for _ in 0..missing {
                     out.push(Action::Spawn { generation: id });
                 }

@@ -736,7 +736,9 @@ fn random_sequences_keep_the_invariants() {
                     sim.next_config = if rng.below(3) == 0 {
                         Err("Reload aborted: bad".into())
                     } else {
-                        Ok(settings(1 + rng.below(4) as usize))
+                        let mut s = settings(1 + rng.below(4) as usize);
+                        s.max_surge = rng.below(3) as usize;
+                        Ok(s)
                     };
                 }
                 7 => drop(sim.feed(Event::Scale {
@@ -820,4 +822,62 @@ fn check_invariants(sim: &Sim, seed: u64, trail: &[u64]) {
             "seed {seed}: a worker still serves during a stop"
         );
     }
+}
+
+/// Serving workers whose slot says ready.
+fn ready_serving(sim: &Sim) -> usize {
+    sim.m
+        .workers()
+        .iter()
+        .filter(|w| w.role.serves() && w.state == SlotState::Ready)
+        .count()
+}
+
+/// `max_surge`: a reload replaces the workers a batch at a time, never
+/// running more than target + batch processes (draining ones included)
+/// nor fewer than target ready; a failing batch rolls back and the old
+/// generation is topped up again.
+#[test]
+fn a_batched_reload_stays_within_its_surge_and_never_dips() {
+    let mut s = settings(6);
+    s.max_surge = 2;
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s.clone());
+    sim.signal(Sig::Hup);
+    let (mut most, mut least) = (0, usize::MAX);
+    for _ in 0..40 {
+        sim.tick();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(&sim));
+        sim.ready_all();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(&sim));
+        sim.exit_signalled();
+        if sim.m.state() == State::Serving {
+            break;
+        }
+    }
+    assert_eq!(sim.m.state(), State::Serving);
+    assert_eq!(most, 8, "never more than 6 + 2 processes");
+    assert_eq!(least, 6, "never fewer than 6 ready");
+    assert!(sim.m.workers().iter().all(|w| w.generation == 2));
+    assert_eq!(sim.m.workers().len(), 6);
+
+    // A batch that fails: rolled back, and generation 2 is whole again.
+    sim.signal(Sig::Hup);
+    sim.tick();
+    let first_batch = sim.pids(3);
+    assert_eq!(first_batch.len(), 2);
+    sim.exit(first_batch[0], "exited with status 3");
+    sim.tick();
+    sim.exit_signalled();
+    for _ in 0..5 {
+        sim.advance(SEC);
+        sim.ready_all();
+    }
+    assert_eq!(sim.m.state(), State::Serving);
+    assert_eq!(ready_serving(&sim), 6);
+    assert!(sim.m.workers().iter().all(|w| w.generation == 2));
 }
