@@ -63,6 +63,11 @@ enum Command {
         /// How long to wait for it, in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
         timeout: f64,
+        /// Start N workers of the new generation first, as a canary judged
+        /// on its errors and latency against the old generation, then the
+        /// rest or a rollback (see --canary-seconds and its companions).
+        #[arg(long, value_name = "N")]
+        canary: Option<usize>,
     },
     /// Stop a running server: gracefully (as SIGTERM), or at once with --now.
     Stop {
@@ -314,9 +319,17 @@ pub(crate) fn main(
             args,
             wait,
             timeout,
+            canary,
         } => {
             let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
-            operate(args, crate::client::Command::Reload { wait, timeout })
+            operate(
+                args,
+                crate::client::Command::Reload {
+                    wait,
+                    timeout,
+                    canary,
+                },
+            )
         }
         Command::Stop {
             args,

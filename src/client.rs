@@ -17,6 +17,7 @@ pub(crate) enum Command {
     Reload {
         wait: bool,
         timeout: Duration,
+        canary: Option<usize>,
     },
     Stop {
         graceful: bool,
@@ -36,7 +37,17 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
     };
     let (request, timeout) = match &command {
         Command::Status { .. } => (Request::Status, Duration::from_secs(10)),
-        Command::Reload { wait, timeout } => (Request::Reload { wait: *wait }, *timeout),
+        Command::Reload {
+            wait,
+            timeout,
+            canary,
+        } => (
+            Request::Reload {
+                wait: *wait,
+                canary: *canary,
+            },
+            *timeout,
+        ),
         Command::Stop { graceful, wait } => (
             Request::Stop {
                 graceful: *graceful,
@@ -100,7 +111,11 @@ fn report(command: &Command, response: &Response) -> ExitCode {
 fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
     use nix::sys::signal::Signal;
     let signal = match command {
-        Command::Reload { wait: false, .. } => Signal::SIGHUP,
+        Command::Reload {
+            wait: false,
+            canary: None,
+            ..
+        } => Signal::SIGHUP,
         Command::Stop {
             graceful: true,
             wait: None,

@@ -439,6 +439,44 @@ pub struct Options {
     #[arg(long = "max-surge", env = "ZDR_MAX_SURGE", value_name = "INT", value_parser = whole::<usize>)]
     pub max_surge: Option<usize>,
 
+    /// Start every reload with this many workers of the new generation as a
+    /// canary: they serve beside the old generation for --canary-seconds,
+    /// and the rest follows only if their errors and latency pass; else
+    /// the reload is rolled back. 0: no canary. [default: 0]
+    #[arg(long = "canary", env = "ZDR_CANARY", value_name = "INT", value_parser = whole::<usize>)]
+    pub canary: Option<usize>,
+
+    /// How long the canary is watched, at the least. [default: 30]
+    #[arg(long = "canary-seconds", env = "ZDR_CANARY_SECONDS", value_name = "SECONDS")]
+    pub canary_seconds: Option<f64>,
+
+    /// Requests the canary must answer before it is judged. [default: 100]
+    #[arg(
+        long = "canary-min-requests",
+        env = "ZDR_CANARY_MIN_REQUESTS",
+        value_name = "INT",
+        value_parser = whole::<u64>
+    )]
+    pub canary_min_requests: Option<u64>,
+
+    /// The canary's largest 5xx ratio (when also above the old
+    /// generation's). [default: 0.01]
+    #[arg(
+        long = "canary-max-error-ratio",
+        env = "ZDR_CANARY_MAX_ERROR_RATIO",
+        value_name = "RATIO"
+    )]
+    pub canary_max_error_ratio: Option<f64>,
+
+    /// The canary's largest p99 latency, as a multiple of the old
+    /// generation's; 0 off. [default: 2]
+    #[arg(
+        long = "canary-max-p99-ratio",
+        env = "ZDR_CANARY_MAX_P99_RATIO",
+        value_name = "RATIO"
+    )]
+    pub canary_max_p99_ratio: Option<f64>,
+
     /// Close a connection older than this many seconds after its current
     /// response (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so that
     /// long-lived clients move to new generations and new workers; 0 off.
@@ -778,6 +816,21 @@ pub struct Settings {
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
+    /// Canary workers per reload; 0 for none.
+    #[serde(default)]
+    pub canary: usize,
+    /// Seconds the canary is watched.
+    #[serde(default = "default_canary_seconds")]
+    pub canary_seconds: f64,
+    /// Requests the canary answers before it is judged.
+    #[serde(default = "default_canary_min_requests")]
+    pub canary_min_requests: u64,
+    /// The canary's largest 5xx ratio.
+    #[serde(default = "default_canary_max_error_ratio")]
+    pub canary_max_error_ratio: f64,
+    /// The canary's largest p99, as a multiple of the old generation's.
+    #[serde(default = "default_canary_max_p99_ratio")]
+    pub canary_max_p99_ratio: f64,
     /// Reload batch size; 0 for the whole generation at once.
     #[serde(default)]
     pub max_surge: usize,
@@ -876,6 +929,34 @@ const STOP_SIGNALS: [(&str, i32); 7] = [
     ("USR2", nix::libc::SIGUSR2),
     ("KILL", nix::libc::SIGKILL),
 ];
+
+fn default_canary_seconds() -> f64 {
+    30.0
+}
+
+fn default_canary_min_requests() -> u64 {
+    100
+}
+
+fn default_canary_max_error_ratio() -> f64 {
+    0.01
+}
+
+fn default_canary_max_p99_ratio() -> f64 {
+    2.0
+}
+
+/// A ratio: a number of 0 or more.
+fn ratio(name: &'static str, value: f64) -> Result<f64, ConfigError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            name,
+            format!("must be a number of 0 or more, got {value}"),
+        ))
+    }
+}
 
 /// The grace an aged HTTP/2 connection gets, in seconds.
 fn default_age_grace() -> f64 {
@@ -1137,6 +1218,24 @@ impl Settings {
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
             max_surge: o.max_surge.unwrap_or(0),
+            canary: o.canary.unwrap_or(0),
+            canary_seconds: seconds(
+                "canary_seconds",
+                o.canary_seconds.unwrap_or_else(default_canary_seconds),
+            )?,
+            canary_min_requests: o
+                .canary_min_requests
+                .unwrap_or_else(default_canary_min_requests),
+            canary_max_error_ratio: ratio(
+                "canary_max_error_ratio",
+                o.canary_max_error_ratio
+                    .unwrap_or_else(default_canary_max_error_ratio),
+            )?,
+            canary_max_p99_ratio: ratio(
+                "canary_max_p99_ratio",
+                o.canary_max_p99_ratio
+                    .unwrap_or_else(default_canary_max_p99_ratio),
+            )?,
             max_connection_age: seconds("max_connection_age", o.max_connection_age.unwrap_or(0.0))?,
             max_connection_age_jitter: seconds(
                 "max_connection_age_jitter",

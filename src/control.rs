@@ -27,6 +27,10 @@ pub enum Request {
     Reload {
         /// Answer only when the reload is over.
         wait: bool,
+        /// Start this many workers of the new generation as a canary, judged
+        /// before the rest (overrides the `canary` setting; 0: none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<usize>,
     },
     /// Stop the server, gracefully or at once.
     Stop {
@@ -210,7 +214,10 @@ mod tests {
 
     #[test]
     fn requests_are_one_json_line() {
-        let r = Request::Reload { wait: true };
+        let r = Request::Reload {
+            wait: true,
+            canary: None,
+        };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"command":"reload","wait":true}"#

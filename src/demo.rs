@@ -37,7 +37,11 @@
 //! `ZDR_DEMO_BOOT_FAIL_FILE` (while this file exists, a booting worker fails
 //! to build its service and exits), `ZDR_DEMO_UNREADY_FILE` (while this
 //! file exists, the readiness check fails: a booting worker waits, a
-//! serving one answers 503 on the readiness probe).
+//! serving one answers 503 on the readiness probe), and, to try out a
+//! canary, `ZDR_DEMO_ERROR_RATE` (this fraction, 0 to 1, of the answers
+//! to `GET /` are 500s naming their generation) and `ZDR_DEMO_LATENCY_MS`
+//! (added to every answer). Set them with `raw_env` in the config file to
+//! have a reload change them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +63,10 @@ pub struct Demo {
     loads: u64,
     message: String,
     boot_delay: Duration,
+    /// The fraction of answers that are injected 500s.
+    error_rate: f64,
+    /// Added to every answer.
+    latency: Duration,
     boot_fail_file: Option<PathBuf>,
     unready_file: Option<PathBuf>,
 }
@@ -94,6 +102,16 @@ pub fn server() -> Server<Demo> {
                 loads: LOADS.fetch_add(1, Ordering::Relaxed) + 1,
                 message: std::env::var("ZDR_DEMO_MESSAGE").unwrap_or_default(),
                 boot_delay: Duration::from_millis(boot_ms),
+                error_rate: std::env::var("ZDR_DEMO_ERROR_RATE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0),
+                latency: Duration::from_millis(
+                    std::env::var("ZDR_DEMO_LATENCY_MS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                ),
                 boot_fail_file: std::env::var_os("ZDR_DEMO_BOOT_FAIL_FILE").map(PathBuf::from),
                 unready_file: std::env::var_os("ZDR_DEMO_UNREADY_FILE").map(PathBuf::from),
             })
@@ -113,6 +131,16 @@ pub fn server() -> Server<Demo> {
                 None => Ok(()),
             }
         })
+}
+
+/// Whether this answer is one of the injected errors: a deterministic
+/// share `rate` of the answers, counted per worker.
+fn injected_error(rate: f64) -> bool {
+    static ANSWERS: AtomicU64 = AtomicU64::new(0);
+    let n = ANSWERS.fetch_add(1, Ordering::Relaxed) as f64;
+    // The error count goes up by one each time n * rate crosses a whole
+    // number.
+    ((n + 1.0) * rate).floor() > (n * rate).floor()
 }
 
 /// Memory that `/alloc` holds on to.
@@ -144,6 +172,16 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
                 "method not allowed\n".into(),
             ))
         }
+    }
+    if !demo.latency.is_zero() {
+        tokio::time::sleep(demo.latency).await;
+    }
+    if demo.error_rate > 0.0 && req.uri().path() == "/" && injected_error(demo.error_rate) {
+        let generation = WorkerInfo::current().map_or(0, |i| i.generation);
+        return Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("injected error generation={generation}\n"),
+        ));
     }
     let (client, info) = (
         req.extensions().get::<zdr::ClientInfo>().cloned(),

@@ -672,3 +672,67 @@ fn a_batched_reload_stays_within_its_surge() {
         capacity.min_serving
     );
 }
+
+/// A canary reload: a faulty canary (half its answers are errors, set
+/// through `raw_env` in the config file) is rolled back with its figures,
+/// and no request fails except the canary's own injected errors; a
+/// healthy canary is promoted and its generation takes over.
+#[test]
+fn a_faulty_canary_is_rolled_back_and_a_healthy_one_promoted() {
+    let dir = TempDir::new("canary");
+    let config = dir.path("zdr.toml");
+    let toml = |rate: &str| {
+        format!(
+            "workers = 3\ncanary = 1\ncanary_seconds = 2\ncanary_min_requests = 20\n\
+             raw_env = [\"ZDR_DEMO_ERROR_RATE={rate}\"]\n"
+        )
+    };
+    write_file(&config, &toml("0"));
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 3);
+    let addr = server.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut seen: Vec<(u16, u64)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = get(addr, "/");
+                let generation = r
+                    .field("generation")
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(0);
+                seen.push((r.status, generation));
+            }
+            seen
+        })
+    };
+    write_file(&config, &toml("0.5"));
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the faulty canary was promoted: {said}"
+    );
+    assert!(said.contains("canary failed: error ratio"), "{said}");
+    assert_eq!(server.status().generation, Some(1));
+
+    write_file(&config, &toml("0"));
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(server.log_text().contains("promoted"));
+    server.wait_generation_ready(3, 3);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = client.join().unwrap();
+    let injected = seen.iter().filter(|(s, _)| *s == 500).count();
+    assert!(injected > 0, "the canary answered no request");
+    assert!(
+        seen.iter()
+            .all(|(s, g)| *s == 200 || (*s == 500 && *g == 2)),
+        "a failure outside the canary's injected errors: {:?}",
+        seen.iter()
+            .find(|(s, g)| !(*s == 200 || (*s == 500 && *g == 2)))
+    );
+    assert!(seen.iter().any(|(s, g)| *s == 200 && *g == 3));
+}

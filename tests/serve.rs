@@ -663,6 +663,31 @@ fn every_zdr_variable_reaches_its_setting() {
         ),
         ("ZDR_RELOAD", "true".into(), "reload", "true".into()),
         ("ZDR_MAX_SURGE", "2".into(), "max_surge", "2".into()),
+        ("ZDR_CANARY", "1".into(), "canary", "1".into()),
+        (
+            "ZDR_CANARY_SECONDS",
+            "15".into(),
+            "canary_seconds",
+            "15.0".into(),
+        ),
+        (
+            "ZDR_CANARY_MIN_REQUESTS",
+            "500".into(),
+            "canary_min_requests",
+            "500".into(),
+        ),
+        (
+            "ZDR_CANARY_MAX_ERROR_RATIO",
+            "0.05".into(),
+            "canary_max_error_ratio",
+            "0.05".into(),
+        ),
+        (
+            "ZDR_CANARY_MAX_P99_RATIO",
+            "3".into(),
+            "canary_max_p99_ratio",
+            "3.0".into(),
+        ),
         (
             "ZDR_MAX_CONNECTION_AGE",
             "30".into(),

@@ -39,6 +39,7 @@
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
 //! | request or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once), worker drained once it is ready | deferred until Serving | — | — |
+//! | a reload with a canary | — | its canary workers start first, then are watched ([`super::canary`]): promoted (the rest starts) or rolled back with its figures | ← | ← | — |
 //! | a batch of a `max_surge` reload is ready | — | — | as many old workers drain; the next batch starts while every process fits in target + batch | — | — |
 //! | the graceful timeout passes for a draining worker | SIGKILL | ← | ← | ← | ← (counted: `stop --wait` fails) |
 //!
@@ -51,10 +52,11 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::Level;
 
+use super::canary;
 use super::rollout::{Cause, Rollout, Verdict};
 use crate::config::{Settings, MAX_WORKERS};
 use crate::control::{ReloadOutcome, Response};
-use crate::metrics::RestartCause;
+use crate::metrics::{RequestCounters, RestartCause};
 use crate::recycle::{RequestLimit, MAX_SURGE};
 use crate::scoreboard::SlotState;
 
@@ -113,6 +115,8 @@ pub(crate) struct Worker {
     state: SlotState,
     /// Requests it had started when last observed.
     requests: u64,
+    /// What it had answered when last observed.
+    counters: RequestCounters,
 }
 
 impl Worker {
@@ -147,6 +151,7 @@ impl Worker {
             gave_up: false,
             state: SlotState::Booting,
             requests: 0,
+            counters: RequestCounters::default(),
         }
     }
 
@@ -185,7 +190,7 @@ pub(crate) enum Sig {
 }
 
 /// What one worker's scoreboard slot says now.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Observed {
     pub(crate) pid: Pid,
     pub(crate) state: SlotState,
@@ -194,6 +199,8 @@ pub(crate) struct Observed {
     pub(crate) silent_ms: u64,
     /// The memory it owns, when measured (see [`Machine::wants_memory`]).
     pub(crate) owned_bytes: Option<u64>,
+    /// What it has answered, for a canary's verdict.
+    pub(crate) counters: RequestCounters,
 }
 
 /// How a worker ended.
@@ -227,8 +234,11 @@ pub(crate) enum SpawnFailure {
 pub(crate) enum Event {
     /// A signal to the master.
     Signal(Sig),
-    /// `zdr reload`.
-    Reload { client: Client },
+    /// `zdr reload`, with a canary of this many workers if asked.
+    Reload {
+        client: Client,
+        canary: Option<usize>,
+    },
     /// `zdr stop`.
     Stop { graceful: bool, client: Client },
     /// `zdr scale N`.
@@ -393,6 +403,17 @@ struct Switchover {
 struct Booting {
     generation: Generation,
     rollout: Rollout,
+    /// Its canary, until promoted.
+    canary: Option<Canary>,
+}
+
+/// A canary: the first workers of a reload, judged before the rest.
+struct Canary {
+    workers: usize,
+    policy: canary::Policy,
+    /// When every canary worker was ready, and what each worker had
+    /// answered then.
+    started: Option<(Instant, Vec<(Pid, RequestCounters)>)>,
 }
 
 /// The master's state.
@@ -412,6 +433,8 @@ pub(crate) struct Machine {
     next_memory_check: Instant,
     /// When the decider last said that no scoreboard slot was free.
     slots_full_logged: Option<Instant>,
+    /// The canary asked for by the reload being prepared.
+    canary_request: Option<usize>,
 }
 
 /// Actions being collected for one event.
@@ -449,6 +472,7 @@ impl Machine {
             next_spawn: now,
             next_memory_check: now,
             slots_full_logged: None,
+            canary_request: None,
         }
     }
 
@@ -527,7 +551,10 @@ impl Machine {
         }
         match event {
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
-            Event::Reload { client } => self.reload(Some(client), &mut out),
+            Event::Reload { client, canary } => {
+                self.canary_request = canary;
+                self.reload(Some(client), &mut out)
+            }
             Event::Stop { graceful, client } => {
                 let kind = if graceful {
                     StopKind::Graceful
@@ -580,7 +607,10 @@ impl Machine {
         match sig {
             Sig::Term => self.stop(StopKind::Graceful, now, out),
             Sig::Int | Sig::Quit => self.stop(StopKind::Fast, now, out),
-            Sig::Hup => self.reload(None, out),
+            Sig::Hup => {
+                self.canary_request = None;
+                self.reload(None, out)
+            }
             Sig::Ttin | Sig::Ttou if self.stopping() => {
                 out.info("Number of workers unchanged: the server is stopping".into())
             }
@@ -709,9 +739,26 @@ impl Machine {
             ));
         }
         let boot_timeout = settings.boot_timeout();
+        let workers = self.canary_request.take().unwrap_or(settings.canary);
+        let canary = (cause == Cause::Reload && workers > 0 && workers < self.target).then(|| {
+            out.info(format!(
+                "Reload: generation {id} starts with a canary of {workers} workers"
+            ));
+            Canary {
+                workers,
+                policy: canary::Policy {
+                    window: Duration::from_secs_f64(settings.canary_seconds),
+                    min_requests: settings.canary_min_requests,
+                    max_error_ratio: settings.canary_max_error_ratio,
+                    max_p99_ratio: settings.canary_max_p99_ratio,
+                },
+                started: None,
+            }
+        });
         self.booting = Some(Booting {
             generation: Generation { id, settings },
             rollout: Rollout::new(cause, now, boot_timeout),
+            canary,
         });
         self.next_generation = id + 1;
         self.next_spawn = now;
@@ -1006,6 +1053,7 @@ impl Machine {
             if let Some(w) = self.workers.iter_mut().find(|w| w.pid == o.pid) {
                 w.state = o.state;
                 w.requests = o.requests;
+                w.counters = o.counters.clone();
             }
         }
         if observed.iter().any(|o| o.owned_bytes.is_some()) {
@@ -1195,12 +1243,83 @@ impl Machine {
     }
 
     fn advance_rollout(&mut self, now: Instant, out: &mut Out) {
+        if self.booting.as_ref().is_some_and(|b| b.canary.is_some()) {
+            return self.advance_canary(now, out);
+        }
         let Some(b) = &self.booting else { return };
         let ready = self.ready_workers(b.generation.id);
         match b.rollout.judge(ready, self.target, now) {
             Verdict::Pending => {}
             Verdict::Complete => self.commit_rollout(now, out),
             Verdict::Failed(why) => self.roll_back(why, now, out),
+        }
+    }
+
+    /// A canary boots, then is watched: promoted (the rest of the
+    /// generation starts) or rolled back.
+    fn advance_canary(&mut self, now: Instant, out: &mut Out) {
+        let Some(b) = &self.booting else { return };
+        let Some(c) = &b.canary else { return };
+        let id = b.generation.id;
+        let ready = self.ready_workers(id);
+        let verdict = match (b.rollout.judge(ready, c.workers, now), &c.started) {
+            (Verdict::Failed(why), _) => Err(why),
+            (Verdict::Pending, None) => return,
+            (_, None) => {
+                // Every canary worker is ready: the window opens.
+                let baseline = self
+                    .workers
+                    .iter()
+                    .map(|w| (w.pid, w.counters.clone()))
+                    .collect();
+                let window = c.policy.window;
+                out.info(format!(
+                    "Canary of generation {id} serving ({} workers); watching it for {:.0}s",
+                    c.workers,
+                    window.as_secs_f64()
+                ));
+                if let Some(b) = &mut self.booting {
+                    b.rollout.restart_clock(now, window * 3);
+                    if let Some(c) = &mut b.canary {
+                        c.started = Some((now, baseline));
+                    }
+                }
+                return;
+            }
+            (_, Some((started, baseline))) => {
+                let (mut new, mut old) = (RequestCounters::default(), RequestCounters::default());
+                for w in &self.workers {
+                    let before = baseline.iter().find(|(p, _)| *p == w.pid).map(|(_, c)| c);
+                    let delta = since(&w.counters, before);
+                    if w.generation == id {
+                        new.add(&delta);
+                    } else {
+                        old.add(&delta);
+                    }
+                }
+                match canary::judge(
+                    &c.policy,
+                    &new,
+                    &old,
+                    now.saturating_duration_since(*started),
+                ) {
+                    canary::Verdict::Wait => return,
+                    canary::Verdict::Promote(figures) => Ok(figures),
+                    canary::Verdict::Fail(why) => Err(format!("canary failed: {why}")),
+                }
+            }
+        };
+        match verdict {
+            Ok(figures) => {
+                out.info(format!(
+                    "Canary of generation {id} promoted: {figures}; starting the rest"
+                ));
+                if let Some(b) = &mut self.booting {
+                    b.canary = None;
+                    b.rollout.restart_clock(now, Duration::ZERO);
+                }
+            }
+            Err(why) => self.roll_back(why, now, out),
         }
     }
 
@@ -1416,13 +1535,20 @@ impl Machine {
                 .filter(|w| w.generation == id && w.role == Role::Active)
                 .map(|w| w.pid)
                 .collect();
-            if active.len() < self.target {
+            // A canary's generation starts only its canary workers first.
+            let wanted = self
+                .booting
+                .as_ref()
+                .filter(|b| b.generation.id == id)
+                .and_then(|b| b.canary.as_ref())
+                .map_or(self.target, |c| c.workers);
+            if active.len() < wanted {
                 // After crashes, one at a time; in a batched reload, only as
                 // many as keep every process within target + batch.
                 let mut missing = if self.crash_streak > 0 {
                     1
                 } else {
-                    self.target - active.len()
+                    wanted - active.len()
                 };
                 if let Some(surge) = batch.filter(|_| Some(id) == self.booting().map(|g| g.id)) {
                     let room = (self.target + surge).saturating_sub(self.workers.len());
@@ -1444,6 +1570,23 @@ impl Machine {
             }
         }
     }
+}
+
+/// What `now` counts beyond `before` (a worker's counters at the canary's
+/// start; none for a worker started since).
+fn since(now: &RequestCounters, before: Option<&RequestCounters>) -> RequestCounters {
+    let Some(before) = before else {
+        return now.clone();
+    };
+    let mut d = RequestCounters::default();
+    for (i, n) in now.by_class.iter().enumerate() {
+        d.by_class[i] = n.saturating_sub(before.by_class[i]);
+    }
+    for (i, n) in now.buckets.iter().enumerate() {
+        d.buckets[i] = n.saturating_sub(before.buckets[i]);
+    }
+    d.sum_us = now.sum_us.saturating_sub(before.sum_us);
+    d
 }
 
 /// Delay before the next start after `streak` workers in a row died before

@@ -20,6 +20,7 @@
 //! - [`control`], [`scrape`], [`signals`], [`output`], [`pidfile`],
 //!   [`notify`]: the master's sockets, signals, pipes and files.
 
+mod canary;
 mod control;
 mod generations;
 mod machine;
@@ -551,10 +552,11 @@ impl Master {
                     self.control.respond(id, &response);
                     continue;
                 }
-                Request::Reload { wait } => {
+                Request::Reload { wait, canary } => {
                     info!("Reload requested on the control socket");
                     Event::Reload {
                         client: client(wait),
+                        canary,
                     }
                 }
                 Request::Stop { graceful, wait } => {

@@ -29,6 +29,7 @@ pub(crate) struct Rollout {
     pub(crate) cause: Cause,
     pub(crate) started: Instant,
     deadline: Instant,
+    boot_timeout: Duration,
     failure: Option<String>,
 }
 
@@ -50,6 +51,7 @@ impl Rollout {
             cause,
             started: now,
             deadline: now + boot_timeout,
+            boot_timeout,
             failure: None,
         }
     }
@@ -60,6 +62,12 @@ impl Rollout {
         self.failure.get_or_insert(cause);
     }
 
+    /// Gives the workers still to start a whole boot timeout from `now`
+    /// (after a canary: the rest of the generation starts then).
+    pub(crate) fn restart_clock(&mut self, now: Instant, extra: Duration) {
+        self.deadline = now + self.boot_timeout + extra;
+    }
+
     /// Decides, given how many of `target` workers are ready.
     pub(crate) fn judge(&self, ready: usize, target: usize, now: Instant) -> Verdict {
         if let Some(cause) = &self.failure {
@@ -67,7 +75,7 @@ impl Rollout {
         } else if ready >= target {
             Verdict::Complete
         } else if now >= self.deadline {
-            let secs = self.deadline.duration_since(self.started).as_secs_f64();
+            let secs = self.boot_timeout.as_secs_f64();
             Verdict::Failed(format!(
                 "only {ready} of {target} workers were ready after the boot timeout ({secs}s)"
             ))

@@ -184,6 +184,7 @@ impl Master {
                     requests: slot.requests(),
                     silent_ms: now_ms.saturating_sub(slot.heartbeat_ms()),
                     owned_bytes: memory.then(|| report::tree_owned_bytes(h.pid)),
+                    counters: slot.counters(),
                 }
             })
             .collect()

@@ -19,12 +19,13 @@ fn settings(workers: usize) -> Settings {
 }
 
 /// What a simulated worker's slot says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Slot {
     state: SlotState,
     requests: u64,
     silent_ms: u64,
     owned: u64,
+    counters: RequestCounters,
 }
 
 /// The decider with a pretend shell around it.
@@ -108,6 +109,7 @@ impl Sim {
                                 requests: 0,
                                 silent_ms: 0,
                                 owned: 0,
+                                counters: RequestCounters::default(),
                             },
                         );
                         self.generation_of.insert(pid, *generation);
@@ -138,6 +140,7 @@ impl Sim {
                 requests: s.requests,
                 silent_ms: s.silent_ms,
                 owned_bytes: memory.then_some(s.owned),
+                counters: s.counters.clone(),
             })
             .collect();
         self.feed(Event::Tick(observed))
@@ -283,6 +286,7 @@ fn hup_rolls_out_and_drains_the_old_generation_once_all_new_are_ready() {
     let old = sim.pids(1);
     sim.feed(Event::Reload {
         client: client(7, true),
+        canary: None,
     });
     assert_eq!(sim.m.state(), State::Reloading);
     assert!(sim.log.contains(&Action::Hold(7, Awaited::Reload(2))));
@@ -323,6 +327,7 @@ fn a_configuration_that_does_not_load_changes_nothing() {
     sim.next_config = Err("Reload aborted, configuration unchanged: bad".into());
     let actions = sim.feed(Event::Reload {
         client: client(3, true),
+        canary: None,
     });
     assert_eq!(sim.m.state(), State::Serving);
     assert!(matches!(&actions[..], [.., Action::Reply(3, r)] if !r.ok));
@@ -339,6 +344,7 @@ fn a_failing_new_generation_is_rolled_back_and_the_old_keeps_serving() {
     let old = sim.pids(1);
     sim.feed(Event::Reload {
         client: client(9, true),
+        canary: None,
     });
     sim.tick();
     let new = sim.pids(2);
@@ -576,6 +582,7 @@ fn term_during_a_reload_abandons_it_and_answers_its_waiters() {
     let mut sim = Sim::serving(1);
     sim.feed(Event::Reload {
         client: client(2, true),
+        canary: None,
     });
     sim.tick();
     let actions = sim.signal(Sig::Term);
@@ -584,6 +591,7 @@ fn term_during_a_reload_abandons_it_and_answers_its_waiters() {
     assert!(spawns(&sim.advance(SEC)).is_empty());
     let actions = sim.feed(Event::Reload {
         client: client(3, false),
+        canary: None,
     });
     assert!(matches!(&actions[..], [.., Action::Reply(3, r)] if !r.ok));
     sim.exit_signalled();
@@ -880,4 +888,71 @@ fn a_batched_reload_stays_within_its_surge_and_never_dips() {
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(ready_serving(&sim), 6);
     assert!(sim.m.workers().iter().all(|w| w.generation == 2));
+}
+
+/// Answers `ok` 2xx and `errors` 5xx on worker `pid`'s counters.
+fn answer(sim: &mut Sim, pid: i32, ok: u64, errors: u64) {
+    let slot = sim.slots.get_mut(&pid).expect("a simulated worker");
+    slot.counters.by_class[1] += ok;
+    slot.counters.by_class[4] += errors;
+    slot.counters.buckets[2] += ok + errors;
+}
+
+/// A canary starts only its workers, is watched for its window, then is
+/// promoted (the rest starts) or rolled back with its figures.
+#[test]
+fn a_canary_is_promoted_or_rolled_back_on_its_figures() {
+    let mut s = settings(4);
+    s.canary_seconds = 10.0;
+    s.canary_min_requests = 50;
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s);
+    // A faulty canary: half its answers are errors.
+    sim.feed(Event::Reload {
+        client: client(5, true),
+        canary: Some(1),
+    });
+    assert_eq!(spawns(&sim.tick()), vec![2], "only the canary starts");
+    sim.ready_all();
+    let canary = sim.pids(2)[0];
+    answer(&mut sim, canary, 50, 50);
+    for pid in sim.pids(1) {
+        answer(&mut sim, pid, 100, 0);
+    }
+    assert!(spawns(&sim.advance(5 * SEC)).is_empty(), "still watching");
+    let actions = sim.advance(6 * SEC);
+    let answered = answers(&actions, Awaited::Reload(2));
+    assert!(answered.len() == 1 && !answered[0].ok);
+    assert!(
+        answered[0]
+            .message
+            .contains("canary failed: error ratio 0.50"),
+        "{}",
+        answered[0].message
+    );
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![canary]);
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(1));
+
+    // A healthy canary: promoted, then the rest of the generation.
+    sim.exit_signalled();
+    sim.feed(Event::Reload {
+        client: client(6, true),
+        canary: Some(1),
+    });
+    assert_eq!(spawns(&sim.tick()), vec![3]);
+    sim.ready_all();
+    let canary = sim.pids(3)[0];
+    answer(&mut sim, canary, 100, 0);
+    let actions = sim.advance(11 * SEC);
+    assert!(logged(&actions, Level::INFO, "promoted"));
+    assert_eq!(spawns(&actions), vec![3, 3, 3]);
+    let actions = sim.ready_all();
+    assert_eq!(
+        signals_to(&actions, Signal::SIGTERM).len(),
+        4,
+        "the old generation drains"
+    );
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(3));
 }
