@@ -286,34 +286,7 @@ pub(crate) fn main(
         Err(e) => e.exit(),
     };
     match cli.command {
-        Command::Serve(args) => {
-            let mut sources = args.sources();
-            sources.activated = crate::listener::activated_sockets();
-            // A reload re-reads the file from wherever --chdir leads.
-            if let Some(file) = &sources.config_file {
-                sources.config_file =
-                    Some(std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()));
-            }
-            let settings = match sources.load() {
-                Ok(s) => s,
-                Err(e) => return fail(&e),
-            };
-            if let Some(dir) = &settings.chdir {
-                if let Err(e) = std::env::set_current_dir(dir) {
-                    return fail(&format!(
-                        "cannot change to directory {}: {e}",
-                        dir.display()
-                    ));
-                }
-            }
-            if let Some(mask) = settings.umask {
-                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-            }
-            if let Err(e) = crate::logging::init(&settings) {
-                return fail(&e);
-            }
-            crate::master::serve(name, sources, settings, loader, args_for_upgrade)
-        }
+        Command::Serve(args) => serve(name, args, loader, args_for_upgrade),
         Command::Status { args, json } => operate(args, crate::client::Command::Status { json }),
         Command::Reload {
             args,
@@ -381,6 +354,36 @@ pub(crate) fn main(
             }
         }
     }
+}
+
+/// `zdr serve`: resolves the settings, takes the working directory and
+/// the umask, starts the logs and runs the master.
+fn serve(name: &str, args: ServeArgs, loader: Loader, args_for_upgrade: Vec<OsString>) -> ExitCode {
+    let mut sources = args.sources();
+    sources.activated = crate::listener::activated_sockets();
+    // A reload re-reads the file from wherever --chdir leads.
+    if let Some(file) = &sources.config_file {
+        sources.config_file = Some(std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()));
+    }
+    let settings = match sources.load() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Some(dir) = &settings.chdir {
+        if let Err(e) = std::env::set_current_dir(dir) {
+            return fail(&format!(
+                "cannot change to directory {}: {e}",
+                dir.display()
+            ));
+        }
+    }
+    if let Some(mask) = settings.umask {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    if let Err(e) = crate::logging::init(&settings) {
+        return fail(&e);
+    }
+    crate::master::serve(name, sources, settings, loader, args_for_upgrade)
 }
 
 /// Whether `program` names an executable file, as a path or on `PATH`.

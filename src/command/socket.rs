@@ -44,7 +44,6 @@ pub(crate) fn run(spec: &WorkerSpec, slot: &'static Slot, bell: Arc<Doorbell>) -
 }
 
 async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
-    let settings = &spec.settings;
     let (Ok(mut term), Ok(mut quit), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::quit()),
@@ -64,6 +63,7 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
             slot.beat();
         }
     });
+    let settings = &spec.settings;
     let notify_path = std::env::temp_dir().join(format!("zdr-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&notify_path);
     let notify = match tokio::net::UnixDatagram::bind(&notify_path) {
@@ -142,6 +142,14 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
         child.kill_group();
         return 0;
     }
+    stop(&child, settings).await
+}
+
+/// Gives the command its stop signal and up to the graceful timeout to
+/// exit, then kills its process group; returns the worker's exit code.
+async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
+    let pid = child.pid;
+    let mut exited = child.exited.clone();
     if let Ok(sig) = Signal::try_from(settings.worker_stop_signal) {
         let _ = kill(pid, sig);
     }
