@@ -741,11 +741,11 @@ fn as_pid_1_it_reaps_orphans() {
         "--",
         "sh",
         "-c",
-        "(sleep 3 &); exec python3 -m http.server $PORT --bind 127.0.0.1",
+        "(sleep 10 &); exec python3 -m http.server $PORT --bind 127.0.0.1",
     ])
     .exe(unshare)
     .start();
-    server.wait_ready();
+    // The orphan lives 10 s: it is looked for at once, not after the boot.
     let master = *children_of(server.pid)
         .iter()
         .next()
@@ -759,8 +759,9 @@ fn as_pid_1_it_reaps_orphans() {
             .any(orphan)),
         "no orphan reached the master"
     );
+    server.wait_ready();
     assert!(
-        wait_until(Duration::from_secs(30), || !children_of(master)
+        wait_until(Duration::from_secs(60), || !children_of(master)
             .iter()
             .any(orphan)
             && zombies(master) == 0),
