@@ -177,6 +177,9 @@ pub(crate) fn render(s: &Status) -> String {
         s.target_workers
     );
     out.push_str(&format!("listening: {}\n", s.bind.join(", ")));
+    if let Some(rollout) = &s.rollout {
+        out.push_str(&format!("reloading: {rollout}\n"));
+    }
     if let Some(r) = &s.last_reload {
         match &r.error {
             None => out.push_str(&format!(

@@ -100,6 +100,9 @@ pub struct Status {
     pub generation: Option<u64>,
     /// A generation booting to replace it, during a reload.
     pub booting_generation: Option<u64>,
+    /// How that reload stands: its canary, its batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
     /// Listening addresses.
     pub bind: Vec<String>,
     /// The number of workers a generation should have.

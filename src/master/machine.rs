@@ -519,6 +519,32 @@ impl Machine {
         self.booting.as_ref().map(|b| &b.generation)
     }
 
+    /// How the reload under way stands, in words, for `zdr status`.
+    pub(crate) fn rollout_summary(&self, now: Instant) -> Option<String> {
+        let b = self.booting.as_ref()?;
+        let ready = self.ready_workers(b.generation.id);
+        let id = b.generation.id;
+        Some(match (&b.canary, self.batch()) {
+            (Some(c), _) => match &c.started {
+                None => format!(
+                    "generation {id}: canary booting ({ready} of {} ready)",
+                    c.workers
+                ),
+                Some((since, _)) => format!(
+                    "generation {id}: canary of {} workers watched for {:.0}s of at least {:.0}s",
+                    c.workers,
+                    now.saturating_duration_since(*since).as_secs_f64(),
+                    c.policy.window.as_secs_f64()
+                ),
+            },
+            (None, Some(surge)) => format!(
+                "generation {id}: in batches of {surge}, {ready} of {} ready",
+                self.target
+            ),
+            (None, None) => format!("generation {id}: {ready} of {} ready", self.target),
+        })
+    }
+
     /// How many workers each generation should have.
     pub(crate) fn target(&self) -> usize {
         self.target

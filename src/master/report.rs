@@ -61,6 +61,7 @@ impl Master {
             uptime_secs: self.started_at.elapsed().as_secs_f64(),
             generation: self.machine.serving().map(|g| g.id),
             booting_generation: self.machine.booting().map(|g| g.id),
+            rollout: self.machine.rollout_summary(std::time::Instant::now()),
             bind: self.listeners.iter().map(|l| l.display_addr()).collect(),
             target_workers: self.machine.target(),
             workers,

@@ -915,7 +915,15 @@ fn a_canary_is_promoted_or_rolled_back_on_its_figures() {
         canary: Some(1),
     });
     assert_eq!(spawns(&sim.tick()), vec![2], "only the canary starts");
+    assert!(sim
+        .m
+        .rollout_summary(sim.now)
+        .is_some_and(|r| r.contains("canary booting")));
     sim.ready_all();
+    assert!(sim
+        .m
+        .rollout_summary(sim.now)
+        .is_some_and(|r| r.contains("canary of 1 workers watched")));
     let canary = sim.pids(2)[0];
     answer(&mut sim, canary, 50, 50);
     for pid in sim.pids(1) {
