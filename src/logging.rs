@@ -105,10 +105,14 @@ impl<'a> MakeWriter<'a> for ErrorLog {
     }
 }
 
-/// Gunicorn's error log line: `[2026-11-22 10:00:00 +0000] [1234] [INFO] message`.
-struct GunicornFormat;
+/// The error log's line, in one of the two formats: Gunicorn's
+/// `[2026-11-22 10:00:00 +0000] [1234] [INFO] message`, or a JSON object
+/// `{"time":"2026-11-22T10:00:00Z","pid":1234,"level":"INFO","message":"..."}`.
+struct LineFormat {
+    json: bool,
+}
 
-impl<S, N> FormatEvent<S, N> for GunicornFormat
+impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -120,39 +124,23 @@ where
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let level = level_name(*event.metadata().level());
-        write!(
-            writer,
-            "[{}] [{}] [{level}] ",
-            timestamp(),
-            std::process::id()
-        )?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
-    }
-}
-
-/// The error log as JSON lines:
-/// `{"time":"2026-11-22T10:00:00Z","pid":1234,"level":"INFO","message":"..."}`.
-struct JsonFormat;
-
-impl<S, N> FormatEvent<S, N> for JsonFormat
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> std::fmt::Result {
+        if !self.json {
+            write!(
+                writer,
+                "[{}] [{}] [{level}] ",
+                timestamp(),
+                std::process::id()
+            )?;
+            ctx.field_format().format_fields(writer.by_ref(), event)?;
+            return writeln!(writer);
+        }
         let mut message = String::new();
         ctx.field_format()
             .format_fields(Writer::new(&mut message), event)?;
         let line = serde_json::json!({
             "time": rfc3339_now(),
             "pid": std::process::id(),
-            "level": level_name(*event.metadata().level()),
+            "level": level,
             "message": message,
         });
         writeln!(writer, "{line}")
@@ -196,17 +184,14 @@ pub fn init(settings: &Settings) -> io::Result<()> {
     let _ = ERROR_LOG.set(Arc::clone(&target));
     let filter =
         tracing_subscriber::filter::LevelFilter::from_level(settings.loglevel.as_tracing());
-    let builder = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_max_level(filter)
-        .with_writer(ErrorLog(target));
-    let _ = match settings.log_format {
-        crate::config::LogFormat::Text => {
-            tracing::subscriber::set_global_default(builder.event_format(GunicornFormat).finish())
-        }
-        crate::config::LogFormat::Json => {
-            tracing::subscriber::set_global_default(builder.event_format(JsonFormat).finish())
-        }
-    };
+        .with_writer(ErrorLog(target))
+        .event_format(LineFormat {
+            json: settings.log_format == crate::config::LogFormat::Json,
+        })
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
     Ok(())
 }
 
