@@ -575,7 +575,23 @@ fn metrics_parse_in_both_formats_and_count_across_recycling() {
     .start();
     server.wait_ready();
     server.wait_workers(2);
-    for _ in 0..100 {
+    // First, with fresh workers (none near its limit, so none drains under
+    // it), a request in flight: one busy worker of the two serving ones.
+    let held = HeldRequest::start(server.addr());
+    assert!(wait_until(Duration::from_secs(30), || {
+        let text = server.scrape();
+        metric(&text, "zdr_requests_in_flight") == 1.0 && metric(&text, "zdr_workers_busy") == 1.0
+    }));
+    assert!(wait_until(Duration::from_secs(30), || metric(
+        &server.scrape(),
+        "zdr_workers_serving"
+    ) == 2.0));
+    assert_eq!(held.finish().unwrap().status, 200);
+    assert!(wait_until(Duration::from_secs(30), || metric(
+        &server.scrape(),
+        "zdr_requests_in_flight"
+    ) == 0.0));
+    for _ in 0..99 {
         assert_eq!(server.get("/").status, 200);
     }
     assert!(wait_until(Duration::from_secs(60), || metric(
@@ -666,21 +682,6 @@ fn metrics_parse_in_both_formats_and_count_across_recycling() {
             eprintln!("skipped promtool: not installed");
         }
     }
-    // A request in flight: one busy worker of the serving ones.
-    let held = HeldRequest::start(server.addr());
-    assert!(wait_until(Duration::from_secs(30), || {
-        let text = server.scrape();
-        metric(&text, "zdr_requests_in_flight") == 1.0 && metric(&text, "zdr_workers_busy") == 1.0
-    }));
-    assert!(wait_until(Duration::from_secs(30), || metric(
-        &server.scrape(),
-        "zdr_workers_serving"
-    ) == 2.0));
-    assert_eq!(held.finish().unwrap().status, 200);
-    assert!(wait_until(Duration::from_secs(30), || metric(
-        &server.scrape(),
-        "zdr_requests_in_flight"
-    ) == 0.0));
 }
 
 /// The kubelet's termination sequence, replayed: clients keep opening new
