@@ -187,10 +187,11 @@ impl Slot {
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// A request is being answered: one more in flight (see
-    /// [`Slot::end_request`]).
-    pub fn begin_request(&self) {
+    /// A request is being answered: counts it, and one more in flight
+    /// until [`Slot::end_request`]; returns the new total.
+    pub fn begin_request(&self) -> u64 {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.add_request()
     }
 
     /// A request begun with [`Slot::begin_request`] is over, however it

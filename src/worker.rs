@@ -260,7 +260,7 @@ async fn serve(
     bell.ring();
 
     let graceful = spec.settings.graceful_timeout();
-    match wait_for_stop(spec.master_pid, &shared, &mut signals, drain_rx.clone()).await {
+    match wait_for_stop(spec.master_pid, &shared, &mut signals).await {
         Stop::Fast => {
             return match &app.stop {
                 Some(stop) => stop(Duration::ZERO).await,
@@ -463,12 +463,7 @@ impl StopSignals {
     }
 }
 
-async fn wait_for_stop(
-    master_pid: u32,
-    shared: &Shared,
-    signals: &mut StopSignals,
-    mut drain: watch::Receiver<bool>,
-) -> Stop {
+async fn wait_for_stop(master_pid: u32, shared: &Shared, signals: &mut StopSignals) -> Stop {
     let StopSignals {
         term,
         quit,
@@ -479,10 +474,6 @@ async fn wait_for_stop(
     loop {
         tokio::select! {
             _ = term.recv() => return Stop::Graceful,
-            _ = drain.wait_for(|d| *d) => {
-                tracing::info!("worker {}: request limit reached; retiring", std::process::id());
-                return Stop::Graceful;
-            }
             _ = quit.recv() => return Stop::Fast,
             _ = int.recv() => return Stop::Fast,
             _ = usr1.recv() => {

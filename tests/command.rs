@@ -87,6 +87,23 @@ fn uvicorn_reloads_without_a_failed_request() {
     assert_eq!(reply.generation(), 1);
     // The command's own pid, not the worker's: the app answers.
     assert!(!server.worker_pids().contains(&reply.pid()));
+    // curl agrees, over HTTP/1.1 and over h2c (HTTP/2 at the front, HTTP/1.1
+    // to the app).
+    if have("curl", &["--version"]) {
+        for flag in ["--http1.1", "--http2-prior-knowledge"] {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "-i", flag, &format!("http://{}/", server.addr())])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{flag}: {text}");
+            assert!(
+                text.lines().next().is_some_and(|l| l.contains(" 200")),
+                "{flag}: {text}"
+            );
+            assert!(text.contains("generation=1"), "{flag}: {text}");
+        }
+    }
     reloads_under_load(&server, 10);
 }
 

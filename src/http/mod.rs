@@ -386,8 +386,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             .shared
             .forwarded
             .resolve(self.peer.ip, self.peer.scheme, req.headers());
-        let started = self.shared.slot.add_request();
-        self.shared.slot.begin_request();
+        let started = self.shared.slot.begin_request();
         if let Some(g) = &mut guard {
             g.slot = Some(self.shared.slot);
         }

@@ -36,6 +36,7 @@ impl Master {
 
     /// The server's state, for `zdr status`.
     pub(super) fn status(&self) -> Status {
+        let parents = parents();
         let workers = self
             .machine
             .workers()
@@ -51,7 +52,7 @@ impl Master {
                     connections: slot.connections(),
                     accepting: slot.state() == SlotState::Ready,
                     rss_bytes: rss_bytes(w.pid),
-                    owned_bytes: tree_owned_bytes(w.pid),
+                    owned_bytes: tree_owned_bytes(w.pid, &parents),
                 })
             })
             .collect();
@@ -82,11 +83,10 @@ pub(super) fn rss_bytes(pid: Pid) -> u64 {
         .map_or(0, |pages| pages * page)
 }
 
-/// The memory a worker owns with its descendants (a `-- CMD` command and
-/// whatever it starts): the sum of each one's [`owned_bytes`].
-pub(super) fn tree_owned_bytes(pid: Pid) -> u64 {
-    let mut family = vec![pid.as_raw()];
-    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+/// Every process's parent, read from /proc once for a round of
+/// [`tree_owned_bytes`].
+pub(super) fn parents() -> Vec<(i32, i32)> {
+    std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
@@ -97,7 +97,14 @@ pub(super) fn tree_owned_bytes(pid: Pid) -> u64 {
             let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
             Some((p, ppid))
         })
-        .collect();
+        .collect()
+}
+
+/// The memory a worker owns with its descendants (a `-- CMD` command and
+/// whatever it starts): the sum of each one's [`owned_bytes`], given
+/// every process's parent.
+pub(super) fn tree_owned_bytes(pid: Pid, parents: &[(i32, i32)]) -> u64 {
+    let mut family = vec![pid.as_raw()];
     let mut i = 0;
     while i < family.len() {
         let parent = family[i];

@@ -174,6 +174,12 @@ impl Master {
     pub(super) fn observe(&self) -> Vec<Observed> {
         let now_ms = monotonic_ms();
         let memory = self.machine.wants_memory(std::time::Instant::now());
+        // Read once for every worker, and only when memory is measured.
+        let parents = if memory {
+            report::parents()
+        } else {
+            Vec::new()
+        };
         self.handles
             .iter()
             .map(|h| {
@@ -183,7 +189,7 @@ impl Master {
                     state: slot.state(),
                     requests: slot.requests(),
                     silent_ms: now_ms.saturating_sub(slot.heartbeat_ms()),
-                    owned_bytes: memory.then(|| report::tree_owned_bytes(h.pid)),
+                    owned_bytes: memory.then(|| report::tree_owned_bytes(h.pid, &parents)),
                     counters: slot.counters(),
                 }
             })
