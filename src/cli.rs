@@ -279,8 +279,9 @@ pub(crate) fn main(
     if let Some(code) = crate::worker::main_if_worker(&loader) {
         return code;
     }
-    let args = with_cmd_args(args, std::env::var("ZDR_CMD_ARGS").ok().as_deref());
+    // A re-executed master (titled, or upgraded) reads ZDR_CMD_ARGS again.
     let args_for_upgrade = args.clone();
+    let args = with_cmd_args(args, std::env::var("ZDR_CMD_ARGS").ok().as_deref());
     let cli = match parse(name, version, args) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -360,6 +361,12 @@ pub(crate) fn main(
 /// the umask, starts the logs and runs the master.
 fn serve(name: &str, args: ServeArgs, loader: Loader, args_for_upgrade: Vec<OsString>) -> ExitCode {
     let mut sources = args.sources();
+    // Before anything is bound or taken from the environment: the master
+    // re-executes itself once, in place, under its process title.
+    if let (Ok(settings), Ok(exe)) = (sources.load(), std::env::current_exe()) {
+        let name = settings.proc_name.as_deref().unwrap_or(name);
+        crate::master::title::retitle(&exe, name, &args_for_upgrade);
+    }
     sources.activated = crate::listener::activated_sockets();
     // A reload re-reads the file from wherever --chdir leads.
     if let Some(file) = &sources.config_file {

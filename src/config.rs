@@ -404,7 +404,7 @@ pub struct Options {
     #[arg(long = "reload-extra-file", value_name = "FILE")]
     pub reload_extra_files: Option<Vec<PathBuf>>,
 
-    /// The name in process titles (`ps`): workers show as
+    /// The name in process titles (`ps`): `zdr: master [NAME]` and
     /// `zdr: worker [NAME] gen N`. [default: the app's name]
     #[arg(short = 'n', long = "name", env = "ZDR_PROC_NAME", value_name = "NAME")]
     pub proc_name: Option<String>,

@@ -15,3 +15,62 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
         .map(|_| ())
         .map_err(io::Error::from)
 }
+
+/// Replaces this process's image with `exe`, run with `args` (the first is
+/// what `ps` shows as the program); the pid stays. Returns only on failure.
+pub(crate) fn exec_in_place(exe: &std::path::Path, args: &[std::ffi::OsString]) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let to_c = |s: &[u8]| CString::new(s).map_err(io::Error::other);
+    let program = match to_c(exe.as_os_str().as_bytes()) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let argv: Result<Vec<CString>, io::Error> = args.iter().map(|a| to_c(a.as_bytes())).collect();
+    let argv = match argv {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    match nix::unistd::execv(&program, &argv) {
+        Ok(never) => match never {},
+        Err(e) => io::Error::from(e),
+    }
+}
+
+/// Gives this process the short kernel name (`comm`: what `top`, `pgrep`
+/// and `ps -o comm` show) of its executable's file name, as a shell would
+/// have: a process started through `/proc/self/fd/N` is otherwise named
+/// `N`.
+pub(crate) fn name_after_executable() {
+    if let Ok(exe) = std::env::current_exe() {
+        set_comm(&comm_of(&exe));
+    }
+}
+
+/// The `comm` for a process running `exe`: its file name.
+fn comm_of(exe: &std::path::Path) -> String {
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.trim_end_matches(" (deleted)").to_owned()
+}
+
+/// Sets this process's `comm`, cut to its 15 bytes.
+fn set_comm(name: &str) {
+    let short: Vec<u8> = name.bytes().take(15).filter(|b| *b != 0).collect();
+    if let Ok(name) = std::ffi::CString::new(short) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_is_the_file_name() {
+        assert_eq!(comm_of(std::path::Path::new("/usr/bin/zdr")), "zdr");
+        assert_eq!(comm_of(std::path::Path::new("/srv/app (deleted)")), "app");
+    }
+}

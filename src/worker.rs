@@ -123,6 +123,7 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
         // Kept open across the exec only so that it could be run by name.
         let _ = nix::unistd::close(fd);
     }
+    crate::sys::name_after_executable();
     if let Err(e) = crate::logging::init(&spec.settings) {
         eprintln!("zdr: error: {e}");
         return Some(ExitCode::FAILURE);

@@ -927,15 +927,24 @@ fn gunicorn_habits_work() {
     let out = server.control(&["reload", "--wait"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(server.get("/").field("message").as_deref(), Some("second"));
+    // A binary upgrade re-reads ZDR_CMD_ARGS once: its bind is not doubled.
+    let pid = server.pid;
+    server.signal(Signal::SIGUSR2);
+    server.wait_generation_ready(3, 2);
+    assert_eq!(server.pid, pid);
+    assert_eq!(server.get("/").field("message").as_deref(), Some("second"));
+    assert!(!server.log_text().contains("Binary upgrade failed"));
     // A malformed pair is refused, naming the setting.
     let out = Launch::raw(&["check", "-e", "NOEQUALS"]).output();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("raw_env"));
 }
 
-/// `ps` names each worker, its server and its generation.
+/// `ps` names the master, each worker, their server and the worker's
+/// generation; `top` and `pgrep` (the kernel's short name) still see the
+/// program's name.
 #[test]
-fn workers_have_process_titles() {
+fn processes_have_titles() {
     let server = Launch::serve(&["--workers", "2", "--name", "shop"]).start();
     server.wait_ready();
     let title = |pid: &u32| {
@@ -943,6 +952,18 @@ fn workers_have_process_titles() {
             .unwrap_or_default()
             .replace('\0', " ")
     };
+    let comm = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    assert!(
+        title(&server.pid).starts_with("zdr: master [shop] serve "),
+        "{}",
+        title(&server.pid)
+    );
+    assert_eq!(comm(&server.pid), "zdr");
     let workers = server.wait_generation_ready(1, 2);
     for pid in &workers {
         assert!(
@@ -950,6 +971,7 @@ fn workers_have_process_titles() {
             "{}",
             title(pid)
         );
+        assert_eq!(comm(pid), "zdr");
     }
     let out = server.control(&["reload", "--wait"]);
     assert!(out.status.success());

@@ -32,6 +32,7 @@ mod rollout;
 mod scrape;
 mod signals;
 mod spawn;
+pub(crate) mod title;
 mod upgrade;
 mod watch;
 mod workers;

@@ -13,10 +13,9 @@
 //!    meanwhile are delivered now) and rolls out a new generation exactly
 //!    as a reload does, with the same rollback.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::RawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use nix::sys::signal::{SigSet, SigmaskHow};
@@ -131,24 +130,17 @@ pub(crate) fn exec(exe: &std::path::Path, args: &[OsString], handover: &Handover
         Ok(j) => j,
         Err(e) => return io::Error::other(e),
     };
-    let to_c = |s: &[u8]| CString::new(s).map_err(io::Error::other);
-    let program = match to_c(exe.as_os_str().as_bytes()) {
-        Ok(p) => p,
-        Err(e) => return e,
-    };
-    let argv: Result<Vec<CString>, io::Error> = args.iter().map(|a| to_c(a.as_bytes())).collect();
-    let argv = match argv {
-        Ok(a) => a,
-        Err(e) => return e,
-    };
     // The master is single-threaded, so changing its environment is safe.
     std::env::set_var(HANDOVER_ENV, json);
-    let err = match nix::unistd::execv(&program, &argv) {
-        Ok(never) => match never {},
-        Err(e) => io::Error::from(e),
-    };
+    let err = crate::sys::exec_in_place(exe, args);
     std::env::remove_var(HANDOVER_ENV);
     err
+}
+
+/// Whether this process was started by a binary upgrade (its handover is
+/// still in the environment).
+pub(crate) fn is_handover() -> bool {
+    std::env::var_os(HANDOVER_ENV).is_some()
 }
 
 impl super::Master {

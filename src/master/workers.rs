@@ -97,7 +97,7 @@ impl Master {
             }
             None => {
                 let name = settings.proc_name.as_deref().unwrap_or(&self.name);
-                let title = format!("zdr: worker [{name}] gen {id}");
+                let title = super::title::worker(name, id);
                 let exe = exe.unwrap_or_else(|| Arc::new(spawn::Executable::pin(&self.exe)));
                 spawn::exec(&exe, &title, &spec, stderr)
             }
