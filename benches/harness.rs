@@ -535,10 +535,21 @@ mod bare {
                 tokio::spawn(async move {
                     // The demo app's work: its body names the client too.
                     let svc = hyper::service::service_fn(move |_req| async move {
+                        // The same formatting, field for field, as the demo's.
                         let pid = std::process::id();
-                        let client = peer.ip();
+                        let message = "";
+                        let received: Option<usize> = None;
                         let body = format!(
-                            "pid={pid} generation=0 loaded_in={pid} client={client} scheme=http\n"
+                            "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",
+                            pid,
+                            0u64,
+                            pid,
+                            1u64,
+                            Some(peer.ip()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                            "http",
+                            if message.is_empty() { "" } else { " message=" },
+                            message,
+                            received.map_or_else(String::new, |n| format!(" received={n}")),
                         );
                         let mut res = http::Response::new(Full::new(Bytes::from(body)));
                         res.headers_mut().insert(

@@ -23,11 +23,20 @@ pub(crate) fn worker(name: &str, generation: u64) -> String {
     format!("zdr: worker [{name}] gen {generation}")
 }
 
+/// Marks the image that [`retitle`] started, so that it does not start
+/// another: a wrapper such as valgrind may give it a different `argv[0]`.
+const RETITLED_ENV: &str = "ZDR_RETITLED";
+
 /// Re-executes this process as `exe`, with `args[0]` replaced by the
 /// master's title; returns only when it could not (then the process runs
-/// on untitled). Does nothing when the title is already there (the second
-/// image, or a binary upgrade's).
+/// on untitled). Does nothing in the image it started, nor in a binary
+/// upgrade's (whose `argv[0]` is already the title).
 pub(crate) fn retitle(exe: &Path, name: &str, args: &[OsString]) {
+    if std::env::var_os(RETITLED_ENV).is_some() {
+        // The master is single-threaded: changing its environment is safe.
+        std::env::remove_var(RETITLED_ENV);
+        return;
+    }
     if args
         .first()
         .is_some_and(|a| a.to_string_lossy().starts_with(MASTER))
@@ -40,7 +49,9 @@ pub(crate) fn retitle(exe: &Path, name: &str, args: &[OsString]) {
         Some(first) => *first = master(name).into(),
         None => return,
     }
+    std::env::set_var(RETITLED_ENV, "1");
     let err = crate::sys::exec_in_place(exe, &titled);
+    std::env::remove_var(RETITLED_ENV);
     tracing::debug!("no process title: cannot execute {}: {err}", exe.display());
 }
 
