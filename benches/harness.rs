@@ -525,6 +525,12 @@ mod bare {
             .enable_all()
             .build()
             .expect("runtime");
+        // As the demo, read once at load.
+        let message: &'static str = Box::leak(
+            std::env::var("ZDR_DEMO_MESSAGE")
+                .unwrap_or_default()
+                .into_boxed_str(),
+        );
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
             loop {
@@ -537,7 +543,6 @@ mod bare {
                     let svc = hyper::service::service_fn(move |_req| async move {
                         // The same formatting, field for field, as the demo's.
                         let pid = std::process::id();
-                        let message = "";
                         let received: Option<usize> = None;
                         let body = format!(
                             "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",

@@ -446,6 +446,19 @@ pub struct Options {
     #[arg(long = "canary", env = "ZDR_CANARY", value_name = "INT", value_parser = whole::<usize>)]
     pub canary: Option<usize>,
 
+    /// Grow the canary in steps, Flagger-style: worker counts or
+    /// percentages of --workers, comma-separated (`1,50%,100%`). Each step
+    /// is watched and judged as the first; the rest of the generation
+    /// follows the last step that passes. Overrides --canary. [default:
+    /// none]
+    #[arg(
+        long = "canary-steps",
+        env = "ZDR_CANARY_STEPS",
+        value_name = "STEPS",
+        value_delimiter = ','
+    )]
+    pub canary_steps: Option<Vec<String>>,
+
     /// How long the canary is watched, at the least. [default: 30]
     #[arg(long = "canary-seconds", env = "ZDR_CANARY_SECONDS", value_name = "SECONDS")]
     pub canary_seconds: Option<f64>,
@@ -819,6 +832,9 @@ pub struct Settings {
     /// Canary workers per reload; 0 for none.
     #[serde(default)]
     pub canary: usize,
+    /// The canary's steps, when it grows in several (`1`, `50%`, `100%`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary_steps: Vec<CanaryStep>,
     /// Seconds the canary is watched.
     #[serde(default = "default_canary_seconds")]
     pub canary_seconds: f64,
@@ -947,6 +963,62 @@ fn default_canary_max_p99_ratio() -> f64 {
 }
 
 /// A ratio: a number of 0 or more.
+/// One step of a canary: a number of workers, or a share of `workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum CanaryStep {
+    /// This many workers.
+    Workers(usize),
+    /// This percentage of `workers`, rounded up.
+    Percent(u32),
+}
+
+impl CanaryStep {
+    /// The number of workers this step runs, out of `workers`.
+    pub fn of(self, workers: usize) -> usize {
+        match self {
+            CanaryStep::Workers(n) => n,
+            CanaryStep::Percent(p) => (workers * p as usize).div_ceil(100).max(1),
+        }
+    }
+}
+
+impl TryFrom<String> for CanaryStep {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<CanaryStep, String> {
+        let t = text.trim();
+        let bad = || format!("{t:?} is not a worker count (1) or a percentage (50%)");
+        match t.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u32>() {
+                Ok(p @ 1..=100) => Ok(CanaryStep::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => match t.parse::<usize>() {
+                Ok(n @ 1..) => Ok(CanaryStep::Workers(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl From<CanaryStep> for String {
+    fn from(step: CanaryStep) -> String {
+        match step {
+            CanaryStep::Workers(n) => n.to_string(),
+            CanaryStep::Percent(p) => format!("{p}%"),
+        }
+    }
+}
+
+fn canary_steps(items: Vec<String>) -> Result<Vec<CanaryStep>, ConfigError> {
+    items
+        .into_iter()
+        .filter(|i| !i.trim().is_empty())
+        .map(|i| CanaryStep::try_from(i).map_err(|e| ConfigError::invalid("canary_steps", e)))
+        .collect()
+}
+
 fn ratio(name: &'static str, value: f64) -> Result<f64, ConfigError> {
     if value.is_finite() && value >= 0.0 {
         Ok(value)
@@ -1219,6 +1291,7 @@ impl Settings {
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
             max_surge: o.max_surge.unwrap_or(0),
             canary: o.canary.unwrap_or(0),
+            canary_steps: canary_steps(o.canary_steps.unwrap_or_default())?,
             canary_seconds: seconds(
                 "canary_seconds",
                 o.canary_seconds.unwrap_or_else(default_canary_seconds),

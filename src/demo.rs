@@ -250,14 +250,28 @@ fn echo(mut req: Request) -> http::Response<Full<Bytes>> {
         );
     }
     let upgrade = hyper::upgrade::on(&mut req);
+    // zdr cannot close an upgraded connection without breaking it: the
+    // echo ends it itself when its worker drains or the connection ages.
+    let leave = match req.extensions().get::<zdr::ClientInfo>() {
+        Some(client) => futures_util::future::Either::Left(WorkerInfo::draining_or_aged(client)),
+        None => futures_util::future::Either::Right(WorkerInfo::draining()),
+    };
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Ok(upgraded) = upgrade.await else { return };
         let mut io = hyper_util::rt::TokioIo::new(upgraded);
         let mut buf = [0u8; 1024];
-        while let Ok(n) = io.read(&mut buf).await {
-            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                break;
+        tokio::pin!(leave);
+        loop {
+            tokio::select! {
+                read = io.read(&mut buf) => match read {
+                    Ok(n) if n > 0 && io.write_all(&buf[..n]).await.is_ok() => {}
+                    _ => break,
+                },
+                () = &mut leave => {
+                    let _ = io.shutdown().await;
+                    break;
+                }
             }
         }
     });

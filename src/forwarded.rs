@@ -23,6 +23,11 @@ pub struct ClientInfo {
     pub scheme: &'static str,
     /// Whether the peer was a trusted proxy whose headers were used.
     pub forwarded: bool,
+    /// When the request's connection passes `--max-connection-age` (with
+    /// its jitter); none without one. An app holding the connection past
+    /// its upgrade (a WebSocket) should close it then:
+    /// [`WorkerInfo::draining_or_aged`](crate::WorkerInfo::draining_or_aged).
+    pub connection_expires: Option<std::time::Instant>,
 }
 
 /// The peers whose forwarding headers are trusted.
@@ -77,6 +82,7 @@ impl AllowList {
             addr: peer,
             scheme,
             forwarded: false,
+            connection_expires: None,
         };
         if !peer.is_some_and(|p| self.trusts(p)) {
             return direct;
@@ -120,6 +126,7 @@ impl AllowList {
             addr: addr.or(peer),
             scheme,
             forwarded,
+            connection_expires: None,
         }
     }
 }
@@ -159,7 +166,8 @@ mod tests {
             ClientInfo {
                 addr: Some("203.0.113.7".parse().unwrap()),
                 scheme: "https",
-                forwarded: true
+                forwarded: true,
+                connection_expires: None,
             }
         );
         let untrusted = list.resolve(Some("198.51.100.2".parse().unwrap()), "http", &h);
@@ -168,7 +176,8 @@ mod tests {
             ClientInfo {
                 addr: Some("198.51.100.2".parse().unwrap()),
                 scheme: "http",
-                forwarded: false
+                forwarded: false,
+                connection_expires: None,
             }
         );
     }

@@ -171,6 +171,10 @@ pub struct Snapshot {
     pub reloads_rolled_back: u64,
     /// How long reloads took, in seconds.
     pub reload_duration: Histogram,
+    /// Canary steps judged: `[promoted, failed]`.
+    pub canary_verdicts: [u64; 2],
+    /// Workers in the canary being booted or watched now; 0 without one.
+    pub canary_workers: u64,
     /// Workers restarted, by [`RestartCause`].
     pub restarts: [u64; 4],
     /// Connections closed for a client's slowness, by [`ClientTimeout`].
@@ -323,6 +327,24 @@ impl Collector for Snapshot {
             &reload_buckets,
             None,
         )?;
+        let mut family = enc.encode_descriptor(
+            "canary_verdicts",
+            "Canary steps judged, by verdict (a failed one rolls its reload back)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (verdict, n) in [
+            ("promoted", self.canary_verdicts[0]),
+            ("failed", self.canary_verdicts[1]),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&[("verdict", verdict)])?)?;
+        }
+        ConstGauge::new(self.canary_workers as i64).encode(enc.encode_descriptor(
+            "canary_workers",
+            "Workers of the new generation serving as a canary now",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",

@@ -244,6 +244,7 @@ async fn serve(
     // Draining starts from a signal: at its request limit a worker rings
     // the master, which drains it once its replacement is ready.
     let (drain_tx, drain_rx) = watch::channel(false);
+    crate::app::WorkerInfo::set_draining(drain_rx.clone());
     let capacity = spec.settings.worker_connections;
     let permits = Arc::new(Semaphore::new(capacity));
     let accepting: Vec<_> = listeners

@@ -606,3 +606,60 @@ fn gunicorns_request_corpus() {
     );
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// `--max-connection-age` over HTTP/2, with Node's client (nghttp2): one
+/// connection pinned to the only worker moves, at its age, to a worker
+/// added later (GOAWAY, then the next request on a new connection); every
+/// request answers 200. (curl 7.88 cannot reuse an h2c connection at all,
+/// against zdr or bare hyper, so it is not the client here.)
+#[test]
+fn an_http2_client_moves_to_a_new_worker_at_the_connections_age() {
+    use std::io::BufRead;
+    if !have("node", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--max-connection-age",
+        "1",
+        "--max-connection-age-grace",
+        "1",
+    ])
+    .start();
+    server.wait_ready();
+    let first = server.wait_workers(1);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/h2_pinned.js");
+    let mut client = Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}", server.addr()))
+        .arg("/slow?ms=20")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let (mut answered, mut newcomer, mut reached) = (0, None::<u32>, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for line in lines {
+        let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_eq!(line["status"], 200, "{line}");
+        answered += 1;
+        if newcomer.is_none() && answered >= 5 {
+            assert!(server.control(&["scale", "2"]).status.success());
+            let both = server.wait_workers(2);
+            newcomer = both.difference(&first).next().copied();
+        }
+        if newcomer.is_some() && line["pid"].as_u64() == newcomer.map(u64::from) {
+            reached = Some(line["sessions"].clone());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pinned connection never reached the new worker"
+        );
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    let sessions = reached.expect("the client's output ended");
+    assert!(sessions.as_u64() >= Some(2), "{sessions}");
+}

@@ -830,3 +830,43 @@ fn max_connection_age_moves_pinned_keep_alive_clients() {
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
 }
+
+/// An upgraded connection is the app's: zdr cannot close it without
+/// breaking it. The demo's echo waits for `WorkerInfo::draining_or_aged`
+/// and ends it itself: when its worker drains (a reload, with a graceful
+/// timeout far longer than the test), and when the connection passes
+/// `--max-connection-age`.
+#[test]
+fn an_app_closes_its_upgraded_connections_when_draining_or_aged() {
+    use std::io::{Read, Write};
+    let read_to_end = |s: &mut std::net::TcpStream| {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .map(|_| rest)
+            .map_err(|e| e.to_string())
+    };
+    let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "600"]).start();
+    server.wait_ready();
+    let old = server.wait_workers(1);
+    let mut echo = upgrade_to_echo(server.addr());
+    echo.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    echo.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    server.signal(Signal::SIGHUP);
+    // The echo ends (the read timeout is 60 s), and with it the old worker,
+    // long before its graceful timeout.
+    assert_eq!(read_to_end(&mut echo), Ok(Vec::new()));
+    assert!(wait_until(Duration::from_secs(60), || old
+        .iter()
+        .all(|pid| !alive(*pid))));
+    drop(server);
+
+    let server = Launch::serve(&["--workers", "1", "--max-connection-age", "1"]).start();
+    server.wait_ready();
+    let mut echo = upgrade_to_echo(server.addr());
+    echo.write_all(b"pong").unwrap();
+    echo.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"pong");
+    assert_eq!(read_to_end(&mut echo), Ok(Vec::new()), "never closed");
+}

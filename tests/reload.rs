@@ -736,3 +736,82 @@ fn a_faulty_canary_is_rolled_back_and_a_healthy_one_promoted() {
     );
     assert!(seen.iter().any(|(s, g)| *s == 200 && *g == 3));
 }
+
+/// A canary in steps (`canary_steps`, used by a plain HUP): a healthy one
+/// passes each step and is promoted; a slow one (its p99 well above the
+/// old generation's) is rolled back. The metrics count both verdicts.
+/// No request fails.
+#[test]
+fn a_stepped_canary_is_promoted_and_a_slow_one_rolled_back() {
+    let dir = TempDir::new("canary-steps");
+    let config = dir.path("zdr.toml");
+    let toml = |latency_ms: u32| {
+        format!(
+            "workers = 4\ncanary_steps = [\"1\", \"50%\", \"100%\"]\ncanary_seconds = 1\n\
+             canary_min_requests = 20\ncanary_max_p99_ratio = 5\nmetrics_bind = \"127.0.0.1:0\"\n\
+             raw_env = [\"ZDR_DEMO_LATENCY_MS={latency_ms}\"]\n"
+        )
+    };
+    // Every answer takes at least 20 ms, so that a busy machine's noise
+    // cannot make a healthy canary's p99 five times the old one's.
+    write_file(&config, &toml(20));
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 4);
+    let addr = server.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get(addr, "/").status {
+                        200 => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{out:?}");
+    let log = server.log_text();
+    assert!(log.contains("passed step 1"), "{log}");
+    assert!(
+        log.contains("passed step 2") || log.contains("promoted"),
+        "{log}"
+    );
+    server.wait_generation_ready(2, 4);
+
+    write_file(&config, &toml(400));
+    server.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(120), || server
+            .log_text()
+            .contains("canary failed: p99")),
+        "{}",
+        server.log_text()
+    );
+    assert!(wait_until(Duration::from_secs(60), || server
+        .status()
+        .workers
+        .iter()
+        .all(|w| w.generation == 2)));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (o, f) = c.join().unwrap();
+        ok += o;
+        failed += f;
+    }
+    assert_eq!(failed, 0, "{ok} ok");
+    let text = server.scrape();
+    assert_eq!(
+        metric(&text, "zdr_canary_verdicts_total{verdict=\"failed\"}"),
+        1.0
+    );
+    assert!(metric(&text, "zdr_canary_verdicts_total{verdict=\"promoted\"}") >= 2.0);
+    assert_eq!(metric(&text, "zdr_canary_workers"), 0.0);
+}

@@ -346,6 +346,8 @@ struct ConnService {
     conn: Arc<ConnState>,
     peer: Peer,
     epoch: Instant,
+    /// When the connection passes its maximum age, if it has one.
+    expires: Option<std::time::Instant>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -382,10 +384,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         let refusal = self.shared.limits.check(&req);
         let req_is_head = req.method() == http::Method::HEAD;
-        let client = self
-            .shared
-            .forwarded
-            .resolve(self.peer.ip, self.peer.scheme, req.headers());
+        let mut client =
+            self.shared
+                .forwarded
+                .resolve(self.peer.ip, self.peer.scheme, req.headers());
+        client.connection_expires = self.expires;
         let started = self.shared.slot.begin_request();
         if let Some(g) = &mut guard {
             g.slot = Some(self.shared.slot);
@@ -568,11 +571,15 @@ pub(crate) async fn serve<I>(
 {
     let epoch = Instant::now();
     let conn_state = Arc::new(ConnState::default());
+    let max_age = shared
+        .max_age
+        .map(|m| (epoch + m.for_connection(epoch), m.grace));
     let service = ConnService {
         shared: Arc::clone(&shared),
         conn: Arc::clone(&conn_state),
         peer,
         epoch,
+        expires: max_age.map(|(at, _)| at.into_std()),
     };
     let conn = shared
         .builder
@@ -585,9 +592,7 @@ pub(crate) async fn serve<I>(
         epoch,
         header_timeout: shared.header_timeout,
         keepalive: shared.keepalive,
-        max_age: shared
-            .max_age
-            .map(|m| (epoch + m.for_connection(epoch), m.grace)),
+        max_age,
         drain_began: None,
         closing_since: None,
     };

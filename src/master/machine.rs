@@ -289,6 +289,10 @@ pub(crate) enum Notice {
 pub(crate) enum Record {
     Restart(RestartCause),
     Reload(ReloadOutcome),
+    /// A canary step judged: promoted, or failed (and rolled back).
+    Canary {
+        promoted: bool,
+    },
 }
 
 /// A decision, for the master's loop to carry out.
@@ -410,6 +414,10 @@ struct Booting {
 /// A canary: the first workers of a reload, judged before the rest.
 struct Canary {
     workers: usize,
+    /// The larger canaries that follow once this one passes.
+    next: std::collections::VecDeque<usize>,
+    /// The step now watched, from 1.
+    step: usize,
     policy: canary::Policy,
     /// When every canary worker was ready, and what each worker had
     /// answered then.
@@ -525,24 +533,39 @@ impl Machine {
         let ready = self.ready_workers(b.generation.id);
         let id = b.generation.id;
         Some(match (&b.canary, self.batch()) {
-            (Some(c), _) => match &c.started {
-                None => format!(
-                    "generation {id}: canary booting ({ready} of {} ready)",
-                    c.workers
-                ),
-                Some((since, _)) => format!(
-                    "generation {id}: canary of {} workers watched for {:.0}s of at least {:.0}s",
-                    c.workers,
-                    now.saturating_duration_since(*since).as_secs_f64(),
-                    c.policy.window.as_secs_f64()
-                ),
-            },
+            (Some(c), _) => {
+                let step = if c.step > 1 || !c.next.is_empty() {
+                    format!(" (step {} of {})", c.step, c.step + c.next.len())
+                } else {
+                    String::new()
+                };
+                match &c.started {
+                    None => format!(
+                        "generation {id}: canary{step} booting ({ready} of {} ready)",
+                        c.workers
+                    ),
+                    Some((since, _)) => format!(
+                        "generation {id}: canary{step} of {} workers watched for {:.0}s of at least {:.0}s",
+                        c.workers,
+                        now.saturating_duration_since(*since).as_secs_f64(),
+                        c.policy.window.as_secs_f64()
+                    ),
+                }
+            }
             (None, Some(surge)) => format!(
                 "generation {id}: in batches of {surge}, {ready} of {} ready",
                 self.target
             ),
             (None, None) => format!("generation {id}: {ready} of {} ready", self.target),
         })
+    }
+
+    /// The size of the canary being booted or watched; 0 without one.
+    pub(crate) fn canary_workers(&self) -> usize {
+        self.booting
+            .as_ref()
+            .and_then(|b| b.canary.as_ref())
+            .map_or(0, |c| c.workers)
     }
 
     /// How many workers each generation should have.
@@ -765,13 +788,22 @@ impl Machine {
             ));
         }
         let boot_timeout = settings.boot_timeout();
-        let workers = self.canary_request.take().unwrap_or(settings.canary);
-        let canary = (cause == Cause::Reload && workers > 0 && workers < self.target).then(|| {
+        let steps = canary_steps(self.canary_request.take(), &settings, self.target);
+        let canary = (cause == Cause::Reload && !steps.is_empty()).then(|| {
+            let mut next: std::collections::VecDeque<usize> = steps.into();
+            let workers = next.pop_front().unwrap_or(1);
             out.info(format!(
-                "Reload: generation {id} starts with a canary of {workers} workers"
+                "Reload: generation {id} starts with a canary of {workers} workers{}",
+                if next.is_empty() {
+                    String::new()
+                } else {
+                    format!(", growing to {next:?} workers in steps")
+                }
             ));
             Canary {
                 workers,
+                next,
+                step: 1,
                 policy: canary::Policy {
                     window: Duration::from_secs_f64(settings.canary_seconds),
                     min_requests: settings.canary_min_requests,
@@ -1337,15 +1369,32 @@ impl Machine {
         };
         match verdict {
             Ok(figures) => {
-                out.info(format!(
-                    "Canary of generation {id} promoted: {figures}; starting the rest"
-                ));
-                if let Some(b) = &mut self.booting {
-                    b.canary = None;
-                    b.rollout.restart_clock(now, Duration::ZERO);
+                out.push(Action::Record(Record::Canary { promoted: true }));
+                let Some(b) = &mut self.booting else { return };
+                b.rollout.restart_clock(now, Duration::ZERO);
+                let Some(c) = &mut b.canary else { return };
+                match c.next.pop_front() {
+                    Some(workers) => {
+                        out.info(format!(
+                            "Canary of generation {id} passed step {}: {figures}; growing it to {workers} workers",
+                            c.step
+                        ));
+                        c.workers = workers;
+                        c.step += 1;
+                        c.started = None;
+                    }
+                    None => {
+                        out.info(format!(
+                            "Canary of generation {id} promoted: {figures}; starting the rest"
+                        ));
+                        b.canary = None;
+                    }
                 }
             }
-            Err(why) => self.roll_back(why, now, out),
+            Err(why) => {
+                out.push(Action::Record(Record::Canary { promoted: false }));
+                self.roll_back(why, now, out)
+            }
         }
     }
 
@@ -1596,6 +1645,27 @@ impl Machine {
             }
         }
     }
+}
+
+/// The canary's sizes for a reload of `target` workers: the reload's own
+/// (`zdr reload --canary N`), else `canary_steps`, else `canary`; each
+/// larger than the one before and smaller than the whole generation (which
+/// follows the last).
+fn canary_steps(requested: Option<usize>, settings: &Settings, target: usize) -> Vec<usize> {
+    let sizes: Vec<usize> = match requested {
+        Some(n) => vec![n],
+        None if !settings.canary_steps.is_empty() => {
+            settings.canary_steps.iter().map(|s| s.of(target)).collect()
+        }
+        None => vec![settings.canary],
+    };
+    let mut steps: Vec<usize> = Vec::new();
+    for n in sizes {
+        if n > 0 && n < target && steps.last().is_none_or(|last| n > *last) {
+            steps.push(n);
+        }
+    }
+    steps
 }
 
 /// What `now` counts beyond `before` (a worker's counters at the canary's

@@ -478,6 +478,9 @@ impl Master {
             Action::Hold(id, what) => self.control.hold(id, what),
             Action::Answer(what, response) => self.control.answer(what, &response),
             Action::Record(Record::Restart(cause)) => self.totals.restarts[cause as usize] += 1,
+            Action::Record(Record::Canary { promoted }) => {
+                self.totals.canary_verdicts[usize::from(!promoted)] += 1;
+            }
             Action::Record(Record::Reload(outcome)) => {
                 match outcome.completed {
                     true => self.totals.reloads_completed += 1,

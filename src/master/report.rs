@@ -29,6 +29,7 @@ impl Master {
                 .entry((w.generation, w.state_name(slot.state()).to_owned()))
                 .or_default() += 1;
         }
+        snapshot.canary_workers = self.machine.canary_workers() as u64;
         snapshot.connections = self.board.total_connections();
         snapshot.client_timeouts = self.board.client_timeouts();
         snapshot

@@ -746,6 +746,16 @@ fn random_sequences_keep_the_invariants() {
                     } else {
                         let mut s = settings(1 + rng.below(4) as usize);
                         s.max_surge = rng.below(3) as usize;
+                        if rng.below(4) == 0 {
+                            // A canary in steps that needs no traffic: it
+                            // grows step by step, unless something intervenes.
+                            s.canary_seconds = 1.0;
+                            s.canary_min_requests = 0;
+                            s.canary_steps = vec![
+                                crate::config::CanaryStep::Workers(1),
+                                crate::config::CanaryStep::Percent(50),
+                            ];
+                        }
                         Ok(s)
                     };
                 }
@@ -963,4 +973,90 @@ fn a_canary_is_promoted_or_rolled_back_on_its_figures() {
         "the old generation drains"
     );
     assert_eq!(sim.m.serving().map(|g| g.id), Some(3));
+}
+
+/// A canary in steps (`1,50%,100%` of 4): 1 worker, then 2, each watched
+/// and judged; the rest follows the last; a failing step rolls back every
+/// canary worker. Steps that do not grow, or reach the whole generation,
+/// are skipped.
+#[test]
+fn a_canary_grows_in_steps_and_any_step_can_roll_back() {
+    use crate::config::CanaryStep;
+    let mut s = settings(4);
+    s.canary_seconds = 10.0;
+    s.canary_min_requests = 50;
+    s.canary_steps = vec![
+        CanaryStep::Workers(1),
+        CanaryStep::Workers(1),
+        CanaryStep::Percent(50),
+        CanaryStep::Percent(100),
+    ];
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s.clone());
+    // A plain HUP uses the configured steps.
+    sim.signal(Sig::Hup);
+    assert_eq!(spawns(&sim.tick()), vec![2], "step 1: one worker");
+    sim.ready_all();
+    assert!(sim
+        .m
+        .rollout_summary(sim.now)
+        .is_some_and(|r| r.contains("canary (step 1 of 2) of 1 workers")));
+    let first = sim.pids(2)[0];
+    answer(&mut sim, first, 100, 0);
+    let actions = sim.advance(11 * SEC);
+    assert!(logged(&actions, Level::INFO, "passed step 1"));
+    assert!(actions.contains(&Action::Record(Record::Canary { promoted: true })));
+    assert_eq!(spawns(&actions), vec![2], "step 2: one more, two in all");
+    assert_eq!(sim.m.canary_workers(), 2);
+    sim.ready_all();
+    // Step 2's window starts now: the counters before it do not count.
+    for pid in sim.pids(2) {
+        answer(&mut sim, pid, 50, 0);
+    }
+    assert!(spawns(&sim.advance(5 * SEC)).is_empty(), "still watching");
+    let actions = sim.advance(6 * SEC);
+    assert!(logged(&actions, Level::INFO, "promoted"));
+    assert_eq!(spawns(&actions), vec![2, 2], "the rest follows");
+    sim.ready_all();
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(2));
+    assert_eq!(sim.m.canary_workers(), 0);
+
+    // A second step that fails rolls back both canary workers.
+    sim.exit_signalled();
+    sim.next_config = Ok(s);
+    sim.signal(Sig::Hup);
+    sim.tick();
+    sim.ready_all();
+    let first = sim.pids(3)[0];
+    answer(&mut sim, first, 100, 0);
+    sim.advance(11 * SEC);
+    sim.ready_all();
+    for pid in sim.pids(3) {
+        answer(&mut sim, pid, 30, 30);
+    }
+    let actions = sim.advance(11 * SEC);
+    assert!(actions.contains(&Action::Record(Record::Canary { promoted: false })));
+    let mut stopped = signals_to(&actions, Signal::SIGTERM);
+    stopped.sort();
+    let mut canaries = sim.pids(3);
+    canaries.sort();
+    assert_eq!(stopped, canaries);
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(2));
+}
+
+/// The sizes a canary takes, from the reload, the steps or `canary`.
+#[test]
+fn canary_sizes_come_from_the_reload_then_the_steps_then_canary() {
+    use crate::config::CanaryStep;
+    let mut s = settings(10);
+    assert!(super::canary_steps(None, &s, 10).is_empty());
+    s.canary = 2;
+    assert_eq!(super::canary_steps(None, &s, 10), vec![2]);
+    s.canary_steps = vec![CanaryStep::Percent(10), CanaryStep::Percent(50)];
+    assert_eq!(super::canary_steps(None, &s, 10), vec![1, 5]);
+    assert_eq!(super::canary_steps(Some(3), &s, 10), vec![3]);
+    // A canary as large as the generation is no canary.
+    assert!(super::canary_steps(Some(10), &s, 10).is_empty());
 }
