@@ -250,11 +250,15 @@ fn echo(mut req: Request) -> http::Response<Full<Bytes>> {
         );
     }
     let upgrade = hyper::upgrade::on(&mut req);
-    // zdr cannot close an upgraded connection without breaking it: the
-    // echo ends it itself when its worker drains or the connection ages.
+    // zdr cannot close an upgraded connection without breaking it. Asked
+    // to (`/echo?polite=1`), the echo ends it itself when its worker drains
+    // or the connection ages; else it lasts until the client leaves.
+    let polite = query_param(&req, "polite") == 1;
     let leave = match req.extensions().get::<zdr::ClientInfo>() {
-        Some(client) => futures_util::future::Either::Left(WorkerInfo::draining_or_aged(client)),
-        None => futures_util::future::Either::Right(WorkerInfo::draining()),
+        Some(client) if polite => {
+            futures_util::future::Either::Left(WorkerInfo::draining_or_aged(client))
+        }
+        _ => futures_util::future::Either::Right(std::future::pending()),
     };
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

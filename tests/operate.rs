@@ -832,8 +832,8 @@ fn max_connection_age_moves_pinned_keep_alive_clients() {
 }
 
 /// An upgraded connection is the app's: zdr cannot close it without
-/// breaking it. The demo's echo waits for `WorkerInfo::draining_or_aged`
-/// and ends it itself: when its worker drains (a reload, with a graceful
+/// breaking it. The demo's polite echo waits for
+/// `WorkerInfo::draining_or_aged` and ends it itself: when its worker drains (a reload, with a graceful
 /// timeout far longer than the test), and when the connection passes
 /// `--max-connection-age`.
 #[test]
@@ -848,7 +848,7 @@ fn an_app_closes_its_upgraded_connections_when_draining_or_aged() {
     let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "600"]).start();
     server.wait_ready();
     let old = server.wait_workers(1);
-    let mut echo = upgrade_to_echo(server.addr());
+    let mut echo = upgrade_to_echo_at(server.addr(), "/echo?polite=1");
     echo.write_all(b"ping").unwrap();
     let mut got = [0u8; 4];
     echo.read_exact(&mut got).unwrap();
@@ -864,7 +864,7 @@ fn an_app_closes_its_upgraded_connections_when_draining_or_aged() {
 
     let server = Launch::serve(&["--workers", "1", "--max-connection-age", "1"]).start();
     server.wait_ready();
-    let mut echo = upgrade_to_echo(server.addr());
+    let mut echo = upgrade_to_echo_at(server.addr(), "/echo?polite=1");
     echo.write_all(b"pong").unwrap();
     echo.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"pong");

@@ -818,10 +818,19 @@ impl HeldRequest {
 /// Opens a connection upgraded to the demo app's byte echo (`GET /echo`
 /// with `Upgrade: echo`), past its `101` answer.
 pub fn upgrade_to_echo(addr: SocketAddr) -> TcpStream {
+    upgrade_to_echo_at(addr, "/echo")
+}
+
+/// As [`upgrade_to_echo`], at `path` (`/echo?polite=1`: an echo that
+/// closes when its worker drains or its connection ages).
+pub fn upgrade_to_echo_at(addr: SocketAddr, path: &str) -> TcpStream {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
