@@ -439,6 +439,18 @@ pub struct Options {
     #[arg(long = "max-surge", env = "ZDR_MAX_SURGE", value_name = "INT", value_parser = whole::<usize>)]
     pub max_surge: Option<usize>,
 
+    /// Let a reload drain up to this many old workers before their
+    /// replacements are ready (Kubernetes' maxUnavailable): with
+    /// --max-surge 0 the server never runs more than `workers` processes,
+    /// for up to N fewer ready ones; at least one stays ready. [default: 0]
+    #[arg(
+        long = "max-unavailable",
+        env = "ZDR_MAX_UNAVAILABLE",
+        value_name = "INT",
+        value_parser = whole::<usize>
+    )]
+    pub max_unavailable: Option<usize>,
+
     /// Start every reload with this many workers of the new generation as a
     /// canary: they serve beside the old generation for --canary-seconds,
     /// and the rest follows only if their errors and latency pass; else
@@ -850,6 +862,9 @@ pub struct Settings {
     /// Reload batch size; 0 for the whole generation at once.
     #[serde(default)]
     pub max_surge: usize,
+    /// Ready workers a reload may go below the target.
+    #[serde(default)]
+    pub max_unavailable: usize,
     /// Seconds a connection may live; 0 for no limit.
     #[serde(default)]
     pub max_connection_age: f64,
@@ -1290,6 +1305,7 @@ impl Settings {
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
             max_surge: o.max_surge.unwrap_or(0),
+            max_unavailable: o.max_unavailable.unwrap_or(0),
             canary: o.canary.unwrap_or(0),
             canary_steps: canary_steps(o.canary_steps.unwrap_or_default())?,
             canary_seconds: seconds(

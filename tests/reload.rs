@@ -673,6 +673,38 @@ fn a_batched_reload_stays_within_its_surge() {
     );
 }
 
+/// `--max-unavailable 1` with no surge and 3 workers: a memory-bound
+/// reload that never runs more than 3 worker processes, with at least 2
+/// serving, and not one request fails.
+#[test]
+fn a_reload_with_max_unavailable_never_exceeds_the_workers() {
+    let server = Launch::serve(&["--workers", "3", "--max-unavailable", "1"]).start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 3);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    let watch = server.watch_capacity();
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{out:?}");
+    server.wait_generation_ready(2, 3);
+    load.wait_for_generation(2, 50);
+    let capacity = watch.stop();
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(capacity.samples > 0);
+    assert!(
+        capacity.max_processes <= 3,
+        "{} processes at once",
+        capacity.max_processes
+    );
+    assert!(
+        capacity.min_serving >= 2,
+        "only {} serving at one point",
+        capacity.min_serving
+    );
+}
+
 /// A canary reload: a faulty canary (half its answers are errors, set
 /// through `raw_env` in the config file) is rolled back with its figures,
 /// and no request fails except the canary's own injected errors; a

@@ -40,7 +40,7 @@
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
 //! | request or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once), worker drained once it is ready | deferred until Serving | — | — |
 //! | a reload with a canary | — | its canary workers start first, then are watched ([`super::canary`]): promoted (the rest starts) or rolled back with its figures | ← | ← | — |
-//! | a batch of a `max_surge` reload is ready | — | — | as many old workers drain; the next batch starts while every process fits in target + batch | — | — |
+//! | a batch of a `max_surge`/`max_unavailable` reload is ready | — | — | old workers drain while the ready ones stay at least target − unavailable; the next batch starts while every process fits in target + surge | — | — |
 //! | the graceful timeout passes for a draining worker | SIGKILL | ← | ← | ← | ← (counted: `stop --wait` fails) |
 //!
 //! "←" means the same as the cell to its left.
@@ -411,6 +411,15 @@ struct Booting {
     canary: Option<Canary>,
 }
 
+/// How a batched reload may stray from the target.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Processes beyond the target (`max_surge`).
+    surge: usize,
+    /// Ready workers below the target (`max_unavailable`).
+    unavailable: usize,
+}
+
 /// A canary: the first workers of a reload, judged before the rest.
 struct Canary {
     workers: usize,
@@ -552,9 +561,9 @@ impl Machine {
                     ),
                 }
             }
-            (None, Some(surge)) => format!(
-                "generation {id}: in batches of {surge}, {ready} of {} ready",
-                self.target
+            (None, Some(batch)) => format!(
+                "generation {id}: in batches (max surge {}, max unavailable {}), {ready} of {} ready",
+                batch.surge, batch.unavailable, self.target
             ),
             (None, None) => format!("generation {id}: {ready} of {} ready", self.target),
         })
@@ -1271,19 +1280,28 @@ impl Machine {
         }
     }
 
-    /// A reload in batches (`max_surge` > 0): the reload's batch size.
-    fn batch(&self) -> Option<usize> {
+    /// A reload in batches (`max_surge` or `max_unavailable` > 0): how far
+    /// it may go above and below the target. At least one worker stays
+    /// ready whatever `max_unavailable` says.
+    fn batch(&self) -> Option<Batch> {
         let b = self.booting.as_ref()?;
-        let surge = b.generation.settings.max_surge;
-        (surge > 0 && self.serving.is_some() && b.rollout.cause == Cause::Reload).then_some(surge)
+        let settings = &b.generation.settings;
+        let batch = Batch {
+            surge: settings.max_surge,
+            unavailable: settings.max_unavailable.min(self.target.saturating_sub(1)),
+        };
+        (batch.surge + batch.unavailable > 0
+            && self.serving.is_some()
+            && b.rollout.cause == Cause::Reload)
+            .then_some(batch)
     }
 
-    /// In a batched reload, drains as many old workers as new ones are
-    /// ready beyond the target: the server keeps `target` ready workers.
+    /// In a batched reload, drains as many old workers as the ready ones
+    /// exceed `target - max_unavailable`: the server never has fewer ready.
     fn drain_replaced_by_batch(&mut self, now: Instant, out: &mut Out) {
-        let Some(id) = self
+        let Some((batch, id)) = self
             .batch()
-            .and(self.booting.as_ref().map(|b| b.generation.id))
+            .zip(self.booting.as_ref().map(|b| b.generation.id))
         else {
             return;
         };
@@ -1294,7 +1312,7 @@ impl Machine {
             .filter(|w| w.generation != id && w.role.serves())
             .map(|w| w.pid)
             .collect();
-        let excess = (ready_new + old.len()).saturating_sub(self.target);
+        let excess = (ready_new + old.len() + batch.unavailable).saturating_sub(self.target);
         for pid in old.into_iter().take(excess) {
             self.drain(pid, now, out);
         }
@@ -1625,9 +1643,14 @@ impl Machine {
                 } else {
                     wanted - active.len()
                 };
-                if let Some(surge) = batch.filter(|_| Some(id) == self.booting().map(|g| g.id)) {
-                    let room = (self.target + surge).saturating_sub(self.workers.len());
+                if let Some(batch) = batch.filter(|_| Some(id) == self.booting().map(|g| g.id)) {
+                    let room = (self.target + batch.surge).saturating_sub(self.workers.len());
                     missing = missing.min(room);
+                    // Each batch has the boot timeout to become ready: the
+                    // wait for room (old workers draining) does not count.
+                    if let (true, Some(b)) = (missing > 0, &mut self.booting) {
+                        b.rollout.restart_clock(now, Duration::ZERO);
+                    }
                 }
                 for _ in 0..missing {
                     out.push(Action::Spawn { generation: id });

@@ -746,6 +746,7 @@ fn random_sequences_keep_the_invariants() {
                     } else {
                         let mut s = settings(1 + rng.below(4) as usize);
                         s.max_surge = rng.below(3) as usize;
+                        s.max_unavailable = rng.below(3) as usize;
                         if rng.below(4) == 0 {
                             // A canary in steps that needs no traffic: it
                             // grows step by step, unless something intervenes.
@@ -1059,4 +1060,56 @@ fn canary_sizes_come_from_the_reload_then_the_steps_then_canary() {
     assert_eq!(super::canary_steps(Some(3), &s, 10), vec![3]);
     // A canary as large as the generation is no canary.
     assert!(super::canary_steps(Some(10), &s, 10).is_empty());
+}
+
+/// `max_unavailable` with no surge: a reload never runs more than the
+/// target's processes; an old worker drains first, and its replacement
+/// starts once it is gone; never fewer than target - 1 ready.
+#[test]
+fn a_reload_with_max_unavailable_stays_within_the_target() {
+    let mut s = settings(4);
+    s.max_unavailable = 1;
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s.clone());
+    sim.signal(Sig::Hup);
+    let (mut most, mut least) = (0, usize::MAX);
+    for _ in 0..40 {
+        sim.tick();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(&sim));
+        sim.ready_all();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(&sim));
+        sim.exit_signalled();
+        if sim.m.state() == State::Serving {
+            break;
+        }
+    }
+    assert_eq!(sim.m.state(), State::Serving);
+    assert_eq!(most, 4, "never more than the target's processes");
+    assert_eq!(least, 3, "never fewer than 3 ready");
+    assert!(sim.m.workers().iter().all(|w| w.generation == 2));
+
+    // max_unavailable as large as the target still keeps one ready.
+    let mut s = settings(3);
+    s.max_unavailable = 10;
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s);
+    sim.signal(Sig::Hup);
+    let mut least = usize::MAX;
+    for _ in 0..40 {
+        sim.tick();
+        least = least.min(ready_serving(&sim));
+        sim.ready_all();
+        sim.exit_signalled();
+        if sim.m.state() == State::Serving {
+            break;
+        }
+    }
+    assert_eq!(sim.m.state(), State::Serving);
+    assert_eq!(least, 1);
 }
