@@ -665,6 +665,18 @@ fn every_zdr_variable_reaches_its_setting() {
         ("ZDR_MAX_SURGE", "2".into(), "max_surge", "2".into()),
         ("ZDR_CANARY", "1".into(), "canary", "1".into()),
         (
+            "ZDR_MAX_UNAVAILABLE",
+            "1".into(),
+            "max_unavailable",
+            "1".into(),
+        ),
+        (
+            "ZDR_CANARY_STEPS",
+            "1,50%".into(),
+            "canary_steps",
+            "[\"1\", \"50%\"]".into(),
+        ),
+        (
             "ZDR_CANARY_SECONDS",
             "15".into(),
             "canary_seconds",
