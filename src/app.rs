@@ -20,7 +20,6 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use std::panic::AssertUnwindSafe;
-use tower::ServiceExt;
 
 pub use crate::body::BoxError;
 
@@ -94,10 +93,16 @@ where
     B::Error: Into<BoxError>,
 {
     fn call(&self, req: Request) -> BoxFuture<Response> {
-        let svc = self.0.clone();
+        let mut svc = self.0.clone();
         Box::pin(async move {
-            // A panic costs that request a 500 and nothing else.
-            match AssertUnwindSafe(svc.oneshot(req)).catch_unwind().await {
+            // A panic costs that request a 500 and nothing else. The
+            // request moves once, into the call (not through `oneshot`'s
+            // state as well).
+            let answer = async move {
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                svc.call(req).await
+            };
+            match AssertUnwindSafe(answer).catch_unwind().await {
                 Ok(Ok(res)) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
                 Ok(Err(err)) => {
                     tracing::error!("app error: {}", err.into());

@@ -121,9 +121,7 @@ pub fn server() -> Server<Demo> {
             if let Some(file) = demo.boot_fail_file.as_ref().filter(|f| f.exists()) {
                 return Err(format!("demo app: {} exists", file.display()).into());
             }
-            Ok(tower::service_fn(move |req: Request| {
-                handle(Arc::clone(&demo), req)
-            }))
+            Ok(tower::service_fn(move |req: Request| route(&demo, req)))
         })
         .ready(|demo: Arc<Demo>| async move {
             match demo.unready_file.as_ref().filter(|f| f.exists()) {
@@ -161,7 +159,59 @@ fn query_ms(req: &Request) -> u64 {
     query_param(req, "ms").min(MAX_MS)
 }
 
-async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Bytes>>, DemoError> {
+/// What the demo answers with.
+type Answer = Result<http::Response<Full<Bytes>>, DemoError>;
+
+/// Answers the plain `GET /` (the benchmarks' request) at once, with no
+/// future to speak of; everything else in a boxed one.
+fn route(
+    demo: &Arc<Demo>,
+    req: Request,
+) -> futures_util::future::Either<
+    std::future::Ready<Answer>,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
+> {
+    use futures_util::future::Either;
+    let plain = req.method() == Method::GET
+        && req.uri().path() == "/"
+        && demo.latency.is_zero()
+        && demo.error_rate == 0.0;
+    if plain {
+        let client = req.extensions().get::<zdr::ClientInfo>();
+        return Either::Left(std::future::ready(Ok(hello(demo, client, None))));
+    }
+    Either::Right(Box::pin(handle(Arc::clone(demo), req)))
+}
+
+/// The demo's usual answer: who served the request, and for whom.
+fn hello(
+    demo: &Demo,
+    client: Option<&zdr::ClientInfo>,
+    received: Option<usize>,
+) -> http::Response<Full<Bytes>> {
+    let info = WorkerInfo::current();
+    let body = format!(
+        "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",
+        info.map(|i| i.pid).unwrap_or_else(std::process::id),
+        info.map(|i| i.generation).unwrap_or(0),
+        demo.loaded_in,
+        demo.loads,
+        client
+            .and_then(|c| c.addr)
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        client.map_or("http", |c| c.scheme),
+        if demo.message.is_empty() {
+            ""
+        } else {
+            " message="
+        },
+        demo.message,
+        received.map_or_else(String::new, |n| format!(" received={n}")),
+    );
+    reply(StatusCode::OK, body)
+}
+
+async fn handle(demo: Arc<Demo>, req: Request) -> Answer {
     let mut received = None;
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, _) => {}
@@ -183,10 +233,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
             format!("injected error generation={generation}\n"),
         ));
     }
-    let (client, info) = (
-        req.extensions().get::<zdr::ClientInfo>().cloned(),
-        WorkerInfo::current(),
-    );
+    let client = req.extensions().get::<zdr::ClientInfo>().cloned();
     match req.uri().path() {
         "/" | "/upload" if req.method() == Method::POST => {
             use http_body_util::BodyExt;
@@ -215,26 +262,7 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Result<http::Response<Full<Byt
         }
         _ => return Ok(reply(StatusCode::NOT_FOUND, "not found\n".into())),
     }
-    let client = client.as_ref();
-    let body = format!(
-        "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",
-        info.map(|i| i.pid).unwrap_or_else(std::process::id),
-        info.map(|i| i.generation).unwrap_or(0),
-        demo.loaded_in,
-        demo.loads,
-        client
-            .and_then(|c| c.addr)
-            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        client.map_or("http", |c| c.scheme),
-        if demo.message.is_empty() {
-            ""
-        } else {
-            " message="
-        },
-        demo.message,
-        received.map_or_else(String::new, |n| format!(" received={n}")),
-    );
-    Ok(reply(StatusCode::OK, body))
+    Ok(hello(&demo, client.as_ref(), received))
 }
 
 /// Upgrades the connection to a byte echo.

@@ -72,23 +72,68 @@ impl AllowList {
     }
 
     /// Resolves the client of a request from `peer` over `scheme`.
+    #[cfg(test)]
     pub fn resolve(
         &self,
         peer: Option<IpAddr>,
         scheme: &'static str,
         headers: &HeaderMap,
     ) -> ClientInfo {
-        let direct = ClientInfo {
-            addr: peer,
-            scheme,
-            forwarded: false,
-            connection_expires: None,
-        };
-        if !peer.is_some_and(|p| self.trusts(p)) {
-            return direct;
+        self.peer(peer, scheme).resolve(headers)
+    }
+
+    /// What holds for every request of one connection: whether its peer
+    /// is trusted is decided once, not per request.
+    pub fn peer(&self, peer: Option<IpAddr>, scheme: &'static str) -> PeerRule {
+        PeerRule {
+            direct: ClientInfo {
+                addr: peer,
+                scheme,
+                forwarded: false,
+                connection_expires: None,
+            },
+            trusted: peer.is_some_and(|p| self.trusts(p)),
+        }
+    }
+}
+
+/// How the requests of one connection resolve their client.
+#[derive(Debug, Clone)]
+pub struct PeerRule {
+    direct: ClientInfo,
+    trusted: bool,
+}
+
+impl PeerRule {
+    /// Sets when the connection passes its maximum age.
+    pub fn expires(mut self, at: Option<std::time::Instant>) -> PeerRule {
+        self.direct.connection_expires = at;
+        self
+    }
+
+    /// The client of a request with `headers`: the peer, or what a trusted
+    /// peer's forwarding headers say.
+    pub fn resolve(&self, headers: &HeaderMap) -> ClientInfo {
+        if !self.trusted {
+            return self.direct.clone();
+        }
+        // One pass over the fields, keeping the first of each name (what
+        // `HeaderMap::get` would return), instead of three lookups.
+        let (mut fwd, mut xff, mut xfp) = (None, None, None);
+        for (name, value) in headers {
+            if *name == FORWARDED {
+                fwd = fwd.or(Some(value));
+            } else if name == X_FORWARDED_FOR {
+                xff = xff.or(Some(value));
+            } else if name == X_FORWARDED_PROTO {
+                xfp = xfp.or(Some(value));
+            }
+        }
+        if fwd.is_none() && xff.is_none() && xfp.is_none() {
+            return self.direct.clone();
         }
         let (mut addr, mut proto) = (None, None);
-        if let Some(fwd) = headers.get(FORWARDED).and_then(|v| v.to_str().ok()) {
+        if let Some(fwd) = fwd.and_then(|v| v.to_str().ok()) {
             // The first element describes the client: for=...;proto=...
             let first = fwd.split(',').next().unwrap_or("");
             for pair in first.split(';') {
@@ -104,29 +149,27 @@ impl AllowList {
             }
         }
         if addr.is_none() {
-            addr = headers
-                .get(X_FORWARDED_FOR)
+            addr = xff
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.split(',').next())
                 .and_then(|v| parse_node(v.trim()));
         }
         if proto.is_none() {
-            proto = headers
-                .get(X_FORWARDED_PROTO)
+            proto = xfp
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.trim().to_ascii_lowercase());
         }
         let scheme = match proto.as_deref() {
             Some("https") => "https",
             Some("http") => "http",
-            _ => scheme,
+            _ => self.direct.scheme,
         };
-        let forwarded = addr.is_some() || scheme != direct.scheme;
+        let forwarded = addr.is_some() || scheme != self.direct.scheme;
         ClientInfo {
-            addr: addr.or(peer),
+            addr: addr.or(self.direct.addr),
             scheme,
             forwarded,
-            connection_expires: None,
+            connection_expires: self.direct.connection_expires,
         }
     }
 }

@@ -110,17 +110,21 @@ impl Limits {
         const BAD: Option<(StatusCode, &str)> = Some((StatusCode::BAD_REQUEST, "Bad Request\n"));
         let http1 = req.version() < Version::HTTP_2;
         let (mut hosts, mut malformed, mut too_large) = (0u32, false, false);
+        let mut length = None;
         for (name, value) in req.headers() {
             let bytes = value.as_bytes();
             // A field counts as its line does: `name: value` and its CRLF.
             too_large |=
                 self.field_size > 0 && name.as_str().len() + bytes.len() + 4 > self.field_size;
+            // (hyper's HTTP/1 parser and the HTTP/2 decoder refuse control
+            // characters in a field value themselves; tests/hardening.rs
+            // holds them to it.)
             if http1 && name == http::header::HOST {
                 hosts += 1;
                 malformed |= !valid_host(bytes);
-            } else if http1 {
-                // Control characters in a field value (RFC 9110 §5.5).
-                malformed |= has_control(bytes);
+            }
+            if length.is_none() && name == CONTENT_LENGTH {
+                length = Some(value);
             }
         }
         if http1 && (malformed || hosts > 1 || malformed_target(req, hosts)) {
@@ -140,10 +144,7 @@ impl Limits {
             ));
         }
         if let Some(max) = self.body {
-            let length = req
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let length = length.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             if length.is_some_and(|n| n > max) {
                 return Some((StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n"));
             }
@@ -172,14 +173,6 @@ fn malformed_target(req: &Request, hosts: u32) -> bool {
                 .bytes()
                 .fold(false, |bad, b| bad | (b <= b' ') | (b >= 0x7f))
         })
-}
-
-/// Whether a field value holds a control character other than HTAB. No
-/// early exit: the loop stays branch-free, and values are short.
-fn has_control(value: &[u8]) -> bool {
-    value.iter().fold(false, |bad, b| {
-        bad | ((*b < b' ') & (*b != b'\t')) | (*b == 0x7f)
-    })
 }
 
 /// Whether a `Host` value is a host with an optional port: a reg-name or
@@ -344,10 +337,9 @@ impl Drop for InFlight {
 struct ConnService {
     shared: Arc<Shared>,
     conn: Arc<ConnState>,
-    peer: Peer,
+    /// How its requests resolve their client, decided once per connection.
+    client: crate::forwarded::PeerRule,
     epoch: Instant,
-    /// When the connection passes its maximum age, if it has one.
-    expires: Option<std::time::Instant>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -384,11 +376,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         let refusal = self.shared.limits.check(&req);
         let req_is_head = req.method() == http::Method::HEAD;
-        let mut client =
-            self.shared
-                .forwarded
-                .resolve(self.peer.ip, self.peer.scheme, req.headers());
-        client.connection_expires = self.expires;
+        let client = self.client.resolve(req.headers());
         let started = self.shared.slot.begin_request();
         if let Some(g) = &mut guard {
             g.slot = Some(self.shared.slot);
@@ -577,9 +565,11 @@ pub(crate) async fn serve<I>(
     let service = ConnService {
         shared: Arc::clone(&shared),
         conn: Arc::clone(&conn_state),
-        peer,
+        client: shared
+            .forwarded
+            .peer(peer.ip, peer.scheme)
+            .expires(max_age.map(|(at, _)| at.into_std())),
         epoch,
-        expires: max_age.map(|(at, _)| at.into_std()),
     };
     let conn = shared
         .builder
@@ -603,16 +593,42 @@ pub(crate) async fn serve<I>(
             .map_or(epoch + first, |(at, _)| (epoch + first).min(at)),
     );
     tokio::pin!(timer);
+    // The drain signal and the timer are polled only when they may have
+    // fired (a version check, a state check), not on every wake-up of the
+    // connection, which is once or more per request.
+    let probe = drain.clone();
+    let drain_fired = || probe.has_changed().unwrap_or(true);
+    let drain_wait = drain.wait_for(|d| *d);
+    tokio::pin!(drain_wait);
+    let (mut drain_armed, mut timer_armed) = (false, false);
     loop {
-        let step = tokio::select! {
-            _ = conn.as_mut() => break,
-            _ = drain.wait_for(|d| *d), if clock.drain_began.is_none() => {
+        let woke = std::future::poll_fn(|cx| {
+            if conn.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Closed);
+            }
+            if clock.drain_began.is_none()
+                && (!drain_armed || drain_fired())
+                && drain_wait.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Woke::Drain);
+            }
+            drain_armed = true;
+            if (!timer_armed || timer.is_elapsed()) && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Timer);
+            }
+            timer_armed = true;
+            Poll::Pending
+        })
+        .await;
+        let step = match woke {
+            Woke::Closed => break,
+            Woke::Drain => {
                 let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
                 let http2 = conn_state.http2.load(Ordering::Relaxed);
                 conn_state.draining.store(true, Ordering::Relaxed);
                 clock.drain(Instant::now(), busy, http2)
             }
-            _ = timer.as_mut() => {
+            Woke::Timer => {
                 let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
                     0 => None,
                     ms => Some(epoch + Duration::from_millis(ms)),
@@ -631,6 +647,8 @@ pub(crate) async fn serve<I>(
                 step
             }
         };
+        // A timer reset below must be polled again to be armed.
+        timer_armed = false;
         match step {
             Step::Close => break,
             Step::HeaderTimeout => {
@@ -646,6 +664,16 @@ pub(crate) async fn serve<I>(
             Step::Wait { until } => timer.as_mut().reset(until),
         }
     }
+}
+
+/// What woke a connection's task to act.
+enum Woke {
+    /// The connection is over.
+    Closed,
+    /// The worker started draining.
+    Drain,
+    /// The connection's timer fired.
+    Timer,
 }
 
 /// `--max-connection-age` and its companions.
