@@ -16,6 +16,11 @@
 #[allow(dead_code)]
 mod load;
 
+/// The demo app, whose answer the bare hyper server gives too.
+#[path = "../src/demo.rs"]
+#[allow(dead_code)]
+mod demo;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -513,8 +518,6 @@ http {
 mod bare {
     use std::convert::Infallible;
 
-    use bytes::Bytes;
-    use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto;
 
@@ -525,12 +528,8 @@ mod bare {
             .enable_all()
             .build()
             .expect("runtime");
-        // As the demo, read once at load.
-        let message: &'static str = Box::leak(
-            std::env::var("ZDR_DEMO_MESSAGE")
-                .unwrap_or_default()
-                .into_boxed_str(),
-        );
+        // The demo's load step, once.
+        let app: &'static super::demo::Demo = Box::leak(Box::new(super::demo::Demo::from_env()));
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
             loop {
@@ -539,29 +538,17 @@ mod bare {
                 };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
-                    // The demo app's work: its body names the client too.
-                    let svc = hyper::service::service_fn(move |_req| async move {
-                        // The same formatting, field for field, as the demo's.
-                        let pid = std::process::id();
-                        let received: Option<usize> = None;
-                        let body = format!(
-                            "pid={} generation={} loaded_in={} loads={} client={} scheme={}{}{}{}\n",
-                            pid,
-                            0u64,
-                            pid,
-                            1u64,
-                            Some(peer.ip()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                            "http",
-                            if message.is_empty() { "" } else { " message=" },
-                            message,
-                            received.map_or_else(String::new, |n| format!(" received={n}")),
-                        );
-                        let mut res = http::Response::new(Full::new(Bytes::from(body)));
-                        res.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-                        );
-                        Ok::<_, Infallible>(res)
+                    let svc = hyper::service::service_fn(move |_req| {
+                        // The demo's own answer, by the same function; the
+                        // client as zdr would resolve it.
+                        let client = zdr::ClientInfo {
+                            addr: Some(peer.ip()),
+                            scheme: "http",
+                            forwarded: false,
+                            connection_expires: None,
+                        };
+                        let res = super::demo::hello(app, Some(&client), None);
+                        async move { Ok::<_, Infallible>(res) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)

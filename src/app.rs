@@ -18,7 +18,6 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::BodyExt;
 use std::panic::AssertUnwindSafe;
 
 pub use crate::body::BoxError;
@@ -26,10 +25,9 @@ pub use crate::body::BoxError;
 /// The request type zdr hands to the app's service.
 pub type Request = http::Request<crate::body::RequestBody>;
 
-/// The response body zdr sends: any app body, boxed.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub use crate::response_body::Body;
 
-/// The response type, after zdr has boxed the app's body.
+/// The response type, after zdr has taken the app's body.
 pub type Response = http::Response<Body>;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -103,7 +101,7 @@ where
                 svc.call(req).await
             };
             match AssertUnwindSafe(answer).catch_unwind().await {
-                Ok(Ok(res)) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                Ok(Ok(res)) => res.map(Body::new),
                 Ok(Err(err)) => {
                     tracing::error!("app error: {}", err.into());
                     internal_error()
@@ -200,11 +198,7 @@ impl WorkerInfo {
 
 /// A plain-text response with `status`.
 pub(crate) fn plain(status: http::StatusCode, text: impl Into<Bytes>) -> Response {
-    let mut res = http::Response::new(
-        http_body_util::Full::new(text.into())
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
+    let mut res = http::Response::new(Body::from(text.into()));
     *res.status_mut() = status;
     res.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -86,6 +86,34 @@ impl std::fmt::Display for DemoError {
 
 impl std::error::Error for DemoError {}
 
+impl Demo {
+    /// The demo's load step: its settings from the environment.
+    pub(crate) fn from_env() -> Demo {
+        let boot_ms = std::env::var("ZDR_DEMO_BOOT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Demo {
+            loaded_in: std::process::id(),
+            loads: LOADS.fetch_add(1, Ordering::Relaxed) + 1,
+            message: std::env::var("ZDR_DEMO_MESSAGE").unwrap_or_default(),
+            boot_delay: Duration::from_millis(boot_ms),
+            error_rate: std::env::var("ZDR_DEMO_ERROR_RATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+            latency: Duration::from_millis(
+                std::env::var("ZDR_DEMO_LATENCY_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
+            boot_fail_file: std::env::var_os("ZDR_DEMO_BOOT_FAIL_FILE").map(PathBuf::from),
+            unready_file: std::env::var_os("ZDR_DEMO_UNREADY_FILE").map(PathBuf::from),
+        }
+    }
+}
+
 /// The demo app as a zdr server.
 pub fn server() -> Server<Demo> {
     Server::new("demo")
@@ -93,28 +121,7 @@ pub fn server() -> Server<Demo> {
             if let Ok(msg) = std::env::var("ZDR_DEMO_LOAD_ERROR") {
                 return Err(format!("demo app: {msg}").into());
             }
-            let boot_ms = std::env::var("ZDR_DEMO_BOOT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            Ok(Demo {
-                loaded_in: std::process::id(),
-                loads: LOADS.fetch_add(1, Ordering::Relaxed) + 1,
-                message: std::env::var("ZDR_DEMO_MESSAGE").unwrap_or_default(),
-                boot_delay: Duration::from_millis(boot_ms),
-                error_rate: std::env::var("ZDR_DEMO_ERROR_RATE")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0.0),
-                latency: Duration::from_millis(
-                    std::env::var("ZDR_DEMO_LATENCY_MS")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0),
-                ),
-                boot_fail_file: std::env::var_os("ZDR_DEMO_BOOT_FAIL_FILE").map(PathBuf::from),
-                unready_file: std::env::var_os("ZDR_DEMO_UNREADY_FILE").map(PathBuf::from),
-            })
+            Ok(Demo::from_env())
         })
         .service(|demo: Arc<Demo>| async move {
             tokio::time::sleep(demo.boot_delay).await;
@@ -183,8 +190,9 @@ fn route(
     Either::Right(Box::pin(handle(Arc::clone(demo), req)))
 }
 
-/// The demo's usual answer: who served the request, and for whom.
-fn hello(
+/// The demo's usual answer: who served the request, and for whom. (The
+/// benchmarks' bare hyper server answers with this very function.)
+pub(crate) fn hello(
     demo: &Demo,
     client: Option<&zdr::ClientInfo>,
     received: Option<usize>,

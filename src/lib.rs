@@ -42,6 +42,7 @@ mod logging;
 mod master;
 mod metrics;
 mod recycle;
+mod response_body;
 mod scoreboard;
 mod server;
 mod stall;

@@ -12,7 +12,6 @@ use http::header::{
     HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{StatusCode, Uri, Version};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -123,7 +122,7 @@ async fn forward(upstream: &Upstream, mut req: Request) -> Response {
     // The client's version, not the command's (an HTTP/1.0 server's answer
     // goes out as HTTP/1.1, with zdr's keep-alive).
     *res.version_mut() = version;
-    res.map(|body| body.map_err(Into::into).boxed_unsync())
+    res.map(crate::app::Body::new)
 }
 
 /// Whether the client asks to switch protocols (HTTP/1.1 only).

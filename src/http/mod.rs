@@ -32,7 +32,6 @@ use std::time::Duration;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -320,6 +319,8 @@ struct InFlight {
     epoch: Instant,
     /// The worker's slot, once the request counts there.
     slot: Option<&'static Slot>,
+    /// When the response was ready, if it was (the clock is read once).
+    done: Option<Instant>,
 }
 
 impl Drop for InFlight {
@@ -327,7 +328,8 @@ impl Drop for InFlight {
         if let Some(slot) = self.slot {
             slot.end_request();
         }
-        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        let done = self.done.unwrap_or_else(Instant::now);
+        let ms = done.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
         self.conn.last_done_ms.store(ms, Ordering::Relaxed);
         self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
@@ -353,6 +355,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             conn: Arc::clone(&self.conn),
             epoch: self.epoch,
             slot: None,
+            done: None,
         });
         let version = req.version();
         let (parts, incoming) = req.into_parts();
@@ -390,7 +393,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             self.conn.http2.store(true, Ordering::Relaxed);
         }
         // One clock read per request, for the metrics and the access log.
-        let began = std::time::Instant::now();
+        let began = Instant::now();
         let log = self.shared.access_log.is_some().then(|| {
             Box::new(LogFacts {
                 shared: Arc::clone(&self.shared),
@@ -449,7 +452,7 @@ pub(crate) struct ConnFuture {
     body: Option<Arc<crate::body::BodyWatch>>,
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
-    metrics: Option<(&'static Slot, std::time::Instant)>,
+    metrics: Option<(&'static Slot, Instant)>,
 }
 
 impl Future for ConnFuture {
@@ -472,8 +475,12 @@ impl Future for ConnFuture {
             }
         }
         without_forbidden_content(&mut res, self.head);
+        let now = Instant::now();
+        if let Some(g) = &mut self.guard {
+            g.done = Some(now);
+        }
         let elapsed = self.metrics.take().map(|(slot, began)| {
-            let elapsed = began.elapsed();
+            let elapsed = now.saturating_duration_since(began);
             slot.record(res.status().as_u16(), elapsed);
             elapsed
         });
@@ -528,9 +535,7 @@ fn without_forbidden_content(res: &mut Response, head: bool) {
         return;
     }
     let length = res.body().size_hint().exact();
-    *res.body_mut() = http_body_util::Empty::new()
-        .map_err(|e| match e {})
-        .boxed_unsync();
+    *res.body_mut() = crate::app::Body::empty();
     let headers = res.headers_mut();
     match status {
         100..=199 | 204 => {

@@ -1,0 +1,164 @@
+//! The response body zdr sends: an app's whole-buffer body (`Full<Bytes>`,
+//! `String`, `Bytes`, `Vec<u8>`, `&'static str`) as its bytes, and any
+//! other body boxed. Most answers are a single buffer, so most responses
+//! cost no allocation of their own.
+
+use std::any::Any;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+
+use crate::body::BoxError;
+
+/// The body of a response zdr sends.
+///
+/// [`Body::new`] takes any body that yields [`Bytes`]; a single buffer is
+/// kept as it is, anything else is boxed.
+pub struct Body(Inner);
+
+enum Inner {
+    /// A single buffer, until sent; `None` once sent, or if empty.
+    Full(Option<Bytes>),
+    /// Any other body.
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    /// Wraps an app's response body.
+    pub fn new<B>(body: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut body = Some(body);
+        let any = &mut body as &mut dyn Any;
+        if let Some(full) = any.downcast_mut::<Option<Full<Bytes>>>() {
+            if let Some(bytes) = full.take().and_then(full_bytes) {
+                return Body::from(bytes);
+            }
+            return Body::empty();
+        }
+        if let Some(bytes) = any.downcast_mut::<Option<Bytes>>() {
+            return Body::from(bytes.take().unwrap_or_default());
+        }
+        if let Some(text) = any.downcast_mut::<Option<String>>() {
+            return Body::from(Bytes::from(text.take().unwrap_or_default()));
+        }
+        if let Some(boxed) = any.downcast_mut::<Option<Body>>() {
+            return boxed.take().unwrap_or_else(Body::empty);
+        }
+        match body {
+            Some(body) => Body(Inner::Boxed(body.map_err(Into::into).boxed_unsync())),
+            None => Body::empty(),
+        }
+    }
+
+    /// A body with no bytes.
+    pub fn empty() -> Body {
+        Body(Inner::Full(None))
+    }
+}
+
+/// The bytes of a `Full` body, which it yields at once.
+fn full_bytes(mut full: Full<Bytes>) -> Option<Bytes> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+        _ => None,
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Body {
+        Body(Inner::Full((!bytes.is_empty()).then_some(bytes)))
+    }
+}
+
+impl From<String> for Body {
+    fn from(text: String) -> Body {
+        Body::from(Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(text: &'static str) -> Body {
+        Body::from(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Inner::Full(bytes) => f
+                .debug_tuple("Body")
+                .field(&bytes.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            Inner::Boxed(_) => f.write_str("Body(boxed)"),
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Boxed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Inner::Boxed(body) => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(body: Body) -> (Bytes, bool) {
+        let unboxed = matches!(body.0, Inner::Full(_));
+        (body.collect().await.unwrap().to_bytes(), unboxed)
+    }
+
+    #[tokio::test]
+    async fn single_buffers_stay_unboxed_and_others_are_boxed() {
+        let full = Body::new(Full::new(Bytes::from_static(b"hello")));
+        assert_eq!(full.size_hint().exact(), Some(5));
+        assert_eq!(collect(full).await, (Bytes::from_static(b"hello"), true));
+        let text = Body::new(String::from("text"));
+        assert_eq!(collect(text).await, (Bytes::from_static(b"text"), true));
+        let empty = Body::new(http_body_util::Empty::<Bytes>::new());
+        assert!(!matches!(empty.0, Inner::Full(_)));
+        assert!(empty.is_end_stream());
+        let streamed = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            [
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"a"))),
+                Ok(Frame::data(Bytes::from_static(b"b"))),
+            ],
+        )));
+        assert_eq!(collect(streamed).await, (Bytes::from_static(b"ab"), false));
+        assert!(Body::new(Full::new(Bytes::new())).is_end_stream());
+    }
+}
