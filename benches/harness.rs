@@ -16,6 +16,9 @@
 #[allow(dead_code)]
 mod load;
 
+#[path = "harness/precise.rs"]
+mod precise;
+
 /// The demo app, whose answer the bare hyper server gives too.
 #[path = "../src/demo.rs"]
 #[allow(dead_code)]
@@ -56,6 +59,10 @@ struct Opts {
     quick: bool,
     only: Option<Vec<String>>,
     json: PathBuf,
+    /// Also keep the run under `benches/results/`.
+    save: bool,
+    /// Rewrite the figures between the markers of this Markdown file.
+    readme: Option<PathBuf>,
 }
 
 impl Opts {
@@ -64,6 +71,8 @@ impl Opts {
             quick: false,
             only: None,
             json: PathBuf::from("target/zdr-bench.json"),
+            save: false,
+            readme: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -73,6 +82,8 @@ impl Opts {
                     opts.only = it.next().map(|s| s.split(',').map(str::to_owned).collect())
                 }
                 "--json" => opts.json = it.next().map(PathBuf::from).unwrap_or(opts.json),
+                "--save" => opts.save = true,
+                "--readme" => opts.readme = it.next().map(PathBuf::from),
                 "--bench" => {}
                 other => eprintln!("ignoring unknown argument {other:?}"),
             }
@@ -417,13 +428,25 @@ impl Drop for Running {
 fn die_with_harness(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0);
-    // SAFETY: prctl is async-signal-safe and allocates nothing.
+    // Servers on their own cores, when the machine has cores to split.
+    let cores = precise::core_split().and_then(|(server, _)| {
+        let mut set = nix::sched::CpuSet::new();
+        for c in server {
+            set.set(c).ok()?;
+        }
+        Some(set)
+    });
+    // SAFETY: prctl and sched_setaffinity are async-signal-safe system
+    // calls and allocate nothing; the set was built before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::libc::prctl(
                 nix::libc::PR_SET_PDEATHSIG,
                 nix::libc::SIGKILL as nix::libc::c_ulong,
             );
+            if let Some(set) = &cores {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set);
+            }
             Ok(())
         });
     }
@@ -864,28 +887,16 @@ impl Bench {
             self.memory_row(&name, mb, gunicorn);
         }
         if self.opts.wants("recycle") {
-            let name = "zdr --max-requests 1000 --max-requests-jitter 100";
-            eprintln!("recycle: {name}");
-            match self.start(
-                Kind::Zdr { preload: false },
-                &["--max-requests", "1000", "--max-requests-jitter", "100"],
-                &[],
-            ) {
-                Ok(server) => {
-                    let m = self.load(server.addr, self.opts.duration(), |_| {});
-                    let base = steady
-                        .get(Kind::Zdr { preload: false }.name())
-                        .map(|b| b.rps);
-                    let ratio = base.map(|b| m.rps / b);
-                    self.row(
-                        "recycle",
-                        name,
-                        vec![format!("{:.0}", m.rps), m.failed.to_string(), ratio.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "-".into()), (m.by_pid.len()).to_string()],
-                        json!({ "rps": m.rps, "failed": m.failed, "failures": m.failures, "rps_over_steady": ratio, "workers_seen": m.by_pid.len() }),
-                    );
-                }
-                Err(why) => self.skip("recycle", name, &why, 4),
-            }
+            self.recycle();
+        }
+        if self.opts.wants("throughput") {
+            self.throughput();
+        }
+        if self.opts.wants("conn_memory") {
+            self.conn_memory();
+        }
+        if self.opts.wants("instructions") {
+            self.instructions();
         }
         self.print(started.elapsed());
         let _ = std::fs::remove_dir_all(&self.scratch);
@@ -916,7 +927,10 @@ impl Bench {
             ("reload_duration", "| system | median ms (signal to old workers gone) | runs |\n|---|---|---|"),
             ("inflight", "| 20 requests of 3 s in flight | completed |\n|---|---|"),
             ("memory", "| system | RSS MiB (sum) | PSS MiB (sum) | PSS / table |\n|---|---|---|---|"),
-            ("recycle", "| system | req/s | failed | of steady | workers seen |\n|---|---|---|---|---|"),
+            ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx | / bare hyper | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),
+            ("instructions", "| system (1 serving thread) | instructions per keep-alive request | / bare hyper | requests counted |\n|---|---|---|---|"),
         ]);
         let mut out = String::new();
         out.push_str(&format!(
@@ -928,12 +942,15 @@ impl Bench {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         ));
         for scenario in [
+            "instructions",
+            "throughput",
+            "recycle",
+            "conn_memory",
             "steady",
             "reload",
             "reload_duration",
             "inflight",
             "memory",
-            "recycle",
         ] {
             if let Some(rows) = self.tables.get(scenario) {
                 out.push_str(&format!(
@@ -943,9 +960,48 @@ impl Bench {
                 ));
             }
         }
-        out.push_str(&format!("(run took {:.0} s)\n", took.as_secs_f64()));
+        let machine = machine();
+        out.push_str(&format!(
+            "(run took {:.0} s; {}; {})\n",
+            took.as_secs_f64(),
+            machine["cpu"].as_str().unwrap_or("?"),
+            if precise::core_split().is_some() {
+                "servers and wrk on disjoint cores"
+            } else {
+                "servers and load generator share the cores"
+            }
+        ));
         print!("{out}");
-        let doc = json!({ "quick": self.opts.quick, "results": self.results });
+        let date = command_text("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]);
+        let commit = command_text("git", &["rev-parse", "--short", "HEAD"]);
+        let doc = json!({
+            "quick": self.opts.quick, "date": date, "commit": commit, "machine": machine,
+            "results": self.results,
+        });
+        if self.opts.save {
+            let day = date.get(..10).unwrap_or("undated");
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("benches/results/{day}-{commit}.json"));
+            let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")));
+            match std::fs::write(
+                &path,
+                serde_json::to_string_pretty(&doc).unwrap_or_default(),
+            ) {
+                Ok(()) => eprintln!("results kept in {}", path.display()),
+                Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+            }
+        }
+        if let Some(readme) = &self.opts.readme {
+            let section = format!(
+                "Measured {date} at {commit} ({}, {} cores{}), `cargo bench --bench harness -- {}`:\n\n{}",
+                machine["cpu"].as_str().unwrap_or("?"),
+                machine["cores"],
+                if precise::core_split().is_some() { ", servers and wrk on disjoint cores" } else { ", servers and load generator sharing them" },
+                std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>().join(" "),
+                out.split("\n\n").skip(1).collect::<Vec<_>>().join("\n\n"),
+            );
+            rewrite_between_markers(readme, &section);
+        }
         if let Some(parent) = self.opts.json.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -1001,4 +1057,54 @@ fn wrk_rps(addr: SocketAddr, duration: Duration) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// What the figures were measured on.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": command_text("uname", &["-r"]),
+    })
+}
+
+/// A command's output, trimmed; empty if it cannot run.
+fn command_text(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Replaces what lies between `<!-- bench:begin -->` and `<!-- bench:end -->`.
+fn rewrite_between_markers(path: &Path, section: &str) {
+    let (begin, end) = ("<!-- bench:begin -->", "<!-- bench:end -->");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        eprintln!("cannot read {}", path.display());
+        return;
+    };
+    let (Some(a), Some(b)) = (text.find(begin), text.find(end)) else {
+        eprintln!("{} has no {begin} … {end} section", path.display());
+        return;
+    };
+    let new = format!(
+        "{}{begin}\n{}\n{}",
+        &text[..a],
+        section.trim_end(),
+        &text[b..]
+    );
+    match std::fs::write(path, new) {
+        Ok(()) => eprintln!("figures written into {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
 }

@@ -1,0 +1,495 @@
+//! The scenarios that steer the work on speed: systems interleaved
+//! (A B C A B C …) after a warm-up, medians with min–max over repetitions,
+//! `wrk` as the load generator, server and generator on disjoint cores when
+//! the machine has enough; and deterministic instruction counts
+//! (callgrind), which a noisy shared machine cannot blur.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{children_of, get, which, Bench, Kind, Running, WORKERS};
+
+/// The cores the servers run on and the cores the load generator runs on,
+/// when there are at least four (else both share every core, and the
+/// figures measure the pair).
+pub fn core_split() -> Option<(Vec<usize>, Vec<usize>)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n >= 4).then(|| ((0..n / 2).collect(), (n / 2..n).collect()))
+}
+
+/// `wrk -t2 -c64` for `secs` seconds: requests per second, and whether any
+/// request failed (a socket error or a non-2xx answer).
+fn wrk(addr: SocketAddr, secs: u64) -> Option<(f64, bool)> {
+    let wrk = which("wrk")?;
+    let mut cmd = match core_split() {
+        Some((_, client)) => {
+            let mut c = Command::new(which("taskset")?);
+            c.arg("-c")
+                .arg(
+                    client
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+                .arg(wrk);
+            c
+        }
+        None => Command::new(wrk),
+    };
+    let out = cmd
+        .args(["-t", "2", "-c", "64", "-d", &format!("{secs}s")])
+        .arg(format!("http://{addr}/"))
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let failed = text.contains("Socket errors") || text.contains("Non-2xx");
+    Some((rps, failed))
+}
+
+/// Median, min and max.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = if v.is_empty() {
+        0.0
+    } else if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (
+        median,
+        v.first().copied().unwrap_or(0.0),
+        v.last().copied().unwrap_or(0.0),
+    )
+}
+
+fn cell((median, min, max): (f64, f64, f64)) -> String {
+    format!("{median:.0} ({min:.0}–{max:.0})")
+}
+
+/// A system for the interleaved runs: its name, the extra arguments, and
+/// what is sampled during a run.
+struct Contender {
+    name: String,
+    server: Running,
+    runs: Vec<f64>,
+    failed: bool,
+    most_processes: usize,
+}
+
+impl Bench {
+    fn repetitions(&self) -> usize {
+        if self.opts.quick {
+            3
+        } else {
+            5
+        }
+    }
+
+    fn seconds(&self) -> u64 {
+        if self.opts.quick {
+            3
+        } else {
+            8
+        }
+    }
+
+    /// Runs every contender `repetitions` times, interleaved, each run
+    /// after a one-second warm-up, counting the processes of each (master
+    /// and workers) while it runs.
+    fn interleave(&mut self, contenders: &mut [Contender]) {
+        let (reps, secs) = (self.repetitions(), self.seconds());
+        for rep in 0..reps {
+            for c in contenders.iter_mut() {
+                eprintln!("  {} run {}/{reps}", c.name, rep + 1);
+                let _ = wrk(c.server.addr, 1);
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let watcher = {
+                    let (stop, pid) = (std::sync::Arc::clone(&stop), c.server.pid());
+                    std::thread::spawn(move || {
+                        let mut most = 0;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            most = most.max(children_of(pid).len());
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        most
+                    })
+                };
+                if let Some((rps, failed)) = wrk(c.server.addr, secs) {
+                    c.runs.push(rps);
+                    c.failed |= failed;
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                c.most_processes = c.most_processes.max(watcher.join().unwrap_or(0));
+            }
+        }
+    }
+
+    /// Steady throughput: zdr, bare hyper and nginx, interleaved.
+    pub fn throughput(&mut self) {
+        if which("wrk").is_none() {
+            self.skip("throughput", "all", "wrk not installed", 5);
+            return;
+        }
+        let mut contenders = Vec::new();
+        for kind in [Kind::Zdr { preload: false }, Kind::Bare, Kind::Nginx] {
+            match self.start(kind, &[], &[]) {
+                Ok(server) => contenders.push(Contender {
+                    name: kind.name().to_owned(),
+                    server,
+                    runs: Vec::new(),
+                    failed: false,
+                    most_processes: 0,
+                }),
+                Err(why) => self.skip("throughput", kind.name(), &why, 5),
+            }
+        }
+        eprintln!("throughput: interleaved");
+        self.interleave(&mut contenders);
+        let median_of = |name: &str, cs: &[Contender]| {
+            cs.iter()
+                .find(|c| c.name == name)
+                .map(|c| spread(&c.runs).0)
+        };
+        let nginx = median_of("nginx", &contenders);
+        let bare = median_of("bare hyper", &contenders);
+        for c in &contenders {
+            let s = spread(&c.runs);
+            let vs = |base: Option<f64>| {
+                base.filter(|b| *b > 0.0)
+                    .map(|b| format!("{:.2}", s.0 / b))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let record = json!({
+                "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
+                "over_nginx": nginx.map(|n| s.0 / n), "over_bare": bare.map(|b| s.0 / b),
+                "failed": c.failed, "pinned": core_split().is_some(),
+            });
+            let cells = vec![
+                cell(s),
+                vs(nginx),
+                vs(bare),
+                c.failed.to_string(),
+                c.runs.len().to_string(),
+            ];
+            self.row("throughput", &c.name, cells, record);
+        }
+    }
+
+    /// Recycling at saturation: with `--max-requests 1000
+    /// --max-requests-jitter 100`, with and without `--preload`, against
+    /// the same server without it, interleaved; and the most processes
+    /// seen at once.
+    pub fn recycle(&mut self) {
+        if which("wrk").is_none() {
+            self.skip("recycle", "all", "wrk not installed", 5);
+            return;
+        }
+        let limits = ["--max-requests", "1000", "--max-requests-jitter", "100"];
+        let mut contenders = Vec::new();
+        for (name, kind, extra) in [
+            ("zdr", Kind::Zdr { preload: false }, &[][..]),
+            ("zdr, recycling", Kind::Zdr { preload: false }, &limits[..]),
+            (
+                "zdr --preload, recycling",
+                Kind::Zdr { preload: true },
+                &limits[..],
+            ),
+        ] {
+            match self.start(kind, extra, &[]) {
+                Ok(server) => contenders.push(Contender {
+                    name: name.to_owned(),
+                    server,
+                    runs: Vec::new(),
+                    failed: false,
+                    most_processes: 0,
+                }),
+                Err(why) => self.skip("recycle", name, &why, 5),
+            }
+        }
+        eprintln!("recycle: interleaved");
+        self.interleave(&mut contenders);
+        let base = contenders
+            .iter()
+            .find(|c| c.name == "zdr")
+            .map(|c| spread(&c.runs).0);
+        for c in &contenders {
+            let s = spread(&c.runs);
+            let ratio = base.filter(|b| *b > 0.0).map(|b| s.0 / b);
+            let record = json!({
+                "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
+                "over_no_recycling": ratio, "most_worker_processes": c.most_processes,
+                "workers": WORKERS, "failed": c.failed,
+            });
+            let cells = vec![
+                cell(s),
+                ratio
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                c.most_processes.to_string(),
+                c.failed.to_string(),
+                c.runs.len().to_string(),
+            ];
+            self.row("recycle", &c.name, cells, record);
+        }
+    }
+
+    /// Instructions per keep-alive request, counted by callgrind in the
+    /// serving process (zdr: 1 worker × 1 thread; bare hyper: 1 thread):
+    /// (Ir over 4,000 requests after 1,000 of warm-up) / 4,000.
+    pub fn instructions(&mut self) {
+        for tool in ["valgrind", "callgrind_control", "h2load"] {
+            if which(tool).is_none() {
+                self.skip("instructions", "all", &format!("{tool} not installed"), 3);
+                return;
+            }
+        }
+        let mut counts = BTreeMap::new();
+        for kind in [Kind::Zdr { preload: false }, Kind::Bare] {
+            eprintln!("instructions: {}", kind.name());
+            let dir = self.dir();
+            match instructions_per_request(kind, &dir) {
+                Ok(ir) => {
+                    counts.insert(kind.name(), ir);
+                }
+                Err(why) => self.skip("instructions", kind.name(), &why, 3),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let bare = counts.get(Kind::Bare.name()).copied();
+        for (name, ir) in &counts {
+            let ratio = bare.map(|b| *ir as f64 / b as f64);
+            self.row(
+                "instructions",
+                name,
+                vec![
+                    ir.to_string(),
+                    ratio
+                        .map(|r| format!("{r:.2}"))
+                        .unwrap_or_else(|| "-".into()),
+                    "4000".into(),
+                ],
+                json!({ "instructions_per_request": ir, "over_bare": ratio, "requests": 4000 }),
+            );
+        }
+    }
+
+    /// Memory per idle keep-alive connection: the serving process's PSS
+    /// growth over N connections that each made one request.
+    pub fn conn_memory(&mut self) {
+        let n = if self.opts.quick { 2000 } else { 5000 };
+        for kind in [Kind::Zdr { preload: false }, Kind::Bare] {
+            let name = kind.name();
+            eprintln!("connection memory: {name}");
+            let extra: &[&str] = match kind {
+                Kind::Zdr { .. } => &["--worker-connections", "20000", "--keep-alive", "600"],
+                _ => &[],
+            };
+            let server = match self.start(kind, extra, &[]) {
+                Ok(s) => s,
+                Err(why) => {
+                    self.skip("conn_memory", name, &why, 3);
+                    continue;
+                }
+            };
+            let serving: Vec<u32> = match kind {
+                Kind::Bare => vec![server.pid()],
+                _ => children_of(server.pid()),
+            };
+            for _ in 0..200 {
+                let _ = get(server.addr, "/");
+            }
+            let before = pss_kib(&serving);
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                match one_request_kept(server.addr) {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        eprintln!("  stopped at {} connections: {e}", held.len());
+                        break;
+                    }
+                }
+            }
+            // Every worker's growth: the accept queue spreads connections.
+            let after = pss_kib(&serving);
+            let per = (after.saturating_sub(before)) as f64 / held.len().max(1) as f64;
+            self.row(
+                "conn_memory",
+                name,
+                vec![format!("{per:.1}"), held.len().to_string(), format!("{}", (after - before.min(after)) / 1024)],
+                json!({ "kib_per_connection": per, "connections": held.len(), "pss_growth_kib": after.saturating_sub(before) }),
+            );
+            drop(held);
+        }
+    }
+}
+
+/// Opens a connection, sends one keep-alive request, reads the whole
+/// answer, and keeps the connection.
+fn one_request_kept(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return Ok(s);
+            }
+        }
+    }
+}
+
+/// The PSS of these processes, in KiB.
+fn pss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Starts `kind` under callgrind with one serving thread, warms it up and
+/// counts the instructions its serving process spends on 4,000 requests.
+fn instructions_per_request(kind: Kind, dir: &Path) -> Result<u64, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let addr = super::free_addr();
+    let out_file = dir.join("cg.%p");
+    let mut cmd = Command::new("valgrind");
+    cmd.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.display()));
+    match kind {
+        Kind::Bare => {
+            cmd.arg(std::env::current_exe().map_err(|e| e.to_string())?)
+                .args(["--as-bare", &addr.to_string(), "1"]);
+        }
+        _ => {
+            cmd.arg("--trace-children=yes")
+                .arg(env!("CARGO_BIN_EXE_zdr"))
+                .args([
+                    "serve",
+                    "--workers",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ])
+                .args(["--bind", &addr.to_string(), "--control-socket"])
+                .arg(dir.join("control.sock"));
+        }
+    }
+    super::die_with_harness(&mut cmd);
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while get(addr, "/").ok() != Some(200) {
+            if Instant::now() > deadline {
+                return Err("not serving within 300 s under valgrind".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let serving = match kind {
+            Kind::Bare => child.id(),
+            _ => *children_of(child.id())
+                .first()
+                .ok_or("no worker under valgrind")?,
+        };
+        let h2load = |n: &str| {
+            Command::new("h2load")
+                .args(["--h1", "-n", n, "-c", "4"])
+                .arg(format!("http://{addr}/"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| e.to_string())
+        };
+        let dump = || {
+            Command::new("callgrind_control")
+                .args(["-d", &serving.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| e.to_string())
+        };
+        h2load("1000")?;
+        dump()?;
+        h2load("4000")?;
+        dump()?;
+        // The newest dump of the serving process holds the 4,000 requests.
+        let prefix = format!("cg.{serving}.");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut dumps: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(dir)
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let part = name.strip_prefix(&prefix)?.parse().ok()?;
+                    Some((part, e.path()))
+                })
+                .collect();
+            dumps.sort();
+            if let Some((2.., path)) = dumps.last() {
+                let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+                if let Some(ir) = text.lines().find_map(|l| {
+                    l.strip_prefix("summary:")
+                        .or_else(|| l.strip_prefix("totals:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                }) {
+                    return Ok(ir / 4000);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("no callgrind dump".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })();
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+    result
+}
