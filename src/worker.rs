@@ -647,14 +647,19 @@ async fn serve_maybe_tls<I>(
     let Some(acceptor) = shared.tls.clone() else {
         return http::serve(io, peer, shared, drain).await;
     };
-    match tokio::time::timeout(shared.header_timeout, acceptor.accept(io)).await {
-        Ok(Ok(stream)) => {
-            peer.scheme = "https";
-            http::serve(stream, peer, shared, drain).await
+    // Boxed: a plain connection's task is not sized for TLS's state (its
+    // handshake and its stream), which every idle connection would carry.
+    Box::pin(async move {
+        match tokio::time::timeout(shared.header_timeout, acceptor.accept(io)).await {
+            Ok(Ok(stream)) => {
+                peer.scheme = "https";
+                http::serve(stream, peer, shared, drain).await
+            }
+            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
         }
-        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
-        Err(_) => tracing::debug!("TLS handshake timed out"),
-    }
+    })
+    .await
 }
 
 /// A connection's socket, carrying its share of the worker's connection
