@@ -30,6 +30,7 @@
 
 mod app;
 mod body;
+mod boot;
 mod cli;
 mod client;
 mod command;

@@ -17,7 +17,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::signal::unix::{signal, SignalKind};
@@ -26,85 +25,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::app::{LoadedApp, Loader, WorkerInfo};
-use crate::config::Settings;
 use crate::http::access_log::AccessLog;
 use crate::http::{self, Peer, Shared};
-use crate::listener::{Inherited, WorkerListener};
-use crate::recycle::RequestLimit;
+use crate::listener::WorkerListener;
 use crate::scoreboard::{Doorbell, Scoreboard, Slot, SlotState};
 
-/// The environment variable that carries a [`WorkerSpec`] to an exec'd
-/// worker.
-pub(crate) const SPEC_ENV: &str = "ZDR_WORKER_SPEC";
-
-/// The exit code of a worker whose app failed to boot (Gunicorn's).
-pub(crate) const BOOT_ERROR: i32 = 3;
-
-/// A worker's exit code when the graceful timeout passed with connections
-/// still open: it drained, but not all of them.
-pub(crate) const GAVE_UP: i32 = 4;
-
-/// Everything a worker needs from its master.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WorkerSpec {
-    pub(crate) generation: u64,
-    pub(crate) slot: usize,
-    pub(crate) master_pid: u32,
-    pub(crate) settings: Settings,
-    pub(crate) listeners: Vec<Inherited>,
-    pub(crate) scoreboard_fd: i32,
-    pub(crate) doorbell_fd: i32,
-    /// When to be recycled, if ever.
-    pub(crate) request_limit: Option<RequestLimit>,
-    /// The descriptor of the executable the master ran this worker from
-    /// (its generation's pinned file), for the worker to close.
-    #[serde(default)]
-    pub(crate) exe_fd: Option<i32>,
-}
-
-/// The signal actions a worker boots with, removed once its runtime's own
-/// handlers are in place.
-static BOOT_ACTIONS: std::sync::Mutex<Vec<signal_hook::SigId>> = std::sync::Mutex::new(Vec::new());
-
-/// Gives a new worker the signal actions it boots with, before any of its
-/// own handlers exist: a stop (TERM, INT, QUIT) ends it at once, and the
-/// signals only the master acts on (HUP, USR1, USR2, WINCH, TTIN, TTOU) do
-/// nothing, so that a log reopen (USR1) does not kill a booting worker. A
-/// forked worker would otherwise keep the master's handlers, which set
-/// flags nobody reads: a stop would be lost until it had booted. They go
-/// through the same registry as the runtime's handlers, which install
-/// themselves beside them.
-pub(crate) fn boot_dispositions() {
-    use signal_hook::consts::signal::*;
-    let mut ids = Vec::new();
-    for sig in [SIGTERM, SIGINT, SIGQUIT] {
-        // SAFETY: the action only calls `_exit`, which is
-        // async-signal-safe; a just-forked child is single-threaded.
-        if let Ok(id) = unsafe { signal_hook::low_level::register(sig, || nix::libc::_exit(0)) } {
-            ids.push(id);
-        }
-    }
-    for sig in [SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGTTIN, SIGTTOU] {
-        // SAFETY: the action does nothing at all.
-        if let Ok(id) = unsafe { signal_hook::low_level::register(sig, || {}) } {
-            ids.push(id);
-        }
-    }
-    if let Ok(mut actions) = BOOT_ACTIONS.lock() {
-        *actions = ids;
-    }
-}
-
-/// Removes the boot-time actions: the runtime's handlers take over.
-pub(crate) fn end_boot_dispositions() {
-    let ids = BOOT_ACTIONS
-        .lock()
-        .map(|mut a| std::mem::take(&mut *a))
-        .unwrap_or_default();
-    for id in ids {
-        signal_hook::low_level::unregister(id);
-    }
-}
+use crate::boot::{
+    boot_dispositions, boot_failed, end_boot_dispositions, WorkerSpec, GAVE_UP, SPEC_ENV,
+};
 
 /// Runs an exec'd worker if this process is one; `None` otherwise.
 pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
@@ -207,15 +135,6 @@ pub(crate) fn run(
     let code = runtime.block_on(serve(spec, board, bell, app));
     runtime.shutdown_background();
     code
-}
-
-pub(crate) fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
-    let message = format!("{err:#}");
-    tracing::error!("worker {} failed to boot: {message}", std::process::id());
-    slot.set_message(&message);
-    slot.set_state(SlotState::BootFailed);
-    bell.ring();
-    BOOT_ERROR
 }
 
 async fn serve(

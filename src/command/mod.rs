@@ -30,7 +30,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use crate::app::{BoxFuture, LoadedApp};
-use crate::worker::WorkerSpec;
+use crate::boot::WorkerSpec;
 
 /// The command's process, as its worker holds it.
 struct Child {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::boot::WorkerSpec;
 use crate::scoreboard::{Doorbell, Slot, SlotState};
-use crate::worker::WorkerSpec;
 
 /// The first descriptor a socket-activated program reads (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -31,7 +31,7 @@ pub(crate) fn run(spec: &WorkerSpec, slot: &'static Slot, bell: Arc<Doorbell>) -
     {
         Ok(rt) => rt,
         Err(e) => {
-            return crate::worker::boot_failed(
+            return crate::boot::boot_failed(
                 slot,
                 &bell,
                 &anyhow::anyhow!("cannot start the runtime: {e}"),
@@ -49,13 +49,13 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
         signal(SignalKind::quit()),
         signal(SignalKind::interrupt()),
     ) else {
-        return crate::worker::boot_failed(
+        return crate::boot::boot_failed(
             slot,
             bell,
             &anyhow::anyhow!("cannot install signal handlers"),
         );
     };
-    crate::worker::end_boot_dispositions();
+    crate::boot::end_boot_dispositions();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -69,7 +69,7 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
     let notify = match tokio::net::UnixDatagram::bind(&notify_path) {
         Ok(n) => n,
         Err(e) => {
-            return crate::worker::boot_failed(
+            return crate::boot::boot_failed(
                 slot,
                 bell,
                 &anyhow::anyhow!("cannot open {}: {e}", notify_path.display()),
@@ -80,7 +80,7 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
     let fds: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     let child = match start(spec, &fds, &notify_path) {
         Ok(child) => child,
-        Err(e) => return crate::worker::boot_failed(slot, bell, &e),
+        Err(e) => return crate::boot::boot_failed(slot, bell, &e),
     };
     let pid = child.pid;
     let mut exited = child.exited.clone();
@@ -105,7 +105,7 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
         _ = exited.wait_for(|s| s.is_some()) => {
             let status = child.exited.borrow().clone().unwrap_or_default();
             let said = child.last_words().await;
-            return crate::worker::boot_failed(slot, bell, &anyhow::anyhow!(
+            return crate::boot::boot_failed(slot, bell, &anyhow::anyhow!(
                 "the command {status} before it was ready{said}"));
         }
         _ = term.recv() => { child.kill_group(); return 0; }
@@ -167,7 +167,7 @@ async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
             "worker {}: the command (pid: {pid}) still ran at the graceful timeout; killed",
             std::process::id()
         );
-        crate::worker::GAVE_UP
+        crate::boot::GAVE_UP
     }
 }
 

@@ -12,8 +12,9 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::{ForkResult, Pid};
 
 use crate::app::{LoadedApp, Loader};
+use crate::boot::{self, WorkerSpec, SPEC_ENV};
 use crate::scoreboard::{Doorbell, Scoreboard};
-use crate::worker::{self, WorkerSpec, SPEC_ENV};
+use crate::worker;
 
 use super::signals::{Signals, HANDLED};
 
@@ -162,7 +163,7 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             parts.signals.uninstall();
-            worker::boot_dispositions();
+            boot::boot_dispositions();
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
             // Single-threaded still: the worker's runtime does not exist yet.
             std::env::remove_var("NOTIFY_SOCKET");
@@ -173,7 +174,7 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
                     .and_then(|_| setuid(Uid::from_raw(uid)));
                 if let Err(e) = dropped {
                     eprintln!("zdr: error: worker cannot switch to uid {uid}, gid {gid}: {e}");
-                    std::process::exit(worker::BOOT_ERROR);
+                    std::process::exit(boot::BOOT_ERROR);
                 }
             }
             let _ = nix::unistd::dup2(parts.stderr.as_raw_fd(), 2);

@@ -15,9 +15,9 @@ use tracing::error;
 use super::machine::{Event, Exit, Observed, SpawnFailure};
 use super::output::Output;
 use super::{report, spawn, Master};
+use crate::boot::WorkerSpec;
 use crate::recycle::RequestLimit;
 use crate::scoreboard::{monotonic_ms, SlotState};
-use crate::worker::WorkerSpec;
 
 /// A worker process, as the master holds it.
 pub(crate) struct Handle {
@@ -157,7 +157,7 @@ impl Master {
             let slot = self.board.slot(handle.slot);
             let exit = Exit {
                 status,
-                gave_up: code == Some(crate::worker::GAVE_UP),
+                gave_up: code == Some(crate::boot::GAVE_UP),
                 state: slot.state(),
                 message: slot.message(),
                 requests: slot.requests(),
