@@ -641,36 +641,38 @@ fn reload_flag_rolls_out_a_new_build_and_an_edited_config() {
     assert!(server.log_text().contains("changed: reloading"));
 }
 
-/// `--max-surge 2` with 6 workers: a reload replaces them two at a time,
-/// never running more than 8 processes nor fewer than 6 serving workers,
-/// and not one request fails.
-#[test]
-fn a_batched_reload_stays_within_its_surge() {
-    let server = Launch::serve(&["--workers", "6", "--max-surge", "2"]).start();
+/// A reload under load with `args`: the most worker processes and the
+/// fewest serving workers seen while it ran; not one request fails.
+fn batched_reload(workers: usize, args: &[&str]) -> (usize, usize) {
+    let n = workers.to_string();
+    let mut all = vec!["--workers", n.as_str()];
+    all.extend(args);
+    let server = Launch::serve(&all).start();
     server.wait_ready();
-    server.wait_generation_ready(1, 6);
+    server.wait_generation_ready(1, workers);
     let rt = runtime();
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
     load.wait_for_more(50);
     let watch = server.watch_capacity();
     let out = server.control(&["reload", "--wait", "--timeout", "120"]);
     assert!(out.status.success(), "{out:?}");
-    server.wait_generation_ready(2, 6);
+    server.wait_generation_ready(2, workers);
     load.wait_for_generation(2, 50);
     let capacity = watch.stop();
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert!(capacity.samples > 0);
-    assert!(
-        capacity.max_processes <= 8,
-        "{} processes at once",
-        capacity.max_processes
-    );
-    assert!(
-        capacity.min_serving >= 6,
-        "only {} serving at one point",
-        capacity.min_serving
-    );
+    (capacity.max_processes, capacity.min_serving)
+}
+
+/// `--max-surge 2` with 6 workers: a reload replaces them two at a time,
+/// never running more than 8 processes nor fewer than 6 serving workers,
+/// and not one request fails.
+#[test]
+fn a_batched_reload_stays_within_its_surge() {
+    let (most, fewest) = batched_reload(6, &["--max-surge", "2"]);
+    assert!(most <= 8, "{most} processes at once");
+    assert!(fewest >= 6, "only {fewest} serving at one point");
 }
 
 /// `--max-unavailable 1` with no surge and 3 workers: a memory-bound
@@ -678,31 +680,9 @@ fn a_batched_reload_stays_within_its_surge() {
 /// serving, and not one request fails.
 #[test]
 fn a_reload_with_max_unavailable_never_exceeds_the_workers() {
-    let server = Launch::serve(&["--workers", "3", "--max-unavailable", "1"]).start();
-    server.wait_ready();
-    server.wait_generation_ready(1, 3);
-    let rt = runtime();
-    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
-    load.wait_for_more(50);
-    let watch = server.watch_capacity();
-    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
-    assert!(out.status.success(), "{out:?}");
-    server.wait_generation_ready(2, 3);
-    load.wait_for_generation(2, 50);
-    let capacity = watch.stop();
-    let report = rt.block_on(load.stop());
-    assert_eq!(report.failed, 0, "{:?}", report.failures);
-    assert!(capacity.samples > 0);
-    assert!(
-        capacity.max_processes <= 3,
-        "{} processes at once",
-        capacity.max_processes
-    );
-    assert!(
-        capacity.min_serving >= 2,
-        "only {} serving at one point",
-        capacity.min_serving
-    );
+    let (most, fewest) = batched_reload(3, &["--max-unavailable", "1"]);
+    assert!(most <= 3, "{most} processes at once");
+    assert!(fewest >= 2, "only {fewest} serving at one point");
 }
 
 /// A canary reload: a faulty canary (half its answers are errors, set

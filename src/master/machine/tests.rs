@@ -852,6 +852,26 @@ fn ready_serving(sim: &Sim) -> usize {
         .count()
 }
 
+/// Lets a reload run its course, every worker ready as soon as it starts
+/// and exiting as soon as it is signalled: the most processes and the
+/// fewest ready serving workers seen on the way.
+fn roll_out(sim: &mut Sim) -> (usize, usize) {
+    let (mut most, mut least) = (0, usize::MAX);
+    for _ in 0..40 {
+        sim.tick();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(sim));
+        sim.ready_all();
+        most = most.max(sim.m.workers().len());
+        least = least.min(ready_serving(sim));
+        sim.exit_signalled();
+        if sim.m.state() == State::Serving {
+            break;
+        }
+    }
+    (most, least)
+}
+
 /// `max_surge`: a reload replaces the workers a batch at a time, never
 /// running more than target + batch processes (draining ones included)
 /// nor fewer than target ready; a failing batch rolls back and the old
@@ -865,19 +885,7 @@ fn a_batched_reload_stays_within_its_surge_and_never_dips() {
     sim.ready_all();
     sim.next_config = Ok(s.clone());
     sim.signal(Sig::Hup);
-    let (mut most, mut least) = (0, usize::MAX);
-    for _ in 0..40 {
-        sim.tick();
-        most = most.max(sim.m.workers().len());
-        least = least.min(ready_serving(&sim));
-        sim.ready_all();
-        most = most.max(sim.m.workers().len());
-        least = least.min(ready_serving(&sim));
-        sim.exit_signalled();
-        if sim.m.state() == State::Serving {
-            break;
-        }
-    }
+    let (most, least) = roll_out(&mut sim);
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(most, 8, "never more than 6 + 2 processes");
     assert_eq!(least, 6, "never fewer than 6 ready");
@@ -1074,19 +1082,7 @@ fn a_reload_with_max_unavailable_stays_within_the_target() {
     sim.ready_all();
     sim.next_config = Ok(s.clone());
     sim.signal(Sig::Hup);
-    let (mut most, mut least) = (0, usize::MAX);
-    for _ in 0..40 {
-        sim.tick();
-        most = most.max(sim.m.workers().len());
-        least = least.min(ready_serving(&sim));
-        sim.ready_all();
-        most = most.max(sim.m.workers().len());
-        least = least.min(ready_serving(&sim));
-        sim.exit_signalled();
-        if sim.m.state() == State::Serving {
-            break;
-        }
-    }
+    let (most, least) = roll_out(&mut sim);
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(most, 4, "never more than the target's processes");
     assert_eq!(least, 3, "never fewer than 3 ready");
@@ -1100,16 +1096,7 @@ fn a_reload_with_max_unavailable_stays_within_the_target() {
     sim.ready_all();
     sim.next_config = Ok(s);
     sim.signal(Sig::Hup);
-    let mut least = usize::MAX;
-    for _ in 0..40 {
-        sim.tick();
-        least = least.min(ready_serving(&sim));
-        sim.ready_all();
-        sim.exit_signalled();
-        if sim.m.state() == State::Serving {
-            break;
-        }
-    }
+    let (_, least) = roll_out(&mut sim);
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(least, 1);
 }
