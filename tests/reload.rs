@@ -759,13 +759,15 @@ fn a_stepped_canary_is_promoted_and_a_slow_one_rolled_back() {
     let config = dir.path("zdr.toml");
     let toml = |latency_ms: u32| {
         format!(
-            "workers = 4\ncanary_steps = [\"1\", \"50%\", \"100%\"]\ncanary_seconds = 1\n\
-             canary_min_requests = 20\ncanary_max_p99_ratio = 5\nmetrics_bind = \"127.0.0.1:0\"\n\
+            "workers = 4\ncanary_steps = [\"1\", \"50%\", \"100%\"]\ncanary_seconds = 2\n\
+             canary_min_requests = 5\ncanary_max_p99_ratio = 8\nmetrics_bind = \"127.0.0.1:0\"\n\
              raw_env = [\"ZDR_DEMO_LATENCY_MS={latency_ms}\"]\n"
         )
     };
     // Every answer takes at least 20 ms, so that a busy machine's noise
-    // cannot make a healthy canary's p99 five times the old one's.
+    // cannot make a healthy canary's p99 eight times the old one's; the
+    // slow canary takes a second (its p99 forty times the old one's), and
+    // needs only 5 answers in its window.
     write_file(&config, &toml(20));
     let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
     server.wait_ready();
@@ -797,7 +799,7 @@ fn a_stepped_canary_is_promoted_and_a_slow_one_rolled_back() {
     );
     server.wait_generation_ready(2, 4);
 
-    write_file(&config, &toml(400));
+    write_file(&config, &toml(1000));
     server.signal(Signal::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(120), || server
@@ -826,4 +828,38 @@ fn a_stepped_canary_is_promoted_and_a_slow_one_rolled_back() {
     );
     assert!(metric(&text, "zdr_canary_verdicts_total{verdict=\"promoted\"}") >= 2.0);
     assert_eq!(metric(&text, "zdr_canary_workers"), 0.0);
+}
+
+/// A client that has connected but not yet sent its request when its
+/// worker starts draining (a busy machine can hold a client back between
+/// the two) is still answered, with `Connection: close`: the connection
+/// gets the header timeout for its first request, not the short grace an
+/// idle keep-alive connection gets.
+#[test]
+fn a_connection_whose_request_comes_late_in_a_drain_is_answered() {
+    use std::io::{Read, Write};
+    let server = Launch::serve(&["--workers", "1", "--header-timeout", "60"]).start();
+    server.wait_ready();
+    let old = server.wait_workers(1);
+    let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || server
+        .status()
+        .workers
+        .iter()
+        .any(|w| w.connections >= 1)));
+    server.signal(Signal::SIGHUP);
+    server.wait_old_generations_stop_accepting(2);
+    // Well past the idle grace (1 s), well within the header timeout.
+    std::thread::sleep(Duration::from_secs(3));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let reply = parse_reply(&raw).expect("an answer, not a closed connection");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation(), 1);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(wait_until(Duration::from_secs(60), || old
+        .iter()
+        .all(|p| !alive(*p))));
 }

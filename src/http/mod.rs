@@ -798,8 +798,20 @@ impl Clock {
             // stream in flight if one comes within the grace (some clients
             // fail a stream in flight when GOAWAY and PING arrive), else at
             // its end.
+            //
+            // An HTTP/1 connection whose first request has not come yet:
+            // its client has just connected and is sending it (a busy
+            // machine may hold it back); it is given the header timeout
+            // for it, as any new connection is, and answered with
+            // `Connection: close`. Closing it after the short grace would
+            // fail a request nobody had answered.
             let grace = DRAIN_IDLE_GRACE.min(self.keepalive);
-            if now >= began + grace || (http2 && idle) {
+            let deadline = if !http2 && last_done.is_none() {
+                (self.epoch + self.header_timeout).max(began + grace)
+            } else {
+                began + grace
+            };
+            if now >= deadline || (http2 && idle) {
                 self.closing_since = Some(now);
                 return Step::Shutdown {
                     then: now + DRAIN_POLL,
@@ -903,6 +915,43 @@ mod tests {
         let grace = DRAIN_IDLE_GRACE.min(c.keepalive);
         assert!(matches!(
             c.fired(t0 + grace, true, false, done),
+            Step::Shutdown { .. }
+        ));
+    }
+
+    #[test]
+    fn a_draining_connection_waits_for_its_first_request_up_to_the_header_timeout() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        // Drain begins just after the connection was accepted, before its
+        // first request came.
+        assert!(matches!(c.drain(t0, false, false), Step::Wait { .. }));
+        let grace = DRAIN_IDLE_GRACE.min(c.keepalive);
+        assert!(matches!(
+            c.fired(t0 + grace, true, false, None),
+            Step::Wait { .. }
+        ));
+        assert!(matches!(
+            c.fired(t0 + 9 * S, true, false, None),
+            Step::Wait { .. }
+        ));
+        assert!(matches!(
+            c.fired(t0 + 10 * S, true, false, None),
+            Step::Shutdown { .. }
+        ));
+        // Once it has been answered, the usual grace applies.
+        let mut c = clock(t0);
+        c.drain(t0, false, false);
+        assert!(matches!(
+            c.fired(t0 + grace, true, false, Some(t0 + DRAIN_POLL)),
+            Step::Shutdown { .. }
+        ));
+        // HTTP/2 has GOAWAY for this: the client knows what was not
+        // processed.
+        let mut c = clock(t0);
+        c.drain(t0, false, true);
+        assert!(matches!(
+            c.fired(t0 + DRAIN_POLL, true, true, None),
             Step::Shutdown { .. }
         ));
     }
