@@ -199,14 +199,38 @@ pub(crate) fn master_socket_path(settings: &Settings, pid: u32) -> PathBuf {
 }
 
 /// Sends one request and waits (up to `timeout`) for the answer.
+///
+/// A status request whose connection is cut before any answer is sent once
+/// more: a binary upgrade hands the listening socket to the new image, but
+/// a connection the old image had accepted and not yet read ends with it.
+/// (Other requests are not sent twice: the first may have been acted on.)
 pub fn send(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
+    match send_once(path, request, timeout) {
+        Err(e)
+            if *request == Request::Status
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+        {
+            send_once(path, request, timeout)
+        }
+        other => other,
+    }
+}
+
+fn send_once(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
+    if BufReader::new(stream).read_line(&mut answer)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     serde_json::from_str(&answer)
         .map_err(|e| std::io::Error::other(format!("bad answer from the server: {e}")))
 }

@@ -426,8 +426,39 @@ fn usr2_upgrades_the_binary_keeping_the_master_pid() {
                 real.display()
             ),
         );
+        // `zdr status` answers all through the upgrade: the control socket
+        // is handed over across exec, never closed.
+        let socket = server.control_socket();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asker = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut answered, mut refused) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match zdr::control::send(
+                        &socket,
+                        &zdr::control::Request::Status,
+                        Duration::from_secs(30),
+                    ) {
+                        Ok(_) => answered += 1,
+                        Err(e) => refused.push(e.to_string()),
+                    }
+                }
+                (answered, refused)
+            })
+        };
         server.signal(Signal::SIGUSR2);
         server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (answered, refused) = asker.join().unwrap();
+        assert!(answered > 0);
+        assert!(
+            refused.is_empty(),
+            "preload={preload}: {} of {} status requests failed, first: {:?}",
+            refused.len(),
+            refused.len() as u32 + answered,
+            refused.first()
+        );
         load.wait_for_generation(2, 50);
         let report = rt.block_on(load.stop());
         assert_eq!(report.failed, 0, "preload={preload}: {:?}", report.failures);

@@ -2,7 +2,7 @@
 //! without threads: accept, read one request line, answer, close.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -70,6 +70,31 @@ impl ControlServer {
             conns: Vec::new(),
             next_id: 1,
         })
+    }
+
+    /// Takes over the listening socket `fd` at `path`, handed over by the
+    /// previous image of this master.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be a listening Unix socket this process owns and that
+    /// nothing else will close or adopt.
+    pub(crate) unsafe fn adopt(fd: RawFd, path: &Path) -> io::Result<ControlServer> {
+        // SAFETY: the caller hands over ownership of `fd`.
+        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        crate::sys::set_cloexec(fd, true)?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            listener,
+            conns: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// The listening socket's descriptor, to hand over across exec.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
     }
 
     /// The socket's path.

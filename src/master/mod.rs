@@ -146,6 +146,8 @@ struct Base {
     bell: Doorbell,
     signals: Signals,
     handles: Vec<Handle>,
+    /// The control socket, when the previous image handed it over.
+    control: Option<ControlServer>,
 }
 
 /// What every master gets from the command line and the app.
@@ -186,6 +188,7 @@ impl Master {
             bell,
             signals: Signals::install()?,
             handles: Vec::new(),
+            control: None,
         };
         info!(
             "Using worker: tokio (threads={}, worker_connections={}){}",
@@ -296,6 +299,10 @@ impl Master {
             bell: unsafe { Doorbell::from_inherited(h.bell_tx) }?,
             signals,
             handles,
+            control: h.control.and_then(|(fd, path)| {
+                // SAFETY: handed over across exec, once, like the listeners.
+                unsafe { ControlServer::adopt(fd, &path) }.ok()
+            }),
         };
         let master = Master::assemble(inputs, &settings, base)?;
         Ok((master, Event::Signal(Sig::Hup)))
@@ -311,7 +318,18 @@ impl Master {
             args,
         } = inputs;
         let pid = std::process::id();
-        let control = ControlServer::bind(&crate::control::master_socket_path(settings, pid))?;
+        // Kept across a binary upgrade, so that `zdr status` never finds
+        // it refusing; bound anew if the settings moved it.
+        let path = crate::control::master_socket_path(settings, pid);
+        let control = match base.control {
+            Some(handed) if handed.path() == path => handed,
+            handed => {
+                if let Some(old) = handed {
+                    old.remove();
+                }
+                ControlServer::bind(&path)?
+            }
+        };
         info!("Control socket: {}", control.path().display());
         let scrape = settings
             .metrics_bind

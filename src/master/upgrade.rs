@@ -48,6 +48,9 @@ pub(crate) struct Handover {
     pub(crate) serving: Option<(u64, Settings)>,
     pub(crate) next_generation: u64,
     pub(crate) target: usize,
+    /// The control socket and its path.
+    #[serde(default)]
+    pub(crate) control: Option<(RawFd, PathBuf)>,
 }
 
 /// A listening socket handed over.
@@ -76,6 +79,7 @@ impl Handover {
         let mut fds: Vec<RawFd> = self.listeners.iter().map(|l| l.socket.fd).collect();
         fds.extend([self.scoreboard_fd, self.bell_rx, self.bell_tx]);
         fds.extend(self.workers.iter().filter_map(|w| w.output_fd));
+        fds.extend(self.control.as_ref().map(|(fd, _)| *fd));
         fds
     }
 }
@@ -221,6 +225,7 @@ impl super::Master {
                     owns_path: l.owns_socket_file(),
                 })
                 .collect(),
+            control: Some((self.control.raw_fd(), self.control.path().to_owned())),
             scoreboard_fd: self.board.raw_fd(),
             bell_rx: self.bell_rx.as_raw_fd(),
             bell_tx: self.bell.raw_fd(),
