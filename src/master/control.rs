@@ -63,6 +63,11 @@ impl ControlServer {
             )
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        ControlServer::serving(listener, path)
+    }
+
+    /// Serves on `listener`, the socket at `path`.
+    fn serving(listener: UnixListener, path: &Path) -> io::Result<ControlServer> {
         listener.set_nonblocking(true)?;
         Ok(ControlServer {
             path: path.to_owned(),
@@ -83,13 +88,7 @@ impl ControlServer {
         // SAFETY: the caller hands over ownership of `fd`.
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
         crate::sys::set_cloexec(fd, true)?;
-        listener.set_nonblocking(true)?;
-        Ok(ControlServer {
-            path: path.to_owned(),
-            listener,
-            conns: Vec::new(),
-            next_id: 1,
-        })
+        ControlServer::serving(listener, path)
     }
 
     /// The listening socket's descriptor, to hand over across exec.

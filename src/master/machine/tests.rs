@@ -852,6 +852,16 @@ fn ready_serving(sim: &Sim) -> usize {
         .count()
 }
 
+/// A server with `s`, serving, then a HUP that reloads to `s` again.
+fn serving_then_reload(s: Settings) -> Sim {
+    let mut sim = Sim::start(s.clone());
+    sim.tick();
+    sim.ready_all();
+    sim.next_config = Ok(s);
+    sim.signal(Sig::Hup);
+    sim
+}
+
 /// Lets a reload run its course, every worker ready as soon as it starts
 /// and exiting as soon as it is signalled: the most processes and the
 /// fewest ready serving workers seen on the way.
@@ -880,11 +890,7 @@ fn roll_out(sim: &mut Sim) -> (usize, usize) {
 fn a_batched_reload_stays_within_its_surge_and_never_dips() {
     let mut s = settings(6);
     s.max_surge = 2;
-    let mut sim = Sim::start(s.clone());
-    sim.tick();
-    sim.ready_all();
-    sim.next_config = Ok(s.clone());
-    sim.signal(Sig::Hup);
+    let mut sim = serving_then_reload(s);
     let (most, least) = roll_out(&mut sim);
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(most, 8, "never more than 6 + 2 processes");
@@ -1077,11 +1083,7 @@ fn canary_sizes_come_from_the_reload_then_the_steps_then_canary() {
 fn a_reload_with_max_unavailable_stays_within_the_target() {
     let mut s = settings(4);
     s.max_unavailable = 1;
-    let mut sim = Sim::start(s.clone());
-    sim.tick();
-    sim.ready_all();
-    sim.next_config = Ok(s.clone());
-    sim.signal(Sig::Hup);
+    let mut sim = serving_then_reload(s);
     let (most, least) = roll_out(&mut sim);
     assert_eq!(sim.m.state(), State::Serving);
     assert_eq!(most, 4, "never more than the target's processes");
