@@ -71,17 +71,6 @@ impl AllowList {
                 .any(|ip| ip.to_canonical() == peer.to_canonical())
     }
 
-    /// Resolves the client of a request from `peer` over `scheme`.
-    #[cfg(test)]
-    pub fn resolve(
-        &self,
-        peer: Option<IpAddr>,
-        scheme: &'static str,
-        headers: &HeaderMap,
-    ) -> ClientInfo {
-        self.peer(peer, scheme).resolve(headers)
-    }
-
     /// What holds for every request of one connection: whether its peer
     /// is trusted is decided once, not per request.
     pub fn peer(&self, peer: Option<IpAddr>, scheme: &'static str) -> PeerRule {
@@ -203,7 +192,9 @@ mod tests {
             ("x-forwarded-for", "203.0.113.7, 10.0.0.1"),
             ("x-forwarded-proto", "https"),
         ]);
-        let trusted = list.resolve(Some("127.0.0.1".parse().unwrap()), "http", &h);
+        let trusted = list
+            .peer(Some("127.0.0.1".parse().unwrap()), "http")
+            .resolve(&h);
         assert_eq!(
             trusted,
             ClientInfo {
@@ -213,7 +204,9 @@ mod tests {
                 connection_expires: None,
             }
         );
-        let untrusted = list.resolve(Some("198.51.100.2".parse().unwrap()), "http", &h);
+        let untrusted = list
+            .peer(Some("198.51.100.2".parse().unwrap()), "http")
+            .resolve(&h);
         assert_eq!(
             untrusted,
             ClientInfo {
@@ -235,7 +228,9 @@ mod tests {
             ),
             ("x-forwarded-for", "1.1.1.1"),
         ]);
-        let c = list.resolve(Some("10.0.0.9".parse().unwrap()), "http", &h);
+        let c = list
+            .peer(Some("10.0.0.9".parse().unwrap()), "http")
+            .resolve(&h);
         assert_eq!(c.addr, Some("2001:db8::1".parse().unwrap()));
         assert_eq!(c.scheme, "https");
         assert!(AllowList::parse(&["not-an-ip".to_owned()]).is_err());

@@ -1,6 +1,5 @@
 //! The response body zdr sends: an app's whole-buffer body (`Full<Bytes>`,
-//! `String`, `Bytes`, `Vec<u8>`, `&'static str`) as its bytes, and any
-//! other body boxed. Most answers are a single buffer, so most responses
+//! `String`) as its bytes, and any other body boxed. Most answers are a single buffer, so most responses
 //! cost no allocation of their own.
 
 use std::any::Any;
@@ -41,9 +40,6 @@ impl Body {
                 return Body::from(bytes);
             }
             return Body::empty();
-        }
-        if let Some(bytes) = any.downcast_mut::<Option<Bytes>>() {
-            return Body::from(bytes.take().unwrap_or_default());
         }
         if let Some(text) = any.downcast_mut::<Option<String>>() {
             return Body::from(Bytes::from(text.take().unwrap_or_default()));

@@ -79,8 +79,8 @@ fn cell((median, min, max): (f64, f64, f64)) -> String {
     format!("{median:.0} ({min:.0}–{max:.0})")
 }
 
-/// A system for the interleaved runs: its name, the extra arguments, and
-/// what is sampled during a run.
+/// A system for the interleaved runs: its name, the server, and what its
+/// runs measured.
 struct Contender {
     name: String,
     server: Running,
