@@ -16,9 +16,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::task::{Context, Poll, Waker};
+
 use bytes::Bytes;
 use futures_util::FutureExt;
-use std::panic::AssertUnwindSafe;
 
 pub use crate::body::BoxError;
 
@@ -79,7 +81,7 @@ trait ErasedService: Send + Sync {
 }
 
 /// Adapts an app's service to zdr's: boxes the body, and turns an error
-/// (from `poll_ready` or the call) into a 500.
+/// (from `poll_ready` or the call) or a panic into a 500.
 struct Adapter<S>(S);
 
 impl<S, B> ErasedService for Adapter<S>
@@ -92,32 +94,77 @@ where
 {
     fn call(&self, req: Request) -> BoxFuture<Response> {
         let mut svc = self.0.clone();
-        Box::pin(async move {
-            // A panic costs that request a 500 and nothing else. The
-            // request moves once, into the call (not through `oneshot`'s
-            // state as well).
-            let answer = async move {
-                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
-                svc.call(req).await
-            };
-            match AssertUnwindSafe(answer).catch_unwind().await {
-                Ok(Ok(res)) => res.map(Body::new),
-                Ok(Err(err)) => {
-                    tracing::error!("app error: {}", err.into());
-                    internal_error()
+        // Most services are always ready (a router, a `service_fn`): then
+        // the call is made at once and the box holds the app's own future
+        // alone. One that is not ready is asked again, from the request's
+        // task, with its waker.
+        let mut cx = Context::from_waker(Waker::noop());
+        match catch_unwind(AssertUnwindSafe(|| svc.poll_ready(&mut cx))) {
+            Ok(Poll::Ready(Ok(()))) => match catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
+                Ok(future) => Box::pin(Answer { future }),
+                Err(panic) => Box::pin(std::future::ready(panicked(panic))),
+            },
+            Ok(Poll::Ready(Err(err))) => Box::pin(std::future::ready(failed(err))),
+            Ok(Poll::Pending) => Box::pin(async move {
+                let answer = async move {
+                    std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                    svc.call(req).await
+                };
+                match AssertUnwindSafe(answer).catch_unwind().await {
+                    Ok(Ok(res)) => res.map(Body::new),
+                    Ok(Err(err)) => failed(err),
+                    Err(panic) => panicked(panic),
                 }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string payload".to_owned());
-                    tracing::error!("handler panicked: {what}; answered 500");
-                    internal_error()
-                }
-            }
-        })
+            }),
+            Err(panic) => Box::pin(std::future::ready(panicked(panic))),
+        }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// An app's answer on its way: a panic while it is polled costs that
+    /// request a 500 and nothing else.
+    struct Answer<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F, B, E> Future for Answer<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Response;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let future = self.project().future;
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(res))) => Poll::Ready(res.map(Body::new)),
+            Ok(Poll::Ready(Err(err))) => Poll::Ready(failed(err)),
+            Err(panic) => Poll::Ready(panicked(panic)),
+        }
+    }
+}
+
+/// The answer to an app's error.
+fn failed(err: impl Into<BoxError>) -> Response {
+    tracing::error!("app error: {}", err.into());
+    internal_error()
+}
+
+/// The answer to an app's panic.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".to_owned());
+    tracing::error!("handler panicked: {what}; answered 500");
+    internal_error()
 }
 
 fn internal_error() -> Response {

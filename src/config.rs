@@ -90,7 +90,8 @@ pub struct Options {
     #[arg(short = 'w', long, env = "ZDR_WORKERS", value_name = "INT", value_parser = whole::<usize>)]
     pub workers: Option<usize>,
 
-    /// The number of runtime threads in each worker. [default: 1]
+    /// The number of runtime threads in each worker; 1 runs everything on
+    /// the worker's own thread (a current-thread runtime). [default: 1]
     #[arg(long, env = "ZDR_THREADS", value_name = "INT", value_parser = whole::<usize>)]
     pub threads: Option<usize>,
 

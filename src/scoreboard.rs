@@ -197,9 +197,7 @@ impl Slot {
     /// A request begun with [`Slot::begin_request`] is over, however it
     /// ended.
     pub fn end_request(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Requests being answered now.

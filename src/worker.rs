@@ -117,11 +117,19 @@ pub(crate) fn run(
             Err(e) => return boot_failed(slot, &bell, &e),
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(spec.settings.threads)
-        .thread_name("zdr-worker")
-        .enable_all()
-        .build();
+    // One thread: the worker's own thread runs everything (one allocator
+    // arena, no hand-offs between threads). More: a pool of that many.
+    let runtime = if spec.settings.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(spec.settings.threads)
+            .thread_name("zdr-worker")
+            .enable_all()
+            .build()
+    };
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

@@ -997,6 +997,9 @@ fn processes_have_titles() {
             title(pid)
         );
         assert_eq!(comm(pid), "zdr");
+        // --threads 1 (the default): the runtime runs on the worker's own
+        // thread, and no other thread exists.
+        assert_eq!(thread_names(*pid), vec!["zdr".to_owned()], "worker {pid}");
     }
     let out = server.control(&["reload", "--wait"]);
     assert!(out.status.success());

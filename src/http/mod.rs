@@ -329,7 +329,8 @@ impl Drop for InFlight {
             slot.end_request();
         }
         let done = self.done.unwrap_or_else(Instant::now);
-        let ms = done.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        let since = done.saturating_duration_since(self.epoch);
+        let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis()) + 1;
         self.conn.last_done_ms.store(ms, Ordering::Relaxed);
         self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }

@@ -457,9 +457,17 @@ impl Server {
     }
 }
 
-/// Whether `pid`'s runtime threads exist (it has built its runtime).
+/// Whether `pid` has built its runtime: it holds the runtime's epoll
+/// instance (the master polls without one, and a worker has none before
+/// its runtime exists, forked or executed). With `--threads 1` the
+/// runtime runs on the worker's own thread, so there is no thread to look
+/// for.
 fn is_serving(pid: u32) -> bool {
-    thread_names(pid).iter().any(|n| n == "zdr-worker")
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| target.as_os_str() == "anon_inode:[eventpoll]")
 }
 
 /// The names of a process's threads.
