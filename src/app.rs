@@ -253,3 +253,109 @@ pub(crate) fn plain(status: http::StatusCode, text: impl Into<Bytes>) -> Respons
     );
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn request() -> Request {
+        let (parts, ()) = http::Request::new(()).into_parts();
+        let body = crate::body::RequestBody::empty();
+        http::Request::from_parts(parts, body)
+    }
+
+    fn answer(svc: AppService) -> http::StatusCode {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(svc.call(request())).status()
+    }
+
+    /// A service with a switchable way to fail, and a `poll_ready` that is
+    /// pending `pending` times (waking its task each time) first.
+    #[derive(Clone)]
+    struct Svc {
+        pending: Arc<AtomicUsize>,
+        fail: &'static str,
+    }
+
+    impl tower::Service<Request> for Svc {
+        type Response = http::Response<String>;
+        type Error = BoxError;
+        type Future = BoxFuture<Result<http::Response<String>, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.pending.load(Ordering::SeqCst) > 0 {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.fail {
+                "ready-error" => Poll::Ready(Err("not ready".into())),
+                "ready-panic" => panic!("poll_ready panicked"),
+                _ => Poll::Ready(Ok(())),
+            }
+        }
+
+        fn call(&mut self, _req: Request) -> Self::Future {
+            match self.fail {
+                "call-panic" => panic!("call panicked"),
+                "poll-panic" => Box::pin(async { panic!("the future panicked") }),
+                "error" => Box::pin(async { Err("failed".into()) }),
+                _ => Box::pin(async { Ok(http::Response::new("ok".to_owned())) }),
+            }
+        }
+    }
+
+    fn svc(pending: usize, fail: &'static str) -> AppService {
+        erase(Svc {
+            pending: Arc::new(AtomicUsize::new(pending)),
+            fail,
+        })
+    }
+
+    #[test]
+    fn a_ready_service_answers() {
+        assert_eq!(answer(svc(0, "")), http::StatusCode::OK);
+    }
+
+    #[test]
+    fn a_service_not_ready_at_once_is_asked_again_and_answers() {
+        assert_eq!(answer(svc(3, "")), http::StatusCode::OK);
+        assert_eq!(
+            answer(svc(2, "error")),
+            http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            answer(svc(2, "call-panic")),
+            http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn every_failure_costs_the_request_a_500_and_nothing_else() {
+        for fail in [
+            "ready-error",
+            "ready-panic",
+            "call-panic",
+            "poll-panic",
+            "error",
+        ] {
+            assert_eq!(
+                answer(svc(0, fail)),
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "{fail}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_infallible_service_fn_answers() {
+        let svc = erase(tower::service_fn(|_req: Request| async {
+            Ok::<_, Infallible>(http::Response::new(String::from("hi")))
+        }));
+        assert_eq!(answer(svc), http::StatusCode::OK);
+    }
+}

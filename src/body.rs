@@ -151,6 +151,19 @@ impl RequestBody {
     }
 }
 
+#[cfg(test)]
+impl RequestBody {
+    /// A body with nothing in it, for tests that build requests by hand.
+    pub(crate) fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            watch: None,
+            received: 0,
+            stall: None,
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
