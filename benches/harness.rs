@@ -889,6 +889,9 @@ impl Bench {
         if self.opts.wants("recycle") {
             self.recycle();
         }
+        if self.opts.wants("worker_life") {
+            self.worker_life();
+        }
         if self.opts.wants("throughput") {
             self.throughput();
         }
@@ -928,6 +931,7 @@ impl Bench {
             ("inflight", "| 20 requests of 3 s in flight | completed |\n|---|---|"),
             ("memory", "| system | RSS MiB (sum) | PSS MiB (sum) | PSS / table |\n|---|---|---|---|"),
             ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("worker_life", "| system (`--workers 1 --max-requests 1`, one life after another) | CPU ms per worker life | master ms | worker ms | lives |\n|---|---|---|---|---|"),
             ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx | / bare hyper | any failed | runs |\n|---|---|---|---|---|---|"),
             ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),
             ("instructions", "| system (1 serving thread) | instructions per keep-alive request | / bare hyper | requests counted |\n|---|---|---|---|"),
@@ -945,6 +949,7 @@ impl Bench {
             "instructions",
             "throughput",
             "recycle",
+            "worker_life",
             "conn_memory",
             "steady",
             "reload",

@@ -246,6 +246,40 @@ impl Bench {
         }
     }
 
+    /// The CPU one worker's life costs, whatever the request rate: spawn,
+    /// boot, one request, drain and exit, with `--max-requests 1`, one
+    /// life after another; the master's own CPU and its reaped workers'.
+    pub fn worker_life(&mut self) {
+        let lives = if self.opts.quick { 60 } else { 200 };
+        for (name, preload) in [("zdr", false), ("zdr --preload", true)] {
+            eprintln!("worker life: {name}");
+            let dir = self.dir();
+            match worker_life_cpu(preload, &dir, lives) {
+                Ok((master, workers)) => {
+                    let per = |ms: f64| ms / f64::from(lives);
+                    self.row(
+                        "worker_life",
+                        name,
+                        vec![
+                            format!("{:.2}", per(master + workers)),
+                            format!("{:.2}", per(master)),
+                            format!("{:.2}", per(workers)),
+                            lives.to_string(),
+                        ],
+                        json!({
+                            "cpu_ms_per_life": per(master + workers),
+                            "master_ms_per_life": per(master),
+                            "worker_ms_per_life": per(workers),
+                            "lives": lives,
+                        }),
+                    );
+                }
+                Err(why) => self.skip("worker_life", name, &why, 4),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// Instructions per keep-alive request, counted by callgrind in the
     /// serving process (zdr: 1 worker × 1 thread; bare hyper: 1 thread):
     /// (Ir over 4,000 requests after 1,000 of warm-up) / 4,000.
@@ -334,6 +368,88 @@ impl Bench {
             drop(held);
         }
     }
+}
+
+/// A process's CPU time in milliseconds: its own (utime + stime) and its
+/// reaped children's (cutime + cstime), from `/proc/PID/stat`.
+fn cpu_ms(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after) = stat.rsplit_once(')')?;
+    // After the name: state is field 3, utime field 14 ... cstime field 17.
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let tick = 1000.0 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64;
+    (f.len() == 4).then(|| ((f[0] + f[1]) * tick, (f[2] + f[3]) * tick))
+}
+
+/// Runs `lives` worker lives one after another (`--workers 1
+/// --max-requests 1`: one request, then wait until its worker is replaced
+/// and reaped); the master's CPU and its reaped workers' over them, in ms.
+fn worker_life_cpu(preload: bool, dir: &Path, lives: u32) -> Result<(f64, f64), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let addr = super::free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zdr"));
+    cmd.args(["serve", "--workers", "1", "--max-requests", "1"])
+        .args(["--log-level", "warning", "--bind", &addr.to_string()])
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"));
+    if preload {
+        cmd.arg("--preload");
+    }
+    super::die_with_harness(&mut cmd);
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let master = child.id();
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The one worker, once it alone is serving (after any recycle the
+        // first answers caused).
+        let settled = |from: Option<u32>| -> Result<u32, String> {
+            let until = Instant::now() + Duration::from_secs(30);
+            loop {
+                let now = children_of(master);
+                if let [pid] = now[..] {
+                    if Some(pid) != from {
+                        return Ok(pid);
+                    }
+                }
+                if Instant::now() > until {
+                    return Err(format!("no single new worker within 30 s: {now:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        while get(addr, "/").ok() != Some(200) {
+            if Instant::now() > deadline {
+                return Err("not serving within 60 s".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut worker = settled(None)?;
+        // The first life's end, so that the count starts with a fresh one.
+        if get(addr, "/").ok() == Some(200) {
+            worker = settled(Some(worker))?;
+        }
+        let before = cpu_ms(master).ok_or("no /proc stat for the master")?;
+        for _ in 0..lives {
+            if get(addr, "/").ok() != Some(200) {
+                return Err("a request failed".to_owned());
+            }
+            worker = settled(Some(worker))?;
+        }
+        let after = cpu_ms(master).ok_or("no /proc stat for the master")?;
+        Ok((after.0 - before.0, after.1 - before.1))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Opens a connection, sends one keep-alive request, reads the whole
