@@ -74,3 +74,15 @@ mod tests {
         assert_eq!(comm_of(std::path::Path::new("/srv/app (deleted)")), "app");
     }
 }
+
+/// Whether a descriptor has something to read (for a listening socket: a
+/// connection to accept), without waiting. Checked before an `accept`
+/// that would most often find nothing: Linux builds and tears down a
+/// whole socket file for an `accept` that fails with `EAGAIN`, which a
+/// master that wakes many times a second would pay every time.
+pub(crate) fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| !r.is_empty())
+}

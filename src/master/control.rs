@@ -113,7 +113,10 @@ impl ControlServer {
     /// neither root nor the master's own user (`SO_PEERCRED`): code running
     /// in a worker as `--user` cannot command the server.
     pub(crate) fn poll(&mut self) -> Vec<(u64, Request)> {
-        while let Ok((mut stream, _)) = self.listener.accept() {
+        while crate::sys::readable(self.listener.as_fd()) {
+            let Ok((mut stream, _)) = self.listener.accept() else {
+                break;
+            };
             let peer =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
                     .map(|c| c.uid());

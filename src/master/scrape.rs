@@ -61,7 +61,10 @@ impl ScrapeServer {
     /// Accepts and reads; answers every client whose request is complete
     /// with `body()` (computed once, if anyone asks).
     pub(crate) fn serve(&mut self, body: impl FnOnce() -> String) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        while crate::sys::readable(self.listener.as_fd()) {
+            let Ok((stream, _)) = self.listener.accept() else {
+                break;
+            };
             if stream.set_nonblocking(true).is_ok() {
                 self.clients.push(Client {
                     stream,
