@@ -544,13 +544,19 @@ mod bare {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto;
 
-    /// One process, `threads` runtime threads, the demo app's handler.
+    /// One process, `threads` runtime threads (0: a current-thread
+    /// runtime), the demo app's handler.
     pub fn serve(addr: &str, threads: usize) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = match threads {
+            0 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+        }
+        .expect("runtime");
         // The demo's load step, once.
         let app: &'static super::demo::Demo = Box::leak(Box::new(super::demo::Demo::from_env()));
         rt.block_on(async {

@@ -291,14 +291,21 @@ impl Bench {
             }
         }
         let mut counts = BTreeMap::new();
-        for kind in [Kind::Zdr { preload: false }, Kind::Bare] {
-            eprintln!("instructions: {}", kind.name());
+        // Bare hyper as `#[tokio::main]` with one worker thread gives it,
+        // and on a current-thread runtime (what zdr runs with --threads 1).
+        const BARE_CURRENT: &str = "bare hyper, current-thread runtime";
+        for (name, kind, bare_threads) in [
+            ("zdr", Kind::Zdr { preload: false }, "1"),
+            (Kind::Bare.name(), Kind::Bare, "1"),
+            (BARE_CURRENT, Kind::Bare, "0"),
+        ] {
+            eprintln!("instructions: {name}");
             let dir = self.dir();
-            match instructions_per_request(kind, &dir) {
+            match instructions_per_request(kind, bare_threads, &dir) {
                 Ok(ir) => {
-                    counts.insert(kind.name(), ir);
+                    counts.insert(name, ir);
                 }
-                Err(why) => self.skip("instructions", kind.name(), &why, 3),
+                Err(why) => self.skip("instructions", name, &why, 3),
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -500,7 +507,7 @@ fn pss_kib(pids: &[u32]) -> u64 {
 
 /// Starts `kind` under callgrind with one serving thread, warms it up and
 /// counts the instructions its serving process spends on 4,000 requests.
-fn instructions_per_request(kind: Kind, dir: &Path) -> Result<u64, String> {
+fn instructions_per_request(kind: Kind, bare_threads: &str, dir: &Path) -> Result<u64, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let addr = super::free_addr();
     let out_file = dir.join("cg.%p");
@@ -510,7 +517,7 @@ fn instructions_per_request(kind: Kind, dir: &Path) -> Result<u64, String> {
     match kind {
         Kind::Bare => {
             cmd.arg(std::env::current_exe().map_err(|e| e.to_string())?)
-                .args(["--as-bare", &addr.to_string(), "1"]);
+                .args(["--as-bare", &addr.to_string(), bare_threads]);
         }
         _ => {
             cmd.arg("--trace-children=yes")
