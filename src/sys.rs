@@ -64,17 +64,6 @@ fn set_comm(name: &str) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn comm_is_the_file_name() {
-        assert_eq!(comm_of(std::path::Path::new("/usr/bin/zdr")), "zdr");
-        assert_eq!(comm_of(std::path::Path::new("/srv/app (deleted)")), "app");
-    }
-}
-
 /// Whether a descriptor has something to read (for a listening socket: a
 /// connection to accept), without waiting. Checked before an `accept`
 /// that would most often find nothing: Linux builds and tears down a
@@ -85,4 +74,26 @@ pub(crate) fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
         && fds[0].revents().is_some_and(|r| !r.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_is_the_file_name() {
+        assert_eq!(comm_of(std::path::Path::new("/usr/bin/zdr")), "zdr");
+        assert_eq!(comm_of(std::path::Path::new("/srv/app (deleted)")), "app");
+    }
+
+    #[test]
+    fn a_listener_is_readable_once_a_client_waits() {
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(!super::readable(listener.as_fd()));
+        let _client = std::net::TcpStream::connect(listener.local_addr().expect("addr"));
+        assert!(super::readable(listener.as_fd()));
+        let _ = listener.accept();
+        assert!(!super::readable(listener.as_fd()));
+    }
 }
