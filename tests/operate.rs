@@ -793,7 +793,7 @@ fn metrics_bind_follows_a_reload() {
     let reply = get(free, "/metrics");
     assert_eq!(reply.status, 200);
     assert!(reply.body.contains("zdr_requests_total"));
-    assert!(!port_open(first), "the old endpoint is closed");
+    assert!(!listens(server.pid, first), "the old endpoint is closed");
 }
 
 /// `--max-connection-age`: keep-alive clients that would stay on their

@@ -157,7 +157,7 @@ fn sigterm_lets_in_flight_requests_finish() {
         .filter(|r| matches!(r, Ok(r) if r.status == 200))
         .count();
     assert_eq!(ok, 20, "replies: {replies:?}");
-    assert!(!port_open(addr), "port still open after stop");
+    assert!(!listens(server.pid, addr), "port still open after stop");
     assert!(
         workers.iter().all(|p| !alive(*p)),
         "a worker outlived the master"

@@ -18,6 +18,7 @@ fn int_and_quit_stop_at_once_without_waiting_for_requests() {
         server.wait_ready();
         let workers = server.wait_workers(2);
         let held = hold_requests(server.addr(), 2, &workers);
+        assert!(listens(server.pid, server.addr()), "{signal}: not listed");
         server.signal(signal);
         // The graceful timeout is ten minutes: only a fast stop ends here.
         let status = server.wait_exit(Duration::from_secs(60));
@@ -30,7 +31,10 @@ fn int_and_quit_stop_at_once_without_waiting_for_requests() {
                 "{signal}: a request in flight was answered: {answer:?}"
             );
         }
-        assert!(!port_open(server.addr()), "{signal}: still listening");
+        assert!(
+            !listens(server.pid, server.addr()),
+            "{signal}: still listening"
+        );
     }
 }
 

@@ -685,9 +685,55 @@ fn dechunk(mut rest: &str) -> Option<String> {
     }
 }
 
-/// Whether something still accepts connections on `addr`.
-pub fn port_open(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+/// Whether a process of the server whose process group is `group` (its
+/// master, and every process the master started) still listens on `addr`.
+/// Asked of the kernel's socket table, not by connecting: once the server
+/// has closed the socket, the port is free, and another test's server may
+/// have been given it since.
+pub fn listens(group: u32, addr: SocketAddr) -> bool {
+    let port = format!(":{:04X}", addr.port());
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is field 1, the state field 3 (0A: LISTEN),
+            // the inode field 9.
+            if f.len() > 9 && f[1].ends_with(&port) && f[3] == "0A" {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|entry| {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, after) = stat.rsplit_once(')')?;
+                // After the name: state, ppid, pgrp.
+                after.split_whitespace().nth(2)?.parse::<u32>().ok()
+            })
+            == Some(group);
+        in_group
+            && std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 /// A plain GET over a Unix socket (`Connection: close`).
