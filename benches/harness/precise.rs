@@ -377,6 +377,15 @@ impl Bench {
     }
 }
 
+/// Starts a server with its output dropped, to die with the harness.
+fn spawn_quiet(cmd: &mut Command) -> Result<std::process::Child, String> {
+    super::die_with_harness(cmd);
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
 /// A process's CPU time in milliseconds: its own (utime + stime) and its
 /// reaped children's (cutime + cstime), from `/proc/PID/stat`.
 fn cpu_ms(pid: u32) -> Option<(f64, f64)> {
@@ -407,12 +416,7 @@ fn worker_life_cpu(preload: bool, dir: &Path, lives: u32) -> Result<(f64, f64), 
     if preload {
         cmd.arg("--preload");
     }
-    super::die_with_harness(&mut cmd);
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let mut child = spawn_quiet(&mut cmd)?;
     let master = child.id();
     let result = (|| {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -535,12 +539,7 @@ fn instructions_per_request(kind: Kind, bare_threads: &str, dir: &Path) -> Resul
                 .arg(dir.join("control.sock"));
         }
     }
-    super::die_with_harness(&mut cmd);
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let mut child = spawn_quiet(&mut cmd)?;
     let result = (|| {
         let deadline = Instant::now() + Duration::from_secs(300);
         while get(addr, "/").ok() != Some(200) {
