@@ -936,9 +936,9 @@ impl Bench {
             ("reload_duration", "| system | median ms (signal to old workers gone) | runs |\n|---|---|---|"),
             ("inflight", "| 20 requests of 3 s in flight | completed |\n|---|---|"),
             ("memory", "| system | RSS MiB (sum) | PSS MiB (sum) | PSS / table |\n|---|---|---|---|"),
-            ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling, round by round: median (min–max) | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|"),
             ("worker_life", "| system (`--workers 1 --max-requests 1`, one life after another) | CPU ms per worker life | master ms | worker ms | lives |\n|---|---|---|---|---|"),
-            ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx | / bare hyper | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx, round by round | / bare hyper, round by round | any failed | runs |\n|---|---|---|---|---|---|"),
             ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),
             ("instructions", "| system (1 serving thread) | instructions per keep-alive request | / bare hyper | requests counted |\n|---|---|---|---|"),
         ]);

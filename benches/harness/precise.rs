@@ -79,6 +79,28 @@ fn cell((median, min, max): (f64, f64, f64)) -> String {
     format!("{median:.0} ({min:.0}–{max:.0})")
 }
 
+/// The ratio of two systems' throughput, round by round: each round runs
+/// every system back to back, so a drift of the machine between rounds
+/// (another tenant, the clock) cancels out of each ratio. The median and
+/// min–max of the rounds' ratios; none without a round with both.
+fn paired(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    (!ratios.is_empty()).then(|| spread(&ratios))
+}
+
+/// A ratio as the tables show it: median (min–max).
+fn ratio_cell(r: Option<(f64, f64, f64)>) -> String {
+    r.map_or_else(
+        || "-".into(),
+        |(m, lo, hi)| format!("{m:.2} ({lo:.2}–{hi:.2})"),
+    )
+}
+
 /// A system for the interleaved runs: its name, the server, and what its
 /// runs measured.
 struct Contender {
@@ -158,29 +180,27 @@ impl Bench {
         }
         eprintln!("throughput: interleaved");
         self.interleave(&mut contenders);
-        let median_of = |name: &str, cs: &[Contender]| {
-            cs.iter()
+        let runs_of = |name: &str| {
+            contenders
+                .iter()
                 .find(|c| c.name == name)
-                .map(|c| spread(&c.runs).0)
+                .map(|c| c.runs.clone())
         };
-        let nginx = median_of("nginx", &contenders);
-        let bare = median_of("bare hyper", &contenders);
+        let (nginx, bare) = (runs_of("nginx"), runs_of("bare hyper"));
         for c in &contenders {
             let s = spread(&c.runs);
-            let vs = |base: Option<f64>| {
-                base.filter(|b| *b > 0.0)
-                    .map(|b| format!("{:.2}", s.0 / b))
-                    .unwrap_or_else(|| "-".into())
-            };
+            let over_nginx = nginx.as_ref().and_then(|n| paired(&c.runs, n));
+            let over_bare = bare.as_ref().and_then(|b| paired(&c.runs, b));
             let record = json!({
                 "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
-                "over_nginx": nginx.map(|n| s.0 / n), "over_bare": bare.map(|b| s.0 / b),
+                "over_nginx": over_nginx.map(|r| r.0), "over_nginx_min_max": over_nginx.map(|r| [r.1, r.2]),
+                "over_bare": over_bare.map(|r| r.0), "over_bare_min_max": over_bare.map(|r| [r.1, r.2]),
                 "failed": c.failed, "pinned": core_split().is_some(),
             });
             let cells = vec![
                 cell(s),
-                vs(nginx),
-                vs(bare),
+                ratio_cell(over_nginx),
+                ratio_cell(over_bare),
                 c.failed.to_string(),
                 c.runs.len().to_string(),
             ];
@@ -224,20 +244,20 @@ impl Bench {
         let base = contenders
             .iter()
             .find(|c| c.name == "zdr")
-            .map(|c| spread(&c.runs).0);
+            .map(|c| c.runs.clone());
         for c in &contenders {
             let s = spread(&c.runs);
-            let ratio = base.filter(|b| *b > 0.0).map(|b| s.0 / b);
+            let ratio = base.as_ref().and_then(|b| paired(&c.runs, b));
             let record = json!({
                 "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
-                "over_no_recycling": ratio, "most_worker_processes": c.most_processes,
+                "over_no_recycling": ratio.map(|r| r.0),
+                "over_no_recycling_min_max": ratio.map(|r| [r.1, r.2]),
+                "most_worker_processes": c.most_processes,
                 "workers": WORKERS, "failed": c.failed,
             });
             let cells = vec![
                 cell(s),
-                ratio
-                    .map(|r| format!("{r:.2}"))
-                    .unwrap_or_else(|| "-".into()),
+                ratio_cell(ratio),
                 c.most_processes.to_string(),
                 c.failed.to_string(),
                 c.runs.len().to_string(),
