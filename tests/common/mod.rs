@@ -252,14 +252,32 @@ impl Server {
         self.dir.path(&format!("zdr-{}.ctl", self.pid))
     }
 
-    /// The master's state, asked on the control socket at `socket`.
+    /// The master's state, asked on the control socket at `socket`. The
+    /// master makes the socket just after it binds its listeners, so a
+    /// test that asks as soon as the server listens may find no socket
+    /// yet: it waits for one (a loaded machine showed the gap).
     pub fn status_at(&self, socket: &Path) -> zdr::control::Status {
-        let response = zdr::control::send(
-            socket,
-            &zdr::control::Request::Status,
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|e| panic!("status from {}: {e}", socket.display()));
+        let ask = || {
+            zdr::control::send(
+                socket,
+                &zdr::control::Request::Status,
+                Duration::from_secs(20),
+            )
+        };
+        let mut answer = ask();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = &answer {
+            let not_yet = matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            );
+            if !not_yet || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            answer = ask();
+        }
+        let response = answer.unwrap_or_else(|e| panic!("status from {}: {e}", socket.display()));
         response.status.expect("a status in the answer")
     }
 
