@@ -47,6 +47,13 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
             return Some(ExitCode::FAILURE);
         }
     };
+    // A worker the master spawned without a step between fork and exec
+    // (no credentials to change) dies with the master from here on; one
+    // that the master outlived only until now sees it and stops.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() as u32 != spec.master_pid {
+        return Some(ExitCode::FAILURE);
+    }
     if let Some(fd) = spec.exe_fd {
         // Kept open across the exec only so that it could be run by name.
         let _ = nix::unistd::close(fd);

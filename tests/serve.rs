@@ -42,6 +42,27 @@ fn three_workers_serve_and_the_master_does_not() {
     );
     assert!(replies.iter().all(|r| r.generation() == 1));
 
+    // The master's sockets (listeners, control) stay close-on-exec: they
+    // are made inheritable only for the moment of a worker's spawn.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid)).unwrap();
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let name = fd.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{name}", server.pid)).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap();
+        assert!(
+            flags & 0o2000000 != 0,
+            "master fd {name} ({target:?}) is inheritable: {info}"
+        );
+    }
+
     // --threads 2: each worker runs exactly two runtime threads.
     for pid in &workers {
         let runtime_threads = thread_names(*pid)

@@ -86,41 +86,61 @@ pub(crate) fn exec(
         .env(SPEC_ENV, json)
         .stdin(Stdio::null())
         .stderr(Stdio::from(stderr));
-    // SAFETY: runs in the child between fork and exec; it makes only
-    // async-signal-safe system calls (fcntl, prctl, getppid) and does not
-    // allocate: `inherit` was built before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
+    let child = match run_as {
+        // No credentials to change: nothing runs between fork and exec, so
+        // the standard library spawns with `posix_spawn` (a vfork: the
+        // master's memory is neither copied nor torn down again). The
+        // descriptors to pass are inheritable for the moment of the spawn
+        // (the master runs no other thread, so nothing else can exec
+        // meanwhile); the worker sets its parent-death signal itself, first
+        // thing (`worker::main_if_worker`).
+        None => {
             for fd in &inherit {
-                if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                crate::sys::set_cloexec(*fd, false)?;
             }
-            // Drop privileges first: changing credentials clears the
-            // parent-death signal, which is set after.
-            if let Some((uid, gid)) = run_as {
-                let groups = [gid];
-                if nix::libc::setgroups(1, groups.as_ptr()) != 0
-                    || nix::libc::setgid(gid) != 0
-                    || nix::libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            let child = cmd.spawn();
+            for fd in &inherit {
+                let _ = crate::sys::set_cloexec(*fd, true);
             }
-            if nix::libc::prctl(
-                nix::libc::PR_SET_PDEATHSIG,
-                nix::libc::SIGKILL as nix::libc::c_ulong,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
+            child?
+        }
+        Some((uid, gid)) => {
+            let groups = [gid];
+            // SAFETY: runs in the child between fork and exec; it makes only
+            // async-signal-safe system calls (fcntl, setgroups, setgid,
+            // setuid, prctl, getppid) and does not allocate: `inherit` and
+            // `groups` were built before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &inherit {
+                        if nix::libc::fcntl(*fd, nix::libc::F_SETFD, 0) != 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    // Drop privileges first: changing credentials clears the
+                    // parent-death signal, which is set after.
+                    if nix::libc::setgroups(1, groups.as_ptr()) != 0
+                        || nix::libc::setgid(gid) != 0
+                        || nix::libc::setuid(uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if nix::libc::prctl(
+                        nix::libc::PR_SET_PDEATHSIG,
+                        nix::libc::SIGKILL as nix::libc::c_ulong,
+                    ) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if nix::libc::getppid() != master {
+                        return Err(io::Error::other("the master exited"));
+                    }
+                    Ok(())
+                });
             }
-            if nix::libc::getppid() != master {
-                return Err(io::Error::other("the master exited"));
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
+            cmd.spawn()?
+        }
+    };
     Ok(Pid::from_raw(child.id() as i32))
 }
 
