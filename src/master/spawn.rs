@@ -95,10 +95,11 @@ pub(crate) fn exec(
         // meanwhile); the worker sets its parent-death signal itself, first
         // thing (`worker::main_if_worker`).
         None => {
-            for fd in &inherit {
-                crate::sys::set_cloexec(*fd, false)?;
-            }
-            let child = cmd.spawn();
+            let opened = inherit
+                .iter()
+                .try_for_each(|fd| crate::sys::set_cloexec(*fd, false));
+            let child = opened.and_then(|()| cmd.spawn());
+            // Closed again whatever happened, each of them.
             for fd in &inherit {
                 let _ = crate::sys::set_cloexec(*fd, true);
             }
