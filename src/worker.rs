@@ -47,13 +47,6 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
             return Some(ExitCode::FAILURE);
         }
     };
-    // A worker the master spawned without a step between fork and exec
-    // (no credentials to change) dies with the master from here on; one
-    // that the master outlived only until now sees it and stops.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if nix::unistd::getppid().as_raw() as u32 != spec.master_pid {
-        return Some(ExitCode::FAILURE);
-    }
     if let Some(fd) = spec.exe_fd {
         // Kept open across the exec only so that it could be run by name.
         let _ = nix::unistd::close(fd);
@@ -104,8 +97,12 @@ pub(crate) fn run(
         generation: spec.generation,
         master_pid: spec.master_pid,
     });
+    // Every worker, forked or spawned, dies with its master from here on
+    // (set after any change of credentials, which would clear it); one
+    // whose master died before this point sees it and stops.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() as u32 != spec.master_pid {
-        return 1; // the master died before we got here
+        return 1;
     }
     // Lives as long as the process.
     let board: &'static Scoreboard = Box::leak(Box::new(board));

@@ -67,7 +67,6 @@ pub(crate) fn exec(
     let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
-    let master = spec.master_pid as i32;
     let run_as = spec.settings.run_as;
     // The descriptor stays open across the exec: whatever runs next may
     // open the file by this name again (a script's interpreter; a wrapper
@@ -92,8 +91,8 @@ pub(crate) fn exec(
         // master's memory is neither copied nor torn down again). The
         // descriptors to pass are inheritable for the moment of the spawn
         // (the master runs no other thread, so nothing else can exec
-        // meanwhile); the worker sets its parent-death signal itself, first
-        // thing (`worker::main_if_worker`).
+        // meanwhile). Every worker sets its parent-death signal itself and
+        // checks its parent (`worker::run`).
         None => {
             let opened = inherit
                 .iter()
@@ -109,8 +108,8 @@ pub(crate) fn exec(
             let groups = [gid];
             // SAFETY: runs in the child between fork and exec; it makes only
             // async-signal-safe system calls (fcntl, setgroups, setgid,
-            // setuid, prctl, getppid) and does not allocate: `inherit` and
-            // `groups` were built before the fork.
+            // setuid) and does not allocate: `inherit` and `groups` were
+            // built before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     for fd in &inherit {
@@ -118,23 +117,11 @@ pub(crate) fn exec(
                             return Err(io::Error::last_os_error());
                         }
                     }
-                    // Drop privileges first: changing credentials clears the
-                    // parent-death signal, which is set after.
                     if nix::libc::setgroups(1, groups.as_ptr()) != 0
                         || nix::libc::setgid(gid) != 0
                         || nix::libc::setuid(uid) != 0
                     {
                         return Err(io::Error::last_os_error());
-                    }
-                    if nix::libc::prctl(
-                        nix::libc::PR_SET_PDEATHSIG,
-                        nix::libc::SIGKILL as nix::libc::c_ulong,
-                    ) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
-                    if nix::libc::getppid() != master {
-                        return Err(io::Error::other("the master exited"));
                     }
                     Ok(())
                 });
@@ -203,7 +190,6 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
             for fd in &parts.close {
                 let _ = nix::unistd::close(*fd);
             }
-            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
             let code = match nix::unistd::dup(parts.bell.raw_fd())
                 .map_err(io::Error::from)
                 .and_then(|fd| {

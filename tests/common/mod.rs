@@ -509,32 +509,28 @@ pub fn children_of(parent: u32) -> BTreeSet<u32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some(fields) = stat_fields(pid) else {
             continue;
         };
-        // pid (comm) state ppid ...
-        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
-            continue;
-        };
-        let mut fields = after.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let ppid: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == parent && state != "Z" {
+        let ppid: u32 = fields.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == parent && fields[0] != "Z" {
             out.insert(pid);
         }
     }
     out
 }
 
+/// The fields of `/proc/PID/stat` after the name: state, ppid, pgrp, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after) = stat.rsplit_once(')')?;
+    let fields: Vec<String> = after.split_whitespace().map(str::to_owned).collect();
+    (!fields.is_empty()).then_some(fields)
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, a)| !a.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    stat_fields(pid).is_some_and(|f| f[0] != "Z")
 }
 
 impl Drop for Server {
@@ -736,14 +732,7 @@ pub fn listens(group: u32, addr: SocketAddr) -> bool {
         else {
             return false;
         };
-        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, after) = stat.rsplit_once(')')?;
-                // After the name: state, ppid, pgrp.
-                after.split_whitespace().nth(2)?.parse::<u32>().ok()
-            })
-            == Some(group);
+        let in_group = stat_fields(pid).and_then(|f| f.get(2)?.parse::<u32>().ok()) == Some(group);
         in_group
             && std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .into_iter()
