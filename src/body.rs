@@ -77,6 +77,11 @@ impl BodyWatch {
         self.timed_out.load(Ordering::Relaxed)
     }
 
+    /// Whether the app read the body to its end.
+    pub(crate) fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
     /// Whether an HTTP/1.1 connection must close after the response: the
     /// app left more of the body unread than zdr reads and discards for it.
     pub(crate) fn must_close(&self) -> bool {

@@ -37,6 +37,10 @@ pub(crate) struct WorkerSpec {
     /// (its generation's pinned file), for the worker to close.
     #[serde(default)]
     pub(crate) exe_fd: Option<i32>,
+    /// The generation's handoff queue (sending end, receiving end), when
+    /// the master made one.
+    #[serde(default)]
+    pub(crate) handoff: Option<[i32; 2]>,
 }
 
 /// The signal actions a worker boots with, removed once its runtime's own

@@ -37,6 +37,7 @@ mod command;
 mod config;
 pub mod control;
 mod forwarded;
+mod handoff;
 mod http;
 mod listener;
 mod logging;

@@ -57,6 +57,12 @@ impl Body {
     pub fn empty() -> Body {
         Body(Inner::Full(None))
     }
+
+    /// Whether it is a single buffer (or nothing), which hyper writes as
+    /// soon as it has the response.
+    pub(crate) fn is_single_buffer(&self) -> bool {
+        matches!(self.0, Inner::Full(_))
+    }
 }
 
 /// The bytes of a `Full` body, which it yields at once.

@@ -87,6 +87,9 @@ struct Header {
     /// Connections closed for a client's slowness, by
     /// [`crate::metrics::ClientTimeout`], over the server's life.
     client_timeouts: [AtomicU64; 3],
+    /// Workers handing a connection over right now (see
+    /// [`crate::handoff`]); earlier builds leave it 0.
+    handing_off: AtomicU64,
 }
 
 // The layout is shared by processes of different builds: a master and the
@@ -404,6 +407,42 @@ impl Scoreboard {
             .header
             .accepting
             .store(workers as u64, Ordering::Relaxed);
+    }
+
+    /// Counts this worker as handing a connection over; the fence orders
+    /// the count before what the caller reads next (a sibling's state).
+    pub fn begin_handoff(&self) {
+        self.table()
+            .header
+            .handing_off
+            .fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Ends what [`Scoreboard::begin_handoff`] began.
+    pub fn end_handoff(&self) {
+        let _ =
+            self.table()
+                .header
+                .handing_off
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    Some(n.saturating_sub(1))
+                });
+    }
+
+    /// How many workers are handing a connection over right now.
+    pub fn handoffs_in_progress(&self) -> u64 {
+        self.table().header.handing_off.load(Ordering::SeqCst)
+    }
+
+    /// Whether a worker of `generation` other than the one in `slot` is
+    /// ready (accepting, so taking handed-over connections too).
+    pub fn has_ready_sibling(&self, slot: usize, generation: u64) -> bool {
+        self.table().slots.iter().enumerate().any(|(i, s)| {
+            i != slot
+                && s.state() == SlotState::Ready
+                && s.generation.load(Ordering::Relaxed) == generation
+        })
     }
 
     /// Whether the worker in `slot` holds more than its share of the

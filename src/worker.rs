@@ -24,7 +24,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use std::os::fd::AsRawFd;
+
 use crate::app::{LoadedApp, Loader, WorkerInfo};
+use crate::handoff::{Handed, Queue, SocketKind};
 use crate::http::access_log::AccessLog;
 use crate::http::{self, Peer, Shared};
 use crate::listener::WorkerListener;
@@ -189,6 +192,14 @@ async fn serve(
             ))
         })
         .collect();
+    let receiving = shared.handoff.as_ref().map(|(queue, _)| {
+        tokio::spawn(receive_handoffs(
+            Arc::clone(queue),
+            Arc::clone(&shared),
+            drain_rx.clone(),
+            Arc::clone(&permits),
+        ))
+    });
     slot.set_state(SlotState::Ready);
     bell.ring();
 
@@ -203,8 +214,10 @@ async fn serve(
         Stop::Graceful => {}
     }
     let draining_since = tokio::time::Instant::now();
-    let _ = drain_tx.send(true);
+    // The slot says draining before anything drains: a sibling handing
+    // over a connection reads it (see `crate::handoff`).
     slot.set_state(SlotState::Draining);
+    let _ = drain_tx.send(true);
     bell.ring();
     let mut listeners = Vec::with_capacity(accepting.len());
     for task in accepting {
@@ -219,7 +232,11 @@ async fn serve(
     };
     // This worker's copies of the listening sockets close here.
     drop(listeners);
-    let code = finish(capacity + swept, &permits, graceful).await;
+    let taken = match receiving {
+        Some(task) => task.await.unwrap_or(0),
+        None => 0,
+    };
+    let code = finish(capacity + swept + taken, &permits, graceful).await;
     match &app.stop {
         Some(stop) => {
             let left = graceful.saturating_sub(draining_since.elapsed());
@@ -307,11 +324,25 @@ async fn boot(
     };
     let forwarded = crate::forwarded::AllowList::parse(&settings.forwarded_allow_ips)
         .map_err(|e| BootEnd::Failed(anyhow::anyhow!("forwarded_allow_ips: {e}")))?;
+    // Only plain sockets can be handed over: a TLS session lives in the
+    // process that made it.
+    let handoff = match spec.handoff.filter(|_| tls.is_none()) {
+        // SAFETY: the spec names the generation's queue, inherited (or
+        // forked) for this worker alone to use.
+        Some(fds) => match unsafe { crate::handoff::Queue::from_inherited(fds) } {
+            Ok(queue) => Some((Arc::new(queue), spec.generation)),
+            Err(e) => {
+                tracing::warn!("no connection handoff: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let limit_bell = Arc::clone(bell);
     let slot = board.slot(spec.slot);
     let shared = Arc::new(Shared {
         service,
-        builder: Shared::builder(settings),
+        builders: Shared::builders(settings),
         keepalive: settings.keepalive(),
         access_log,
         board,
@@ -341,6 +372,7 @@ async fn boot(
             startup: settings.health_startup_path.clone(),
         },
         ready: Arc::clone(&app.ready),
+        handoff,
     });
     Ok((shared, listeners))
 }
@@ -479,7 +511,9 @@ async fn accept_until_drained(
             a = accept(listener) => a,
         };
         match accepted {
-            Ok((stream, peer)) => start_serving(stream, peer, permit, shared, drain),
+            Ok((stream, peer)) => {
+                start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted)
+            }
             Err(e) if is_transient(&e) => {}
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning,
@@ -500,13 +534,14 @@ async fn accept_until_drained(
     }
 }
 
-/// Serves an accepted connection in a task of its own.
+/// Serves a connection in a task of its own.
 fn start_serving(
     stream: Stream,
     peer: Peer,
     permit: OwnedSemaphorePermit,
     shared: &Arc<Shared>,
     drain: &watch::Receiver<bool>,
+    origin: http::Origin,
 ) {
     let (shared, drain) = (Arc::clone(shared), drain.clone());
     // Counted now, not in the task, so that the share check before the
@@ -516,11 +551,11 @@ fn start_serving(
     match stream {
         Stream::Tcp(s) => {
             let io = Tracked::new(s, permit, seat, send_timeout);
-            tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
+            tokio::spawn(serve_maybe_tls(io, peer, shared, drain, origin));
         }
         Stream::Unix(s) => {
             let io = Tracked::new(s, permit, seat, send_timeout);
-            tokio::spawn(serve_maybe_tls(io, peer, shared, drain));
+            tokio::spawn(serve_maybe_tls(io, peer, shared, drain, origin));
         }
     }
 }
@@ -554,7 +589,7 @@ fn sweep(
                             }
                         }
                     };
-                    start_serving(stream, peer, permit, shared, drain);
+                    start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted);
                 }
                 Some(Err(e)) if is_transient(&e) => {}
                 // Nothing queued (or no descriptor left to take it with).
@@ -572,11 +607,12 @@ async fn serve_maybe_tls<I>(
     mut peer: Peer,
     shared: Arc<Shared>,
     drain: watch::Receiver<bool>,
+    origin: http::Origin,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + http::Passable + 'static,
 {
     let Some(acceptor) = shared.tls.clone() else {
-        return http::serve(io, peer, shared, drain).await;
+        return http::serve(io, peer, shared, drain, origin).await;
     };
     // Boxed: a plain connection's task is not sized for TLS's state (its
     // handshake and its stream), which every idle connection would carry.
@@ -584,7 +620,7 @@ async fn serve_maybe_tls<I>(
         match tokio::time::timeout(shared.header_timeout, acceptor.accept(io)).await {
             Ok(Ok(stream)) => {
                 peer.scheme = "https";
-                http::serve(stream, peer, shared, drain).await
+                http::serve(stream, peer, shared, drain, http::Origin::Accepted).await
             }
             Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -743,6 +779,122 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl http::Passable for Tracked<tokio::net::TcpStream> {
+    fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
+        Some((self.io.as_raw_fd(), SocketKind::Tcp))
+    }
+}
+
+impl http::Passable for Tracked<tokio::net::UnixStream> {
+    fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
+        Some((self.io.as_raw_fd(), SocketKind::Unix))
+    }
+}
+
+impl<I> http::Passable for tokio_rustls::server::TlsStream<I> {}
+
+/// Takes the connections leaving siblings hand over until this worker
+/// drains; then, once no sibling is midway through handing one over,
+/// takes what is still queued (see [`crate::handoff`]). Returns how many
+/// permits it added past the worker's cap.
+async fn receive_handoffs(
+    queue: Arc<Queue>,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+    permits: Arc<Semaphore>,
+) -> usize {
+    let mut extra = 0;
+    let mut last_complaint = None;
+    loop {
+        let handed = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => break,
+            h = queue.recv() => h,
+        };
+        match handed {
+            Ok(h) => extra += serve_handed(h, &shared, &drain, &permits),
+            Err(e) => {
+                if last_complaint
+                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
+                {
+                    tracing::error!(
+                        "worker {}: cannot take a handed-over connection: {e}",
+                        std::process::id()
+                    );
+                    last_complaint = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // The slot said draining before the drain signal; the fence orders that
+    // before the count is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + HANDOFF_SETTLE;
+    while shared.board.handoffs_in_progress() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while let Ok(Some(h)) = queue.try_recv() {
+        extra += serve_handed(h, &shared, &drain, &permits);
+    }
+    extra
+}
+
+/// The longest a draining worker waits for siblings midway through a
+/// handoff (each takes microseconds; a sibling stopped meanwhile by the
+/// machine does not hold it).
+const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
+
+/// Serves a connection a sibling handed over; returns 1 if it took a
+/// permit past the worker's cap.
+fn serve_handed(
+    handed: Handed,
+    shared: &Arc<Shared>,
+    drain: &watch::Receiver<bool>,
+    permits: &Arc<Semaphore>,
+) -> usize {
+    let (permit, extra) = match Arc::clone(permits).try_acquire_owned() {
+        Ok(permit) => (permit, 0),
+        Err(_) => {
+            permits.add_permits(1);
+            match Arc::clone(permits).try_acquire_owned() {
+                Ok(permit) => (permit, 1),
+                Err(_) => return 1,
+            }
+        }
+    };
+    let stream = match handed.kind {
+        SocketKind::Tcp => {
+            let std = std::net::TcpStream::from(handed.socket);
+            let ip = std.peer_addr().ok().map(|a| a.ip());
+            std.set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(std))
+                .map(|s| (Stream::Tcp(s), ip))
+        }
+        SocketKind::Unix => {
+            let std = std::os::unix::net::UnixStream::from(handed.socket);
+            std.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std))
+                .map(|s| (Stream::Unix(s), None))
+        }
+    };
+    match stream {
+        Ok((stream, ip)) => start_serving(
+            stream,
+            Peer { ip, scheme: "http" },
+            permit,
+            shared,
+            drain,
+            http::Origin::Handed {
+                carried: handed.carried,
+                age: handed.age,
+            },
+        ),
+        Err(e) => tracing::debug!("cannot serve a handed-over connection: {e}"),
+    }
+    extra
 }
 
 async fn accept(listener: &WorkerListener) -> std::io::Result<(Stream, Peer)> {

@@ -20,6 +20,7 @@
 //! Every close is a lingering close (see the worker's connection wrapper).
 
 pub mod access_log;
+mod conn;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,8 +33,7 @@ use std::time::Duration;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{StatusCode, Version};
 use http_body::Body as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -42,6 +42,8 @@ use crate::app::{plain, AppService, Request, Response};
 use crate::config::Settings;
 use crate::scoreboard::Slot;
 use access_log::{AccessLog, Entry};
+pub(crate) use conn::Builders;
+use conn::{Conn, ConnIo};
 
 /// hyper's default cap on header fields (Gunicorn's default too).
 const HYPER_MAX_HEADERS: usize = 100;
@@ -57,7 +59,7 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// What every connection of a worker shares.
 pub(crate) struct Shared {
     pub(crate) service: AppService,
-    pub(crate) builder: auto::Builder<TokioExecutor>,
+    pub(crate) builders: Builders,
     pub(crate) keepalive: Duration,
     pub(crate) access_log: Option<AccessLog>,
     pub(crate) board: &'static crate::scoreboard::Scoreboard,
@@ -85,6 +87,10 @@ pub(crate) struct Shared {
     pub(crate) body_timeout: Option<Duration>,
     /// How long a response may wait for the client to take more of it.
     pub(crate) send_timeout: Option<Duration>,
+    /// The generation's handoff queue, and the generation: an idle
+    /// HTTP/1.1 connection of a worker that leaves while its siblings stay
+    /// is handed to one of them.
+    pub(crate) handoff: Option<(Arc<crate::handoff::Queue>, u64)>,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -261,9 +267,8 @@ impl Shared {
 
 impl Shared {
     /// Configures hyper for these settings.
-    pub(crate) fn builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        let mut http1 = builder.http1();
+    pub(crate) fn builders(settings: &Settings) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .keep_alive(true)
@@ -278,7 +283,7 @@ impl Shared {
         if settings.limit_request_fields != HYPER_MAX_HEADERS {
             http1.max_headers(settings.limit_request_fields);
         }
-        let mut http2 = builder.http2();
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         // HTTP/2's own bound on a head (SETTINGS_MAX_HEADER_LIST_SIZE),
         // from the same limits; zdr checks each field and the count after
@@ -289,7 +294,7 @@ impl Shared {
                 .saturating_mul(settings.limit_request_field_size);
             http2.max_header_list_size(u32::try_from(list).unwrap_or(u32::MAX));
         }
-        builder
+        Builders { http1, http2 }
     }
 }
 
@@ -311,6 +316,12 @@ struct ConnState {
     last_done_ms: AtomicU64,
     draining: AtomicBool,
     http2: AtomicBool,
+    /// hyper has written something it has not flushed yet.
+    unflushed: AtomicBool,
+    /// The last response was a single buffer to a request with no body
+    /// left unread, and the connection stays open: once it is written,
+    /// the connection is between requests and may be handed over.
+    reusable: AtomicBool,
 }
 
 /// Decrements a connection's in-flight count however the request ends.
@@ -462,7 +473,9 @@ impl Future for ConnFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.inner.as_mut().poll(cx));
         let mut close = false;
+        let mut body_done = true;
         if let Some(body) = self.body.take() {
+            body_done = body.ended();
             if body.too_large() {
                 // Whatever the app made of the error, the client sent too
                 // much: it hears so, and the connection closes.
@@ -492,6 +505,14 @@ impl Future for ConnFuture {
         if self.version < Version::HTTP_2 && (draining || close) {
             res.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(g) = &self.guard {
+            let reusable = self.version < Version::HTTP_2
+                && !draining
+                && !close
+                && body_done
+                && res.body().is_single_buffer();
+            g.conn.reusable.store(reusable, Ordering::Relaxed);
         }
         if let Some(facts) = self.log.take() {
             if let Some(log) = &facts.shared.access_log {
@@ -553,18 +574,52 @@ fn without_forbidden_content(res: &mut Response, head: bool) {
     }
 }
 
-/// Serves one accepted connection until it closes, the keep-alive timeout
-/// passes, or draining closes it.
+/// How a connection came to this worker.
+pub(crate) enum Origin {
+    /// Accepted from a listening socket.
+    Accepted,
+    /// Handed over by a leaving sibling, between requests: HTTP/1.1, with
+    /// the bytes of its next request it had already read, and its age.
+    Handed {
+        carried: bytes::Bytes,
+        age: Duration,
+    },
+}
+
+/// A connection's socket, as far as handing it to another worker goes.
+pub(crate) trait Passable {
+    /// Its descriptor and kind, if it can be handed over (a plain socket;
+    /// not a TLS stream, whose session state lives in this process).
+    fn passable(&self) -> Option<(std::os::fd::RawFd, crate::handoff::SocketKind)> {
+        None
+    }
+}
+
+/// Serves one connection until it closes, the keep-alive timeout passes,
+/// draining closes it, or (when its worker leaves) it is handed to a
+/// sibling.
 pub(crate) async fn serve<I>(
     io: I,
     peer: Peer,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
+    origin: Origin,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Passable + 'static,
 {
-    let epoch = Instant::now();
+    let now = Instant::now();
+    let (epoch, carried, handed) = match origin {
+        Origin::Accepted => (now, bytes::Bytes::new(), false),
+        Origin::Handed { carried, age } => (now.checked_sub(age).unwrap_or(now), carried, true),
+    };
     let conn_state = Arc::new(ConnState::default());
+    if handed {
+        // Its last response was just written: the keep-alive timeout
+        // applies from now, not the first request's header timeout.
+        let since = now.saturating_duration_since(epoch);
+        let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis()) + 1;
+        conn_state.last_done_ms.store(ms, Ordering::Relaxed);
+    }
     let max_age = shared
         .max_age
         .map(|m| (epoch + m.for_connection(epoch), m.grace));
@@ -577,10 +632,18 @@ pub(crate) async fn serve<I>(
             .expires(max_age.map(|(at, _)| at.into_std())),
         epoch,
     };
-    let conn = shared
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    // A connection that can go to a sibling: plain HTTP/1.1, in a worker
+    // with a handoff queue.
+    let passable = shared
+        .handoff
+        .as_ref()
+        .and_then(|(queue, generation)| Some((queue, *generation, io.passable()?)));
+    let io = ConnIo::new(io, carried, Arc::clone(&conn_state));
+    let mut conn = if handed {
+        Conn::http1(&shared.builders, io, service)
+    } else {
+        Conn::new(io, service)
+    };
     // One timer per connection, re-armed lazily: it wakes once per period
     // at most, not once per request. What it means when it fires is
     // decided by the connection's `Clock`.
@@ -592,12 +655,12 @@ pub(crate) async fn serve<I>(
         drain_began: None,
         closing_since: None,
     };
-    let first = shared.header_timeout.min(shared.keepalive);
-    let timer = tokio::time::sleep_until(
-        clock
-            .max_age
-            .map_or(epoch + first, |(at, _)| (epoch + first).min(at)),
-    );
+    let first = if handed {
+        now + shared.keepalive
+    } else {
+        epoch + shared.header_timeout.min(shared.keepalive)
+    };
+    let timer = tokio::time::sleep_until(clock.max_age.map_or(first, |(at, _)| first.min(at)));
     tokio::pin!(timer);
     // The drain signal and the timer are polled only when they may have
     // fired (a version check, a state check), not on every wake-up of the
@@ -607,12 +670,25 @@ pub(crate) async fn serve<I>(
     let drain_wait = drain.wait_for(|d| *d);
     tokio::pin!(drain_wait);
     let (mut drain_armed, mut timer_armed) = (false, false);
+    // Set while the connection waits for a moment between requests to be
+    // handed to a sibling.
+    let mut handing = false;
+    let between_requests = |state: &ConnState| {
+        state.in_flight.load(Ordering::Acquire) == 0
+            && !state.unflushed.load(Ordering::Relaxed)
+            && (state.reusable.load(Ordering::Relaxed)
+                || state.last_done_ms.load(Ordering::Relaxed) == 0)
+    };
     loop {
         let woke = std::future::poll_fn(|cx| {
-            if conn.as_mut().poll(cx).is_ready() {
+            if conn.poll(cx, &shared.builders).is_ready() {
                 return Poll::Ready(Woke::Closed);
             }
+            if handing && between_requests(&conn_state) {
+                return Poll::Ready(Woke::BetweenRequests);
+            }
             if clock.drain_began.is_none()
+                && !handing
                 && (!drain_armed || drain_fired())
                 && drain_wait.as_mut().poll(cx).is_ready()
             {
@@ -628,11 +704,56 @@ pub(crate) async fn serve<I>(
         .await;
         let step = match woke {
             Woke::Closed => break,
+            Woke::Drain
+                if conn.is_http1()
+                    && !shared.board.stopping()
+                    && passable.is_some_and(|(_, generation, _)| {
+                        shared
+                            .board
+                            .has_ready_sibling(shared.slot_index, generation)
+                    }) =>
+            {
+                // Leaving while a sibling stays: the connection waits for a
+                // moment between requests (its response in flight is not
+                // told to close) to be handed over, for at most the idle
+                // grace. Should the sibling be gone by then, it drains as
+                // an idle connection does.
+                handing = true;
+                Step::Wait {
+                    until: Instant::now() + DRAIN_IDLE_GRACE,
+                }
+            }
+            Woke::BetweenRequests => {
+                handing = false;
+                let Some((queue, generation, (fd, kind))) = passable else {
+                    break;
+                };
+                let sent = hand_over(&mut conn, &shared, queue, generation, fd, kind, epoch);
+                match sent {
+                    HandOver::Sent => break,
+                    HandOver::Kept(parts) => {
+                        if let Some(parts) = parts {
+                            let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
+                            conn = Conn::http1(&shared.builders, io, parts.service);
+                        }
+                        conn_state.draining.store(true, Ordering::Relaxed);
+                        clock.drain(Instant::now(), false, false)
+                    }
+                }
+            }
             Woke::Drain => {
                 let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
                 let http2 = conn_state.http2.load(Ordering::Relaxed);
                 conn_state.draining.store(true, Ordering::Relaxed);
                 clock.drain(Instant::now(), busy, http2)
+            }
+            Woke::Timer if handing => {
+                // No moment between requests came within the grace (a long
+                // request, a streamed response): drained as before.
+                handing = false;
+                let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
+                conn_state.draining.store(true, Ordering::Relaxed);
+                clock.drain(Instant::now(), busy, false)
             }
             Woke::Timer => {
                 let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
@@ -664,12 +785,63 @@ pub(crate) async fn serve<I>(
                 break;
             }
             Step::Shutdown { then } => {
-                conn.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
                 timer.as_mut().reset(then);
             }
             Step::Wait { until } => timer.as_mut().reset(until),
         }
     }
+}
+
+/// What became of a handoff.
+enum HandOver<I> {
+    /// A sibling has the connection; this worker's copy closes.
+    Sent,
+    /// The connection stays here: no sibling is ready, or the send failed
+    /// (then its parts, to serve it again).
+    Kept(Option<conn::Parts<I>>),
+}
+
+/// Hands a connection between requests to a ready sibling of its
+/// generation, if there is one.
+fn hand_over<I>(
+    conn: &mut Conn<I>,
+    shared: &Shared,
+    queue: &crate::handoff::Queue,
+    generation: u64,
+    fd: std::os::fd::RawFd,
+    kind: crate::handoff::SocketKind,
+    epoch: Instant,
+) -> HandOver<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Counted before looking for a sibling: a sibling that starts to drain
+    // meanwhile waits for this count before it takes its last connections
+    // from the queue (see `crate::handoff`).
+    shared.board.begin_handoff();
+    let outcome = if !shared
+        .board
+        .has_ready_sibling(shared.slot_index, generation)
+    {
+        HandOver::Kept(None)
+    } else {
+        match conn.take_http1() {
+            None => HandOver::Kept(None),
+            Some(parts) if parts.carried.len() > crate::handoff::MAX_CARRIED => {
+                HandOver::Kept(Some(parts))
+            }
+            Some(parts) => match queue.send(fd, kind, epoch.elapsed(), &parts.carried) {
+                Ok(()) => HandOver::Sent,
+                Err(e) => {
+                    tracing::debug!("cannot hand a connection over: {e}");
+                    HandOver::Kept(Some(parts))
+                }
+            },
+        }
+    };
+    shared.board.end_handoff();
+    outcome
 }
 
 /// What woke a connection's task to act.
@@ -680,6 +852,8 @@ enum Woke {
     Drain,
     /// The connection's timer fired.
     Timer,
+    /// A leaving worker's connection is between requests.
+    BetweenRequests,
 }
 
 /// `--max-connection-age` and its companions.

@@ -248,11 +248,20 @@ impl Master {
         let mut generations = Generations::default();
         let serving = h.serving.map(|(id, s)| {
             let settings = Arc::new(s);
+            // SAFETY: the previous image owned the serving generation's
+            // handoff queue and handed it over across exec.
+            let handoff = h
+                .handoff
+                .map(|fds| unsafe { crate::handoff::Pair::adopt(fds) });
+            for fd in handoff.iter().flat_map(crate::handoff::Pair::raw_fds) {
+                let _ = crate::sys::set_cloexec(fd, true);
+            }
             generations.insert(
                 id,
                 Arc::clone(&settings),
                 None,
                 Some(Arc::new(spawn::Executable::pin(&h.exe))),
+                handoff,
             );
             machine::Generation { id, settings }
         });
@@ -615,6 +624,7 @@ impl Master {
         if let Some(scrape) = &self.scrape {
             fds.extend(scrape.fds().iter().map(|fd| fd.as_raw_fd()));
         }
+        fds.extend(self.generations.handoff_fds());
         fds
     }
 

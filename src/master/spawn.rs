@@ -67,6 +67,7 @@ pub(crate) fn exec(
     let mut inherit: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
     inherit.push(spec.scoreboard_fd);
     inherit.push(spec.doorbell_fd);
+    inherit.extend(spec.handoff.iter().flatten());
     let run_as = spec.settings.run_as;
     // The descriptor stays open across the exec: whatever runs next may
     // open the file by this name again (a script's interpreter; a wrapper

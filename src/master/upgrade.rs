@@ -51,6 +51,9 @@ pub(crate) struct Handover {
     /// The control socket and its path.
     #[serde(default)]
     pub(crate) control: Option<(RawFd, PathBuf)>,
+    /// The serving generation's handoff queue.
+    #[serde(default)]
+    pub(crate) handoff: Option<[RawFd; 2]>,
 }
 
 /// A listening socket handed over.
@@ -80,6 +83,7 @@ impl Handover {
         fds.extend([self.scoreboard_fd, self.bell_rx, self.bell_tx]);
         fds.extend(self.workers.iter().filter_map(|w| w.output_fd));
         fds.extend(self.control.as_ref().map(|(fd, _)| *fd));
+        fds.extend(self.handoff.iter().flatten());
         fds
     }
 }
@@ -250,6 +254,12 @@ impl super::Master {
                 .machine
                 .serving()
                 .map(|g| (g.id, (*g.settings).clone())),
+            handoff: self
+                .machine
+                .serving()
+                .and_then(|g| self.generations.get(g.id))
+                .and_then(|r| r.handoff.as_ref())
+                .map(crate::handoff::Pair::raw_fds),
             next_generation: self.machine.next_generation(),
             target: self.machine.target(),
         }

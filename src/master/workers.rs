@@ -45,6 +45,10 @@ impl Master {
         };
         let settings = Arc::clone(&generation.settings);
         let (app, exe) = (generation.app.clone(), generation.exe.clone());
+        let handoff = generation
+            .handoff
+            .as_ref()
+            .map(crate::handoff::Pair::raw_fds);
         let slot = self.board.slot(slot_index);
         slot.claim(id);
         let request_limit = RequestLimit::new(
@@ -66,6 +70,7 @@ impl Master {
             doorbell_fd: self.bell.raw_fd(),
             request_limit,
             exe_fd: None,
+            handoff,
         };
         let (output, stderr) = match Output::pipe() {
             Ok(pair) => pair,
@@ -78,7 +83,8 @@ impl Master {
         };
         let result = match app {
             Some(app) => {
-                let keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
+                let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
+                keep.extend(spec.handoff.iter().flatten());
                 let mut close = self.own_fds();
                 close.retain(|fd| !keep.contains(fd));
                 close.push(output.fd().as_raw_fd());

@@ -1,0 +1,315 @@
+//! Handing an idle HTTP/1.1 connection from a leaving worker to a sibling
+//! of its generation, so that recycling (`--max-requests`) and scaling
+//! down close no keep-alive connection: the client keeps its connection
+//! and its next request is answered by another process.
+//!
+//! Each generation has one queue: a datagram socket pair the master
+//! makes and every worker of the generation inherits, as it inherits the
+//! listening sockets. A leaving worker sends a connection's socket
+//! (`SCM_RIGHTS`) with the bytes already read past its last request; any
+//! worker of the generation takes it, as any takes the next connection
+//! from the shared accept queue.
+//!
+//! No connection is left in a queue nobody reads. A sender first counts
+//! itself on the scoreboard ([`Scoreboard::begin_handoff`]) and then sends
+//! only if a sibling is ready; a worker that starts draining first says so
+//! on its slot, then waits until no sender is counted, then takes what is
+//! still queued and serves it as a draining worker does. Each side writes
+//! before it reads the other's mark (with a full fence between), so at
+//! least one of them sees the other.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+#[cfg(doc)]
+use crate::scoreboard::Scoreboard;
+
+/// The most request bytes read ahead that a connection may carry with it;
+/// a connection with more is not handed over (it drains as before).
+pub(crate) const MAX_CARRIED: usize = 16 * 1024;
+
+/// What precedes the carried bytes in a message: a version, the socket's
+/// kind, and the connection's age in milliseconds.
+const HEAD: usize = 10;
+
+/// The message format's version.
+const VERSION: u8 = 1;
+
+/// The kind of socket handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketKind {
+    /// A TCP connection.
+    Tcp,
+    /// A Unix-domain stream connection.
+    Unix,
+}
+
+/// A generation's queue, as the master keeps it: both ends of the pair.
+#[derive(Debug)]
+pub(crate) struct Pair {
+    send: OwnedFd,
+    recv: OwnedFd,
+}
+
+impl Pair {
+    /// Makes a new queue (close-on-exec, non-blocking).
+    pub(crate) fn new() -> io::Result<Pair> {
+        let (send, recv) = socketpair(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )?;
+        Ok(Pair { send, recv })
+    }
+
+    /// Its descriptors, sending end first, for a worker to inherit.
+    pub(crate) fn raw_fds(&self) -> [RawFd; 2] {
+        [self.send.as_raw_fd(), self.recv.as_raw_fd()]
+    }
+
+    /// Adopts descriptors inherited across `exec` (a binary upgrade).
+    ///
+    /// # Safety
+    ///
+    /// Both must be open descriptors this process owns, made by
+    /// [`Pair::new`].
+    pub(crate) unsafe fn adopt(fds: [RawFd; 2]) -> Pair {
+        Pair {
+            // SAFETY: as the caller promises.
+            send: unsafe { OwnedFd::from_raw_fd(fds[0]) },
+            // SAFETY: as the caller promises.
+            recv: unsafe { OwnedFd::from_raw_fd(fds[1]) },
+        }
+    }
+}
+
+/// A connection taken from the queue.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    /// Its socket.
+    pub(crate) socket: OwnedFd,
+    /// What kind of socket it is.
+    pub(crate) kind: SocketKind,
+    /// How long it has been open.
+    pub(crate) age: Duration,
+    /// Bytes of its next request already read by the worker that sent it.
+    pub(crate) carried: Bytes,
+}
+
+/// A worker's end of its generation's queue.
+pub(crate) struct Queue {
+    send: OwnedFd,
+    recv: tokio::net::UnixDatagram,
+}
+
+impl Queue {
+    /// Opens the queue from the inherited descriptors (in the worker's
+    /// runtime).
+    ///
+    /// # Safety
+    ///
+    /// Both must be open descriptors this process owns, as a worker's spec
+    /// names them.
+    pub(crate) unsafe fn from_inherited(fds: [RawFd; 2]) -> io::Result<Queue> {
+        // SAFETY: as the caller promises.
+        let pair = unsafe { Pair::adopt(fds) };
+        crate::sys::set_cloexec(pair.send.as_raw_fd(), true)?;
+        crate::sys::set_cloexec(pair.recv.as_raw_fd(), true)?;
+        // A datagram socket to tokio: its readiness is what is used; the
+        // messages are taken with `recvmsg` for the descriptors they carry.
+        let recv = std::os::unix::net::UnixDatagram::from(pair.recv);
+        Ok(Queue {
+            send: pair.send,
+            recv: tokio::net::UnixDatagram::from_std(recv)?,
+        })
+    }
+
+    /// Sends `socket` with the bytes read past its last request. The
+    /// caller still owns `socket` and closes its own descriptor after.
+    pub(crate) fn send(
+        &self,
+        socket: RawFd,
+        kind: SocketKind,
+        age: Duration,
+        carried: &[u8],
+    ) -> io::Result<()> {
+        if carried.len() > MAX_CARRIED {
+            return Err(io::Error::other("too many bytes read ahead"));
+        }
+        let head = encode_head(kind, age);
+        let iov = [IoSlice::new(&head), IoSlice::new(carried)];
+        let fds = [socket];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let sent = sendmsg::<UnixAddr>(
+            self.send.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        )?;
+        if sent != HEAD + carried.len() {
+            return Err(io::Error::other("the handoff message was cut short"));
+        }
+        Ok(())
+    }
+
+    /// Waits for the next connection.
+    pub(crate) async fn recv(&self) -> io::Result<Handed> {
+        let fd = self.recv.as_raw_fd();
+        self.recv
+            .async_io(tokio::io::Interest::READABLE, || loop {
+                // A message without a socket (none is ever sent) is skipped.
+                if let Some(handed) = receive(fd)? {
+                    return Ok(handed);
+                }
+            })
+            .await
+    }
+
+    /// The next connection if one is queued now.
+    pub(crate) fn try_recv(&self) -> io::Result<Option<Handed>> {
+        loop {
+            match receive(self.recv.as_raw_fd()) {
+                Ok(Some(handed)) => return Ok(Some(handed)),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn encode_head(kind: SocketKind, age: Duration) -> [u8; HEAD] {
+    let mut head = [0u8; HEAD];
+    head[0] = VERSION;
+    head[1] = match kind {
+        SocketKind::Tcp => 0,
+        SocketKind::Unix => 1,
+    };
+    let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    head[2..].copy_from_slice(&ms.to_le_bytes());
+    head
+}
+
+fn decode_head(head: &[u8]) -> Option<(SocketKind, Duration)> {
+    if head.len() < HEAD || head[0] != VERSION {
+        return None;
+    }
+    let kind = match head[1] {
+        0 => SocketKind::Tcp,
+        1 => SocketKind::Unix,
+        _ => return None,
+    };
+    let mut ms = [0u8; 8];
+    ms.copy_from_slice(&head[2..HEAD]);
+    Some((kind, Duration::from_millis(u64::from_le_bytes(ms))))
+}
+
+/// Takes one message: `Ok(None)` for one that carried no usable socket
+/// (whatever it carried is closed).
+fn receive(fd: RawFd) -> io::Result<Option<Handed>> {
+    let mut buf = vec![0u8; HEAD + MAX_CARRIED];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let (len, fds, cut) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<UnixAddr>(
+            fd,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in
+                // this process for this message; nothing else owns them.
+                fds.extend(
+                    rights
+                        .into_iter()
+                        .map(|r| unsafe { OwnedFd::from_raw_fd(r) }),
+                );
+            }
+        }
+        let cut = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        (msg.bytes, fds, cut)
+    };
+    let mut fds = fds.into_iter();
+    let (Some(socket), None, false) = (fds.next(), fds.next(), cut) else {
+        return Ok(None);
+    };
+    let Some((kind, age)) = decode_head(&buf[..len]) else {
+        return Ok(None);
+    };
+    buf.truncate(len);
+    let carried = Bytes::from(buf).slice(HEAD..);
+    Ok(Some(Handed {
+        socket,
+        kind,
+        age,
+        carried,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn the_head_says_kind_and_age() {
+        let head = encode_head(SocketKind::Unix, Duration::from_millis(1234));
+        assert_eq!(
+            decode_head(&head),
+            Some((SocketKind::Unix, Duration::from_millis(1234)))
+        );
+        let mut bad = head;
+        bad[0] = 9;
+        assert_eq!(decode_head(&bad), None);
+        assert_eq!(decode_head(&head[..4]), None);
+    }
+
+    #[tokio::test]
+    async fn a_socket_and_its_read_ahead_bytes_cross_the_queue() {
+        let pair = Pair::new().expect("pair");
+        let fds = pair.raw_fds();
+        std::mem::forget(pair);
+        // SAFETY: the pair's descriptors were just made and forgotten, so
+        // the queue alone owns them.
+        let queue = unsafe { Queue::from_inherited(fds) }.expect("queue");
+        assert!(queue.try_recv().expect("try_recv").is_none());
+
+        let (mut ours, theirs) = UnixStream::pair().expect("stream pair");
+        queue
+            .send(
+                theirs.as_raw_fd(),
+                SocketKind::Unix,
+                Duration::from_millis(7),
+                b"GET / HT",
+            )
+            .expect("send");
+        // The sender closes its own descriptor; the socket lives on in the
+        // message.
+        drop(theirs);
+        let handed = queue.recv().await.expect("recv");
+        assert_eq!(handed.kind, SocketKind::Unix);
+        assert_eq!(handed.age, Duration::from_millis(7));
+        assert_eq!(&handed.carried[..], b"GET / HT");
+        let mut received = UnixStream::from(handed.socket);
+        ours.write_all(b"ping").expect("write");
+        let mut got = [0u8; 4];
+        received.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"ping");
+        assert!(queue.try_recv().expect("try_recv").is_none());
+    }
+}

@@ -1,0 +1,267 @@
+//! One connection's protocol with hyper: HTTP/1.1 (with upgrades) or
+//! HTTP/2 with prior knowledge, told apart by the client's first bytes as
+//! hyper-util's auto builder does; and, for HTTP/1.1 between requests, the
+//! way out (the socket and the bytes read past the last request) that hands
+//! the connection to another worker.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{ConnService, ConnState};
+
+/// The first bytes of every HTTP/2 connection with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// hyper's builders for both protocols, configured once per worker.
+pub(crate) struct Builders {
+    pub(crate) http1: http1::Builder,
+    pub(crate) http2: http2::Builder<TokioExecutor>,
+}
+
+type H1<I> = http1::UpgradeableConnection<TokioIo<ConnIo<I>>, ConnService>;
+type H2<I> = http2::Connection<TokioIo<ConnIo<I>>, ConnService, TokioExecutor>;
+
+/// A connection being served.
+pub(super) enum Conn<I> {
+    /// Reading the first bytes, to tell HTTP/2's preface from HTTP/1.1.
+    ReadVersion {
+        io: Option<ConnIo<I>>,
+        service: Option<ConnService>,
+        buf: [u8; 24],
+        filled: usize,
+        cancelled: bool,
+    },
+    Http1(Pin<Box<H1<I>>>),
+    Http2(Pin<Box<H2<I>>>),
+    /// Over, or handed away.
+    Done,
+}
+
+/// What an HTTP/1.1 connection hands back between requests.
+pub(super) struct Parts<I> {
+    pub(super) io: I,
+    /// Bytes read past the last request (the start of the next one).
+    pub(super) carried: Bytes,
+    pub(super) service: ConnService,
+}
+
+impl<I> Conn<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// A new connection, its protocol not yet known.
+    pub(super) fn new(io: ConnIo<I>, service: ConnService) -> Conn<I> {
+        Conn::ReadVersion {
+            io: Some(io),
+            service: Some(service),
+            buf: [0; 24],
+            filled: 0,
+            cancelled: false,
+        }
+    }
+
+    /// An HTTP/1.1 connection whose protocol is already known (handed over
+    /// from another worker, or taken back from a handoff that failed).
+    pub(super) fn http1(builders: &Builders, io: ConnIo<I>, service: ConnService) -> Conn<I> {
+        Conn::Http1(Box::pin(
+            builders
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        ))
+    }
+
+    /// Whether it is an HTTP/1.1 connection hyper still serves.
+    pub(super) fn is_http1(&self) -> bool {
+        matches!(self, Conn::Http1(_))
+    }
+
+    /// Drives the connection; ready once it is over.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, builders: &Builders) -> Poll<()> {
+        loop {
+            match self {
+                Conn::ReadVersion {
+                    io,
+                    service,
+                    buf,
+                    filled,
+                    cancelled,
+                } => {
+                    if *cancelled {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    }
+                    let Some(stream) = io.as_mut() else {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    };
+                    let mut http2 = true;
+                    while *filled < H2_PREFACE.len() {
+                        let mut read = ReadBuf::new(&mut buf[*filled..]);
+                        match ready!(Pin::new(&mut *stream).poll_read(cx, &mut read)) {
+                            Ok(()) => {}
+                            Err(_) => {
+                                *self = Conn::Done;
+                                return Poll::Ready(());
+                            }
+                        }
+                        let n = read.filled().len();
+                        let end = *filled + n;
+                        if n == 0 || buf[*filled..end] != H2_PREFACE[*filled..end] {
+                            *filled = end;
+                            http2 = false;
+                            break;
+                        }
+                        *filled = end;
+                    }
+                    let (Some(mut stream), Some(service)) = (io.take(), service.take()) else {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    };
+                    stream.carry(Bytes::copy_from_slice(&buf[..*filled]));
+                    *self = if http2 {
+                        service.conn.http2.store(true, Ordering::Relaxed);
+                        Conn::Http2(Box::pin(
+                            builders
+                                .http2
+                                .serve_connection(TokioIo::new(stream), service),
+                        ))
+                    } else {
+                        Conn::http1(builders, stream, service)
+                    };
+                }
+                Conn::Http1(conn) => {
+                    let _ = ready!(conn.as_mut().poll(cx));
+                    *self = Conn::Done;
+                    return Poll::Ready(());
+                }
+                Conn::Http2(conn) => {
+                    let _ = ready!(conn.as_mut().poll(cx));
+                    *self = Conn::Done;
+                    return Poll::Ready(());
+                }
+                Conn::Done => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// Asks the connection to close once nothing is in flight (HTTP/1.1:
+    /// `Connection: close` on the response in flight, or close if idle;
+    /// HTTP/2: GOAWAY). One that has not yet shown its protocol closes.
+    pub(super) fn graceful_shutdown(&mut self) {
+        match self {
+            Conn::ReadVersion { cancelled, .. } => *cancelled = true,
+            Conn::Http1(conn) => conn.as_mut().graceful_shutdown(),
+            Conn::Http2(conn) => conn.as_mut().graceful_shutdown(),
+            Conn::Done => {}
+        }
+    }
+
+    /// Takes an HTTP/1.1 connection apart between requests; the caller
+    /// checked that nothing is in flight or unwritten. `None` (and the
+    /// connection unchanged) for any other.
+    pub(super) fn take_http1(&mut self) -> Option<Parts<I>> {
+        if !self.is_http1() {
+            return None;
+        }
+        let Conn::Http1(conn) = std::mem::replace(self, Conn::Done) else {
+            return None;
+        };
+        let parts = Pin::into_inner(conn).into_parts()?;
+        let mut io = parts.io.into_inner();
+        let carried = match (io.carried.is_empty(), parts.read_buf.is_empty()) {
+            (true, _) => parts.read_buf,
+            (false, true) => std::mem::take(&mut io.carried),
+            (false, false) => {
+                let mut both = Vec::with_capacity(io.carried.len() + parts.read_buf.len());
+                both.extend_from_slice(&io.carried);
+                both.extend_from_slice(&parts.read_buf);
+                Bytes::from(both)
+            }
+        };
+        Some(Parts {
+            io: io.io,
+            carried,
+            service: parts.service,
+        })
+    }
+}
+
+/// A connection's socket as hyper sees it: first the bytes already read
+/// (the version check's, or those a previous worker read), then the
+/// socket; every write marks the connection unflushed until hyper flushes.
+pub(super) struct ConnIo<I> {
+    io: I,
+    carried: Bytes,
+    state: Arc<ConnState>,
+}
+
+impl<I> ConnIo<I> {
+    pub(super) fn new(io: I, carried: Bytes, state: Arc<ConnState>) -> ConnIo<I> {
+        ConnIo { io, carried, state }
+    }
+
+    fn carry(&mut self, bytes: Bytes) {
+        self.carried = bytes;
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.carried.is_empty() {
+            let n = self.carried.len().min(buf.remaining());
+            buf.put_slice(&self.carried[..n]);
+            self.carried.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.state.unflushed.store(true, Ordering::Relaxed);
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.state.unflushed.store(true, Ordering::Relaxed);
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = poll {
+            self.state.unflushed.store(false, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
