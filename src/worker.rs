@@ -492,18 +492,8 @@ async fn accept_until_drained(
                 Err(_) => return,
             },
         };
-        // Holding more than its share of the server's connections, a
-        // worker gives the others a moment to take the next one: processes
-        // sharing one listener otherwise pile work on whichever is busiest.
-        for _ in 0..BALANCE_WAITS {
-            if !shared.board.over_share(shared.slot_index) {
-                break;
-            }
-            tokio::select! {
-                biased;
-                _ = drain.wait_for(|d| *d) => return,
-                _ = tokio::time::sleep(BALANCE_WAIT) => {}
-            }
+        if !wait_for_share(shared, drain).await {
+            return;
         }
         let accepted = tokio::select! {
             biased;
@@ -532,6 +522,24 @@ async fn accept_until_drained(
             }
         }
     }
+}
+
+/// Holding more than its share of the server's connections, a worker
+/// gives the others a moment to take the next one (accepted or handed
+/// over): processes sharing one queue otherwise pile work on whichever is
+/// busiest. Returns false if the worker started draining meanwhile.
+async fn wait_for_share(shared: &Shared, drain: &mut watch::Receiver<bool>) -> bool {
+    for _ in 0..BALANCE_WAITS {
+        if !shared.board.over_share(shared.slot_index) {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return false,
+            _ = tokio::time::sleep(BALANCE_WAIT) => {}
+        }
+    }
+    true
 }
 
 /// Serves a connection in a task of its own.
@@ -808,6 +816,9 @@ async fn receive_handoffs(
     let mut extra = 0;
     let mut last_complaint = None;
     loop {
+        if !wait_for_share(&shared, &mut drain).await {
+            break;
+        }
         let handed = tokio::select! {
             biased;
             _ = drain.wait_for(|d| *d) => break,

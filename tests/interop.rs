@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -178,12 +179,100 @@ fn curl_over_tls() {
 
 /// What `tests/interop/clients.py` printed.
 fn python_clients(base: &str, client: &str, count: usize) -> serde_json::Value {
+    python_clients_with(base, client, count, "mixed")
+}
+
+/// What `tests/interop/clients.py` printed for a plan of requests.
+fn python_clients_with(base: &str, client: &str, count: usize, plan: &str) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/clients.py");
     let out = run(
         "python3",
-        &[script.to_str().unwrap(), base, client, &count.to_string()],
+        &[
+            script.to_str().unwrap(),
+            base,
+            client,
+            &count.to_string(),
+            plan,
+        ],
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+/// Recycling hands idle keep-alive connections over: python-requests and
+/// httpx, each on one connection, are answered by worker after worker as
+/// they reach their request limit, and open no second connection (by their
+/// own debug logs).
+#[test]
+fn python_clients_keep_their_connection_across_recycling() {
+    if !have("python3", &["-c", "import requests, httpx, h2"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2", "--max-requests", "20"]).start();
+    server.wait_ready();
+    let base = format!("http://{}", server.addr());
+    for client in ["requests", "httpx-h1"] {
+        let report = python_clients_with(&base, client, 200_000, "gets-until-4-workers");
+        eprintln!("{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["workers"], 4, "{report}");
+        assert_eq!(report["connections"], 1, "{report}");
+    }
+    // The mixed plan (uploads, HEAD, a body answered before it is read)
+    // across recycling: nothing fails, whatever becomes of the connection.
+    let report = python_clients(&base, "requests", 2000);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["ok"], 2000, "{report}");
+}
+
+/// curl, asked for many URLs, keeps one connection while the workers
+/// answering it are recycled.
+#[test]
+fn curl_keeps_its_connection_across_recycling() {
+    if !have("curl", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "2", "--max-requests", "10"]).start();
+    server.wait_ready();
+    let url = format!("http://{}/", server.addr());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // Batches of 50 requests, each batch one curl and one connection, until
+    // one batch was answered by more than one worker.
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            server.log_text()
+        );
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "\nconnects=%{num_connects} status=%{http_code}\n",
+        ];
+        args.extend(std::iter::repeat_n(url.as_str(), 50));
+        let out = run("curl", &args);
+        let out = text(&out);
+        let connects: u32 = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("connects="))
+            .map(|l| l.split(' ').next().unwrap_or("").parse::<u32>().unwrap())
+            .sum();
+        let statuses: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_once(" status=").map(|(_, s)| s))
+            .collect();
+        assert_eq!(statuses, vec!["200"; 50], "{out}");
+        assert_eq!(connects, 1, "{out}");
+        let pids: BTreeSet<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("pid="))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        if pids.len() > 1 {
+            break;
+        }
+    }
 }
 
 #[test]

@@ -386,6 +386,89 @@ fn max_requests_recycles_workers_without_failures() {
     eprintln!("recycled workers and their requests: {recycled:?}");
 }
 
+/// Reads one response from a keep-alive connection: its head, then its
+/// Content-Length body. `None` if the connection ended first.
+fn read_response(conn: &mut std::io::BufReader<std::net::TcpStream>) -> Option<Reply> {
+    use std::io::{BufRead, Read};
+    let mut raw = Vec::new();
+    loop {
+        let before = raw.len();
+        if conn.read_until(b'\n', &mut raw).ok()? == 0 {
+            return None;
+        }
+        if raw[before..] == *b"\r\n" {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&raw).to_string();
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())?;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).ok()?;
+    raw.extend_from_slice(&body);
+    parse_reply(&raw)
+}
+
+/// Recycling hands a keep-alive connection to a sibling instead of closing
+/// it: one connection, kept open by its client, is answered by worker after
+/// worker as they reach their limit, and never told to close. Its requests
+/// are plain GETs, uploads the app reads whole, and pairs sent in one write
+/// (the second one read ahead by the worker that hands it over).
+#[test]
+fn recycling_hands_keep_alive_connections_to_a_sibling() {
+    use std::io::Write;
+    let server = Launch::serve(&["--workers", "2", "--max-requests", "15"]).start();
+    server.wait_ready();
+    let first = server.wait_workers(2);
+    let stream = std::net::TcpStream::connect(server.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let upload = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
+    let mut pids = BTreeSet::new();
+    let mut answered = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // Until the connection has been answered by five workers and both of
+    // the first ones are gone.
+    while pids.len() < 5 || first.iter().any(|p| alive(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{answered} answers from {pids:?}; log:\n{}",
+            server.log_text()
+        );
+        let (sent, expect): (Vec<u8>, usize) = match answered % 3 {
+            0 => (get.to_vec(), 1),
+            1 => (upload.to_vec(), 1),
+            _ => ([&get[..], &get[..]].concat(), 2),
+        };
+        writer.write_all(&sent).unwrap();
+        for _ in 0..expect {
+            let reply = read_response(&mut reader).unwrap_or_else(|| {
+                panic!(
+                    "the connection ended after {answered} answers from {pids:?}; log:\n{}",
+                    server.log_text()
+                )
+            });
+            assert_eq!(reply.status, 200, "{reply:?}");
+            assert_eq!(reply.header("connection"), None, "{reply:?}");
+            pids.insert(reply.pid());
+            answered += 1;
+        }
+    }
+    assert!(
+        server.log_count("Worker exiting") >= 3,
+        "{}",
+        server.log_text()
+    );
+    eprintln!("{answered} answers on one connection from workers {pids:?}");
+}
+
 #[test]
 fn usr2_upgrades_the_binary_keeping_the_master_pid() {
     let dir = TempDir::new("usr2");

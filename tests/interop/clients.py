@@ -1,29 +1,71 @@
 """Drives a zdr server with HTTP clients nobody on the project wrote.
 
-Usage: clients.py BASE_URL CLIENT COUNT
+Usage: clients.py BASE_URL CLIENT COUNT [PLAN]
   CLIENT: requests | httpx-h1 | httpx-h2
-Sends COUNT requests over one keep-alive client, cycling through GET, HEAD,
-a 256 KiB POST the demo reads (/upload) and a 256 KiB POST it answers
-before reading (405 from /refused), and prints one JSON line:
-{"client": ..., "ok": N, "errors": N, "first_errors": [...], "versions": [...]}
-A request is ok only if its status and body are exactly what the demo
-answers.
+  PLAN: mixed (the default) | gets-until-N-workers
+Sends COUNT requests over one keep-alive client and prints one JSON line:
+{"client": ..., "ok": N, "errors": N, "first_errors": [...], "versions": [...],
+ "connections": N, "workers": N}
+"connections" is how many connections the client opened (from its own
+debug log), "workers" how many worker pids answered.
+The mixed plan cycles through GET, HEAD, a 256 KiB POST the demo reads
+(/upload) and a 256 KiB POST it answers before reading (405 from /refused);
+gets-until-N-workers sends GETs until N distinct workers have answered (or
+COUNT requests). A request is ok only if its status and body are exactly
+what the demo answers.
 """
 
 import json
+import logging
+import re
 import sys
 
 BIG = b"z" * (256 * 1024)
 
 
+class Connections(logging.Handler):
+    """Counts the connections the clients' own debug logs say they open."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.opened = 0
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Starting new HTTP connection") or message.startswith(
+            "connect_tcp.started"
+        ):
+            self.opened += 1
+
+
+CONNECTIONS = Connections()
+for logger in ("urllib3.connectionpool", "httpcore.connection"):
+    logging.getLogger(logger).addHandler(CONNECTIONS)
+    logging.getLogger(logger).setLevel(logging.DEBUG)
+    logging.getLogger(logger).propagate = False
+PLAN = sys.argv[4] if len(sys.argv) > 4 else "mixed"
+WORKERS = set()
+
+
 def plan(count):
+    until = re.fullmatch(r"gets-until-(\d+)-workers", PLAN)
+    if until:
+        for _ in range(count):
+            if len(WORKERS) >= int(until.group(1)):
+                return
+            yield "get"
+        return
     kinds = ["get", "head", "upload", "refused"]
-    return [kinds[i % len(kinds)] for i in range(count)]
+    for i in range(count):
+        yield kinds[i % len(kinds)]
 
 
 def check(kind, status, body):
     if kind == "get":
-        return status == 200 and body.startswith(b"pid=")
+        pid = re.match(rb"pid=(\d+) ", body)
+        if pid:
+            WORKERS.add(pid.group(1))
+        return status == 200 and pid is not None
     if kind == "head":
         return status == 200 and body == b""
     if kind == "upload":
@@ -100,7 +142,8 @@ def main():
             if len(first) < 5:
                 first.append(f"{kind}: {status} {body[:80]!r}")
     print(json.dumps({"client": name, "ok": ok, "errors": errors,
-                      "first_errors": first, "versions": sorted(versions)}))
+                      "first_errors": first, "versions": sorted(versions),
+                      "connections": CONNECTIONS.opened, "workers": len(WORKERS)}))
 
 
 if __name__ == "__main__":
