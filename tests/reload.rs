@@ -469,6 +469,59 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
     eprintln!("{answered} answers on one connection from workers {pids:?}");
 }
 
+/// Scaling down (TTOU) closes no keep-alive connection either: the
+/// leaving worker's connections are answered next by the workers that stay.
+#[test]
+fn scaling_down_hands_the_leaving_workers_connections_over() {
+    use std::io::Write;
+    // A keep-alive timeout long enough that no connection closes of its own
+    // while the test waits.
+    let server = Launch::serve(&["--workers", "3", "--keep-alive", "600"]).start();
+    server.wait_ready();
+    let workers = server.wait_workers(3);
+    // Connections until every worker holds at least one.
+    let mut conns = Vec::new();
+    let mut holders = BTreeSet::new();
+    while holders.len() < 3 {
+        assert!(conns.len() < 300, "connections reach only {holders:?}");
+        let stream = std::net::TcpStream::connect(server.addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let reply = read_response(&mut reader).expect("an answer");
+        holders.insert(reply.pid());
+        conns.push((writer, reader, reply.pid()));
+    }
+    server.signal(Signal::SIGTTOU);
+    let left = server.wait_workers(2);
+    let gone: Vec<u32> = workers.difference(&left).copied().collect();
+    assert_eq!(gone.len(), 1, "{workers:?} -> {left:?}");
+    assert!(
+        wait_until(Duration::from_secs(60), || !alive(gone[0])),
+        "the leaving worker {} lingers",
+        gone[0]
+    );
+    let mut moved = 0;
+    for (writer, reader, pid) in &mut conns {
+        writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let reply = read_response(reader).expect("the connection still answers");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("connection"), None, "{reply:?}");
+        assert!(left.contains(&reply.pid()), "{reply:?} from {left:?}");
+        if *pid == gone[0] {
+            moved += 1;
+        }
+    }
+    assert!(moved >= 1);
+}
+
 #[test]
 fn usr2_upgrades_the_binary_keeping_the_master_pid() {
     let dir = TempDir::new("usr2");

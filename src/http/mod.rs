@@ -614,11 +614,13 @@ pub(crate) async fn serve<I>(
     };
     let conn_state = Arc::new(ConnState::default());
     if handed {
-        // Its last response was just written: the keep-alive timeout
-        // applies from now, not the first request's header timeout.
+        // It was handed over between requests, its last response written:
+        // the keep-alive timeout applies from now, not the first request's
+        // header timeout, and it may be handed on at once.
         let since = now.saturating_duration_since(epoch);
         let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis()) + 1;
         conn_state.last_done_ms.store(ms, Ordering::Relaxed);
+        conn_state.reusable.store(true, Ordering::Relaxed);
     }
     let max_age = shared
         .max_age
