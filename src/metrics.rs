@@ -179,6 +179,8 @@ pub struct Snapshot {
     pub restarts: [u64; 4],
     /// Connections closed for a client's slowness, by [`ClientTimeout`].
     pub client_timeouts: [u64; 3],
+    /// Keep-alive connections a leaving worker handed to a sibling.
+    pub connections_handed_over: u64,
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -345,6 +347,12 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstCounter::new(self.connections_handed_over).encode(enc.encode_descriptor(
+            "connections_handed_over",
+            "Keep-alive connections a leaving worker (recycled, scaled down) handed to a sibling instead of closing them",
+            None,
+            MetricType::Counter,
+        )?)?;
         let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",
@@ -395,6 +403,7 @@ mod tests {
         s.reload_duration = Histogram::new(&RELOAD_BUCKETS);
         s.reload_duration.observe(&RELOAD_BUCKETS, 0.02);
         s.restarts[RestartCause::Memory as usize] = 2;
+        s.connections_handed_over = 5;
         let text = s.encode();
         for line in [
             "zdr_requests_total{class=\"2xx\"} 7",
@@ -410,6 +419,7 @@ mod tests {
             "zdr_request_duration_seconds_bucket{le=\"+Inf\"} 7",
             "zdr_reload_duration_seconds_bucket{le=\"+Inf\"} 1",
             "zdr_client_timeouts_total{kind=\"body\"} 0",
+            "zdr_connections_handed_over_total 5",
         ] {
             assert!(text.contains(line), "no {line:?} in:\n{text}");
         }

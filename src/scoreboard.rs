@@ -90,6 +90,8 @@ struct Header {
     /// Workers handing a connection over right now (see
     /// [`crate::handoff`]); earlier builds leave it 0.
     handing_off: AtomicU64,
+    /// Connections handed over, over the server's life.
+    handed_over: AtomicU64,
 }
 
 // The layout is shared by processes of different builds: a master and the
@@ -428,6 +430,19 @@ impl Scoreboard {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                     Some(n.saturating_sub(1))
                 });
+    }
+
+    /// Counts a connection handed to a sibling (by a worker).
+    pub fn count_handed_over(&self) {
+        self.table()
+            .header
+            .handed_over
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections handed to a sibling so far.
+    pub fn handed_over(&self) -> u64 {
+        self.table().header.handed_over.load(Ordering::Relaxed)
     }
 
     /// How many workers are handing a connection over right now.

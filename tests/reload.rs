@@ -420,7 +420,15 @@ fn read_response(conn: &mut std::io::BufReader<std::net::TcpStream>) -> Option<R
 #[test]
 fn recycling_hands_keep_alive_connections_to_a_sibling() {
     use std::io::Write;
-    let server = Launch::serve(&["--workers", "2", "--max-requests", "15"]).start();
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--max-requests",
+        "15",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
     server.wait_ready();
     let first = server.wait_workers(2);
     let stream = std::net::TcpStream::connect(server.addr()).unwrap();
@@ -466,6 +474,9 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
         "{}",
         server.log_text()
     );
+    // Each worker that left handed the connection on.
+    let handed = metric(&server.scrape(), "zdr_connections_handed_over_total");
+    assert!(handed >= 4.0, "handed over {handed} times");
     eprintln!("{answered} answers on one connection from workers {pids:?}");
 }
 

@@ -17,6 +17,14 @@
 //!   that never answers the PING does not hold the connection: once nothing
 //!   is in flight, it closes after the grace.
 //!
+//! A worker that leaves while its siblings stay (recycled, scaled down)
+//! does not close its HTTP/1.1 connections: at a moment between requests
+//! (nothing in flight, the last answer a single buffer and written out, no
+//! request body left unread) it hands each one to a ready sibling through
+//! its generation's queue ([`crate::handoff`]), with the bytes of the next
+//! request already read. A connection that finds no such moment within the
+//! grace, or no sibling, drains as above.
+//!
 //! Every close is a lingering close (see the worker's connection wrapper).
 
 pub mod access_log;
@@ -834,7 +842,10 @@ where
                 HandOver::Kept(Some(parts))
             }
             Some(parts) => match queue.send(fd, kind, epoch.elapsed(), &parts.carried) {
-                Ok(()) => HandOver::Sent,
+                Ok(()) => {
+                    shared.board.count_handed_over();
+                    HandOver::Sent
+                }
                 Err(e) => {
                     tracing::debug!("cannot hand a connection over: {e}");
                     HandOver::Kept(Some(parts))

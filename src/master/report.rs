@@ -32,6 +32,7 @@ impl Master {
         snapshot.canary_workers = self.machine.canary_workers() as u64;
         snapshot.connections = self.board.total_connections();
         snapshot.client_timeouts = self.board.client_timeouts();
+        snapshot.connections_handed_over = self.board.handed_over();
         snapshot
     }
 
