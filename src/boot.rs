@@ -37,8 +37,8 @@ pub(crate) struct WorkerSpec {
     /// (its generation's pinned file), for the worker to close.
     #[serde(default)]
     pub(crate) exe_fd: Option<i32>,
-    /// The generation's handoff queue (sending end, receiving end), when
-    /// the master made one.
+    /// The server's handoff queue (sending end, receiving end), when the
+    /// master made one.
     #[serde(default)]
     pub(crate) handoff: Option<[i32; 2]>,
 }

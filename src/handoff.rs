@@ -1,22 +1,26 @@
-//! Handing an idle HTTP/1.1 connection from a leaving worker to a sibling
-//! of its generation, so that recycling (`--max-requests`) and scaling
-//! down close no keep-alive connection: the client keeps its connection
-//! and its next request is answered by another process.
+//! Handing an idle HTTP/1.1 connection from a leaving worker to one that
+//! stays, so that recycling (`--max-requests`), scaling down and reloads
+//! close no keep-alive connection: the client keeps its connection and its
+//! next request is answered by another process (on a reload, by the new
+//! generation).
 //!
-//! Each generation has one queue: a datagram socket pair the master
-//! makes and every worker of the generation inherits, as it inherits the
-//! listening sockets. A leaving worker sends a connection's socket
-//! (`SCM_RIGHTS`) with the bytes already read past its last request; any
-//! worker of the generation takes it, as any takes the next connection
-//! from the shared accept queue.
+//! The server has one queue: a datagram socket pair the master makes once
+//! and every worker inherits, as it inherits the listening sockets. A
+//! leaving worker sends a connection's socket (`SCM_RIGHTS`) with the bytes
+//! already read past its last request; any ready worker takes it, as any
+//! takes the next connection from the shared accept queue, and serves it
+//! with its own generation's settings (plain, as it was accepted, even by
+//! a worker that serves TLS: a TLS connection is never handed over).
 //!
-//! No connection is left in a queue nobody reads. A sender first counts
-//! itself on the scoreboard ([`Scoreboard::begin_handoff`]) and then sends
-//! only if a sibling is ready; a worker that starts draining first says so
-//! on its slot, then waits until no sender is counted, then takes what is
-//! still queued and serves it as a draining worker does. Each side writes
-//! before it reads the other's mark (with a full fence between), so at
-//! least one of them sees the other.
+//! No connection is left in the queue with nobody to read it. A sender
+//! first counts itself on the scoreboard ([`Scoreboard::begin_handoff`])
+//! and then sends only if another worker is ready; a worker that starts
+//! draining first says so on its slot, then waits until no sender is
+//! counted, then takes what is still queued and serves it as a draining
+//! worker does (handing it on if another worker is still ready). Each side
+//! writes before it reads the other's mark (with a full fence between), so
+//! at least one of them sees the other. When the whole server stops, nobody
+//! is ready and nothing is sent.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -51,7 +55,7 @@ pub(crate) enum SocketKind {
     Unix,
 }
 
-/// A generation's queue, as the master keeps it: both ends of the pair.
+/// The server's queue, as the master keeps it: both ends of the pair.
 #[derive(Debug)]
 pub(crate) struct Pair {
     send: OwnedFd,

@@ -450,14 +450,14 @@ impl Scoreboard {
         self.table().header.handing_off.load(Ordering::SeqCst)
     }
 
-    /// Whether a worker of `generation` other than the one in `slot` is
-    /// ready (accepting, so taking handed-over connections too).
-    pub fn has_ready_sibling(&self, slot: usize, generation: u64) -> bool {
-        self.table().slots.iter().enumerate().any(|(i, s)| {
-            i != slot
-                && s.state() == SlotState::Ready
-                && s.generation.load(Ordering::Relaxed) == generation
-        })
+    /// Whether a worker other than the one in `slot`, of any generation,
+    /// is ready (accepting, so taking handed-over connections too).
+    pub fn has_ready_sibling(&self, slot: usize) -> bool {
+        self.table()
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != slot && s.state() == SlotState::Ready)
     }
 
     /// Whether the worker in `slot` holds more than its share of the

@@ -192,7 +192,7 @@ async fn serve(
             ))
         })
         .collect();
-    let receiving = shared.handoff.as_ref().map(|(queue, _)| {
+    let receiving = shared.handoff.as_ref().map(|queue| {
         tokio::spawn(receive_handoffs(
             Arc::clone(queue),
             Arc::clone(&shared),
@@ -324,13 +324,14 @@ async fn boot(
     };
     let forwarded = crate::forwarded::AllowList::parse(&settings.forwarded_allow_ips)
         .map_err(|e| BootEnd::Failed(anyhow::anyhow!("forwarded_allow_ips: {e}")))?;
-    // Only plain sockets can be handed over: a TLS session lives in the
-    // process that made it.
-    let handoff = match spec.handoff.filter(|_| tls.is_none()) {
-        // SAFETY: the spec names the generation's queue, inherited (or
-        // forked) for this worker alone to use.
+    // Only plain sockets are handed over (a TLS session lives in the
+    // process that made it); a worker serving TLS takes them too, and
+    // serves them plain, as they came.
+    let handoff = match spec.handoff {
+        // SAFETY: the spec names the server's queue, inherited (or forked)
+        // for this worker alone to use.
         Some(fds) => match unsafe { crate::handoff::Queue::from_inherited(fds) } {
-            Ok(queue) => Some((Arc::new(queue), spec.generation)),
+            Ok(queue) => Some(Arc::new(queue)),
             Err(e) => {
                 tracing::warn!("no connection handoff: {e}");
                 None
@@ -619,8 +620,9 @@ async fn serve_maybe_tls<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + http::Passable + 'static,
 {
-    let Some(acceptor) = shared.tls.clone() else {
-        return http::serve(io, peer, shared, drain, origin).await;
+    let acceptor = match (&shared.tls, origin) {
+        (Some(acceptor), http::Origin::Accepted) => acceptor.clone(),
+        (_, origin) => return http::serve(io, peer, shared, drain, origin).await,
     };
     // Boxed: a plain connection's task is not sized for TLS's state (its
     // handshake and its stream), which every idle connection would carry.

@@ -480,6 +480,53 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
     eprintln!("{answered} answers on one connection from workers {pids:?}");
 }
 
+/// A reload hands idle keep-alive connections to the new generation: a
+/// client that keeps its connection across the reload has its next request
+/// answered by the new code, and is never told to close.
+#[test]
+fn a_reload_hands_idle_connections_to_the_new_generation() {
+    use std::io::Write;
+    let server = Launch::serve(&["--workers", "2", "--keep-alive", "600"]).start();
+    server.wait_ready();
+    let old = server.wait_generation_ready(1, 2);
+    let mut conns: Vec<_> = (0..4)
+        .map(|_| {
+            let stream = std::net::TcpStream::connect(server.addr()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            std::io::BufReader::new(stream)
+        })
+        .collect();
+    let ask = |conn: &mut std::io::BufReader<std::net::TcpStream>| {
+        conn.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let reply = read_response(conn).expect("an answer on the same connection");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("connection"), None, "{reply:?}");
+        reply.generation()
+    };
+    for conn in &mut conns {
+        assert_eq!(ask(conn), 1);
+    }
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(60), || old.iter().all(|p| !alive(*p))),
+        "the old workers linger"
+    );
+    for conn in &mut conns {
+        assert_eq!(ask(conn), 2);
+    }
+    assert_eq!(
+        server.log_count("Worker exiting"),
+        2,
+        "{}",
+        server.log_text()
+    );
+}
+
 /// Scaling down (TTOU) closes no keep-alive connection either: the
 /// leaving worker's connections are answered next by the workers that stay.
 #[test]
@@ -703,8 +750,8 @@ fn reload_adds_and_removes_bind_addresses() {
 }
 
 #[test]
-fn a_draining_worker_closes_http1_with_connection_close_and_http2_with_goaway() {
-    use std::io::{Read, Write};
+fn a_draining_worker_hands_http1_to_the_new_generation_and_sends_http2_goaway() {
+    use std::io::Write;
     let server = Launch::serve(&["--workers", "1", "--graceful-timeout", "120"]).start();
     server.wait_ready();
     let old = server.wait_generation_ready(1, 1);
@@ -752,14 +799,22 @@ fn a_draining_worker_closes_http1_with_connection_close_and_http2_with_goaway() 
     server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
     server.wait_old_generations_stop_accepting(2);
 
-    // HTTP/1.1: the answer says the connection closes, and it does.
+    // HTTP/1.1: the request in flight is answered by the old generation,
+    // not told to close; the connection then goes to the new generation,
+    // which answers the next request on it.
     h1.write_all(b"y").unwrap();
-    let mut raw = Vec::new();
-    h1.read_to_end(&mut raw).unwrap();
-    let reply = parse_reply(&raw).expect("a whole response");
+    let mut h1 = std::io::BufReader::new(h1);
+    let reply = read_response(&mut h1).expect("a whole response");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.generation(), 1);
-    assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+    assert_eq!(reply.header("connection"), None, "{reply:?}");
+    h1.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let reply = read_response(&mut h1).expect("an answer on the same connection");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.generation(), 2, "{reply:?}");
+    assert_eq!(reply.header("connection"), None, "{reply:?}");
 
     // HTTP/2: the stream in flight completes; the connection then ends
     // cleanly (GOAWAY, not a reset), and takes no new stream.

@@ -262,6 +262,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.state.closing.store(true, Ordering::Relaxed);
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -17,13 +17,16 @@
 //!   that never answers the PING does not hold the connection: once nothing
 //!   is in flight, it closes after the grace.
 //!
-//! A worker that leaves while its siblings stay (recycled, scaled down)
-//! does not close its HTTP/1.1 connections: at a moment between requests
-//! (nothing in flight, the last answer a single buffer and written out, no
-//! request body left unread) it hands each one to a ready sibling through
-//! its generation's queue ([`crate::handoff`]), with the bytes of the next
-//! request already read. A connection that finds no such moment within the
-//! grace, or no sibling, drains as above.
+//! A worker that leaves while another is ready (recycled, scaled down, or
+//! the old generation of a reload) does not close its plain HTTP/1.1
+//! connections: at a moment between requests (nothing in flight, the last
+//! answer a single buffer and written out, no request body left unread,
+//! the client not closing) it hands each one to a ready worker through the
+//! server's queue ([`crate::handoff`]), with the bytes of the next request
+//! already read. A request in flight is answered first, without
+//! `Connection: close`. An idle connection that finds no such moment within
+//! the grace, or no ready worker, drains as above; so does every connection
+//! when the server stops.
 //!
 //! Every close is a lingering close (see the worker's connection wrapper).
 
@@ -95,10 +98,9 @@ pub(crate) struct Shared {
     pub(crate) body_timeout: Option<Duration>,
     /// How long a response may wait for the client to take more of it.
     pub(crate) send_timeout: Option<Duration>,
-    /// The generation's handoff queue, and the generation: an idle
-    /// HTTP/1.1 connection of a worker that leaves while its siblings stay
-    /// is handed to one of them.
-    pub(crate) handoff: Option<(Arc<crate::handoff::Queue>, u64)>,
+    /// The server's handoff queue: an idle HTTP/1.1 connection of a worker
+    /// that leaves while other workers stay is handed to one of them.
+    pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -326,6 +328,9 @@ struct ConnState {
     http2: AtomicBool,
     /// hyper has written something it has not flushed yet.
     unflushed: AtomicBool,
+    /// hyper has begun to close the connection (the client asked to, or an
+    /// HTTP/1.0 client did not ask to keep it): it is not handed over.
+    closing: AtomicBool,
     /// The last response was a single buffer to a request with no body
     /// left unread, and the connection stays open: once it is written,
     /// the connection is between requests and may be handed over.
@@ -647,7 +652,7 @@ pub(crate) async fn serve<I>(
     let passable = shared
         .handoff
         .as_ref()
-        .and_then(|(queue, generation)| Some((queue, *generation, io.passable()?)));
+        .and_then(|queue| Some((queue, io.passable()?)));
     let io = ConnIo::new(io, carried, Arc::clone(&conn_state));
     let mut conn = if handed {
         Conn::http1(&shared.builders, io, service)
@@ -686,6 +691,7 @@ pub(crate) async fn serve<I>(
     let between_requests = |state: &ConnState| {
         state.in_flight.load(Ordering::Acquire) == 0
             && !state.unflushed.load(Ordering::Relaxed)
+            && !state.closing.load(Ordering::Relaxed)
             && (state.reusable.load(Ordering::Relaxed)
                 || state.last_done_ms.load(Ordering::Relaxed) == 0)
     };
@@ -717,17 +723,14 @@ pub(crate) async fn serve<I>(
             Woke::Drain
                 if conn.is_http1()
                     && !shared.board.stopping()
-                    && passable.is_some_and(|(_, generation, _)| {
-                        shared
-                            .board
-                            .has_ready_sibling(shared.slot_index, generation)
-                    }) =>
+                    && passable.is_some()
+                    && shared.board.has_ready_sibling(shared.slot_index) =>
             {
-                // Leaving while a sibling stays: the connection waits for a
-                // moment between requests (its response in flight is not
-                // told to close) to be handed over, for at most the idle
-                // grace. Should the sibling be gone by then, it drains as
-                // an idle connection does.
+                // Leaving while another worker stays: the connection waits
+                // for a moment between requests (its response in flight is
+                // not told to close) to be handed over; idle, for at most
+                // the idle grace. Should no worker be ready by then, it
+                // drains as an idle connection does.
                 handing = true;
                 Step::Wait {
                     until: Instant::now() + DRAIN_IDLE_GRACE,
@@ -735,10 +738,10 @@ pub(crate) async fn serve<I>(
             }
             Woke::BetweenRequests => {
                 handing = false;
-                let Some((queue, generation, (fd, kind))) = passable else {
+                let Some((queue, (fd, kind))) = passable else {
                     break;
                 };
-                let sent = hand_over(&mut conn, &shared, queue, generation, fd, kind, epoch);
+                let sent = hand_over(&mut conn, &shared, queue, fd, kind, epoch);
                 match sent {
                     HandOver::Sent => break,
                     HandOver::Kept(parts) => {
@@ -757,13 +760,20 @@ pub(crate) async fn serve<I>(
                 conn_state.draining.store(true, Ordering::Relaxed);
                 clock.drain(Instant::now(), busy, http2)
             }
+            Woke::Timer if handing && conn_state.in_flight.load(Ordering::Acquire) > 0 => {
+                // A request still in flight: its worker's graceful timeout
+                // bounds it; it is handed over once answered.
+                Step::Wait {
+                    until: Instant::now() + DRAIN_IDLE_GRACE,
+                }
+            }
             Woke::Timer if handing => {
-                // No moment between requests came within the grace (a long
-                // request, a streamed response): drained as before.
+                // Nothing in flight, yet no moment between requests came
+                // within the grace (a streamed answer, a request body left
+                // unread): drained as before.
                 handing = false;
-                let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
                 conn_state.draining.store(true, Ordering::Relaxed);
-                clock.drain(Instant::now(), busy, false)
+                clock.drain(Instant::now(), false, false)
             }
             Woke::Timer => {
                 let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
@@ -812,13 +822,12 @@ enum HandOver<I> {
     Kept(Option<conn::Parts<I>>),
 }
 
-/// Hands a connection between requests to a ready sibling of its
-/// generation, if there is one.
+/// Hands a connection between requests to another ready worker, if there
+/// is one.
 fn hand_over<I>(
     conn: &mut Conn<I>,
     shared: &Shared,
     queue: &crate::handoff::Queue,
-    generation: u64,
     fd: std::os::fd::RawFd,
     kind: crate::handoff::SocketKind,
     epoch: Instant,
@@ -830,10 +839,7 @@ where
     // meanwhile waits for this count before it takes its last connections
     // from the queue (see `crate::handoff`).
     shared.board.begin_handoff();
-    let outcome = if !shared
-        .board
-        .has_ready_sibling(shared.slot_index, generation)
-    {
+    let outcome = if !shared.board.has_ready_sibling(shared.slot_index) {
         HandOver::Kept(None)
     } else {
         match conn.take_http1() {

@@ -10,7 +10,6 @@ use super::spawn::Executable;
 use super::Master;
 use crate::app::LoadedApp;
 use crate::config::Settings;
-use crate::handoff::Pair;
 use crate::listener::{BindAddr, Listener};
 
 /// One generation's resources.
@@ -20,9 +19,6 @@ pub(crate) struct Resources {
     pub(crate) app: Option<Arc<LoadedApp>>,
     /// The executable its workers run, without `--preload`.
     pub(crate) exe: Option<Arc<Executable>>,
-    /// Its workers' handoff queue (see [`crate::handoff`]); none if it
-    /// could not be made (then leaving workers close their connections).
-    pub(crate) handoff: Option<Pair>,
 }
 
 /// The generations the master may still start workers of.
@@ -37,33 +33,9 @@ impl Generations {
         settings: Arc<Settings>,
         app: Option<Arc<LoadedApp>>,
         exe: Option<Arc<Executable>>,
-        handoff: Option<Pair>,
     ) {
         self.remove(id);
-        let handoff = handoff.or_else(|| match Pair::new() {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("generation {id}: no connection handoff: {e}");
-                None
-            }
-        });
-        self.0.push((
-            id,
-            Resources {
-                settings,
-                app,
-                exe,
-                handoff,
-            },
-        ));
-    }
-
-    /// Every generation's handoff descriptors.
-    pub(crate) fn handoff_fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
-        self.0
-            .iter()
-            .filter_map(|(_, r)| r.handoff.as_ref())
-            .flat_map(Pair::raw_fds)
+        self.0.push((id, Resources { settings, app, exe }));
     }
 
     /// Drops generation `id`'s resources.
@@ -159,7 +131,7 @@ impl Master {
         } else {
             (None, Some(Arc::new(Executable::pin(&self.exe))))
         };
-        self.generations.insert(id, settings, app, exe, None);
+        self.generations.insert(id, settings, app, exe);
         Ok(())
     }
 

@@ -95,6 +95,9 @@ pub(crate) struct Master {
     board: Arc<Scoreboard>,
     bell_rx: OwnedFd,
     bell: Doorbell,
+    /// The queue on which leaving workers hand connections to the others
+    /// (see [`crate::handoff`]); none if it could not be made.
+    handoff: Option<crate::handoff::Pair>,
     signals: Signals,
     pidfile: Option<Pidfile>,
     /// The worker processes, by pid.
@@ -144,6 +147,7 @@ struct Base {
     board: Arc<Scoreboard>,
     bell_rx: OwnedFd,
     bell: Doorbell,
+    handoff: Option<crate::handoff::Pair>,
     signals: Signals,
     handles: Vec<Handle>,
     /// The control socket, when the previous image handed it over.
@@ -186,6 +190,9 @@ impl Master {
             board: Arc::new(Scoreboard::create()?),
             bell_rx,
             bell,
+            handoff: crate::handoff::Pair::new()
+                .inspect_err(|e| warn!("no connection handoff between workers: {e}"))
+                .ok(),
             signals: Signals::install()?,
             handles: Vec::new(),
             control: None,
@@ -248,20 +255,11 @@ impl Master {
         let mut generations = Generations::default();
         let serving = h.serving.map(|(id, s)| {
             let settings = Arc::new(s);
-            // SAFETY: the previous image owned the serving generation's
-            // handoff queue and handed it over across exec.
-            let handoff = h
-                .handoff
-                .map(|fds| unsafe { crate::handoff::Pair::adopt(fds) });
-            for fd in handoff.iter().flat_map(crate::handoff::Pair::raw_fds) {
-                let _ = crate::sys::set_cloexec(fd, true);
-            }
             generations.insert(
                 id,
                 Arc::clone(&settings),
                 None,
                 Some(Arc::new(spawn::Executable::pin(&h.exe))),
-                handoff,
             );
             machine::Generation { id, settings }
         });
@@ -306,6 +304,18 @@ impl Master {
             bell_rx,
             // SAFETY: handed over across exec, once, like the listeners.
             bell: unsafe { Doorbell::from_inherited(h.bell_tx) }?,
+            handoff: match h.handoff {
+                Some(fds) => {
+                    // SAFETY: handed over across exec, once, like the
+                    // listeners (the adopted workers hold it too).
+                    let pair = unsafe { crate::handoff::Pair::adopt(fds) };
+                    for fd in pair.raw_fds() {
+                        crate::sys::set_cloexec(fd, true)?;
+                    }
+                    Some(pair)
+                }
+                None => crate::handoff::Pair::new().ok(),
+            },
             signals,
             handles,
             control: h.control.and_then(|(fd, path)| {
@@ -391,6 +401,7 @@ impl Master {
             board: base.board,
             bell_rx: base.bell_rx,
             bell: base.bell,
+            handoff: base.handoff,
             signals: base.signals,
             pidfile,
             handles: base.handles,
@@ -624,7 +635,7 @@ impl Master {
         if let Some(scrape) = &self.scrape {
             fds.extend(scrape.fds().iter().map(|fd| fd.as_raw_fd()));
         }
-        fds.extend(self.generations.handoff_fds());
+        fds.extend(self.handoff.iter().flat_map(crate::handoff::Pair::raw_fds));
         fds
     }
 

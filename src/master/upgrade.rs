@@ -51,7 +51,7 @@ pub(crate) struct Handover {
     /// The control socket and its path.
     #[serde(default)]
     pub(crate) control: Option<(RawFd, PathBuf)>,
-    /// The serving generation's handoff queue.
+    /// The queue leaving workers hand connections over on.
     #[serde(default)]
     pub(crate) handoff: Option<[RawFd; 2]>,
 }
@@ -254,12 +254,7 @@ impl super::Master {
                 .machine
                 .serving()
                 .map(|g| (g.id, (*g.settings).clone())),
-            handoff: self
-                .machine
-                .serving()
-                .and_then(|g| self.generations.get(g.id))
-                .and_then(|r| r.handoff.as_ref())
-                .map(crate::handoff::Pair::raw_fds),
+            handoff: self.handoff.as_ref().map(crate::handoff::Pair::raw_fds),
             next_generation: self.machine.next_generation(),
             target: self.machine.target(),
         }

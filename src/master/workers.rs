@@ -45,10 +45,7 @@ impl Master {
         };
         let settings = Arc::clone(&generation.settings);
         let (app, exe) = (generation.app.clone(), generation.exe.clone());
-        let handoff = generation
-            .handoff
-            .as_ref()
-            .map(crate::handoff::Pair::raw_fds);
+        let handoff = self.handoff.as_ref().map(crate::handoff::Pair::raw_fds);
         let slot = self.board.slot(slot_index);
         slot.claim(id);
         let request_limit = RequestLimit::new(
