@@ -337,6 +337,21 @@ struct ConnState {
     reusable: AtomicBool,
 }
 
+impl ConnState {
+    /// Whether an HTTP/1.1 connection may be handed over now: nothing in
+    /// flight, everything hyper wrote flushed, the client not closing, and
+    /// either no request yet or a last answer that was a single buffer to a
+    /// request whose body was read to its end. hyper then holds nothing of
+    /// the connection but the bytes it read ahead.
+    fn between_requests(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && !self.unflushed.load(Ordering::Relaxed)
+            && !self.closing.load(Ordering::Relaxed)
+            && (self.reusable.load(Ordering::Relaxed)
+                || self.last_done_ms.load(Ordering::Relaxed) == 0)
+    }
+}
+
 /// Decrements a connection's in-flight count however the request ends.
 struct InFlight {
     conn: Arc<ConnState>,
@@ -688,19 +703,12 @@ pub(crate) async fn serve<I>(
     // Set while the connection waits for a moment between requests to be
     // handed to a sibling.
     let mut handing = false;
-    let between_requests = |state: &ConnState| {
-        state.in_flight.load(Ordering::Acquire) == 0
-            && !state.unflushed.load(Ordering::Relaxed)
-            && !state.closing.load(Ordering::Relaxed)
-            && (state.reusable.load(Ordering::Relaxed)
-                || state.last_done_ms.load(Ordering::Relaxed) == 0)
-    };
     loop {
         let woke = std::future::poll_fn(|cx| {
             if conn.poll(cx, &shared.builders).is_ready() {
                 return Poll::Ready(Woke::Closed);
             }
-            if handing && between_requests(&conn_state) {
+            if handing && conn_state.between_requests() {
                 return Poll::Ready(Woke::BetweenRequests);
             }
             if clock.drain_began.is_none()
@@ -1216,6 +1224,25 @@ mod tests {
             c.fired(at + DRAIN_IDLE_GRACE, true, true, done),
             Step::Close
         );
+    }
+
+    #[test]
+    fn a_connection_is_between_requests_only_when_hyper_holds_nothing_of_it() {
+        let fresh = ConnState::default();
+        assert!(fresh.between_requests(), "no request yet");
+        let answered = ConnState::default();
+        answered.last_done_ms.store(5, Ordering::Relaxed);
+        assert!(!answered.between_requests(), "a streamed or unread answer");
+        answered.reusable.store(true, Ordering::Relaxed);
+        assert!(answered.between_requests());
+        answered.in_flight.store(1, Ordering::Relaxed);
+        assert!(!answered.between_requests(), "a request in flight");
+        answered.in_flight.store(0, Ordering::Relaxed);
+        answered.unflushed.store(true, Ordering::Relaxed);
+        assert!(!answered.between_requests(), "bytes not yet flushed");
+        answered.unflushed.store(false, Ordering::Relaxed);
+        answered.closing.store(true, Ordering::Relaxed);
+        assert!(!answered.between_requests(), "hyper is closing it");
     }
 
     fn response(status: u16, body: &'static str) -> Response {
