@@ -178,6 +178,17 @@ impl Queue {
             .await
     }
 
+    /// Whether a connection is queued now (taking none).
+    pub(crate) fn is_empty(&self) -> bool {
+        let mut byte = [0u8; 1];
+        nix::sys::socket::recv(
+            self.recv.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+        .is_err()
+    }
+
     /// The next connection if one is queued now.
     pub(crate) fn try_recv(&self) -> io::Result<Option<Handed>> {
         loop {
@@ -292,6 +303,7 @@ mod tests {
         // the queue alone owns them.
         let queue = unsafe { Queue::from_inherited(fds) }.expect("queue");
         assert!(queue.try_recv().expect("try_recv").is_none());
+        assert!(queue.is_empty());
 
         let (mut ours, theirs) = UnixStream::pair().expect("stream pair");
         queue
@@ -305,6 +317,7 @@ mod tests {
         // The sender closes its own descriptor; the socket lives on in the
         // message.
         drop(theirs);
+        assert!(!queue.is_empty());
         let handed = queue.recv().await.expect("recv");
         assert_eq!(handed.kind, SocketKind::Unix);
         assert_eq!(handed.age, Duration::from_millis(7));
@@ -315,5 +328,6 @@ mod tests {
         received.read_exact(&mut got).expect("read");
         assert_eq!(&got, b"ping");
         assert!(queue.try_recv().expect("try_recv").is_none());
+        assert!(queue.is_empty());
     }
 }

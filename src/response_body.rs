@@ -63,6 +63,22 @@ impl Body {
     pub(crate) fn is_single_buffer(&self) -> bool {
         matches!(self.0, Inner::Full(_))
     }
+
+    /// The same body, calling `done` once it has yielded its last frame
+    /// (not if it fails or is dropped before). A single buffer is returned
+    /// as it is: it is written with the head.
+    pub(crate) fn on_end(self, done: impl FnOnce() + Send + Unpin + 'static) -> Body {
+        match self.0 {
+            Inner::Full(bytes) => Body(Inner::Full(bytes)),
+            Inner::Boxed(inner) => Body(Inner::Boxed(
+                OnEnd {
+                    inner,
+                    done: Some(done),
+                }
+                .boxed_unsync(),
+            )),
+        }
+    }
 }
 
 /// The bytes of a `Full` body, which it yields at once.
@@ -135,6 +151,41 @@ impl http_body::Body for Body {
     }
 }
 
+/// A body that says when it has ended.
+struct OnEnd<F> {
+    inner: UnsyncBoxBody<Bytes, BoxError>,
+    done: Option<F>,
+}
+
+impl<F: FnOnce() + Unpin> http_body::Body for OnEnd<F> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        // hyper stops polling once a body says it has ended: the end is
+        // either the frame that says so or the end of the frames.
+        if matches!(frame, None | Some(Ok(_))) && (frame.is_none() || this.inner.is_end_stream()) {
+            if let Some(done) = this.done.take() {
+                done();
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +193,45 @@ mod tests {
     async fn collect(body: Body) -> (Bytes, bool) {
         let unboxed = matches!(body.0, Inner::Full(_));
         (body.collect().await.unwrap().to_bytes(), unboxed)
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_says_when_it_has_ended() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let ended = Arc::new(AtomicUsize::new(0));
+        let count = |ended: &Arc<AtomicUsize>| {
+            let ended = Arc::clone(ended);
+            move || {
+                ended.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        // Frames until there are none.
+        let frames = futures_util::stream::iter(
+            ["a", "b"].map(|s| Ok::<_, BoxError>(Frame::data(Bytes::from(s)))),
+        );
+        let body = Body::new(http_body_util::StreamBody::new(frames)).on_end(count(&ended));
+        let mut body = std::pin::pin!(body);
+        let first = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert!(first.is_some());
+        assert_eq!(ended.load(Ordering::Relaxed), 0);
+        let second = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert!(second.is_some());
+        assert_eq!(ended.load(Ordering::Relaxed), 0);
+        assert!(std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .is_none());
+        assert_eq!(ended.load(Ordering::Relaxed), 1);
+        // A body whose last frame says it is the end (hyper polls no more).
+        let sized = Full::new(Bytes::from_static(b"abc")).map_err(|e| -> BoxError { match e {} });
+        let body = Body::new(sized).on_end(count(&ended));
+        assert!(!body.is_single_buffer());
+        let mut body = std::pin::pin!(body);
+        assert!(std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .is_some());
+        assert!(body.is_end_stream());
+        assert_eq!(ended.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

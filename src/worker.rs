@@ -113,6 +113,12 @@ pub(crate) fn run(
     let bell = Arc::new(bell);
 
     if spec.settings.pass_socket && !spec.settings.command.is_empty() {
+        // It serves no HTTP, so it takes no handed-over connection (one
+        // leaving takes back what nobody takes), and its command must not
+        // inherit the queue.
+        for fd in spec.handoff.iter().flatten() {
+            let _ = nix::unistd::close(*fd);
+        }
         return crate::command::socket::run(&spec, slot, bell);
     }
     let app = match app {
@@ -237,6 +243,13 @@ async fn serve(
         None => 0,
     };
     let code = finish(capacity + swept + taken, &permits, graceful).await;
+    let code = match &shared.handoff {
+        Some(queue) => {
+            let left = graceful.saturating_sub(draining_since.elapsed());
+            code.max(reclaim(queue, &shared, &drain_rx, &permits, capacity, left).await)
+        }
+        None => code,
+    };
     match &app.stop {
         Some(stop) => {
             let left = graceful.saturating_sub(draining_since.elapsed());
@@ -376,6 +389,41 @@ async fn boot(
         handoff,
     });
     Ok((shared, listeners))
+}
+
+/// How long a connection may sit in the handoff queue before a worker that
+/// is leaving takes it back: a ready worker takes one within microseconds.
+const RECLAIM_AFTER: Duration = Duration::from_millis(100);
+
+/// Once its own connections are done, a leaving worker takes back what is
+/// still queued and nobody takes (the ready workers may all be ones that
+/// serve no HTTP themselves, as in socket mode), and serves it as a
+/// draining worker does, not handing it on: no connection is left waiting
+/// in the queue. Returns the exit code of that wait.
+async fn reclaim(
+    queue: &Queue,
+    shared: &Arc<Shared>,
+    drain: &watch::Receiver<bool>,
+    permits: &Arc<Semaphore>,
+    capacity: usize,
+    left: Duration,
+) -> i32 {
+    let mut extra = 0;
+    while !queue.is_empty() {
+        tokio::time::sleep(RECLAIM_AFTER).await;
+        let mut took = false;
+        while let Ok(Some(h)) = queue.try_recv() {
+            extra += serve_handed(h, shared, drain, permits, false);
+            took = true;
+        }
+        if !took {
+            break;
+        }
+    }
+    if extra == 0 && permits.available_permits() >= capacity {
+        return 0;
+    }
+    finish(capacity + extra, permits, left).await
 }
 
 /// Waits, up to the graceful timeout, for every connection to close (all
@@ -827,7 +875,7 @@ async fn receive_handoffs(
             h = queue.recv() => h,
         };
         match handed {
-            Ok(h) => extra += serve_handed(h, &shared, &drain, &permits),
+            Ok(h) => extra += serve_handed(h, &shared, &drain, &permits, true),
             Err(e) => {
                 if last_complaint
                     .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
@@ -850,7 +898,7 @@ async fn receive_handoffs(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     while let Ok(Some(h)) = queue.try_recv() {
-        extra += serve_handed(h, &shared, &drain, &permits);
+        extra += serve_handed(h, &shared, &drain, &permits, true);
     }
     extra
 }
@@ -860,13 +908,15 @@ async fn receive_handoffs(
 /// machine does not hold it).
 const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
 
-/// Serves a connection a sibling handed over; returns 1 if it took a
-/// permit past the worker's cap.
+/// Serves a connection another worker handed over (`hand_on`: and may
+/// hand it on when this one leaves); returns 1 if it took a permit past
+/// the worker's cap.
 fn serve_handed(
     handed: Handed,
     shared: &Arc<Shared>,
     drain: &watch::Receiver<bool>,
     permits: &Arc<Semaphore>,
+    hand_on: bool,
 ) -> usize {
     let (permit, extra) = match Arc::clone(permits).try_acquire_owned() {
         Ok(permit) => (permit, 0),
@@ -903,6 +953,7 @@ fn serve_handed(
             http::Origin::Handed {
                 carried: handed.carried,
                 age: handed.age,
+                hand_on,
             },
         ),
         Err(e) => tracing::debug!("cannot serve a handed-over connection: {e}"),

@@ -217,6 +217,82 @@ fn a_command_that_fails_to_boot_is_rolled_back() {
     assert_eq!(server.get("/").generation(), 1);
 }
 
+/// A reload from the proxy mode to socket mode, whose workers serve no
+/// HTTP themselves and so take no handed-over connection: a keep-alive
+/// connection of the old generation is not left waiting in the handoff
+/// queue. Its old worker takes it back and serves it as a draining worker
+/// does: the next request on it is answered, or the connection is closed
+/// between requests; it never hangs.
+#[test]
+fn a_reload_to_socket_mode_leaves_no_connection_waiting() {
+    use std::io::{BufRead, Read, Write};
+    if !have("gunicorn", &["--version"]) || !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("command-mode-switch");
+    let config = dir.path("zdr.toml");
+    let toml = |script: &str, socket: bool| {
+        format!(
+            "workers = 1\nkeepalive = 600\npass_socket = {socket}\ncommand = [\"sh\", \"-c\", {}]\n",
+            toml_string(script)
+        )
+    };
+    write_file(&config, &toml(&uvicorn(), false));
+    let server =
+        Launch::serve(&["--config", config.to_str().unwrap(), "--log-level", "debug"]).start();
+    server.wait_ready();
+    let old = server.wait_generation_ready(1, 1);
+    let stream = std::net::TcpStream::connect(server.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut conn = std::io::BufReader::new(stream);
+    let ask = |conn: &mut std::io::BufReader<std::net::TcpStream>| -> Option<u16> {
+        conn.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .ok()?;
+        let mut status = String::new();
+        match conn.read_line(&mut status) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) => panic!("the connection hangs: {e}"),
+        }
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).unwrap();
+        status.split_whitespace().nth(1)?.parse().ok()
+    };
+    assert_eq!(ask(&mut conn), Some(200));
+    let gunicorn = format!(
+        "cd {} && exec gunicorn wsgi_app:app --workers 1 --threads 4",
+        apps().display()
+    );
+    write_file(&config, &toml(&gunicorn, true));
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(Duration::from_secs(60), || old.iter().all(|p| !alive(*p))),
+        "the old worker lingers"
+    );
+    // Answered (by the old worker, before it left) or closed between
+    // requests; a read that times out fails the test.
+    if let Some(status) = ask(&mut conn) {
+        assert_eq!(status, 200);
+    }
+}
+
 /// A command that dies while serving takes its worker out of service; a
 /// new pair replaces it.
 #[test]

@@ -535,12 +535,17 @@ impl Future for ConnFuture {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(g) = &self.guard {
-            let reusable = self.version < Version::HTTP_2
-                && !draining
-                && !close
-                && body_done
-                && res.body().is_single_buffer();
-            g.conn.reusable.store(reusable, Ordering::Relaxed);
+            // Once this answer is out, may the connection be handed over?
+            // A single buffer is out with the head; a streamed body says
+            // when it has ended.
+            let eligible = self.version < Version::HTTP_2 && !draining && !close && body_done;
+            let single = res.body().is_single_buffer();
+            g.conn.reusable.store(eligible && single, Ordering::Relaxed);
+            if eligible && !single {
+                let conn = Arc::clone(&g.conn);
+                let body = std::mem::replace(res.body_mut(), crate::app::Body::empty());
+                *res.body_mut() = body.on_end(move || conn.reusable.store(true, Ordering::Relaxed));
+            }
         }
         if let Some(facts) = self.log.take() {
             if let Some(log) = &facts.shared.access_log {
@@ -606,11 +611,13 @@ fn without_forbidden_content(res: &mut Response, head: bool) {
 pub(crate) enum Origin {
     /// Accepted from a listening socket.
     Accepted,
-    /// Handed over by a leaving sibling, between requests: HTTP/1.1, with
-    /// the bytes of its next request it had already read, and its age.
+    /// Handed over by a leaving worker, between requests: HTTP/1.1, with
+    /// the bytes of its next request it had already read, and its age;
+    /// `hand_on` says whether this worker may hand it on when it leaves.
     Handed {
         carried: bytes::Bytes,
         age: Duration,
+        hand_on: bool,
     },
 }
 
@@ -636,9 +643,13 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + Passable + 'static,
 {
     let now = Instant::now();
-    let (epoch, carried, handed) = match origin {
-        Origin::Accepted => (now, bytes::Bytes::new(), false),
-        Origin::Handed { carried, age } => (now.checked_sub(age).unwrap_or(now), carried, true),
+    let (epoch, carried, handed, hand_on) = match origin {
+        Origin::Accepted => (now, bytes::Bytes::new(), false, true),
+        Origin::Handed {
+            carried,
+            age,
+            hand_on,
+        } => (now.checked_sub(age).unwrap_or(now), carried, true, hand_on),
     };
     let conn_state = Arc::new(ConnState::default());
     if handed {
@@ -667,6 +678,7 @@ pub(crate) async fn serve<I>(
     let passable = shared
         .handoff
         .as_ref()
+        .filter(|_| hand_on)
         .and_then(|queue| Some((queue, io.passable()?)));
     let io = ConnIo::new(io, carried, Arc::clone(&conn_state));
     let mut conn = if handed {
