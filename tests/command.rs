@@ -238,8 +238,7 @@ fn a_reload_to_socket_mode_leaves_no_connection_waiting() {
         )
     };
     write_file(&config, &toml(&uvicorn(), false));
-    let server =
-        Launch::serve(&["--config", config.to_str().unwrap(), "--log-level", "debug"]).start();
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
     server.wait_ready();
     let old = server.wait_generation_ready(1, 1);
     let stream = std::net::TcpStream::connect(server.addr()).unwrap();
