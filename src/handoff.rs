@@ -165,17 +165,27 @@ impl Queue {
         Ok(())
     }
 
-    /// Waits for the next connection.
-    pub(crate) async fn recv(&self) -> io::Result<Handed> {
+    /// Waits until a connection may be queued (taking none).
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        self.recv.readable().await
+    }
+
+    /// The next connection, if [`Queue::readable`] saw one and no other
+    /// worker took it first; when there is none, waits for the queue's
+    /// next readiness.
+    pub(crate) fn take(&self) -> io::Result<Option<Handed>> {
         let fd = self.recv.as_raw_fd();
-        self.recv
-            .async_io(tokio::io::Interest::READABLE, || loop {
-                // A message without a socket (none is ever sent) is skipped.
-                if let Some(handed) = receive(fd)? {
-                    return Ok(handed);
-                }
-            })
-            .await
+        let taken = self.recv.try_io(tokio::io::Interest::READABLE, || loop {
+            // A message without a socket (none is ever sent) is skipped.
+            if let Some(handed) = receive(fd)? {
+                return Ok(handed);
+            }
+        });
+        match taken {
+            Ok(handed) => Ok(Some(handed)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether a connection is queued now (taking none).
@@ -189,7 +199,8 @@ impl Queue {
         .is_err()
     }
 
-    /// The next connection if one is queued now.
+    /// The next connection if one is queued now, whatever the runtime last
+    /// saw of the queue.
     pub(crate) fn try_recv(&self) -> io::Result<Option<Handed>> {
         loop {
             match receive(self.recv.as_raw_fd()) {
@@ -318,7 +329,8 @@ mod tests {
         // message.
         drop(theirs);
         assert!(!queue.is_empty());
-        let handed = queue.recv().await.expect("recv");
+        queue.readable().await.expect("readable");
+        let handed = queue.take().expect("take").expect("a connection");
         assert_eq!(handed.kind, SocketKind::Unix);
         assert_eq!(handed.age, Duration::from_millis(7));
         assert_eq!(&handed.carried[..], b"GET / HT");

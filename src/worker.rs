@@ -413,7 +413,7 @@ async fn reclaim(
         tokio::time::sleep(RECLAIM_AFTER).await;
         let mut took = false;
         while let Ok(Some(h)) = queue.try_recv() {
-            extra += serve_handed(h, shared, drain, permits, false);
+            extra += serve_handed(h, shared, drain, permits, Taken::Back);
             took = true;
         }
         if !took {
@@ -866,16 +866,37 @@ async fn receive_handoffs(
     let mut extra = 0;
     let mut last_complaint = None;
     loop {
-        if !wait_for_share(&shared, &mut drain).await {
-            break;
-        }
-        let handed = tokio::select! {
+        let ready = tokio::select! {
             biased;
             _ = drain.wait_for(|d| *d) => break,
-            h = queue.recv() => h,
+            r = queue.readable() => r,
         };
-        match handed {
-            Ok(h) => extra += serve_handed(h, &shared, &drain, &permits, true),
+        // Within the worker's connection cap, as for an accept (and only
+        // once a connection waits, so that no permit is parked here): at
+        // the cap, handed connections wait in the queue for another worker.
+        let taken = match ready {
+            Ok(()) => {
+                if !wait_for_share(&shared, &mut drain).await {
+                    break;
+                }
+                let permit = tokio::select! {
+                    biased;
+                    _ = drain.wait_for(|d| *d) => break,
+                    p = Arc::clone(&permits).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                queue.take().map(|h| h.map(|h| (h, permit)))
+            }
+            Err(e) => Err(e),
+        };
+        match taken {
+            Ok(Some((h, permit))) => {
+                extra += serve_handed(h, &shared, &drain, &permits, Some(permit));
+            }
+            // Another worker took it.
+            Ok(None) => {}
             Err(e) => {
                 if last_complaint
                     .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
@@ -898,7 +919,7 @@ async fn receive_handoffs(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     while let Ok(Some(h)) = queue.try_recv() {
-        extra += serve_handed(h, &shared, &drain, &permits, true);
+        extra += serve_handed(h, &shared, &drain, &permits, None);
     }
     extra
 }
@@ -908,25 +929,47 @@ async fn receive_handoffs(
 /// machine does not hold it).
 const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
 
-/// Serves a connection another worker handed over (`hand_on`: and may
-/// hand it on when this one leaves); returns 1 if it took a permit past
-/// the worker's cap.
+/// How a handed-over connection comes to this worker.
+enum Taken {
+    /// Within its cap, with this permit.
+    Within(OwnedSemaphorePermit),
+    /// Past its cap if need be (a draining worker's last look at the
+    /// queue: it accepts nothing more); it may still hand it on.
+    Draining,
+    /// Taken back once its own connections were done, because nobody else
+    /// took it: served here to its end, not handed on.
+    Back,
+}
+
+impl From<Option<OwnedSemaphorePermit>> for Taken {
+    fn from(permit: Option<OwnedSemaphorePermit>) -> Taken {
+        permit.map_or(Taken::Draining, Taken::Within)
+    }
+}
+
+/// Serves a connection another worker handed over; returns 1 if it took a
+/// permit past the worker's cap.
 fn serve_handed(
     handed: Handed,
     shared: &Arc<Shared>,
     drain: &watch::Receiver<bool>,
     permits: &Arc<Semaphore>,
-    hand_on: bool,
+    taken: impl Into<Taken>,
 ) -> usize {
-    let (permit, extra) = match Arc::clone(permits).try_acquire_owned() {
-        Ok(permit) => (permit, 0),
-        Err(_) => {
-            permits.add_permits(1);
-            match Arc::clone(permits).try_acquire_owned() {
-                Ok(permit) => (permit, 1),
-                Err(_) => return 1,
+    let taken = taken.into();
+    let hand_on = !matches!(taken, Taken::Back);
+    let (permit, extra) = match taken {
+        Taken::Within(permit) => (permit, 0),
+        Taken::Draining | Taken::Back => match Arc::clone(permits).try_acquire_owned() {
+            Ok(permit) => (permit, 0),
+            Err(_) => {
+                permits.add_permits(1);
+                match Arc::clone(permits).try_acquire_owned() {
+                    Ok(permit) => (permit, 1),
+                    Err(_) => return 1,
+                }
             }
-        }
+        },
     };
     let stream = match handed.kind {
         SocketKind::Tcp => {

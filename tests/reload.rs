@@ -527,6 +527,59 @@ fn a_reload_hands_idle_connections_to_the_new_generation() {
     );
 }
 
+/// A worker takes handed-over connections only within its
+/// `--worker-connections`: when the worker that stays is full, the leaving
+/// worker's connections are not piled onto it (the leaving one serves them
+/// out itself).
+#[test]
+fn handed_over_connections_respect_the_connection_cap() {
+    use std::io::Write;
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--worker-connections",
+        "2",
+        "--keep-alive",
+        "600",
+    ])
+    .start();
+    server.wait_ready();
+    let workers = server.wait_workers(2);
+    // Four connections: both workers full.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let stream = std::net::TcpStream::connect(server.addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut conn = std::io::BufReader::new(stream);
+        conn.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut conn).expect("an answer").status, 200);
+        conns.push(conn);
+    }
+    assert!(wait_until(Duration::from_secs(30), || server
+        .status()
+        .workers
+        .iter()
+        .all(|w| w.connections == 2)));
+    server.signal(Signal::SIGTTOU);
+    let left = server.wait_workers(1);
+    let gone: Vec<u32> = workers.difference(&left).copied().collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || !alive(gone[0])),
+        "the leaving worker lingers"
+    );
+    let stays: Vec<u64> = server
+        .status()
+        .workers
+        .iter()
+        .map(|w| w.connections)
+        .collect();
+    assert_eq!(stays, vec![2], "{}", server.log_text());
+}
+
 /// Scaling down (TTOU) closes no keep-alive connection either: the
 /// leaving worker's connections are answered next by the workers that stay.
 #[test]
