@@ -20,8 +20,8 @@
 //! A worker that leaves while another is ready (recycled, scaled down, or
 //! the old generation of a reload) does not close its plain HTTP/1.1
 //! connections: at a moment between requests (nothing in flight, the last
-//! answer a single buffer and written out, no request body left unread,
-//! the client not closing) it hands each one to a ready worker through the
+//! answer written out to its end, no request body left unread, the client
+//! not closing) it hands each one to a ready worker through the
 //! server's queue ([`crate::handoff`]), with the bytes of the next request
 //! already read. A request in flight is answered first, without
 //! `Connection: close`. An idle connection that finds no such moment within
@@ -331,9 +331,10 @@ struct ConnState {
     /// hyper has begun to close the connection (the client asked to, or an
     /// HTTP/1.0 client did not ask to keep it): it is not handed over.
     closing: AtomicBool,
-    /// The last response was a single buffer to a request with no body
-    /// left unread, and the connection stays open: once it is written,
-    /// the connection is between requests and may be handed over.
+    /// The last response (a single buffer, or a streamed body that has
+    /// ended) answered a request with no body left unread, while the
+    /// connection stays open: once it is written, the connection is
+    /// between requests and may be handed over.
     reusable: AtomicBool,
 }
 
