@@ -54,6 +54,15 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
         // Kept open across the exec only so that it could be run by name.
         let _ = nix::unistd::close(fd);
     }
+    // Inheritable only across the exec: whatever this worker starts (its
+    // command, which `zdr serve -- CMD` starts while the app loads) gets
+    // neither the listening sockets, which would keep them open after
+    // zdr has closed them, nor the handoff queue. Socket mode passes the
+    // listeners on by design, with descriptors of their own.
+    let inherited = spec.listeners.iter().map(|l| l.fd);
+    for fd in inherited.chain(spec.handoff.iter().flatten().copied()) {
+        let _ = crate::sys::set_cloexec(fd, true);
+    }
     crate::sys::name_after_executable();
     if let Err(e) = crate::logging::init(&spec.settings) {
         eprintln!("zdr: error: {e}");

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -349,6 +350,41 @@ fn a_stop_leaves_no_command_behind() {
             "command {pid} outlived the server"
         );
     }
+}
+
+/// The socket inodes a process holds.
+fn socket_inodes(pid: u32) -> BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with("socket:"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The command (proxy mode) inherits none of zdr's sockets: not the
+/// listening sockets, which it would keep open after zdr closed them (new
+/// connections would queue on them instead of being refused), nor the
+/// queue on which workers hand connections over.
+#[test]
+fn a_command_inherits_none_of_zdrs_sockets() {
+    if !have("uvicorn", &["--version"]) {
+        return;
+    }
+    let server = serve(1, &[], &uvicorn());
+    server.wait_generation_ready(1, 1);
+    let command = server.get("/").pid();
+    let master = socket_inodes(server.pid);
+    let held = socket_inodes(command);
+    assert!(!master.is_empty() && !held.is_empty());
+    let shared: Vec<_> = master.intersection(&held).collect();
+    assert!(
+        shared.is_empty(),
+        "the command holds the master's {shared:?}"
+    );
 }
 
 /// Socket mode: the command gets the listening sockets (LISTEN_FDS) and
