@@ -401,8 +401,9 @@ async fn boot(
 }
 
 /// How long a connection may sit in the handoff queue before a worker that
-/// is leaving takes it back: a ready worker takes one within microseconds.
-const RECLAIM_AFTER: Duration = Duration::from_millis(100);
+/// is leaving takes it back: a ready worker takes one within microseconds,
+/// and one a busy machine holds back for a while should still get it.
+const RECLAIM_AFTER: Duration = Duration::from_secs(1);
 
 /// Once its own connections are done, a leaving worker takes back what is
 /// still queued and nobody takes (the ready workers may all be ones that
@@ -418,8 +419,9 @@ async fn reclaim(
     left: Duration,
 ) -> i32 {
     let mut extra = 0;
-    while !queue.is_empty() {
-        tokio::time::sleep(RECLAIM_AFTER).await;
+    let deadline = tokio::time::Instant::now() + left;
+    while !queue.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep_until((tokio::time::Instant::now() + RECLAIM_AFTER).min(deadline)).await;
         let mut took = false;
         while let Ok(Some(h)) = queue.try_recv() {
             extra += serve_handed(h, shared, drain, permits, Taken::Back);
@@ -432,7 +434,12 @@ async fn reclaim(
     if extra == 0 && permits.available_permits() >= capacity {
         return 0;
     }
-    finish(capacity + extra, permits, left).await
+    finish(
+        capacity + extra,
+        permits,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await
 }
 
 /// Waits, up to the graceful timeout, for every connection to close (all
