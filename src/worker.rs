@@ -633,6 +633,18 @@ fn start_serving(
     }
 }
 
+/// A permit for a connection a draining worker takes whatever its cap (it
+/// accepts nothing more): a free one, or one added past the cap. Returns it
+/// (`None` if another task took the added one first) with how many permits
+/// were added, which the worker's last wait must count (0 or 1).
+fn permit_past_cap(permits: &Arc<Semaphore>) -> (Option<OwnedSemaphorePermit>, usize) {
+    if let Ok(permit) = Arc::clone(permits).try_acquire_owned() {
+        return (Some(permit), 0);
+    }
+    permits.add_permits(1);
+    (Arc::clone(permits).try_acquire_owned().ok(), 1)
+}
+
 /// When the whole server stops, the master has closed its copies of the
 /// listening sockets; each worker takes what is already queued before it
 /// closes its own. Once the last copy is closed, new connections are
@@ -651,16 +663,10 @@ fn sweep(
         loop {
             match accept(listener).now_or_never() {
                 Some(Ok((stream, peer))) => {
-                    let permit = match Arc::clone(permits).try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(_) => {
-                            permits.add_permits(1);
-                            extra += 1;
-                            match Arc::clone(permits).try_acquire_owned() {
-                                Ok(permit) => permit,
-                                Err(_) => break,
-                            }
-                        }
+                    let (permit, added) = permit_past_cap(permits);
+                    extra += added;
+                    let Some(permit) = permit else {
+                        break;
                     };
                     start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted);
                 }
@@ -976,15 +982,9 @@ fn serve_handed(
     let hand_on = !matches!(taken, Taken::Back);
     let (permit, extra) = match taken {
         Taken::Within(permit) => (permit, 0),
-        Taken::Draining | Taken::Back => match Arc::clone(permits).try_acquire_owned() {
-            Ok(permit) => (permit, 0),
-            Err(_) => {
-                permits.add_permits(1);
-                match Arc::clone(permits).try_acquire_owned() {
-                    Ok(permit) => (permit, 1),
-                    Err(_) => return 1,
-                }
-            }
+        Taken::Draining | Taken::Back => match permit_past_cap(permits) {
+            (Some(permit), added) => (permit, added),
+            (None, added) => return added,
         },
     };
     let stream = match handed.kind {
