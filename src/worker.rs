@@ -547,7 +547,7 @@ async fn accept_until_drained(
     drain: &mut watch::Receiver<bool>,
     permits: &Arc<Semaphore>,
 ) {
-    let mut last_complaint = None;
+    let mut backoff = Backoff::default();
     loop {
         let permit = tokio::select! {
             biased;
@@ -570,21 +570,8 @@ async fn accept_until_drained(
                 start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted)
             }
             Err(e) if is_transient(&e) => {}
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning,
-                // and let the other workers take the queue. Said once every
-                // ten seconds at most.
-                if last_complaint
-                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
-                {
-                    tracing::error!(
-                        "worker {}: accept failed: {e}; retrying every 100 ms",
-                        std::process::id()
-                    );
-                    last_complaint = Some(std::time::Instant::now());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            // Out of descriptors or memory: the other workers take the queue.
+            Err(e) => backoff.after(format!("accept failed: {e}")).await,
         }
     }
 }
@@ -605,6 +592,31 @@ async fn wait_for_share(shared: &Shared, drain: &mut watch::Receiver<bool>) -> b
         }
     }
     true
+}
+
+/// Backing off after a failure that retrying at once would only repeat (out
+/// of descriptors or memory): a pause, and an error said once every ten
+/// seconds at most.
+#[derive(Default)]
+struct Backoff {
+    last_said: Option<std::time::Instant>,
+}
+
+impl Backoff {
+    /// Says `what` (unless said lately) and returns the pause to await.
+    fn after(&mut self, what: String) -> tokio::time::Sleep {
+        if self
+            .last_said
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::error!(
+                "worker {}: {what}; retrying every 100 ms",
+                std::process::id()
+            );
+            self.last_said = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100))
+    }
 }
 
 /// Serves a connection in a task of its own.
@@ -886,7 +898,7 @@ async fn receive_handoffs(
     permits: Arc<Semaphore>,
 ) -> usize {
     let mut extra = 0;
-    let mut last_complaint = None;
+    let mut backoff = Backoff::default();
     loop {
         let ready = tokio::select! {
             biased;
@@ -920,16 +932,9 @@ async fn receive_handoffs(
             // Another worker took it.
             Ok(None) => {}
             Err(e) => {
-                if last_complaint
-                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
-                {
-                    tracing::error!(
-                        "worker {}: cannot take a handed-over connection: {e}",
-                        std::process::id()
-                    );
-                    last_complaint = Some(std::time::Instant::now());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff
+                    .after(format!("cannot take a handed-over connection: {e}"))
+                    .await
             }
         }
     }
