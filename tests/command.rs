@@ -226,7 +226,6 @@ fn a_command_that_fails_to_boot_is_rolled_back() {
 /// between requests; it never hangs.
 #[test]
 fn a_reload_to_socket_mode_leaves_no_connection_waiting() {
-    use std::io::{BufRead, Read, Write};
     if !have("gunicorn", &["--version"]) || !have("uvicorn", &["--version"]) {
         return;
     }
@@ -242,39 +241,8 @@ fn a_reload_to_socket_mode_leaves_no_connection_waiting() {
     let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
     server.wait_ready();
     let old = server.wait_generation_ready(1, 1);
-    let stream = std::net::TcpStream::connect(server.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut conn = std::io::BufReader::new(stream);
-    let ask = |conn: &mut std::io::BufReader<std::net::TcpStream>| -> Option<u16> {
-        conn.get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .ok()?;
-        let mut status = String::new();
-        match conn.read_line(&mut status) {
-            Ok(0) => return None,
-            Ok(_) => {}
-            Err(e) => panic!("the connection hangs: {e}"),
-        }
-        let mut len = 0;
-        loop {
-            let mut line = String::new();
-            conn.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0u8; len];
-        conn.read_exact(&mut body).unwrap();
-        status.split_whitespace().nth(1)?.parse().ok()
-    };
-    assert_eq!(ask(&mut conn), Some(200));
+    let mut conn = KeepAlive::open(server.addr());
+    assert_eq!(conn.get().expect("an answer").status, 200);
     let gunicorn = format!(
         "cd {} && exec gunicorn wsgi_app:app --workers 1 --threads 4",
         apps().display()
@@ -288,8 +256,8 @@ fn a_reload_to_socket_mode_leaves_no_connection_waiting() {
     );
     // Answered (by the old worker, before it left) or closed between
     // requests; a read that times out fails the test.
-    if let Some(status) = ask(&mut conn) {
-        assert_eq!(status, 200);
+    if let Some(reply) = conn.get() {
+        assert_eq!(reply.status, 200);
     }
 }
 

@@ -386,32 +386,6 @@ fn max_requests_recycles_workers_without_failures() {
     eprintln!("recycled workers and their requests: {recycled:?}");
 }
 
-/// Reads one response from a keep-alive connection: its head, then its
-/// Content-Length body. `None` if the connection ended first.
-fn read_response(conn: &mut std::io::BufReader<std::net::TcpStream>) -> Option<Reply> {
-    use std::io::{BufRead, Read};
-    let mut raw = Vec::new();
-    loop {
-        let before = raw.len();
-        if conn.read_until(b'\n', &mut raw).ok()? == 0 {
-            return None;
-        }
-        if raw[before..] == *b"\r\n" {
-            break;
-        }
-    }
-    let head = String::from_utf8_lossy(&raw).to_string();
-    let len: usize = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())?;
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).ok()?;
-    raw.extend_from_slice(&body);
-    parse_reply(&raw)
-}
-
 /// Recycling hands a keep-alive connection to a sibling instead of closing
 /// it: one connection, kept open by its client, is answered by worker after
 /// worker as they reach their limit, and never told to close. Its requests
@@ -419,7 +393,6 @@ fn read_response(conn: &mut std::io::BufReader<std::net::TcpStream>) -> Option<R
 /// (the second one read ahead by the worker that hands it over).
 #[test]
 fn recycling_hands_keep_alive_connections_to_a_sibling() {
-    use std::io::Write;
     let server = Launch::serve(&[
         "--workers",
         "2",
@@ -431,12 +404,7 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
     .start();
     server.wait_ready();
     let first = server.wait_workers(2);
-    let stream = std::net::TcpStream::connect(server.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = std::io::BufReader::new(stream);
+    let mut conn = KeepAlive::open(server.addr());
     let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
     let upload = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
     let mut pids = BTreeSet::new();
@@ -455,9 +423,9 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
             1 => (upload.to_vec(), 1),
             _ => ([&get[..], &get[..]].concat(), 2),
         };
-        writer.write_all(&sent).unwrap();
+        assert!(conn.send(&sent));
         for _ in 0..expect {
-            let reply = read_response(&mut reader).unwrap_or_else(|| {
+            let reply = conn.read().unwrap_or_else(|| {
                 panic!(
                     "the connection ended after {answered} answers from {pids:?}; log:\n{}",
                     server.log_text()
@@ -485,24 +453,12 @@ fn recycling_hands_keep_alive_connections_to_a_sibling() {
 /// answered by the new code, and is never told to close.
 #[test]
 fn a_reload_hands_idle_connections_to_the_new_generation() {
-    use std::io::Write;
     let server = Launch::serve(&["--workers", "2", "--keep-alive", "600"]).start();
     server.wait_ready();
     let old = server.wait_generation_ready(1, 2);
-    let mut conns: Vec<_> = (0..4)
-        .map(|_| {
-            let stream = std::net::TcpStream::connect(server.addr()).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(60)))
-                .unwrap();
-            std::io::BufReader::new(stream)
-        })
-        .collect();
-    let ask = |conn: &mut std::io::BufReader<std::net::TcpStream>| {
-        conn.get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        let reply = read_response(conn).expect("an answer on the same connection");
+    let mut conns: Vec<_> = (0..4).map(|_| KeepAlive::open(server.addr())).collect();
+    let ask = |conn: &mut KeepAlive| {
+        let reply = conn.get().expect("an answer on the same connection");
         assert_eq!(reply.status, 200, "{reply:?}");
         assert_eq!(reply.header("connection"), None, "{reply:?}");
         reply.generation()
@@ -533,7 +489,6 @@ fn a_reload_hands_idle_connections_to_the_new_generation() {
 /// out itself).
 #[test]
 fn handed_over_connections_respect_the_connection_cap() {
-    use std::io::Write;
     let server = Launch::serve(&[
         "--workers",
         "2",
@@ -548,15 +503,8 @@ fn handed_over_connections_respect_the_connection_cap() {
     // Four connections: both workers full.
     let mut conns = Vec::new();
     for _ in 0..4 {
-        let stream = std::net::TcpStream::connect(server.addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut conn = std::io::BufReader::new(stream);
-        conn.get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        assert_eq!(read_response(&mut conn).expect("an answer").status, 200);
+        let mut conn = KeepAlive::open(server.addr());
+        assert_eq!(conn.get().expect("an answer").status, 200);
         conns.push(conn);
     }
     assert!(wait_until(Duration::from_secs(30), || server
@@ -584,7 +532,6 @@ fn handed_over_connections_respect_the_connection_cap() {
 /// leaving worker's connections are answered next by the workers that stay.
 #[test]
 fn scaling_down_hands_the_leaving_workers_connections_over() {
-    use std::io::Write;
     // A keep-alive timeout long enough that no connection closes of its own
     // while the test waits.
     let server = Launch::serve(&["--workers", "3", "--keep-alive", "600"]).start();
@@ -595,18 +542,10 @@ fn scaling_down_hands_the_leaving_workers_connections_over() {
     let mut holders = BTreeSet::new();
     while holders.len() < 3 {
         assert!(conns.len() < 300, "connections reach only {holders:?}");
-        let stream = std::net::TcpStream::connect(server.addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        let mut reader = std::io::BufReader::new(stream);
-        writer
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        let reply = read_response(&mut reader).expect("an answer");
+        let mut conn = KeepAlive::open(server.addr());
+        let reply = conn.get().expect("an answer");
         holders.insert(reply.pid());
-        conns.push((writer, reader, reply.pid()));
+        conns.push((conn, reply.pid()));
     }
     server.signal(Signal::SIGTTOU);
     let left = server.wait_workers(2);
@@ -618,11 +557,8 @@ fn scaling_down_hands_the_leaving_workers_connections_over() {
         gone[0]
     );
     let mut moved = 0;
-    for (writer, reader, pid) in &mut conns {
-        writer
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .unwrap();
-        let reply = read_response(reader).expect("the connection still answers");
+    for (conn, pid) in &mut conns {
+        let reply = conn.get().expect("the connection still answers");
         assert_eq!(reply.status, 200, "{reply:?}");
         assert_eq!(reply.header("connection"), None, "{reply:?}");
         assert!(left.contains(&reply.pid()), "{reply:?} from {left:?}");
@@ -855,16 +791,13 @@ fn a_draining_worker_hands_http1_to_the_new_generation_and_sends_http2_goaway() 
     // HTTP/1.1: the request in flight is answered by the old generation,
     // not told to close; the connection then goes to the new generation,
     // which answers the next request on it.
-    h1.write_all(b"y").unwrap();
-    let mut h1 = std::io::BufReader::new(h1);
-    let reply = read_response(&mut h1).expect("a whole response");
+    let mut h1 = KeepAlive::from_stream(h1);
+    assert!(h1.send(b"y"));
+    let reply = h1.read().expect("a whole response");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.generation(), 1);
     assert_eq!(reply.header("connection"), None, "{reply:?}");
-    h1.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    let reply = read_response(&mut h1).expect("an answer on the same connection");
+    let reply = h1.get().expect("an answer on the same connection");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.generation(), 2, "{reply:?}");
     assert_eq!(reply.header("connection"), None, "{reply:?}");

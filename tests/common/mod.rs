@@ -961,3 +961,104 @@ pub fn have(program: &str, check: &[&str]) -> bool {
     }
     ok
 }
+
+/// One keep-alive HTTP/1.1 connection driven by hand: requests written as
+/// raw bytes, responses read one at a time (Content-Length or chunked).
+pub struct KeepAlive {
+    conn: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Connects, with a 60 s bound on every read.
+    pub fn open(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        KeepAlive {
+            conn: BufReader::new(stream),
+        }
+    }
+
+    /// Wraps a connection already open (its read bound is the caller's).
+    pub fn from_stream(stream: TcpStream) -> KeepAlive {
+        KeepAlive {
+            conn: BufReader::new(stream),
+        }
+    }
+
+    /// Writes raw request bytes; false if the connection is gone.
+    pub fn send(&mut self, raw: &[u8]) -> bool {
+        self.conn.get_mut().write_all(raw).is_ok()
+    }
+
+    /// The next response, or `None` if the server closed the connection
+    /// (between responses) first. A read that times out fails the test: the
+    /// connection hangs.
+    pub fn read(&mut self) -> Option<Reply> {
+        let mut raw = Vec::new();
+        let mut chunked = false;
+        let mut len = 0usize;
+        loop {
+            let before = raw.len();
+            if self.read_line(&mut raw)? == 0 {
+                return None;
+            }
+            let line = String::from_utf8_lossy(&raw[before..]).to_string();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let (k, v) = (k.trim(), v.trim());
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.parse().ok()?;
+                } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = v.eq_ignore_ascii_case("chunked");
+                }
+            }
+        }
+        if !chunked {
+            let start = raw.len();
+            raw.resize(start + len, 0);
+            self.conn.read_exact(&mut raw[start..]).ok()?;
+            return parse_reply(&raw);
+        }
+        loop {
+            let before = raw.len();
+            self.read_line(&mut raw)?;
+            let size = String::from_utf8_lossy(&raw[before..]).to_string();
+            let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            let start = raw.len();
+            raw.resize(start + size + 2, 0);
+            self.conn.read_exact(&mut raw[start..]).ok()?;
+            if size == 0 {
+                return parse_reply(&raw);
+            }
+        }
+    }
+
+    /// Sends `GET /` and reads its answer.
+    pub fn get(&mut self) -> Option<Reply> {
+        if !self.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n") {
+            return None;
+        }
+        self.read()
+    }
+
+    /// Reads one line into `raw`: its length, `Some(0)` at the end of the
+    /// stream, `None` on a reset.
+    fn read_line(&mut self, raw: &mut Vec<u8>) -> Option<usize> {
+        match self.conn.read_until(b'\n', raw) {
+            Ok(n) => Some(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("no answer within 60 s: the connection hangs")
+            }
+            Err(_) => None,
+        }
+    }
+}
