@@ -100,11 +100,18 @@ impl PeerRule {
         self
     }
 
-    /// The client of a request with `headers`: the peer, or what a trusted
-    /// peer's forwarding headers say.
-    pub fn resolve(&self, headers: &HeaderMap) -> ClientInfo {
+    /// The connection's own client (the peer), which every request has
+    /// unless a trusted peer's forwarding headers say otherwise.
+    pub fn direct(&self) -> &ClientInfo {
+        &self.direct
+    }
+
+    /// What a trusted peer's forwarding headers say of a request's client;
+    /// `None` when the request has no such headers or the peer is not
+    /// trusted, and so its client is [`direct`](PeerRule::direct).
+    pub fn forwarded(&self, headers: &HeaderMap) -> Option<ClientInfo> {
         if !self.trusted {
-            return self.direct.clone();
+            return None;
         }
         // One pass over the fields, keeping the first of each name (what
         // `HeaderMap::get` would return), instead of three lookups.
@@ -119,7 +126,7 @@ impl PeerRule {
             }
         }
         if fwd.is_none() && xff.is_none() && xfp.is_none() {
-            return self.direct.clone();
+            return None;
         }
         let (mut addr, mut proto) = (None, None);
         if let Some(fwd) = fwd.and_then(|v| v.to_str().ok()) {
@@ -154,12 +161,12 @@ impl PeerRule {
             _ => self.direct.scheme,
         };
         let forwarded = addr.is_some() || scheme != self.direct.scheme;
-        ClientInfo {
+        Some(ClientInfo {
             addr: addr.or(self.direct.addr),
             scheme,
             forwarded,
             connection_expires: self.direct.connection_expires,
-        }
+        })
     }
 }
 
@@ -178,6 +185,12 @@ fn parse_node(v: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
+    /// The client of a request with `headers`, as a connection resolves it.
+    fn resolve(rule: PeerRule, headers: &HeaderMap) -> ClientInfo {
+        rule.forwarded(headers)
+            .unwrap_or_else(|| rule.direct().clone())
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs
             .iter()
@@ -192,9 +205,7 @@ mod tests {
             ("x-forwarded-for", "203.0.113.7, 10.0.0.1"),
             ("x-forwarded-proto", "https"),
         ]);
-        let trusted = list
-            .peer(Some("127.0.0.1".parse().unwrap()), "http")
-            .resolve(&h);
+        let trusted = resolve(list.peer(Some("127.0.0.1".parse().unwrap()), "http"), &h);
         assert_eq!(
             trusted,
             ClientInfo {
@@ -204,9 +215,7 @@ mod tests {
                 connection_expires: None,
             }
         );
-        let untrusted = list
-            .peer(Some("198.51.100.2".parse().unwrap()), "http")
-            .resolve(&h);
+        let untrusted = resolve(list.peer(Some("198.51.100.2".parse().unwrap()), "http"), &h);
         assert_eq!(
             untrusted,
             ClientInfo {
@@ -228,11 +237,19 @@ mod tests {
             ),
             ("x-forwarded-for", "1.1.1.1"),
         ]);
-        let c = list
-            .peer(Some("10.0.0.9".parse().unwrap()), "http")
-            .resolve(&h);
+        let c = resolve(list.peer(Some("10.0.0.9".parse().unwrap()), "http"), &h);
         assert_eq!(c.addr, Some("2001:db8::1".parse().unwrap()));
         assert_eq!(c.scheme, "https");
         assert!(AllowList::parse(&["not-an-ip".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn a_request_without_forwarding_headers_has_the_peer_as_client() {
+        let list = AllowList::parse(&["127.0.0.1".to_owned()]).unwrap();
+        let rule = list.peer(Some("127.0.0.1".parse().unwrap()), "https");
+        assert_eq!(rule.forwarded(&headers(&[("accept", "*/*")])), None);
+        assert_eq!(rule.direct().addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(rule.direct().scheme, "https");
+        assert!(!rule.direct().forwarded);
     }
 }

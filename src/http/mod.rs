@@ -179,9 +179,15 @@ impl Limits {
 fn malformed_target(req: &Request, hosts: u32) -> bool {
     let uri = req.uri();
     let method = req.method();
-    (hosts == 0 && req.version() == Version::HTTP_11 && uri.authority().is_none())
-        || (uri.path() == "*" && uri.authority().is_none() && method != http::Method::OPTIONS)
-        || (uri.scheme().is_none() && uri.authority().is_some() && method != http::Method::CONNECT)
+    let form = if uri.authority().is_none() {
+        // Origin form (`/path`) or `*`.
+        (hosts == 0 && req.version() == Version::HTTP_11)
+            || (uri.path() == "*" && method != http::Method::OPTIONS)
+    } else {
+        // Absolute form, or an authority alone.
+        uri.scheme().is_none() && method != http::Method::CONNECT
+    };
+    form
         // Controls, space, non-ASCII (RFC 3986).
         || uri.path_and_query().is_some_and(|p| {
             p.as_str()
@@ -321,9 +327,11 @@ pub(crate) struct Peer {
 #[derive(Default)]
 struct ConnState {
     in_flight: AtomicUsize,
-    /// Milliseconds since `epoch` when the last response finished; 0 before
+    /// When the last response finished ([`sys::monotonic_ns`]); 0 before
     /// the first.
-    last_done_ms: AtomicU64,
+    ///
+    /// [`sys::monotonic_ns`]: crate::sys::monotonic_ns
+    last_done_ns: AtomicU64,
     draining: AtomicBool,
     http2: AtomicBool,
     /// hyper has written something it has not flushed yet.
@@ -349,18 +357,17 @@ impl ConnState {
             && !self.unflushed.load(Ordering::Relaxed)
             && !self.closing.load(Ordering::Relaxed)
             && (self.reusable.load(Ordering::Relaxed)
-                || self.last_done_ms.load(Ordering::Relaxed) == 0)
+                || self.last_done_ns.load(Ordering::Relaxed) == 0)
     }
 }
 
 /// Decrements a connection's in-flight count however the request ends.
 struct InFlight {
     conn: Arc<ConnState>,
-    epoch: Instant,
     /// The worker's slot, once the request counts there.
     slot: Option<&'static Slot>,
     /// When the response was ready, if it was (the clock is read once).
-    done: Option<Instant>,
+    done: Option<u64>,
 }
 
 impl Drop for InFlight {
@@ -368,10 +375,8 @@ impl Drop for InFlight {
         if let Some(slot) = self.slot {
             slot.end_request();
         }
-        let done = self.done.unwrap_or_else(Instant::now);
-        let since = done.saturating_duration_since(self.epoch);
-        let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis()) + 1;
-        self.conn.last_done_ms.store(ms, Ordering::Relaxed);
+        let done = self.done.unwrap_or_else(crate::sys::monotonic_ns);
+        self.conn.last_done_ns.store(done.max(1), Ordering::Relaxed);
         self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -382,7 +387,10 @@ struct ConnService {
     conn: Arc<ConnState>,
     /// How its requests resolve their client, decided once per connection.
     client: crate::forwarded::PeerRule,
-    epoch: Instant,
+    /// Request extensions holding the connection's own client: cloned into
+    /// each request whose client it is, which costs less than building
+    /// them anew (a map per request, as `http` makes them).
+    extensions: http::Extensions,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -394,7 +402,6 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         let mut guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
-            epoch: self.epoch,
             slot: None,
             done: None,
         });
@@ -420,7 +427,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         let refusal = self.shared.limits.check(&req);
         let req_is_head = req.method() == http::Method::HEAD;
-        let client = self.client.resolve(req.headers());
+        let forwarded = self.client.forwarded(req.headers());
+        let client = forwarded.as_ref().unwrap_or(self.client.direct());
         let started = self.shared.slot.begin_request();
         if let Some(g) = &mut guard {
             g.slot = Some(self.shared.slot);
@@ -434,7 +442,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             self.conn.http2.store(true, Ordering::Relaxed);
         }
         // One clock read per request, for the metrics and the access log.
-        let began = Instant::now();
+        let began = crate::sys::monotonic_ns();
         let log = self.shared.access_log.is_some().then(|| {
             Box::new(LogFacts {
                 shared: Arc::clone(&self.shared),
@@ -455,7 +463,12 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 Box::pin(std::future::ready(res))
             }
             None => {
-                req.extensions_mut().insert(client);
+                match forwarded {
+                    Some(client) => {
+                        req.extensions_mut().insert(client);
+                    }
+                    None => req.extensions_mut().extend(self.extensions.clone()),
+                }
                 self.shared.service.call(req)
             }
         };
@@ -493,7 +506,7 @@ pub(crate) struct ConnFuture {
     body: Option<Arc<crate::body::BodyWatch>>,
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
-    metrics: Option<(&'static Slot, Instant)>,
+    metrics: Option<(&'static Slot, u64)>,
 }
 
 impl Future for ConnFuture {
@@ -518,12 +531,12 @@ impl Future for ConnFuture {
             }
         }
         without_forbidden_content(&mut res, self.head);
-        let now = Instant::now();
+        let now = crate::sys::monotonic_ns();
         if let Some(g) = &mut self.guard {
             g.done = Some(now);
         }
         let elapsed = self.metrics.take().map(|(slot, began)| {
-            let elapsed = now.saturating_duration_since(began);
+            let elapsed = Duration::from_nanos(now.saturating_sub(began));
             slot.record(res.status().as_u16(), elapsed);
             elapsed
         });
@@ -657,22 +670,25 @@ pub(crate) async fn serve<I>(
         // It was handed over between requests, its last response written:
         // the keep-alive timeout applies from now, not the first request's
         // header timeout, and it may be handed on at once.
-        let since = now.saturating_duration_since(epoch);
-        let ms = since.as_secs() * 1000 + u64::from(since.subsec_millis()) + 1;
-        conn_state.last_done_ms.store(ms, Ordering::Relaxed);
+        conn_state
+            .last_done_ns
+            .store(crate::sys::monotonic_ns().max(1), Ordering::Relaxed);
         conn_state.reusable.store(true, Ordering::Relaxed);
     }
     let max_age = shared
         .max_age
         .map(|m| (epoch + m.for_connection(epoch), m.grace));
+    let client = shared
+        .forwarded
+        .peer(peer.ip, peer.scheme)
+        .expires(max_age.map(|(at, _)| at.into_std()));
+    let mut extensions = http::Extensions::new();
+    extensions.insert(client.direct().clone());
     let service = ConnService {
         shared: Arc::clone(&shared),
         conn: Arc::clone(&conn_state),
-        client: shared
-            .forwarded
-            .peer(peer.ip, peer.scheme)
-            .expires(max_age.map(|(at, _)| at.into_std())),
-        epoch,
+        client,
+        extensions,
     };
     // A connection that can go to a sibling: plain HTTP/1.1, in a worker
     // with a handoff queue.
@@ -797,12 +813,16 @@ pub(crate) async fn serve<I>(
                 clock.drain(Instant::now(), false, false)
             }
             Woke::Timer => {
-                let last_done = match conn_state.last_done_ms.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let last_done = match conn_state.last_done_ns.load(Ordering::Relaxed) {
                     0 => None,
-                    ms => Some(epoch + Duration::from_millis(ms)),
+                    // The same clock, read as an `Instant`.
+                    ns => now.checked_sub(Duration::from_nanos(
+                        crate::sys::monotonic_ns().saturating_sub(ns),
+                    )),
                 };
                 let step = clock.fired(
-                    Instant::now(),
+                    now,
                     conn_state.in_flight.load(Ordering::Acquire) == 0,
                     conn_state.http2.load(Ordering::Relaxed),
                     last_done,
@@ -1244,7 +1264,7 @@ mod tests {
         let fresh = ConnState::default();
         assert!(fresh.between_requests(), "no request yet");
         let answered = ConnState::default();
-        answered.last_done_ms.store(5, Ordering::Relaxed);
+        answered.last_done_ns.store(5, Ordering::Relaxed);
         assert!(!answered.between_requests(), "a streamed or unread answer");
         answered.reusable.store(true, Ordering::Relaxed);
         assert!(answered.between_requests());
