@@ -210,7 +210,7 @@ impl WorkerInfo {
     /// its maximum age (`--max-connection-age`), whichever comes first:
     /// what an app holding an upgraded connection waits for to close it.
     pub fn draining_or_aged(
-        client: &crate::ClientInfo,
+        client: &crate::forwarded::ClientInfo,
     ) -> impl Future<Output = ()> + Send + 'static {
         let expires = client.connection_expires;
         let draining = WorkerInfo::draining();
