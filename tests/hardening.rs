@@ -330,6 +330,34 @@ fn forwarded_headers_from_trusted_peers_only() {
     );
 }
 
+/// On one keep-alive connection from a trusted proxy, each request has its
+/// own client: the forwarded one when it carries forwarding headers, the
+/// peer when it does not (the connection's own client, which zdr prepares
+/// once per connection), and never the previous request's.
+#[test]
+fn each_request_on_a_connection_has_its_own_client() {
+    let server = Launch::serve(&[]).start();
+    server.wait_ready();
+    let mut conn = KeepAlive::open(server.addr());
+    let ask = |conn: &mut KeepAlive, headers: &str| {
+        assert!(conn.send(format!("GET / HTTP/1.1\r\nHost: t\r\n{headers}\r\n").as_bytes()));
+        let r = conn.read().expect("an answer on the same connection");
+        assert_eq!(r.status, 200, "{}", r.body);
+        (r.field("client"), r.field("scheme"))
+    };
+    let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
+    let direct = (Some("127.0.0.1".to_owned()), Some("http".to_owned()));
+    let proxied = (Some("203.0.113.7".to_owned()), Some("https".to_owned()));
+    assert_eq!(ask(&mut conn, ""), direct);
+    assert_eq!(ask(&mut conn, forwarded), proxied);
+    assert_eq!(ask(&mut conn, ""), direct);
+    assert_eq!(ask(&mut conn, forwarded), proxied);
+    assert_eq!(
+        ask(&mut conn, "X-Forwarded-For: 198.51.100.9\r\n"),
+        (Some("198.51.100.9".to_owned()), Some("http".to_owned()))
+    );
+}
+
 /// The real uid and gid of a process, from /proc.
 fn ids(pid: u32) -> (u32, u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
