@@ -275,6 +275,60 @@ fn curl_keeps_its_connection_across_recycling() {
     }
 }
 
+/// curl, on one connection (`--next` keeps it), sends requests with and
+/// without a trusted proxy's forwarding headers: each answer names its own
+/// request's client, never the one before.
+#[test]
+fn curl_requests_on_one_connection_each_have_their_own_client() {
+    if !have("curl", &["--version"]) {
+        return;
+    }
+    let server = Launch::serve(&[]).start();
+    server.wait_ready();
+    let url = format!("http://{}/", server.addr());
+    let format = "connects=%{num_connects}\n";
+    let forwarded = [
+        "-H",
+        "X-Forwarded-For: 203.0.113.7",
+        "-H",
+        "X-Forwarded-Proto: https",
+    ];
+    let mut args: Vec<&str> = Vec::new();
+    for (i, with_headers) in [false, true, false, true].into_iter().enumerate() {
+        if i > 0 {
+            args.push("--next");
+        }
+        args.extend(["-sS", "--max-time", "60", "-w", format]);
+        if with_headers {
+            args.extend(forwarded);
+        }
+        args.push(&url);
+    }
+    let out = run("curl", &args);
+    let out = text(&out);
+    let connects: u32 = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects="))
+        .map(|n| n.trim().parse::<u32>().unwrap())
+        .sum();
+    assert_eq!(connects, 1, "{out}");
+    let clients: Vec<(&str, &str)> = out
+        .lines()
+        .filter(|l| l.starts_with("pid="))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap_or("")
+            };
+            (field("client="), field("scheme="))
+        })
+        .collect();
+    let direct = ("127.0.0.1", "http");
+    let proxied = ("203.0.113.7", "https");
+    assert_eq!(clients, vec![direct, proxied, direct, proxied], "{out}");
+}
+
 #[test]
 fn python_requests_and_httpx_over_keep_alive() {
     if !have("python3", &["-c", "import requests, httpx, h2"]) {
