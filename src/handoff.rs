@@ -21,6 +21,17 @@
 //! writes before it reads the other's mark (with a full fence between), so
 //! at least one of them sees the other. When the whole server stops, nobody
 //! is ready and nothing is sent.
+//!
+//! The queue holds as many connections as its send buffer does (the master
+//! asks for [`SEND_BUFFER`]; the kernel caps it at `net.core.wmem_max`).
+//! When thousands of idle connections leave at once (a reload of a server
+//! holding a load balancer's pool, or thousands of idle browsers) the
+//! buffer can fill faster than the ready workers take from it: a sender
+//! then waits for room ([`Queue::send`]'s patience) rather than failing,
+//! and only a queue that stays full past it, or a send that truly fails,
+//! leaves the connection with its worker, which then serves its next
+//! request itself with `Connection: close`. Nothing is closed unanswered
+//! because a queue was full.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -42,6 +53,12 @@ pub(crate) const MAX_CARRIED: usize = 16 * 1024;
 /// What precedes the carried bytes in a message: a version, the socket's
 /// kind, and the connection's age in milliseconds.
 const HEAD: usize = 10;
+
+/// The send buffer the master asks for the queue. Each queued connection
+/// costs about a kilobyte of it (a small message and its descriptor), so
+/// the kernel's default (about 200 KiB) holds a few hundred: 4 MiB holds
+/// thousands, and a sender that finds it full waits for room.
+pub(crate) const SEND_BUFFER: usize = 4 << 20;
 
 /// The message format's version.
 const VERSION: u8 = 1;
@@ -71,6 +88,9 @@ impl Pair {
             None,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         )?;
+        // Best effort: a smaller buffer only makes senders wait sooner.
+        let _ =
+            nix::sys::socket::setsockopt(&send, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER);
         Ok(Pair { send, recv })
     }
 
@@ -108,9 +128,31 @@ pub(crate) struct Handed {
     pub(crate) carried: Bytes,
 }
 
+/// Why a connection could not be queued.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The queue stayed full for the whole patience, or the caller's
+    /// condition for sending stopped holding while it waited.
+    Full,
+    /// The send failed (or the message could not be made).
+    Failed(io::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Full => f.write_str("the handoff queue stayed full"),
+            SendError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// How often a sender waiting for room looks again at its condition.
+const RECHECK: Duration = Duration::from_millis(20);
+
 /// A worker's end of its generation's queue.
 pub(crate) struct Queue {
-    send: OwnedFd,
+    send: tokio::io::unix::AsyncFd<OwnedFd>,
     recv: tokio::net::UnixDatagram,
 }
 
@@ -131,29 +173,67 @@ impl Queue {
         // messages are taken with `recvmsg` for the descriptors they carry.
         let recv = std::os::unix::net::UnixDatagram::from(pair.recv);
         Ok(Queue {
-            send: pair.send,
+            // SAFETY: the descriptor is owned by the `AsyncFd` it is
+            // registered in, which closes it only after deregistering it.
+            send: unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    pair.send,
+                    tokio::io::Interest::WRITABLE,
+                )?
+            },
             recv: tokio::net::UnixDatagram::from_std(recv)?,
         })
     }
 
-    /// Sends `socket` with the bytes read past its last request. The
-    /// caller still owns `socket` and closes its own descriptor after.
-    pub(crate) fn send(
+    /// Sends `socket` with the bytes read past its last request. A full
+    /// queue is waited on for up to `patience`, while `still` holds (it is
+    /// asked again every few milliseconds: whether a worker is still ready
+    /// to take the connection). Returns whether it had to wait. The caller
+    /// still owns `socket` and closes its own descriptor after.
+    pub(crate) async fn send(
         &self,
         socket: RawFd,
         kind: SocketKind,
         age: Duration,
         carried: &[u8],
-    ) -> io::Result<()> {
+        patience: Duration,
+        still: impl Fn() -> bool,
+    ) -> Result<bool, SendError> {
         if carried.len() > MAX_CARRIED {
-            return Err(io::Error::other("too many bytes read ahead"));
+            return Err(SendError::Failed(io::Error::other(
+                "too many bytes read ahead",
+            )));
         }
         let head = encode_head(kind, age);
-        let iov = [IoSlice::new(&head), IoSlice::new(carried)];
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut waited = false;
+        loop {
+            match self.try_send(socket, &head, carried) {
+                Ok(()) => return Ok(waited),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(SendError::Failed(e)),
+            }
+            waited = true;
+            let now = tokio::time::Instant::now();
+            if now >= deadline || !still() {
+                return Err(SendError::Full);
+            }
+            // Room is made as a ready worker takes a message; a sender
+            // that missed the wake-up (another took the room first) looks
+            // again after a moment anyway.
+            let wait = (deadline - now).min(RECHECK);
+            if let Ok(Ok(mut guard)) = tokio::time::timeout(wait, self.send.writable()).await {
+                guard.clear_ready();
+            }
+        }
+    }
+
+    fn try_send(&self, socket: RawFd, head: &[u8; HEAD], carried: &[u8]) -> io::Result<()> {
+        let iov = [IoSlice::new(head), IoSlice::new(carried)];
         let fds = [socket];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let sent = sendmsg::<UnixAddr>(
-            self.send.as_raw_fd(),
+            self.send.get_ref().as_raw_fd(),
             &iov,
             &cmsg,
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
@@ -317,14 +397,18 @@ mod tests {
         assert!(queue.is_empty());
 
         let (mut ours, theirs) = UnixStream::pair().expect("stream pair");
-        queue
+        let waited = queue
             .send(
                 theirs.as_raw_fd(),
                 SocketKind::Unix,
                 Duration::from_millis(7),
                 b"GET / HT",
+                Duration::ZERO,
+                || true,
             )
+            .await
             .expect("send");
+        assert!(!waited);
         // The sender closes its own descriptor; the socket lives on in the
         // message.
         drop(theirs);
@@ -341,5 +425,68 @@ mod tests {
         assert_eq!(&got, b"ping");
         assert!(queue.try_recv().expect("try_recv").is_none());
         assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_waited_on_until_a_reader_makes_room() {
+        let pair = Pair::new().expect("pair");
+        let fds = pair.raw_fds();
+        std::mem::forget(pair);
+        // SAFETY: as above.
+        let queue = std::sync::Arc::new(unsafe { Queue::from_inherited(fds) }.expect("queue"));
+        let (_ours, theirs) = UnixStream::pair().expect("stream pair");
+        let send = |patience, still: bool| {
+            let queue = std::sync::Arc::clone(&queue);
+            let fd = theirs.as_raw_fd();
+            async move {
+                queue
+                    .send(fd, SocketKind::Unix, Duration::ZERO, b"", patience, || {
+                        still
+                    })
+                    .await
+            }
+        };
+        // Fill it: thousands fit, then a sender with no patience is told
+        // the queue is full.
+        let mut queued = 0usize;
+        loop {
+            match send(Duration::ZERO, true).await {
+                Ok(waited) => {
+                    assert!(!waited);
+                    queued += 1;
+                }
+                Err(SendError::Full) => break,
+                Err(SendError::Failed(e)) => panic!("send failed after {queued}: {e}"),
+            }
+            assert!(queued < 1_000_000, "the queue never filled");
+        }
+        assert!(queued >= 1000, "only {queued} connections fit in the queue");
+        // A sender whose condition stops holding gives up at once.
+        assert!(matches!(
+            send(Duration::from_secs(60), false).await,
+            Err(SendError::Full)
+        ));
+        // A patient sender waits until a reader takes some.
+        let waiting = send(Duration::from_secs(60), true);
+        tokio::pin!(waiting);
+        // Nothing can end its wait but room (or the minute's patience).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut waiting)
+                .await
+                .is_err(),
+            "the sender did not wait"
+        );
+        let mut taken = 0;
+        while taken < 64 {
+            if queue.try_recv().expect("try_recv").is_some() {
+                taken += 1;
+            }
+        }
+        assert!(matches!(waiting.await, Ok(true)));
+        let mut left = 0;
+        while queue.try_recv().expect("try_recv").is_some() {
+            left += 1;
+        }
+        assert_eq!(left, queued - taken + 1);
     }
 }

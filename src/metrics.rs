@@ -61,6 +61,42 @@ impl ClientTimeout {
     }
 }
 
+/// What became of a leaving worker's attempt to hand a keep-alive
+/// connection to a sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffOutcome {
+    /// Queued at once.
+    Sent = 0,
+    /// Queued after waiting for room in a full queue.
+    SentAfterWait = 1,
+    /// The queue stayed full (or no sibling stayed ready): the leaving
+    /// worker kept the connection and answered its next request itself,
+    /// with `Connection: close`.
+    FellBack = 2,
+    /// The send failed: kept and answered as for `FellBack`.
+    Failed = 3,
+}
+
+impl HandoffOutcome {
+    /// Every outcome, in the order of [`Snapshot::handoffs`].
+    pub const ALL: [HandoffOutcome; 4] = [
+        HandoffOutcome::Sent,
+        HandoffOutcome::SentAfterWait,
+        HandoffOutcome::FellBack,
+        HandoffOutcome::Failed,
+    ];
+
+    /// Its label in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            HandoffOutcome::Sent => "sent",
+            HandoffOutcome::SentAfterWait => "sent_after_wait",
+            HandoffOutcome::FellBack => "fell_back",
+            HandoffOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// Why a worker was replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartCause {
@@ -181,6 +217,8 @@ pub struct Snapshot {
     pub client_timeouts: [u64; 3],
     /// Keep-alive connections a leaving worker handed to a sibling.
     pub connections_handed_over: u64,
+    /// Handoff attempts, by [`HandoffOutcome`].
+    pub handoffs: [u64; 4],
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -354,6 +392,16 @@ impl Collector for Snapshot {
             MetricType::Counter,
         )?)?;
         let mut family = enc.encode_descriptor(
+            "connection_handoffs",
+            "A leaving worker's attempts to hand a keep-alive connection to a sibling, by outcome (fell_back and failed: the leaving worker answered the next request itself, with Connection: close)",
+            None,
+            MetricType::Counter,
+        )?;
+        for outcome in HandoffOutcome::ALL {
+            ConstCounter::new(self.handoffs[outcome as usize])
+                .encode(family.encode_family(&[("outcome", outcome.name())])?)?;
+        }
+        let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",
             None,
@@ -404,8 +452,13 @@ mod tests {
         s.reload_duration.observe(&RELOAD_BUCKETS, 0.02);
         s.restarts[RestartCause::Memory as usize] = 2;
         s.connections_handed_over = 5;
+        s.handoffs = [4, 1, 2, 3];
         let text = s.encode();
         for line in [
+            "zdr_connection_handoffs_total{outcome=\"sent\"} 4",
+            "zdr_connection_handoffs_total{outcome=\"sent_after_wait\"} 1",
+            "zdr_connection_handoffs_total{outcome=\"fell_back\"} 2",
+            "zdr_connection_handoffs_total{outcome=\"failed\"} 3",
             "zdr_requests_total{class=\"2xx\"} 7",
             "zdr_request_duration_seconds_count 7",
             "zdr_request_duration_seconds_bucket{le=\"0.0025\"} 7",

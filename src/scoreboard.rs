@@ -113,6 +113,26 @@ struct Table {
 }
 
 const TABLE_SIZE: usize = std::mem::size_of::<Table>();
+
+/// Server-wide figures kept after the table: a second header, added once
+/// the first was full. A memfd made by an earlier build's master is only
+/// [`TABLE_SIZE`] bytes long; a process that maps one keeps none of these
+/// figures (see [`Scoreboard::map`]). New figures go in its spare bytes.
+#[repr(C, align(64))]
+struct Extra {
+    /// Handoffs by [`crate::metrics::HandoffOutcome`] other than `sent`,
+    /// in its order from `sent_after_wait` ([`Header::handed_over`] counts
+    /// every connection sent, with or without a wait, as every build
+    /// does).
+    handoffs: [AtomicU64; 3],
+    _spare: [AtomicU64; 5],
+}
+
+const _: () = assert!(std::mem::size_of::<Extra>() == 64);
+
+/// The memfd's length as this build makes it: the table, then [`Extra`].
+const FULL_SIZE: usize = TABLE_SIZE + std::mem::size_of::<Extra>();
+const _: () = assert!(TABLE_SIZE % 64 == 0);
 const _: () = assert!(
     SLOT_SIZE <= 1024,
     "a scoreboard slot should stay within 1 KiB"
@@ -281,6 +301,9 @@ impl Slot {
 pub struct Scoreboard {
     base: NonNull<Table>,
     fd: OwnedFd,
+    /// How many bytes are mapped: [`FULL_SIZE`], or [`TABLE_SIZE`] for a
+    /// memfd an earlier build made.
+    len: usize,
 }
 
 // SAFETY: the mapping is only ever accessed through atomics, so sharing it
@@ -294,7 +317,7 @@ impl Scoreboard {
     pub fn create() -> io::Result<Scoreboard> {
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
         let fd = memfd_create(c"zdr-scoreboard", MemFdCreateFlag::MFD_CLOEXEC)?;
-        nix::unistd::ftruncate(&fd, (TABLE_SIZE) as i64)?;
+        nix::unistd::ftruncate(&fd, FULL_SIZE as i64)?;
         Self::map(fd)
     }
 
@@ -313,7 +336,16 @@ impl Scoreboard {
     }
 
     fn map(fd: OwnedFd) -> io::Result<Scoreboard> {
-        let len = NonZeroUsize::new(TABLE_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
+        // A memfd an earlier build's master made holds the table alone.
+        let size = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size;
+        let mapped = if usize::try_from(size).is_ok_and(|n| n >= FULL_SIZE) {
+            FULL_SIZE
+        } else if usize::try_from(size).is_ok_and(|n| n >= TABLE_SIZE) {
+            TABLE_SIZE
+        } else {
+            return Err(io::Error::other("the scoreboard is too small"));
+        };
+        let len = NonZeroUsize::new(mapped).ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: a fresh shared mapping of a memfd sized above; no other
         // mapping in this process aliases it, and it is only read and
         // written through the atomics of `Table`, whose all-zero bit
@@ -331,6 +363,7 @@ impl Scoreboard {
         Ok(Scoreboard {
             base: ptr.cast(),
             fd,
+            len: mapped,
         })
     }
 
@@ -349,6 +382,56 @@ impl Scoreboard {
         // SAFETY: the mapping is TABLE_SIZE bytes, lives as long as `self`,
         // and is only accessed through atomics.
         unsafe { self.base.as_ref() }
+    }
+
+    /// The figures after the table, when the memfd has them.
+    fn extra(&self) -> Option<&Extra> {
+        if self.len < FULL_SIZE {
+            return None;
+        }
+        // SAFETY: the mapping is FULL_SIZE bytes (checked above), `Extra`
+        // starts right after the table at a 64-byte boundary, lives as long
+        // as `self`, and is only accessed through atomics, whose all-zero
+        // bit pattern is valid.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .cast::<u8>()
+                .add(TABLE_SIZE)
+                .cast::<Extra>()
+        })
+    }
+
+    /// Counts a handoff's outcome (by a worker).
+    pub(crate) fn count_handoff(&self, outcome: crate::metrics::HandoffOutcome) {
+        use crate::metrics::HandoffOutcome;
+        if matches!(
+            outcome,
+            HandoffOutcome::Sent | HandoffOutcome::SentAfterWait
+        ) {
+            self.count_handed_over();
+        }
+        if outcome != HandoffOutcome::Sent {
+            if let Some(extra) = self.extra() {
+                extra.handoffs[outcome as usize - 1].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Handoffs so far, by [`crate::metrics::HandoffOutcome`] (in its
+    /// order).
+    pub(crate) fn handoffs(&self) -> [u64; 4] {
+        let more = self
+            .extra()
+            .map(|e| [0, 1, 2].map(|i| e.handoffs[i].load(Ordering::Relaxed)))
+            .unwrap_or_default();
+        [
+            self.handed_over().saturating_sub(more[0]),
+            more[0],
+            more[1],
+            more[2],
+        ]
     }
 
     /// Counts a connection opened (+1) or closed (-1) by the worker in
@@ -485,7 +568,7 @@ impl Drop for Scoreboard {
         // SAFETY: unmaps exactly the mapping made in `map`; no reference
         // into it outlives `self`.
         unsafe {
-            let _ = munmap(self.base.cast(), TABLE_SIZE);
+            let _ = munmap(self.base.cast(), self.len);
         }
     }
 }

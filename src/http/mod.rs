@@ -713,6 +713,9 @@ pub(crate) async fn serve<I>(
         max_age,
         drain_began: None,
         closing_since: None,
+        // A connection taken back from the queue by its leaving worker
+        // waits for its next request as long as a kept one does.
+        patient: handed && !hand_on,
     };
     let first = if handed {
         now + shared.keepalive
@@ -778,15 +781,22 @@ pub(crate) async fn serve<I>(
                 let Some((queue, (fd, kind))) = passable else {
                     break;
                 };
-                let sent = hand_over(&mut conn, &shared, queue, fd, kind, epoch);
+                let sent = hand_over(&mut conn, &shared, queue, fd, kind, epoch).await;
                 match sent {
                     HandOver::Sent => break,
-                    HandOver::Kept(parts) => {
-                        if let Some(parts) = parts {
-                            let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
-                            conn = Conn::http1(&shared.builders, io, parts.service);
-                        }
+                    HandOver::NoSibling => {
                         conn_state.draining.store(true, Ordering::Relaxed);
+                        clock.drain(Instant::now(), false, false)
+                    }
+                    HandOver::Kept(parts) => {
+                        // Its client is owed an answer to the request it
+                        // may send next: it gets one, with `Connection:
+                        // close`, as long as the keep-alive timeout (and
+                        // the worker's graceful timeout) allows.
+                        let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
+                        conn = Conn::http1(&shared.builders, io, parts.service);
+                        conn_state.draining.store(true, Ordering::Relaxed);
+                        clock.patient = true;
                         clock.drain(Instant::now(), false, false)
                     }
                 }
@@ -858,14 +868,23 @@ pub(crate) async fn serve<I>(
 enum HandOver<I> {
     /// A sibling has the connection; this worker's copy closes.
     Sent,
-    /// The connection stays here: no sibling is ready, or the send failed
-    /// (then its parts, to serve it again).
-    Kept(Option<conn::Parts<I>>),
+    /// No sibling is ready: the connection stays here, untouched.
+    NoSibling,
+    /// The queue stayed full or the send failed: the connection stays
+    /// here (its parts, to serve it again), and this worker answers its
+    /// next request itself.
+    Kept(conn::Parts<I>),
 }
 
+/// How long a leaving worker waits for room in a full handoff queue before
+/// it answers the connection's next request itself. Ready workers empty
+/// the queue at thousands of connections a second, so a wait this long
+/// means they are not taking (all at their cap, or stopped).
+const HANDOFF_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Hands a connection between requests to another ready worker, if there
-/// is one.
-fn hand_over<I>(
+/// is one, waiting for room in the queue if it is full.
+async fn hand_over<I>(
     conn: &mut Conn<I>,
     shared: &Shared,
     queue: &crate::handoff::Queue,
@@ -876,32 +895,69 @@ fn hand_over<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use crate::metrics::HandoffOutcome;
     // Counted before looking for a sibling: a sibling that starts to drain
     // meanwhile waits for this count before it takes its last connections
     // from the queue (see `crate::handoff`).
     shared.board.begin_handoff();
     let outcome = if !shared.board.has_ready_sibling(shared.slot_index) {
-        HandOver::Kept(None)
+        HandOver::NoSibling
     } else {
         match conn.take_http1() {
-            None => HandOver::Kept(None),
+            None => HandOver::NoSibling,
             Some(parts) if parts.carried.len() > crate::handoff::MAX_CARRIED => {
-                HandOver::Kept(Some(parts))
+                HandOver::Kept(parts)
             }
-            Some(parts) => match queue.send(fd, kind, epoch.elapsed(), &parts.carried) {
-                Ok(()) => {
-                    shared.board.count_handed_over();
-                    HandOver::Sent
+            Some(parts) => {
+                let sent = queue
+                    .send(
+                        fd,
+                        kind,
+                        epoch.elapsed(),
+                        &parts.carried,
+                        HANDOFF_PATIENCE,
+                        || shared.board.has_ready_sibling(shared.slot_index),
+                    )
+                    .await;
+                let counted = match &sent {
+                    Ok(false) => HandoffOutcome::Sent,
+                    Ok(true) => HandoffOutcome::SentAfterWait,
+                    Err(crate::handoff::SendError::Full) => HandoffOutcome::FellBack,
+                    Err(crate::handoff::SendError::Failed(_)) => HandoffOutcome::Failed,
+                };
+                shared.board.count_handoff(counted);
+                match sent {
+                    Ok(_) => HandOver::Sent,
+                    Err(e) => {
+                        warn_kept(&e);
+                        HandOver::Kept(parts)
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!("cannot hand a connection over: {e}");
-                    HandOver::Kept(Some(parts))
-                }
-            },
+            }
         }
     };
     shared.board.end_handoff();
     outcome
+}
+
+/// Says (at most once a second per worker) that a connection could not be
+/// handed over and is answered here instead.
+fn warn_kept(e: &crate::handoff::SendError) {
+    static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
+    let now = crate::scoreboard::monotonic_ms();
+    let last = LAST_SAID_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST_SAID_MS
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "worker {}: cannot hand a keep-alive connection to a sibling ({e}); \
+             this worker answers its next request itself, with Connection: close \
+             (zdr_connection_handoffs_total counts each)",
+            std::process::id()
+        );
+    }
 }
 
 /// What woke a connection's task to act.
@@ -971,6 +1027,11 @@ struct Clock {
     drain_began: Option<Instant>,
     /// When the connection was told to close.
     closing_since: Option<Instant>,
+    /// Draining waits for an idle HTTP/1 connection's next request for the
+    /// whole keep-alive timeout, not the short grace: set for a connection
+    /// whose worker was leaving but could not hand it over, whose client
+    /// expects it to stay open.
+    patient: bool,
 }
 
 impl Clock {
@@ -1040,7 +1101,11 @@ impl Clock {
             // for it, as any new connection is, and answered with
             // `Connection: close`. Closing it after the short grace would
             // fail a request nobody had answered.
-            let grace = DRAIN_IDLE_GRACE.min(self.keepalive);
+            let grace = if self.patient && !http2 {
+                self.keepalive
+            } else {
+                DRAIN_IDLE_GRACE.min(self.keepalive)
+            };
             let deadline = if !http2 && last_done.is_none() {
                 (self.epoch + self.header_timeout).max(began + grace)
             } else {
@@ -1090,6 +1155,7 @@ mod tests {
             max_age: None,
             drain_began: None,
             closing_since: None,
+            patient: false,
         }
     }
 
@@ -1150,6 +1216,32 @@ mod tests {
         let grace = DRAIN_IDLE_GRACE.min(c.keepalive);
         assert!(matches!(
             c.fired(t0 + grace, true, false, done),
+            Step::Shutdown { .. }
+        ));
+    }
+
+    #[test]
+    fn a_kept_connection_waits_for_its_next_request_for_the_keep_alive_timeout() {
+        // Its worker is leaving but could not hand it over: its client is
+        // owed an answer to the request it may send at any moment.
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        c.keepalive = 10 * S;
+        c.patient = true;
+        let done = Some(t0);
+        assert!(matches!(c.drain(t0, false, false), Step::Wait { .. }));
+        // Past the short grace, still open.
+        assert!(matches!(
+            c.fired(t0 + 2 * DRAIN_IDLE_GRACE, true, false, done),
+            Step::Wait { .. }
+        ));
+        assert!(matches!(
+            c.fired(t0 + 9 * S, true, false, done),
+            Step::Wait { .. }
+        ));
+        // Closed as after any keep-alive timeout.
+        assert!(matches!(
+            c.fired(t0 + 10 * S, true, false, done),
             Step::Shutdown { .. }
         ));
     }

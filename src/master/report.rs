@@ -33,6 +33,7 @@ impl Master {
         snapshot.connections = self.board.total_connections();
         snapshot.client_timeouts = self.board.client_timeouts();
         snapshot.connections_handed_over = self.board.handed_over();
+        snapshot.handoffs = self.board.handoffs();
         snapshot
     }
 

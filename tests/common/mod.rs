@@ -550,10 +550,12 @@ impl Server {
         reply.body
     }
 
-    /// The metrics endpoint's address, from the log.
+    /// The metrics endpoint's address, from the log (its latest: a binary
+    /// upgrade binds port 0 anew).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.log_text()
             .lines()
+            .rev()
             .find_map(|l| {
                 l.split("Metrics at: http://")
                     .nth(1)?

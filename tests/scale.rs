@@ -1,0 +1,322 @@
+//! Connections at production scale: thousands of idle keep-alive
+//! connections (a load balancer's pool, idle browsers) held open through
+//! every way a worker leaves — HUP, `reload --wait`, USR2, TTOU, `scale`
+//! down, recycling by `--max-requests` — with load beside them. Not one is
+//! closed without an answer: each connection's next request is answered,
+//! by a worker of the newest generation.
+//!
+//! 2,000 connections here; `ZDR_SCALE_CONNECTIONS` sets another count (the
+//! benchmark's 10,000).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How many idle connections each test holds.
+fn connections() -> usize {
+    std::env::var("ZDR_SCALE_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000)
+}
+
+/// Raises this process's open-files limit (the server inherits it) to
+/// hold `n` connections on both sides, with room to spare.
+fn raise_open_files(n: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let want = (2 * n as u64 + 1024).min(hard);
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).expect("setrlimit");
+    }
+    assert!(
+        want >= n as u64 + 512,
+        "the open-files hard limit ({hard}) is too low for {n} connections"
+    );
+}
+
+/// One idle keep-alive connection and what it was last answered.
+struct Idle {
+    stream: TcpStream,
+}
+
+/// What a connection's request came to.
+#[derive(Debug)]
+enum Answer {
+    /// Answered: the status, and the demo app's pid and generation.
+    Ok {
+        status: u16,
+        pid: u32,
+        generation: u64,
+    },
+    /// Closed or failed without an answer.
+    Lost(String),
+}
+
+impl Idle {
+    async fn open(addr: SocketAddr) -> Idle {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Idle { stream }
+    }
+
+    /// `GET /` on the connection, kept alive; reads its whole answer.
+    async fn ask(&mut self) -> Answer {
+        let request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+        if let Err(e) = self.stream.write_all(request).await {
+            return Answer::Lost(format!("write: {e}"));
+        }
+        let mut raw = Vec::with_capacity(512);
+        let mut buf = [0u8; 1024];
+        let read = async {
+            loop {
+                if let Some(reply) = parse_reply(&raw) {
+                    return Ok(reply);
+                }
+                match self.stream.read(&mut buf).await {
+                    Ok(0) => return Err("closed without an answer".to_owned()),
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(120), read).await {
+            Ok(Ok(reply)) => Answer::Ok {
+                status: reply.status,
+                pid: reply.pid(),
+                generation: reply.generation(),
+            },
+            Ok(Err(e)) => Answer::Lost(e),
+            Err(_) => Answer::Lost("no answer in 120 s".to_owned()),
+        }
+    }
+}
+
+/// A pool of idle connections, each answered once when opened.
+struct Pool {
+    conns: Vec<Idle>,
+}
+
+/// What one round of requests (one on each connection) saw.
+#[derive(Debug, Default)]
+struct Round {
+    answered: usize,
+    lost: Vec<String>,
+    by_generation: BTreeMap<u64, usize>,
+    by_pid: BTreeMap<u32, usize>,
+    not_ok: usize,
+}
+
+impl Pool {
+    async fn open(addr: SocketAddr, n: usize) -> Pool {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            conns.push(Idle::open(addr).await);
+        }
+        let mut pool = Pool { conns };
+        let first = pool.round().await;
+        assert!(first.lost.is_empty(), "opening the pool: {first:?}");
+        pool
+    }
+
+    /// One request on every connection at once; the connections that were
+    /// closed are dropped from the pool.
+    async fn round(&mut self) -> Round {
+        let mut set = tokio::task::JoinSet::new();
+        for mut conn in self.conns.drain(..) {
+            set.spawn(async move {
+                let answer = conn.ask().await;
+                (conn, answer)
+            });
+        }
+        let mut round = Round::default();
+        while let Some(done) = set.join_next().await {
+            let (conn, answer) = done.expect("a client task panicked");
+            match answer {
+                Answer::Ok {
+                    status,
+                    pid,
+                    generation,
+                } => {
+                    round.answered += 1;
+                    round.not_ok += usize::from(status != 200);
+                    *round.by_generation.entry(generation).or_default() += 1;
+                    *round.by_pid.entry(pid).or_default() += 1;
+                    self.conns.push(conn);
+                }
+                Answer::Lost(why) => round.lost.push(why),
+            }
+        }
+        round
+    }
+}
+
+/// Asserts that a round after an event lost nothing, and that every answer
+/// came from generation `generation` and from one of `pids`.
+fn assert_all_answered(
+    what: &str,
+    round: &Round,
+    n: usize,
+    generation: u64,
+    pids: &std::collections::BTreeSet<u32>,
+) {
+    assert_eq!(
+        round.lost.len(),
+        0,
+        "{what}: {} of {n} idle connections closed without an answer (first: {:?})",
+        round.lost.len(),
+        round.lost.first()
+    );
+    assert_eq!(round.answered, n, "{what}: {round:?}");
+    assert_eq!(round.not_ok, 0, "{what}: {round:?}");
+    assert_eq!(
+        round.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![generation],
+        "{what}: every answer from generation {generation}: {round:?}"
+    );
+    assert!(
+        round.by_pid.keys().all(|p| pids.contains(p)),
+        "{what}: answered by {:?}, the workers are {pids:?}",
+        round.by_pid.keys()
+    );
+}
+
+/// Waits until exactly `n` worker processes run, all ready in
+/// `generation`, and returns their pids.
+fn settled(server: &Server, generation: u64, n: usize) -> std::collections::BTreeSet<u32> {
+    let ready = server.wait_generation_ready(generation, n);
+    let gone = wait_until(Duration::from_secs(120), || server.worker_pids() == ready);
+    assert!(
+        gone,
+        "the leaving workers did not exit: {:?} against {ready:?}; log:\n{}",
+        server.worker_pids(),
+        server.log_text()
+    );
+    ready
+}
+
+/// What the test does to the server.
+type Step = dyn Fn(&Server);
+
+/// Every way a worker leaves, one after another on one server holding
+/// the pool, with keep-alive and new-connection load beside it all along.
+#[test]
+fn idle_keep_alive_connections_survive_every_way_a_worker_leaves() {
+    let n = connections();
+    raise_open_files(n);
+    let server = Launch::serve(&[
+        "--workers",
+        "3",
+        "--keep-alive",
+        "300",
+        "--worker-connections",
+        &(n + 100).to_string(),
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
+    server.wait_workers(3);
+    let rt = runtime();
+    let mut pool = rt.block_on(Pool::open(server.addr(), n));
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+
+    let mut generation = 1;
+    let mut workers = 3;
+    let steps: [(&str, &Step); 5] = [
+        ("HUP", &|s: &Server| s.signal(Signal::SIGHUP)),
+        ("reload --wait", &|s: &Server| {
+            let out = s.control(&["reload", "--wait"]);
+            assert!(out.status.success(), "{out:?}");
+        }),
+        ("USR2", &|s: &Server| s.signal(Signal::SIGUSR2)),
+        ("TTOU", &|s: &Server| s.signal(Signal::SIGTTOU)),
+        ("scale 1", &|s: &Server| {
+            let out = s.control(&["scale", "1"]);
+            assert!(out.status.success(), "{out:?}");
+        }),
+    ];
+    for (what, event) in steps {
+        match what {
+            "TTOU" => workers -= 1,
+            "scale 1" => workers = 1,
+            _ => generation += 1,
+        }
+        event(&server);
+        let pids = settled(&server, generation, workers);
+        let round = rt.block_on(pool.round());
+        assert_all_answered(what, &round, n, generation, &pids);
+        load.wait_for_more(20);
+    }
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "the load beside: {:?}", report.failures);
+    let text = server.scrape();
+    let kept = metric(
+        &text,
+        "zdr_connection_handoffs_total{outcome=\"fell_back\"}",
+    ) + metric(&text, "zdr_connection_handoffs_total{outcome=\"failed\"}");
+    assert_eq!(kept, 0.0, "{text}");
+    // Every idle connection of every leaving worker was handed over: at
+    // least the pool, once for each of the three generations that left.
+    let sent = metric(&text, "zdr_connection_handoffs_total{outcome=\"sent\"}")
+        + metric(
+            &text,
+            "zdr_connection_handoffs_total{outcome=\"sent_after_wait\"}",
+        );
+    assert!(sent >= 3.0 * n as f64, "handed over {sent} times:\n{text}");
+}
+
+/// Recycling by `--max-requests` while the pool is open: each worker that
+/// reaches its limit hands its idle connections to the others (its
+/// replacement among them), and none is closed unanswered.
+#[test]
+fn idle_keep_alive_connections_survive_recycling() {
+    let n = connections();
+    raise_open_files(n);
+    let limit = (n / 2).to_string();
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--keep-alive",
+        "300",
+        "--worker-connections",
+        &(n + 100).to_string(),
+        "--max-requests",
+        &limit,
+    ])
+    .start();
+    let first = server.wait_workers(2);
+    let rt = runtime();
+    // Opening the pool serves n requests over two workers: at least one
+    // reaches n/2 and is recycled.
+    let mut pool = rt.block_on(Pool::open(server.addr(), n));
+    server.wait_for_log("reached its request limit", Duration::from_secs(60));
+    let ok = wait_until(Duration::from_secs(120), || {
+        let now = server.worker_pids();
+        now.len() == 2 && now != first
+    });
+    assert!(ok, "no worker was recycled; log:\n{}", server.log_text());
+    let pids = server.wait_workers(2);
+    let round = rt.block_on(pool.round());
+    assert_eq!(
+        round.lost.len(),
+        0,
+        "{} of {n} idle connections closed without an answer (first: {:?})",
+        round.lost.len(),
+        round.lost.first()
+    );
+    assert_eq!(round.answered, n, "{round:?}");
+    assert!(
+        round
+            .by_pid
+            .keys()
+            .all(|p| !first.contains(p) || pids.contains(p)),
+        "{round:?}"
+    );
+}
