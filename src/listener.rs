@@ -345,6 +345,21 @@ pub(crate) enum WorkerListener {
 }
 
 impl WorkerListener {
+    /// Whether a connection waits in the socket's accept queue now.
+    pub(crate) fn has_waiting(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let fd = match self {
+            WorkerListener::Tcp(l) => l.as_fd(),
+            WorkerListener::Unix(l) => l.as_fd(),
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
+    }
+
     /// Rebuilds a listener from a descriptor inherited from the master.
     /// Must run inside the worker's runtime.
     ///

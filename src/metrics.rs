@@ -97,6 +97,30 @@ impl HandoffOutcome {
     }
 }
 
+/// How a crowded worker made room for waiting clients (see
+/// `http::crowd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MadeRoom {
+    /// An idle keep-alive connection closed.
+    IdleClosed = 0,
+    /// A response said `Connection: close` so that its connection takes
+    /// its turn again.
+    Rotated = 1,
+}
+
+impl MadeRoom {
+    /// Every way, in the order of [`Snapshot::made_room`].
+    pub const ALL: [MadeRoom; 2] = [MadeRoom::IdleClosed, MadeRoom::Rotated];
+
+    /// Its label in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            MadeRoom::IdleClosed => "idle_closed",
+            MadeRoom::Rotated => "rotated",
+        }
+    }
+}
+
 /// Why a worker was replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartCause {
@@ -219,6 +243,9 @@ pub struct Snapshot {
     pub connections_handed_over: u64,
     /// Handoff attempts, by [`HandoffOutcome`].
     pub handoffs: [u64; 4],
+    /// Connections a crowded worker closed for waiting clients, by
+    /// [`MadeRoom`].
+    pub made_room: [u64; 2],
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -402,6 +429,16 @@ impl Collector for Snapshot {
                 .encode(family.encode_family(&[("outcome", outcome.name())])?)?;
         }
         let mut family = enc.encode_descriptor(
+            "connections_made_room",
+            "Connections a worker at --worker-connections closed while new clients waited, by how (idle_closed: an idle keep-alive connection; rotated: a response said Connection: close)",
+            None,
+            MetricType::Counter,
+        )?;
+        for how in MadeRoom::ALL {
+            ConstCounter::new(self.made_room[how as usize])
+                .encode(family.encode_family(&[("how", how.name())])?)?;
+        }
+        let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",
             None,
@@ -453,8 +490,11 @@ mod tests {
         s.restarts[RestartCause::Memory as usize] = 2;
         s.connections_handed_over = 5;
         s.handoffs = [4, 1, 2, 3];
+        s.made_room = [6, 7];
         let text = s.encode();
         for line in [
+            "zdr_connections_made_room_total{how=\"idle_closed\"} 6",
+            "zdr_connections_made_room_total{how=\"rotated\"} 7",
             "zdr_connection_handoffs_total{outcome=\"sent\"} 4",
             "zdr_connection_handoffs_total{outcome=\"sent_after_wait\"} 1",
             "zdr_connection_handoffs_total{outcome=\"fell_back\"} 2",

@@ -125,7 +125,10 @@ struct Extra {
     /// every connection sent, with or without a wait, as every build
     /// does).
     handoffs: [AtomicU64; 3],
-    _spare: [AtomicU64; 5],
+    /// Connections closed for waiting clients, by
+    /// [`crate::metrics::MadeRoom`].
+    made_room: [AtomicU64; 2],
+    _spare: [AtomicU64; 3],
 }
 
 const _: () = assert!(std::mem::size_of::<Extra>() == 64);
@@ -417,6 +420,21 @@ impl Scoreboard {
                 extra.handoffs[outcome as usize - 1].fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Counts a connection closed for waiting clients (by a worker).
+    pub(crate) fn count_made_room(&self, how: crate::metrics::MadeRoom) {
+        if let Some(extra) = self.extra() {
+            extra.made_room[how as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections closed for waiting clients, by
+    /// [`crate::metrics::MadeRoom`].
+    pub(crate) fn made_room(&self) -> [u64; 2] {
+        self.extra()
+            .map(|e| [0, 1].map(|i| e.made_room[i].load(Ordering::Relaxed)))
+            .unwrap_or_default()
     }
 
     /// Handoffs so far, by [`crate::metrics::HandoffOutcome`] (in its

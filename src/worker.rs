@@ -396,6 +396,7 @@ async fn boot(
         },
         ready: Arc::clone(&app.ready),
         handoff,
+        crowd: crate::http::crowd::Crowd::default(),
     });
     Ok((shared, listeners))
 }
@@ -549,14 +550,25 @@ async fn accept_until_drained(
 ) {
     let mut backoff = Backoff::default();
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = drain.wait_for(|d| *d) => return,
-            p = Arc::clone(permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        // At the cap, a look at the queue every moment: clients waiting
+        // there make the worker crowded (see `http::crowd`).
+        let permit = loop {
+            tokio::select! {
+                biased;
+                _ = drain.wait_for(|d| *d) => return,
+                p = Arc::clone(permits).acquire_owned() => break match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(crate::http::crowd::CHECK) => {
+                    shared.crowd.looked(listener.has_waiting());
+                }
+            }
         };
+        if shared.crowd.is_crowded() && permits.available_permits() > 0 {
+            // Room again (with the permit just taken, and more).
+            shared.crowd.looked(false);
+        }
         if !wait_for_share(shared, drain).await {
             return;
         }

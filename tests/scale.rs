@@ -320,3 +320,74 @@ fn idle_keep_alive_connections_survive_recycling() {
         "{round:?}"
     );
 }
+
+/// A full server still admits new clients: two workers at
+/// `--worker-connections` held by busy keep-alive clients (five times as
+/// many as there are slots, the rest waiting in the accept queue), and new
+/// clients from outside — python-requests and an HTTP/2 client (httpx) —
+/// are each answered, while the load beside fails nothing.
+#[test]
+fn a_full_server_still_admits_new_clients() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import requests, httpx, h2"])
+        .output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "this test drives python-requests and httpx: pip install requests 'httpx[http2]'"
+    );
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--worker-connections",
+        "10",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
+    server.wait_workers(2);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/slow?ms=50", 100, 0) });
+    load.wait_for_more(200);
+    // Each client on a new connection: requests, then HTTP/2 (prior
+    // knowledge), three times over; each has a minute.
+    let script = r#"
+import sys, time, json, requests, httpx
+url = sys.argv[1]
+out = []
+for _ in range(3):
+    t = time.monotonic()
+    try:
+        out.append(["requests", requests.get(url, timeout=60).status_code, time.monotonic() - t])
+    except Exception as e:
+        out.append(["requests", repr(e), time.monotonic() - t])
+    t = time.monotonic()
+    try:
+        with httpx.Client(http1=False, http2=True, timeout=60) as c:
+            r = c.get(url)
+            out.append(["h2 " + r.http_version, r.status_code, time.monotonic() - t])
+    except Exception as e:
+        out.append(["h2", repr(e), time.monotonic() - t])
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &format!("http://{}/", server.addr())])
+        .output()
+        .expect("python3");
+    let answers: Vec<(String, serde_json::Value, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    eprintln!("new clients (client, status, seconds): {answers:?}");
+    assert_eq!(answers.len(), 6, "{answers:?}");
+    for (client, status, _) in &answers {
+        assert_eq!(status, 200, "{client}: {answers:?}");
+    }
+    assert!(
+        answers.iter().any(|(c, _, _)| c == "h2 HTTP/2"),
+        "{answers:?}"
+    );
+    load.wait_for_more(50);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "the load beside: {:?}", report.failures);
+    let text = server.scrape();
+    let rotated = metric(&text, "zdr_connections_made_room_total{how=\"rotated\"}");
+    assert!(rotated > 0.0, "{text}");
+}

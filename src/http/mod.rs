@@ -32,6 +32,7 @@
 
 pub mod access_log;
 mod conn;
+pub(crate) mod crowd;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -101,6 +102,9 @@ pub(crate) struct Shared {
     /// The server's handoff queue: an idle HTTP/1.1 connection of a worker
     /// that leaves while other workers stay is handed to one of them.
     pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
+    /// Whether new clients wait while this worker is at its cap (see
+    /// [`crowd`]).
+    pub(crate) crowd: crowd::Crowd,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -440,6 +444,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         if version == Version::HTTP_2 {
             self.conn.http2.store(true, Ordering::Relaxed);
+        } else if self.shared.crowd.is_crowded() && !self.conn.draining.load(Ordering::Relaxed) {
+            // Clients wait for a slot: this connection takes its turn
+            // again after reconnecting (see `crowd`).
+            self.conn.draining.store(true, Ordering::Relaxed);
+            self.shared
+                .board
+                .count_made_room(crate::metrics::MadeRoom::Rotated);
         }
         // One clock read per request, for the metrics and the access log.
         let began = crate::sys::monotonic_ns();
@@ -732,6 +743,11 @@ pub(crate) async fn serve<I>(
     let drain_wait = drain.wait_for(|d| *d);
     tokio::pin!(drain_wait);
     let (mut drain_armed, mut timer_armed) = (false, false);
+    // Crowding wakes the connection only at a crowded look (a counter
+    // compared on each wake-up; the wake-up is polled only then).
+    let crowd_wait = shared.crowd.woken();
+    tokio::pin!(crowd_wait);
+    let (mut crowd_armed, mut crowd_seen) = (false, shared.crowd.looks());
     // Set while the connection waits for a moment between requests to be
     // handed to a sibling.
     let mut handing = false;
@@ -751,6 +767,12 @@ pub(crate) async fn serve<I>(
                 return Poll::Ready(Woke::Drain);
             }
             drain_armed = true;
+            if (!crowd_armed || shared.crowd.looks() != crowd_seen)
+                && crowd_wait.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Woke::Crowded);
+            }
+            crowd_armed = true;
             if (!timer_armed || timer.is_elapsed()) && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Woke::Timer);
             }
@@ -760,6 +782,28 @@ pub(crate) async fn serve<I>(
         .await;
         let step = match woke {
             Woke::Closed => break,
+            Woke::Crowded => {
+                crowd_seen = shared.crowd.looks();
+                crowd_wait.set(shared.crowd.woken());
+                crowd_armed = false;
+                if clock.drain_began.is_some()
+                    || handing
+                    || !idle_for(&conn_state, crowd::IDLE_FOR)
+                    || !shared.crowd.take_one()
+                {
+                    continue;
+                }
+                shared
+                    .board
+                    .count_made_room(crate::metrics::MadeRoom::IdleClosed);
+                if !conn_state.http2.load(Ordering::Relaxed) {
+                    // Idle for a while: closed as after a keep-alive
+                    // timeout, to let a waiting client in.
+                    break;
+                }
+                conn_state.draining.store(true, Ordering::Relaxed);
+                clock.drain(Instant::now(), false, true)
+            }
             Woke::Drain
                 if conn.is_http1()
                     && !shared.board.stopping()
@@ -960,8 +1004,21 @@ fn warn_kept(e: &crate::handoff::SendError) {
     }
 }
 
+/// Whether a connection has had nothing in flight, its last answer out,
+/// for at least `at_least` (a connection that has not had its first
+/// request yet is a new client's: never idle here).
+fn idle_for(conn: &ConnState, at_least: Duration) -> bool {
+    let done = conn.last_done_ns.load(Ordering::Relaxed);
+    done != 0
+        && conn.in_flight.load(Ordering::Acquire) == 0
+        && !conn.unflushed.load(Ordering::Relaxed)
+        && crate::sys::monotonic_ns().saturating_sub(done) >= at_least.as_nanos() as u64
+}
+
 /// What woke a connection's task to act.
 enum Woke {
+    /// The worker is crowded: an idle connection may make room.
+    Crowded,
     /// The connection is over.
     Closed,
     /// The worker started draining.

@@ -34,6 +34,7 @@ impl Master {
         snapshot.client_timeouts = self.board.client_timeouts();
         snapshot.connections_handed_over = self.board.handed_over();
         snapshot.handoffs = self.board.handoffs();
+        snapshot.made_room = self.board.made_room();
         snapshot
     }
 
