@@ -29,6 +29,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod app;
+mod balance;
 mod body;
 mod boot;
 mod cli;

@@ -98,7 +98,7 @@ impl HandoffOutcome {
 }
 
 /// How a crowded worker made room for waiting clients (see
-/// `http::crowd`).
+/// `http::placement`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MadeRoom {
     /// An idle keep-alive connection closed.

@@ -179,13 +179,11 @@ impl Slot {
     }
 
     /// The worker's pid, 0 until known.
-    #[cfg(test)]
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
     }
 
     /// The generation the slot was claimed for.
-    #[cfg(test)]
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
     }
@@ -549,6 +547,31 @@ impl Scoreboard {
     /// How many workers are handing a connection over right now.
     pub fn handoffs_in_progress(&self) -> u64 {
         self.table().header.handing_off.load(Ordering::SeqCst)
+    }
+
+    /// Whether any worker is draining (leaving, its connections going to
+    /// the others).
+    pub(crate) fn any_draining(&self) -> bool {
+        self.table()
+            .slots
+            .iter()
+            .any(|s| s.state() == SlotState::Draining)
+    }
+
+    /// Every ready worker's slot, pid and request count, for balance.
+    pub(crate) fn ready_samples(&self) -> Vec<crate::balance::Sample> {
+        self.table()
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state() == SlotState::Ready)
+            .map(|(slot, s)| crate::balance::Sample {
+                slot,
+                pid: s.pid(),
+                requests: s.requests(),
+                generation: s.generation(),
+            })
+            .collect()
     }
 
     /// Whether a worker other than the one in `slot`, of any generation,

@@ -215,6 +215,10 @@ async fn serve(
             Arc::clone(&permits),
         ))
     });
+    let balancing = shared
+        .handoff
+        .is_some()
+        .then(|| tokio::spawn(balance(Arc::clone(&shared), drain_rx.clone())));
     slot.set_state(SlotState::Ready);
     bell.ring();
 
@@ -247,6 +251,9 @@ async fn serve(
     };
     // This worker's copies of the listening sockets close here.
     drop(listeners);
+    if let Some(task) = balancing {
+        let _ = task.await;
+    }
     let taken = match receiving {
         Some(task) => task.await.unwrap_or(0),
         None => 0,
@@ -396,7 +403,7 @@ async fn boot(
         },
         ready: Arc::clone(&app.ready),
         handoff,
-        crowd: crate::http::crowd::Crowd::default(),
+        placement: crate::http::placement::Placement::default(),
     });
     Ok((shared, listeners))
 }
@@ -551,7 +558,7 @@ async fn accept_until_drained(
     let mut backoff = Backoff::default();
     loop {
         // At the cap, a look at the queue every moment: clients waiting
-        // there make the worker crowded (see `http::crowd`).
+        // there make the worker crowded (see `http::placement`).
         let permit = loop {
             tokio::select! {
                 biased;
@@ -560,14 +567,14 @@ async fn accept_until_drained(
                     Ok(p) => p,
                     Err(_) => return,
                 },
-                _ = tokio::time::sleep(crate::http::crowd::CHECK) => {
-                    shared.crowd.looked(listener.has_waiting());
+                _ = tokio::time::sleep(crate::http::placement::CHECK) => {
+                    shared.placement.looked(listener.has_waiting());
                 }
             }
         };
-        if shared.crowd.is_crowded() && permits.available_permits() > 0 {
+        if shared.placement.is_crowded() && permits.available_permits() > 0 {
             // Room again (with the permit just taken, and more).
-            shared.crowd.looked(false);
+            shared.placement.looked(false);
         }
         if !wait_for_share(shared, drain).await {
             return;
@@ -922,6 +929,28 @@ async fn receive_handoffs(
         // the cap, handed connections wait in the queue for another worker.
         let taken = match ready {
             Ok(()) => {
+                let defer = if shared.board.any_draining() {
+                    // A leaving worker's connections: taken at once.
+                    None
+                } else if shared.placement.giving() {
+                    Some(GIVER_DEFERS)
+                } else {
+                    match shared.placement.rank() {
+                        0 => None,
+                        rank => Some(RANK_DEFERS * rank.min(10) as u32),
+                    }
+                };
+                if let Some(defer) = defer {
+                    // Leaves it a moment to a sibling less loaded.
+                    tokio::select! {
+                        biased;
+                        _ = drain.wait_for(|d| *d) => break,
+                        _ = tokio::time::sleep(defer) => {}
+                    }
+                    if queue.is_empty() {
+                        continue;
+                    }
+                }
                 if !wait_for_share(&shared, &mut drain).await {
                     break;
                 }
@@ -962,6 +991,60 @@ async fn receive_handoffs(
     }
     extra
 }
+
+/// Weighs this worker's load against its ready siblings' once a
+/// [`crate::balance::TICK`] and asks its connections to move when it
+/// carries more than its share (see [`crate::balance`]), until it drains.
+async fn balance(shared: Arc<Shared>, mut drain: watch::Receiver<bool>) {
+    let mut balancer = crate::balance::Balancer::default();
+    let mut tick = tokio::time::interval(crate::balance::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => break,
+            _ = tick.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        if shared.board.any_draining() {
+            // A worker is leaving: its connections come first, taken by
+            // whoever is quickest, and the rates are not this one's to
+            // judge by. Balance starts over once it has gone.
+            balancer = crate::balance::Balancer::default();
+            shared.placement.set_rank(0);
+            shared.placement.give(0.0, 0.0);
+            last = now;
+            continue;
+        }
+        let give = balancer.tick(
+            shared.slot_index,
+            &shared.board.ready_samples(),
+            now - last,
+            shared.slot.connections() as usize,
+        );
+        last = now;
+        if give > 0.0 {
+            tracing::debug!(
+                "worker {}: {give:.0} requests a second above the mean; asking connections to move",
+                std::process::id()
+            );
+        }
+        shared.placement.set_rank(balancer.rank());
+        shared.placement.give(give, balancer.room());
+    }
+    shared.placement.set_rank(0);
+    shared.placement.give(0.0, 0.0);
+}
+
+/// How long a worker that gives connections away for balance leaves a
+/// handed-over one in the queue for a sibling before it takes it itself
+/// (should every other ready worker be giving too, or serve no HTTP).
+const GIVER_DEFERS: Duration = Duration::from_millis(100);
+
+/// How long a worker leaves a handed-over connection in the queue for
+/// each ready sibling less loaded than itself (see [`crate::balance`]).
+const RANK_DEFERS: Duration = Duration::from_millis(10);
 
 /// The longest a draining worker waits for siblings midway through a
 /// handoff (each takes microseconds; a sibling stopped meanwhile by the

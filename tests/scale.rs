@@ -391,3 +391,301 @@ print(json.dumps(out))
     let rotated = metric(&text, "zdr_connections_made_room_total{how=\"rotated\"}");
     assert!(rotated > 0.0, "{text}");
 }
+
+/// The canary's share of the requests in its window, from a verdict's
+/// line ("... (27 %)").
+fn canary_share(said: &str) -> f64 {
+    let line = said
+        .lines()
+        .find(|l| l.contains("requests in its window"))
+        .unwrap_or_else(|| panic!("no canary figures in: {said}"));
+    let (_, tail) = line
+        .split_once("requests in its window (")
+        .expect("the share");
+    tail.split_once(" %")
+        .and_then(|(pct, _)| pct.parse().ok())
+        .unwrap_or_else(|| panic!("no share in: {line}"))
+}
+
+/// Traffic started before a reload, of one shape.
+enum Shape {
+    /// Our load generator: this many keep-alive connections, this many
+    /// clients opening a connection per request.
+    Load(usize, usize),
+    /// python-requests on one `Session` (one keep-alive connection).
+    Session,
+}
+
+/// A canary reload judged on traffic that was already flowing, of each
+/// shape a production server sees: a pool of 4 or 16 keep-alive
+/// connections, one python-requests `Session`, a new connection per
+/// request. A 1-worker canary beside 3 old workers (a quarter of the
+/// workers) gets between half and twice a quarter of the requests in its
+/// window (the single connection: some of them, moved to it and back),
+/// a canary answering 30 % errors is rolled back and a healthy one
+/// promoted, and no request fails but the faulty canary's own errors.
+#[test]
+fn a_canary_gets_its_share_whatever_the_shape_of_the_traffic() {
+    for shape in [
+        Shape::Load(4, 0),
+        Shape::Load(16, 0),
+        Shape::Load(0, 4),
+        Shape::Session,
+    ] {
+        canary_under(shape);
+    }
+}
+
+fn canary_under(shape: Shape) {
+    let dir = TempDir::new("canary-shape");
+    let config = dir.path("zdr.toml");
+    let toml = |rate: &str| {
+        format!(
+            "workers = 3\ncanary = 1\ncanary_seconds = 4\ncanary_min_requests = 20\n\
+             raw_env = [\"ZDR_DEMO_ERROR_RATE={rate}\"]\n"
+        )
+    };
+    std::fs::write(&config, toml("0")).unwrap();
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_generation_ready(1, 3);
+    let rt = runtime();
+    let url = format!("http://{}/", server.addr());
+    let stop_file = dir.path("stop");
+    let (what, load, session) = match shape {
+        Shape::Load(keepalive, fresh) => {
+            let load = rt.block_on(async { load::start(server.addr(), "/", keepalive, fresh) });
+            load.wait_for_more(100);
+            (
+                format!("{keepalive} keep-alive, {fresh} new-connection clients"),
+                Some(load),
+                None,
+            )
+        }
+        Shape::Session => {
+            let script = r#"
+import sys, os, json, collections, requests
+url, stop = sys.argv[1], sys.argv[2]
+s = requests.Session()
+seen = collections.Counter()
+errors = collections.Counter()
+print("started", flush=True)
+while not os.path.exists(stop):
+    r = s.get(url, timeout=60)
+    seen[r.status_code] += 1
+    if r.status_code == 500:
+        errors[r.text.split("generation=")[1].split()[0]] += 1
+print(json.dumps({"statuses": seen, "errors": errors}))
+"#;
+            let mut child = std::process::Command::new("python3")
+                .args(["-c", script, &url, stop_file.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 (pip install requests)");
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut first = String::new();
+            std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+            assert_eq!(first.trim(), "started");
+            (
+                "one python-requests Session".to_owned(),
+                None,
+                Some((child, out)),
+            )
+        }
+    };
+    let single = session.is_some();
+
+    // A build whose canary answers 30 % errors: rolled back.
+    std::fs::write(&config, toml("0.3")).unwrap();
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{what}: the faulty canary was promoted: {said}"
+    );
+    assert!(
+        said.contains("canary failed: error ratio"),
+        "{what}: {said}"
+    );
+    let failed_share = canary_share(&said);
+
+    // A healthy build: promoted.
+    std::fs::write(&config, toml("0")).unwrap();
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{what}: {out:?}");
+    server.wait_generation_ready(3, 3);
+    let log = server.log_text();
+    let promoted = log
+        .lines()
+        .find(|l| l.contains("Canary of generation 3 promoted"))
+        .unwrap_or_else(|| panic!("{what}: no promotion in:\n{log}"));
+    let promoted_share = canary_share(promoted);
+    eprintln!("{what}: the canary's share {failed_share} % (faulty), {promoted_share} % (healthy)");
+
+    // Nothing failed but the faulty canary's (generation 2) own errors.
+    match (load, session) {
+        (Some(load), _) => {
+            load.wait_for_generation(3, 20);
+            let report = rt.block_on(load.stop());
+            let injected: u64 = report.errors_by_generation.values().sum();
+            assert_eq!(report.failed, injected, "{what}: {:?}", report.failures);
+            assert!(
+                report.errors_by_generation.keys().all(|g| *g == 2),
+                "{what}: {:?}",
+                report.errors_by_generation
+            );
+        }
+        (None, Some((mut child, mut out))) => {
+            std::fs::write(&stop_file, "").unwrap();
+            let mut last = String::new();
+            std::io::Read::read_to_string(&mut out, &mut last).unwrap();
+            assert!(child.wait().unwrap().success());
+            let report: serde_json::Value =
+                serde_json::from_str(last.trim()).unwrap_or_else(|e| panic!("{what}: {e}: {last}"));
+            let statuses = report["statuses"].as_object().expect("statuses");
+            assert!(
+                statuses.keys().all(|s| s == "200" || s == "500"),
+                "{what}: {report}"
+            );
+            let errors = report["errors"].as_object().expect("errors");
+            assert!(errors.keys().all(|g| g == "2"), "{what}: {report}");
+        }
+        (None, None) => unreachable!(),
+    }
+    for share in [failed_share, promoted_share] {
+        if single {
+            // One connection is wholly on one worker at a time: moved to
+            // the canary, and on after it has settled there.
+            assert!(share > 0.0, "{what}: the canary got none of it");
+        } else {
+            assert!(
+                (12.5..=50.0).contains(&share),
+                "{what}: the canary's share {share} % is not within half and twice its 25 %"
+            );
+        }
+    }
+}
+
+/// Answers seen by [`paced_clients`]: when, and by which worker.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, u32)>>>;
+
+/// Keep-alive clients, one connection each, each sending `GET /` at its
+/// own steady rate (requests a second) until `stop`.
+fn paced_clients(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    rates: &[u32],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Seen, Vec<tokio::task::JoinHandle<Vec<String>>>) {
+    let seen: Seen = Default::default();
+    let tasks = rates
+        .iter()
+        .map(|&rate| {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            rt.spawn(async move {
+                let mut lost = Vec::new();
+                let mut conn = Idle::open(addr).await;
+                let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tick.tick().await;
+                    match conn.ask().await {
+                        Answer::Ok { pid, .. } => {
+                            seen.lock().unwrap().push((std::time::Instant::now(), pid))
+                        }
+                        Answer::Lost(why) => {
+                            lost.push(why);
+                            conn = Idle::open(addr).await;
+                        }
+                    }
+                }
+                lost
+            })
+        })
+        .collect();
+    (seen, tasks)
+}
+
+/// Answers per worker over the last `window`.
+fn per_worker(seen: &Seen, window: Duration) -> BTreeMap<u32, usize> {
+    let since = std::time::Instant::now() - window;
+    let mut counts = BTreeMap::new();
+    for (at, pid) in seen.lock().unwrap().iter() {
+        if *at >= since {
+            *counts.entry(*pid).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Busiest over idlest worker, by answers, over `counts` (of `workers`).
+fn spread(counts: &BTreeMap<u32, usize>, workers: usize) -> f64 {
+    if counts.len() < workers {
+        return f64::INFINITY;
+    }
+    let most = counts.values().max().copied().unwrap_or(0) as f64;
+    let least = counts.values().min().copied().unwrap_or(0) as f64;
+    most / least.max(1.0)
+}
+
+/// Sixteen keep-alive connections at unequal rates (5 to 80 requests a
+/// second) on four workers: balance brings the busiest worker within
+/// 1.25 times the idlest (by answers over ten seconds); after TTIN, the
+/// new worker carries at least half its share (a fifth) over five
+/// seconds; no request fails.
+#[test]
+fn keep_alive_traffic_spreads_evenly_and_reaches_a_worker_added_by_ttin() {
+    let server = Launch::serve(&["--workers", "4"]).start();
+    let before = server.wait_workers(4);
+    let rt = runtime();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rates: Vec<u32> = (1..=16).map(|i| 5 * i).collect();
+    let (seen, tasks) = paced_clients(&rt, server.addr(), &rates, stop.clone());
+
+    let mut spreads = Vec::new();
+    let even = wait_until(Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let s = spread(&per_worker(&seen, Duration::from_secs(10)), 4);
+        spreads.push(s);
+        s <= 1.25
+            && seen
+                .lock()
+                .unwrap()
+                .first()
+                .is_some_and(|(t, _)| t.elapsed() >= Duration::from_secs(10))
+    });
+    eprintln!("busiest/idlest over 10 s, every 0.5 s: {spreads:.2?}");
+    assert!(
+        even,
+        "the workers never evened out: {:?}",
+        per_worker(&seen, Duration::from_secs(10))
+    );
+
+    server.signal(Signal::SIGTTIN);
+    let after = server.wait_workers(5);
+    let added = *after.difference(&before).next().expect("a new worker");
+    let added_at = std::time::Instant::now();
+    let mut shares = Vec::new();
+    let reached = wait_until(Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let counts = per_worker(&seen, Duration::from_secs(5));
+        let total: usize = counts.values().sum();
+        let share = counts.get(&added).copied().unwrap_or(0) as f64 / total.max(1) as f64;
+        shares.push(share);
+        share >= 0.1
+    });
+    eprintln!(
+        "the added worker's share over 5 s, every 0.5 s: {shares:.2?} (reached in {:.1} s)",
+        added_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        reached,
+        "the added worker never got half its share: {:?}",
+        per_worker(&seen, Duration::from_secs(5))
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in tasks {
+        let lost = rt.block_on(task).expect("a client panicked");
+        assert!(lost.is_empty(), "requests failed: {lost:?}");
+    }
+}

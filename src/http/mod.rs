@@ -32,7 +32,7 @@
 
 pub mod access_log;
 mod conn;
-pub(crate) mod crowd;
+pub(crate) mod placement;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -103,8 +103,8 @@ pub(crate) struct Shared {
     /// that leaves while other workers stay is handed to one of them.
     pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
     /// Whether new clients wait while this worker is at its cap (see
-    /// [`crowd`]).
-    pub(crate) crowd: crowd::Crowd,
+    /// [`placement`]).
+    pub(crate) placement: placement::Placement,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -348,6 +348,8 @@ struct ConnState {
     /// connection stays open: once it is written, the connection is
     /// between requests and may be handed over.
     reusable: AtomicBool,
+    /// Requests begun on it in this worker, for its rate (balance).
+    requests: AtomicU64,
 }
 
 impl ConnState {
@@ -404,6 +406,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> ConnFuture {
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.conn.requests.fetch_add(1, Ordering::Relaxed);
         let mut guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
             slot: None,
@@ -444,9 +447,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         if version == Version::HTTP_2 {
             self.conn.http2.store(true, Ordering::Relaxed);
-        } else if self.shared.crowd.is_crowded() && !self.conn.draining.load(Ordering::Relaxed) {
+        } else if self.shared.placement.is_crowded() && !self.conn.draining.load(Ordering::Relaxed)
+        {
             // Clients wait for a slot: this connection takes its turn
-            // again after reconnecting (see `crowd`).
+            // again after reconnecting (see `placement`).
             self.conn.draining.store(true, Ordering::Relaxed);
             self.shared
                 .board
@@ -743,14 +747,21 @@ pub(crate) async fn serve<I>(
     let drain_wait = drain.wait_for(|d| *d);
     tokio::pin!(drain_wait);
     let (mut drain_armed, mut timer_armed) = (false, false);
-    // Crowding wakes the connection only at a crowded look (a counter
-    // compared on each wake-up; the wake-up is polled only then).
-    let crowd_wait = shared.crowd.woken();
+    // A nudge (see `placement`) wakes the connection only when one was
+    // given (a counter compared on each wake-up; the wake-up is polled
+    // only then).
+    let crowd_wait = shared.placement.woken();
     tokio::pin!(crowd_wait);
-    let (mut crowd_armed, mut crowd_seen) = (false, shared.crowd.looks());
+    let (mut crowd_armed, mut crowd_seen) = (false, shared.placement.looks());
     // Set while the connection waits for a moment between requests to be
-    // handed to a sibling.
+    // handed to a sibling; `rebalancing` too, with how long it waits, when
+    // it goes for balance rather than because the worker leaves.
     let mut handing = false;
+    let mut rebalancing: Option<Instant> = None;
+    // When it came to this worker: its rate here is measured from then (so
+    // over a tick at least), and one handed over is not moved again for
+    // balance before it has settled (no ping-pong).
+    let arrived = Instant::now();
     loop {
         let woke = std::future::poll_fn(|cx| {
             if conn.poll(cx, &shared.builders).is_ready() {
@@ -767,10 +778,10 @@ pub(crate) async fn serve<I>(
                 return Poll::Ready(Woke::Drain);
             }
             drain_armed = true;
-            if (!crowd_armed || shared.crowd.looks() != crowd_seen)
+            if (!crowd_armed || shared.placement.looks() != crowd_seen)
                 && crowd_wait.as_mut().poll(cx).is_ready()
             {
-                return Poll::Ready(Woke::Crowded);
+                return Poll::Ready(Woke::Nudged);
             }
             crowd_armed = true;
             if (!timer_armed || timer.is_elapsed()) && timer.as_mut().poll(cx).is_ready() {
@@ -782,27 +793,46 @@ pub(crate) async fn serve<I>(
         .await;
         let step = match woke {
             Woke::Closed => break,
-            Woke::Crowded => {
-                crowd_seen = shared.crowd.looks();
-                crowd_wait.set(shared.crowd.woken());
+            Woke::Nudged => {
+                crowd_seen = shared.placement.looks();
+                crowd_wait.set(shared.placement.woken());
                 crowd_armed = false;
-                if clock.drain_began.is_some()
-                    || handing
-                    || !idle_for(&conn_state, crowd::IDLE_FOR)
-                    || !shared.crowd.take_one()
+                let quiet = clock.drain_began.is_none() && !handing;
+                if quiet
+                    && shared.placement.is_crowded()
+                    && idle_for(&conn_state, placement::IDLE_FOR)
+                    && shared.placement.take_one()
                 {
+                    shared
+                        .board
+                        .count_made_room(crate::metrics::MadeRoom::IdleClosed);
+                    if !conn_state.http2.load(Ordering::Relaxed) {
+                        // Idle for a while: closed as after a keep-alive
+                        // timeout, to let a waiting client in.
+                        break;
+                    }
+                    conn_state.draining.store(true, Ordering::Relaxed);
+                    clock.drain(Instant::now(), false, true)
+                } else if quiet
+                    && passable.is_some()
+                    && conn.is_http1()
+                    && (!handed || arrived.elapsed() >= crate::balance::SETTLE)
+                    && arrived.elapsed() >= crate::balance::TICK
+                    && shared.placement.take_give(
+                        conn_state.requests.load(Ordering::Relaxed) as f64
+                            / arrived.elapsed().as_secs_f64(),
+                    )
+                {
+                    // For balance: to a sibling at the next moment between
+                    // requests, if one comes soon; else it stays.
+                    handing = true;
+                    rebalancing = Some(Instant::now() + REBALANCE_WAIT);
+                    Step::Wait {
+                        until: Instant::now() + REBALANCE_WAIT,
+                    }
+                } else {
                     continue;
                 }
-                shared
-                    .board
-                    .count_made_room(crate::metrics::MadeRoom::IdleClosed);
-                if !conn_state.http2.load(Ordering::Relaxed) {
-                    // Idle for a while: closed as after a keep-alive
-                    // timeout, to let a waiting client in.
-                    break;
-                }
-                conn_state.draining.store(true, Ordering::Relaxed);
-                clock.drain(Instant::now(), false, true)
             }
             Woke::Drain
                 if conn.is_http1()
@@ -825,9 +855,18 @@ pub(crate) async fn serve<I>(
                 let Some((queue, (fd, kind))) = passable else {
                     break;
                 };
+                // Moved for balance while the worker stays: a connection
+                // that cannot go is served here as before.
+                let stays = rebalancing.take().is_some() && !*probe.borrow();
                 let sent = hand_over(&mut conn, &shared, queue, fd, kind, epoch).await;
                 match sent {
                     HandOver::Sent => break,
+                    HandOver::NoSibling if stays => timer_step(&mut clock, &conn_state),
+                    HandOver::Kept(parts) if stays => {
+                        let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
+                        conn = Conn::http1(&shared.builders, io, parts.service);
+                        timer_step(&mut clock, &conn_state)
+                    }
                     HandOver::NoSibling => {
                         conn_state.draining.store(true, Ordering::Relaxed);
                         clock.drain(Instant::now(), false, false)
@@ -851,6 +890,12 @@ pub(crate) async fn serve<I>(
                 conn_state.draining.store(true, Ordering::Relaxed);
                 clock.drain(Instant::now(), busy, http2)
             }
+            Woke::Timer if rebalancing.is_some_and(|until| Instant::now() >= until) => {
+                // No moment between requests came soon: it stays.
+                handing = false;
+                rebalancing = None;
+                timer_step(&mut clock, &conn_state)
+            }
             Woke::Timer if handing && conn_state.in_flight.load(Ordering::Acquire) > 0 => {
                 // A request still in flight: its worker's graceful timeout
                 // bounds it; it is handed over once answered.
@@ -866,28 +911,7 @@ pub(crate) async fn serve<I>(
                 conn_state.draining.store(true, Ordering::Relaxed);
                 clock.drain(Instant::now(), false, false)
             }
-            Woke::Timer => {
-                let now = Instant::now();
-                let last_done = match conn_state.last_done_ns.load(Ordering::Relaxed) {
-                    0 => None,
-                    // The same clock, read as an `Instant`.
-                    ns => now.checked_sub(Duration::from_nanos(
-                        crate::sys::monotonic_ns().saturating_sub(ns),
-                    )),
-                };
-                let step = clock.fired(
-                    now,
-                    conn_state.in_flight.load(Ordering::Acquire) == 0,
-                    conn_state.http2.load(Ordering::Relaxed),
-                    last_done,
-                );
-                // Past its age, the connection drains as if its worker did:
-                // the next response says `Connection: close`.
-                if clock.drain_began.is_some() {
-                    conn_state.draining.store(true, Ordering::Relaxed);
-                }
-                step
-            }
+            Woke::Timer => timer_step(&mut clock, &conn_state),
         };
         // A timer reset below must be polled again to be armed.
         timer_armed = false;
@@ -1004,6 +1028,34 @@ fn warn_kept(e: &crate::handoff::SendError) {
     }
 }
 
+/// How long a connection asked to move for balance waits for a moment
+/// between requests before it stays where it is.
+const REBALANCE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the connection's timer means now, as its [`Clock`] says.
+fn timer_step(clock: &mut Clock, conn: &ConnState) -> Step {
+    let now = Instant::now();
+    let last_done = match conn.last_done_ns.load(Ordering::Relaxed) {
+        0 => None,
+        // The same clock, read as an `Instant`.
+        ns => now.checked_sub(Duration::from_nanos(
+            crate::sys::monotonic_ns().saturating_sub(ns),
+        )),
+    };
+    let step = clock.fired(
+        now,
+        conn.in_flight.load(Ordering::Acquire) == 0,
+        conn.http2.load(Ordering::Relaxed),
+        last_done,
+    );
+    // Past its age, the connection drains as if its worker did: the next
+    // response says `Connection: close`.
+    if clock.drain_began.is_some() {
+        conn.draining.store(true, Ordering::Relaxed);
+    }
+    step
+}
+
 /// Whether a connection has had nothing in flight, its last answer out,
 /// for at least `at_least` (a connection that has not had its first
 /// request yet is a new client's: never idle here).
@@ -1017,8 +1069,9 @@ fn idle_for(conn: &ConnState, at_least: Duration) -> bool {
 
 /// What woke a connection's task to act.
 enum Woke {
-    /// The worker is crowded: an idle connection may make room.
-    Crowded,
+    /// A nudge from the worker: crowded (an idle connection may make
+    /// room), or asking connections to move for balance.
+    Nudged,
     /// The connection is over.
     Closed,
     /// The worker started draining.

@@ -8,7 +8,13 @@
 //! |---|---|
 //! | errors | the canary's 5xx ratio is above `canary_max_error_ratio` **and** above the old generation's over the same window |
 //! | latency | `canary_max_p99_ratio` > 0, both have requests, and the canary's p99 is above that many times the old one's |
-//! | traffic | fewer than `canary_min_requests` reached the canary within three windows |
+//! | traffic | fewer than `canary_min_requests` reached the canary within three windows (the message tells a quiet server from traffic that did not reach the canary) |
+//!
+//! Every verdict names the canary's share of the requests in its window.
+//! Workers share keep-alive traffic by its rate (`crate::balance`), so a
+//! canary gets its share even from clients that never open a new
+//! connection (a load balancer's pool, a python-requests `Session`); a
+//! server with no traffic at all cannot judge a canary, and says so.
 //!
 //! A canary worker that exits fails the rollout at once (the rollout's own
 //! rule).
@@ -53,6 +59,20 @@ impl Figures {
             errors: c.by_class[4],
             p99: p99(c),
         }
+    }
+
+    /// "the canary answered N of the M requests in its window (X %)".
+    fn share(&self, old: &Figures) -> String {
+        let all = self.requests + old.requests;
+        let pct = if all == 0 {
+            0.0
+        } else {
+            100.0 * self.requests as f64 / all as f64
+        };
+        format!(
+            "the canary answered {} of the {all} requests in its window ({pct:.0} %)",
+            self.requests
+        )
     }
 
     fn error_ratio(&self) -> f64 {
@@ -101,11 +121,21 @@ pub(crate) fn judge(
     }
     if new.requests < policy.min_requests {
         if elapsed >= policy.window * 3 {
+            let fix = if base.requests < policy.min_requests {
+                "the server had too little traffic to judge a canary: reload without \
+                 --canary, or send traffic during the window, or lower \
+                 canary_min_requests"
+            } else {
+                "traffic reached the old generation but not the canary: check that \
+                 the canary's workers are ready, or lengthen canary_seconds"
+            };
             return Verdict::Fail(format!(
-                "only {} requests reached the canary in {:.0}s, fewer than canary_min_requests {}",
+                "only {} requests reached the canary in {:.0}s, fewer than canary_min_requests {} \
+                 ({}); {fix}",
                 new.requests,
                 elapsed.as_secs_f64(),
-                policy.min_requests
+                policy.min_requests,
+                new.share(&base)
             ));
         }
         return Verdict::Wait;
@@ -113,30 +143,33 @@ pub(crate) fn judge(
     let ratio = new.error_ratio();
     if ratio > policy.max_error_ratio && ratio > base.error_ratio() {
         return Verdict::Fail(format!(
-            "error ratio {ratio:.2} > {} over {} requests (old generation {:.2})",
+            "error ratio {ratio:.2} > {} over {} requests (old generation {:.2}); {}",
             policy.max_error_ratio,
             new.requests,
-            base.error_ratio()
+            base.error_ratio(),
+            new.share(&base)
         ));
     }
     if let (true, Some(p_new), Some(p_old)) = (policy.max_p99_ratio > 0.0, new.p99, base.p99) {
         if p_new > policy.max_p99_ratio * p_old {
             return Verdict::Fail(format!(
-                "p99 {:.0} ms > {} x the old generation's {:.0} ms over {} requests",
+                "p99 {:.0} ms > {} x the old generation's {:.0} ms over {} requests; {}",
                 p_new * 1000.0,
                 policy.max_p99_ratio,
                 p_old * 1000.0,
-                new.requests
+                new.requests,
+                new.share(&base)
             ));
         }
     }
     Verdict::Promote(format!(
-        "error ratio {ratio:.3} over {} requests (old generation {:.3}){}",
+        "error ratio {ratio:.3} over {} requests (old generation {:.3}){}; {}",
         new.requests,
         base.error_ratio(),
         new.p99
             .map(|p| format!(", p99 {:.1} ms", p * 1000.0))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        new.share(&base)
     ))
 }
 
@@ -210,7 +243,32 @@ mod tests {
         };
         assert_eq!(
             why,
-            "error ratio 0.49 > 0.01 over 812 requests (old generation 0.00)"
+            "error ratio 0.49 > 0.01 over 812 requests (old generation 0.00); \
+             the canary answered 812 of the 1312 requests in its window (62 %)"
+        );
+    }
+
+    #[test]
+    fn too_little_traffic_says_whether_the_server_was_quiet_or_the_canary_missed_it() {
+        let judge_traffic =
+            |old| match judge(&policy(), &counters(3, 0, 2), &counters(old, 0, 2), 30 * S) {
+                Verdict::Fail(why) => why,
+                other => panic!("{other:?}"),
+            };
+        let quiet = judge_traffic(10);
+        assert!(
+            quiet.starts_with("only 3 requests reached the canary in 30s"),
+            "{quiet}"
+        );
+        assert!(quiet.contains("(23 %)"), "{quiet}");
+        assert!(
+            quiet.contains("too little traffic to judge a canary"),
+            "{quiet}"
+        );
+        let missed = judge_traffic(5000);
+        assert!(
+            missed.contains("reached the old generation but not the canary"),
+            "{missed}"
         );
     }
 

@@ -27,6 +27,9 @@ pub struct Report {
     pub generations: BTreeSet<u64>,
     /// Latency of every successful request, in microseconds.
     pub latencies_us: Vec<u32>,
+    /// Of the failures, the answers with status 500 (the demo app's
+    /// injected errors), by the generation they name.
+    pub errors_by_generation: BTreeMap<u64, u64>,
 }
 
 impl Report {
@@ -42,6 +45,9 @@ impl Report {
             *self.by_pid.entry(pid).or_default() += n;
         }
         self.generations.extend(other.generations);
+        for (g, n) in other.errors_by_generation {
+            *self.errors_by_generation.entry(g).or_default() += n;
+        }
         self.latencies_us.extend(other.latencies_us);
     }
 
@@ -65,6 +71,16 @@ impl Report {
     /// Counts one answer; returns the generation of a successful one.
     fn record(&mut self, status: u16, body: &[u8]) -> Option<u64> {
         if status != 200 {
+            if status == 500 {
+                let text = String::from_utf8_lossy(body);
+                let generation = text
+                    .split(|c: char| !c.is_ascii_alphanumeric())
+                    .skip_while(|w| *w != "generation")
+                    .nth(1)
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(0);
+                *self.errors_by_generation.entry(generation).or_default() += 1;
+            }
             self.fail(format!("status {status}"));
             return None;
         }
