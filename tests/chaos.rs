@@ -8,7 +8,12 @@
 //! `reload --wait` succeeds, exactly the wanted number of workers run, all
 //! ready and of that newest generation, the process table agrees with
 //! `zdr status`, no child is a zombie, no request failed unless a worker was
-//! killed under it, and TERM stops it all.
+//! killed under it, and TERM stops it all. Beside the load, a pool of idle
+//! keep-alive connections is held through the sequence: not one is closed
+//! without an answer, and each is answered by the final generation. An
+//! event that takes connections down with it (a worker killed or stopped,
+//! WINCH stopping every worker) ends the pool; a new one is opened at the
+//! next event once a worker serves.
 //!
 //! `cargo test` runs a few fixed seeds. `ZDR_CHAOS_SEEDS=N` runs N seeds
 //! from `ZDR_CHAOS_FIRST_SEED` (default 1) on demand, and
@@ -74,12 +79,16 @@ fn draw(rng: &mut Rng) -> Event {
     }
 }
 
+/// Idle keep-alive connections held through each sequence.
+const IDLE: usize = 200;
+
 fn run_seed(seed: u64, events: usize) {
     let dir = TempDir::new(&format!("chaos-{seed}"));
     let exe = dir.path("zdr");
     std::fs::copy(zdr_bin(), &exe).unwrap();
     let config = dir.path("zdr.toml");
-    let good_config = "workers = 2\ngraceful_timeout = 20\nboot_timeout = 10\ntimeout = 5\n";
+    let good_config =
+        "workers = 2\ngraceful_timeout = 20\nboot_timeout = 10\ntimeout = 5\nkeepalive = 600\n";
     write_file(&config, good_config);
     let mut server = Launch::serve(&["--config", config.to_str().unwrap()])
         .exe(&exe)
@@ -88,6 +97,9 @@ fn run_seed(seed: u64, events: usize) {
     server.wait_generation_ready(1, 2);
     let rt = runtime();
     let load = rt.block_on(async { load::start(server.addr(), "/", 2, 2) });
+    let mut idle = Some(rt.block_on(common::idle::Pool::open(server.addr(), IDLE)));
+    // The index of the event after which the pool was opened.
+    let mut idle_from = 0;
     let mut rng = Rng::new(seed);
     let mut log = Vec::new();
     let mut faults = 0;
@@ -152,6 +164,12 @@ fn run_seed(seed: u64, events: usize) {
                 }
             }
         }
+        if matches!(event, Event::KillWorker | Event::StopWorker | Event::Winch) {
+            idle = None;
+        } else if idle.is_none() && server.status().workers.iter().any(|w| w.state == "ready") {
+            idle = Some(rt.block_on(common::idle::Pool::open(server.addr(), IDLE)));
+            idle_from = log.len();
+        }
         std::thread::sleep(Duration::from_millis(rng.below(300)));
     }
 
@@ -193,12 +211,39 @@ fn run_seed(seed: u64, events: usize) {
     );
     // Traffic flows on the settled generation.
     load.wait_for_generation(generation, 50);
+    let round = match &mut idle {
+        Some(pool) => rt.block_on(pool.round()),
+        None => {
+            // Broken by the last event: opened now, it has seen only the
+            // settling reload.
+            let mut pool = rt.block_on(common::idle::Pool::open(server.addr(), IDLE));
+            idle_from = log.len();
+            rt.block_on(pool.round())
+        }
+    };
     let report = rt.block_on(load.stop());
     eprintln!(
         "seed {seed}: {} events ({faults} faults), {} requests ok, {} failed, final generation {generation}",
         log.len(),
         report.ok,
         report.failed
+    );
+    eprintln!(
+        "seed {seed}: {} of {IDLE} idle keep-alive connections (held since event {idle_from}) answered, {} closed unanswered",
+        round.answered,
+        round.lost.len(),
+    );
+    assert!(
+        round.lost.is_empty(),
+        "seed {seed}: {} idle keep-alive connections held since event {idle_from} closed unanswered ({:?}); events {log:?}",
+        round.lost.len(),
+        round.lost.first()
+    );
+    assert_eq!(round.not_ok, 0, "seed {seed}: {round:?}");
+    assert_eq!(
+        round.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![generation],
+        "seed {seed}: {round:?}; events {log:?}"
     );
     if faults == 0 {
         assert_eq!(

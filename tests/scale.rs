@@ -14,10 +14,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::idle::{Answer, Idle, Pool, Round};
 use common::*;
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How many idle connections each test holds.
 fn connections() -> usize {
@@ -40,121 +39,6 @@ fn raise_open_files(n: usize) {
         want >= n as u64 + 512,
         "the open-files hard limit ({hard}) is too low for {n} connections"
     );
-}
-
-/// One idle keep-alive connection and what it was last answered.
-struct Idle {
-    stream: TcpStream,
-}
-
-/// What a connection's request came to.
-#[derive(Debug)]
-enum Answer {
-    /// Answered: the status, and the demo app's pid and generation.
-    Ok {
-        status: u16,
-        pid: u32,
-        generation: u64,
-    },
-    /// Closed or failed without an answer.
-    Lost(String),
-}
-
-impl Idle {
-    async fn open(addr: SocketAddr) -> Idle {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        Idle { stream }
-    }
-
-    /// `GET /` on the connection, kept alive; reads its whole answer.
-    async fn ask(&mut self) -> Answer {
-        let request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
-        if let Err(e) = self.stream.write_all(request).await {
-            return Answer::Lost(format!("write: {e}"));
-        }
-        let mut raw = Vec::with_capacity(512);
-        let mut buf = [0u8; 1024];
-        let read = async {
-            loop {
-                if let Some(reply) = parse_reply(&raw) {
-                    return Ok(reply);
-                }
-                match self.stream.read(&mut buf).await {
-                    Ok(0) => return Err("closed without an answer".to_owned()),
-                    Ok(n) => raw.extend_from_slice(&buf[..n]),
-                    Err(e) => return Err(format!("read: {e}")),
-                }
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(120), read).await {
-            Ok(Ok(reply)) => Answer::Ok {
-                status: reply.status,
-                pid: reply.pid(),
-                generation: reply.generation(),
-            },
-            Ok(Err(e)) => Answer::Lost(e),
-            Err(_) => Answer::Lost("no answer in 120 s".to_owned()),
-        }
-    }
-}
-
-/// A pool of idle connections, each answered once when opened.
-struct Pool {
-    conns: Vec<Idle>,
-}
-
-/// What one round of requests (one on each connection) saw.
-#[derive(Debug, Default)]
-struct Round {
-    answered: usize,
-    lost: Vec<String>,
-    by_generation: BTreeMap<u64, usize>,
-    by_pid: BTreeMap<u32, usize>,
-    not_ok: usize,
-}
-
-impl Pool {
-    async fn open(addr: SocketAddr, n: usize) -> Pool {
-        let mut conns = Vec::with_capacity(n);
-        for _ in 0..n {
-            conns.push(Idle::open(addr).await);
-        }
-        let mut pool = Pool { conns };
-        let first = pool.round().await;
-        assert!(first.lost.is_empty(), "opening the pool: {first:?}");
-        pool
-    }
-
-    /// One request on every connection at once; the connections that were
-    /// closed are dropped from the pool.
-    async fn round(&mut self) -> Round {
-        let mut set = tokio::task::JoinSet::new();
-        for mut conn in self.conns.drain(..) {
-            set.spawn(async move {
-                let answer = conn.ask().await;
-                (conn, answer)
-            });
-        }
-        let mut round = Round::default();
-        while let Some(done) = set.join_next().await {
-            let (conn, answer) = done.expect("a client task panicked");
-            match answer {
-                Answer::Ok {
-                    status,
-                    pid,
-                    generation,
-                } => {
-                    round.answered += 1;
-                    round.not_ok += usize::from(status != 200);
-                    *round.by_generation.entry(generation).or_default() += 1;
-                    *round.by_pid.entry(pid).or_default() += 1;
-                    self.conns.push(conn);
-                }
-                Answer::Lost(why) => round.lost.push(why),
-            }
-        }
-        round
-    }
 }
 
 /// Asserts that a round after an event lost nothing, and that every answer
@@ -224,6 +108,15 @@ fn idle_keep_alive_connections_survive_every_way_a_worker_leaves() {
     server.wait_workers(3);
     let rt = runtime();
     let mut pool = rt.block_on(Pool::open(server.addr(), n));
+    let held = server.status();
+    let rss: u64 = held.workers.iter().map(|w| w.rss_bytes).sum();
+    let owned: u64 = held.workers.iter().map(|w| w.owned_bytes).sum();
+    eprintln!(
+        "{n} idle connections held by 3 workers: {} MiB resident, {} MiB owned ({:.1} KiB owned per connection, idle workers included)",
+        rss >> 20,
+        owned >> 20,
+        owned as f64 / 1024.0 / n as f64
+    );
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
     load.wait_for_more(50);
 

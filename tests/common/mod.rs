@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod idle;
 pub mod load;
 
 use std::collections::BTreeSet;
