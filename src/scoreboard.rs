@@ -549,6 +549,14 @@ impl Scoreboard {
         self.table().header.handing_off.load(Ordering::SeqCst)
     }
 
+    /// Whether a ready worker other than the one in `slot` holds fewer than
+    /// `cap` connections (it will accept a waiting client).
+    pub(crate) fn ready_sibling_below(&self, slot: usize, cap: usize) -> bool {
+        self.table().slots.iter().enumerate().any(|(i, s)| {
+            i != slot && s.state() == SlotState::Ready && (s.connections() as usize) < cap
+        })
+    }
+
     /// Whether any worker is draining (leaving, its connections going to
     /// the others).
     pub(crate) fn any_draining(&self) -> bool {
@@ -708,6 +716,33 @@ mod tests {
         assert!(!board.over_share(1));
         board.set_accepting(1);
         assert!(!board.over_share(0), "a lone worker always accepts");
+    }
+
+    #[test]
+    fn a_ready_sibling_below_the_cap_and_a_draining_one_are_told_apart() {
+        let board = Scoreboard::create().unwrap();
+        for i in 0..3 {
+            board.slot(i).claim(1);
+        }
+        board.slot(0).set_state(SlotState::Ready);
+        board.slot(1).set_state(SlotState::Ready);
+        board.slot(2).set_state(SlotState::Draining);
+        board.add_connections(0, 10);
+        board.add_connections(1, 10);
+        assert!(!board.ready_sibling_below(0, 10), "the sibling is full");
+        assert!(board.ready_sibling_below(0, 11));
+        board.add_connections(1, -1);
+        assert!(board.ready_sibling_below(0, 10));
+        assert!(!board.ready_sibling_below(1, 10), "itself does not count");
+        assert!(board.any_draining());
+        board.slot(2).set_state(SlotState::Ready);
+        assert!(!board.any_draining());
+        assert!(board.ready_sibling_below(1, 10), "an empty ready worker");
+        // Counts and the least loaded of the ready.
+        board.slot(2).begin_request();
+        let samples = board.ready_samples();
+        assert_eq!(samples.len(), 3);
+        assert_eq!(samples[2].requests, 1);
     }
 
     #[test]

@@ -204,6 +204,7 @@ async fn serve(
                 Arc::clone(&shared),
                 drain_rx.clone(),
                 Arc::clone(&permits),
+                capacity,
             ))
         })
         .collect();
@@ -543,8 +544,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
     permits: Arc<Semaphore>,
+    capacity: usize,
 ) -> WorkerListener {
-    accept_until_drained(&listener, &shared, &mut drain, &permits).await;
+    accept_until_drained(&listener, &shared, &mut drain, &permits, capacity).await;
     listener
 }
 
@@ -554,11 +556,13 @@ async fn accept_until_drained(
     shared: &Arc<Shared>,
     drain: &mut watch::Receiver<bool>,
     permits: &Arc<Semaphore>,
+    capacity: usize,
 ) {
     let mut backoff = Backoff::default();
     loop {
         // At the cap, a look at the queue every moment: clients waiting
-        // there make the worker crowded (see `http::placement`).
+        // there, with no ready sibling below the cap to accept them, make
+        // the worker crowded (see `http::placement`).
         let permit = loop {
             tokio::select! {
                 biased;
@@ -568,7 +572,10 @@ async fn accept_until_drained(
                     Err(_) => return,
                 },
                 _ = tokio::time::sleep(crate::http::placement::CHECK) => {
-                    shared.placement.looked(listener.has_waiting());
+                    shared.placement.looked(
+                        listener.has_waiting()
+                            && !shared.board.ready_sibling_below(shared.slot_index, capacity),
+                    );
                 }
             }
         };

@@ -15,8 +15,9 @@
 //! instead of leaving them waiting for as long as the connections it holds
 //! stay open.
 //!
-//! The worker is *crowded* while it is at its cap and a connection waits
-//! in a listening socket's queue (looked at every [`CHECK`]). While it is:
+//! The worker is *crowded* while it is at its cap, a connection waits in a
+//! listening socket's queue (looked at every [`CHECK`]), and no other ready
+//! worker is below the cap to accept it. While it is:
 //! - an idle keep-alive connection (nothing in flight, its last answer
 //!   [`IDLE_FOR`] old or more) is closed, HTTP/2 with GOAWAY; at most
 //!   [`BUDGET`] of them for each look, so that a worker holding thousands
