@@ -582,3 +582,47 @@ fn keep_alive_traffic_spreads_evenly_and_reaches_a_worker_added_by_ttin() {
         assert!(lost.is_empty(), "requests failed: {lost:?}");
     }
 }
+
+/// A worker whose every slot is held by idle keep-alive connections closes
+/// some of them (idle a second or more) for a new client waiting in the
+/// accept queue, which is then answered; the connections kept still work.
+#[test]
+fn idle_connections_make_room_for_a_waiting_client() {
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--worker-connections",
+        "20",
+        "--keep-alive",
+        "300",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
+    server.wait_workers(1);
+    let rt = runtime();
+    let mut pool = rt.block_on(Pool::open(server.addr(), 20));
+    // Every slot is held: a new client waits in the accept queue until
+    // the worker makes room.
+    let reply = try_get(server.addr(), "/").expect("the new client was answered");
+    assert_eq!(reply.status, 200);
+    let text = server.scrape();
+    let closed = metric(
+        &text,
+        "zdr_connections_made_room_total{how=\"idle_closed\"}",
+    );
+    assert!((1.0..=20.0).contains(&closed), "{text}");
+    // The pool's connections that were kept answer as before; the ones
+    // closed for the new client are gone, as after a keep-alive timeout.
+    let round = rt.block_on(pool.round());
+    eprintln!(
+        "{closed} idle connections closed for the new client; {} of the pool answered after",
+        round.answered
+    );
+    assert_eq!(round.answered + round.lost.len(), 20, "{round:?}");
+    assert!(
+        round.lost.len() as f64 <= closed,
+        "{round:?}, {closed} closed"
+    );
+    assert!(round.answered > 0, "{round:?}");
+}

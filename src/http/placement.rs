@@ -19,9 +19,11 @@
 //! listening socket's queue (looked at every [`CHECK`]), and no other ready
 //! worker is below the cap to accept it. While it is:
 //! - an idle keep-alive connection (nothing in flight, its last answer
-//!   [`IDLE_FOR`] old or more) is closed, HTTP/2 with GOAWAY; at most
-//!   [`BUDGET`] of them for each look, so that a worker holding thousands
-//!   of idle browsers closes only about as many as wait;
+//!   [`IDLE_FOR`] old or more) is closed, HTTP/2 with GOAWAY: one at the
+//!   first crowded look, then twice as many at each look that still finds
+//!   clients waiting though the last look's closes were all made, up to
+//!   [`BUDGET`], so that a worker holding thousands of idle browsers
+//!   closes about as many as wait;
 //! - every HTTP/1.1 response begun carries `Connection: close`, so that
 //!   busy keep-alive connections take turns with the clients that wait
 //!   (each such client reconnects and queues behind them).
@@ -41,7 +43,7 @@ pub(crate) const CHECK: Duration = Duration::from_millis(50);
 /// waiting client: its client is unlikely to be sending on it right now.
 pub(crate) const IDLE_FOR: Duration = Duration::from_secs(1);
 
-/// The most idle connections closed for each look.
+/// The most idle connections closed for one look.
 pub(crate) const BUDGET: usize = 32;
 
 /// A worker's nudges, shared by its accept loops, its balance task and its
@@ -49,6 +51,10 @@ pub(crate) const BUDGET: usize = 32;
 #[derive(Default)]
 pub(crate) struct Placement {
     crowded: AtomicBool,
+    /// How many idle connections a crowded look may close: 1 at the first,
+    /// doubled at each crowded look that follows one whose budget was used
+    /// up (clients still wait though connections were closed).
+    size: AtomicUsize,
     /// Traffic still to shed for balance in this tick, in thousandths of
     /// a request a second.
     give: AtomicU64,
@@ -128,12 +134,22 @@ impl Placement {
     }
 
     /// Records a look: crowded or not. A crowded look renews the budget
-    /// and wakes every connection to see whether it is an idle one to
-    /// close.
+    /// (doubling it from one while looks stay crowded) and wakes every
+    /// connection to see whether it is an idle one to close.
     pub(crate) fn looked(&self, crowded: bool) {
         self.crowded.store(crowded, Ordering::Relaxed);
-        if crowded {
-            self.budget.store(BUDGET, Ordering::Relaxed);
+        if !crowded {
+            self.size.store(0, Ordering::Relaxed);
+        } else {
+            let used_up = self.budget.load(Ordering::Relaxed) == 0;
+            let size = self.size.load(Ordering::Relaxed);
+            let size = match size {
+                0 => 1,
+                n if used_up => (n * 2).min(BUDGET),
+                n => n,
+            };
+            self.size.store(size, Ordering::Relaxed);
+            self.budget.store(size, Ordering::Relaxed);
             self.looks.fetch_add(1, Ordering::Release);
             self.wake.notify_waiters();
         }
@@ -167,16 +183,27 @@ mod tests {
         let crowd = Placement::default();
         assert!(!crowd.is_crowded());
         assert!(!crowd.take_one(), "no budget before a crowded look");
-        crowd.looked(true);
-        assert!(crowd.is_crowded());
-        assert_eq!(crowd.looks(), 1);
-        let taken = (0..BUDGET * 2).filter(|_| crowd.take_one()).count();
-        assert_eq!(taken, BUDGET);
+        // One, then two, four... while clients still wait though every
+        // close allowed was made; at most BUDGET.
+        let mut budgets = Vec::new();
+        for _ in 0..8 {
+            crowd.looked(true);
+            assert!(crowd.is_crowded());
+            budgets.push((0..BUDGET * 2).filter(|_| crowd.take_one()).count());
+        }
+        assert_eq!(budgets, [1, 2, 4, 8, 16, 32, 32, 32]);
+        assert_eq!(crowd.looks(), 8);
         crowd.looked(false);
         assert!(!crowd.is_crowded());
-        assert_eq!(crowd.looks(), 1);
+        assert_eq!(crowd.looks(), 8);
+        // Looks at which no idle connection was ready to close do not
+        // grow the budget.
         crowd.looked(true);
-        assert!(crowd.take_one());
+        crowd.looked(true);
+        crowd.looked(true);
+        assert!(crowd.take_one() && !crowd.take_one(), "starts over at one");
+        crowd.looked(true);
+        assert_eq!((0..4).filter(|_| crowd.take_one()).count(), 2);
     }
 
     #[test]
