@@ -50,15 +50,7 @@ fn assert_all_answered(
     generation: u64,
     pids: &std::collections::BTreeSet<u32>,
 ) {
-    assert_eq!(
-        round.lost.len(),
-        0,
-        "{what}: {} of {n} idle connections closed without an answer (first: {:?})",
-        round.lost.len(),
-        round.lost.first()
-    );
-    assert_eq!(round.answered, n, "{what}: {round:?}");
-    assert_eq!(round.not_ok, 0, "{what}: {round:?}");
+    round.assert_all_answered(what, n);
     assert_eq!(
         round.by_generation.keys().copied().collect::<Vec<_>>(),
         vec![generation],
@@ -197,14 +189,7 @@ fn idle_keep_alive_connections_survive_recycling() {
     assert!(ok, "no worker was recycled; log:\n{}", server.log_text());
     let pids = server.wait_workers(2);
     let round = rt.block_on(pool.round());
-    assert_eq!(
-        round.lost.len(),
-        0,
-        "{} of {n} idle connections closed without an answer (first: {:?})",
-        round.lost.len(),
-        round.lost.first()
-    );
-    assert_eq!(round.answered, n, "{round:?}");
+    round.assert_all_answered("recycling", n);
     assert!(
         round
             .by_pid

@@ -126,8 +126,10 @@ pub(crate) fn judge(
                  --canary, or send traffic during the window, or lower \
                  canary_min_requests"
             } else {
-                "traffic reached the old generation but not the canary: check that \
-                 the canary's workers are ready, or lengthen canary_seconds"
+                "traffic reached the old generation but not the canary: its clients \
+                 may hold HTTP/2 connections (which stay on their worker) or \
+                 connections too quiet to move; set max_connection_age so that they \
+                 reconnect, lengthen canary_seconds, or reload without --canary"
             };
             return Verdict::Fail(format!(
                 "only {} requests reached the canary in {:.0}s, fewer than canary_min_requests {} \

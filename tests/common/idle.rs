@@ -82,6 +82,21 @@ pub struct Round {
     pub not_ok: usize,
 }
 
+impl Round {
+    /// Asserts that every one of the `n` connections was answered, 200.
+    pub fn assert_all_answered(&self, what: &str, n: usize) {
+        assert_eq!(
+            self.lost.len(),
+            0,
+            "{what}: {} of {n} idle connections closed without an answer (first: {:?})",
+            self.lost.len(),
+            self.lost.first()
+        );
+        assert_eq!(self.answered, n, "{what}: {self:?}");
+        assert_eq!(self.not_ok, 0, "{what}: {self:?}");
+    }
+}
+
 impl Pool {
     pub async fn open(addr: SocketAddr, n: usize) -> Pool {
         let mut conns = Vec::with_capacity(n);
