@@ -503,6 +503,20 @@ pub struct Options {
     )]
     pub canary_max_p99_ratio: Option<f64>,
 
+    /// What a canary that gets too little traffic to judge comes to, when
+    /// the whole server was quiet through three windows: `rollback` (the
+    /// old generation keeps serving) or `promote` (a quiet staging
+    /// server deploys anyway). A canary that traffic did not reach while
+    /// the old generation had plenty is always rolled back.
+    /// [default: rollback]
+    #[arg(
+        long = "canary-no-traffic",
+        env = "ZDR_CANARY_NO_TRAFFIC",
+        value_name = "POLICY",
+        ignore_case = true
+    )]
+    pub canary_no_traffic: Option<NoTraffic>,
+
     /// Close a connection older than this many seconds after its current
     /// response (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so that
     /// long-lived clients move to new generations and new workers; 0 off.
@@ -654,6 +668,18 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
     }
+}
+
+/// What a canary that a quiet server gave too little traffic to judge
+/// comes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoTraffic {
+    /// Rolled back: the old generation keeps serving.
+    #[default]
+    Rollback,
+    /// Promoted: the rest of the generation follows.
+    Promote,
 }
 
 /// How the logs are written.
@@ -860,6 +886,9 @@ pub struct Settings {
     /// The canary's largest p99, as a multiple of the old generation's.
     #[serde(default = "default_canary_max_p99_ratio")]
     pub canary_max_p99_ratio: f64,
+    /// What a canary on a quiet server comes to.
+    #[serde(default)]
+    pub canary_no_traffic: NoTraffic,
     /// Reload batch size; 0 for the whole generation at once.
     #[serde(default)]
     pub max_surge: usize,
@@ -1326,6 +1355,7 @@ impl Settings {
                 o.canary_max_p99_ratio
                     .unwrap_or_else(default_canary_max_p99_ratio),
             )?,
+            canary_no_traffic: o.canary_no_traffic.unwrap_or_default(),
             max_connection_age: seconds("max_connection_age", o.max_connection_age.unwrap_or(0.0))?,
             max_connection_age_jitter: seconds(
                 "max_connection_age_jitter",

@@ -1083,3 +1083,40 @@ fn a_connection_whose_request_comes_late_in_a_drain_is_answered() {
         .iter()
         .all(|p| !alive(*p))));
 }
+
+/// A canary on a server with no traffic at all: by default the reload is
+/// rolled back after three windows with the reason and the fixes;
+/// `canary_no_traffic = "promote"` promotes it instead (a quiet staging
+/// server deploys anyway).
+#[test]
+fn a_canary_on_a_quiet_server_follows_canary_no_traffic() {
+    let dir = TempDir::new("canary-quiet");
+    let config = dir.path("zdr.toml");
+    let toml = |policy: &str| {
+        format!(
+            "workers = 2\ncanary = 1\ncanary_seconds = 1\ncanary_min_requests = 20\n\
+             canary_no_traffic = \"{policy}\"\n"
+        )
+    };
+    write_file(&config, &toml("rollback"));
+    let server = Launch::serve(&["--config", config.to_str().unwrap()]).start();
+    server.wait_generation_ready(1, 2);
+
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("too little traffic to judge a canary")
+            && said.contains("canary_no_traffic = \"promote\""),
+        "{said}"
+    );
+    assert_eq!(server.status().generation, Some(1));
+
+    write_file(&config, &toml("promote"));
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{out:?}");
+    server.wait_generation_ready(3, 2);
+    assert!(server
+        .log_text()
+        .contains("promoted as canary_no_traffic = \"promote\" says"));
+}

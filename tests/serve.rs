@@ -739,6 +739,12 @@ fn every_zdr_variable_reaches_its_setting() {
             "3.0".into(),
         ),
         (
+            "ZDR_CANARY_NO_TRAFFIC",
+            "Promote".into(),
+            "canary_no_traffic",
+            "\"promote\"".into(),
+        ),
+        (
             "ZDR_MAX_CONNECTION_AGE",
             "30".into(),
             "max_connection_age",

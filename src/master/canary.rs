@@ -8,7 +8,8 @@
 //! |---|---|
 //! | errors | the canary's 5xx ratio is above `canary_max_error_ratio` **and** above the old generation's over the same window |
 //! | latency | `canary_max_p99_ratio` > 0, both have requests, and the canary's p99 is above that many times the old one's |
-//! | traffic | fewer than `canary_min_requests` reached the canary within three windows (the message tells a quiet server from traffic that did not reach the canary) |
+//! | traffic | fewer than `canary_min_requests` reached the canary within three windows while the old generation had that many (traffic that did not reach the canary) |
+//! | quiet | fewer than `canary_min_requests` reached either generation within three windows: as `canary_no_traffic` says (rollback by default, or promote) |
 //!
 //! Every verdict names the canary's share of the requests in its window.
 //! Workers share keep-alive traffic by its rate (`crate::balance`), so a
@@ -30,6 +31,8 @@ pub(crate) struct Policy {
     pub(crate) min_requests: u64,
     pub(crate) max_error_ratio: f64,
     pub(crate) max_p99_ratio: f64,
+    /// What a canary on a quiet server comes to.
+    pub(crate) no_traffic: crate::config::NoTraffic,
 }
 
 /// What to do with the canary now.
@@ -121,10 +124,21 @@ pub(crate) fn judge(
     }
     if new.requests < policy.min_requests {
         if elapsed >= policy.window * 3 {
-            let fix = if base.requests < policy.min_requests {
+            let quiet = base.requests < policy.min_requests;
+            if quiet && policy.no_traffic == crate::config::NoTraffic::Promote {
+                return Verdict::Promote(format!(
+                    "the server had too little traffic to judge a canary ({} requests \
+                     to the canary, {} to the old generation in {:.0}s); promoted as \
+                     canary_no_traffic = \"promote\" says",
+                    new.requests,
+                    base.requests,
+                    elapsed.as_secs_f64()
+                ));
+            }
+            let fix = if quiet {
                 "the server had too little traffic to judge a canary: reload without \
-                 --canary, or send traffic during the window, or lower \
-                 canary_min_requests"
+                 --canary, send traffic during the window, lower canary_min_requests, \
+                 or set canary_no_traffic = \"promote\""
             } else {
                 "traffic reached the old generation but not the canary: its clients \
                  may hold HTTP/2 connections (which stay on their worker) or \
@@ -187,6 +201,7 @@ mod tests {
             min_requests: 100,
             max_error_ratio: 0.01,
             max_p99_ratio: 2.0,
+            no_traffic: crate::config::NoTraffic::Rollback,
         }
     }
 

@@ -818,6 +818,7 @@ impl Machine {
                     min_requests: settings.canary_min_requests,
                     max_error_ratio: settings.canary_max_error_ratio,
                     max_p99_ratio: settings.canary_max_p99_ratio,
+                    no_traffic: settings.canary_no_traffic,
                 },
                 started: None,
             }
