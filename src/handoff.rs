@@ -268,6 +268,19 @@ impl Queue {
         }
     }
 
+    /// Forgets the queue's readiness if it is empty now, so that the next
+    /// [`Queue::readable`] waits for a new connection (a worker that left
+    /// one to a sibling for a moment and found it taken).
+    pub(crate) fn settle(&self) {
+        let _ = self.recv.try_io(tokio::io::Interest::READABLE, || {
+            if self.is_empty() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+    }
+
     /// Whether a connection is queued now (taking none).
     pub(crate) fn is_empty(&self) -> bool {
         let mut byte = [0u8; 1];
@@ -488,5 +501,45 @@ mod tests {
             left += 1;
         }
         assert_eq!(left, queued - taken + 1);
+    }
+
+    #[tokio::test]
+    async fn settling_an_emptied_queue_makes_readable_wait_for_the_next() {
+        let pair = Pair::new().expect("pair");
+        let fds = pair.raw_fds();
+        std::mem::forget(pair);
+        // SAFETY: as above.
+        let queue = unsafe { Queue::from_inherited(fds) }.expect("queue");
+        let (_ours, theirs) = UnixStream::pair().expect("stream pair");
+        let send = || {
+            queue.send(
+                theirs.as_raw_fd(),
+                SocketKind::Unix,
+                Duration::ZERO,
+                b"",
+                Duration::ZERO,
+                || true,
+            )
+        };
+        send().await.expect("send");
+        queue.readable().await.expect("readable");
+        // Taken behind the runtime's back (as a sibling would): the
+        // readiness is stale until settled.
+        assert!(queue.try_recv().expect("try_recv").is_some());
+        queue.settle();
+        let wait = tokio::time::timeout(Duration::from_millis(20), queue.readable()).await;
+        assert!(wait.is_err(), "readable resolved on an empty queue");
+        send().await.expect("send");
+        tokio::time::timeout(Duration::from_secs(10), queue.readable())
+            .await
+            .expect("readable again")
+            .expect("readable");
+        // Settling a queue that holds one forgets nothing.
+        queue.settle();
+        tokio::time::timeout(Duration::from_secs(10), queue.readable())
+            .await
+            .expect("still readable")
+            .expect("readable");
+        assert!(queue.take().expect("take").is_some());
     }
 }

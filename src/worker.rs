@@ -955,6 +955,8 @@ async fn receive_handoffs(
                         _ = tokio::time::sleep(defer) => {}
                     }
                     if queue.is_empty() {
+                        // A sibling took it.
+                        queue.settle();
                         continue;
                     }
                 }
