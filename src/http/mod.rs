@@ -102,8 +102,8 @@ pub(crate) struct Shared {
     /// The server's handoff queue: an idle HTTP/1.1 connection of a worker
     /// that leaves while other workers stay is handed to one of them.
     pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
-    /// Whether new clients wait while this worker is at its cap (see
-    /// [`placement`]).
+    /// The worker's nudges to its connections: make room for waiting
+    /// clients, move for balance (see [`placement`]).
     pub(crate) placement: placement::Placement,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
@@ -750,9 +750,9 @@ pub(crate) async fn serve<I>(
     // A nudge (see `placement`) wakes the connection only when one was
     // given (a counter compared on each wake-up; the wake-up is polled
     // only then).
-    let crowd_wait = shared.placement.woken();
-    tokio::pin!(crowd_wait);
-    let (mut crowd_armed, mut crowd_seen) = (false, shared.placement.looks());
+    let nudge_wait = shared.placement.woken();
+    tokio::pin!(nudge_wait);
+    let (mut nudge_armed, mut nudge_seen) = (false, shared.placement.looks());
     // Set while the connection waits for a moment between requests to be
     // handed to a sibling; `rebalancing` too, with how long it waits, when
     // it goes for balance rather than because the worker leaves.
@@ -778,12 +778,12 @@ pub(crate) async fn serve<I>(
                 return Poll::Ready(Woke::Drain);
             }
             drain_armed = true;
-            if (!crowd_armed || shared.placement.looks() != crowd_seen)
-                && crowd_wait.as_mut().poll(cx).is_ready()
+            if (!nudge_armed || shared.placement.looks() != nudge_seen)
+                && nudge_wait.as_mut().poll(cx).is_ready()
             {
                 return Poll::Ready(Woke::Nudged);
             }
-            crowd_armed = true;
+            nudge_armed = true;
             if (!timer_armed || timer.is_elapsed()) && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Woke::Timer);
             }
@@ -794,9 +794,9 @@ pub(crate) async fn serve<I>(
         let step = match woke {
             Woke::Closed => break,
             Woke::Nudged => {
-                crowd_seen = shared.placement.looks();
-                crowd_wait.set(shared.placement.woken());
-                crowd_armed = false;
+                nudge_seen = shared.placement.looks();
+                nudge_wait.set(shared.placement.woken());
+                nudge_armed = false;
                 let quiet = clock.drain_began.is_none() && !handing;
                 if quiet
                     && shared.placement.is_crowded()
