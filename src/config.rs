@@ -146,7 +146,7 @@ pub struct Options {
         env = "ZDR_MAX_WORKER_MEMORY",
         value_name = "SIZE"
     )]
-    pub max_worker_memory: Option<ByteSize>,
+    pub max_worker_memory: Option<MemorySize>,
 
     /// A random 0..=N added to max-requests per worker, so that workers do
     /// not all recycle at once. [default: 0]
@@ -667,6 +667,53 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Bytes(n) => Ok(ByteSize(n)),
             Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// A memory limit: a [`ByteSize`], but a number without a unit below 1 MiB
+/// is refused (`512` would recycle every worker at once, forever: `512M`
+/// was meant). 0 is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySize(pub u64);
+
+impl MemorySize {
+    fn checked(text: &str, size: ByteSize) -> Result<MemorySize, String> {
+        let unitless = text.trim().bytes().all(|b| b.is_ascii_digit());
+        if unitless && size.0 > 0 && size.0 < 1 << 20 {
+            return Err(format!(
+                "{text} would be {text} bytes, less than any worker needs: give a unit, like {text}M or {text}K"
+            ));
+        }
+        Ok(MemorySize(size.0))
+    }
+}
+
+impl std::str::FromStr for MemorySize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MemorySize::checked(s, s.parse()?)
+    }
+}
+
+impl Serialize for MemorySize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ByteSize(self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => MemorySize::checked(&n.to_string(), ByteSize(n)),
+            Raw::Text(t) => t.parse(),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1269,7 +1316,10 @@ impl Settings {
             keepalive: seconds("keepalive", o.keepalive.unwrap_or(2.0))?,
             max_requests: o.max_requests.unwrap_or(0),
             max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
-            max_worker_memory: o.max_worker_memory.filter(|b| b.0 > 0),
+            max_worker_memory: o
+                .max_worker_memory
+                .filter(|m| m.0 > 0)
+                .map(|m| ByteSize(m.0)),
             preload: o.preload.unwrap_or(false),
             pidfile: o.pidfile,
             control_socket: o.control_socket,
@@ -1744,7 +1794,35 @@ mod tests {
         assert!("lots".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(512 << 20).to_string(), "512M");
         let o = parse_file(Path::new("f"), "max_worker_memory = \"1G\"\n").unwrap();
-        assert_eq!(o.max_worker_memory, Some(ByteSize(1 << 30)));
+        assert_eq!(o.max_worker_memory, Some(MemorySize(1 << 30)));
+    }
+
+    #[test]
+    fn a_memory_limit_without_a_unit_below_a_mebibyte_is_refused_with_the_fix() {
+        // A flag or variable.
+        let e = "512".parse::<MemorySize>().unwrap_err();
+        assert!(e.contains("give a unit, like 512M"), "{e}");
+        assert_eq!("512M".parse(), Ok(MemorySize(512 << 20)));
+        assert_eq!(
+            "512K".parse(),
+            Ok(MemorySize(512 << 10)),
+            "a unit says it was meant"
+        );
+        assert_eq!("0".parse(), Ok(MemorySize(0)), "off");
+        assert_eq!("2000000".parse(), Ok(MemorySize(2_000_000)));
+        // The file, as a number or a string: the file, line and key named.
+        for text in [
+            "workers = 2\nmax_worker_memory = 512\n",
+            "workers = 2\nmax_worker_memory = \"512\"\n",
+        ] {
+            let e = parse_file(Path::new("zdr.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("zdr.toml:2: key `max_worker_memory`: ") && e.contains("512M"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

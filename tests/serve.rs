@@ -285,6 +285,18 @@ fn bad_configuration_is_named_and_nothing_starts() {
         Launch::raw(&["serve"]).env("PORT", "eighty"),
         &["environment variable PORT"],
     );
+    // A memory limit without a unit: 512 bytes was never meant.
+    write_file(&cfg, "bind = \"127.0.0.1:0\"\nmax_worker_memory = 512\n");
+    fails_with(
+        Launch::raw(&["serve", "-c", cfg_s]),
+        &[&format!(
+            "{cfg_s}:2: key `max_worker_memory`: 512 would be 512 bytes, less than any worker needs: give a unit, like 512M"
+        )],
+    );
+    fails_with(
+        Launch::serve(&[]).env("ZDR_MAX_WORKER_MEMORY", "512"),
+        &["512 would be 512 bytes", "like 512M"],
+    );
 }
 
 #[test]
