@@ -60,8 +60,24 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
             Duration::from_secs(10),
         ),
     };
-    let response = match control::send(&path, &request, timeout) {
-        Ok(r) => r,
+    let started = std::time::Instant::now();
+    let response = match control::send_to_master(&path, &request, timeout) {
+        Ok((r, master)) => {
+            // `stop --wait` returns once the master is gone, not merely
+            // once it has said it will go: a script that checks the pid or
+            // starts a new server next must not find the old one.
+            if let (Command::Stop { wait: Some(_), .. }, true, Some(pid)) = (&command, r.ok, master)
+            {
+                let left = timeout.saturating_sub(started.elapsed());
+                if !gone_within(pid, left) {
+                    eprintln!(
+                        "zdr: error: the master (pid {pid}) said it stopped but is still running after {timeout:?}"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+            r
+        }
         Err(e)
             if e.kind() == std::io::ErrorKind::WouldBlock
                 || e.kind() == std::io::ErrorKind::TimedOut =>
@@ -85,6 +101,28 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
         }
     };
     report(&command, &response)
+}
+
+/// Waits (up to `left`, and a second at least) until process `pid` has
+/// exited: no longer in the process table, or a zombie its parent has yet
+/// to reap.
+fn gone_within(pid: u32, left: Duration) -> bool {
+    let deadline = std::time::Instant::now() + left.max(Duration::from_secs(1));
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the command name, which is in parentheses
+                // and may hold any character.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+            });
+        match state.as_deref() {
+            None | Some("Z") | Some("X") => return true,
+            Some(_) if std::time::Instant::now() >= deadline => return false,
+            Some(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 fn report(command: &Command, response: &Response) -> ExitCode {

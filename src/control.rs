@@ -205,6 +205,17 @@ pub(crate) fn master_socket_path(settings: &Settings, pid: u32) -> PathBuf {
 /// a connection the old image had accepted and not yet read ends with it.
 /// (Other requests are not sent twice: the first may have been acted on.)
 pub fn send(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
+    send_to_master(path, request, timeout).map(|(response, _)| response)
+}
+
+/// As [`send`], with the pid of the process that answered (from the
+/// socket's peer credentials; none if the system does not say): a client
+/// that asked the master to stop waits for that process to be gone.
+pub fn send_to_master(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> std::io::Result<(Response, Option<u32>)> {
     match send_once(path, request, timeout) {
         Err(e)
             if *request == Request::Status
@@ -221,8 +232,16 @@ pub fn send(path: &Path, request: &Request, timeout: Duration) -> std::io::Resul
     }
 }
 
-fn send_once(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
+fn send_once(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> std::io::Result<(Response, Option<u32>)> {
     let mut stream = UnixStream::connect(path)?;
+    let master = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .and_then(|c| u32::try_from(c.pid()).ok())
+        .filter(|pid| *pid > 0);
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
     line.push('\n');
@@ -232,6 +251,7 @@ fn send_once(path: &Path, request: &Request, timeout: Duration) -> std::io::Resu
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     serde_json::from_str(&answer)
+        .map(|response| (response, master))
         .map_err(|e| std::io::Error::other(format!("bad answer from the server: {e}")))
 }
 
