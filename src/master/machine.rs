@@ -23,7 +23,7 @@
 //!
 //! | event | Booting | Serving | Reloading | Paused | Stopping |
 //! |---|---|---|---|---|---|
-//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
+//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots, unless some of its workers are ready: then it serves on (Reloading) and the new one boots beside it | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
 //! | `reload --wait` | as HUP; answered when the outcome is known (see below) | ← | ← | ← | refused |
 //! | a configuration that does not load | error logged, nothing changes, client told why | ← | ← | ← | — |
 //! | TERM, `stop` | graceful stop (shutdown delay first, if set) | ← | ← | ← | already stopping: nothing |
@@ -34,7 +34,7 @@
 //! | USR2 | refused: busy | check the binary, then re-execute | refused: busy | check, re-execute | refused |
 //! | a worker ready | counted toward the rollout | logged | counted toward the rollout | — | — |
 //! | all new workers ready | Serving | — | old generation drained; Serving (a `reload --wait` is answered once no old worker accepts) | — | — |
-//! | a worker of the booting generation exits, or the boot timeout passes | cannot start: fast stop, exit 1 | — | rolled back: booting workers stopped, old keeps serving | — | — |
+//! | a worker of the booting generation exits, or the boot timeout passes | cannot start: fast stop, exit 1 (once a worker has been ready: the generation serves on with what it has, the others started again) | — | rolled back: booting workers stopped, old keeps serving | — | — |
 //! | a serving worker exits unexpectedly | — | logged as an error, replaced (backing off while workers die before ready) | ← | not replaced | not replaced |
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
@@ -452,6 +452,9 @@ pub(crate) struct Machine {
     slots_full_logged: Option<Instant>,
     /// The canary asked for by the reload being prepared.
     canary_request: Option<usize>,
+    /// A worker has been ready at least once: the server has served, and
+    /// from then on only a stop ends it.
+    served: bool,
 }
 
 /// Actions being collected for one event.
@@ -490,6 +493,7 @@ impl Machine {
             next_memory_check: now,
             slots_full_logged: None,
             canary_request: None,
+            served: false,
         }
     }
 
@@ -782,7 +786,29 @@ impl Machine {
         } else {
             Cause::Reload
         };
-        if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
+        let first_serves = self.serving.is_none()
+            && self.booting.as_ref().is_some_and(|b| {
+                b.rollout.cause == Cause::Start && self.ready_workers(b.generation.id) > 0
+            });
+        if first_serves {
+            // The first generation already answers with some of its
+            // workers: it serves on (its other workers still booting), and
+            // the reload boots beside it, so that a reload that fails is
+            // rolled back to it instead of leaving nothing serving.
+            if let Some(b) = self.booting.take() {
+                let first = b.generation.id;
+                out.info(format!(
+                    "Generation {first} serves with {} of {} workers ready; the reload boots beside it",
+                    self.ready_workers(first),
+                    self.target
+                ));
+                self.serving = Some(b.generation);
+                out.push(Action::Notify(Notice::Ready(format!(
+                    "{} workers ready, generation {first}",
+                    self.ready_workers(first)
+                ))));
+            }
+        } else if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
             out.warn(format!(
                 "Reload to generation {old} superseded by a newer reload"
             ));
@@ -1156,6 +1182,7 @@ impl Machine {
             }
             let (pid, generation) = (w.pid, w.generation);
             self.workers[i].announced_ready = true;
+            self.served = true;
             if self.crash_streak > 0 {
                 // The streak is over: what is missing starts now.
                 self.crash_streak = 0;
@@ -1485,6 +1512,23 @@ impl Machine {
         let Some(id) = self.booting.as_ref().map(|b| b.generation.id) else {
             return;
         };
+        if self.serving.is_none() && self.served {
+            // The first generation has served (some of its workers were
+            // ready): it is what the server has, so it serves on with the
+            // workers it has, and the missing ones are started again (with
+            // the crash back-off) instead of the server exiting.
+            if let Some(b) = self.booting.take() {
+                out.error(format!(
+                    "Generation {id} did not start in full ({why}); it serves with the workers it has and starts the others again"
+                ));
+                self.serving = Some(b.generation);
+                out.push(Action::Notify(Notice::Ready(format!(
+                    "{} workers ready, generation {id}",
+                    self.ready_workers(id)
+                ))));
+            }
+            return;
+        }
         self.abandon_rollout(&why, now, out);
         match &self.serving {
             None => {

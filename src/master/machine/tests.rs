@@ -264,6 +264,48 @@ fn client(id: u64, wait: bool) -> Client {
 }
 
 #[test]
+fn a_reload_during_the_first_boot_keeps_the_workers_that_answer() {
+    // Generation 1 boots 2 workers; one answers, then a reload comes and
+    // its generation fails to boot.
+    let mut sim = Sim::start(settings(2));
+    sim.tick();
+    let first = sim.pids(1);
+    sim.set_state(first[0], SlotState::Ready);
+    sim.tick();
+    assert_eq!(sim.m.state(), State::Booting);
+    sim.next_config = Ok(settings(2));
+    sim.signal(Sig::Hup);
+    sim.tick();
+    // The first generation serves on; the reload boots beside it.
+    assert_eq!(sim.m.state(), State::Reloading);
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(1));
+    assert!(first.iter().all(|p| sim.role(*p) == Role::Active));
+    let second = sim.pids(2);
+    assert!(!second.is_empty());
+    sim.exit(second[0], "exited with status 3");
+    sim.tick();
+    // Rolled back to generation 1, which is still there and completes.
+    assert_eq!(sim.m.state(), State::Serving, "{:?}", sim.log);
+    assert_eq!(sim.m.serving().map(|g| g.id), Some(1));
+    assert_eq!(sim.exited, None);
+    assert!(logged(
+        &sim.log,
+        Level::INFO,
+        "serves with 1 of 2 workers ready"
+    ));
+    sim.exit_signalled();
+    sim.ready_all();
+    assert_eq!(ready_serving(&sim), 2);
+    // With no worker ready yet, a reload still supersedes the boot.
+    let mut sim = Sim::start(settings(2));
+    sim.tick();
+    sim.next_config = Ok(settings(2));
+    sim.signal(Sig::Hup);
+    assert_eq!(sim.m.state(), State::Booting);
+    assert_eq!(sim.m.booting().map(|g| g.id), Some(2));
+}
+
+#[test]
 fn start_boots_then_serves() {
     let mut sim = Sim::start(settings(3));
     assert_eq!(sim.m.state(), State::Booting);
@@ -725,7 +767,20 @@ impl Rng {
 fn random_sequences_keep_the_invariants() {
     for seed in 1..=300u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let mut sim = Sim::serving(1 + rng.below(3) as usize);
+        let workers = 1 + rng.below(3) as usize;
+        // A third of the seeds start mid-way through the first boot, with
+        // one worker answering and the others still booting.
+        let mut sim = if rng.below(3) == 0 {
+            let mut sim = Sim::start(settings(workers));
+            sim.tick();
+            if let Some(pid) = sim.pids(1).first().copied() {
+                sim.set_state(pid, SlotState::Ready);
+            }
+            sim.tick();
+            sim
+        } else {
+            Sim::serving(workers)
+        };
         let mut trail = Vec::new();
         for _ in 0..60 {
             let choice = rng.below(16);
@@ -778,6 +833,10 @@ fn random_sequences_keep_the_invariants() {
                 _ => drop(sim.tick()),
             }
             check_invariants(&sim, seed, &trail);
+            // A server that has served never exits unless told to stop
+            // (no stop is drawn here): not for a failed reload, not for
+            // crashes.
+            assert_eq!(sim.exited, None, "seed {seed}: exited after {trail:?}");
         }
         // Settle: a good configuration, HUP, workers become ready, the
         // signalled ones exit, time passes.
