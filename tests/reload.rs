@@ -1120,3 +1120,43 @@ fn a_canary_on_a_quiet_server_follows_canary_no_traffic() {
         .log_text()
         .contains("promoted as canary_no_traffic = \"promote\" says"));
 }
+
+/// `reload --wait` whose reload a HUP supersedes while it boots is told
+/// how the newer reload ends (here: generation 3 took over), never that
+/// its own was rolled back: nothing failed.
+#[test]
+fn a_superseded_reload_wait_reports_the_newer_reloads_outcome() {
+    // Each worker takes 3 s to boot: the HUP lands while generation 2
+    // boots.
+    let server = Launch::serve(&["--workers", "2"])
+        .env("ZDR_DEMO_BOOT_MS", "3000")
+        .start();
+    server.wait_generation_ready(1, 2);
+    let socket = server.control_socket();
+    let waiting = std::thread::spawn(move || {
+        zdr::control::send(
+            &socket,
+            &zdr::control::Request::Reload {
+                wait: true,
+                canary: None,
+            },
+            Duration::from_secs(120),
+        )
+    });
+    server.wait_for_log("Reload: starting generation 2", Duration::from_secs(60));
+    server.signal(Signal::SIGHUP);
+    let answer = waiting
+        .join()
+        .unwrap()
+        .expect("reload --wait got an answer");
+    assert!(answer.ok, "{answer:?}");
+    assert_eq!(
+        answer.reload.as_ref().map(|r| r.generation),
+        Some(3),
+        "{answer:?}"
+    );
+    assert!(server
+        .log_text()
+        .contains("Reload to generation 2 superseded by a newer reload (generation 3)"));
+    server.wait_generation_ready(3, 2);
+}

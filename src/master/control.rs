@@ -197,6 +197,15 @@ impl ControlServer {
         }
     }
 
+    /// The clients waiting for `from` wait for `to` instead.
+    pub(crate) fn follow(&mut self, from: Awaited, to: Awaited) {
+        for conn in &mut self.conns {
+            if conn.waiting_for == Some(from) {
+                conn.waiting_for = Some(to);
+            }
+        }
+    }
+
     /// Answers the clients waiting for `what`.
     pub(crate) fn answer(&mut self, what: Awaited, response: &Response) {
         let waiting: Vec<u64> = self

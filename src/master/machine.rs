@@ -24,7 +24,7 @@
 //! | event | Booting | Serving | Reloading | Paused | Stopping |
 //! |---|---|---|---|---|---|
 //! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots, unless some of its workers are ready: then it serves on (Reloading) and the new one boots beside it | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
-//! | `reload --wait` | as HUP; answered when the outcome is known (see below) | ← | ← | ← | refused |
+//! | `reload --wait` | as HUP; answered when the outcome is known (see below); superseded by a newer reload, it follows that one's outcome | ← | ← | ← | refused |
 //! | a configuration that does not load | error logged, nothing changes, client told why | ← | ← | ← | — |
 //! | TERM, `stop` | graceful stop (shutdown delay first, if set) | ← | ← | ← | already stopping: nothing |
 //! | INT, QUIT, `stop --now` | fast stop | ← | ← | ← | a graceful stop turns fast; fast: nothing |
@@ -332,6 +332,12 @@ pub(crate) enum Action {
     Reply(u64, Response),
     /// Keep a control client waiting.
     Hold(u64, Awaited),
+    /// The clients waiting for the reload to generation `from` wait for
+    /// the reload to `to` instead (a newer reload superseded theirs).
+    Follow {
+        from: u64,
+        to: u64,
+    },
     /// Answer every client waiting for this.
     Answer(Awaited, Response),
     Record(Record),
@@ -810,9 +816,16 @@ impl Machine {
             }
         } else if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
             out.warn(format!(
-                "Reload to generation {old} superseded by a newer reload"
+                "Reload to generation {old} superseded by a newer reload (generation {id})"
             ));
-            self.abandon_rollout("superseded by a newer reload", now, out);
+            // Whoever waits for it is told how the newer one ends: nothing
+            // failed, and what will serve is the newer one.
+            out.push(Action::Follow { from: old, to: id });
+            self.abandon_rollout(
+                &format!("superseded by a newer reload (generation {id})"),
+                now,
+                out,
+            );
         }
         if cause == Cause::Reload {
             self.target = settings.workers;

@@ -514,6 +514,9 @@ impl Master {
             Action::ExecUpgrade => self.exec_upgrade(),
             Action::Reply(id, response) => self.control.respond(id, &response),
             Action::Hold(id, what) => self.control.hold(id, what),
+            Action::Follow { from, to } => self
+                .control
+                .follow(machine::Awaited::Reload(from), machine::Awaited::Reload(to)),
             Action::Answer(what, response) => self.control.answer(what, &response),
             Action::Record(Record::Restart(cause)) => self.totals.restarts[cause as usize] += 1,
             Action::Record(Record::Canary { promoted }) => {

@@ -264,6 +264,43 @@ fn client(id: u64, wait: bool) -> Client {
 }
 
 #[test]
+fn a_superseded_reload_wait_follows_the_newer_reload_and_is_never_told_of_a_rollback() {
+    let mut sim = Sim::serving(2);
+    sim.feed(Event::Reload {
+        client: client(9, true),
+        canary: None,
+    });
+    sim.tick();
+    assert_eq!(sim.m.booting().map(|g| g.id), Some(2));
+    // A HUP arrives while generation 2 boots.
+    let actions = sim.signal(Sig::Hup);
+    let follow = actions
+        .iter()
+        .position(|a| *a == Action::Follow { from: 2, to: 3 })
+        .expect("the waiting client follows generation 3");
+    // Its own abandoned rollout is answered only after the client moved on.
+    let abandoned = actions
+        .iter()
+        .position(|a| matches!(a, Action::Answer(Awaited::Reload(2), _)));
+    assert!(abandoned.is_none_or(|i| i > follow), "{actions:?}");
+    assert!(logged(
+        &actions,
+        Level::WARN,
+        "superseded by a newer reload (generation 3)"
+    ));
+    // Generation 3 comes up: the answer the client now waits for is a
+    // success.
+    sim.tick();
+    let mut done = sim.ready_all();
+    for _ in 0..5 {
+        done.extend(sim.exit_signalled());
+        done.extend(sim.tick());
+    }
+    let answered = answers(&done, Awaited::Reload(3));
+    assert!(answered.len() == 1 && answered[0].ok, "{done:?}");
+}
+
+#[test]
 fn a_reload_during_the_first_boot_keeps_the_workers_that_answer() {
     // Generation 1 boots 2 workers; one answers, then a reload comes and
     // its generation fails to boot.
