@@ -277,19 +277,45 @@ async fn serve(
 }
 
 /// Beats the worker's heartbeat on the scoreboard, several times per
-/// heartbeat timeout, from a task of its own: a worker whose runtime is
-/// stuck stops beating.
+/// heartbeat timeout, while the worker makes progress: a task of its own
+/// beats whenever the runtime gets to it, and a thread beats for it
+/// whenever requests begin or end between two looks. A worker so busy
+/// that the task waits behind a thousand connections is still answering,
+/// so it lives; one whose runtime is stuck (or that is stopped) does
+/// neither, and the master kills it at `--timeout`.
 fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
     let beat = timeout
         .map(|t| (t / 4).min(Duration::from_secs(1)))
-        .unwrap_or(Duration::from_secs(1));
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(50));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(beat.max(Duration::from_millis(50)));
+        let mut tick = tokio::time::interval(beat);
         loop {
             tick.tick().await;
             slot.beat();
         }
     });
+    // Progress seen from outside the runtime's queue.
+    let progress = move || {
+        let answered: u64 = slot.counters().by_class.iter().sum();
+        (slot.requests(), answered)
+    };
+    let spawned = std::thread::Builder::new()
+        .name("zdr-liveness".into())
+        .spawn(move || {
+            let mut last = progress();
+            loop {
+                std::thread::sleep(beat);
+                let now = progress();
+                if now != last {
+                    slot.beat();
+                    last = now;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no liveness thread ({e}): the heartbeat relies on the runtime alone");
+    }
 }
 
 /// How a boot ended early.

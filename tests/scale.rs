@@ -611,3 +611,37 @@ fn idle_connections_make_room_for_a_waiting_client() {
     );
     assert!(round.answered > 0, "{round:?}");
 }
+
+/// A worker so busy that its runtime gets to the heartbeat task only every
+/// few seconds (a hundred keep-alive clients on a handler that blocks the
+/// runtime 50 ms, one worker, `--timeout 2`) still answers, so it is not
+/// killed and no request fails; a worker that truly stops (SIGSTOP) is
+/// still killed at the timeout.
+#[test]
+fn a_busy_worker_is_not_taken_for_a_hung_one() {
+    let server = Launch::serve(&["--workers", "1", "--timeout", "2"]).start();
+    let before = server.wait_workers(1);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/block?ms=50", 100, 0) });
+    // 200 answers: 10 s at the handler's 20 a second, each client waiting
+    // about 5 s for its turn, the heartbeat task as long.
+    for _ in 0..4 {
+        load.wait_for_more(50);
+        assert_eq!(
+            server.log_count("WORKER TIMEOUT"),
+            0,
+            "a busy worker was killed:\n{}",
+            server.log_text()
+        );
+    }
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(server.worker_pids(), before);
+    let victim = *before.iter().next().expect("a worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    server.wait_for_log(
+        &format!("WORKER TIMEOUT (pid: {victim}"),
+        Duration::from_secs(60),
+    );
+}
