@@ -655,17 +655,19 @@ impl Serialize for ByteSize {
     }
 }
 
+/// A size as a file writes it: a number of bytes, or text with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        match RawSize::deserialize(d)? {
+            RawSize::Bytes(n) => Ok(ByteSize(n)),
+            RawSize::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -703,15 +705,9 @@ impl Serialize for MemorySize {
 
 impl<'de> Deserialize<'de> for MemorySize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => MemorySize::checked(&n.to_string(), ByteSize(n)),
-            Raw::Text(t) => t.parse(),
+        match RawSize::deserialize(d)? {
+            RawSize::Bytes(n) => MemorySize::checked(&n.to_string(), ByteSize(n)),
+            RawSize::Text(t) => t.parse(),
         }
         .map_err(serde::de::Error::custom)
     }
