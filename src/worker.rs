@@ -589,21 +589,27 @@ async fn accept_until_drained(
         // At the cap, a look at the queue every moment: clients waiting
         // there, with no ready sibling below the cap to accept them, make
         // the worker crowded (see `http::placement`).
-        let permit = loop {
-            tokio::select! {
-                biased;
-                _ = drain.wait_for(|d| *d) => return,
-                p = Arc::clone(permits).acquire_owned() => break match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = tokio::time::sleep(crate::http::placement::CHECK) => {
-                    shared.placement.looked(
-                        listener.has_waiting()
-                            && !shared.board.ready_sibling_below(shared.slot_index, capacity),
-                    );
+        // Below the cap, a permit is taken at once: no timer, no clock read
+        // on the accept path.
+        let permit = match Arc::clone(permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => loop {
+                tokio::select! {
+                    biased;
+                    _ = drain.wait_for(|d| *d) => return,
+                    p = Arc::clone(permits).acquire_owned() => break match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = tokio::time::sleep(crate::http::placement::CHECK) => {
+                        shared.placement.looked(
+                            listener.has_waiting()
+                                && !shared.board.ready_sibling_below(shared.slot_index, capacity),
+                        );
+                    }
                 }
-            }
+            },
         };
         if shared.placement.is_crowded() && permits.available_permits() > 0 {
             // Room again (with the permit just taken, and more).

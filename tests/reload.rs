@@ -1126,12 +1126,15 @@ fn a_canary_on_a_quiet_server_follows_canary_no_traffic() {
 /// its own was rolled back: nothing failed.
 #[test]
 fn a_superseded_reload_wait_reports_the_newer_reloads_outcome() {
-    // Each worker takes 3 s to boot: the HUP lands while generation 2
-    // boots.
+    // While this file exists, a booting worker waits for readiness: the
+    // HUP lands while generation 2 boots, whatever the machine's speed.
+    let dir = TempDir::new("superseded");
+    let unready = dir.path("unready");
     let server = Launch::serve(&["--workers", "2"])
-        .env("ZDR_DEMO_BOOT_MS", "3000")
+        .env("ZDR_DEMO_UNREADY_FILE", unready.to_str().unwrap())
         .start();
     server.wait_generation_ready(1, 2);
+    write_file(&unready, "");
     let socket = server.control_socket();
     let waiting = std::thread::spawn(move || {
         zdr::control::send(
@@ -1145,6 +1148,11 @@ fn a_superseded_reload_wait_reports_the_newer_reloads_outcome() {
     });
     server.wait_for_log("Reload: starting generation 2", Duration::from_secs(60));
     server.signal(Signal::SIGHUP);
+    server.wait_for_log(
+        "Reload to generation 2 superseded by a newer reload (generation 3)",
+        Duration::from_secs(60),
+    );
+    std::fs::remove_file(&unready).unwrap();
     let answer = waiting
         .join()
         .unwrap()
