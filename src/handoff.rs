@@ -385,6 +385,16 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
+    /// A new queue, as a worker opens it (in the test's runtime).
+    fn new_queue() -> Queue {
+        let pair = Pair::new().expect("pair");
+        let fds = pair.raw_fds();
+        std::mem::forget(pair);
+        // SAFETY: the pair's descriptors were just made and forgotten, so
+        // the queue alone owns them.
+        unsafe { Queue::from_inherited(fds) }.expect("queue")
+    }
+
     #[test]
     fn the_head_says_kind_and_age() {
         let head = encode_head(SocketKind::Unix, Duration::from_millis(1234));
@@ -400,12 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_and_its_read_ahead_bytes_cross_the_queue() {
-        let pair = Pair::new().expect("pair");
-        let fds = pair.raw_fds();
-        std::mem::forget(pair);
-        // SAFETY: the pair's descriptors were just made and forgotten, so
-        // the queue alone owns them.
-        let queue = unsafe { Queue::from_inherited(fds) }.expect("queue");
+        let queue = new_queue();
         assert!(queue.try_recv().expect("try_recv").is_none());
         assert!(queue.is_empty());
 
@@ -442,11 +447,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_is_waited_on_until_a_reader_makes_room() {
-        let pair = Pair::new().expect("pair");
-        let fds = pair.raw_fds();
-        std::mem::forget(pair);
-        // SAFETY: as above.
-        let queue = std::sync::Arc::new(unsafe { Queue::from_inherited(fds) }.expect("queue"));
+        let queue = std::sync::Arc::new(new_queue());
         let (_ours, theirs) = UnixStream::pair().expect("stream pair");
         let send = |patience, still: bool| {
             let queue = std::sync::Arc::clone(&queue);
@@ -505,11 +506,7 @@ mod tests {
 
     #[tokio::test]
     async fn settling_an_emptied_queue_makes_readable_wait_for_the_next() {
-        let pair = Pair::new().expect("pair");
-        let fds = pair.raw_fds();
-        std::mem::forget(pair);
-        // SAFETY: as above.
-        let queue = unsafe { Queue::from_inherited(fds) }.expect("queue");
+        let queue = new_queue();
         let (_ours, theirs) = UnixStream::pair().expect("stream pair");
         let send = || {
             queue.send(
