@@ -292,6 +292,40 @@ impl Queue {
         .is_err()
     }
 
+    /// Which connection is first in the queue now (its socket's device and
+    /// inode), taking none: two looks that see the same one say that no
+    /// worker took anything in between.
+    pub(crate) fn head(&self) -> Option<(u64, u64)> {
+        let mut byte = [0u8; 1];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        // A peek hands this process a copy of the message's descriptor,
+        // closed here after its identity is read.
+        let msg = recvmsg::<UnixAddr>(
+            self.recv.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .ok()?;
+        let mut head = None;
+        for cmsg in msg.cmsgs().ok()? {
+            if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                for raw in rights {
+                    // SAFETY: the kernel just installed this descriptor in
+                    // this process for the peek; nothing else owns it.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if head.is_none() {
+                        head = nix::sys::stat::fstat(fd.as_raw_fd())
+                            .ok()
+                            .map(|st| (st.st_dev as u64, st.st_ino as u64));
+                    }
+                }
+            }
+        }
+        head
+    }
+
     /// The next connection if one is queued now, whatever the runtime last
     /// saw of the queue.
     pub(crate) fn try_recv(&self) -> io::Result<Option<Handed>> {
@@ -443,6 +477,46 @@ mod tests {
         assert_eq!(&got, b"ping");
         assert!(queue.try_recv().expect("try_recv").is_none());
         assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_head_names_the_first_connection_queued_and_takes_none() {
+        let queue = new_queue();
+        assert_eq!(queue.head(), None);
+        let ident = |s: &UnixStream| {
+            let st = nix::sys::stat::fstat(s.as_raw_fd()).expect("fstat");
+            (st.st_dev as u64, st.st_ino as u64)
+        };
+        let (first, second) = (
+            UnixStream::pair().expect("pair"),
+            UnixStream::pair().expect("pair"),
+        );
+        for s in [&first.1, &second.1] {
+            queue
+                .send(
+                    s.as_raw_fd(),
+                    SocketKind::Unix,
+                    Duration::ZERO,
+                    b"",
+                    Duration::ZERO,
+                    || true,
+                )
+                .await
+                .expect("send");
+        }
+        // Looking twice takes nothing and leaves no descriptor behind.
+        let open = std::fs::read_dir("/proc/self/fd").expect("fds").count();
+        assert_eq!(queue.head(), Some(ident(&first.1)));
+        assert_eq!(queue.head(), Some(ident(&first.1)));
+        assert_eq!(
+            std::fs::read_dir("/proc/self/fd").expect("fds").count(),
+            open
+        );
+        let taken = queue.try_recv().expect("try_recv").expect("the first");
+        assert_eq!(ident(&UnixStream::from(taken.socket)), ident(&first.1));
+        assert_eq!(queue.head(), Some(ident(&second.1)));
+        assert!(queue.try_recv().expect("try_recv").is_some());
+        assert_eq!(queue.head(), None);
     }
 
     #[tokio::test]

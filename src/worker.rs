@@ -435,16 +435,25 @@ async fn boot(
     Ok((shared, listeners))
 }
 
-/// How long a connection may sit in the handoff queue before a worker that
-/// is leaving takes it back: a ready worker takes one within microseconds,
-/// and one a busy machine holds back for a while should still get it.
+/// How long the first connection in the handoff queue may stay first
+/// before a worker that is leaving takes the queue back: a ready worker
+/// takes one within microseconds, and one a busy machine holds back for a
+/// while should still get it.
 const RECLAIM_AFTER: Duration = Duration::from_secs(1);
 
+/// How often a leaving worker looks at the queue while it waits for it to
+/// empty.
+const RECLAIM_LOOK: Duration = Duration::from_millis(10);
+
 /// Once its own connections are done, a leaving worker takes back what is
-/// still queued and nobody takes (the ready workers may all be ones that
-/// serve no HTTP themselves, as in socket mode), and serves it as a
-/// draining worker does, not handing it on: no connection is left waiting
-/// in the queue. Returns the exit code of that wait.
+/// still queued if nobody takes it (the ready workers may all be ones that
+/// serve no HTTP themselves, as in socket mode, or all at their cap), and
+/// serves it as a draining worker does, not handing it on: no connection
+/// is left waiting in the queue. While the ready workers take (the first
+/// in the queue changes), it leaves the queue to them: what it took back
+/// would stay with a worker that is leaving, and a client that asks only
+/// after its graceful timeout would find it closed. Returns the exit code
+/// of that wait.
 async fn reclaim(
     queue: &Queue,
     shared: &Arc<Shared>,
@@ -455,16 +464,27 @@ async fn reclaim(
 ) -> i32 {
     let mut extra = 0;
     let deadline = tokio::time::Instant::now() + left;
-    while !queue.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep_until((tokio::time::Instant::now() + RECLAIM_AFTER).min(deadline)).await;
-        let mut took = false;
-        while let Ok(Some(h)) = queue.try_recv() {
-            extra += serve_handed(h, shared, drain, permits, Taken::Back);
-            took = true;
-        }
-        if !took {
+    // The first connection queued, and since when it has been first.
+    let mut first = None;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let now = tokio::time::Instant::now();
+        let head = queue.head();
+        if head.is_none() || now >= deadline {
             break;
         }
+        if head != first {
+            first = head;
+            since = now;
+        } else if now - since >= RECLAIM_AFTER {
+            // Nobody took anything for a while: nobody will.
+            while let Ok(Some(h)) = queue.try_recv() {
+                extra += serve_handed(h, shared, drain, permits, Taken::Back);
+            }
+            first = None;
+            continue;
+        }
+        tokio::time::sleep_until((now + RECLAIM_LOOK).min(deadline)).await;
     }
     if extra == 0 && permits.available_permits() >= capacity {
         return 0;

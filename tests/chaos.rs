@@ -233,8 +233,13 @@ fn run_seed(seed: u64, events: usize) {
         round.answered,
         round.lost.len(),
     );
+    let server_log = if round.lost.is_empty() {
+        String::new()
+    } else {
+        server.log_text()
+    };
     round.assert_all_answered(
-        &format!("seed {seed}, held since event {idle_from} of {log:?}"),
+        &format!("seed {seed}, held since event {idle_from} of {log:?}\n{server_log}"),
         IDLE,
     );
     assert_eq!(
