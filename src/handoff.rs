@@ -318,7 +318,7 @@ impl Queue {
                     if head.is_none() {
                         head = nix::sys::stat::fstat(fd.as_raw_fd())
                             .ok()
-                            .map(|st| (st.st_dev as u64, st.st_ino as u64));
+                            .map(|st| (st.st_dev, st.st_ino));
                     }
                 }
             }
@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(queue.head(), None);
         let ident = |s: &UnixStream| {
             let st = nix::sys::stat::fstat(s.as_raw_fd()).expect("fstat");
-            (st.st_dev as u64, st.st_ino as u64)
+            (st.st_dev, st.st_ino)
         };
         let (first, second) = (
             UnixStream::pair().expect("pair"),
