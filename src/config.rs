@@ -247,6 +247,19 @@ pub struct Options {
     )]
     pub send_timeout: Option<f64>,
 
+    /// Seconds a request may take to be answered (its response head)
+    /// before zdr answers 504 itself and drops the app's work on it; the
+    /// worker lives on. Also the proxy mode's wait for the command's
+    /// answer. A handler that blocks its thread cannot be cut short (that
+    /// is `--timeout`'s job). 0 (the default) for none, as Gunicorn.
+    /// [default: 0]
+    #[arg(
+        long = "request-timeout",
+        env = "ZDR_REQUEST_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub request_timeout: Option<f64>,
+
     /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded
     /// headers are trusted, comma-separated; * for every peer.
     /// [default: 127.0.0.1,::1]
@@ -849,6 +862,9 @@ pub struct Settings {
     /// Seconds a response may wait for the client to read; 0 for no limit.
     #[serde(default = "default_client_timeout")]
     pub send_timeout: f64,
+    /// Seconds a request may take to its response head; 0 for no limit.
+    #[serde(default)]
+    pub request_timeout: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
     /// The TLS certificate chain, when serving HTTPS.
@@ -1349,6 +1365,7 @@ impl Settings {
                 "send_timeout",
                 o.send_timeout.unwrap_or_else(default_client_timeout),
             )?,
+            request_timeout: seconds("request_timeout", o.request_timeout.unwrap_or(0.0))?,
             forwarded_allow_ips: allow_list(o.forwarded_allow_ips)?,
             certfile,
             keyfile,
@@ -1440,6 +1457,11 @@ impl Settings {
     /// The idle timeout on reading a request body, if any.
     pub fn body_timeout(&self) -> Option<Duration> {
         (self.body_timeout > 0.0).then(|| Duration::from_secs_f64(self.body_timeout))
+    }
+
+    /// How long a request may take to its response head, if bounded.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        (self.request_timeout > 0.0).then(|| Duration::from_secs_f64(self.request_timeout))
     }
 
     /// The idle timeout on sending a response, if any.
@@ -1666,7 +1688,7 @@ mod tests {
         let settings = Settings::resolve(Options::default()).unwrap();
         let mut json = serde_json::to_value(&settings).unwrap();
         let map = json.as_object_mut().unwrap();
-        for added in ["body_timeout", "send_timeout"] {
+        for added in ["body_timeout", "send_timeout", "request_timeout"] {
             map.remove(added);
         }
         let back: Settings = serde_json::from_value(json).unwrap();

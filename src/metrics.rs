@@ -246,6 +246,8 @@ pub struct Snapshot {
     /// Connections a crowded worker closed for waiting clients, by
     /// [`MadeRoom`].
     pub made_room: [u64; 2],
+    /// Requests answered 504 at `--request-timeout`.
+    pub request_timeouts: u64,
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -438,6 +440,12 @@ impl Collector for Snapshot {
             ConstCounter::new(self.made_room[how as usize])
                 .encode(family.encode_family(&[("how", how.name())])?)?;
         }
+        ConstCounter::new(self.request_timeouts).encode(enc.encode_descriptor(
+            "request_timeouts",
+            "Requests not answered within --request-timeout: zdr answered 504 and dropped the app's work on them",
+            None,
+            MetricType::Counter,
+        )?)?;
         let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",
@@ -491,8 +499,10 @@ mod tests {
         s.connections_handed_over = 5;
         s.handoffs = [4, 1, 2, 3];
         s.made_room = [6, 7];
+        s.request_timeouts = 8;
         let text = s.encode();
         for line in [
+            "zdr_request_timeouts_total 8",
             "zdr_connections_made_room_total{how=\"idle_closed\"} 6",
             "zdr_connections_made_room_total{how=\"rotated\"} 7",
             "zdr_connection_handoffs_total{outcome=\"sent\"} 4",

@@ -128,7 +128,9 @@ struct Extra {
     /// Connections closed for waiting clients, by
     /// [`crate::metrics::MadeRoom`].
     made_room: [AtomicU64; 2],
-    _spare: [AtomicU64; 3],
+    /// Requests answered 504 at `--request-timeout`.
+    request_timeouts: AtomicU64,
+    _spare: [AtomicU64; 2],
 }
 
 const _: () = assert!(std::mem::size_of::<Extra>() == 64);
@@ -425,6 +427,19 @@ impl Scoreboard {
         if let Some(extra) = self.extra() {
             extra.made_room[how as usize].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a request answered 504 at `--request-timeout` (by a worker).
+    pub(crate) fn count_request_timeout(&self) {
+        if let Some(extra) = self.extra() {
+            extra.request_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests answered 504 at `--request-timeout`, server-wide.
+    pub(crate) fn request_timeouts(&self) -> u64 {
+        self.extra()
+            .map_or(0, |e| e.request_timeouts.load(Ordering::Relaxed))
     }
 
     /// Connections closed for waiting clients, by

@@ -422,6 +422,7 @@ async fn boot(
         }),
         body_timeout: settings.body_timeout(),
         send_timeout: settings.send_timeout(),
+        request_timeout: settings.request_timeout(),
         forwarded,
         probes: crate::http::Probes {
             live: settings.health_live_path.clone(),

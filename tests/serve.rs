@@ -632,6 +632,12 @@ fn every_zdr_variable_reaches_its_setting() {
         ("ZDR_BODY_TIMEOUT", "5".into(), "body_timeout", "5.0".into()),
         ("ZDR_SEND_TIMEOUT", "6".into(), "send_timeout", "6.0".into()),
         (
+            "ZDR_REQUEST_TIMEOUT",
+            "7".into(),
+            "request_timeout",
+            "7.0".into(),
+        ),
+        (
             "ZDR_FORWARDED_ALLOW_IPS",
             "10.0.0.1".into(),
             "forwarded_allow_ips",

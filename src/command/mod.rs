@@ -113,7 +113,10 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
                 }
                 wait_until_listening(&child, &settings.worker_ready_path).await?;
                 watch_for_exit(Arc::clone(&child));
-                Ok(proxy::service(child.port, settings.timeout()))
+                Ok(proxy::service(
+                    child.port,
+                    settings.request_timeout().or_else(|| settings.timeout()),
+                ))
             }) as BoxFuture<_>
         }),
         ready: Arc::new(move || {

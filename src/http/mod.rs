@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) body_timeout: Option<Duration>,
     /// How long a response may wait for the client to take more of it.
     pub(crate) send_timeout: Option<Duration>,
+    /// How long the app may take to a response head (`--request-timeout`).
+    pub(crate) request_timeout: Option<Duration>,
     /// The server's handoff queue: an idle HTTP/1.1 connection of a worker
     /// that leaves while other workers stay is handed to one of them.
     pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
@@ -484,7 +486,14 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                     }
                     None => req.extensions_mut().extend(self.extensions.clone()),
                 }
-                self.shared.service.call(req)
+                match self.shared.request_timeout {
+                    Some(limit) => {
+                        let what = format!("{} {}", req.method(), req.uri().path());
+                        let answer = self.shared.service.call(req);
+                        Box::pin(within(limit, answer, self.shared.board, what))
+                    }
+                    None => self.shared.service.call(req),
+                }
             }
         };
         ConnFuture {
@@ -497,6 +506,38 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             metrics: Some((self.shared.slot, began)),
         }
     }
+}
+
+/// The app's answer if it comes within `limit`; else 504, the app's work
+/// on the request dropped (its future, and with it what it awaited), the
+/// worker serving on. Counted, and said (at most once a second per
+/// worker) with the request's method and path.
+async fn within(
+    limit: Duration,
+    answer: crate::app::BoxFuture<Response>,
+    board: &'static crate::scoreboard::Scoreboard,
+    what: String,
+) -> Response {
+    if let Ok(res) = tokio::time::timeout(limit, answer).await {
+        return res;
+    }
+    board.count_request_timeout();
+    static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
+    let now = crate::scoreboard::monotonic_ms();
+    let last = LAST_SAID_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1000
+        && LAST_SAID_MS
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "worker {}: {what} was not answered within --request-timeout {:.1}s; answered 504 \
+             (zdr_request_timeouts_total counts each)",
+            std::process::id(),
+            limit.as_secs_f64()
+        );
+    }
+    plain(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n")
 }
 
 /// What the access log needs of a request, kept only when logging.

@@ -35,6 +35,7 @@ impl Master {
         snapshot.connections_handed_over = self.board.handed_over();
         snapshot.handoffs = self.board.handoffs();
         snapshot.made_room = self.board.made_room();
+        snapshot.request_timeouts = self.board.request_timeouts();
         snapshot
     }
 
