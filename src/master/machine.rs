@@ -60,6 +60,13 @@ use crate::metrics::{RequestCounters, RestartCause};
 use crate::recycle::{RequestLimit, MAX_SURGE};
 use crate::scoreboard::SlotState;
 
+/// A worker at this many times its request limit, waiting for its turn to
+/// be replaced, means recycling falls behind what `--max-requests` asks.
+const RECYCLING_BEHIND: u64 = 2;
+
+/// How often at most the decider says that recycling falls behind.
+const RECYCLING_BEHIND_SAID_EVERY: Duration = Duration::from_secs(60);
+
 /// A generation: the workers started together from one configuration.
 #[derive(Clone)]
 pub(crate) struct Generation {
@@ -456,6 +463,9 @@ pub(crate) struct Machine {
     next_memory_check: Instant,
     /// When the decider last said that no scoreboard slot was free.
     slots_full_logged: Option<Instant>,
+    /// When the decider last said that recycling falls behind the
+    /// request limit.
+    recycling_behind_logged: Option<Instant>,
     /// The canary asked for by the reload being prepared.
     canary_request: Option<usize>,
     /// A worker has been ready at least once: the server has served, and
@@ -498,6 +508,7 @@ impl Machine {
             next_spawn: now,
             next_memory_check: now,
             slots_full_logged: None,
+            recycling_behind_logged: None,
             canary_request: None,
             served: false,
         }
@@ -1233,6 +1244,9 @@ impl Machine {
             })
             .count();
         let mut to_kill: Vec<(Pid, Signal)> = Vec::new();
+        // The worker furthest past its request limit while it waits for
+        // the surge budget: (pid, requests, limit).
+        let mut behind: Option<(Pid, u64, u64)> = None;
         for w in &mut self.workers {
             let seen = observed.iter().find(|o| o.pid == w.pid);
             match w.role {
@@ -1250,7 +1264,18 @@ impl Machine {
                             continue;
                         }
                     }
-                    if w.role != Role::Active || !recycling_allowed || recycling >= MAX_SURGE {
+                    if w.role != Role::Active || !recycling_allowed {
+                        continue;
+                    }
+                    if recycling >= MAX_SURGE {
+                        if let Some(limit) = w
+                            .request_limit
+                            .filter(|l| w.requests >= l.limit.saturating_mul(RECYCLING_BEHIND))
+                        {
+                            if behind.is_none_or(|(_, r, _)| w.requests > r) {
+                                behind = Some((w.pid, w.requests, limit.limit));
+                            }
+                        }
                         continue;
                     }
                     if let Some(limit) = w.request_limit.filter(|l| l.reached(w.requests)) {
@@ -1294,6 +1319,17 @@ impl Machine {
         }
         for (pid, sig) in to_kill {
             self.kill(pid, sig, now, out);
+        }
+        if let Some((pid, requests, limit)) = behind {
+            if self
+                .recycling_behind_logged
+                .is_none_or(|t| now >= t + RECYCLING_BEHIND_SAID_EVERY)
+            {
+                out.warn(format!(
+                    "Recycling falls behind --max-requests: worker (pid: {pid}) has served {requests} requests of its {limit} and waits its turn (one replacement at a time server-wide); a higher --max-requests recycles as often as it says"
+                ));
+                self.recycling_behind_logged = Some(now);
+            }
         }
     }
 

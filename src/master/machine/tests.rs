@@ -592,6 +592,38 @@ fn recycling_keeps_within_the_surge_budget() {
         .contains(&Action::Record(Record::Restart(RestartCause::MaxRequests))));
 }
 
+/// A worker far past its request limit that waits for the surge budget is
+/// said at WARNING (once a minute at most), not overshot in silence.
+#[test]
+fn recycling_that_falls_behind_the_limit_is_said() {
+    let mut s = settings(2);
+    s.max_requests = 100;
+    let mut sim = Sim::start(s);
+    sim.tick();
+    for w in &mut sim.m.workers {
+        w.request_limit = RequestLimit::new(100, 0);
+    }
+    sim.ready_all();
+    let [a, b] = [sim.pids(1)[0], sim.pids(1)[1]];
+    sim.slots.get_mut(&a).expect("slot").requests = 100;
+    let actions = sim.tick();
+    assert_eq!(sim.role(a), Role::Retiring);
+    assert!(!logged(&actions, Level::WARN, "falls behind"));
+    // The other at its limit waits its turn: nothing to say yet.
+    sim.slots.get_mut(&b).expect("slot").requests = 150;
+    assert!(!logged(&sim.tick(), Level::WARN, "falls behind"));
+    // Twice past it, still waiting: said, naming it, once.
+    sim.slots.get_mut(&b).expect("slot").requests = 200;
+    let actions = sim.tick();
+    assert!(logged(
+        &actions,
+        Level::WARN,
+        &format!("worker (pid: {b}) has served 200 requests of its 100")
+    ));
+    assert!(!logged(&sim.advance(SEC), Level::WARN, "falls behind"));
+    assert!(logged(&sim.advance(60 * SEC), Level::WARN, "falls behind"));
+}
+
 /// Issue row 6: the owned memory decides, and such a worker drains as soon
 /// as its replacement is ready.
 #[test]
