@@ -644,4 +644,16 @@ fn a_busy_worker_is_not_taken_for_a_hung_one() {
         &format!("WORKER TIMEOUT (pid: {victim}"),
         Duration::from_secs(60),
     );
+    // The kill is explained: where its threads were (stopped, here).
+    server.wait_for_log(
+        &format!("Worker (pid: {victim}) at its timeout: threads: zdr"),
+        Duration::from_secs(60),
+    );
+    let said = server.log_text();
+    let line = said
+        .lines()
+        .find(|l| l.contains(&format!("Worker (pid: {victim}) at its timeout")))
+        .expect("the line");
+    assert!(line.contains("(stopped"), "{line}");
+    assert!(said.contains("request(s) in flight; killing it"), "{said}");
 }

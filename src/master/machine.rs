@@ -204,6 +204,8 @@ pub(crate) struct Observed {
     pub(crate) requests: u64,
     /// Milliseconds since its last heartbeat.
     pub(crate) silent_ms: u64,
+    /// Requests it is answering now.
+    pub(crate) in_flight: u32,
     /// The memory it owns, when measured (see [`Machine::wants_memory`]).
     pub(crate) owned_bytes: Option<u64>,
     /// What it has answered, for a canary's verdict.
@@ -1254,10 +1256,11 @@ impl Machine {
                     if let (Some(timeout), Some(o)) = (w.timeout, seen) {
                         if o.state == SlotState::Ready && o.silent_ms > timeout.as_millis() as u64 {
                             out.error(format!(
-                                "WORKER TIMEOUT (pid: {}, generation {}): no heartbeat for {:.1}s; killing it",
+                                "WORKER TIMEOUT (pid: {}, generation {}): no progress for {:.1}s (no heartbeat, no request begun or ended), {} request(s) in flight; killing it",
                                 w.pid,
                                 w.generation,
-                                o.silent_ms as f64 / 1000.0
+                                o.silent_ms as f64 / 1000.0,
+                                o.in_flight
                             ));
                             to_kill.push((w.pid, Signal::SIGABRT));
                             w.cause = Some(RestartCause::Timeout);

@@ -482,6 +482,14 @@ impl Master {
             }
             Action::Spawn { generation } => events.push_back(self.spawn_worker(generation)),
             Action::Signal(pid, signal) => {
+                if signal == Signal::SIGABRT {
+                    // Killed at --timeout: where it was stuck, read before
+                    // the signal changes it.
+                    tracing::error!(
+                        "Worker (pid: {pid}) at its timeout: {}",
+                        report::where_stuck(pid)
+                    );
+                }
                 let _ = kill(pid, signal);
             }
             Action::Forget { generation } => {

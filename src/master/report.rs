@@ -88,6 +88,52 @@ pub(super) fn rss_bytes(pid: Pid) -> u64 {
         .map_or(0, |pages| pages * page)
 }
 
+/// Where a process's threads are, from /proc: each one's name, state and
+/// the kernel function it waits in (`zdr (sleeping in
+/// hrtimer_nanosleep)`, `zdr (stopped)`), and its children's pids (a `--
+/// CMD` worker's command). For the log line of a worker killed at
+/// `--timeout`.
+pub(super) fn where_stuck(pid: Pid) -> String {
+    let mut threads = Vec::new();
+    let mut children = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for task in tasks {
+        let dir = task.path();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let comm = read("comm").trim().to_owned();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, after)| after.split_whitespace().next())
+            .map_or("?", |s| match s {
+                "R" => "running",
+                "S" => "sleeping",
+                "D" => "in uninterruptible wait",
+                "T" | "t" => "stopped",
+                "Z" => "a zombie",
+                _ => "?",
+            });
+        let wchan = read("wchan");
+        let thread = match wchan.trim() {
+            "" | "0" => format!("{comm} ({state})"),
+            w => format!("{comm} ({state} in {w})"),
+        };
+        threads.push(thread);
+        children.extend(read("children").split_whitespace().map(str::to_owned));
+    }
+    if threads.is_empty() {
+        return "gone".to_owned();
+    }
+    let mut said = format!("threads: {}", threads.join(", "));
+    if !children.is_empty() {
+        said.push_str(&format!("; its command: pid {}", children.join(", ")));
+    }
+    said
+}
+
 /// Every process's parent, read from /proc once for a round of
 /// [`tree_owned_bytes`].
 pub(super) fn parents() -> Vec<(i32, i32)> {

@@ -192,6 +192,7 @@ impl Master {
                     state: slot.state(),
                     requests: slot.requests(),
                     silent_ms: now_ms.saturating_sub(slot.heartbeat_ms()),
+                    in_flight: slot.in_flight(),
                     owned_bytes: memory.then(|| report::tree_owned_bytes(h.pid, &parents)),
                     counters: slot.counters(),
                 }

@@ -24,6 +24,7 @@ struct Slot {
     state: SlotState,
     requests: u64,
     silent_ms: u64,
+    in_flight: u32,
     owned: u64,
     counters: RequestCounters,
 }
@@ -108,6 +109,7 @@ impl Sim {
                                 state: SlotState::Booting,
                                 requests: 0,
                                 silent_ms: 0,
+                                in_flight: 0,
                                 owned: 0,
                                 counters: RequestCounters::default(),
                             },
@@ -139,6 +141,7 @@ impl Sim {
                 state: s.state,
                 requests: s.requests,
                 silent_ms: s.silent_ms,
+                in_flight: s.in_flight,
                 owned_bytes: memory.then_some(s.owned),
                 counters: s.counters.clone(),
             })
@@ -738,9 +741,15 @@ fn the_shutdown_delay_holds_the_drain() {
 fn a_silent_worker_is_aborted_then_killed() {
     let mut sim = Sim::serving(1);
     let pid = sim.pids(1)[0];
-    sim.slots.get_mut(&pid).expect("slot").silent_ms = 31_000;
+    let slot = sim.slots.get_mut(&pid).expect("slot");
+    slot.silent_ms = 31_000;
+    slot.in_flight = 3;
     let actions = sim.tick();
-    assert!(logged(&actions, Level::ERROR, "WORKER TIMEOUT"));
+    assert!(logged(
+        &actions,
+        Level::ERROR,
+        &format!("WORKER TIMEOUT (pid: {pid}, generation 1): no progress for 31.0s (no heartbeat, no request begun or ended), 3 request(s) in flight")
+    ));
     assert_eq!(signals_to(&actions, Signal::SIGABRT), vec![pid]);
     assert_eq!(
         signals_to(&sim.advance(2 * SEC), Signal::SIGKILL),
