@@ -226,15 +226,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
             self.carried.advance(n);
             return Poll::Ready(Ok(()));
         }
-        if self.state.hold_reads.load(Ordering::Relaxed)
-            && self.state.in_flight.load(Ordering::Acquire) == 0
-        {
-            // Waiting to be handed over between requests: the next head
-            // stays in the socket for the worker that takes it. No waker
-            // is needed: the connection's loop polls again when it stops
-            // waiting (handed over, or staying).
-            return Poll::Pending;
-        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }

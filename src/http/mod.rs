@@ -352,12 +352,6 @@ struct ConnState {
     reusable: AtomicBool,
     /// Requests begun on it in this worker, for its rate (balance).
     requests: AtomicU64,
-    /// It waits for a moment between requests to be handed over: hyper
-    /// reads no next request head from the socket meanwhile (see
-    /// [`conn::ConnIo`]), so that a client that sends its next request the
-    /// moment it has its answer (a saturating load balancer's pool) still
-    /// leaves such a moment.
-    hold_reads: AtomicBool,
 }
 
 impl ConnState {
@@ -960,8 +954,6 @@ pub(crate) async fn serve<I>(
             }
             Woke::Timer => timer_step(&mut clock, &conn_state),
         };
-        // While it waits to be handed over, hyper starts no next request.
-        conn_state.hold_reads.store(handing, Ordering::Relaxed);
         // A timer reset below must be polled again to be armed.
         timer_armed = false;
         match step {
