@@ -488,7 +488,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 }
                 match self.shared.request_timeout {
                     Some(limit) => {
-                        let what = format!("{} {}", req.method(), req.uri().path());
+                        let what = (req.method().clone(), req.uri().clone());
                         let answer = self.shared.service.call(req);
                         Box::pin(within(limit, answer, self.shared.board, what))
                     }
@@ -516,7 +516,7 @@ async fn within(
     limit: Duration,
     answer: crate::app::BoxFuture<Response>,
     board: &'static crate::scoreboard::Scoreboard,
-    what: String,
+    (method, uri): (http::Method, http::Uri),
 ) -> Response {
     if let Ok(res) = tokio::time::timeout(limit, answer).await {
         return res;
@@ -531,9 +531,10 @@ async fn within(
             .is_ok()
     {
         tracing::warn!(
-            "worker {}: {what} was not answered within --request-timeout {:.1}s; answered 504 \
-             (zdr_request_timeouts_total counts each)",
+            "worker {}: {method} {} was not answered within --request-timeout {:.1}s; \
+             answered 504 (zdr_request_timeouts_total counts each)",
             std::process::id(),
+            uri.path(),
             limit.as_secs_f64()
         );
     }
