@@ -213,3 +213,34 @@ pub fn write_raw(bytes: &[u8]) {
         }
     }
 }
+
+/// A once-a-second gate for a warning that may fire on every request or
+/// connection: true for the first call in each second, per `last` (a
+/// `static` beside the warning, holding when it was last said, in
+/// `crate::scoreboard::monotonic_ms`).
+pub(crate) fn once_a_second(last: &std::sync::atomic::AtomicU64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = crate::scoreboard::monotonic_ms();
+    let then = last.load(Ordering::Relaxed);
+    now.saturating_sub(then) >= 1000
+        && last
+            .compare_exchange(then, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn once_a_second_lets_the_first_call_through_then_none_within_the_second() {
+        let last = AtomicU64::new(0);
+        assert!(once_a_second(&last));
+        assert!(!once_a_second(&last));
+        // As if said over a second ago.
+        last.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(once_a_second(&last));
+        assert!(!once_a_second(&last));
+    }
+}

@@ -523,13 +523,7 @@ async fn within(
     }
     board.count_request_timeout();
     static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
-    let now = crate::scoreboard::monotonic_ms();
-    let last = LAST_SAID_MS.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
-        && LAST_SAID_MS
-            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if crate::logging::once_a_second(&LAST_SAID_MS) {
         tracing::warn!(
             "worker {}: {method} {} was not answered within --request-timeout {:.1}s; \
              answered 504 (zdr_request_timeouts_total counts each)",
@@ -1054,13 +1048,7 @@ where
 /// handed over and is answered here instead.
 fn warn_kept(e: &crate::handoff::SendError) {
     static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
-    let now = crate::scoreboard::monotonic_ms();
-    let last = LAST_SAID_MS.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
-        && LAST_SAID_MS
-            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if crate::logging::once_a_second(&LAST_SAID_MS) {
         tracing::warn!(
             "worker {}: cannot hand a keep-alive connection to a sibling ({e}); \
              this worker answers its next request itself, with Connection: close \

@@ -131,6 +131,21 @@ impl Sim {
         all
     }
 
+    /// `workers` ready workers of generation 1, each with a request limit
+    /// of `limit` (the pretend shell gives none; set as the real one
+    /// would).
+    fn recycling(workers: usize, limit: u64) -> Sim {
+        let mut s = settings(workers);
+        s.max_requests = limit;
+        let mut sim = Sim::start(s);
+        sim.tick();
+        for w in &mut sim.m.workers {
+            w.request_limit = RequestLimit::new(limit, 0);
+        }
+        sim.ready_all();
+        sim
+    }
+
     fn tick(&mut self) -> Vec<Action> {
         let memory = self.m.wants_memory(self.now);
         let observed = self
@@ -564,15 +579,7 @@ fn a_full_scoreboard_is_retried_and_said_once_per_ten_seconds() {
 /// as its replacement is ready.
 #[test]
 fn recycling_keeps_within_the_surge_budget() {
-    let mut s = settings(3);
-    s.max_requests = 100;
-    let mut sim = Sim::start(s);
-    sim.tick();
-    // The pretend shell gives no limit; set them as the real one would.
-    for w in &mut sim.m.workers {
-        w.request_limit = RequestLimit::new(100, 0);
-    }
-    sim.ready_all();
+    let mut sim = Sim::recycling(3, 100);
     let first = sim.pids(1);
     for pid in &first {
         sim.slots.get_mut(pid).expect("slot").requests = 100;
@@ -599,14 +606,7 @@ fn recycling_keeps_within_the_surge_budget() {
 /// said at WARNING (once a minute at most), not overshot in silence.
 #[test]
 fn recycling_that_falls_behind_the_limit_is_said() {
-    let mut s = settings(2);
-    s.max_requests = 100;
-    let mut sim = Sim::start(s);
-    sim.tick();
-    for w in &mut sim.m.workers {
-        w.request_limit = RequestLimit::new(100, 0);
-    }
-    sim.ready_all();
+    let mut sim = Sim::recycling(2, 100);
     let [a, b] = [sim.pids(1)[0], sim.pids(1)[1]];
     sim.slots.get_mut(&a).expect("slot").requests = 100;
     let actions = sim.tick();
