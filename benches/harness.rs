@@ -19,6 +19,9 @@ mod load;
 #[path = "harness/precise.rs"]
 mod precise;
 
+#[path = "harness/overload.rs"]
+mod overload;
+
 /// The demo app, whose answer the bare hyper server gives too.
 #[path = "../src/demo.rs"]
 #[allow(dead_code)]
@@ -136,6 +139,8 @@ enum Kind {
         socket: bool,
     },
     Nginx,
+    /// uvicorn's own `--workers`.
+    Uvicorn,
 }
 
 impl Kind {
@@ -152,12 +157,13 @@ impl Kind {
             Kind::ZdrUvicorn { socket: false } => "zdr -- uvicorn",
             Kind::ZdrUvicorn { socket: true } => "zdr --pass-socket -- uvicorn",
             Kind::Nginx => "nginx",
+            Kind::Uvicorn => "uvicorn",
         }
     }
 
     fn installed(self) -> Result<(), String> {
         match self {
-            Kind::ZdrUvicorn { .. } => which("uvicorn")
+            Kind::ZdrUvicorn { .. } | Kind::Uvicorn => which("uvicorn")
                 .map(|_| ())
                 .ok_or_else(|| "uvicorn not installed".into()),
             Kind::Gunicorn { .. } | Kind::ZdrCommand => which("gunicorn")
@@ -279,6 +285,22 @@ impl Running {
                     c.args(["--pass-socket", "--worker-ready-delay", "1"]);
                 }
                 c.args(["--", "sh", "-c", &script]);
+                c
+            }
+            Kind::Uvicorn => {
+                std::fs::write(dir.join("asgi_app.py"), UVICORN_APP).map_err(|e| e.to_string())?;
+                let mut c = Command::new(which("uvicorn").ok_or("uvicorn not installed")?);
+                c.current_dir(dir)
+                    .args(["asgi_app:app", "--host", "127.0.0.1", "--port"])
+                    .arg(addr.port().to_string())
+                    .args([
+                        "--workers",
+                        &workers,
+                        "--lifespan",
+                        "off",
+                        "--no-access-log",
+                    ])
+                    .args(["--log-level", "warning"]);
                 c
             }
             Kind::Gunicorn { gthread } => {
@@ -505,10 +527,14 @@ def app(environ, start_response):
     return [body]
 "#;
 
-const UVICORN_APP: &str = r#"import os
+const UVICORN_APP: &str = r#"import os, time
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/block":
+        # A handler with a blocking call: it holds the event loop.
+        ms = int(scope["query_string"].decode().split("ms=")[-1] or 0)
+        time.sleep(min(ms, 60000) / 1000)
     body = f"pid={os.getpid()} generation={os.environ.get('ZDR_GENERATION', '0')}\n".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
@@ -895,6 +921,9 @@ impl Bench {
         if self.opts.wants("recycle") {
             self.recycle();
         }
+        if self.opts.wants("overload") {
+            self.overload();
+        }
         if self.opts.wants("worker_life") {
             self.worker_life();
         }
@@ -940,6 +969,7 @@ impl Bench {
             ("worker_life", "| system (`--workers 1 --max-requests 1`, one life after another) | CPU ms per worker life | master ms | worker ms | lives |\n|---|---|---|---|---|"),
             ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx, round by round | / bare hyper, round by round | any failed | runs |\n|---|---|---|---|---|---|"),
             ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),
+            ("overload", "| system (2 workers, one 50 ms request at a time each: capacity 40/s) | offered | goodput req/s (of capacity) | p50 / p99 ms of 200s | p99 / unloaded p99 | shed 503/s (with Retry-After) | timed out / failed | health p99 / max ms (failed) |\n|---|---|---|---|---|---|---|---|"),
             ("instructions", "| system (1 serving thread) | instructions per keep-alive request | / bare hyper | requests counted |\n|---|---|---|---|"),
         ]);
         let mut out = String::new();
@@ -955,6 +985,7 @@ impl Bench {
             "instructions",
             "throughput",
             "recycle",
+            "overload",
             "worker_life",
             "conn_memory",
             "steady",

@@ -260,6 +260,20 @@ pub struct Options {
     )]
     pub request_timeout: Option<f64>,
 
+    /// Overload shedding: seconds a request may wait in a busy worker
+    /// before zdr starts it; one that waited longer is answered 503 with
+    /// Retry-After at once, instead of queueing until its client gives up.
+    /// The limit grows with the app's measured response time (a request is
+    /// shed only once it waited longer than both), so a slow app at its
+    /// capacity is not shed. Health probes are never shed. 0 (the default)
+    /// sheds nothing. [default: 0]
+    #[arg(
+        long = "max-queue-time",
+        env = "ZDR_MAX_QUEUE_TIME",
+        value_name = "SECONDS"
+    )]
+    pub max_queue_time: Option<f64>,
+
     /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded
     /// headers are trusted, comma-separated; * for every peer.
     /// [default: 127.0.0.1,::1]
@@ -865,6 +879,10 @@ pub struct Settings {
     /// Seconds a request may take to its response head; 0 for no limit.
     #[serde(default)]
     pub request_timeout: f64,
+    /// Seconds a request may wait before it is started, at least; 0 sheds
+    /// nothing.
+    #[serde(default)]
+    pub max_queue_time: f64,
     /// Peers whose forwarding headers are trusted; "*" for all.
     pub forwarded_allow_ips: Vec<String>,
     /// The TLS certificate chain, when serving HTTPS.
@@ -1366,6 +1384,7 @@ impl Settings {
                 o.send_timeout.unwrap_or_else(default_client_timeout),
             )?,
             request_timeout: seconds("request_timeout", o.request_timeout.unwrap_or(0.0))?,
+            max_queue_time: seconds("max_queue_time", o.max_queue_time.unwrap_or(0.0))?,
             forwarded_allow_ips: allow_list(o.forwarded_allow_ips)?,
             certfile,
             keyfile,
@@ -1462,6 +1481,11 @@ impl Settings {
     /// How long a request may take to its response head, if bounded.
     pub fn request_timeout(&self) -> Option<Duration> {
         (self.request_timeout > 0.0).then(|| Duration::from_secs_f64(self.request_timeout))
+    }
+
+    /// The least time a request waits before it may be shed, if shedding.
+    pub fn max_queue_time(&self) -> Option<Duration> {
+        (self.max_queue_time > 0.0).then(|| Duration::from_secs_f64(self.max_queue_time))
     }
 
     /// The idle timeout on sending a response, if any.
@@ -1688,7 +1712,12 @@ mod tests {
         let settings = Settings::resolve(Options::default()).unwrap();
         let mut json = serde_json::to_value(&settings).unwrap();
         let map = json.as_object_mut().unwrap();
-        for added in ["body_timeout", "send_timeout", "request_timeout"] {
+        for added in [
+            "body_timeout",
+            "send_timeout",
+            "request_timeout",
+            "max_queue_time",
+        ] {
             map.remove(added);
         }
         let back: Settings = serde_json::from_value(json).unwrap();

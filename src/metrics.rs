@@ -248,6 +248,8 @@ pub struct Snapshot {
     pub made_room: [u64; 2],
     /// Requests answered 504 at `--request-timeout`.
     pub request_timeouts: u64,
+    /// Requests shed (answered 503) at `--max-queue-time`.
+    pub requests_shed: u64,
 }
 
 /// The content type of the OpenMetrics text exposition.
@@ -446,6 +448,12 @@ impl Collector for Snapshot {
             None,
             MetricType::Counter,
         )?)?;
+        ConstCounter::new(self.requests_shed).encode(enc.encode_descriptor(
+            "requests_shed",
+            "Requests a busy worker answered 503 with Retry-After because they waited longer than --max-queue-time (and the app's recent response time) to be started",
+            None,
+            MetricType::Counter,
+        )?)?;
         let mut family = enc.encode_descriptor(
             "client_timeouts",
             "Connections closed because the client was too slow, by timeout",
@@ -500,8 +508,10 @@ mod tests {
         s.handoffs = [4, 1, 2, 3];
         s.made_room = [6, 7];
         s.request_timeouts = 8;
+        s.requests_shed = 9;
         let text = s.encode();
         for line in [
+            "zdr_requests_shed_total 9",
             "zdr_request_timeouts_total 8",
             "zdr_connections_made_room_total{how=\"idle_closed\"} 6",
             "zdr_connections_made_room_total{how=\"rotated\"} 7",

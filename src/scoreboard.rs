@@ -130,7 +130,9 @@ struct Extra {
     made_room: [AtomicU64; 2],
     /// Requests answered 504 at `--request-timeout`.
     request_timeouts: AtomicU64,
-    _spare: [AtomicU64; 2],
+    /// Requests shed (503) at `--max-queue-time`.
+    shed: AtomicU64,
+    _spare: [AtomicU64; 1],
 }
 
 const _: () = assert!(std::mem::size_of::<Extra>() == 64);
@@ -434,6 +436,18 @@ impl Scoreboard {
         if let Some(extra) = self.extra() {
             extra.request_timeouts.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a request shed at `--max-queue-time` (by a worker).
+    pub(crate) fn count_shed(&self) {
+        if let Some(extra) = self.extra() {
+            extra.shed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests shed at `--max-queue-time`, server-wide.
+    pub(crate) fn shed(&self) -> u64 {
+        self.extra().map_or(0, |e| e.shed.load(Ordering::Relaxed))
     }
 
     /// Requests answered 504 at `--request-timeout`, server-wide.

@@ -423,6 +423,9 @@ async fn boot(
         body_timeout: settings.body_timeout(),
         send_timeout: settings.send_timeout(),
         request_timeout: settings.request_timeout(),
+        shed: settings
+            .max_queue_time()
+            .map(crate::http::shed::Shedder::new),
         forwarded,
         probes: crate::http::Probes {
             live: settings.health_live_path.clone(),
@@ -646,7 +649,7 @@ async fn accept_until_drained(
         };
         match accepted {
             Ok((stream, peer)) => {
-                start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted)
+                start_serving(stream, peer, permit, shared, drain, accepted_now())
             }
             Err(e) if is_transient(&e) => {}
             // Out of descriptors or memory: the other workers take the queue.
@@ -659,7 +662,14 @@ async fn accept_until_drained(
 /// gives the others a moment to take the next one (accepted or handed
 /// over): processes sharing one queue otherwise pile work on whichever is
 /// busiest. Returns false if the worker started draining meanwhile.
+///
+/// An overloaded worker does not wait: its runtime is busy, so a moment's
+/// timer would last until its current request is done, while the clients
+/// it takes are the ones it answers first (see [`http::shed`]).
 async fn wait_for_share(shared: &Shared, drain: &mut watch::Receiver<bool>) -> bool {
+    if shared.shed.as_ref().is_some_and(|s| s.overloaded()) {
+        return true;
+    }
     for _ in 0..BALANCE_WAITS {
         if !shared.board.over_share(shared.slot_index) {
             break;
@@ -698,6 +708,13 @@ impl Backoff {
     }
 }
 
+/// The origin of a connection accepted now.
+fn accepted_now() -> http::Origin {
+    http::Origin::Accepted {
+        at_ns: crate::sys::monotonic_ns(),
+    }
+}
+
 /// Serves a connection in a task of its own.
 fn start_serving(
     stream: Stream,
@@ -712,6 +729,9 @@ fn start_serving(
     // next accept sees it.
     let seat = (shared.board, shared.slot_index);
     let send_timeout = shared.send_timeout;
+    if let Some(shed) = &shared.shed {
+        shed.accepted();
+    }
     match stream {
         Stream::Tcp(s) => {
             let io = Tracked::new(s, permit, seat, send_timeout);
@@ -759,7 +779,7 @@ fn sweep(
                     let Some(permit) = permit else {
                         break;
                     };
-                    start_serving(stream, peer, permit, shared, drain, http::Origin::Accepted);
+                    start_serving(stream, peer, permit, shared, drain, accepted_now());
                 }
                 Some(Err(e)) if is_transient(&e) => {}
                 // Nothing queued (or no descriptor left to take it with).
@@ -781,9 +801,12 @@ async fn serve_maybe_tls<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + http::Passable + 'static,
 {
-    let acceptor = match (&shared.tls, origin) {
-        (Some(acceptor), http::Origin::Accepted) => acceptor.clone(),
-        (_, origin) => return http::serve(io, peer, shared, drain, origin).await,
+    if let Some(shed) = &shared.shed {
+        shed.reading();
+    }
+    let acceptor = match (&shared.tls, &origin) {
+        (Some(acceptor), http::Origin::Accepted { .. }) => acceptor.clone(),
+        _ => return http::serve(io, peer, shared, drain, origin).await,
     };
     // Boxed: a plain connection's task is not sized for TLS's state (its
     // handshake and its stream), which every idle connection would carry.
@@ -791,7 +814,7 @@ async fn serve_maybe_tls<I>(
         match tokio::time::timeout(shared.header_timeout, acceptor.accept(io)).await {
             Ok(Ok(stream)) => {
                 peer.scheme = "https";
-                http::serve(stream, peer, shared, drain, http::Origin::Accepted).await
+                http::serve(stream, peer, shared, drain, origin).await
             }
             Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
             Err(_) => tracing::debug!("TLS handshake timed out"),

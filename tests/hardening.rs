@@ -682,3 +682,71 @@ fn a_request_past_the_request_timeout_is_answered_504_and_the_worker_serves_on()
         Duration::from_secs(60),
     );
 }
+
+/// Sends `n` requests for `path` at once, each on a connection of its
+/// own, and returns their answers.
+fn burst(addr: SocketAddr, path: &'static str, n: usize) -> Vec<Reply> {
+    let clients: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || get(addr, path)))
+        .collect();
+    clients
+        .into_iter()
+        .map(|c| c.join().expect("a client"))
+        .collect()
+}
+
+/// `--max-queue-time` (overload shedding): six requests arrive at once at
+/// a worker whose one thread each of them holds for a second. Those that
+/// queued behind another are answered 503 with `Retry-After` at once
+/// instead of waiting their turn, at least one is served, every shed
+/// request is counted and said, health probes are answered, and the worker
+/// serves on. Without the setting nothing is shed: the same burst is
+/// served in full, one after another.
+#[test]
+fn requests_queued_past_the_max_queue_time_are_shed_with_retry_after() {
+    for shedding in [true, false] {
+        let mut args = vec![
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--metrics-bind",
+            "127.0.0.1:0",
+        ];
+        if shedding {
+            args.extend(["--max-queue-time", "0.01"]);
+        }
+        let server = Launch::serve(&args).start();
+        server.wait_ready();
+        // The app's recent response time, from fast requests: a request
+        // that waits a second behind another is well past two of them.
+        let first = server.get("/");
+        for _ in 0..16 {
+            assert_eq!(server.get("/").status, 200);
+        }
+        let answers = burst(server.addr(), "/block?ms=1000", 6);
+        let served = answers.iter().filter(|r| r.status == 200).count();
+        let shed: Vec<&Reply> = answers.iter().filter(|r| r.status == 503).collect();
+        assert_eq!(served + shed.len(), 6, "{answers:?}");
+        if !shedding {
+            assert_eq!(served, 6, "nothing is shed by default: {answers:?}");
+            assert_eq!(server.log_count("overloaded"), 0, "{}", server.log_text());
+            continue;
+        }
+        assert!(served >= 1, "{answers:?}");
+        assert!(!shed.is_empty(), "{answers:?}");
+        for r in &shed {
+            assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
+        }
+        // Probes are never shed; the worker serves on.
+        assert_eq!(server.get("/_zdr/live").status, 200);
+        let after = server.get("/");
+        assert_eq!(after.status, 200, "{after:?}");
+        assert_eq!(after.pid(), first.pid(), "the worker serves on");
+        let counted = wait_until(Duration::from_secs(60), || {
+            metric(&server.scrape(), "zdr_requests_shed_total") == shed.len() as f64
+        });
+        assert!(counted, "{} shed: {}", shed.len(), server.scrape());
+        server.wait_for_log("overloaded: a request waited", Duration::from_secs(60));
+    }
+}

@@ -638,6 +638,12 @@ fn every_zdr_variable_reaches_its_setting() {
             "7.0".into(),
         ),
         (
+            "ZDR_MAX_QUEUE_TIME",
+            "0.05".into(),
+            "max_queue_time",
+            "0.05".into(),
+        ),
+        (
             "ZDR_FORWARDED_ALLOW_IPS",
             "10.0.0.1".into(),
             "forwarded_allow_ips",

@@ -8,9 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -198,15 +199,33 @@ where
 /// A connection's socket as hyper sees it: first the bytes already read
 /// (the version check's, or those a previous worker read), then the
 /// socket; every write marks the connection unflushed until hyper flushes.
+///
+/// When the worker sheds load, its reads go through a [`Stamp`]: the moment
+/// the socket becomes readable is the moment a request can start waiting.
 pub(super) struct ConnIo<I> {
     io: I,
     carried: Bytes,
     state: Arc<ConnState>,
+    /// The waker its reads register, when stamping.
+    stamp: Option<(Arc<Stamp>, Waker)>,
 }
 
 impl<I> ConnIo<I> {
-    pub(super) fn new(io: I, carried: Bytes, state: Arc<ConnState>) -> ConnIo<I> {
-        ConnIo { io, carried, state }
+    pub(super) fn new(io: I, carried: Bytes, state: Arc<ConnState>, stamp: bool) -> ConnIo<I> {
+        let stamp = stamp.then(|| {
+            let stamp = Arc::new(Stamp {
+                task: AtomicWaker::new(),
+                state: Arc::clone(&state),
+            });
+            let waker = Waker::from(Arc::clone(&stamp));
+            (stamp, waker)
+        });
+        ConnIo {
+            io,
+            carried,
+            state,
+            stamp,
+        }
     }
 
     fn carry(&mut self, bytes: Bytes) {
@@ -226,7 +245,34 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
             self.carried.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        match &this.stamp {
+            Some((stamp, waker)) => {
+                stamp.task.register(cx.waker());
+                Pin::new(&mut this.io).poll_read(&mut Context::from_waker(waker), buf)
+            }
+            None => Pin::new(&mut this.io).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The waker a connection's reads register when the worker sheds load:
+/// notes when the socket woke the connection, then wakes its task.
+pub(super) struct Stamp {
+    task: AtomicWaker,
+    state: Arc<ConnState>,
+}
+
+impl Wake for Stamp {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.state
+            .ready_ns
+            .store(crate::sys::monotonic_ns(), Ordering::Relaxed);
+        self.task.wake();
     }
 }
 

@@ -33,6 +33,7 @@
 pub mod access_log;
 mod conn;
 pub(crate) mod placement;
+pub(crate) mod shed;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -101,6 +102,8 @@ pub(crate) struct Shared {
     pub(crate) send_timeout: Option<Duration>,
     /// How long the app may take to a response head (`--request-timeout`).
     pub(crate) request_timeout: Option<Duration>,
+    /// Overload shedding (`--max-queue-time`), when on.
+    pub(crate) shed: Option<shed::Shedder>,
     /// The server's handoff queue: an idle HTTP/1.1 connection of a worker
     /// that leaves while other workers stay is handed to one of them.
     pub(crate) handoff: Option<Arc<crate::handoff::Queue>>,
@@ -352,6 +355,12 @@ struct ConnState {
     reusable: AtomicBool,
     /// Requests begun on it in this worker, for its rate (balance).
     requests: AtomicU64,
+    /// When bytes to read last woke it, or it was accepted
+    /// ([`sys::monotonic_ns`]): the earliest its next request can have
+    /// been waiting since, for overload shedding (see [`shed`]).
+    ///
+    /// [`sys::monotonic_ns`]: crate::sys::monotonic_ns
+    ready_ns: AtomicU64,
 }
 
 impl ConnState {
@@ -432,6 +441,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 body: None,
                 log: None,
                 metrics: None,
+                queued: None,
             };
         }
         let refusal = self.shared.limits.check(&req);
@@ -496,6 +506,25 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 }
             }
         };
+        // Shedding is decided at the app's first poll, which an HTTP/2
+        // stream reaches only once its own task runs.
+        let queued = self
+            .shared
+            .shed
+            .as_ref()
+            .filter(|_| refusal.is_none())
+            .map(|_| Queued {
+                shared: Arc::clone(&self.shared),
+                since_ns: self
+                    .conn
+                    .ready_ns
+                    .load(Ordering::Relaxed)
+                    .max(self.conn.last_done_ns.load(Ordering::Relaxed)),
+                started_ns: 0,
+                place: shed::Place::default(),
+                yielding: None,
+                body_left: watch.is_some(),
+            });
         ConnFuture {
             inner,
             guard,
@@ -504,6 +533,54 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             body: watch,
             log,
             metrics: Some((self.shared.slot, began)),
+            queued,
+        }
+    }
+}
+
+/// A request's place in a shedding worker's queue.
+struct Queued {
+    shared: Arc<Shared>,
+    /// The earliest it can have been waiting since.
+    since_ns: u64,
+    /// When the app was first polled on it; 0 before.
+    started_ns: u64,
+    /// Its place in the queue when the worker is overloaded (see
+    /// [`shed`]).
+    place: shed::Place,
+    /// Its yield to the worker's other work, under way.
+    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// It has a body the app has not read.
+    body_left: bool,
+}
+
+impl Queued {
+    /// The app is about to be polled on the request: whether it is.
+    fn start(&mut self) -> shed::Verdict {
+        let Some(shedder) = &self.shared.shed else {
+            return shed::Verdict::Start;
+        };
+        let now = crate::sys::monotonic_ns().max(1);
+        let verdict = shedder.decide(now, now.saturating_sub(self.since_ns), &mut self.place);
+        if verdict == shed::Verdict::Start {
+            self.started_ns = now;
+        }
+        verdict
+    }
+
+    /// The answer to it, shed.
+    fn answer(&self) -> Response {
+        let waited = crate::sys::monotonic_ns().saturating_sub(self.since_ns);
+        match &self.shared.shed {
+            Some(shedder) => shedder.answer(self.shared.board, waited, self.body_left),
+            None => plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n"),
+        }
+    }
+
+    /// The app answered the request it was started on.
+    fn answered(self) {
+        if let Some(shedder) = &self.shared.shed {
+            shedder.served(crate::sys::monotonic_ns().saturating_sub(self.started_ns));
         }
     }
 }
@@ -558,13 +635,37 @@ pub(crate) struct ConnFuture {
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
     metrics: Option<(&'static Slot, u64)>,
+    /// When shedding: how long it waited, decided at the first poll.
+    queued: Option<Queued>,
 }
 
 impl Future for ConnFuture {
     type Output = Result<Response, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(q) = &mut self.queued {
+            while q.started_ns == 0 {
+                if let Some(yielding) = &mut q.yielding {
+                    ready!(yielding.as_mut().poll(cx));
+                    q.yielding = None;
+                }
+                match q.start() {
+                    shed::Verdict::Start => {}
+                    // Woken once the runtime has looked for I/O again.
+                    shed::Verdict::Yield => q.yielding = Some(Box::pin(tokio::task::yield_now())),
+                    shed::Verdict::Shed => {
+                        let res = q.answer();
+                        self.queued = None;
+                        self.inner = Box::pin(std::future::ready(res));
+                        break;
+                    }
+                }
+            }
+        }
         let mut res = ready!(self.inner.as_mut().poll(cx));
+        if let Some(q) = self.queued.take() {
+            q.answered();
+        }
         let mut close = false;
         let mut body_done = true;
         if let Some(body) = self.body.take() {
@@ -674,8 +775,9 @@ fn without_forbidden_content(res: &mut Response, head: bool) {
 
 /// How a connection came to this worker.
 pub(crate) enum Origin {
-    /// Accepted from a listening socket.
-    Accepted,
+    /// Accepted from a listening socket, at this moment
+    /// ([`crate::sys::monotonic_ns`]): its first request waited from then.
+    Accepted { at_ns: u64 },
     /// Handed over by a leaving worker, between requests: HTTP/1.1, with
     /// the bytes of its next request it had already read, and its age;
     /// `hand_on` says whether this worker may hand it on when it leaves.
@@ -708,15 +810,24 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + Passable + 'static,
 {
     let now = Instant::now();
-    let (epoch, carried, handed, hand_on) = match origin {
-        Origin::Accepted => (now, bytes::Bytes::new(), false, true),
+    let (epoch, carried, handed, hand_on, ready_ns) = match origin {
+        Origin::Accepted { at_ns } => (now, bytes::Bytes::new(), false, true, at_ns),
         Origin::Handed {
             carried,
             age,
             hand_on,
-        } => (now.checked_sub(age).unwrap_or(now), carried, true, hand_on),
+        } => (
+            now.checked_sub(age).unwrap_or(now),
+            carried,
+            true,
+            hand_on,
+            crate::sys::monotonic_ns(),
+        ),
     };
-    let conn_state = Arc::new(ConnState::default());
+    let conn_state = Arc::new(ConnState {
+        ready_ns: AtomicU64::new(ready_ns),
+        ..ConnState::default()
+    });
     if handed {
         // It was handed over between requests, its last response written:
         // the keep-alive timeout applies from now, not the first request's
@@ -748,7 +859,7 @@ pub(crate) async fn serve<I>(
         .as_ref()
         .filter(|_| hand_on)
         .and_then(|queue| Some((queue, io.passable()?)));
-    let io = ConnIo::new(io, carried, Arc::clone(&conn_state));
+    let io = ConnIo::new(io, carried, Arc::clone(&conn_state), shared.shed.is_some());
     let mut conn = if handed {
         Conn::http1(&shared.builders, io, service)
     } else {
@@ -899,7 +1010,12 @@ pub(crate) async fn serve<I>(
                     HandOver::Sent => break,
                     HandOver::NoSibling if stays => timer_step(&mut clock, &conn_state),
                     HandOver::Kept(parts) if stays => {
-                        let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
+                        let io = ConnIo::new(
+                            parts.io,
+                            parts.carried,
+                            Arc::clone(&conn_state),
+                            shared.shed.is_some(),
+                        );
                         conn = Conn::http1(&shared.builders, io, parts.service);
                         timer_step(&mut clock, &conn_state)
                     }
@@ -912,7 +1028,12 @@ pub(crate) async fn serve<I>(
                         // may send next: it gets one, with `Connection:
                         // close`, as long as the keep-alive timeout (and
                         // the worker's graceful timeout) allows.
-                        let io = ConnIo::new(parts.io, parts.carried, Arc::clone(&conn_state));
+                        let io = ConnIo::new(
+                            parts.io,
+                            parts.carried,
+                            Arc::clone(&conn_state),
+                            shared.shed.is_some(),
+                        );
                         conn = Conn::http1(&shared.builders, io, parts.service);
                         conn_state.draining.store(true, Ordering::Relaxed);
                         clock.patient = true;

@@ -36,6 +36,7 @@ impl Master {
         snapshot.handoffs = self.board.handoffs();
         snapshot.made_room = self.board.made_room();
         snapshot.request_timeouts = self.board.request_timeouts();
+        snapshot.requests_shed = self.board.shed();
         snapshot
     }
 
