@@ -513,6 +513,24 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other("bad response"))
 }
 
+/// The body of `GET path` (a 200), on a connection of its own.
+fn get_body(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+        _ => Err(std::io::Error::other("not a 200")),
+    }
+}
+
 const GUNICORN_APP: &str = r#"import os, time
 # With TABLE_MB set, a table of that size, built at import (so, with
 # --preload, in the master).
@@ -965,7 +983,7 @@ impl Bench {
             ("reload_duration", "| system | median ms (signal to old workers gone) | runs |\n|---|---|---|"),
             ("inflight", "| 20 requests of 3 s in flight | completed |\n|---|---|"),
             ("memory", "| system | RSS MiB (sum) | PSS MiB (sum) | PSS / table |\n|---|---|---|---|"),
-            ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling, round by round: median (min–max) | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|"),
+            ("recycle", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | of no recycling, round by round: median (min–max) | workers replaced (of those asked for: requests ÷ (limit × 1.1)) | most processes at once (master's children) | any failed | runs |\n|---|---|---|---|---|---|---|"),
             ("worker_life", "| system (`--workers 1 --max-requests 1`, one life after another) | CPU ms per worker life | master ms | worker ms | lives |\n|---|---|---|---|---|"),
             ("throughput", "| system (wrk -t2 -c64, interleaved) | req/s median (min–max) | / nginx, round by round | / bare hyper, round by round | any failed | runs |\n|---|---|---|---|---|---|"),
             ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),

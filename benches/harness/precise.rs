@@ -214,20 +214,43 @@ impl Bench {
     /// seen at once.
     pub fn recycle(&mut self) {
         if which("wrk").is_none() {
-            self.skip("recycle", "all", "wrk not installed", 5);
+            self.skip("recycle", "all", "wrk not installed", 6);
             return;
         }
+        // The recycling servers say on their metrics endpoint how many
+        // workers they replaced, for the replacements made against those
+        // asked for (requests ÷ (limit × 1.1)).
+        let metrics = [super::free_addr(), super::free_addr()];
+        let (bind0, bind1) = (metrics[0].to_string(), metrics[1].to_string());
         let limits = ["--max-requests", "1000", "--max-requests-jitter", "100"];
+        let with = |bind: &str| -> Vec<String> {
+            let mut v: Vec<String> = limits.iter().map(|s| s.to_string()).collect();
+            v.extend(["--metrics-bind".to_owned(), bind.to_owned()]);
+            v
+        };
+        let (recycling, recycling_preload) = (with(&bind0), with(&bind1));
+        let recycling: Vec<&str> = recycling.iter().map(String::as_str).collect();
+        let recycling_preload: Vec<&str> = recycling_preload.iter().map(String::as_str).collect();
         let mut contenders = Vec::new();
-        for (name, kind, extra) in [
-            ("zdr", Kind::Zdr { preload: false }, &[][..]),
-            ("zdr, recycling", Kind::Zdr { preload: false }, &limits[..]),
+        let mut scrape_at: BTreeMap<String, SocketAddr> = BTreeMap::new();
+        for (name, kind, extra, at) in [
+            ("zdr", Kind::Zdr { preload: false }, &[][..], None),
+            (
+                "zdr, recycling",
+                Kind::Zdr { preload: false },
+                &recycling[..],
+                Some(metrics[0]),
+            ),
             (
                 "zdr --preload, recycling",
                 Kind::Zdr { preload: true },
-                &limits[..],
+                &recycling_preload[..],
+                Some(metrics[1]),
             ),
         ] {
+            if let Some(at) = at {
+                scrape_at.insert(name.to_owned(), at);
+            }
             match self.start(kind, extra, &[]) {
                 Ok(server) => contenders.push(Contender {
                     name: name.to_owned(),
@@ -236,7 +259,7 @@ impl Bench {
                     failed: false,
                     most_processes: 0,
                 }),
-                Err(why) => self.skip("recycle", name, &why, 5),
+                Err(why) => self.skip("recycle", name, &why, 6),
             }
         }
         eprintln!("recycle: interleaved");
@@ -248,16 +271,33 @@ impl Bench {
         for c in &contenders {
             let s = spread(&c.runs);
             let ratio = base.as_ref().and_then(|b| paired(&c.runs, b));
+            // Replacements made ÷ asked for (requests ÷ (1000 × 1.1)).
+            let replaced = scrape_at.get(&c.name).and_then(|at| {
+                let text = super::get_body(*at, "/metrics").ok()?;
+                let made = sample(&text, "zdr_worker_restarts_total{cause=\"max_requests\"}")?;
+                let requests: f64 = text
+                    .lines()
+                    .filter(|l| l.starts_with("zdr_requests_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                Some((made, made / (requests / 1100.0)))
+            });
             let record = json!({
                 "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
                 "over_no_recycling": ratio.map(|r| r.0),
                 "over_no_recycling_min_max": ratio.map(|r| [r.1, r.2]),
                 "most_worker_processes": c.most_processes,
                 "workers": WORKERS, "failed": c.failed,
+                "replacements": replaced.map(|r| r.0),
+                "replacements_of_asked": replaced.map(|r| r.1),
             });
             let cells = vec![
                 cell(s),
                 ratio_cell(ratio),
+                replaced.map_or_else(
+                    || "-".to_owned(),
+                    |(made, of)| format!("{made:.0} ({:.0} %)", 100.0 * of),
+                ),
                 c.most_processes.to_string(),
                 c.failed.to_string(),
                 c.runs.len().to_string(),
@@ -634,4 +674,10 @@ fn instructions_per_request(kind: Kind, bare_threads: &str, dir: &Path) -> Resul
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
     result
+}
+
+/// One sample's value in Prometheus text, by its name and labels.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
