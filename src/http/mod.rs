@@ -513,17 +513,19 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             .shed
             .as_ref()
             .filter(|_| refusal.is_none())
-            .map(|_| Queued {
-                shared: Arc::clone(&self.shared),
-                since_ns: self
-                    .conn
-                    .ready_ns
-                    .load(Ordering::Relaxed)
-                    .max(self.conn.last_done_ns.load(Ordering::Relaxed)),
-                started_ns: 0,
-                place: shed::Place::default(),
-                yielding: None,
-                body_left: watch.is_some(),
+            .map(|_| {
+                Box::new(Queued {
+                    shared: Arc::clone(&self.shared),
+                    since_ns: self
+                        .conn
+                        .ready_ns
+                        .load(Ordering::Relaxed)
+                        .max(self.conn.last_done_ns.load(Ordering::Relaxed)),
+                    started_ns: 0,
+                    place: shed::Place::default(),
+                    yielding: None,
+                    body_left: watch.is_some(),
+                })
             });
         ConnFuture {
             inner,
@@ -635,8 +637,9 @@ pub(crate) struct ConnFuture {
     log: Option<Box<LogFacts>>,
     /// Where to count the request, and when it started (not for probes).
     metrics: Option<(&'static Slot, u64)>,
-    /// When shedding: how long it waited, decided at the first poll.
-    queued: Option<Queued>,
+    /// When shedding: how long it waited, decided at the first poll
+    /// (boxed: every connection's task holds room for its future).
+    queued: Option<Box<Queued>>,
 }
 
 impl Future for ConnFuture {
