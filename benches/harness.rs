@@ -496,7 +496,8 @@ fn children_of(parent: u32) -> Vec<u32> {
 }
 
 /// A blocking GET; the status.
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+/// `GET path` on a connection of its own: the whole answer, as text.
+fn exchange(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -506,25 +507,20 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    text.split_whitespace()
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    exchange(addr, path)?
+        .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("bad response"))
 }
 
-/// The body of `GET path` (a 200), on a connection of its own.
+/// The body of `GET path`, if it is a 200.
 fn get_body(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
+    let text = exchange(addr, path)?;
     match text.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
         _ => Err(std::io::Error::other("not a 200")),
