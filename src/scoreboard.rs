@@ -23,6 +23,9 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::metrics::{RequestCounters, REQUEST_BUCKETS};
 
+mod begun;
+pub use begun::Begun;
+
 /// How many workers can exist at once, across all generations.
 pub const CAPACITY: usize = 1024;
 const MESSAGE_LEN: usize = 440;
@@ -137,8 +140,14 @@ struct Extra {
 
 const _: () = assert!(std::mem::size_of::<Extra>() == 64);
 
-/// The memfd's length as this build makes it: the table, then [`Extra`].
-const FULL_SIZE: usize = TABLE_SIZE + std::mem::size_of::<Extra>();
+/// Where [`Extra`] ends: the memfd's length as builds before [`Begun`]
+/// made it.
+const EXTRA_END: usize = TABLE_SIZE + std::mem::size_of::<Extra>();
+
+/// The memfd's length as this build makes it: the table, [`Extra`], then
+/// each slot's [`Begun`] requests.
+const FULL_SIZE: usize = EXTRA_END + CAPACITY * std::mem::size_of::<Begun>();
+const _: () = assert!(std::mem::size_of::<Begun>() % 64 == 0);
 const _: () = assert!(TABLE_SIZE % 64 == 0);
 const _: () = assert!(
     SLOT_SIZE <= 1024,
@@ -306,8 +315,8 @@ impl Slot {
 pub struct Scoreboard {
     base: NonNull<Table>,
     fd: OwnedFd,
-    /// How many bytes are mapped: [`FULL_SIZE`], or [`TABLE_SIZE`] for a
-    /// memfd an earlier build made.
+    /// How many bytes are mapped: [`FULL_SIZE`], or less ([`EXTRA_END`],
+    /// [`TABLE_SIZE`]) for a memfd an earlier build made.
     len: usize,
 }
 
@@ -345,6 +354,8 @@ impl Scoreboard {
         let size = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size;
         let mapped = if usize::try_from(size).is_ok_and(|n| n >= FULL_SIZE) {
             FULL_SIZE
+        } else if usize::try_from(size).is_ok_and(|n| n >= EXTRA_END) {
+            EXTRA_END
         } else if usize::try_from(size).is_ok_and(|n| n >= TABLE_SIZE) {
             TABLE_SIZE
         } else {
@@ -391,10 +402,10 @@ impl Scoreboard {
 
     /// The figures after the table, when the memfd has them.
     fn extra(&self) -> Option<&Extra> {
-        if self.len < FULL_SIZE {
+        if self.len < EXTRA_END {
             return None;
         }
-        // SAFETY: the mapping is FULL_SIZE bytes (checked above), `Extra`
+        // SAFETY: the mapping is EXTRA_END bytes (checked above), `Extra`
         // starts right after the table at a 64-byte boundary, lives as long
         // as `self`, and is only accessed through atomics, whose all-zero
         // bit pattern is valid.
@@ -405,6 +416,27 @@ impl Scoreboard {
                 .cast::<u8>()
                 .add(TABLE_SIZE)
                 .cast::<Extra>()
+        })
+    }
+
+    /// The requests in flight that slot `index`'s worker names, when the
+    /// memfd has room for them (see [`Begun`]).
+    pub fn begun(&self, index: usize) -> Option<&Begun> {
+        if self.len < FULL_SIZE || index >= CAPACITY {
+            return None;
+        }
+        // SAFETY: the mapping is FULL_SIZE bytes (checked above); the
+        // `Begun` tables start right after `Extra` at a 64-byte boundary,
+        // one per slot, `index` is in range, the mapping lives as long as
+        // `self`, and it is only accessed through atomics, whose all-zero
+        // bit pattern is valid.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .cast::<u8>()
+                .add(EXTRA_END + index * std::mem::size_of::<Begun>())
+                .cast::<Begun>()
         })
     }
 

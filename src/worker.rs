@@ -405,6 +405,7 @@ async fn boot(
         board,
         slot_index: spec.slot,
         slot,
+        begun: board.begun(spec.slot),
         request_limit: spec.request_limit,
         on_limit: Box::new(move || limit_bell.ring()),
         limits: crate::http::Limits {

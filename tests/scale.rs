@@ -612,6 +612,39 @@ fn idle_connections_make_room_for_a_waiting_client() {
     assert!(round.answered > 0, "{round:?}");
 }
 
+/// A worker stuck in one request (a handler that blocks its only thread
+/// far past `--timeout`) is killed, and the kill names that request: its
+/// method, path and how long it had run, read from the slot the worker
+/// can no longer write to.
+#[test]
+fn a_worker_killed_at_its_timeout_names_its_requests_in_flight() {
+    let server = Launch::serve(&["--workers", "1", "--timeout", "2"]).start();
+    let before = server.wait_workers(1);
+    let victim = *before.iter().next().expect("a worker");
+    let addr = server.addr();
+    // Its answer never comes: the worker is killed while blocked.
+    let stuck = std::thread::spawn(move || try_get(addr, "/block?ms=600000&who=stuck"));
+    let said = format!("Worker (pid: {victim}) at its timeout");
+    server.wait_for_log(&said, Duration::from_secs(60));
+    let log = server.log_text();
+    let line = log.lines().find(|l| l.contains(&said)).expect("the line");
+    assert!(
+        line.contains("requests in flight: GET /block (for "),
+        "{line}"
+    );
+    assert!(
+        !line.contains("who=stuck"),
+        "the query is not logged: {line}"
+    );
+    assert!(stuck.join().expect("the client thread").is_err());
+    // Its replacement serves.
+    assert!(wait_until(Duration::from_secs(60), || server
+        .worker_pids()
+        .iter()
+        .any(|p| !before.contains(p))));
+    assert_eq!(server.get("/").status, 200);
+}
+
 /// A worker so busy that its runtime gets to the heartbeat task only every
 /// few seconds (a hundred keep-alive clients on a handler that blocks the
 /// runtime 50 ms, one worker, `--timeout 2`) still answers, so it is not
@@ -655,5 +688,6 @@ fn a_busy_worker_is_not_taken_for_a_hung_one() {
         .find(|l| l.contains(&format!("Worker (pid: {victim}) at its timeout")))
         .expect("the line");
     assert!(line.contains("(stopped"), "{line}");
+    assert!(line.contains("requests in flight: none"), "{line}");
     assert!(said.contains("request(s) in flight; killing it"), "{said}");
 }

@@ -78,6 +78,9 @@ pub(crate) struct Shared {
     pub(crate) board: &'static crate::scoreboard::Scoreboard,
     pub(crate) slot_index: usize,
     pub(crate) slot: &'static Slot,
+    /// Where the worker names its requests in flight, for the master's
+    /// account of a worker killed at `--timeout`.
+    pub(crate) begun: Option<&'static crate::scoreboard::Begun>,
     /// When this worker is recycled, if ever.
     pub(crate) request_limit: Option<crate::recycle::RequestLimit>,
     /// Called when the request count reaches the limit.
@@ -383,6 +386,9 @@ struct InFlight {
     conn: Arc<ConnState>,
     /// The worker's slot, once the request counts there.
     slot: Option<&'static Slot>,
+    /// The request's number in the worker, once it is named in
+    /// [`Shared::begun`].
+    named: Option<(&'static crate::scoreboard::Begun, u64)>,
     /// When the response was ready, if it was (the clock is read once).
     done: Option<u64>,
 }
@@ -391,6 +397,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
             slot.end_request();
+        }
+        if let Some((begun, number)) = self.named {
+            begun.end(number);
         }
         let done = self.done.unwrap_or_else(crate::sys::monotonic_ns);
         self.conn.last_done_ns.store(done.max(1), Ordering::Relaxed);
@@ -421,6 +430,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let mut guard = Some(InFlight {
             conn: Arc::clone(&self.conn),
             slot: None,
+            named: None,
             done: None,
         });
         let version = req.version();
@@ -449,8 +459,20 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         let forwarded = self.client.forwarded(req.headers());
         let client = forwarded.as_ref().unwrap_or(self.client.direct());
         let started = self.shared.slot.begin_request();
+        // One clock read per request, for the metrics, the access log and
+        // the master's account of a hung worker.
+        let began = crate::sys::monotonic_ns();
         if let Some(g) = &mut guard {
             g.slot = Some(self.shared.slot);
+            if let Some(begun) = self.shared.begun {
+                begun.begin(
+                    started,
+                    began / 1_000_000,
+                    req.method().as_str(),
+                    req.uri().path(),
+                );
+                g.named = Some((begun, started));
+            }
         }
         if let Some(limit) = &self.shared.request_limit {
             if started == limit.limit {
@@ -468,8 +490,6 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 .board
                 .count_made_room(crate::metrics::MadeRoom::Rotated);
         }
-        // One clock read per request, for the metrics and the access log.
-        let began = crate::sys::monotonic_ns();
         let log = self.shared.access_log.is_some().then(|| {
             Box::new(LogFacts {
                 shared: Arc::clone(&self.shared),

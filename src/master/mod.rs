@@ -486,8 +486,9 @@ impl Master {
                     // Killed at --timeout: where it was stuck, read before
                     // the signal changes it.
                     tracing::error!(
-                        "Worker (pid: {pid}) at its timeout: {}",
-                        report::where_stuck(pid)
+                        "Worker (pid: {pid}) at its timeout: {}; requests in flight: {}",
+                        report::where_stuck(pid),
+                        self.named_in_flight(pid)
                     );
                 }
                 let _ = kill(pid, signal);

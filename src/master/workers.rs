@@ -48,6 +48,9 @@ impl Master {
         let handoff = self.handoff.as_ref().map(crate::handoff::Pair::raw_fds);
         let slot = self.board.slot(slot_index);
         slot.claim(id);
+        if let Some(begun) = self.board.begun(slot_index) {
+            begun.clear();
+        }
         let request_limit = RequestLimit::new(
             settings.max_requests,
             random_below(settings.max_requests_jitter + 1),
@@ -217,6 +220,32 @@ impl Master {
     pub(super) fn slot_of(&self, pid: Pid) -> Option<&crate::scoreboard::Slot> {
         let h = self.handles.iter().find(|h| h.pid == pid)?;
         Some(self.board.slot(h.slot))
+    }
+
+    /// The requests worker `pid` names as in flight (see
+    /// [`crate::scoreboard::Begun`]), as a phrase for a log line:
+    /// `GET /report (for 31.2s), …`, or why there are none to name.
+    pub(super) fn named_in_flight(&self, pid: Pid) -> String {
+        let Some(h) = self.handles.iter().find(|h| h.pid == pid) else {
+            return "not known".to_owned();
+        };
+        let Some(begun) = self.board.begun(h.slot) else {
+            return "not named by its build".to_owned();
+        };
+        let now_ms = crate::scoreboard::monotonic_ms();
+        let named: Vec<String> = begun
+            .named()
+            .into_iter()
+            .map(|n| {
+                let secs = now_ms.saturating_sub(n.began_ms) as f64 / 1000.0;
+                format!("{} (for {secs:.1}s)", n.what)
+            })
+            .collect();
+        if named.is_empty() {
+            "none".to_owned()
+        } else {
+            named.join(", ")
+        }
     }
 }
 
