@@ -3,10 +3,15 @@
 //! in flight at once.
 //!
 //! A worker counts its requests on the scoreboard and rings the master's
-//! doorbell when it reaches its limit; the master starts its replacement
-//! (within the server's surge budget) and drains the worker once the
-//! replacement is ready. Capacity never dips, and the server never runs
-//! more than [`MAX_SURGE`] processes beyond its workers for recycling.
+//! doorbell when it nears its limit (the last [`PRESPAWN_SHARE`]th of it)
+//! and when it reaches it; the master starts its replacement as the worker
+//! nears its limit (within the server's surge budget) and drains the worker
+//! once the replacement is ready and the limit reached. At saturation the
+//! replacement is thus ready about when the limit is reached, so the worker
+//! stops close to its limit instead of serving on through its
+//! replacement's boot; at low traffic the replacement waits, ready, for the
+//! rest. Capacity never dips, and the server never runs more than
+//! [`MAX_SURGE`] processes beyond its workers for recycling.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,13 +19,18 @@ use serde::{Deserialize, Serialize};
 /// at once, for the whole server.
 pub(crate) const MAX_SURGE: usize = 1;
 
+/// The share of a worker's request limit left when its replacement starts:
+/// one eighth (125 requests of 1000). At saturation that is about a boot's
+/// worth of requests.
+pub(crate) const PRESPAWN_SHARE: u64 = 8;
+
 /// A worker's request limit: `max_requests` plus its share of the jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RequestLimit {
     /// The count at which the worker is replaced.
     pub(crate) limit: u64,
-    /// The count at which its replacement starts; equal to `limit` (kept
-    /// in the worker's spec for binaries that read it).
+    /// The count at which its replacement starts (the last
+    /// [`PRESPAWN_SHARE`]th of `limit` left).
     pub(crate) prespawn_at: u64,
 }
 
@@ -28,10 +38,23 @@ impl RequestLimit {
     /// The limit `max_requests + jitter`, or none when `max_requests` is 0.
     /// `jitter` is drawn by the caller in `0..=max_requests_jitter`.
     pub(crate) fn new(max_requests: u64, jitter: u64) -> Option<RequestLimit> {
+        let limit = max_requests + jitter;
         (max_requests > 0).then_some(RequestLimit {
-            limit: max_requests + jitter,
-            prespawn_at: max_requests + jitter,
+            limit,
+            prespawn_at: limit - limit / PRESPAWN_SHARE,
         })
+    }
+
+    /// Whether a worker that has started `requests` requests is near
+    /// enough its limit for its replacement to start.
+    pub(crate) fn due(&self, requests: u64) -> bool {
+        requests >= self.prespawn_at
+    }
+
+    /// Whether the worker rings its master at its `requests`th request:
+    /// when its replacement is due, and at its limit.
+    pub(crate) fn rings_at(&self, requests: u64) -> bool {
+        requests == self.prespawn_at || requests == self.limit
     }
 
     /// Whether a worker that has started `requests` requests is due for
@@ -56,5 +79,19 @@ mod tests {
         assert_eq!(l.limit, 1037);
         assert!(!l.reached(1036));
         assert!(l.reached(1037));
+    }
+
+    #[test]
+    fn the_replacement_is_due_for_the_last_eighth() {
+        let l = RequestLimit::new(1000, 0).unwrap();
+        assert_eq!(l.prespawn_at, 875);
+        assert!(!l.due(874));
+        assert!(l.due(875));
+        assert!(l.rings_at(875) && l.rings_at(1000));
+        assert!(!l.rings_at(876) && !l.rings_at(1001));
+        // A limit of one: due at once, ringing once.
+        let one = RequestLimit::new(1, 0).unwrap();
+        assert_eq!(one.prespawn_at, 1);
+        assert!(one.rings_at(1));
     }
 }

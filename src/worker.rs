@@ -446,8 +446,20 @@ async fn boot(
 /// while should still get it.
 const RECLAIM_AFTER: Duration = Duration::from_secs(1);
 
-/// How often a leaving worker looks at the queue while it waits for it to
-/// empty.
+/// How often a leaving worker with nothing left to serve looks at the
+/// queue at first, while it waits for it to empty: ready workers take a
+/// handed connection within a millisecond or two, and a worker that
+/// lingers holds up the next recycling (one at a time, server-wide). The
+/// runtime's timers tick in milliseconds, so these waits block its thread,
+/// which has nothing else to run.
+const QUICK_LOOK: Duration = Duration::from_micros(200);
+
+/// How many quick looks before the leaving worker looks every
+/// [`RECLAIM_LOOK`] instead.
+const QUICK_LOOKS: u32 = 50;
+
+/// How often a leaving worker looks at the queue after its quick looks,
+/// or while it still serves connections.
 const RECLAIM_LOOK: Duration = Duration::from_millis(10);
 
 /// Once its own connections are done, a leaving worker takes back what is
@@ -472,6 +484,7 @@ async fn reclaim(
     // The first connection queued, and since when it has been first.
     let mut first = None;
     let mut since = tokio::time::Instant::now();
+    let mut quick = 0;
     loop {
         let now = tokio::time::Instant::now();
         let head = queue.head();
@@ -489,7 +502,12 @@ async fn reclaim(
             first = None;
             continue;
         }
-        tokio::time::sleep_until((now + RECLAIM_LOOK).min(deadline)).await;
+        if quick < QUICK_LOOKS && extra == 0 && permits.available_permits() >= capacity {
+            quick += 1;
+            std::thread::sleep(QUICK_LOOK);
+        } else {
+            tokio::time::sleep_until((now + RECLAIM_LOOK).min(deadline)).await;
+        }
     }
     if extra == 0 && permits.available_permits() >= capacity {
         return 0;

@@ -83,7 +83,8 @@ pub(crate) struct Shared {
     pub(crate) begun: Option<&'static crate::scoreboard::Begun>,
     /// When this worker is recycled, if ever.
     pub(crate) request_limit: Option<crate::recycle::RequestLimit>,
-    /// Called when the request count reaches the limit.
+    /// Called when the request count nears the limit and when it reaches
+    /// it (see [`crate::recycle::RequestLimit::rings_at`]).
     pub(crate) on_limit: Box<dyn Fn() + Send + Sync>,
     /// The health probes' paths ("" for off).
     pub(crate) probes: Probes,
@@ -475,7 +476,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
             }
         }
         if let Some(limit) = &self.shared.request_limit {
-            if started == limit.limit {
+            if limit.rings_at(started) {
                 (self.shared.on_limit)();
             }
         }

@@ -38,7 +38,7 @@
 //! | a serving worker exits unexpectedly | — | logged as an error, replaced (backing off while workers die before ready) | ← | not replaced | not replaced |
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
-//! | request or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once), worker drained once it is ready | deferred until Serving | — | — |
+//! | request limit near (its last eighth, [`crate::recycle::PRESPAWN_SHARE`]) or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once; the worker nearest its request limit first), worker drained once it is ready and the request limit reached | deferred until Serving | — | — |
 //! | a reload with a canary | — | its canary workers start first, then are watched ([`super::canary`]): promoted (the rest starts) or rolled back with its figures | ← | ← | — |
 //! | a batch of a `max_surge`/`max_unavailable` reload is ready | — | — | old workers drain while the ready ones stay at least target − unavailable; the next batch starts while every process fits in target + surge | — | — |
 //! | the graceful timeout passes for a draining worker | SIGKILL | ← | ← | ← | ← (counted: `stop --wait` fails) |
@@ -1249,6 +1249,9 @@ impl Machine {
         // The worker furthest past its request limit while it waits for
         // the surge budget: (pid, requests, limit).
         let mut behind: Option<(Pid, u64, u64)> = None;
+        // The worker whose replacement is due, nearest its request limit:
+        // (pid, requests ÷ limit).
+        let mut due: Option<(Pid, f64)> = None;
         for w in &mut self.workers {
             let seen = observed.iter().find(|o| o.pid == w.pid);
             match w.role {
@@ -1281,14 +1284,13 @@ impl Machine {
                         }
                         continue;
                     }
-                    if let Some(limit) = w.request_limit.filter(|l| l.reached(w.requests)) {
-                        out.info(format!(
-                            "Worker (pid: {}) reached its request limit ({} of {}); starting its replacement",
-                            w.pid, w.requests, limit.limit
-                        ));
-                        w.role = Role::Retiring;
-                        w.cause = Some(RestartCause::MaxRequests);
-                        recycling += 1;
+                    if let Some(limit) = w.request_limit.filter(|l| l.due(w.requests)) {
+                        // The one nearest (or furthest past) its limit goes
+                        // first, once all have been looked at.
+                        let share = w.requests as f64 / limit.limit as f64;
+                        if due.is_none_or(|(_, s)| share > s) {
+                            due = Some((w.pid, share));
+                        }
                         continue;
                     }
                     let owned = seen.and_then(|o| o.owned_bytes);
@@ -1320,6 +1322,24 @@ impl Machine {
                 _ => {}
             }
         }
+        if let Some(w) = due
+            .filter(|_| recycling < MAX_SURGE)
+            .and_then(|(pid, _)| self.workers.iter_mut().find(|w| w.pid == pid))
+        {
+            if let Some(limit) = w.request_limit {
+                let what = if limit.reached(w.requests) {
+                    "reached its request limit"
+                } else {
+                    "nears its request limit"
+                };
+                out.info(format!(
+                    "Worker (pid: {}) {what} ({} of {}); starting its replacement",
+                    w.pid, w.requests, limit.limit
+                ));
+                w.role = Role::Retiring;
+                w.cause = Some(RestartCause::MaxRequests);
+            }
+        }
         for (pid, sig) in to_kill {
             self.kill(pid, sig, now, out);
         }
@@ -1337,7 +1357,9 @@ impl Machine {
     }
 
     /// Drains retiring workers once their generation again has every worker
-    /// it should have, ready.
+    /// it should have, ready: one over its memory limit at once, one near
+    /// its request limit once it reaches it — or at once, if another worker
+    /// past its limit waits for the surge budget it holds.
     fn drain_replaced(&mut self, now: Instant, out: &mut Out) {
         let Some(id) = self.serving.as_ref().map(|g| g.id) else {
             return;
@@ -1345,12 +1367,16 @@ impl Machine {
         if self.ready_workers(id) < self.target {
             return;
         }
+        let another_waits = self.workers.iter().any(|w| {
+            w.role == Role::Active && w.request_limit.is_some_and(|l| l.reached(w.requests))
+        });
         let done: Vec<Pid> = self
             .workers
             .iter()
             .filter(|w| w.role == Role::Retiring)
             .filter(|w| {
                 w.cause == Some(RestartCause::Memory)
+                    || another_waits
                     || w.request_limit.is_some_and(|l| l.reached(w.requests))
             })
             .map(|w| w.pid)

@@ -602,6 +602,65 @@ fn recycling_keeps_within_the_surge_budget() {
         .contains(&Action::Record(Record::Restart(RestartCause::MaxRequests))));
 }
 
+/// A worker's replacement starts in the last eighth of its request limit,
+/// so that at saturation it is ready when the limit is reached; the worker
+/// serves on until then and is drained at its limit, not before.
+#[test]
+fn a_replacement_starts_as_its_worker_nears_the_limit_and_waits_for_it() {
+    let mut sim = Sim::recycling(2, 100);
+    let [a, b] = [sim.pids(1)[0], sim.pids(1)[1]];
+    sim.slots.get_mut(&a).expect("slot").requests = 87;
+    sim.tick();
+    assert_eq!(sim.role(a), Role::Active, "not yet in its last eighth");
+    sim.slots.get_mut(&a).expect("slot").requests = 88;
+    let actions = sim.tick();
+    assert_eq!(sim.role(a), Role::Retiring);
+    assert!(logged(&actions, Level::INFO, "nears its request limit (88 of 100)"));
+    let actions = [sim.tick(), sim.ready_all()].concat();
+    assert_eq!(sim.m.workers().len(), 3, "its replacement started");
+    assert!(signals_to(&actions, Signal::SIGTERM).is_empty());
+    // Ready, but the worker has requests left: it serves them.
+    assert!(signals_to(&sim.tick(), Signal::SIGTERM).is_empty());
+    sim.slots.get_mut(&a).expect("slot").requests = 100;
+    assert_eq!(signals_to(&sim.tick(), Signal::SIGTERM), vec![a]);
+    assert_eq!(sim.role(b), Role::Active);
+}
+
+/// A worker near its limit whose replacement is ready does not hold the
+/// surge budget from another worker already past its own: it is drained at
+/// once, and the other's replacement starts.
+#[test]
+fn a_worker_past_its_limit_does_not_wait_for_one_that_only_nears_it() {
+    let mut sim = Sim::recycling(2, 100);
+    let [a, b] = [sim.pids(1)[0], sim.pids(1)[1]];
+    sim.slots.get_mut(&a).expect("slot").requests = 90;
+    sim.tick();
+    sim.tick();
+    sim.ready_all();
+    assert_eq!(sim.role(a), Role::Retiring);
+    sim.slots.get_mut(&b).expect("slot").requests = 100;
+    let actions = sim.tick();
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![a]);
+    sim.exit(a, "exited with status 0");
+    let actions = sim.tick();
+    assert_eq!(sim.role(b), Role::Retiring);
+    assert!(logged(&actions, Level::INFO, "reached its request limit (100 of 100)"));
+}
+
+/// Of several workers whose replacements are due, the one furthest along
+/// its limit goes first.
+#[test]
+fn the_worker_furthest_along_its_limit_is_replaced_first() {
+    let mut sim = Sim::recycling(3, 100);
+    let pids = sim.pids(1);
+    for (pid, n) in pids.iter().zip([95, 130, 90]) {
+        sim.slots.get_mut(pid).expect("slot").requests = n;
+    }
+    sim.tick();
+    let roles: Vec<Role> = pids.iter().map(|p| sim.role(*p)).collect();
+    assert_eq!(roles, vec![Role::Active, Role::Retiring, Role::Active]);
+}
+
 /// A worker far past its request limit that waits for the surge budget is
 /// said at WARNING (once a minute at most), not overshot in silence.
 #[test]
