@@ -9,8 +9,11 @@
 //!
 //! The binary also plays two servers for the runs, by re-executing itself:
 //! `--as-bare ADDR THREADS` is the bare hyper baseline (one process, the
-//! same handler as zdr's demo app), and with `ZDR_BENCH_TABLE_APP` set it is
-//! a zdr app whose load step builds a table of `TABLE_MB` megabytes.
+//! same handler as zdr's demo app; `--as-bare ADDR THREADS hello` answers a
+//! static `hello`), with `ZDR_BENCH_TABLE_APP` set it is a zdr app whose
+//! load step builds a table of `TABLE_MB` megabytes, and with
+//! `ZDR_BENCH_HELLO_APP` set a zdr app whose `tower::service_fn` answers the
+//! same static `hello` as the bare one: the fair pair for instructions.
 
 #[path = "../tests/common/load.rs"]
 #[allow(dead_code)]
@@ -48,8 +51,17 @@ fn main() {
             1
         });
     }
+    if std::env::var_os(HELLO_APP_ENV).is_some() {
+        let code = hello_app().run();
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
     if args.get(1).map(String::as_str) == Some("--as-bare") {
-        return bare::serve(&args[2], args[3].parse().unwrap_or(1));
+        let hello = args.get(4).map(String::as_str) == Some("hello");
+        return bare::serve(&args[2], args[3].parse().unwrap_or(1), hello);
     }
     let opts = Opts::parse(&args[1..]);
     let mut bench = Bench::new(opts);
@@ -585,8 +597,9 @@ mod bare {
     use hyper_util::server::conn::auto;
 
     /// One process, `threads` runtime threads (0: a current-thread
-    /// runtime), the demo app's handler.
-    pub fn serve(addr: &str, threads: usize) {
+    /// runtime), the demo app's handler, or (`hello`) a static answer as
+    /// [`super::hello_app`] gives.
+    pub fn serve(addr: &str, threads: usize, hello: bool) {
         let rt = match threads {
             0 => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -606,6 +619,17 @@ mod bare {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                if hello {
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(|_req| async {
+                            Ok::<_, Infallible>(http::Response::new(super::hello_body()))
+                        });
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
                         // The demo's own answer, by the same function; the
@@ -656,6 +680,25 @@ fn table_app() -> zdr::Server<Table> {
                 }
             }))
         })
+}
+
+// ---------------------------------------------------------------- the hello app (instructions)
+
+const HELLO_APP_ENV: &str = "ZDR_BENCH_HELLO_APP";
+
+/// The static answer both sides of the fair instructions pair give.
+fn hello_body() -> http_body_util::Full<bytes::Bytes> {
+    http_body_util::Full::new(bytes::Bytes::from_static(b"hello\n"))
+}
+
+/// A zdr app as a user writes one: `Server::service` with a
+/// `tower::service_fn` answering a static `hello`.
+fn hello_app() -> zdr::Server<()> {
+    zdr::Server::new("bench-hello").service(|_: std::sync::Arc<()>| async move {
+        Ok(tower::service_fn(|_req: zdr::Request| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(hello_body()))
+        }))
+    })
 }
 
 // ---------------------------------------------------------------- scenarios

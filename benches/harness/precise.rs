@@ -209,9 +209,9 @@ impl Bench {
     }
 
     /// Recycling at saturation: with `--max-requests 1000
-    /// --max-requests-jitter 100`, with and without `--preload`, against
-    /// the same server without it, interleaved; and the most processes
-    /// seen at once.
+    /// --max-requests-jitter 100` (with and without `--preload`) and with
+    /// `--max-requests 10000 --max-requests-jitter 1000`, against the same
+    /// server without it, interleaved; and the most processes seen at once.
     pub fn recycle(&mut self) {
         if which("wrk").is_none() {
             self.skip("recycle", "all", "wrk not installed", 6);
@@ -220,32 +220,49 @@ impl Bench {
         // The recycling servers say on their metrics endpoint how many
         // workers they replaced, for the replacements made against those
         // asked for (requests ÷ (limit × 1.1)).
-        let metrics = [super::free_addr(), super::free_addr()];
-        let (bind0, bind1) = (metrics[0].to_string(), metrics[1].to_string());
-        let limits = ["--max-requests", "1000", "--max-requests-jitter", "100"];
-        let with = |bind: &str| -> Vec<String> {
-            let mut v: Vec<String> = limits.iter().map(|s| s.to_string()).collect();
-            v.extend(["--metrics-bind".to_owned(), bind.to_owned()]);
-            v
+        let metrics = [super::free_addr(), super::free_addr(), super::free_addr()];
+        let with = |limit: u64, bind: SocketAddr| -> Vec<String> {
+            [
+                "--max-requests".to_owned(),
+                limit.to_string(),
+                "--max-requests-jitter".to_owned(),
+                (limit / 10).to_string(),
+                "--metrics-bind".to_owned(),
+                bind.to_string(),
+            ]
+            .into()
         };
-        let (recycling, recycling_preload) = (with(&bind0), with(&bind1));
-        let recycling: Vec<&str> = recycling.iter().map(String::as_str).collect();
-        let recycling_preload: Vec<&str> = recycling_preload.iter().map(String::as_str).collect();
+        let args = [
+            with(1000, metrics[0]),
+            with(1000, metrics[1]),
+            with(10000, metrics[2]),
+        ];
+        let args: Vec<Vec<&str>> = args
+            .iter()
+            .map(|a| a.iter().map(String::as_str).collect())
+            .collect();
         let mut contenders = Vec::new();
-        let mut scrape_at: BTreeMap<String, SocketAddr> = BTreeMap::new();
+        // Where each recycling server says what it did, and its limit.
+        let mut scrape_at: BTreeMap<String, (SocketAddr, f64)> = BTreeMap::new();
         for (name, kind, extra, at) in [
             ("zdr", Kind::Zdr { preload: false }, &[][..], None),
             (
-                "zdr, recycling",
+                "zdr, recycling at 1000",
                 Kind::Zdr { preload: false },
-                &recycling[..],
-                Some(metrics[0]),
+                &args[0][..],
+                Some((metrics[0], 1000.0)),
             ),
             (
-                "zdr --preload, recycling",
+                "zdr --preload, recycling at 1000",
                 Kind::Zdr { preload: true },
-                &recycling_preload[..],
-                Some(metrics[1]),
+                &args[1][..],
+                Some((metrics[1], 1000.0)),
+            ),
+            (
+                "zdr, recycling at 10000",
+                Kind::Zdr { preload: false },
+                &args[2][..],
+                Some((metrics[2], 10000.0)),
             ),
         ] {
             if let Some(at) = at {
@@ -271,8 +288,8 @@ impl Bench {
         for c in &contenders {
             let s = spread(&c.runs);
             let ratio = base.as_ref().and_then(|b| paired(&c.runs, b));
-            // Replacements made ÷ asked for (requests ÷ (1000 × 1.1)).
-            let replaced = scrape_at.get(&c.name).and_then(|at| {
+            // Replacements made ÷ asked for (requests ÷ (limit × 1.1)).
+            let replaced = scrape_at.get(&c.name).and_then(|(at, limit)| {
                 let text = super::get_body(*at, "/metrics").ok()?;
                 let made = sample(&text, "zdr_worker_restarts_total{cause=\"max_requests\"}")?;
                 let requests: f64 = text
@@ -280,7 +297,7 @@ impl Bench {
                     .filter(|l| l.starts_with("zdr_requests_total{"))
                     .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                     .sum();
-                Some((made, made / (requests / 1100.0)))
+                Some((made, made / (requests / (limit * 1.1))))
             });
             let record = json!({
                 "runs_rps": c.runs, "median_rps": s.0, "min_rps": s.1, "max_rps": s.2,
@@ -354,14 +371,21 @@ impl Bench {
         // Bare hyper as `#[tokio::main]` with one worker thread gives it,
         // and on a current-thread runtime (what zdr runs with --threads 1).
         const BARE_CURRENT: &str = "bare hyper, current-thread runtime";
-        for (name, kind, bare_threads) in [
-            ("zdr", Kind::Zdr { preload: false }, "1"),
-            (Kind::Bare.name(), Kind::Bare, "1"),
-            (BARE_CURRENT, Kind::Bare, "0"),
+        // The fair pair: an app as users write one (`Server::service` with
+        // a `tower::service_fn`) and bare hyper on a current-thread runtime,
+        // both answering the same static bytes.
+        const ZDR_HELLO: &str = "zdr, static hello (Server::service + service_fn)";
+        const BARE_HELLO: &str = "bare hyper, current-thread, static hello";
+        for (name, kind, bare_threads, hello) in [
+            ("zdr", Kind::Zdr { preload: false }, "1", false),
+            (Kind::Bare.name(), Kind::Bare, "1", false),
+            (BARE_CURRENT, Kind::Bare, "0", false),
+            (ZDR_HELLO, Kind::Zdr { preload: false }, "1", true),
+            (BARE_HELLO, Kind::Bare, "0", true),
         ] {
             eprintln!("instructions: {name}");
             let dir = self.dir();
-            match instructions_per_request(kind, bare_threads, &dir) {
+            match instructions_per_request(kind, bare_threads, hello, &dir) {
                 Ok(ir) => {
                     counts.insert(name, ir);
                 }
@@ -370,8 +394,15 @@ impl Bench {
             let _ = std::fs::remove_dir_all(&dir);
         }
         let bare = counts.get(Kind::Bare.name()).copied();
+        let bare_hello = counts.get(BARE_HELLO).copied();
         for (name, ir) in &counts {
-            let ratio = bare.map(|b| *ir as f64 / b as f64);
+            // Each pair against its own bare hyper.
+            let against = if name.contains("hello") {
+                bare_hello
+            } else {
+                bare
+            };
+            let ratio = against.map(|b| *ir as f64 / b as f64);
             self.row(
                 "instructions",
                 name,
@@ -571,7 +602,12 @@ fn pss_kib(pids: &[u32]) -> u64 {
 
 /// Starts `kind` under callgrind with one serving thread, warms it up and
 /// counts the instructions its serving process spends on 4,000 requests.
-fn instructions_per_request(kind: Kind, bare_threads: &str, dir: &Path) -> Result<u64, String> {
+fn instructions_per_request(
+    kind: Kind,
+    bare_threads: &str,
+    hello: bool,
+    dir: &Path,
+) -> Result<u64, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let addr = super::free_addr();
     let out_file = dir.join("cg.%p");
@@ -582,21 +618,29 @@ fn instructions_per_request(kind: Kind, bare_threads: &str, dir: &Path) -> Resul
         Kind::Bare => {
             cmd.arg(std::env::current_exe().map_err(|e| e.to_string())?)
                 .args(["--as-bare", &addr.to_string(), bare_threads]);
+            if hello {
+                cmd.arg("hello");
+            }
         }
         _ => {
-            cmd.arg("--trace-children=yes")
-                .arg(env!("CARGO_BIN_EXE_zdr"))
-                .args([
-                    "serve",
-                    "--workers",
-                    "1",
-                    "--threads",
-                    "1",
-                    "--log-level",
-                    "warning",
-                ])
-                .args(["--bind", &addr.to_string(), "--control-socket"])
-                .arg(dir.join("control.sock"));
+            cmd.arg("--trace-children=yes");
+            if hello {
+                cmd.arg(std::env::current_exe().map_err(|e| e.to_string())?)
+                    .env(super::HELLO_APP_ENV, "1");
+            } else {
+                cmd.arg(env!("CARGO_BIN_EXE_zdr"));
+            }
+            cmd.args([
+                "serve",
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+                "--log-level",
+                "warning",
+            ])
+            .args(["--bind", &addr.to_string(), "--control-socket"])
+            .arg(dir.join("control.sock"));
         }
     }
     let mut child = spawn_quiet(&mut cmd)?;
