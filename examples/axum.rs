@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --example axum -- serve --workers 2 --bind 127.0.0.1:8000
 //! curl localhost:8000/hello/world
+//! curl localhost:8000/whoami
 //! kill -HUP <master pid>   # rolling reload
 //! ```
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 
 /// Built once per worker (or once in the master with `--preload`).
@@ -34,9 +36,21 @@ async fn hello(State(state): State<AppState>, Path(name): Path<String>) -> Strin
     )
 }
 
+/// The request's client, which zdr hands to an app that asks for it
+/// (`Server::client_info`): the peer, or what a trusted proxy's forwarding
+/// headers say.
+async fn whoami(Extension(client): Extension<zdr::ClientInfo>) -> String {
+    let addr = client
+        .addr
+        .map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+    format!("you are {addr} over {}\n", client.scheme)
+}
+
 fn main() -> std::process::ExitCode {
     zdr::Server::new("axum-example")
         .version(env!("CARGO_PKG_VERSION"))
+        // Every request carries its zdr::ClientInfo (see `whoami`).
+        .client_info()
         .load(|| {
             Ok(Config {
                 greeting: std::env::var("GREETING").unwrap_or_else(|_| "Hello".into()),
@@ -50,6 +64,7 @@ fn main() -> std::process::ExitCode {
             Ok(Router::new()
                 .route("/", get(|| async { "axum on zdr\n" }))
                 .route("/hello/{name}", get(hello))
+                .route("/whoami", get(whoami))
                 .with_state(state))
         })
         // A real app would check its database here; a worker only takes

@@ -60,6 +60,14 @@ fn main() -> std::process::ExitCode {
                                 format!("{i} is past the end ({} entries)\n", table.values.len())
                             }
                         },
+                        // This app does not ask for its requests' clients
+                        // (`Server::client_info`), so they carry none.
+                        None if req.uri().path() == "/client" => {
+                            match req.extensions().get::<zdr::ClientInfo>() {
+                                Some(c) => format!("client: {:?}\n", c.addr),
+                                None => "client: not asked for\n".to_owned(),
+                            }
+                        }
                         _ => format!("GET /lookup/N for N < {}\n", table.values.len()),
                     };
                     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))

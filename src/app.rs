@@ -38,6 +38,9 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) struct LoadedApp {
     pub(crate) make_service: Box<dyn Fn() -> BoxFuture<anyhow::Result<AppService>> + Send + Sync>,
     pub(crate) ready: Arc<dyn Fn() -> BoxFuture<anyhow::Result<()>> + Send + Sync>,
+    /// Every request carries its [`crate::ClientInfo`] in its extensions
+    /// (the app asked, with [`crate::Server::client_info`]).
+    pub(crate) client_info: bool,
     /// Run once the worker has drained (with the time left of the graceful
     /// timeout; zero for a fast stop); returns an exit code for the worker
     /// when it has one to report.

@@ -117,6 +117,8 @@ impl Demo {
 /// The demo app as a zdr server.
 pub fn server() -> Server<Demo> {
     Server::new("demo")
+        // It shows each request's client.
+        .client_info()
         .load(|| {
             if let Ok(msg) = std::env::var("ZDR_DEMO_LOAD_ERROR") {
                 return Err(format!("demo app: {msg}").into());

@@ -40,6 +40,7 @@ pub struct Server<S = ()> {
     load: Arc<dyn Fn() -> Result<S, BoxError> + Send + Sync>,
     service: Option<MakeService<S>>,
     ready: Option<Ready<S>>,
+    client_info: bool,
 }
 
 impl<S> std::fmt::Debug for Server<S> {
@@ -49,6 +50,7 @@ impl<S> std::fmt::Debug for Server<S> {
             .field("version", &self.version)
             .field("service", &self.service.is_some())
             .field("ready", &self.ready.is_some())
+            .field("client_info", &self.client_info)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +64,7 @@ impl Server<()> {
             load: Arc::new(|| Ok(())),
             service: None,
             ready: None,
+            client_info: false,
         }
     }
 }
@@ -85,6 +88,7 @@ impl<S: Send + Sync + 'static> Server<S> {
             load: Arc::new(load),
             service: None,
             ready: None,
+            client_info: self.client_info,
         }
     }
 
@@ -114,6 +118,34 @@ impl<S: Send + Sync + 'static> Server<S> {
             Box::pin(async move { Ok(erase(fut.await.map_err(anyhow::Error::from_boxed)?)) })
                 as BoxFuture<_>
         }));
+        self
+    }
+
+    /// Asks for each request's client: every request then carries a
+    /// [`crate::ClientInfo`] in its extensions (its address and scheme,
+    /// from trusted forwarding headers where `--forwarded-allow-ips` says
+    /// so, and when its connection expires), as axum's `ConnectInfo` does.
+    /// An axum handler takes it as `Extension<zdr::ClientInfo>`. An app
+    /// that does not ask pays nothing for it per request; zdr's own access
+    /// log and metrics know the client either way.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// zdr::Server::new("hello")
+    ///     .client_info()
+    ///     .service(|_: Arc<()>| async move {
+    ///         Ok(tower::service_fn(|req: zdr::Request| async move {
+    ///             let who = req
+    ///                 .extensions()
+    ///                 .get::<zdr::ClientInfo>()
+    ///                 .and_then(|c| c.addr)
+    ///                 .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    ///             Ok::<_, std::convert::Infallible>(http::Response::new(who))
+    ///         }))
+    ///     });
+    /// ```
+    pub fn client_info(mut self) -> Self {
+        self.client_info = true;
         self
     }
 
@@ -152,6 +184,7 @@ impl<S: Send + Sync + 'static> Server<S> {
             load,
             service,
             ready,
+            client_info,
             ..
         } = self;
         Arc::new(move || {
@@ -167,6 +200,7 @@ impl<S: Send + Sync + 'static> Server<S> {
                     Some(check) => check(Arc::clone(&state)),
                     None => Box::pin(async { Ok(()) }),
                 }),
+                client_info,
                 stop: None,
             })
         })

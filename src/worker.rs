@@ -406,6 +406,7 @@ async fn boot(
         slot_index: spec.slot,
         slot,
         begun: board.begun(spec.slot),
+        client_info: app.client_info,
         request_limit: spec.request_limit,
         on_limit: Box::new(move || limit_bell.ring()),
         limits: crate::http::Limits {

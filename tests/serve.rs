@@ -952,6 +952,12 @@ fn the_examples_serve_and_reload() {
         r.body
     );
     assert_eq!(server.get("/_zdr/ready").status, 200);
+    // It asked for its requests' clients: an axum extractor gets each.
+    let r = server.get("/whoami");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "you are 127.0.0.1 over http\n")
+    );
     server.signal(Signal::SIGHUP);
     server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
     assert_eq!(server.get("/").body, "axum on zdr\n");
@@ -968,6 +974,8 @@ fn the_examples_serve_and_reload() {
         assert!(w.rss_bytes > 64 << 20, "{w:?}");
         assert!(w.owned_bytes < 32 << 20, "{w:?}");
     }
+    // It did not ask for its requests' clients: they carry none.
+    assert_eq!(server.get("/client").body, "client: not asked for\n");
     let r = server.get("/lookup/7");
     assert_eq!(r.status, 200);
     assert!(

@@ -103,6 +103,8 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
     let (started, alive, stopped) = (Arc::clone(&child), Arc::clone(&child), child);
     let stop_signal = spec.settings.worker_stop_signal;
     LoadedApp {
+        // The proxy forwards each request's client to the command.
+        client_info: true,
         make_service: Box::new(move || {
             let (settings, env, started) =
                 (Arc::clone(&settings), env.clone(), Arc::clone(&started));

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     /// Where the worker names its requests in flight, for the master's
     /// account of a worker killed at `--timeout`.
     pub(crate) begun: Option<&'static crate::scoreboard::Begun>,
+    /// Every request carries its [`crate::ClientInfo`] (the app asked).
+    pub(crate) client_info: bool,
     /// When this worker is recycled, if ever.
     pub(crate) request_limit: Option<crate::recycle::RequestLimit>,
     /// Called when the request count nears the limit and when it reaches
@@ -414,10 +416,11 @@ struct ConnService {
     conn: Arc<ConnState>,
     /// How its requests resolve their client, decided once per connection.
     client: crate::forwarded::PeerRule,
-    /// Request extensions holding the connection's own client: cloned into
-    /// each request whose client it is, which costs less than building
-    /// them anew (a map per request, as `http` makes them).
-    extensions: http::Extensions,
+    /// Request extensions holding the connection's own client, when the
+    /// app asked for its requests' clients ([`Shared::client_info`]):
+    /// cloned into each request whose client it is, which costs less than
+    /// building them anew (a map per request, as `http` makes them).
+    extensions: Option<http::Extensions>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
@@ -457,7 +460,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
         }
         let refusal = self.shared.limits.check(&req);
         let req_is_head = req.method() == http::Method::HEAD;
-        let forwarded = self.client.forwarded(req.headers());
+        // The client as forwarding headers say, read only for those who
+        // use it: the access log and an app that asked for it.
+        let forwarded = if self.extensions.is_some() || self.shared.access_log.is_some() {
+            self.client.forwarded(req.headers())
+        } else {
+            None
+        };
         let client = forwarded.as_ref().unwrap_or(self.client.direct());
         let started = self.shared.slot.begin_request();
         // One clock read per request, for the metrics, the access log and
@@ -511,11 +520,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnServi
                 Box::pin(std::future::ready(res))
             }
             None => {
-                match forwarded {
-                    Some(client) => {
-                        req.extensions_mut().insert(client);
+                if let Some(extensions) = &self.extensions {
+                    match forwarded {
+                        Some(client) => {
+                            req.extensions_mut().insert(client);
+                        }
+                        None => req.extensions_mut().extend(extensions.clone()),
                     }
-                    None => req.extensions_mut().extend(self.extensions.clone()),
                 }
                 match self.shared.request_timeout {
                     Some(limit) => {
@@ -868,8 +879,11 @@ pub(crate) async fn serve<I>(
         .forwarded
         .peer(peer.ip, peer.scheme)
         .expires(max_age.map(|(at, _)| at.into_std()));
-    let mut extensions = http::Extensions::new();
-    extensions.insert(client.direct().clone());
+    let extensions = shared.client_info.then(|| {
+        let mut extensions = http::Extensions::new();
+        extensions.insert(client.direct().clone());
+        extensions
+    });
     let service = ConnService {
         shared: Arc::clone(&shared),
         conn: Arc::clone(&conn_state),

@@ -615,7 +615,11 @@ fn a_replacement_starts_as_its_worker_nears_the_limit_and_waits_for_it() {
     sim.slots.get_mut(&a).expect("slot").requests = 88;
     let actions = sim.tick();
     assert_eq!(sim.role(a), Role::Retiring);
-    assert!(logged(&actions, Level::INFO, "nears its request limit (88 of 100)"));
+    assert!(logged(
+        &actions,
+        Level::INFO,
+        "nears its request limit (88 of 100)"
+    ));
     let actions = [sim.tick(), sim.ready_all()].concat();
     assert_eq!(sim.m.workers().len(), 3, "its replacement started");
     assert!(signals_to(&actions, Signal::SIGTERM).is_empty());
@@ -644,7 +648,11 @@ fn a_worker_past_its_limit_does_not_wait_for_one_that_only_nears_it() {
     sim.exit(a, "exited with status 0");
     let actions = sim.tick();
     assert_eq!(sim.role(b), Role::Retiring);
-    assert!(logged(&actions, Level::INFO, "reached its request limit (100 of 100)"));
+    assert!(logged(
+        &actions,
+        Level::INFO,
+        "reached its request limit (100 of 100)"
+    ));
 }
 
 /// Of several workers whose replacements are due, the one furthest along
