@@ -136,29 +136,31 @@ impl RequestBody {
         timeout: Option<Duration>,
         board: &'static crate::scoreboard::Scoreboard,
     ) -> (RequestBody, Option<Arc<BodyWatch>>) {
-        let watch = (!inner.is_end_stream()).then(|| {
-            Arc::new(BodyWatch {
-                limit,
-                too_large: AtomicBool::new(false),
-                timed_out: AtomicBool::new(false),
-                board,
-                ended: AtomicBool::new(false),
-                declared: inner.size_hint().exact(),
-            })
+        if inner.is_end_stream() {
+            // Nothing to read, limit or time.
+            return (RequestBody::empty(), None);
+        }
+        let watch = Arc::new(BodyWatch {
+            limit,
+            too_large: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            board,
+            ended: AtomicBool::new(false),
+            declared: inner.size_hint().exact(),
         });
         let body = RequestBody {
             inner: Some(inner),
-            watch: watch.clone(),
+            watch: Some(Arc::clone(&watch)),
             received: 0,
             stall: timeout.map(crate::stall::Stall::new),
         };
-        (body, watch)
+        (body, Some(watch))
     }
 }
 
-#[cfg(test)]
 impl RequestBody {
-    /// A body with nothing in it, for tests that build requests by hand.
+    /// A body with nothing in it (a request that has none, or one built by
+    /// hand in a test).
     pub(crate) fn empty() -> RequestBody {
         RequestBody {
             inner: None,

@@ -70,17 +70,20 @@ impl Begun {
         {
             return;
         }
+        // `METHOD /path`, the path cut on a character boundary to fit.
         let mut text = [0u8; TEXT_LEN];
-        let mut len = 0;
-        for part in [method, " ", path] {
-            let room = TEXT_LEN - len;
-            let mut take = part.len().min(room);
-            while !part.is_char_boundary(take) {
+        let method = &method.as_bytes()[..method.len().min(TEXT_LEN - 1)];
+        text[..method.len()].copy_from_slice(method);
+        text[method.len()] = b' ';
+        let start = method.len() + 1;
+        let mut take = path.len().min(TEXT_LEN - start);
+        if take < path.len() {
+            while !path.is_char_boundary(take) {
                 take -= 1;
             }
-            text[len..len + take].copy_from_slice(&part.as_bytes()[..take]);
-            len += take;
         }
+        text[start..start + take].copy_from_slice(&path.as_bytes()[..take]);
+        let len = start + take;
         for (word, bytes) in entry.text.iter().zip(text.chunks_exact(8)) {
             let mut b = [0u8; 8];
             b.copy_from_slice(bytes);
