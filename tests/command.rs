@@ -1,8 +1,8 @@
 //! `zdr serve -- CMD`: apps in other languages, each run by a zdr worker on
 //! a private port and reached through it. The apps are the examples in
-//! `examples/command/` (uvicorn, gunicorn, Node); `.ci/run` installs them,
-//! and in CI (`CI` set) a missing one fails the test, elsewhere it is
-//! skipped with a reason.
+//! `examples/command/` (uvicorn, gunicorn, Node); `scripts/test` installs
+//! them, and a missing one fails the test, naming it, unless
+//! `ZDR_TEST_SKIP_MISSING` is set.
 
 mod common;
 

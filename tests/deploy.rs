@@ -1,7 +1,8 @@
 //! The deploy kit in `deploy/`, each file checked by the tool its platform
 //! trusts and run the way the platform runs it where that fits on one
-//! machine. `.ci/run` installs the tools; in CI (`CI` set) a missing one
-//! fails the test, elsewhere it is skipped with a reason.
+//! machine. `scripts/test` installs the tools; a missing one fails the
+//! test, naming it, unless `ZDR_TEST_SKIP_MISSING` is set. The test
+//! command's own dependency check is tested here too.
 
 mod common;
 
@@ -180,4 +181,246 @@ fn the_procfile_runs_under_honcho() {
         wait_until(Duration::from_secs(30), gone),
         "the master outlived the formation"
     );
+}
+
+/// The test command's dependency check names a missing tool and what
+/// installs it, and fails; with `ZDR_TEST_SKIP_MISSING` it says how many
+/// are missing and lets the run go on. Here h2load is hidden from `PATH`
+/// (every other program stays).
+#[test]
+fn the_test_commands_check_names_a_missing_tool() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/test");
+    let check = |path: &std::ffi::OsStr, skip: bool| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg("--check")
+            .env("PATH", path)
+            .env_remove("ZDR_TEST_SKIP_MISSING");
+        if skip {
+            cmd.env("ZDR_TEST_SKIP_MISSING", "1");
+        }
+        let out = cmd.output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), said)
+    };
+    let real = std::env::var_os("PATH").unwrap_or_default();
+    // Whatever this machine already lacks is named either way.
+    let (_, before) = check(&real, true);
+    let lacking = before
+        .lines()
+        .filter(|l| l.starts_with("missing: "))
+        .count()
+        + usize::from(!before.contains("missing: h2load "));
+    // A PATH with every program but h2load.
+    let dir = TempDir::new("path");
+    let bin = dir.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for entry in std::env::split_paths(&real)
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name();
+        if name != "h2load" && !bin.join(&name).exists() {
+            let _ = std::os::unix::fs::symlink(entry.path(), bin.join(&name));
+        }
+    }
+    let hidden = bin.as_os_str();
+    let (code, said) = check(hidden, false);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("missing: h2load (install: apt-get install nghttp2-client)"),
+        "{said}"
+    );
+    assert!(said.contains("ZDR_TEST_SKIP_MISSING=1"), "{said}");
+    let (code, said) = check(hidden, true);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{lacking} tool(s) missing: the tests that need them will be skipped"
+        )),
+        "{said}"
+    );
+}
+
+/// What the Kubernetes manifest gives the container, read from it.
+struct Pod {
+    args: Vec<String>,
+    uid: u32,
+    read_only_root: bool,
+    /// Paths where a writable emptyDir is mounted.
+    writable: Vec<String>,
+}
+
+fn pod() -> Option<Pod> {
+    if !have_python(&["yaml"]) {
+        return None;
+    }
+    let script = r#"
+import json, sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc.get("kind") == "Deployment":
+        spec = doc["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        empty = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        print(json.dumps({
+            "args": c.get("args", []),
+            "uid": (c.get("securityContext", {}).get("runAsUser")
+                    or spec.get("securityContext", {}).get("runAsUser")),
+            "ro": c.get("securityContext", {}).get("readOnlyRootFilesystem", False),
+            "writable": [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in empty],
+        }))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(deploy("kubernetes.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    Some(Pod {
+        args: strings("args"),
+        uid: v["uid"].as_u64().expect("the manifest's runAsUser") as u32,
+        read_only_root: v["ro"].as_bool().unwrap(),
+        writable: strings("writable"),
+    })
+}
+
+/// Runs zdr as the manifest's container would: in a mount namespace where
+/// /tmp is read-only (the root filesystem is, and /tmp is where zdr puts its
+/// control socket) unless the manifest mounts a writable emptyDir there,
+/// as the manifest's uid, with its arguments (bound to 127.0.0.1 on an
+/// ephemeral port here). Returns the process and where its output goes.
+fn run_as_the_pod(pod: &Pod, emptydirs: &[String], log: &std::path::Path) -> std::process::Child {
+    let mut script = String::from("set -e\n");
+    if pod.read_only_root {
+        script.push_str("mount -t tmpfs -o ro tmpfs /tmp\n");
+    }
+    for path in emptydirs {
+        script.push_str(&format!("mount -t tmpfs -o mode=1777 tmpfs {path}\n"));
+    }
+    script.push_str(&format!(
+        "exec setpriv --reuid={uid} --regid={uid} --clear-groups \"$@\"\n",
+        uid = pod.uid
+    ));
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(zdr_bin())
+    .args(&pod.args)
+    .args(["--bind", "127.0.0.1:0"])
+    .env("PORT", "0")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(log).unwrap());
+    cmd.spawn().unwrap()
+}
+
+/// The manifest runs as shipped under its own constraints: a read-only
+/// root filesystem, its uid, its arguments and its mounts. Without the
+/// writable /tmp it mounts, zdr cannot make its control socket, and says
+/// what to do.
+#[test]
+fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
+    if !nix::unistd::geteuid().is_root() {
+        skip_or_fail(
+            "replaying the pod needs root (a mount namespace, another uid)",
+            "run the tests as root",
+        );
+        return;
+    }
+    if !have("unshare", &["--version"]) || !have("setpriv", &["--version"]) {
+        return;
+    }
+    let Some(pod) = pod() else {
+        return;
+    };
+    assert!(pod.read_only_root, "the manifest's root is read-only");
+    let dir = TempDir::new("pod");
+    // As shipped: it serves, then stops cleanly on the kubelet's SIGTERM.
+    let log = dir.path("pod.log");
+    let mut child = run_as_the_pod(&pod, &pod.writable, &log);
+    let said = wait_for_text(&log, "Listening at: http://127.0.0.1:");
+    let port: u16 = said
+        .split("Listening at: http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .expect("the port");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(
+        wait_until(Duration::from_secs(60), || try_get(addr, "/_zdr/ready")
+            .is_ok_and(|r| r.status == 200)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(get(addr, "/").status, 200);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(120));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Without its emptyDir: refused at once, saying what to do.
+    let log = dir.path("no-tmp.log");
+    let mut child = run_as_the_pod(&pod, &[], &log);
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("Read-only file system"), "{said}");
+    assert!(said.contains("an emptyDir at /tmp"), "{said}");
+}
+
+/// Waits for `needle` in the file at `path`, for a minute at most.
+fn wait_for_text(path: &std::path::Path, needle: &str) -> String {
+    let mut text = String::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains(needle)
+    });
+    assert!(
+        ok,
+        "no {needle:?} in {} within 60 s:\n{text}",
+        path.display()
+    );
+    text
+}
+
+/// Waits for a child to exit, killing it if it has not within `bound`.
+fn wait_child(child: &mut std::process::Child, bound: Duration) -> std::process::ExitStatus {
+    let mut status = None;
+    let exited = wait_until(bound, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("still running after {bound:?}");
+    }
+    status.unwrap()
 }

@@ -371,9 +371,12 @@ fn ids(pid: u32) -> (u32, u32) {
 #[test]
 fn workers_run_as_the_given_user() {
     if !nix::unistd::getuid().is_root() {
-        eprintln!(
-            "skipped: dropping privileges needs root, and this test runs as uid {}",
-            nix::unistd::getuid()
+        skip_or_fail(
+            &format!(
+                "dropping privileges needs root, and this test runs as uid {}",
+                nix::unistd::getuid()
+            ),
+            "run the tests as root",
         );
         return;
     }

@@ -552,16 +552,7 @@ fn scrape_with(addr: std::net::SocketAddr, headers: &str) -> (String, String) {
 /// autoscaling gauges see a request in flight.
 #[test]
 fn metrics_parse_in_both_formats_and_count_across_recycling() {
-    let have_parser = std::process::Command::new("python3")
-        .args(["-c", "import prometheus_client"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_parser {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "prometheus_client is missing: .ci/run installs it"
-        );
-        eprintln!("skipped: python3 prometheus_client is not installed");
+    if !have_python(&["prometheus_client"]) || !have("promtool", &["--version"]) {
         return;
     }
     let server = Launch::serve(&[
@@ -674,13 +665,7 @@ fn metrics_parse_in_both_formats_and_count_across_recycling() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Err(_) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is missing: .ci/run installs it"
-            );
-            eprintln!("skipped promtool: not installed");
-        }
+        Err(e) => panic!("promtool: {e}"),
     }
 }
 
@@ -720,12 +705,15 @@ fn the_kubelet_termination_sequence_fails_no_request() {
 fn as_pid_1_it_reaps_orphans() {
     let unshare = std::path::Path::new("/usr/bin/unshare");
     let root = nix::unistd::geteuid().is_root();
-    if !root || !unshare.exists() {
-        assert!(
-            std::env::var_os("CI").is_none() || !root,
-            "unshare is missing"
+    if !root {
+        skip_or_fail("a PID namespace needs root", "run the tests as root");
+        return;
+    }
+    if !unshare.exists() {
+        skip_or_fail(
+            "/usr/bin/unshare is missing",
+            "`apt-get install util-linux` (scripts/test installs it, as root)",
         );
-        eprintln!("skipped: needs root and unshare for a PID namespace");
         return;
     }
     let zdr = zdr_bin();

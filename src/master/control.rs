@@ -57,9 +57,20 @@ impl ControlServer {
         let bound = UnixListener::bind(path);
         nix::sys::stat::umask(old);
         let listener = bound.map_err(|e| {
+            let fix = match e.raw_os_error() {
+                Some(nix::libc::EROFS) | Some(nix::libc::EACCES) | Some(nix::libc::ENOENT) => {
+                    "; give it a writable place: --control-socket PATH (ZDR_CONTROL_SOCKET), \
+                     or a writable volume there (on Kubernetes with a read-only root \
+                     filesystem, an emptyDir at /tmp, as deploy/kubernetes.yaml has)"
+                }
+                _ => "",
+            };
             io::Error::new(
                 e.kind(),
-                format!("cannot listen on control socket {}: {e}", path.display()),
+                format!(
+                    "cannot listen on control socket {}: {e}{fix}",
+                    path.display()
+                ),
             )
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;

