@@ -346,9 +346,12 @@ pub(crate) fn main(
                     return fail(&format!("the app failed to load: {e:#}"));
                 }
             }
+            // Every setting as it resolved, in the config file's own form
+            // (it reads back as the same configuration), then the verdict.
             match toml::to_string(&settings) {
                 Ok(text) => {
                     print!("{text}");
+                    eprintln!("configuration OK");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

@@ -420,6 +420,7 @@ pub struct Options {
         env = "ZDR_WORKER_STOP_SIGNAL",
         value_name = "SIGNAL"
     )]
+    #[serde(default, deserialize_with = "name_or_number")]
     pub worker_stop_signal: Option<String>,
 
     /// For development: reload when the executable, the config file or an
@@ -602,6 +603,22 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
         None => None,
         Some(OneOrMany::One(s)) => Some(vec![s]),
         Some(OneOrMany::Many(v)) => Some(v),
+    })
+}
+
+/// A value given as a name or a number (`worker_stop_signal = "TERM"` or
+/// `15`, as `zdr check` prints it), kept as text.
+fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrNumber {
+        Name(String),
+        Number(i64),
+    }
+    Ok(match Option::<NameOrNumber>::deserialize(d)? {
+        None => None,
+        Some(NameOrNumber::Name(s)) => Some(s),
+        Some(NameOrNumber::Number(n)) => Some(n.to_string()),
     })
 }
 
@@ -1587,7 +1604,10 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Options, ConfigError> {
             }
             None => (None, None),
         };
-        let message = with_suggestion(e.message().trim(), key.as_deref());
+        let message = in_plain_words(
+            &with_suggestion(e.message().trim(), key.as_deref()),
+            key.as_deref(),
+        );
         ConfigError::File {
             path: path.to_owned(),
             line,
@@ -1595,6 +1615,37 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Options, ConfigError> {
             message,
         }
     })
+}
+
+/// Says a type the parser expected as a person would (`expected usize`:
+/// `expected a whole number, as in `workers = 4``).
+fn in_plain_words(message: &str, key: Option<&str>) -> String {
+    let key = key.unwrap_or("key");
+    for (rust, words, example) in [
+        ("usize", "a whole number", "4"),
+        ("u64", "a whole number", "4"),
+        ("u32", "a whole number", "4"),
+        ("u16", "a whole number", "4"),
+        ("u8", "a whole number", "4"),
+        ("i64", "a whole number", "4"),
+        ("i32", "a whole number", "4"),
+        ("f64", "a number", "2.5"),
+        ("f32", "a number", "2.5"),
+    ] {
+        let said = format!("expected {rust}");
+        if let Some(at) = message.find(&said) {
+            let end = at + said.len();
+            if message[end..].starts_with(|c: char| c.is_alphanumeric()) {
+                continue;
+            }
+            return format!(
+                "{}expected {words}, as in `{key} = {example}` (no quotes){}",
+                &message[..at],
+                &message[end..]
+            );
+        }
+    }
+    message.to_owned()
 }
 
 /// Adds "did you mean" to an unknown key's message when a setting's key
@@ -1800,9 +1851,16 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.to_string();
+        assert_eq!(
+            msg,
+            "/etc/zdr.toml:2: key `workers`: invalid type: string \"three\", \
+             expected a whole number, as in `workers = 4` (no quotes)"
+        );
+        let err = parse_file(Path::new("zdr.toml"), "timeout = \"x\"\n").unwrap_err();
         assert!(
-            msg.starts_with("/etc/zdr.toml:2: key `workers`: invalid type: string"),
-            "{msg}"
+            err.to_string()
+                .contains("expected a number, as in `timeout = 2.5` (no quotes)"),
+            "{err}"
         );
     }
 

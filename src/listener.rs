@@ -71,7 +71,15 @@ impl FromStr for BindAddr {
                 None => (s, "8000"),
             }
         };
-        let port = port.parse::<u16>().map_err(|_| bad())?;
+        let port = match port.parse::<u16>() {
+            Ok(port) => port,
+            Err(_) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(format!(
+                    "{s:?}: port {port} is out of range (1 to 65535, or 0 for any free port)"
+                ))
+            }
+            Err(_) => return Err(bad()),
+        };
         if host.is_empty() || host.contains(char::is_whitespace) {
             return Err(bad());
         }
@@ -166,7 +174,13 @@ impl Listener {
             BindAddr::Tcp { host, port } => {
                 let sockaddr = (host.as_str(), *port)
                     .to_socket_addrs()
-                    .map_err(|e| fail(format!("cannot resolve {host:?}: {e}")))?
+                    .map_err(|e| {
+                        fail(format!(
+                            "cannot resolve the host {host:?} ({e}); give an IP address or a \
+                             name this machine resolves, as HOST:PORT (a host alone gets port \
+                             8000), [IPV6]:PORT, unix:PATH or fd://N"
+                        ))
+                    })?
                     .next()
                     .ok_or_else(|| fail(format!("{host:?} resolves to no address")))?;
                 let socket = Socket::new(Domain::for_address(sockaddr), Type::STREAM, None)
@@ -420,6 +434,25 @@ mod tests {
         ] {
             assert!(bad.parse::<BindAddr>().is_err(), "{bad:?} should not parse");
         }
+        // A port out of range is said to be, not called a malformed address.
+        assert_eq!(
+            "127.0.0.1:99999".parse::<BindAddr>(),
+            Err("\"127.0.0.1:99999\": port 99999 is out of range (1 to 65535, or 0 for any free port)".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_host_that_does_not_resolve_is_named_with_the_forms() {
+        let addr: BindAddr = "nonsense.invalid".parse().unwrap();
+        let err = Listener::bind(&addr, 16)
+            .err()
+            .expect("no such host")
+            .to_string();
+        assert!(
+            err.contains("cannot resolve the host \"nonsense.invalid\""),
+            "{err}"
+        );
+        assert!(err.contains("a host alone gets port 8000"), "{err}");
     }
 
     #[test]

@@ -19,28 +19,101 @@ fn deploy(file: &str) -> PathBuf {
         .join(file)
 }
 
+/// The unit verifies as shipped, its binary installed where it says: in a
+/// mount namespace where /usr/local/bin holds this build's zdr.
 #[test]
 fn the_systemd_unit_verifies() {
-    if !have("systemd-analyze", &["--version"]) {
+    if !nix::unistd::geteuid().is_root() {
+        skip_or_fail(
+            "installing the binary where the unit says (in a mount namespace) needs root",
+            "run the tests as root",
+        );
         return;
     }
-    // The unit as installed: ExecStart names the real binary.
-    let dir = TempDir::new("systemd");
-    let unit = dir.path("zdr.service");
+    if !have("systemd-analyze", &["--version"]) || !have("unshare", &["--version"]) {
+        return;
+    }
     let text = std::fs::read_to_string(deploy("zdr.service")).unwrap();
     assert!(text.contains("TimeoutStopSec=") && text.contains("KillMode=mixed"));
-    write_file(
-        &unit,
-        &text.replace("/usr/local/bin/zdr", zdr_bin().to_str().unwrap()),
+    assert!(
+        text.contains("ExecStart=/usr/local/bin/zdr serve"),
+        "{text}"
     );
-    let out = Command::new("systemd-analyze")
-        .args(["verify", unit.to_str().unwrap()])
+    let script = "set -e\n\
+                  mount -t tmpfs tmpfs /usr/local/bin\n\
+                  cp \"$1\" /usr/local/bin/zdr\n\
+                  exec systemd-analyze verify \"$2\"\n";
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(zdr_bin())
+        .arg(deploy("zdr.service"))
         .output()
         .unwrap();
     let said =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     assert!(!said.contains("zdr.service"), "{said}");
+}
+
+/// The unit's `ExecReload`, run as systemd runs it (its environment, its
+/// binary), waits for the reload's outcome: it succeeds once the new
+/// generation serves, and fails (so `systemctl reload` does) when the
+/// reload cannot happen, while the server serves on.
+#[test]
+fn the_systemd_units_reload_waits_for_the_outcome() {
+    let text = std::fs::read_to_string(deploy("zdr.service")).unwrap();
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .expect("the unit has an ExecReload");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(words[0], "/usr/local/bin/zdr", "{exec}");
+    let dir = TempDir::new("unit");
+    // The unit's control socket, in this test's directory instead of /run.
+    assert!(text.contains("Environment=ZDR_CONTROL_SOCKET="), "{text}");
+    let ctl = dir.path("zdr.ctl");
+    let config = dir.path("zdr.toml");
+    write_file(&config, "workers = 2\n");
+    let server = Launch::serve(&["--config", config.to_str().unwrap()])
+        .env("ZDR_CONTROL_SOCKET", ctl.to_str().unwrap())
+        .start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let reload = || {
+        Command::new(zdr_bin())
+            .args(
+                words[1..]
+                    .iter()
+                    .map(|w| w.replace("$MAINPID", &server.pid.to_string())),
+            )
+            .env("ZDR_CONTROL_SOCKET", &ctl)
+            .output()
+            .unwrap()
+    };
+    let out = reload();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(server.status_at(&ctl).generation, Some(2), "{said}");
+    // A broken configuration: the reload fails, and says so.
+    write_file(&config, "workers = \"many\"\n");
+    let out = reload();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("workers"), "{said}");
+    // The generation that served serves on.
+    assert_eq!(server.status_at(&ctl).generation, Some(2));
+    assert_eq!(server.get("/").status, 200);
 }
 
 #[test]

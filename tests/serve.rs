@@ -1155,3 +1155,88 @@ fn negative_numbers_are_refused_clearly() {
         );
     }
 }
+
+/// `zdr check` prints the configuration in the config file's own form,
+/// which reads back as the same configuration, and says it is fine.
+#[test]
+fn check_prints_a_configuration_that_reads_back_and_says_it_is_ok() {
+    let dir = TempDir::new("roundtrip");
+    let first = dir.path("zdr.toml");
+    write_file(
+        &first,
+        "workers = 3\nworker_stop_signal = \"INT\"\nmax_queue_time = 0.5\n",
+    );
+    let out = Launch::raw(&["check", "-c", first.to_str().unwrap()]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "configuration OK"
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let again = dir.path("printed.toml");
+    write_file(&again, &printed);
+    let out = Launch::raw(&["check", "-c", again.to_str().unwrap()]).output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), printed);
+}
+
+/// Messages that name the fix: a config value of the wrong type says what
+/// it should be; a port out of range says so; a pidfile in a missing
+/// directory names the pidfile; a failed start leaves no control socket.
+#[test]
+fn bad_input_is_refused_with_the_fix() {
+    let dir = TempDir::new("messages");
+    let said = |out: std::process::Output| -> (Option<i32>, String) {
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg = dir.path("zdr.toml");
+    write_file(&cfg, "workers = \"many\"\n");
+    let (code, err) = said(Launch::raw(&["check", "-c", cfg.to_str().unwrap()]).output());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("zdr.toml:1: key `workers`: invalid type: string \"many\", expected a whole number, as in `workers = 4` (no quotes)"),
+        "{err}"
+    );
+    let (code, err) = said(Launch::raw(&["check", "--bind", "127.0.0.1:99999"]).output());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("port 99999 is out of range (1 to 65535, or 0 for any free port)"),
+        "{err}"
+    );
+    // A pidfile whose directory is missing: named as the pidfile's.
+    let missing = dir.path("no-such-dir").join("zdr.pid");
+    let (code, err) = said(Launch::serve(&["--pid", missing.to_str().unwrap()]).output());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot write the pidfile in"), "{err}");
+    assert!(err.contains("no such directory"), "{err}");
+    assert!(!err.contains("control socket"), "{err}");
+    // A start that fails after its control socket is made removes it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = taken.local_addr().unwrap().to_string();
+    let tmp = dir.0.to_str().unwrap();
+    let (code, err) = said(
+        Launch::serve(&["--metrics-bind", &metrics])
+            .env("TMPDIR", tmp)
+            .output(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot bind metrics address"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".ctl"))
+        .collect();
+    assert!(left.is_empty(), "control socket files left: {left:?}");
+}

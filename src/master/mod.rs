@@ -337,6 +337,20 @@ impl Master {
             args,
         } = inputs;
         let pid = std::process::id();
+        // The pidfile's directory first: the control socket's default
+        // place is beside the pidfile, and a missing directory is the
+        // pidfile's problem to name.
+        if let Some(dir) = settings
+            .pidfile
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            anyhow::bail!(
+                "cannot write the pidfile in {}: no such directory; create it, or give --pid a path in one that exists",
+                dir.display()
+            );
+        }
         // Kept across a binary upgrade, so that `zdr status` never finds
         // it refusing; bound anew if the settings moved it.
         let path = crate::control::master_socket_path(settings, pid);
@@ -350,19 +364,30 @@ impl Master {
             }
         };
         info!("Control socket: {}", control.path().display());
-        let scrape = settings
-            .metrics_bind
-            .as_ref()
-            .map(ScrapeServer::bind)
-            .transpose()?;
+        // A start that fails from here leaves no socket file behind.
+        let opened = (|| -> anyhow::Result<_> {
+            let scrape = settings
+                .metrics_bind
+                .as_ref()
+                .map(ScrapeServer::bind)
+                .transpose()?;
+            let pidfile = settings
+                .pidfile
+                .as_deref()
+                .map(Pidfile::create)
+                .transpose()?;
+            Ok((scrape, pidfile))
+        })();
+        let (scrape, pidfile) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                control.remove();
+                return Err(e);
+            }
+        };
         if let Some(s) = &scrape {
             info!("Metrics at: http://{}/metrics", s.local_addr());
         }
-        let pidfile = settings
-            .pidfile
-            .as_deref()
-            .map(Pidfile::create)
-            .transpose()?;
         give_pidfile_to_workers(settings, pidfile.as_ref().map(|p| p.path()));
         let watch = settings.reload.then(|| {
             let mut files = vec![base.exe.clone()];
