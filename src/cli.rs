@@ -12,6 +12,8 @@ use crate::config::{Options, Sources};
 #[derive(Debug, Parser)]
 #[command(
     version,
+    // `zdr serve --version` works as `zdr --version` does.
+    propagate_version = true,
     // A flag given twice (in ZDR_CMD_ARGS, then on the command line) takes
     // its last value.
     args_override_self = true,
@@ -43,6 +45,18 @@ enum Command {
         /// Also run the app's load step, to check that it succeeds.
         #[arg(long)]
         load_app: bool,
+    },
+    /// Print shell completions for this program (`zdr completions bash >
+    /// /etc/bash_completion.d/zdr`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print this program's man page, in roff (`zdr man > zdr.1; man
+    /// ./zdr.1`), or a subcommand's (`zdr man serve > zdr-serve.1`).
+    Man {
+        /// The subcommand (serve, check, status, reload, stop, scale, ...).
+        subcommand: Option<String>,
     },
     /// Show a running server: its master, generations and workers.
     Status {
@@ -174,28 +188,37 @@ impl ServeArgs {
     }
 }
 
-/// Parses the command line of the app `name` (its `--help` and
-/// `--version` name the app and its version when it gives one, and zdr's).
-fn parse(name: &str, version: Option<&str>, args: Vec<OsString>) -> Result<Cli, clap::Error> {
-    use clap::{CommandFactory, FromArgMatches};
+/// The command line of the app `name`, run as `program`: its `--help` and
+/// `--version` name the app and its version when it gives one, and zdr's.
+/// Shell completions and the man page are made from it too.
+fn clap_command(name: &str, version: Option<&str>, program: Option<&OsString>) -> clap::Command {
+    use clap::CommandFactory;
     let zdr = env!("CARGO_PKG_VERSION");
     let mut command = Cli::command();
+    let program = program
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     if let Some(version) = version {
-        let program = args
-            .first()
-            .and_then(|a| std::path::Path::new(a).file_name())
-            .map_or_else(|| name.to_owned(), |n| n.to_string_lossy().into_owned());
         let about = format!("{name} {version}, served by zdr {zdr}");
         let signals = command
             .get_long_about()
             .map(|a| a.to_string())
             .unwrap_or_default();
         command = command
-            .name(program)
+            .name(program.clone().unwrap_or_else(|| name.to_owned()))
             .version(format!("{version} (zdr {zdr})"))
             .long_about(format!("{about}.\n\n{signals}"))
             .about(about);
+    } else if let Some(program) = program {
+        command = command.name(program);
     }
+    command
+}
+
+/// Parses the command line of the app `name` (see [`clap_command`]).
+fn parse(name: &str, version: Option<&str>, args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    use clap::FromArgMatches;
+    let command = clap_command(name, version, args.first());
     let matches = command.clone().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     // Which values came from the environment, to name the variable when
@@ -282,11 +305,43 @@ pub(crate) fn main(
     // A re-executed master (titled, or upgraded) reads ZDR_CMD_ARGS again.
     let args_for_upgrade = args.clone();
     let args = with_cmd_args(args, std::env::var("ZDR_CMD_ARGS").ok().as_deref());
+    let program = args.first().cloned();
     let cli = match parse(name, version, args) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = clap_command(name, version, program.as_ref());
+            let bin = command.get_name().to_owned();
+            clap_complete::generate(shell, &mut command, bin, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { subcommand } => {
+            let mut command = clap_command(name, version, program.as_ref());
+            command.build();
+            let page = match subcommand {
+                None => command,
+                Some(sub) => {
+                    let parent = command.get_name().to_owned();
+                    match command.find_subcommand(&sub) {
+                        Some(c) => {
+                            let name = format!("{parent}-{}", c.get_name());
+                            c.clone().name(name)
+                        }
+                        None => {
+                            return fail(&format!("no subcommand {sub:?}: see `{parent} --help`"))
+                        }
+                    }
+                }
+            };
+            match clap_mangen::Man::new(page).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // Read by a pager or `head` that stopped early.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         Command::Serve(args) => serve(name, args, loader, args_for_upgrade),
         Command::Status { args, json } => operate(args, crate::client::Command::Status { json }),
         Command::Reload {

@@ -202,7 +202,7 @@ fn duration(secs: f64) -> String {
 /// The human-readable status.
 pub(crate) fn render(s: &Status) -> String {
     let mut out = format!(
-        "master {} ({}), up {}, generation {}{}, {} workers wanted\n",
+        "master {} ({}), up {}, generation {}{}, {} wanted\n",
         s.master_pid,
         s.state,
         duration(s.uptime_secs),
@@ -212,7 +212,7 @@ pub(crate) fn render(s: &Status) -> String {
         s.booting_generation
             .map(|g| format!(" (generation {g} booting)"))
             .unwrap_or_default(),
-        s.target_workers
+        crate::logging::count(s.target_workers as u64, "worker")
     );
     out.push_str(&format!("listening: {}\n", s.bind.join(", ")));
     if let Some(rollout) = &s.rollout {

@@ -157,6 +157,14 @@ fn level_name(level: tracing::Level) -> &'static str {
     }
 }
 
+/// `n` things as a person writes them: `1 worker`, `2 workers`.
+pub(crate) fn count(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// Now, as RFC 3339 in UTC.
 pub(crate) fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()

@@ -436,3 +436,37 @@ fn max_worker_memory_counts_the_commands_memory() {
         .iter()
         .any(|w| w.owned_bytes > 48 << 20)));
 }
+
+/// What a person sees with a command: the banner names the command, not
+/// the built-in app, and a line the command logs at ERROR or WARNING
+/// keeps its level in zdr's log.
+#[test]
+fn the_banner_names_the_command_and_its_lines_keep_their_level() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let app = "import http.server as h, os, sys\n\
+               print('ERROR:    the cache is cold', file=sys.stderr, flush=True)\n\
+               print('WARNING:  slow start', file=sys.stderr, flush=True)\n\
+               print('INFO:     GET /error 500', file=sys.stderr, flush=True)\n\
+               h.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), h.SimpleHTTPRequestHandler).serve_forever()";
+    let server = Launch::serve(&["--workers", "1", "--", "python3", "-c", app]).start();
+    server.wait_ready();
+    server.wait_for_log("GET /error 500", Duration::from_secs(60));
+    let log = server.log_text();
+    assert!(log.contains("Starting zdr "), "{log}");
+    assert!(log.contains(" for the command \"python3\""), "{log}");
+    assert!(!log.contains("Starting demo"), "{log}");
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains("] [command ") && l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{log}"))
+            .to_owned()
+    };
+    assert!(
+        line("the cache is cold").contains("[ERROR] [command "),
+        "{log}"
+    );
+    assert!(line("slow start").contains("[WARNING] [command "), "{log}");
+    assert!(line("GET /error 500").contains("[INFO] [command "), "{log}");
+}

@@ -371,17 +371,26 @@ for doc in yaml.safe_load_all(open(sys.argv[1])):
 }
 
 /// Runs zdr as the manifest's container would: in a mount namespace where
-/// /tmp is read-only (the root filesystem is, and /tmp is where zdr puts its
-/// control socket) unless the manifest mounts a writable emptyDir there,
-/// as the manifest's uid, with its arguments (bound to 127.0.0.1 on an
-/// ephemeral port here). Returns the process and where its output goes.
-fn run_as_the_pod(pod: &Pod, emptydirs: &[String], log: &std::path::Path) -> std::process::Child {
+/// its temporary directory is read-only (the root filesystem is) unless
+/// the manifest mounts a writable emptyDir at /tmp, as the manifest's uid,
+/// with its arguments (bound to 127.0.0.1 on an ephemeral port here). The
+/// container's /tmp is played by `tmp`, zdr's `TMPDIR` (mounting over the
+/// host's /tmp would hide the binary under test when it lives there).
+/// Returns the process; its output goes to `log`.
+fn run_as_the_pod(
+    pod: &Pod,
+    emptydirs: &[String],
+    tmp: &std::path::Path,
+    log: &std::path::Path,
+) -> std::process::Child {
+    std::fs::create_dir_all(tmp).unwrap();
     let mut script = String::from("set -e\n");
     if pod.read_only_root {
-        script.push_str("mount -t tmpfs -o ro tmpfs /tmp\n");
+        script.push_str("mount -t tmpfs -o ro tmpfs \"$TMPDIR\"\n");
     }
     for path in emptydirs {
-        script.push_str(&format!("mount -t tmpfs -o mode=1777 tmpfs {path}\n"));
+        assert_eq!(path, "/tmp", "only /tmp is replayed");
+        script.push_str("mount -t tmpfs -o mode=1777 tmpfs \"$TMPDIR\"\n");
     }
     script.push_str(&format!(
         "exec setpriv --reuid={uid} --regid={uid} --clear-groups \"$@\"\n",
@@ -402,8 +411,14 @@ fn run_as_the_pod(pod: &Pod, emptydirs: &[String], log: &std::path::Path) -> std
     .args(&pod.args)
     .args(["--bind", "127.0.0.1:0"])
     .env("PORT", "0")
+    .env("TMPDIR", tmp)
     .stdout(Stdio::null())
     .stderr(std::fs::File::create(log).unwrap());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ZDR_") {
+            cmd.env_remove(k);
+        }
+    }
     cmd.spawn().unwrap()
 }
 
@@ -430,7 +445,7 @@ fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
     let dir = TempDir::new("pod");
     // As shipped: it serves, then stops cleanly on the kubelet's SIGTERM.
     let log = dir.path("pod.log");
-    let mut child = run_as_the_pod(&pod, &pod.writable, &log);
+    let mut child = run_as_the_pod(&pod, &pod.writable, &dir.path("tmp"), &log);
     let said = wait_for_text(&log, "Listening at: http://127.0.0.1:");
     let port: u16 = said
         .split("Listening at: http://127.0.0.1:")
@@ -460,7 +475,7 @@ fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
     );
     // Without its emptyDir: refused at once, saying what to do.
     let log = dir.path("no-tmp.log");
-    let mut child = run_as_the_pod(&pod, &[], &log);
+    let mut child = run_as_the_pod(&pod, &[], &dir.path("tmp-without"), &log);
     let status = wait_child(&mut child, Duration::from_secs(60));
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(1), "{said}");

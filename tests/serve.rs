@@ -1240,3 +1240,46 @@ fn bad_input_is_refused_with_the_fix() {
         .collect();
     assert!(left.is_empty(), "control socket files left: {left:?}");
 }
+
+/// What a person sees: `--version` on every subcommand, shell completions
+/// and man pages made from the command line's own definitions, and counts
+/// in the singular where there is one.
+#[test]
+fn versions_completions_man_pages_and_plurals() {
+    let version = env!("CARGO_PKG_VERSION");
+    for sub in ["serve", "check", "status", "reload", "stop", "scale"] {
+        let out = Launch::raw(&[sub, "--version"]).output();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{sub}: {said}");
+        assert!(said.trim().ends_with(version), "{sub}: {said}");
+    }
+    let out = Launch::raw(&["completions", "bash"]).output();
+    let bash = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success());
+    assert!(
+        bash.contains("_zdr()") && bash.contains("--max-queue-time"),
+        "{bash}"
+    );
+    let out = Launch::raw(&["completions", "zsh"]).output();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("#compdef zdr"));
+    let out = Launch::raw(&["man"]).output();
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(page.contains(".TH zdr 1"), "{page}");
+    let out = Launch::raw(&["man", "serve"]).output();
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(page.contains(".TH zdr-serve 1"), "{page}");
+    assert!(page.contains("max\\-queue\\-time"), "{page}");
+    let out = Launch::raw(&["man", "nonsense"]).output();
+    assert_eq!(out.status.code(), Some(1));
+    // One worker, said as one.
+    let server = Launch::serve(&["--workers", "1"]).start();
+    server.wait_ready();
+    server.wait_workers(1);
+    server.wait_for_log(
+        "Ready: generation 1, 1 worker, in ",
+        Duration::from_secs(60),
+    );
+    let out = server.control(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains(", 1 worker wanted"), "{text}");
+}

@@ -229,7 +229,12 @@ fn relay_output(output: std::os::fd::OwnedFd, pid: Pid, kept: Arc<Output>) -> st
         .spawn(move || {
             for line in std::io::BufReader::new(std::fs::File::from(output)).lines() {
                 let Ok(line) = line else { break };
-                tracing::info!("[command {pid}] {line}");
+                match stated_level(&line) {
+                    tracing::Level::ERROR => tracing::error!("[command {pid}] {line}"),
+                    tracing::Level::WARN => tracing::warn!("[command {pid}] {line}"),
+                    tracing::Level::DEBUG => tracing::debug!("[command {pid}] {line}"),
+                    _ => tracing::info!("[command {pid}] {line}"),
+                }
                 if let Ok(mut tail) = kept.tail.lock() {
                     if tail.len() == TAIL_LINES {
                         tail.pop_front();
@@ -240,6 +245,44 @@ fn relay_output(output: std::os::fd::OwnedFd, pid: Pid, kept: Arc<Output>) -> st
             kept.ended.send_replace(true);
         })?;
     Ok(())
+}
+
+/// The level a line of the command's output states, as the common
+/// formats put it near its start (uvicorn's `ERROR:    …`, Gunicorn's
+/// `[…] [ERROR] …`, Python logging's `ERROR:root:…`, `level=warn`): its
+/// line is logged at that level. Info for a line that states none.
+fn stated_level(line: &str) -> tracing::Level {
+    let mut end = line.len().min(80);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &line[..end];
+    let mut words = head
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty());
+    let level = |word: &str| match word {
+        "ERROR" | "CRITICAL" | "FATAL" | "PANIC" | "error" | "critical" | "fatal" => {
+            Some(tracing::Level::ERROR)
+        }
+        "WARNING" | "WARN" | "warning" | "warn" => Some(tracing::Level::WARN),
+        "INFO" | "NOTICE" | "info" => Some(tracing::Level::INFO),
+        "DEBUG" | "TRACE" | "debug" | "trace" => Some(tracing::Level::DEBUG),
+        _ => None,
+    };
+    while let Some(word) = words.next() {
+        // Level words in capitals anywhere near the start; in lower case
+        // only as a `level=` value (an access log's path may say "error").
+        if word == "level" {
+            if let Some(l) = words.next().and_then(level) {
+                return l;
+            }
+        } else if word.bytes().all(|b| b.is_ascii_uppercase()) {
+            if let Some(l) = level(word) {
+                return l;
+            }
+        }
+    }
+    tracing::Level::INFO
 }
 
 /// "exited with status N" or "was killed by SIGX".
@@ -355,4 +398,37 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
     // Whatever it left behind in its group goes too.
     child.kill_group();
     i32::from(DIED.load(Ordering::Acquire))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stated_level;
+    use tracing::Level;
+
+    #[test]
+    fn a_line_keeps_the_level_it_states() {
+        for (line, level) in [
+            ("ERROR:    Exception in ASGI application", Level::ERROR),
+            ("WARNING:  Invalid HTTP request received.", Level::WARN),
+            (
+                "INFO:     127.0.0.1:5000 - \"GET /error HTTP/1.1\" 500",
+                Level::INFO,
+            ),
+            (
+                "[2026-12-05 07:00:00 +0000] [12] [ERROR] Worker timeout",
+                Level::ERROR,
+            ),
+            (
+                "[2026-12-05 07:00:00 +0000] [12] [CRITICAL] WORKER TIMEOUT",
+                Level::ERROR,
+            ),
+            ("ERROR:root:cannot reach the database", Level::ERROR),
+            ("time=2026-12-05 level=warn msg=slow", Level::WARN),
+            ("127.0.0.1 - - \"GET /error HTTP/1.1\" 500 12", Level::INFO),
+            ("listening on port 5000", Level::INFO),
+            ("", Level::INFO),
+        ] {
+            assert_eq!(stated_level(line), level, "{line:?}");
+        }
+    }
 }

@@ -56,6 +56,7 @@ use super::canary;
 use super::rollout::{Cause, Rollout, Verdict};
 use crate::config::{Settings, MAX_WORKERS};
 use crate::control::{ReloadOutcome, Response};
+use crate::logging::count;
 use crate::metrics::{RequestCounters, RestartCause};
 use crate::recycle::{RequestLimit, MAX_SURGE};
 use crate::scoreboard::SlotState;
@@ -577,8 +578,8 @@ impl Machine {
                         c.workers
                     ),
                     Some((since, _)) => format!(
-                        "generation {id}: canary{step} of {} workers watched for {:.0}s of at least {:.0}s",
-                        c.workers,
+                        "generation {id}: canary{step} of {} watched for {:.0}s of at least {:.0}s",
+                        count(c.workers as u64, "worker"),
                         now.saturating_duration_since(*since).as_secs_f64(),
                         c.policy.window.as_secs_f64()
                     ),
@@ -790,8 +791,9 @@ impl Machine {
                 // Tell systemd the reload is over: nothing changed.
                 if let Some(g) = &self.serving {
                     out.push(Action::Notify(Notice::Ready(format!(
-                        "{} workers ready, generation {}; {why}",
-                        self.target, g.id
+                        "{} ready, generation {}; {why}",
+                        count(self.target as u64, "worker"),
+                        g.id
                     ))));
                 }
                 if let Some(c) = client {
@@ -823,8 +825,8 @@ impl Machine {
                 ));
                 self.serving = Some(b.generation);
                 out.push(Action::Notify(Notice::Ready(format!(
-                    "{} workers ready, generation {first}",
-                    self.ready_workers(first)
+                    "{} ready, generation {first}",
+                    count(self.ready_workers(first) as u64, "worker")
                 ))));
             }
         } else if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
@@ -844,8 +846,8 @@ impl Machine {
             self.target = settings.workers;
             out.push(Action::ReopenLogs);
             out.info(format!(
-                "Reload: starting generation {id} with {} workers",
-                self.target
+                "Reload: starting generation {id} with {}",
+                count(self.target as u64, "worker")
             ));
         }
         let boot_timeout = settings.boot_timeout();
@@ -1123,8 +1125,10 @@ impl Machine {
             || (w.role == Role::Retiring && exit.state == SlotState::Draining);
         if expected {
             out.info(format!(
-                "Worker exiting (pid: {pid}, generation {}, {} requests): {}",
-                w.generation, exit.requests, exit.status
+                "Worker exiting (pid: {pid}, generation {}, {}): {}",
+                w.generation,
+                count(exit.requests, "request"),
+                exit.status
             ));
             self.check_switchover(now, out);
             return;
@@ -1456,8 +1460,8 @@ impl Machine {
                     .collect();
                 let window = c.policy.window;
                 out.info(format!(
-                    "Canary of generation {id} serving ({} workers); watching it for {:.0}s",
-                    c.workers,
+                    "Canary of generation {id} serving ({}); watching it for {:.0}s",
+                    count(c.workers as u64, "worker"),
                     window.as_secs_f64()
                 ));
                 if let Some(b) = &mut self.booting {
@@ -1542,15 +1546,15 @@ impl Machine {
         match (b.rollout.cause, &old) {
             (Cause::Start, _) | (_, None) => {
                 out.info(format!(
-                    "Ready: generation {id}, {} workers, in {ms} ms",
-                    self.target
+                    "Ready: generation {id}, {}, in {ms} ms",
+                    count(self.target as u64, "worker")
                 ));
             }
             (Cause::Reload, Some(old)) => {
                 out.info(format!(
-                    "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({} workers)",
+                    "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({})",
                     old.id,
-                    retiring.len(),
+                    count(retiring.len() as u64, "worker"),
                     n = self.target
                 ));
                 // A reload that completed before this one took over is
@@ -1581,8 +1585,8 @@ impl Machine {
         }
         self.check_switchover(now, out);
         out.push(Action::Notify(Notice::Ready(format!(
-            "{} workers ready, generation {id}",
-            self.target
+            "{} ready, generation {id}",
+            count(self.target as u64, "worker")
         ))));
     }
 
@@ -1601,8 +1605,8 @@ impl Machine {
                 ));
                 self.serving = Some(b.generation);
                 out.push(Action::Notify(Notice::Ready(format!(
-                    "{} workers ready, generation {id}",
-                    self.ready_workers(id)
+                    "{} ready, generation {id}",
+                    count(self.ready_workers(id) as u64, "worker")
                 ))));
             }
             return;
@@ -1622,8 +1626,9 @@ impl Machine {
                     serving.id
                 ));
                 out.push(Action::Notify(Notice::Ready(format!(
-                    "{} workers ready, generation {}; reload rolled back",
-                    self.target, serving.id
+                    "{} ready, generation {}; reload rolled back",
+                    count(self.target as u64, "worker"),
+                    serving.id
                 ))));
             }
         }
@@ -1648,7 +1653,8 @@ impl Machine {
         };
         let message = match &result {
             Ok(()) => format!(
-                "generation {generation} ready: {workers_ready} workers in {} ms",
+                "generation {generation} ready: {} in {} ms",
+                count(workers_ready as u64, "worker"),
                 outcome.duration_ms
             ),
             Err(why) => format!("reload to generation {generation} rolled back: {why}"),

@@ -167,11 +167,20 @@ impl Master {
     /// event: the first generation, prepared.
     fn start(inputs: Inputs<'_>, settings: Settings) -> anyhow::Result<(Master, Event)> {
         let pid = std::process::id();
-        info!(
-            "Starting {} (zdr {})",
-            inputs.name,
-            env!("CARGO_PKG_VERSION")
-        );
+        // What is served: the app, or the command a `-- CMD` server runs.
+        if settings.command.is_empty() {
+            info!(
+                "Starting {} (zdr {})",
+                inputs.name,
+                env!("CARGO_PKG_VERSION")
+            );
+        } else {
+            info!(
+                "Starting zdr {} for the command {:?}",
+                env!("CARGO_PKG_VERSION"),
+                settings.command[0]
+            );
+        }
         crate::tls::acceptor(&settings)?;
         let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
