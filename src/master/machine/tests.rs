@@ -1152,7 +1152,7 @@ fn a_canary_is_promoted_or_rolled_back_on_its_figures() {
     assert!(sim
         .m
         .rollout_summary(sim.now)
-        .is_some_and(|r| r.contains("canary of 1 workers watched")));
+        .is_some_and(|r| r.contains("canary of 1 worker watched")));
     let canary = sim.pids(2)[0];
     answer(&mut sim, canary, 50, 50);
     for pid in sim.pids(1) {
@@ -1221,7 +1221,7 @@ fn a_canary_grows_in_steps_and_any_step_can_roll_back() {
     assert!(sim
         .m
         .rollout_summary(sim.now)
-        .is_some_and(|r| r.contains("canary (step 1 of 2) of 1 workers")));
+        .is_some_and(|r| r.contains("canary (step 1 of 2) of 1 worker watched")));
     let first = sim.pids(2)[0];
     answer(&mut sim, first, 100, 0);
     let actions = sim.advance(11 * SEC);
