@@ -123,27 +123,80 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
+        let _ = ctx;
         let level = level_name(*event.metadata().level());
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
         if !self.json {
-            write!(
+            // The message alone: an event's other fields are for the JSON
+            // form (the message says them in words).
+            return writeln!(
                 writer,
-                "[{}] [{}] [{level}] ",
+                "[{}] [{}] [{level}] {}",
                 timestamp(),
-                std::process::id()
-            )?;
-            ctx.field_format().format_fields(writer.by_ref(), event)?;
-            return writeln!(writer);
+                std::process::id(),
+                fields.message
+            );
         }
-        let mut message = String::new();
-        ctx.field_format()
-            .format_fields(Writer::new(&mut message), event)?;
-        let line = serde_json::json!({
-            "time": rfc3339_now(),
-            "pid": std::process::id(),
-            "level": level,
-            "message": message,
-        });
-        writeln!(writer, "{line}")
+        let mut line = serde_json::Map::new();
+        line.insert("time".into(), rfc3339_now().into());
+        line.insert("pid".into(), std::process::id().into());
+        line.insert("level".into(), level.into());
+        match crate::app::WorkerInfo::current() {
+            Some(w) => {
+                line.insert("role".into(), "worker".into());
+                line.insert("worker_pid".into(), w.pid.into());
+                line.insert("generation".into(), w.generation.into());
+            }
+            None => {
+                line.insert("role".into(), "master".into());
+            }
+        }
+        line.insert("source".into(), event.metadata().target().into());
+        line.insert("message".into(), fields.message.into());
+        // An event's own fields (`event = "..."`, `command_pid = ...`).
+        for (k, v) in fields.rest {
+            line.entry(k).or_insert(v);
+        }
+        writeln!(writer, "{}", serde_json::Value::Object(line))
+    }
+}
+
+/// An event's fields as JSON: its message, and every other field by name.
+#[derive(Default)]
+struct JsonFields {
+    message: String,
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl tracing::field::Visit for JsonFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = text;
+        } else {
+            self.rest.insert(field.name().to_owned(), text.into());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.rest.insert(field.name().to_owned(), value.into());
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.rest.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.rest.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.rest.insert(field.name().to_owned(), value.into());
     }
 }
 

@@ -1111,13 +1111,34 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(line["query"], "x=1");
     assert_eq!(line["status"], 404);
     assert_eq!(line["method"], "GET");
+    let workers = server.worker_pids();
+    let mut roles = std::collections::BTreeSet::new();
     for l in server.log_text().lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
         assert!(
             v["level"].is_string() && v["message"].is_string() && v["pid"].is_u64(),
             "{l}"
         );
+        assert!(
+            v["source"].as_str().is_some_and(|s| s.starts_with("zdr")),
+            "{l}"
+        );
+        // Who said it: the master, or a worker with its generation.
+        match v["role"].as_str() {
+            Some("master") => assert_eq!(v["pid"], server.pid, "{l}"),
+            Some("worker") => {
+                assert_eq!(v["worker_pid"], v["pid"], "{l}");
+                assert!(
+                    workers.contains(&(v["pid"].as_u64().unwrap() as u32)),
+                    "{l}"
+                );
+                assert_eq!(v["generation"], 1, "{l}");
+            }
+            _ => panic!("no role: {l}"),
+        }
+        roles.insert(v["role"].as_str().unwrap_or_default().to_owned());
     }
+    assert!(roles.contains("master"), "{roles:?}");
 }
 
 /// An error about a value that came from a `ZDR_*` variable names it.

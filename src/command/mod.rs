@@ -229,11 +229,16 @@ fn relay_output(output: std::os::fd::OwnedFd, pid: Pid, kept: Arc<Output>) -> st
         .spawn(move || {
             for line in std::io::BufReader::new(std::fs::File::from(output)).lines() {
                 let Ok(line) = line else { break };
+                let command_pid = pid.as_raw();
                 match stated_level(&line) {
-                    tracing::Level::ERROR => tracing::error!("[command {pid}] {line}"),
-                    tracing::Level::WARN => tracing::warn!("[command {pid}] {line}"),
-                    tracing::Level::DEBUG => tracing::debug!("[command {pid}] {line}"),
-                    _ => tracing::info!("[command {pid}] {line}"),
+                    tracing::Level::ERROR => {
+                        tracing::error!(command_pid, "[command {pid}] {line}")
+                    }
+                    tracing::Level::WARN => tracing::warn!(command_pid, "[command {pid}] {line}"),
+                    tracing::Level::DEBUG => {
+                        tracing::debug!(command_pid, "[command {pid}] {line}")
+                    }
+                    _ => tracing::info!(command_pid, "[command {pid}] {line}"),
                 }
                 if let Ok(mut tail) = kept.tail.lock() {
                     if tail.len() == TAIL_LINES {
