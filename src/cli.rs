@@ -82,6 +82,10 @@ enum Command {
         /// rest or a rollback (see --canary-seconds and its companions).
         #[arg(long, value_name = "N")]
         canary: Option<usize>,
+        /// With --wait on a terminal, print no progress (the rollout's
+        /// steps as they happen), only the outcome.
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// Stop a running server: gracefully (as SIGTERM), or at once with --now.
     Stop {
@@ -349,14 +353,17 @@ pub(crate) fn main(
             wait,
             timeout,
             canary,
+            quiet,
         } => {
             let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
+            use std::io::IsTerminal;
             operate(
                 args,
                 crate::client::Command::Reload {
                     wait,
                     timeout,
                     canary,
+                    progress: wait && !quiet && std::io::stderr().is_terminal(),
                 },
             )
         }

@@ -18,6 +18,8 @@ pub(crate) enum Command {
         wait: bool,
         timeout: Duration,
         canary: Option<usize>,
+        /// Print the rollout's progress while waiting (on a terminal).
+        progress: bool,
     },
     Stop {
         graceful: bool,
@@ -41,6 +43,7 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
             wait,
             timeout,
             canary,
+            ..
         } => (
             Request::Reload {
                 wait: *wait,
@@ -61,7 +64,11 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
         ),
     };
     let started = std::time::Instant::now();
-    let response = match control::send_to_master(&path, &request, timeout) {
+    let progress = matches!(command, Command::Reload { progress: true, .. })
+        .then(|| Progress::start(path.clone()));
+    let sent = control::send_to_master(&path, &request, timeout);
+    drop(progress);
+    let response = match sent {
         Ok((r, master)) => {
             // `stop --wait` returns once the master is gone, not merely
             // once it has said it will go: a script that checks the pid or
@@ -101,6 +108,88 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
         }
     };
     report(&command, &response)
+}
+
+/// A reload's progress while `reload --wait` waits for its outcome: the
+/// master's status, asked twice a second on a second connection, printed
+/// to stderr whenever it changes (the workers of each generation booting,
+/// ready and draining, and the rollout's own summary: canary window,
+/// batches). Stops when dropped.
+struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(path: std::path::PathBuf) -> Progress {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut last = String::new();
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((
+                    Response {
+                        status: Some(s), ..
+                    },
+                    _,
+                )) = control::send_to_master(&path, &Request::Status, Duration::from_secs(2))
+                {
+                    let line = progress_line(&s);
+                    if line != last && !stopped.load(Ordering::Relaxed) {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+                for _ in 0..10 {
+                    if stopped.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One line of a reload's progress: each generation's workers by state,
+/// then the rollout's summary (`generation 2: 1 booting, 1 ready;
+/// generation 1: 2 ready; canary of 1 worker watched for 3s of 30s`).
+fn progress_line(s: &Status) -> String {
+    let mut generations: Vec<u64> = s.workers.iter().map(|w| w.generation).collect();
+    generations.sort_unstable_by(|a, b| b.cmp(a));
+    generations.dedup();
+    let mut parts: Vec<String> = generations
+        .iter()
+        .map(|g| {
+            let mut states: Vec<(String, usize)> = Vec::new();
+            for w in s.workers.iter().filter(|w| w.generation == *g) {
+                match states.iter_mut().find(|(st, _)| *st == w.state) {
+                    Some((_, n)) => *n += 1,
+                    None => states.push((w.state.clone(), 1)),
+                }
+            }
+            let states: Vec<String> = states.iter().map(|(st, n)| format!("{n} {st}")).collect();
+            format!("generation {g}: {}", states.join(", "))
+        })
+        .collect();
+    if let Some(rollout) = &s.rollout {
+        parts.push(rollout.clone());
+    }
+    parts.join("; ")
 }
 
 /// Waits (up to `left`, and a second at least) until process `pid` has

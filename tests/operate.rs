@@ -858,3 +858,58 @@ fn an_app_closes_its_upgraded_connections_when_draining_or_aged() {
     assert_eq!(&got, b"pong");
     assert_eq!(read_to_end(&mut echo), Ok(Vec::new()), "never closed");
 }
+
+/// `zdr reload --wait` on a terminal shows the rollout as it goes (each
+/// generation's workers booting, ready, draining), then the outcome; with
+/// `--quiet`, or when its output is not a terminal, only the outcome.
+#[test]
+fn reload_wait_shows_its_progress_on_a_terminal() {
+    if !have("script", &["--version"]) {
+        return;
+    }
+    // Each worker takes a while to boot: the progress has something to show.
+    let server = Launch::serve(&["--workers", "2"])
+        .env("ZDR_DEMO_BOOT_MS", "1500")
+        .start();
+    server.wait_ready();
+    server.wait_workers(2);
+    let ctl = server.control_socket();
+    // `script` gives the command a terminal and copies what it shows.
+    let on_a_terminal = |extra: &str| {
+        let line = format!(
+            "{} reload --wait --timeout 120 --control-socket {}{extra}",
+            zdr_bin().display(),
+            ctl.display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, shown) = on_a_terminal("");
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("generation 2: "), "{shown}");
+    assert!(shown.contains(" booting"), "{shown}");
+    assert!(
+        shown.contains("generation 2 ready: 2 workers in "),
+        "{shown}"
+    );
+    let (code, shown) = on_a_terminal(" --quiet");
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(!shown.contains("generation 3: "), "{shown}");
+    assert!(
+        shown.contains("generation 3 ready: 2 workers in "),
+        "{shown}"
+    );
+    // Not a terminal: the outcome alone.
+    let out = server.control(&["reload", "--wait", "--timeout", "120"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("generation 4: "), "{said}");
+    assert!(said.contains("generation 4 ready: 2 workers in "), "{said}");
+}

@@ -968,6 +968,7 @@ fn install_hint(program: &str) -> &'static str {
         "node" => "apt-get install nodejs",
         "systemd-analyze" => "apt-get install systemd",
         "unshare" | "setpriv" => "apt-get install util-linux",
+        "script" => "apt-get install bsdutils",
         "promtool" => "apt-get install prometheus",
         "python3" => "apt-get install python3 python3-pip",
         "uvicorn" => "pip install uvicorn",
