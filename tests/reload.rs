@@ -519,12 +519,21 @@ fn handed_over_connections_respect_the_connection_cap() {
         wait_until(Duration::from_secs(60), || !alive(gone[0])),
         "the leaving worker lingers"
     );
-    let stays: Vec<u64> = server
-        .status()
-        .workers
-        .iter()
-        .map(|w| w.connections)
-        .collect();
+    // The status reads the master's table, which drops the worker once it
+    // reaped it: wait for that, not for the process alone.
+    let mut stays: Vec<u64> = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            stays = server
+                .status()
+                .workers
+                .iter()
+                .map(|w| w.connections)
+                .collect();
+            stays.len() == 1
+        }),
+        "the master still lists the leaving worker: {stays:?}"
+    );
     assert_eq!(stays, vec![2], "{}", server.log_text());
 }
 
