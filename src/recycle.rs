@@ -9,8 +9,8 @@
 //! once the replacement is ready and the limit reached. At saturation the
 //! replacement is thus ready about when the limit is reached, so the worker
 //! stops close to its limit instead of serving on through its
-//! replacement's boot; at low traffic the replacement waits, ready, for the
-//! rest. Capacity never dips, and the server never runs more than
+//! replacement's boot; with little traffic the worker is drained a while
+//! after its replacement started, a little short of its limit. Capacity never dips, and the server never runs more than
 //! [`MAX_SURGE`] processes beyond its workers for recycling.
 
 use serde::{Deserialize, Serialize};

@@ -181,7 +181,7 @@ fn idle_keep_alive_connections_survive_recycling() {
     // Opening the pool serves n requests over two workers: at least one
     // reaches n/2 and is recycled.
     let mut pool = rt.block_on(Pool::open(server.addr(), n));
-    server.wait_for_log("reached its request limit", Duration::from_secs(60));
+    server.wait_for_log("its request limit (", Duration::from_secs(60));
     let ok = wait_until(Duration::from_secs(120), || {
         let now = server.worker_pids();
         now.len() == 2 && now != first

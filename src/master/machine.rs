@@ -38,7 +38,7 @@
 //! | a serving worker exits unexpectedly | — | logged as an error, replaced (backing off while workers die before ready) | ← | not replaced | not replaced |
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
 //! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
-//! | request limit near (its last eighth, [`crate::recycle::PRESPAWN_SHARE`]) or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once; the worker nearest its request limit first), worker drained once it is ready and the request limit reached | deferred until Serving | — | — |
+//! | request limit near (its last eighth, [`crate::recycle::PRESPAWN_SHARE`]) or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once; the worker nearest its request limit first), worker drained once it is ready and the request limit reached (or `PRESPAWN_PATIENCE` after its replacement started, or at once when a worker past its limit waits) | deferred until Serving | — | — |
 //! | a reload with a canary | — | its canary workers start first, then are watched ([`super::canary`]): promoted (the rest starts) or rolled back with its figures | ← | ← | — |
 //! | a batch of a `max_surge`/`max_unavailable` reload is ready | — | — | old workers drain while the ready ones stay at least target − unavailable; the next batch starts while every process fits in target + surge | — | — |
 //! | the graceful timeout passes for a draining worker | SIGKILL | ← | ← | ← | ← (counted: `stop --wait` fails) |
@@ -64,6 +64,12 @@ use crate::scoreboard::SlotState;
 /// A worker at this many times its request limit, waiting for its turn to
 /// be replaced, means recycling falls behind what `--max-requests` asks.
 const RECYCLING_BEHIND: u64 = 2;
+
+/// How long a worker near its request limit serves on once its
+/// replacement was started, waiting to reach the limit: at saturation it
+/// does within milliseconds; with little traffic it is drained after this
+/// a little short of its limit, so that the extra process does not linger.
+const PRESPAWN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// How often at most the decider says that recycling falls behind.
 const RECYCLING_BEHIND_SAID_EVERY: Duration = Duration::from_secs(60);
@@ -110,6 +116,8 @@ pub(crate) struct Worker {
     pub(crate) spawned: Instant,
     /// Why it is being replaced, if it is.
     cause: Option<RestartCause>,
+    /// When its replacement was started, for a worker retiring.
+    retiring_since: Option<Instant>,
     /// Its generation's graceful timeout, kept with the worker: it may
     /// outlive its generation's place in the master.
     graceful: Duration,
@@ -157,6 +165,7 @@ impl Worker {
             timeout: settings.and_then(|s| s.timeout()),
             memory_limit: settings.and_then(|s| s.max_worker_memory).map(|m| m.0),
             gave_up: false,
+            retiring_since: None,
             state: SlotState::Booting,
             requests: 0,
             counters: RequestCounters::default(),
@@ -1307,6 +1316,7 @@ impl Machine {
                                 crate::config::ByteSize(limit)
                             ));
                             w.role = Role::Retiring;
+                            w.retiring_since = Some(now);
                             w.cause = Some(RestartCause::Memory);
                             recycling += 1;
                         }
@@ -1341,6 +1351,7 @@ impl Machine {
                     w.pid, w.requests, limit.limit
                 ));
                 w.role = Role::Retiring;
+                w.retiring_since = Some(now);
                 w.cause = Some(RestartCause::MaxRequests);
             }
         }
@@ -1374,18 +1385,40 @@ impl Machine {
         let another_waits = self.workers.iter().any(|w| {
             w.role == Role::Active && w.request_limit.is_some_and(|l| l.reached(w.requests))
         });
-        let done: Vec<Pid> = self
+        let done: Vec<(Pid, Option<String>)> = self
             .workers
             .iter()
             .filter(|w| w.role == Role::Retiring)
-            .filter(|w| {
-                w.cause == Some(RestartCause::Memory)
-                    || another_waits
-                    || w.request_limit.is_some_and(|l| l.reached(w.requests))
+            .filter_map(|w| {
+                if w.cause == Some(RestartCause::Memory) {
+                    return Some((w.pid, None));
+                }
+                let limit = w.request_limit?;
+                let why = if limit.reached(w.requests) {
+                    "reached its request limit"
+                } else if another_waits {
+                    "yields to a worker past its limit"
+                } else if w
+                    .retiring_since
+                    .is_some_and(|since| now >= since + PRESPAWN_PATIENCE)
+                {
+                    "has had its replacement ready a while"
+                } else {
+                    return None;
+                };
+                Some((
+                    w.pid,
+                    Some(format!(
+                        "Worker (pid: {}) {why} ({} of {}); draining it",
+                        w.pid, w.requests, limit.limit
+                    )),
+                ))
             })
-            .map(|w| w.pid)
             .collect();
-        for pid in done {
+        for (pid, said) in done {
+            if let Some(said) = said {
+                out.info(said);
+            }
             self.drain(pid, now, out);
         }
     }

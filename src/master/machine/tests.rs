@@ -626,8 +626,36 @@ fn a_replacement_starts_as_its_worker_nears_the_limit_and_waits_for_it() {
     // Ready, but the worker has requests left: it serves them.
     assert!(signals_to(&sim.tick(), Signal::SIGTERM).is_empty());
     sim.slots.get_mut(&a).expect("slot").requests = 100;
-    assert_eq!(signals_to(&sim.tick(), Signal::SIGTERM), vec![a]);
+    let actions = sim.tick();
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![a]);
+    assert!(logged(
+        &actions,
+        Level::INFO,
+        "reached its request limit (100 of 100); draining it"
+    ));
     assert_eq!(sim.role(b), Role::Active);
+}
+
+/// With little traffic, a worker near its limit whose replacement is ready
+/// does not keep the extra process for long: it is drained a little short
+/// of its limit once its replacement has been started a while.
+#[test]
+fn a_worker_near_its_limit_without_traffic_is_drained_after_a_while() {
+    let mut sim = Sim::recycling(2, 100);
+    let a = sim.pids(1)[0];
+    sim.slots.get_mut(&a).expect("slot").requests = 90;
+    sim.tick();
+    assert_eq!(sim.role(a), Role::Retiring);
+    let actions = [sim.tick(), sim.ready_all()].concat();
+    assert!(signals_to(&actions, Signal::SIGTERM).is_empty());
+    assert!(signals_to(&sim.advance(SEC), Signal::SIGTERM).is_empty());
+    let actions = sim.advance(2 * SEC);
+    assert_eq!(signals_to(&actions, Signal::SIGTERM), vec![a]);
+    assert!(logged(
+        &actions,
+        Level::INFO,
+        "has had its replacement ready a while (90 of 100); draining it"
+    ));
 }
 
 /// A worker near its limit whose replacement is ready does not hold the
