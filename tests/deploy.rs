@@ -446,7 +446,7 @@ fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
     // As shipped: it serves, then stops cleanly on the kubelet's SIGTERM.
     let log = dir.path("pod.log");
     let mut child = run_as_the_pod(&pod, &pod.writable, &dir.path("tmp"), &log);
-    let said = wait_for_text(&log, "Listening at: http://127.0.0.1:");
+    let said = wait_for_file_text(&log, "Listening at: http://127.0.0.1:");
     let port: u16 = said
         .split("Listening at: http://127.0.0.1:")
         .nth(1)
@@ -481,21 +481,6 @@ fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
     assert_eq!(status.code(), Some(1), "{said}");
     assert!(said.contains("Read-only file system"), "{said}");
     assert!(said.contains("an emptyDir at /tmp"), "{said}");
-}
-
-/// Waits for `needle` in the file at `path`, for a minute at most.
-fn wait_for_text(path: &std::path::Path, needle: &str) -> String {
-    let mut text = String::new();
-    let ok = wait_until(Duration::from_secs(60), || {
-        text = std::fs::read_to_string(path).unwrap_or_default();
-        text.contains(needle)
-    });
-    assert!(
-        ok,
-        "no {needle:?} in {} within 60 s:\n{text}",
-        path.display()
-    );
-    text
 }
 
 /// Waits for a child to exit, killing it if it has not within `bound`.

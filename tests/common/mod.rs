@@ -769,13 +769,13 @@ pub fn wrapper(env: &str) -> String {
 /// Polls a file until it contains `needle`.
 pub fn wait_for_file_text(path: &Path, needle: &str) -> String {
     let mut text = String::new();
-    let ok = wait_until(Duration::from_secs(30), || {
+    let ok = wait_until(Duration::from_secs(60), || {
         text = std::fs::read_to_string(path).unwrap_or_default();
         text.contains(needle)
     });
     assert!(
         ok,
-        "no {needle:?} in {} within 30 s:\n{text}",
+        "no {needle:?} in {} within 60 s:\n{text}",
         path.display()
     );
     text
