@@ -588,7 +588,10 @@ fn whole<T: std::str::FromStr>(value: &str) -> Result<T, String> {
     value
         .trim()
         .parse()
-        .map_err(|_| format!("must be a whole number of 0 or more, got {value:?}"))
+        .map_err(|_| match value.trim().parse::<i64>() {
+            Ok(n) if n < 0 => format!("must not be negative, got {n}"),
+            _ => format!("must be a whole number, got {value:?}"),
+        })
 }
 
 /// Accepts `bind = "a"` as well as `bind = ["a", "b"]`.

@@ -1171,7 +1171,7 @@ fn negative_numbers_are_refused_clearly() {
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
         assert!(
-            said.contains("whole number of 0 or more") || said.contains(">= 0"),
+            said.contains("must not be negative") || said.contains(">= 0"),
             "{args:?}: {said}"
         );
     }
