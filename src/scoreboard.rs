@@ -405,18 +405,22 @@ impl Scoreboard {
         if self.len < EXTRA_END {
             return None;
         }
-        // SAFETY: the mapping is EXTRA_END bytes (checked above), `Extra`
-        // starts right after the table at a 64-byte boundary, lives as long
-        // as `self`, and is only accessed through atomics, whose all-zero
-        // bit pattern is valid.
-        Some(unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .cast::<u8>()
-                .add(TABLE_SIZE)
-                .cast::<Extra>()
-        })
+        // SAFETY: the mapping is EXTRA_END bytes (checked above), and
+        // `Extra` starts right after the table at a 64-byte boundary.
+        Some(unsafe { self.at(TABLE_SIZE) })
+    }
+
+    /// The `T` at byte `offset` of the mapping.
+    ///
+    /// # Safety
+    ///
+    /// The mapping must hold a whole `T` at `offset`, aligned for it. (It
+    /// lives as long as `self` and is only accessed through atomics, whose
+    /// all-zero bit pattern is valid.)
+    unsafe fn at<T>(&self, offset: usize) -> &T {
+        // SAFETY: the caller vouches for the range and the alignment; the
+        // rest holds for every part of the mapping.
+        unsafe { &*self.base.as_ptr().cast::<u8>().add(offset).cast::<T>() }
     }
 
     /// The requests in flight that slot `index`'s worker names, when the
@@ -427,17 +431,8 @@ impl Scoreboard {
         }
         // SAFETY: the mapping is FULL_SIZE bytes (checked above); the
         // `Begun` tables start right after `Extra` at a 64-byte boundary,
-        // one per slot, `index` is in range, the mapping lives as long as
-        // `self`, and it is only accessed through atomics, whose all-zero
-        // bit pattern is valid.
-        Some(unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .cast::<u8>()
-                .add(EXTRA_END + index * std::mem::size_of::<Begun>())
-                .cast::<Begun>()
-        })
+        // one per slot, and `index` is in range.
+        Some(unsafe { self.at(EXTRA_END + index * std::mem::size_of::<Begun>()) })
     }
 
     /// Counts a handoff's outcome (by a worker).

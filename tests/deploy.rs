@@ -23,11 +23,7 @@ fn deploy(file: &str) -> PathBuf {
 /// mount namespace where /usr/local/bin holds this build's zdr.
 #[test]
 fn the_systemd_unit_verifies() {
-    if !nix::unistd::geteuid().is_root() {
-        skip_or_fail(
-            "installing the binary where the unit says (in a mount namespace) needs root",
-            "run the tests as root",
-        );
+    if !as_root("installing the binary where the unit says (in a mount namespace)") {
         return;
     }
     if !have("systemd-analyze", &["--version"]) || !have("unshare", &["--version"]) {
@@ -428,11 +424,7 @@ fn run_as_the_pod(
 /// what to do.
 #[test]
 fn the_kubernetes_pod_runs_as_shipped_with_a_read_only_root() {
-    if !nix::unistd::geteuid().is_root() {
-        skip_or_fail(
-            "replaying the pod needs root (a mount namespace, another uid)",
-            "run the tests as root",
-        );
+    if !as_root("replaying the pod (a mount namespace, another uid)") {
         return;
     }
     if !have("unshare", &["--version"]) || !have("setpriv", &["--version"]) {

@@ -370,14 +370,7 @@ fn ids(pid: u32) -> (u32, u32) {
 
 #[test]
 fn workers_run_as_the_given_user() {
-    if !nix::unistd::getuid().is_root() {
-        skip_or_fail(
-            &format!(
-                "dropping privileges needs root, and this test runs as uid {}",
-                nix::unistd::getuid()
-            ),
-            "run the tests as root",
-        );
+    if !as_root("dropping privileges") {
         return;
     }
     for preload in [false, true] {

@@ -704,9 +704,7 @@ fn the_kubelet_termination_sequence_fails_no_request() {
 #[test]
 fn as_pid_1_it_reaps_orphans() {
     let unshare = std::path::Path::new("/usr/bin/unshare");
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        skip_or_fail("a PID namespace needs root", "run the tests as root");
+    if !as_root("a PID namespace") {
         return;
     }
     if !unshare.exists() {

@@ -186,11 +186,7 @@ fn a_master_started_after_a_killed_one_takes_over_its_files() {
 
 #[test]
 fn only_root_and_the_masters_user_may_command_it() {
-    if !nix::unistd::getuid().is_root() {
-        skip_or_fail(
-            "it needs root, to run a client as another user",
-            "run the tests as root",
-        );
+    if !as_root("running a client as another user") {
         return;
     }
     let server = Launch::serve(&["--workers", "1", "--user", "65534"]).start();

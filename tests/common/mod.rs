@@ -1044,6 +1044,22 @@ pub fn have_python(modules: &[&str]) -> bool {
     false
 }
 
+/// Whether this test runs as root, which it needs for `why`; if not, it
+/// fails as [`skip_or_fail`] says.
+pub fn as_root(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        skip_or_fail(
+            &format!(
+                "{why} needs root, and this test runs as uid {}",
+                nix::unistd::geteuid()
+            ),
+            "run the tests as root",
+        );
+    }
+    root
+}
+
 /// A test cannot run here (`why`): it fails, saying `why` and `fix`, unless
 /// `ZDR_TEST_SKIP_MISSING` is set; then the caller returns without
 /// asserting anything, the skip is said, and it is listed in
