@@ -119,11 +119,10 @@ where
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let _ = ctx;
         let level = level_name(*event.metadata().level());
         let mut fields = JsonFields::default();
         event.record(&mut fields);

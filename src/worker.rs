@@ -405,7 +405,9 @@ async fn boot(
         board,
         slot_index: spec.slot,
         slot,
-        begun: board.begun(spec.slot),
+        // Named only for the account of a kill at --timeout: with no
+        // timeout, no request pays for it.
+        begun: settings.timeout().and_then(|_| board.begun(spec.slot)),
         client_info: app.client_info,
         request_limit: spec.request_limit,
         on_limit: Box::new(move || limit_bell.ring()),
