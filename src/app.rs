@@ -154,7 +154,11 @@ where
 
 /// The answer to an app's error.
 fn failed(err: impl Into<BoxError>) -> Response {
-    tracing::error!("app error: {}", err.into());
+    tracing::error!(
+        event = crate::logging::LogEvent::AppError.name(),
+        "app error: {}",
+        err.into()
+    );
     internal_error()
 }
 
@@ -165,7 +169,10 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string payload".to_owned());
-    tracing::error!("handler panicked: {what}; answered 500");
+    tracing::error!(
+        event = crate::logging::LogEvent::AppError.name(),
+        "handler panicked: {what}; answered 500"
+    );
     internal_error()
 }
 

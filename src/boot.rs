@@ -91,7 +91,11 @@ pub(crate) fn end_boot_dispositions() {
 /// state, then the doorbell); the worker's exit code.
 pub(crate) fn boot_failed(slot: &Slot, bell: &Doorbell, err: &anyhow::Error) -> i32 {
     let message = format!("{err:#}");
-    tracing::error!("worker {} failed to boot: {message}", std::process::id());
+    tracing::error!(
+        event = crate::logging::LogEvent::WorkerBootFailed.name(),
+        "worker {} failed to boot: {message}",
+        std::process::id()
+    );
     slot.set_message(&message);
     slot.set_state(SlotState::BootFailed);
     bell.ring();

@@ -13,6 +13,9 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::Settings;
 
+mod event;
+pub use event::LogEvent;
+
 /// Where a log goes: a standard stream or a file that can be reopened.
 pub struct LogFile {
     path: Option<PathBuf>,
@@ -259,7 +262,10 @@ pub fn init(settings: &Settings) -> io::Result<()> {
 pub fn reopen() {
     if let Some(log) = ERROR_LOG.get() {
         if let Err(e) = log.reopen() {
-            tracing::error!("cannot reopen the error log: {e}");
+            tracing::error!(
+                event = crate::logging::LogEvent::LogReopen.name(),
+                "cannot reopen the error log: {e}"
+            );
         }
     }
 }

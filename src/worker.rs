@@ -73,7 +73,10 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
     let board = match unsafe { Scoreboard::attach(spec.scoreboard_fd) } {
         Ok(board) => board,
         Err(e) => {
-            tracing::error!("worker cannot map the scoreboard: {e}");
+            tracing::error!(
+                event = crate::logging::LogEvent::WorkerTrouble.name(),
+                "worker cannot map the scoreboard: {e}"
+            );
             return Some(ExitCode::FAILURE);
         }
     };
@@ -81,7 +84,10 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
     let bell = match unsafe { Doorbell::from_inherited(spec.doorbell_fd) } {
         Ok(bell) => bell,
         Err(e) => {
-            tracing::error!("worker cannot open the doorbell: {e}");
+            tracing::error!(
+                event = crate::logging::LogEvent::WorkerTrouble.name(),
+                "worker cannot open the doorbell: {e}"
+            );
             return Some(ExitCode::FAILURE);
         }
     };
@@ -314,7 +320,10 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!("no liveness thread ({e}): the heartbeat relies on the runtime alone");
+        tracing::warn!(
+            event = crate::logging::LogEvent::WorkerTrouble.name(),
+            "no liveness thread ({e}): the heartbeat relies on the runtime alone"
+        );
     }
 }
 
@@ -346,7 +355,11 @@ async fn boot(
         while let Err(e) = (app.ready)().await {
             attempts += 1;
             if attempts == 1 || attempts % 10 == 0 {
-                tracing::warn!("worker {} not ready yet: {e:#}", std::process::id());
+                tracing::warn!(
+                    event = crate::logging::LogEvent::WorkerTrouble.name(),
+                    "worker {} not ready yet: {e:#}",
+                    std::process::id()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -389,7 +402,10 @@ async fn boot(
         Some(fds) => match unsafe { crate::handoff::Queue::from_inherited(fds) } {
             Ok(queue) => Some(Arc::new(queue)),
             Err(e) => {
-                tracing::warn!("no connection handoff: {e}");
+                tracing::warn!(
+                    event = crate::logging::LogEvent::WorkerTrouble.name(),
+                    "no connection handoff: {e}"
+                );
                 None
             }
         },
@@ -533,6 +549,7 @@ async fn finish(capacity: usize, permits: &Semaphore, graceful: Duration) -> i32
     {
         let open = capacity - permits.available_permits();
         tracing::warn!(
+            event = crate::logging::LogEvent::GracefulTimeout.name(),
             "worker {}: graceful timeout with {open} connection(s) still open",
             std::process::id()
         );
@@ -591,13 +608,13 @@ async fn wait_for_stop(master_pid: u32, shared: &Shared, signals: &mut StopSigna
                 crate::logging::reopen();
                 if let Some(log) = &shared.access_log {
                     if let Err(e) = log.reopen() {
-                        tracing::error!("cannot reopen the access log: {e}");
+                        tracing::error!(event = crate::logging::LogEvent::LogReopen.name(), "cannot reopen the access log: {e}");
                     }
                 }
             }
             _ = orphan_check.tick() => {
                 if nix::unistd::getppid().as_raw() as u32 != master_pid {
-                    tracing::warn!("worker {}: master {master_pid} is gone; exiting", std::process::id());
+                    tracing::warn!(event = crate::logging::LogEvent::WorkerTrouble.name(), "worker {}: master {master_pid} is gone; exiting", std::process::id());
                     return Stop::Fast;
                 }
             }
@@ -721,6 +738,7 @@ impl Backoff {
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
         {
             tracing::error!(
+                event = crate::logging::LogEvent::WorkerTrouble.name(),
                 "worker {}: {what}; retrying every 100 ms",
                 std::process::id()
             );

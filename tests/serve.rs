@@ -1091,7 +1091,7 @@ fn processes_have_titles() {
 fn json_logs_are_one_object_per_line() {
     let dir = TempDir::new("jsonlog");
     let access = dir.path("access.log");
-    let server = Launch::serve(&[
+    let mut server = Launch::serve(&[
         "--log-format",
         "json",
         "--access-logfile",
@@ -1111,8 +1111,16 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(line["query"], "x=1");
     assert_eq!(line["status"], 404);
     assert_eq!(line["method"], "GET");
-    let workers = server.worker_pids();
+    let first = server.worker_pids();
+    // A reload and a stop, for their events.
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_generation_ready(2, 1);
+    server.wait_for_log("reload.complete", Duration::from_secs(60));
+    let second = server.worker_pids();
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    server.wait_exit(Duration::from_secs(60));
     let mut roles = std::collections::BTreeSet::new();
+    let mut events = std::collections::BTreeSet::new();
     for l in server.log_text().lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
         assert!(
@@ -1128,17 +1136,35 @@ fn json_logs_are_one_object_per_line() {
             Some("master") => assert_eq!(v["pid"], server.pid, "{l}"),
             Some("worker") => {
                 assert_eq!(v["worker_pid"], v["pid"], "{l}");
-                assert!(
-                    workers.contains(&(v["pid"].as_u64().unwrap() as u32)),
-                    "{l}"
-                );
-                assert_eq!(v["generation"], 1, "{l}");
+                let pid = v["pid"].as_u64().unwrap() as u32;
+                let generation = if first.contains(&pid) { 1 } else { 2 };
+                assert!(first.contains(&pid) || second.contains(&pid), "{l}");
+                assert_eq!(v["generation"], generation, "{l}");
             }
             _ => panic!("no role: {l}"),
         }
         roles.insert(v["role"].as_str().unwrap_or_default().to_owned());
+        // Every line zdr writes names its event in a stable word.
+        let event = v["event"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no event: {l}"));
+        events.insert(event.to_owned());
     }
     assert!(roles.contains("master"), "{roles:?}");
+    for expected in [
+        "master.starting",
+        "master.listening",
+        "worker.booting",
+        "worker.ready",
+        "master.signal",
+        "reload.started",
+        "generation.ready",
+        "reload.complete",
+        "worker.exited",
+        "master.stopped",
+    ] {
+        assert!(events.contains(expected), "{expected} not in {events:?}");
+    }
 }
 
 /// An error about a value that came from a `ZDR_*` variable names it.

@@ -192,8 +192,14 @@ fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
     drop(cmd);
     let pid = Pid::from_raw(process.id() as i32);
     match port {
-        0 => tracing::info!("Started the command (pid: {pid}) with the listening sockets"),
-        port => tracing::info!("Started the command (pid: {pid}) on port {port}"),
+        0 => tracing::info!(
+            event = crate::logging::LogEvent::CommandStarted.name(),
+            "Started the command (pid: {pid}) with the listening sockets"
+        ),
+        port => tracing::info!(
+            event = crate::logging::LogEvent::CommandStarted.name(),
+            "Started the command (pid: {pid}) on port {port}"
+        ),
     }
     let kept = Arc::new(Output::default());
     relay_output(output, pid, Arc::clone(&kept))?;
@@ -232,13 +238,25 @@ fn relay_output(output: std::os::fd::OwnedFd, pid: Pid, kept: Arc<Output>) -> st
                 let command_pid = pid.as_raw();
                 match stated_level(&line) {
                     tracing::Level::ERROR => {
-                        tracing::error!(command_pid, "[command {pid}] {line}")
+                        tracing::error!(
+                            event = crate::logging::LogEvent::CommandOutput.name(),
+                            command_pid,
+                            "[command {pid}] {line}"
+                        )
                     }
-                    tracing::Level::WARN => tracing::warn!(command_pid, "[command {pid}] {line}"),
+                    tracing::Level::WARN => tracing::warn!(
+                        event = crate::logging::LogEvent::CommandOutput.name(),
+                        command_pid,
+                        "[command {pid}] {line}"
+                    ),
                     tracing::Level::DEBUG => {
                         tracing::debug!(command_pid, "[command {pid}] {line}")
                     }
-                    _ => tracing::info!(command_pid, "[command {pid}] {line}"),
+                    _ => tracing::info!(
+                        event = crate::logging::LogEvent::CommandOutput.name(),
+                        command_pid,
+                        "[command {pid}] {line}"
+                    ),
                 }
                 if let Ok(mut tail) = kept.tail.lock() {
                     if tail.len() == TAIL_LINES {
@@ -331,6 +349,7 @@ async fn wait_until_listening(child: &Child, ready_path: &str) -> anyhow::Result
         attempts += 1;
         if attempts % 50 == 0 {
             tracing::info!(
+                event = crate::logging::LogEvent::CommandStarted.name(),
                 "worker {}: waiting for the command to answer on port {}",
                 std::process::id(),
                 child.port
@@ -360,6 +379,7 @@ fn watch_for_exit(child: Arc<Child>) {
         };
         if !child.stopping.load(Ordering::Acquire) {
             tracing::error!(
+                event = crate::logging::LogEvent::CommandExited.name(),
                 "worker {}: the command (pid: {}) {status}; the worker leaves service",
                 std::process::id(),
                 child.pid
@@ -390,7 +410,7 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
             .await
             .is_ok();
         if !gone {
-            tracing::warn!(
+            tracing::warn!(event = crate::logging::LogEvent::CommandExited.name(),
                 "worker {}: the command (pid: {}) still runs at the graceful timeout; killing its process group",
                 std::process::id(),
                 child.pid

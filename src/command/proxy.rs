@@ -78,7 +78,10 @@ async fn forward(upstream: &Upstream, mut req: Request) -> Response {
     let version = req.version();
     let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     if let Err(e) = prepare(&mut req, upstream.port, client_upgrade.is_some()) {
-        tracing::warn!("cannot forward a request: {e}");
+        tracing::warn!(
+            event = crate::logging::LogEvent::ProxyError.name(),
+            "cannot forward a request: {e}"
+        );
         return plain(StatusCode::BAD_REQUEST, "Bad Request\n");
     }
     let call = upstream.client.request(req);
@@ -87,6 +90,7 @@ async fn forward(upstream: &Upstream, mut req: Request) -> Response {
             Ok(answer) => answer,
             Err(_) => {
                 tracing::warn!(
+                    event = crate::logging::LogEvent::ProxyError.name(),
                     "worker {}: the command did not answer within {:.0}s",
                     std::process::id(),
                     t.as_secs_f64()
@@ -100,6 +104,7 @@ async fn forward(upstream: &Upstream, mut req: Request) -> Response {
         Ok(res) => res,
         Err(e) => {
             tracing::warn!(
+                event = crate::logging::LogEvent::ProxyError.name(),
                 "worker {}: cannot reach the command: {e}",
                 std::process::id()
             );

@@ -123,7 +123,7 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
             _ = int.recv() => break false,
             _ = exited.wait_for(|s| s.is_some()) => {
                 let status = child.exited.borrow().clone().unwrap_or_default();
-                tracing::error!("worker {}: the command (pid: {pid}) {status}; the worker leaves service", std::process::id());
+                tracing::error!(event = crate::logging::LogEvent::CommandExited.name(), "worker {}: the command (pid: {pid}) {status}; the worker leaves service", std::process::id());
                 slot.set_state(SlotState::Draining);
                 bell.ring();
                 child.kill_group();
@@ -164,6 +164,7 @@ async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
         0
     } else {
         tracing::warn!(
+            event = crate::logging::LogEvent::CommandExited.name(),
             "worker {}: the command (pid: {pid}) still ran at the graceful timeout; killed",
             std::process::id()
         );

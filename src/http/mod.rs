@@ -636,6 +636,7 @@ async fn within(
     static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
     if crate::logging::once_a_second(&LAST_SAID_MS) {
         tracing::warn!(
+            event = crate::logging::LogEvent::RequestTimeout.name(),
             "worker {}: {method} {} was not answered within --request-timeout {:.1}s; \
              answered 504 (zdr_request_timeouts_total counts each)",
             std::process::id(),
@@ -1209,6 +1210,7 @@ fn warn_kept(e: &crate::handoff::SendError) {
     static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
     if crate::logging::once_a_second(&LAST_SAID_MS) {
         tracing::warn!(
+            event = crate::logging::LogEvent::HandoffFailed.name(),
             "worker {}: cannot hand a keep-alive connection to a sibling ({e}); \
              this worker answers its next request itself, with Connection: close \
              (zdr_connection_handoffs_total counts each)",

@@ -160,6 +160,7 @@ impl Shedder {
         static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
         if crate::logging::once_a_second(&LAST_SAID_MS) {
             tracing::warn!(
+                event = crate::logging::LogEvent::RequestShed.name(),
                 "worker {}: overloaded: a request waited {:.0} ms to be started (--max-queue-time \
                  {:.0} ms; {:.0} ms in a burst, two of the app's recent responses); answered 503 \
                  with Retry-After (zdr_requests_shed_total counts each)",

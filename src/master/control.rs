@@ -46,6 +46,7 @@ impl ControlServer {
                 ));
             }
             tracing::warn!(
+                event = crate::logging::LogEvent::MasterFiles.name(),
                 "control socket {} was left by a master that is gone: taking it over",
                 path.display()
             );

@@ -72,7 +72,12 @@ impl Master {
                 match Listener::bind(addr, settings.backlog) {
                     Ok(l) => {
                         let tls = settings.certfile.is_some();
-                        info!("Listening at: {} ({})", l.url(tls), self.pid);
+                        info!(
+                            event = crate::logging::LogEvent::Listening.name(),
+                            "Listening at: {} ({})",
+                            l.url(tls),
+                            self.pid
+                        );
                         self.listeners.push(l);
                     }
                     Err(e) => {
@@ -103,11 +108,18 @@ impl Master {
             Some(addr) => {
                 let scrape = super::scrape::ScrapeServer::bind(addr)
                     .map_err(|e| format!("cannot serve metrics at {addr}: {e}"))?;
-                info!("Metrics at: http://{}/metrics", scrape.local_addr());
+                info!(
+                    event = crate::logging::LogEvent::MasterEndpoint.name(),
+                    "Metrics at: http://{}/metrics",
+                    scrape.local_addr()
+                );
                 Some(scrape)
             }
             None => {
-                info!("Metrics endpoint closed");
+                info!(
+                    event = crate::logging::LogEvent::MasterEndpoint.name(),
+                    "Metrics endpoint closed"
+                );
                 None
             }
         };
@@ -125,7 +137,7 @@ impl Master {
         let (app, exe) = if settings.preload {
             let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
             if let Some(n) = super::spawn::thread_count().filter(|n| *n > 1) {
-                warn!("The app's load step left {n} threads running in the master; forked workers get only the calling thread");
+                warn!(event = crate::logging::LogEvent::PreloadThreads.name(), "The app's load step left {n} threads running in the master; forked workers get only the calling thread");
             }
             (Some(Arc::new(app)), None)
         } else {
@@ -141,7 +153,11 @@ impl Master {
             .into_iter()
             .partition(|l| self.generations.binds(&l.addr));
         for l in close {
-            info!("Closing listener {}", l.display_addr());
+            info!(
+                event = crate::logging::LogEvent::Listening.name(),
+                "Closing listener {}",
+                l.display_addr()
+            );
             l.remove_socket_file();
         }
         self.listeners = keep;

@@ -56,7 +56,7 @@ use super::canary;
 use super::rollout::{Cause, Rollout, Verdict};
 use crate::config::{Settings, MAX_WORKERS};
 use crate::control::{ReloadOutcome, Response};
-use crate::logging::count;
+use crate::logging::{count, LogEvent};
 use crate::metrics::{RequestCounters, RestartCause};
 use crate::recycle::{RequestLimit, MAX_SURGE};
 use crate::scoreboard::SlotState;
@@ -317,7 +317,7 @@ pub(crate) enum Record {
 /// A decision, for the master's loop to carry out.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Action {
-    Log(Level, String),
+    Log(Level, LogEvent, String),
     /// Load the configuration for `generation` (and bind, and preload);
     /// answer with [`Event::Prepared`].
     Prepare {
@@ -492,14 +492,14 @@ impl Out {
     fn push(&mut self, a: Action) {
         self.0.push(a);
     }
-    fn info(&mut self, m: String) {
-        self.0.push(Action::Log(Level::INFO, m));
+    fn info(&mut self, e: LogEvent, m: String) {
+        self.0.push(Action::Log(Level::INFO, e, m));
     }
-    fn warn(&mut self, m: String) {
-        self.0.push(Action::Log(Level::WARN, m));
+    fn warn(&mut self, e: LogEvent, m: String) {
+        self.0.push(Action::Log(Level::WARN, e, m));
     }
-    fn error(&mut self, m: String) {
-        self.0.push(Action::Log(Level::ERROR, m));
+    fn error(&mut self, e: LogEvent, m: String) {
+        self.0.push(Action::Log(Level::ERROR, e, m));
     }
 }
 
@@ -702,24 +702,35 @@ impl Machine {
                 self.canary_request = None;
                 self.reload(None, out)
             }
-            Sig::Ttin | Sig::Ttou if self.stopping() => {
-                out.info("Number of workers unchanged: the server is stopping".into())
-            }
-            Sig::Ttin if self.target >= MAX_WORKERS => out.warn(format!(
-                "Number of workers stays {}: that is the most a server runs",
-                self.target
-            )),
+            Sig::Ttin | Sig::Ttou if self.stopping() => out.info(
+                LogEvent::WorkersScaled,
+                "Number of workers unchanged: the server is stopping".into(),
+            ),
+            Sig::Ttin if self.target >= MAX_WORKERS => out.warn(
+                LogEvent::WorkersScaled,
+                format!(
+                    "Number of workers stays {}: that is the most a server runs",
+                    self.target
+                ),
+            ),
             Sig::Ttin => {
                 self.target += 1;
-                out.info(format!("Number of workers: {}", self.target));
+                out.info(
+                    LogEvent::WorkersScaled,
+                    format!("Number of workers: {}", self.target),
+                );
             }
             Sig::Ttou => {
                 self.target = self.target.saturating_sub(1).max(1);
-                out.info(format!("Number of workers: {}", self.target));
+                out.info(
+                    LogEvent::WorkersScaled,
+                    format!("Number of workers: {}", self.target),
+                );
             }
             Sig::Winch if self.stopping() => {}
             Sig::Winch => {
                 out.info(
+                    LogEvent::WorkersPaused,
                     "Stopping all workers; the master stays (SIGHUP starts them again)".into(),
                 );
                 self.phase = Phase::Paused;
@@ -750,7 +761,7 @@ impl Machine {
             )),
             n => {
                 self.target = n;
-                out.info(format!("Number of workers: {n}"));
+                out.info(LogEvent::WorkersScaled, format!("Number of workers: {n}"));
                 Response::ok(format!("scaling to {n} workers"))
             }
         }
@@ -759,7 +770,10 @@ impl Machine {
     /// HUP or `zdr reload`: ask for the configuration to be loaded.
     fn reload(&mut self, client: Option<Client>, out: &mut Out) {
         if self.stopping() {
-            out.info("Reload ignored: the server is stopping".into());
+            out.info(
+                LogEvent::ReloadIgnored,
+                "Reload ignored: the server is stopping".into(),
+            );
             if let Some(c) = client {
                 out.push(Action::Reply(
                     c.id,
@@ -796,7 +810,7 @@ impl Machine {
                 return;
             }
             Err(why) => {
-                out.error(why.clone());
+                out.error(LogEvent::ReloadRolledBack, why.clone());
                 // Tell systemd the reload is over: nothing changed.
                 if let Some(g) = &self.serving {
                     out.push(Action::Notify(Notice::Ready(format!(
@@ -827,7 +841,7 @@ impl Machine {
             // rolled back to it instead of leaving nothing serving.
             if let Some(b) = self.booting.take() {
                 let first = b.generation.id;
-                out.info(format!(
+                out.info(LogEvent::ReloadStarted, format!(
                     "Generation {first} serves with {} of {} workers ready; the reload boots beside it",
                     self.ready_workers(first),
                     self.target
@@ -839,9 +853,12 @@ impl Machine {
                 ))));
             }
         } else if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
-            out.warn(format!(
-                "Reload to generation {old} superseded by a newer reload (generation {id})"
-            ));
+            out.warn(
+                LogEvent::ReloadIgnored,
+                format!(
+                    "Reload to generation {old} superseded by a newer reload (generation {id})"
+                ),
+            );
             // Whoever waits for it is told how the newer one ends: nothing
             // failed, and what will serve is the newer one.
             out.push(Action::Follow { from: old, to: id });
@@ -854,24 +871,30 @@ impl Machine {
         if cause == Cause::Reload {
             self.target = settings.workers;
             out.push(Action::ReopenLogs);
-            out.info(format!(
-                "Reload: starting generation {id} with {}",
-                count(self.target as u64, "worker")
-            ));
+            out.info(
+                LogEvent::ReloadStarted,
+                format!(
+                    "Reload: starting generation {id} with {}",
+                    count(self.target as u64, "worker")
+                ),
+            );
         }
         let boot_timeout = settings.boot_timeout();
         let steps = canary_steps(self.canary_request.take(), &settings, self.target);
         let canary = (cause == Cause::Reload && !steps.is_empty()).then(|| {
             let mut next: std::collections::VecDeque<usize> = steps.into();
             let workers = next.pop_front().unwrap_or(1);
-            out.info(format!(
-                "Reload: generation {id} starts with a canary of {workers} workers{}",
-                if next.is_empty() {
-                    String::new()
-                } else {
-                    format!(", growing to {next:?} workers in steps")
-                }
-            ));
+            out.info(
+                LogEvent::ReloadStarted,
+                format!(
+                    "Reload: generation {id} starts with a canary of {workers} workers{}",
+                    if next.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", growing to {next:?} workers in steps")
+                    }
+                ),
+            );
             Canary {
                 workers,
                 next,
@@ -932,13 +955,17 @@ impl Machine {
     fn begin_upgrade(&mut self, now: Instant, out: &mut Out) {
         if self.stopping() || self.upgrade.is_some() || self.booting.is_some() {
             out.warn(
+                LogEvent::Upgrade,
                 "Binary upgrade ignored: the master is busy (stopping, upgrading or reloading)"
                     .into(),
             );
             return;
         }
         let Some(serving) = &self.serving else {
-            out.warn("Binary upgrade ignored: no generation is serving".into());
+            out.warn(
+                LogEvent::Upgrade,
+                "Binary upgrade ignored: no generation is serving".into(),
+            );
             return;
         };
         self.upgrade = Some(Some(now + serving.settings.boot_timeout()));
@@ -950,9 +977,15 @@ impl Machine {
             return;
         }
         if !passed {
-            out.error(format!("Binary upgrade aborted: {report}; nothing changed"));
+            out.error(
+                LogEvent::Upgrade,
+                format!("Binary upgrade aborted: {report}; nothing changed"),
+            );
         } else if self.booting.is_some() || self.stopping() {
-            out.warn("Binary upgrade aborted: a reload or stop began during the check".into());
+            out.warn(
+                LogEvent::Upgrade,
+                "Binary upgrade aborted: a reload or stop began during the check".into(),
+            );
         } else {
             out.push(Action::ExecUpgrade);
         }
@@ -985,10 +1018,13 @@ impl Machine {
                     drain_at,
                 });
                 if drain_at.is_some() {
-                    out.info(format!(
-                        "Shutdown delay: readiness fails for {:.1}s, then the workers drain",
-                        delay.as_secs_f64()
-                    ));
+                    out.info(
+                        LogEvent::ShutdownDelay,
+                        format!(
+                            "Shutdown delay: readiness fails for {:.1}s, then the workers drain",
+                            delay.as_secs_f64()
+                        ),
+                    );
                     return;
                 }
             }
@@ -1077,9 +1113,10 @@ impl Machine {
             now,
         );
         w.spawned = now;
-        out.info(format!(
-            "Booting worker with pid: {pid} (generation {generation})"
-        ));
+        out.info(
+            LogEvent::WorkerBooting,
+            format!("Booting worker with pid: {pid} (generation {generation})"),
+        );
         self.workers.push(w);
         // A generation that is neither serving nor booting any more (it was
         // superseded while the start was under way) gets no new worker.
@@ -1098,7 +1135,7 @@ impl Machine {
                     .slots_full_logged
                     .is_none_or(|t| now >= t + Duration::from_secs(10))
                 {
-                    out.error(format!(
+                    out.error(LogEvent::WorkerBootFailed, format!(
                         "Cannot start a worker: all {} scoreboard slots are in use (draining workers hold them); retrying every second",
                         crate::scoreboard::CAPACITY
                     ));
@@ -1110,7 +1147,7 @@ impl Machine {
                 self.next_spawn = now + backoff(self.crash_streak);
                 match &mut self.booting {
                     Some(b) if b.generation.id == generation => b.rollout.worker_failed(cause),
-                    _ => out.error(cause),
+                    _ => out.error(LogEvent::WorkerBootFailed, cause),
                 }
             }
         }
@@ -1133,12 +1170,15 @@ impl Machine {
         let expected = matches!(w.role, Role::Draining { .. } | Role::Killing { .. })
             || (w.role == Role::Retiring && exit.state == SlotState::Draining);
         if expected {
-            out.info(format!(
-                "Worker exiting (pid: {pid}, generation {}, {}): {}",
-                w.generation,
-                count(exit.requests, "request"),
-                exit.status
-            ));
+            out.info(
+                LogEvent::WorkerExited,
+                format!(
+                    "Worker exiting (pid: {pid}, generation {}, {}): {}",
+                    w.generation,
+                    count(exit.requests, "request"),
+                    exit.status
+                ),
+            );
             self.check_switchover(now, out);
             return;
         }
@@ -1159,7 +1199,7 @@ impl Machine {
             let delay = backoff(self.crash_streak);
             self.next_spawn = now + delay;
             if self.crash_streak > 1 && booting != Some(w.generation) {
-                out.warn(format!(
+                out.warn(LogEvent::CrashBackoff, format!(
                     "{} workers in a row died before becoming ready; backing off {} ms before the next start",
                     self.crash_streak,
                     delay.as_millis()
@@ -1171,10 +1211,13 @@ impl Machine {
             Some(b) if b.generation.id == w.generation => b.rollout.worker_failed(cause),
             _ if !stopping => {
                 out.push(Action::Record(Record::Restart(RestartCause::Crash)));
-                out.error(format!(
-                    "Worker (pid: {pid}, generation {}) died: {cause}",
-                    w.generation
-                ));
+                out.error(
+                    LogEvent::WorkerDied,
+                    format!(
+                        "Worker (pid: {pid}, generation {}) died: {cause}",
+                        w.generation
+                    ),
+                );
             }
             _ => {}
         }
@@ -1195,7 +1238,7 @@ impl Machine {
         self.announce_ready(now, out);
         if let Some(Some(deadline)) = self.upgrade {
             if now >= deadline {
-                out.error("Binary upgrade: the new binary's check is taking longer than the boot timeout; killing it".into());
+                out.error(LogEvent::Upgrade, "Binary upgrade: the new binary's check is taking longer than the boot timeout; killing it".into());
                 out.push(Action::KillUpgradeCheck);
                 self.upgrade = Some(None);
             }
@@ -1233,14 +1276,18 @@ impl Machine {
                     .iter()
                     .filter(|o| o.generation == generation && o.announced_ready)
                     .count();
-                out.info(format!(
-                    "Worker ready (pid: {pid}, generation {generation}): {ready}/{}",
-                    self.target
-                ));
+                out.info(
+                    LogEvent::WorkerReady,
+                    format!(
+                        "Worker ready (pid: {pid}, generation {generation}): {ready}/{}",
+                        self.target
+                    ),
+                );
             } else {
-                out.info(format!(
-                    "Worker ready (pid: {pid}, generation {generation})"
-                ));
+                out.info(
+                    LogEvent::WorkerReady,
+                    format!("Worker ready (pid: {pid}, generation {generation})"),
+                );
             }
         }
     }
@@ -1271,7 +1318,7 @@ impl Machine {
                 Role::Active | Role::Retiring => {
                     if let (Some(timeout), Some(o)) = (w.timeout, seen) {
                         if o.state == SlotState::Ready && o.silent_ms > timeout.as_millis() as u64 {
-                            out.error(format!(
+                            out.error(LogEvent::WorkerTimeout, format!(
                                 "WORKER TIMEOUT (pid: {}, generation {}): no progress for {:.1}s (no heartbeat, no request begun or ended), {} request(s) in flight; killing it",
                                 w.pid,
                                 w.generation,
@@ -1309,7 +1356,7 @@ impl Machine {
                     let owned = seen.and_then(|o| o.owned_bytes);
                     if let (Some(limit), Some(owned)) = (w.memory_limit, owned) {
                         if owned > limit {
-                            out.info(format!(
+                            out.info(LogEvent::WorkerRecycled, format!(
                                 "Worker (pid: {}) owns {:.0} MiB, over --max-worker-memory {}; starting its replacement",
                                 w.pid,
                                 owned as f64 / 1048576.0,
@@ -1323,10 +1370,13 @@ impl Machine {
                     }
                 }
                 Role::Draining { deadline } if now >= deadline => {
-                    out.warn(format!(
-                        "Worker (pid: {}) still busy at the graceful timeout; killing it",
-                        w.pid
-                    ));
+                    out.warn(
+                        LogEvent::GracefulTimeout,
+                        format!(
+                            "Worker (pid: {}) still busy at the graceful timeout; killing it",
+                            w.pid
+                        ),
+                    );
                     w.gave_up = true;
                     to_kill.push((w.pid, Signal::SIGKILL));
                 }
@@ -1346,10 +1396,13 @@ impl Machine {
                 } else {
                     "nears its request limit"
                 };
-                out.info(format!(
-                    "Worker (pid: {}) {what} ({} of {}); starting its replacement",
-                    w.pid, w.requests, limit.limit
-                ));
+                out.info(
+                    LogEvent::WorkerRecycled,
+                    format!(
+                        "Worker (pid: {}) {what} ({} of {}); starting its replacement",
+                        w.pid, w.requests, limit.limit
+                    ),
+                );
                 w.role = Role::Retiring;
                 w.retiring_since = Some(now);
                 w.cause = Some(RestartCause::MaxRequests);
@@ -1363,7 +1416,7 @@ impl Machine {
                 .recycling_behind_logged
                 .is_none_or(|t| now >= t + RECYCLING_BEHIND_SAID_EVERY)
             {
-                out.warn(format!(
+                out.warn(LogEvent::RecyclingBehind, format!(
                     "Recycling falls behind --max-requests: worker (pid: {pid}) has served {requests} requests of its {limit} and waits its turn (one replacement at a time server-wide); a higher --max-requests recycles as often as it says"
                 ));
                 self.recycling_behind_logged = Some(now);
@@ -1417,7 +1470,7 @@ impl Machine {
             .collect();
         for (pid, said) in done {
             if let Some(said) = said {
-                out.info(said);
+                out.info(LogEvent::WorkerDraining, said);
             }
             self.drain(pid, now, out);
         }
@@ -1492,11 +1545,14 @@ impl Machine {
                     .map(|w| (w.pid, w.counters.clone()))
                     .collect();
                 let window = c.policy.window;
-                out.info(format!(
-                    "Canary of generation {id} serving ({}); watching it for {:.0}s",
-                    count(c.workers as u64, "worker"),
-                    window.as_secs_f64()
-                ));
+                out.info(
+                    LogEvent::Canary,
+                    format!(
+                        "Canary of generation {id} serving ({}); watching it for {:.0}s",
+                        count(c.workers as u64, "worker"),
+                        window.as_secs_f64()
+                    ),
+                );
                 if let Some(b) = &mut self.booting {
                     b.rollout.restart_clock(now, window * 3);
                     if let Some(c) = &mut b.canary {
@@ -1536,7 +1592,7 @@ impl Machine {
                 let Some(c) = &mut b.canary else { return };
                 match c.next.pop_front() {
                     Some(workers) => {
-                        out.info(format!(
+                        out.info(LogEvent::Canary, format!(
                             "Canary of generation {id} passed step {}: {figures}; growing it to {workers} workers",
                             c.step
                         ));
@@ -1545,9 +1601,12 @@ impl Machine {
                         c.started = None;
                     }
                     None => {
-                        out.info(format!(
-                            "Canary of generation {id} promoted: {figures}; starting the rest"
-                        ));
+                        out.info(
+                            LogEvent::Canary,
+                            format!(
+                                "Canary of generation {id} promoted: {figures}; starting the rest"
+                            ),
+                        );
                         b.canary = None;
                     }
                 }
@@ -1578,13 +1637,16 @@ impl Machine {
             .collect();
         match (b.rollout.cause, &old) {
             (Cause::Start, _) | (_, None) => {
-                out.info(format!(
-                    "Ready: generation {id}, {}, in {ms} ms",
-                    count(self.target as u64, "worker")
-                ));
+                out.info(
+                    LogEvent::GenerationReady,
+                    format!(
+                        "Ready: generation {id}, {}, in {ms} ms",
+                        count(self.target as u64, "worker")
+                    ),
+                );
             }
             (Cause::Reload, Some(old)) => {
-                out.info(format!(
+                out.info(LogEvent::GenerationReady, format!(
                     "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({})",
                     old.id,
                     count(retiring.len() as u64, "worker"),
@@ -1633,7 +1695,7 @@ impl Machine {
             // workers it has, and the missing ones are started again (with
             // the crash back-off) instead of the server exiting.
             if let Some(b) = self.booting.take() {
-                out.error(format!(
+                out.error(LogEvent::GenerationPartial, format!(
                     "Generation {id} did not start in full ({why}); it serves with the workers it has and starts the others again"
                 ));
                 self.serving = Some(b.generation);
@@ -1647,17 +1709,20 @@ impl Machine {
         self.abandon_rollout(&why, now, out);
         match &self.serving {
             None => {
-                out.error(format!("Cannot start: {why}"));
+                out.error(LogEvent::MasterError, format!("Cannot start: {why}"));
                 self.stop(StopKind::Fast, now, out);
                 if let Phase::Stopping(stop) = &mut self.phase {
                     stop.exit_code = 1;
                 }
             }
             Some(serving) => {
-                out.error(format!(
-                    "Reload to generation {id} rolled back: {why}; generation {} keeps serving",
-                    serving.id
-                ));
+                out.error(
+                    LogEvent::ReloadRolledBack,
+                    format!(
+                        "Reload to generation {id} rolled back: {why}; generation {} keeps serving",
+                        serving.id
+                    ),
+                );
                 out.push(Action::Notify(Notice::Ready(format!(
                     "{} ready, generation {}; reload rolled back",
                     count(self.target as u64, "worker"),
@@ -1721,11 +1786,14 @@ impl Machine {
             }
         }
         if self.workers.iter().all(|w| w.generation >= s.generation) {
-            out.info(format!(
-                "Reload to generation {} complete in {} ms",
-                s.generation,
-                now.saturating_duration_since(s.requested).as_millis()
-            ));
+            out.info(
+                LogEvent::ReloadComplete,
+                format!(
+                    "Reload to generation {} complete in {} ms",
+                    s.generation,
+                    now.saturating_duration_since(s.requested).as_millis()
+                ),
+            );
             if let Some(reply) = s.reply.take() {
                 out.push(Action::Answer(Awaited::Reload(s.generation), reply));
             }
@@ -1750,7 +1818,7 @@ impl Machine {
         if !self.workers.is_empty() {
             return false;
         }
-        out.info("Shutting down: Master".into());
+        out.info(LogEvent::MasterStopped, "Shutting down: Master".into());
         let answer = match (stop.kind, stop.forced) {
             (StopKind::Graceful, 0) => Response::ok("stopped gracefully"),
             (StopKind::Graceful, n) => Response::error(format!(

@@ -131,7 +131,10 @@ pub(crate) fn serve(
     match master {
         Ok((master, first)) => ExitCode::from(master.run(first)),
         Err(e) => {
-            error!("{e:#}");
+            error!(
+                event = crate::logging::LogEvent::MasterError.name(),
+                "{e:#}"
+            );
             ExitCode::FAILURE
         }
     }
@@ -170,12 +173,14 @@ impl Master {
         // What is served: the app, or the command a `-- CMD` server runs.
         if settings.command.is_empty() {
             info!(
+                event = crate::logging::LogEvent::MasterStarting.name(),
                 "Starting {} (zdr {})",
                 inputs.name,
                 env!("CARGO_PKG_VERSION")
             );
         } else {
             info!(
+                event = crate::logging::LogEvent::MasterStarting.name(),
                 "Starting zdr {} for the command {:?}",
                 env!("CARGO_PKG_VERSION"),
                 settings.command[0]
@@ -185,6 +190,7 @@ impl Master {
         let listeners = listener::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
             info!(
+                event = crate::logging::LogEvent::Listening.name(),
                 "Listening at: {} ({pid})",
                 l.url(settings.certfile.is_some())
             );
@@ -200,13 +206,19 @@ impl Master {
             bell_rx,
             bell,
             handoff: crate::handoff::Pair::new()
-                .inspect_err(|e| warn!("no connection handoff between workers: {e}"))
+                .inspect_err(|e| {
+                    warn!(
+                        event = crate::logging::LogEvent::MasterConfig.name(),
+                        "no connection handoff between workers: {e}"
+                    )
+                })
                 .ok(),
             signals: Signals::install()?,
             handles: Vec::new(),
             control: None,
         };
         info!(
+            event = crate::logging::LogEvent::MasterConfig.name(),
             "Using worker: tokio (threads={}, worker_connections={}){}",
             settings.threads,
             settings.worker_connections,
@@ -214,6 +226,7 @@ impl Master {
         );
         if !settings.command.is_empty() {
             info!(
+                event = crate::logging::LogEvent::MasterConfig.name(),
                 "Each worker runs the command {:?} and {}",
                 settings.command.join(" "),
                 if settings.pass_socket {
@@ -297,6 +310,7 @@ impl Master {
             })
             .collect::<Vec<_>>();
         info!(
+            event = crate::logging::LogEvent::Upgrade.name(),
             "Binary upgrade: now running {} (zdr {}), pid {}; adopted {} workers",
             h.exe.display(),
             env!("CARGO_PKG_VERSION"),
@@ -372,7 +386,11 @@ impl Master {
                 ControlServer::bind(&path)?
             }
         };
-        info!("Control socket: {}", control.path().display());
+        info!(
+            event = crate::logging::LogEvent::MasterEndpoint.name(),
+            "Control socket: {}",
+            control.path().display()
+        );
         // A start that fails from here leaves no socket file behind.
         let opened = (|| -> anyhow::Result<_> {
             let scrape = settings
@@ -395,7 +413,11 @@ impl Master {
             }
         };
         if let Some(s) = &scrape {
-            info!("Metrics at: http://{}/metrics", s.local_addr());
+            info!(
+                event = crate::logging::LogEvent::MasterEndpoint.name(),
+                "Metrics at: http://{}/metrics",
+                s.local_addr()
+            );
         }
         give_pidfile_to_workers(settings, pidfile.as_ref().map(|p| p.path()));
         let watch = settings.reload.then(|| {
@@ -403,6 +425,7 @@ impl Master {
             files.extend(sources.config_file.clone());
             files.extend(settings.reload_extra_files.iter().cloned());
             info!(
+                event = crate::logging::LogEvent::MasterEndpoint.name(),
                 "Watching {} for changes (--reload)",
                 files
                     .iter()
@@ -456,7 +479,11 @@ impl Master {
             self.wait(&mut events);
             for raw in self.signals.take() {
                 if let Some(sig) = signals::decode(raw) {
-                    info!("Handling signal: {}", signals::name(raw));
+                    info!(
+                        event = crate::logging::LogEvent::Signal.name(),
+                        "Handling signal: {}",
+                        signals::name(raw)
+                    );
                     events.push_back(Event::Signal(sig));
                 }
             }
@@ -464,6 +491,7 @@ impl Master {
                 // New code under --preload needs the master to run it.
                 let upgrade = self.preload && changed == self.exe;
                 info!(
+                    event = crate::logging::LogEvent::FileChanged.name(),
                     "{} changed: {}",
                     changed.display(),
                     if upgrade {
@@ -501,11 +529,14 @@ impl Master {
     /// Carries out one decision; results come back as events.
     fn act(&mut self, action: Action, events: &mut VecDeque<Event>) -> Option<u8> {
         match action {
-            Action::Log(level, message) => match level {
-                Level::ERROR => error!("{message}"),
-                Level::WARN => warn!("{message}"),
-                _ => info!("{message}"),
-            },
+            Action::Log(level, event, message) => {
+                let event = event.name();
+                match level {
+                    Level::ERROR => error!(event, "{message}"),
+                    Level::WARN => warn!(event, "{message}"),
+                    _ => info!(event, "{message}"),
+                }
+            }
             Action::Prepare { generation, client } => {
                 let result = self.prepare(generation);
                 events.push_back(Event::Prepared {
@@ -520,6 +551,7 @@ impl Master {
                     // Killed at --timeout: where it was stuck, read before
                     // the signal changes it.
                     tracing::error!(
+                        event = crate::logging::LogEvent::WorkerTimeout.name(),
                         "Worker (pid: {pid}) at its timeout: {}; requests in flight: {}",
                         report::where_stuck(pid),
                         self.named_in_flight(pid)
@@ -641,14 +673,20 @@ impl Master {
                     continue;
                 }
                 Request::Reload { wait, canary } => {
-                    info!("Reload requested on the control socket");
+                    info!(
+                        event = crate::logging::LogEvent::ControlRequest.name(),
+                        "Reload requested on the control socket"
+                    );
                     Event::Reload {
                         client: client(wait),
                         canary,
                     }
                 }
                 Request::Stop { graceful, wait } => {
-                    info!("Stop requested on the control socket");
+                    info!(
+                        event = crate::logging::LogEvent::ControlRequest.name(),
+                        "Stop requested on the control socket"
+                    );
                     Event::Stop {
                         graceful,
                         client: client(wait),
@@ -710,6 +748,7 @@ fn give_pidfile_to_workers(settings: &Settings, pidfile: Option<&std::path::Path
     );
     if let Err(e) = nix::unistd::chown(path, owner.0, owner.1) {
         warn!(
+            event = crate::logging::LogEvent::MasterFiles.name(),
             "cannot give {} to uid {uid}, gid {gid}: {e}",
             path.display()
         );

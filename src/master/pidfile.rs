@@ -19,6 +19,7 @@ impl Pidfile {
                     && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
                 if pid != me && !alive {
                     tracing::warn!(
+                        event = crate::logging::LogEvent::MasterFiles.name(),
                         "pidfile {} named pid {pid}, which is gone: taking it over",
                         path.display()
                     );

@@ -37,6 +37,7 @@ impl Executable {
             Ok(f) => Some(OwnedFd::from(f)),
             Err(e) => {
                 tracing::warn!(
+                    event = crate::logging::LogEvent::MasterFiles.name(),
                     "cannot open {}: {e}; its workers run it by name",
                     path.display()
                 );
@@ -200,7 +201,10 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
                 }) {
                 Ok(bell) => worker::run(spec, parts.board, bell, Some(parts.app), parts.loader),
                 Err(e) => {
-                    tracing::error!("worker cannot open the doorbell: {e}");
+                    tracing::error!(
+                        event = crate::logging::LogEvent::WorkerTrouble.name(),
+                        "worker cannot open the doorbell: {e}"
+                    );
                     1
                 }
             };

@@ -155,7 +155,11 @@ impl super::Master {
     /// Runs the binary on disk as `check --load-app` with the server's
     /// arguments; returns why it could not start.
     pub(super) fn start_upgrade_check(&mut self) -> Result<(), String> {
-        info!("Binary upgrade: checking {}", self.exe.display());
+        info!(
+            event = crate::logging::LogEvent::Upgrade.name(),
+            "Binary upgrade: checking {}",
+            self.exe.display()
+        );
         let started = Output::pipe().and_then(|(output, stderr)| {
             let child = std::process::Command::new(&self.exe)
                 .args(check_args(&self.args))
@@ -196,8 +200,8 @@ impl super::Master {
     /// only if that failed (then nothing changed).
     pub(super) fn exec_upgrade(&mut self) {
         info!(
-            "Binary upgrade: check passed; re-executing in place (pid {} stays)",
-            self.pid
+            event = crate::logging::LogEvent::Upgrade.name(),
+            "Binary upgrade: check passed; re-executing in place (pid {} stays)", self.pid
         );
         let handover = self.handover();
         let fds = handover.fds();
@@ -212,6 +216,7 @@ impl super::Master {
             let _ = crate::sys::set_cloexec(*fd, true);
         }
         error!(
+            event = crate::logging::LogEvent::Upgrade.name(),
             "Binary upgrade failed: cannot execute {}: {err}; nothing changed",
             self.exe.display()
         );

@@ -147,7 +147,10 @@ impl Master {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    error!("waitpid failed: {e}");
+                    error!(
+                        event = crate::logging::LogEvent::MasterError.name(),
+                        "waitpid failed: {e}"
+                    );
                     break;
                 }
             };

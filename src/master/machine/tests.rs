@@ -264,7 +264,7 @@ fn spawns(actions: &[Action]) -> Vec<u64> {
 fn logged(actions: &[Action], level: Level, text: &str) -> bool {
     actions
         .iter()
-        .any(|a| matches!(a, Action::Log(l, m) if *l == level && m.contains(text)))
+        .any(|a| matches!(a, Action::Log(l, _, m) if *l == level && m.contains(text)))
 }
 
 fn answers(actions: &[Action], what: Awaited) -> Vec<Response> {
@@ -754,7 +754,7 @@ fn only_unexpected_exits_are_errors() {
     assert!(logged(&actions, Level::INFO, "Worker exiting"));
     assert!(!actions
         .iter()
-        .any(|a| matches!(a, Action::Log(Level::ERROR, _))));
+        .any(|a| matches!(a, Action::Log(Level::ERROR, _, _))));
     let survivor = sim.pids(1)[0];
     let actions = sim.exit(survivor, "was killed by SIGSEGV");
     assert!(logged(&actions, Level::ERROR, "died"));
