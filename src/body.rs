@@ -58,6 +58,8 @@ pub(crate) struct BodyWatch {
     too_large: AtomicBool,
     /// The client left the body waiting past the body timeout.
     timed_out: AtomicBool,
+    /// The body could not be read: malformed (a bad chunk) or cut short.
+    broken: AtomicBool,
     /// Where a body timeout is counted.
     board: &'static crate::scoreboard::Scoreboard,
     /// Whether the app read it to its end.
@@ -75,6 +77,13 @@ impl BodyWatch {
     /// Whether the client stopped sending the body for the body timeout.
     pub(crate) fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client's body could not be read (a malformed chunk, or
+    /// the client went away): its fault, not the app's, whatever the app
+    /// answered.
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
     }
 
     /// Whether the app read the body to its end.
@@ -144,6 +153,7 @@ impl RequestBody {
             limit,
             too_large: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             board,
             ended: AtomicBool::new(false),
             declared: inner.size_hint().exact(),
@@ -185,7 +195,12 @@ impl Body for RequestBody {
         };
         let frame = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(watch) = &this.watch {
+                    watch.broken.store(true, Ordering::Relaxed);
+                }
+                return Poll::Ready(Some(Err(e.into())));
+            }
             Poll::Ready(None) => {
                 if let Some(watch) = &this.watch {
                     watch.ended.store(true, Ordering::Relaxed);

@@ -412,6 +412,19 @@ pub struct Options {
     )]
     pub worker_ready_path: Option<String>,
 
+    /// The upgrades (`Upgrade:` protocols) forwarded to a `-- CMD` command,
+    /// comma-separated; a request asking for another is forwarded as a
+    /// plain request, without its `Upgrade`. `h2c` is never forwarded (it
+    /// would tunnel HTTP/2 past zdr's checks). [default: websocket]
+    #[arg(
+        long = "proxy-upgrades",
+        env = "ZDR_PROXY_UPGRADES",
+        value_name = "PROTOCOLS",
+        value_delimiter = ','
+    )]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub proxy_upgrades: Option<Vec<String>>,
+
     /// The signal a `-- CMD` command gets to stop, once its worker has
     /// drained its clients (SIGKILL to its process group at the graceful
     /// timeout). [default: TERM]
@@ -965,6 +978,9 @@ pub struct Settings {
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
+    /// The upgrade protocols forwarded to a command (lower case).
+    #[serde(default = "default_proxy_upgrades")]
+    pub proxy_upgrades: Vec<String>,
     /// Canary workers per reload; 0 for none.
     #[serde(default)]
     pub canary: usize,
@@ -1075,6 +1091,37 @@ fn command(command: Option<Vec<String>>, preload: bool) -> Result<Vec<String>, C
         )),
         Some(_) => Ok(command),
     }
+}
+
+fn default_proxy_upgrades() -> Vec<String> {
+    vec!["websocket".to_owned()]
+}
+
+/// The upgrade protocols a command may be handed: protocol names (RFC 9110
+/// §7.8 tokens, compared in lower case), never `h2c`.
+fn proxy_upgrades(given: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let Some(given) = given else {
+        return Ok(default_proxy_upgrades());
+    };
+    let mut upgrades = Vec::new();
+    for p in given.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let name = p.to_ascii_lowercase();
+        if name == "h2c" || name.starts_with("h2c/") {
+            return Err(ConfigError::invalid(
+                "proxy_upgrades",
+                "h2c is never forwarded: it would carry HTTP/2 past zdr's checks, and zdr \
+                 already speaks HTTP/2 to clients (drop h2c from the list)",
+            ));
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)) {
+            return Err(ConfigError::invalid(
+                "proxy_upgrades",
+                format!("{p:?} is not a protocol name, such as websocket"),
+            ));
+        }
+        upgrades.push(name);
+    }
+    Ok(upgrades)
 }
 
 /// The signal numbers a command may be stopped with, by name.
@@ -1351,7 +1398,7 @@ impl Settings {
     /// validating every value.
     pub fn resolve(o: Options) -> Result<Settings, ConfigError> {
         let (certfile, keyfile, ca_certs) = tls_files(o.certfile, o.keyfile, o.ca_certs)?;
-        Ok(Settings {
+        let settings = Settings {
             bind: bind_addrs(o.bind)?,
             backlog: o.backlog.unwrap_or(2048),
             workers: worker_count(o.workers.unwrap_or(1))?,
@@ -1436,6 +1483,7 @@ impl Settings {
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             command: command(o.command, o.preload.unwrap_or(false))?,
             worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
+            proxy_upgrades: proxy_upgrades(o.proxy_upgrades)?,
             max_surge: o.max_surge.unwrap_or(0),
             max_unavailable: o.max_unavailable.unwrap_or(0),
             canary: o.canary.unwrap_or(0),
@@ -1470,7 +1518,20 @@ impl Settings {
             pass_socket: o.pass_socket.unwrap_or(false),
             worker_ready_delay: seconds("worker_ready_delay", o.worker_ready_delay.unwrap_or(0.0))?,
             worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,
-        })
+        };
+        if !settings.pass_socket {
+            let own_ports: Vec<u16> = settings
+                .bind
+                .iter()
+                .filter_map(|b| match b {
+                    BindAddr::Tcp { port, .. } => Some(*port),
+                    _ => None,
+                })
+                .collect();
+            crate::port_arg::check(&settings.command, &own_ports)
+                .map_err(|why| ConfigError::invalid("command", why))?;
+        }
+        Ok(settings)
     }
 
     /// The heartbeat timeout, or `None` when disabled.

@@ -42,6 +42,7 @@ mod handoff;
 mod http;
 mod listener;
 mod logging;
+mod port_arg;
 mod master;
 mod metrics;
 mod recycle;

@@ -19,6 +19,7 @@
 
 mod proxy;
 pub(crate) mod socket;
+mod translate;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,13 +102,19 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
     ];
     let child: Arc<Mutex<Option<Arc<Child>>>> = Arc::new(Mutex::new(None));
     let (started, alive, stopped) = (Arc::clone(&child), Arc::clone(&child), child);
+    let pool: Arc<Mutex<Option<Arc<proxy::Pool>>>> = Arc::new(Mutex::new(None));
+    let (pooled, unpooled) = (Arc::clone(&pool), pool);
     let stop_signal = spec.settings.worker_stop_signal;
     LoadedApp {
         // The proxy forwards each request's client to the command.
         client_info: true,
         make_service: Box::new(move || {
-            let (settings, env, started) =
-                (Arc::clone(&settings), env.clone(), Arc::clone(&started));
+            let (settings, env, started, pooled) = (
+                Arc::clone(&settings),
+                env.clone(),
+                Arc::clone(&started),
+                Arc::clone(&pooled),
+            );
             Box::pin(async move {
                 let child = Arc::new(start(&settings.command, &env)?);
                 if let Ok(mut slot) = started.lock() {
@@ -115,10 +122,15 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
                 }
                 wait_until_listening(&child, &settings.worker_ready_path).await?;
                 watch_for_exit(Arc::clone(&child));
-                Ok(proxy::service(
+                let (service, pool) = proxy::service(
                     child.port,
                     settings.request_timeout().or_else(|| settings.timeout()),
-                ))
+                    settings.proxy_upgrades.clone(),
+                );
+                if let Ok(mut slot) = pooled.lock() {
+                    *slot = Some(pool);
+                }
+                Ok(service)
             }) as BoxFuture<_>
         }),
         ready: Arc::new(move || {
@@ -133,6 +145,12 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
         }),
         stop: Some(Arc::new(move |grace: Duration| {
             let child = stopped.lock().ok().and_then(|c| c.clone());
+            // The worker has drained: its idle connections to the command
+            // close first, so that the command's own graceful stop has
+            // nothing of zdr's to wait for.
+            if let Some(pool) = unpooled.lock().ok().and_then(|mut p| p.take()) {
+                pool.close();
+            }
             Box::pin(async move {
                 match child {
                     Some(child) => stop(&child, stop_signal, grace).await,
@@ -158,7 +176,7 @@ fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> 
         .ok_or_else(|| anyhow::anyhow!("no command to run"))?;
     let port = free_port()?;
     let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
+    cmd.args(crate::port_arg::expand(args, port))
         .env("PORT", port.to_string())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("LISTEN_FDS")

@@ -1,57 +1,96 @@
 //! Forwarding a worker's requests to its command over loopback: pooled
-//! keep-alive HTTP/1.1 connections, bodies streamed both ways, upgrades
-//! (WebSocket) passed through, and the client's address and scheme (as zdr
-//! resolved them) in `X-Forwarded-For` and `X-Forwarded-Proto`.
+//! keep-alive HTTP/1.1 connections, bodies streamed both ways, the
+//! upgrades `--proxy-upgrades` allows (WebSocket) passed through. What a
+//! request becomes on the way is decided in [`super::translate`].
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::header::{
-    HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
-use http::{StatusCode, Uri, Version};
+use http::header::{HeaderValue, ALLOW, HOST};
+use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::translate::{self, Refusal};
 use crate::app::{erase, plain, AppService, Request, Response};
 use crate::body::RequestBody;
-use crate::forwarded::ClientInfo;
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+type HttpClient = Client<HttpConnector, RequestBody>;
 
-/// The command's port and a pool of connections to it.
+/// The command's port and the connections to it.
 struct Upstream {
     port: u16,
-    client: Client<HttpConnector, RequestBody>,
+    pool: Arc<Pool>,
     /// How long the command may take to start answering a request.
     timeout: Option<Duration>,
+    /// The upgrade protocols the command may be handed.
+    upgrades: Vec<String>,
 }
 
-/// The service that forwards to the command listening on `port`. A
-/// request the command does not start answering within `timeout` gets a
-/// 504; one it cannot be reached for, a 502.
-pub(super) fn service(port: u16, timeout: Option<Duration>) -> AppService {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
+/// The connections to the command: kept alive between requests until the
+/// worker stops the command, then closed, so that the command's own
+/// graceful stop (which waits for its idle keep-alive connections, as
+/// Node's `server.close()` does) is not held up by zdr's.
+pub(super) struct Pool {
+    pooled: Mutex<Option<HttpClient>>,
+    /// A connection per request, once the pool is closed.
+    fresh: HttpClient,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let client = |idle: usize| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(idle)
+                .build(connector)
+        };
+        Pool {
+            pooled: Mutex::new(Some(client(usize::MAX))),
+            fresh: client(0),
+        }
+    }
+
+    fn client(&self) -> HttpClient {
+        match self.pooled.lock().ok().and_then(|p| p.clone()) {
+            Some(pooled) => pooled,
+            None => self.fresh.clone(),
+        }
+    }
+
+    /// Closes the idle connections (those in use close as their requests
+    /// end), and keeps no more.
+    pub(super) fn close(&self) {
+        let pooled = self.pooled.lock().ok().and_then(|mut p| p.take());
+        drop(pooled);
+    }
+}
+
+/// The service that forwards to the command listening on `port`, and its
+/// pool. A request the command does not start answering within `timeout`
+/// gets a 504; one it cannot be reached for, a 502.
+pub(super) fn service(
+    port: u16,
+    timeout: Option<Duration>,
+    upgrades: Vec<String>,
+) -> (AppService, Arc<Pool>) {
+    let pool = Arc::new(Pool::new());
     let upstream = Arc::new(Upstream {
         port,
-        client,
+        pool: Arc::clone(&pool),
         timeout,
+        upgrades,
     });
-    erase(tower::service_fn(move |req: Request| {
+    let service = erase(tower::service_fn(move |req: Request| {
         let upstream = Arc::clone(&upstream);
         async move { Ok::<_, Infallible>(forward(&upstream, req).await) }
-    }))
+    }));
+    (service, pool)
 }
 
 /// Whether the command answers `path` on `port` with a 2xx.
@@ -76,15 +115,26 @@ pub(super) async fn probe(port: u16, path: &str) -> bool {
 /// 504).
 async fn forward(upstream: &Upstream, mut req: Request) -> Response {
     let version = req.version();
-    let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    if let Err(e) = prepare(&mut req, upstream.port, client_upgrade.is_some()) {
-        tracing::warn!(
-            event = crate::logging::LogEvent::ProxyError.name(),
-            "cannot forward a request: {e}"
-        );
-        return plain(StatusCode::BAD_REQUEST, "Bad Request\n");
-    }
-    let call = upstream.client.request(req);
+    let client_upgrade = match translate::to_command(&mut req, upstream.port, &upstream.upgrades) {
+        Ok(true) => Some(hyper::upgrade::on(&mut req)),
+        Ok(false) => None,
+        Err(Refusal::Method) => {
+            let mut res = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+            res.headers_mut().insert(
+                ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+            return res;
+        }
+        Err(Refusal::Malformed) => {
+            tracing::warn!(
+                event = crate::logging::LogEvent::ProxyError.name(),
+                "cannot forward a request: it cannot be put into HTTP/1.1"
+            );
+            return plain(StatusCode::BAD_REQUEST, "Bad Request\n");
+        }
+    };
+    let call = upstream.pool.client().request(req);
     let answer = match upstream.timeout {
         Some(t) => match tokio::time::timeout(t, call).await {
             Ok(answer) => answer,
@@ -112,123 +162,28 @@ async fn forward(upstream: &Upstream, mut req: Request) -> Response {
         }
     };
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_side) = client_upgrade {
-            let command_side = hyper::upgrade::on(&mut res);
-            tokio::spawn(async move {
-                if let (Ok(client), Ok(command)) = (client_side.await, command_side.await) {
-                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(command));
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-            });
-        }
+        let Some(client_side) = client_upgrade else {
+            // A switch nobody asked for would make the connection a blind
+            // tunnel past every check.
+            tracing::warn!(
+                event = crate::logging::LogEvent::ProxyError.name(),
+                "worker {}: the command switched protocols unasked; answered 502",
+                std::process::id()
+            );
+            return plain(StatusCode::BAD_GATEWAY, "Bad Gateway\n");
+        };
+        let command_side = hyper::upgrade::on(&mut res);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(command)) = (client_side.await, command_side.await) {
+                let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(command));
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
     } else {
-        strip_hop_by_hop(res.headers_mut(), false);
+        translate::strip_hop_by_hop(res.headers_mut(), false);
     }
     // The client's version, not the command's (an HTTP/1.0 server's answer
     // goes out as HTTP/1.1, with zdr's keep-alive).
     *res.version_mut() = version;
     res.map(crate::app::Body::new)
-}
-
-/// Whether the client asks to switch protocols (HTTP/1.1 only).
-fn wants_upgrade(req: &Request) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Points the request at the command: the loopback URI, HTTP/1.1 (an
-/// HTTP/2 request keeps its authority as `Host`), no hop-by-hop headers,
-/// and the forwarding headers replaced by what zdr resolved.
-fn prepare(req: &mut Request, port: u16, upgrade: bool) -> Result<(), http::Error> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    if !req.headers().contains_key(HOST) {
-        if let Some(authority) = req.uri().authority() {
-            let host = HeaderValue::from_str(authority.as_str())?;
-            req.headers_mut().insert(HOST, host);
-        }
-    }
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(format!("127.0.0.1:{port}"))
-        .path_and_query(path)
-        .build()?;
-    *req.version_mut() = Version::HTTP_11;
-    let client = req.extensions().get::<ClientInfo>().cloned();
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
-    headers.remove(FORWARDED);
-    headers.remove(X_FORWARDED_FOR);
-    headers.remove(X_FORWARDED_PROTO);
-    if let Some(client) = client {
-        if let Some(ip) = client.addr {
-            headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&ip.to_string())?);
-        }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
-    }
-    Ok(())
-}
-
-/// Removes the headers that belong to one connection, not to the message
-/// (RFC 9110 §7.6.1), keeping `Connection: upgrade` and `Upgrade` for an
-/// upgrade.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING] {
-        headers.remove(name);
-    }
-    if upgrade {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(CONNECTION);
-        headers.remove(UPGRADE);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_go_and_named_ones_too() {
-        let mut h = http::HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("close, x-private"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
-        assert!(h.get(CONNECTION).is_none() && h.get("x-private").is_none());
-        assert!(h.get(KEEP_ALIVE).is_none());
-        assert_eq!(h.get("x-kept").unwrap(), "1");
-    }
-
-    #[test]
-    fn an_upgrade_keeps_its_connection_and_upgrade_headers() {
-        let mut h = http::HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(CONNECTION).unwrap(), "upgrade");
-        assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
-    }
 }

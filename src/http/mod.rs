@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{StatusCode, Version};
 use http_body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -141,6 +141,8 @@ impl Limits {
         let http1 = req.version() < Version::HTTP_2;
         let (mut hosts, mut malformed, mut too_large) = (0u32, false, false);
         let mut length = None;
+        let mut host = None;
+        let mut codings = None;
         for (name, value) in req.headers() {
             let bytes = value.as_bytes();
             // A field counts as its line does: `name: value` and its CRLF.
@@ -148,17 +150,33 @@ impl Limits {
                 self.field_size > 0 && name.as_str().len() + bytes.len() + 4 > self.field_size;
             // (hyper's HTTP/1 parser and the HTTP/2 decoder refuse control
             // characters in a field value themselves; tests/hardening.rs
-            // holds them to it.)
-            if http1 && name == http::header::HOST {
+            // holds them to it. HTTP/1's parser drops the whitespace around
+            // a value; HTTP/2 has none to drop, and a value that starts or
+            // ends with it is malformed: RFC 9113 §8.2.1.)
+            malformed |= !http1
+                && matches!(
+                    (bytes.first(), bytes.last()),
+                    (Some(b' ' | b'\t'), _) | (_, Some(b' ' | b'\t'))
+                );
+            if name == http::header::HOST {
                 hosts += 1;
                 malformed |= !valid_host(bytes);
+                host = Some(bytes);
             }
             if length.is_none() && name == CONTENT_LENGTH {
                 length = Some(value);
             }
+            if http1 && name == TRANSFER_ENCODING {
+                codings = Some(value);
+            }
         }
-        if http1 && (malformed || hosts > 1 || malformed_target(req, hosts)) {
+        if malformed || hosts > 1 || malformed_target(req, hosts, host) {
             return BAD;
+        }
+        // A transfer coding zdr does not decode would reach the app as the
+        // body itself (RFC 9112 §6.1: 501).
+        if codings.is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")) {
+            return Some((StatusCode::NOT_IMPLEMENTED, "Not Implemented\n"));
         }
         if self.line > 0 {
             let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
@@ -183,26 +201,38 @@ impl Limits {
     }
 }
 
-/// Whether an HTTP/1 request's target (with the number of its `Host`
-/// fields) is malformed in ways hyper's parser lets through (RFC 9112
-/// §3.2-3.2.4): no `Host` in HTTP/1.1 unless the target is in absolute
-/// form; `*` with a method other than OPTIONS; an authority alone as the
-/// target of a method other than CONNECT; bytes no URI may hold. With the
-/// field checks of [`Limits::check`] (two `Host` fields, an invalid host,
-/// control characters in a value), they get 400 and never reach the app,
-/// as in nginx.
-fn malformed_target(req: &Request, hosts: u32) -> bool {
+/// Whether a request's target (with the number of its `Host` fields and
+/// the last one's value) is malformed in ways hyper lets through.
+///
+/// HTTP/1 (RFC 9112 §3.2-3.2.4): no `Host` in HTTP/1.1 unless the target
+/// is in absolute form; an authority alone as the target of a method other
+/// than CONNECT. HTTP/2 (RFC 9113 §8.3.1): no authority at all (neither
+/// `:authority` nor `Host`), or a `Host` that names another authority than
+/// `:authority`; an `:authority` that is not a host and port (userinfo).
+/// Both: `*` with a method other than OPTIONS; bytes no URI may hold. With
+/// the field checks of [`Limits::check`] (two `Host` fields, an invalid
+/// host, control characters or, in HTTP/2, whitespace at either end of a
+/// value), they get 400 and never reach the app, as in nginx.
+fn malformed_target(req: &Request, hosts: u32, host: Option<&[u8]>) -> bool {
     let uri = req.uri();
     let method = req.method();
-    let form = if uri.authority().is_none() {
+    let asterisk = uri.path() == "*" && method != http::Method::OPTIONS;
+    let form = if req.version() >= Version::HTTP_2 {
+        match uri.authority() {
+            None => hosts == 0 && method != http::Method::CONNECT,
+            Some(authority) => {
+                !valid_host(authority.as_str().as_bytes())
+                    || host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes()))
+            }
+        }
+    } else if uri.authority().is_none() {
         // Origin form (`/path`) or `*`.
-        (hosts == 0 && req.version() == Version::HTTP_11)
-            || (uri.path() == "*" && method != http::Method::OPTIONS)
+        hosts == 0 && req.version() == Version::HTTP_11
     } else {
         // Absolute form, or an authority alone.
         uri.scheme().is_none() && method != http::Method::CONNECT
     };
-    form
+    form || asterisk
         // Controls, space, non-ASCII (RFC 3986).
         || uri.path_and_query().is_some_and(|p| {
             p.as_str()
@@ -713,6 +743,11 @@ impl Future for ConnFuture {
                 close = true;
             } else if body.timed_out() {
                 res = plain(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
+                close = true;
+            } else if body.broken() {
+                // A malformed body is the client's fault (not a 5xx that
+                // counts against the app or a canary).
+                res = plain(StatusCode::BAD_REQUEST, "Bad Request\n");
                 close = true;
             } else {
                 close = body.must_close();
