@@ -43,6 +43,7 @@ mod http;
 mod listener;
 mod logging;
 mod port_arg;
+mod process_tree;
 mod master;
 mod metrics;
 mod recycle;

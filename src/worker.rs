@@ -118,7 +118,14 @@ pub(crate) fn run(
     // Every worker, forked or spawned, dies with its master from here on
     // (set after any change of credentials, which would clear it); one
     // whose master died before this point sees it and stops.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // A command's worker gets a fast stop instead of SIGKILL, to end the
+    // command's whole tree first (see `crate::process_tree`); its liveness
+    // thread is the backstop should its runtime not get to it.
+    let _ = nix::sys::prctl::set_pdeathsig(if spec.settings.command.is_empty() {
+        nix::sys::signal::Signal::SIGKILL
+    } else {
+        nix::sys::signal::Signal::SIGQUIT
+    });
     if nix::unistd::getppid().as_raw() as u32 != spec.master_pid {
         return 1;
     }
@@ -180,7 +187,7 @@ async fn serve(
     app: Arc<LoadedApp>,
 ) -> i32 {
     let slot = board.slot(spec.slot);
-    start_heartbeat(slot, spec.settings.timeout());
+    start_heartbeat(slot, spec.settings.timeout(), spec.master_pid);
     // The worker's own handlers, from here on: a stop while it boots ends
     // the boot, and one that comes later is seen by `wait_for_stop`.
     let Some(mut signals) = StopSignals::install() else {
@@ -193,8 +200,16 @@ async fn serve(
     end_boot_dispositions();
     let (shared, listeners) = match boot(&spec, board, &bell, &app, &mut signals).await {
         Ok(booted) => booted,
-        Err(BootEnd::Stopped) => return 0,
-        Err(BootEnd::Failed(e)) => return boot_failed(slot, &bell, &e),
+        Err(end) => {
+            // What the boot started (a command and its tree) ends with it.
+            if let Some(stop) = &app.stop {
+                stop(Duration::ZERO).await;
+            }
+            return match end {
+                BootEnd::Stopped => 0,
+                BootEnd::Failed(e) => boot_failed(slot, &bell, &e),
+            };
+        }
     };
     // Draining starts from a signal: at its request limit a worker rings
     // the master, which drains it once its replacement is ready.
@@ -289,7 +304,11 @@ async fn serve(
 /// that the task waits behind a thousand connections is still answering,
 /// so it lives; one whose runtime is stuck (or that is stopped) does
 /// neither, and the master kills it at `--timeout`.
-fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
+///
+/// The thread is also the backstop of a worker whose master is gone: if
+/// the worker is still there a few seconds after (its runtime stuck), the
+/// thread ends what the worker started and the worker itself.
+fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u32) {
     let beat = timeout
         .map(|t| (t / 4).min(Duration::from_secs(1)))
         .unwrap_or(Duration::from_secs(1))
@@ -310,8 +329,16 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
         .name("zdr-liveness".into())
         .spawn(move || {
             let mut last = progress();
+            let mut orphaned_since = None;
             loop {
                 std::thread::sleep(beat);
+                if nix::unistd::getppid().as_raw() as u32 != master_pid {
+                    let since = *orphaned_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= ORPHAN_BACKSTOP {
+                        crate::process_tree::end(nix::sys::signal::Signal::SIGKILL, Duration::ZERO);
+                        std::process::exit(1);
+                    }
+                }
                 let now = progress();
                 if now != last {
                     slot.beat();
@@ -326,6 +353,10 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>) {
         );
     }
 }
+
+/// How long a worker whose master is gone may take to stop by itself
+/// before its liveness thread ends it.
+const ORPHAN_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// How a boot ended early.
 enum BootEnd {

@@ -83,10 +83,12 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        // However the worker ends, the command does not outlive it.
+        // However the worker ends, the command and all it started do not
+        // outlive it.
         if self.exited.borrow().is_none() {
             self.kill_group();
         }
+        crate::process_tree::end(Signal::SIGKILL, Duration::ZERO);
     }
 }
 
@@ -204,7 +206,17 @@ fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
         .stdout(output_tx)
         .stderr(stderr);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut process = cmd
+    // Whatever the command starts stays below this worker, to be ended
+    // with it (see `crate::process_tree`).
+    if let Err(e) = crate::process_tree::become_subreaper() {
+        tracing::warn!(
+            event = crate::logging::LogEvent::WorkerTrouble.name(),
+            "worker {}: cannot become the subreaper of its command ({e}); what the command \
+             leaves running when it exits may outlive the worker",
+            std::process::id()
+        );
+    }
+    let process = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot run the command {program:?}: {e}"))?;
     drop(cmd);
@@ -222,17 +234,12 @@ fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
     let kept = Arc::new(Output::default());
     relay_output(output, pid, Arc::clone(&kept))?;
     let (tx, rx) = watch::channel(None);
-    // Reaped by a thread of its own: waiting blocks, and the runtime's
-    // threads must not.
-    std::thread::Builder::new()
-        .name("zdr-command".into())
-        .spawn(move || {
-            let status = match process.wait() {
-                Ok(s) => describe(s),
-                Err(e) => format!("could not be waited for: {e}"),
-            };
-            let _ = tx.send(Some(status));
-        })?;
+    // Reaped by a thread of its own (waiting blocks, and the runtime's
+    // threads must not), with the orphans it leaves to this worker.
+    drop(process);
+    crate::process_tree::reap(pid, move |status| {
+        let _ = tx.send(Some(describe(status)));
+    })?;
     Ok(Child {
         pid,
         port,
@@ -327,14 +334,11 @@ fn stated_level(line: &str) -> tracing::Level {
 }
 
 /// "exited with status N" or "was killed by SIGX".
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(sig)) => match Signal::try_from(sig) {
-            Ok(s) => format!("was killed by {s}"),
-            Err(_) => format!("was killed by signal {sig}"),
-        },
+fn describe(status: nix::sys::wait::WaitStatus) -> String {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
         _ => "ended".to_owned(),
     }
 }
@@ -349,8 +353,16 @@ async fn wait_until_listening(child: &Child, ready_path: &str) -> anyhow::Result
         let status = exited.borrow().clone();
         if let Some(status) = status {
             let said = child.last_words().await;
+            // Status 0 before serving: it most likely went to the
+            // background, which a supervised command must not.
+            let hint = if status.ends_with("status 0") {
+                "; a command must serve in the foreground (no `&`, no daemon mode): zdr is its \
+                 supervisor, and ends whatever it left running"
+            } else {
+                ""
+            };
             anyhow::bail!(
-                "the command {status} before it answered on port {}{said}",
+                "the command {status} before it answered on port {}{said}{hint}",
                 child.port
             );
         }
@@ -415,6 +427,7 @@ static DIED: AtomicBool = AtomicBool::new(false);
 /// SIGKILL to its process group after `grace`. Returns the worker's exit
 /// code: 1 if the command had exited on its own.
 async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
+    let began = tokio::time::Instant::now();
     child.stopping.store(true, Ordering::Release);
     let mut exited = child.exited.clone();
     if exited.borrow().is_none() {
@@ -438,8 +451,14 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
                 .await;
         }
     }
-    // Whatever it left behind in its group goes too.
+    // Whatever it left behind goes too: its group, then every descendant
+    // (in the background, double-forked, in a session of its own), which
+    // gets the stop signal and, after what is left of the grace (at most
+    // two seconds), SIGKILL.
     child.kill_group();
+    let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
+    let grace = grace.saturating_sub(began.elapsed()).min(Duration::from_secs(2));
+    let _ = tokio::task::spawn_blocking(move || crate::process_tree::end(signal, grace)).await;
     i32::from(DIED.load(Ordering::Acquire))
 }
 

@@ -360,6 +360,14 @@ impl Master {
             args,
         } = inputs;
         let pid = std::process::id();
+        // What a worker killed outright leaves running comes to the master,
+        // which ends it (see `crate::process_tree`).
+        if let Err(e) = crate::process_tree::become_subreaper() {
+            warn!(
+                event = crate::logging::LogEvent::MasterConfig.name(),
+                "cannot become a subreaper ({e}): what a killed worker's command leaves running may outlive it"
+            );
+        }
         // The pidfile's directory first: the control socket's default
         // place is beside the pidfile, and a missing directory is the
         // pidfile's problem to name.

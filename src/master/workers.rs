@@ -162,6 +162,20 @@ impl Master {
                 continue;
             };
             let handle = self.handles.remove(index);
+            if code.is_none() {
+                // Killed outright: what its command started was left to
+                // this master (a subreaper), and ends here.
+                let mut known: Vec<Pid> = self.handles.iter().map(|h| h.pid).collect();
+                known.extend(self.upgrade.as_ref().map(|u| u.pid));
+                let ended = crate::process_tree::end_orphans(&known);
+                if ended > 0 {
+                    tracing::warn!(
+                        event = crate::logging::LogEvent::WorkerDied.name(),
+                        "Worker (pid: {pid}) {status}: ended the {ended} process(es) its command \
+                         had left running"
+                    );
+                }
+            }
             let tail = handle.output.map(Output::finish).unwrap_or_default();
             let slot = self.board.slot(handle.slot);
             let exit = Exit {
