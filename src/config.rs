@@ -1113,7 +1113,10 @@ fn proxy_upgrades(given: Option<Vec<String>>) -> Result<Vec<String>, ConfigError
                  already speaks HTTP/2 to clients (drop h2c from the list)",
             ));
         }
-        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)) {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b))
+        {
             return Err(ConfigError::invalid(
                 "proxy_upgrades",
                 format!("{p:?} is not a protocol name, such as websocket"),

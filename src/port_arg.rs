@@ -26,9 +26,10 @@ fn expand_one(arg: &str, port: &str) -> String {
         if let Some(tail) = after.strip_prefix("{PORT}") {
             out.push_str(port);
             rest = tail;
-        } else if let Some(tail) = after.strip_prefix("PORT").filter(|t| {
-            !t.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-        }) {
+        } else if let Some(tail) = after
+            .strip_prefix("PORT")
+            .filter(|t| !t.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+        {
             out.push_str(port);
             rest = tail;
         } else {
@@ -146,13 +147,31 @@ mod tests {
     #[test]
     fn a_port_spoiled_by_the_shell_is_refused_with_the_working_form() {
         for (command, says) in [
-            (&["uvicorn", "main:app", "--port", ""][..], "--port argument is empty"),
+            (
+                &["uvicorn", "main:app", "--port", ""][..],
+                "--port argument is empty",
+            ),
             (&["uvicorn", "main:app", "--port"][..], "ends with --port"),
-            (&["gunicorn", "-b", "", "app:app"][..], "-b argument is empty"),
-            (&["gunicorn", "--bind=", "app:app"][..], "--bind argument is empty"),
-            (&["uvicorn", "main:app", "--port", "8000"][..], "which zdr itself binds"),
-            (&["gunicorn", "-b", "0.0.0.0:8000", "app:app"][..], "which zdr itself binds"),
-            (&["gunicorn", "--bind=[::]:8000", "app:app"][..], "which zdr itself binds"),
+            (
+                &["gunicorn", "-b", "", "app:app"][..],
+                "-b argument is empty",
+            ),
+            (
+                &["gunicorn", "--bind=", "app:app"][..],
+                "--bind argument is empty",
+            ),
+            (
+                &["uvicorn", "main:app", "--port", "8000"][..],
+                "which zdr itself binds",
+            ),
+            (
+                &["gunicorn", "-b", "0.0.0.0:8000", "app:app"][..],
+                "which zdr itself binds",
+            ),
+            (
+                &["gunicorn", "--bind=[::]:8000", "app:app"][..],
+                "which zdr itself binds",
+            ),
         ] {
             let err = check(&args(command), &[8000]).expect_err(&format!("{command:?}"));
             assert!(err.contains(says), "{command:?}: {err}");

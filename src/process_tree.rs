@@ -42,7 +42,11 @@ pub(crate) fn descendants(root: Pid) -> Vec<Pid> {
         return Vec::new();
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Some((ppid, state)) = parent_and_state(pid) {
@@ -115,7 +119,10 @@ pub(crate) fn end(signal: Signal, grace: Duration) -> usize {
 /// blocks), until `command` has exited and no child is left: `on_exit`
 /// gets the command's status; the others (its orphans, adopted by this
 /// subreaper) are only collected.
-pub(crate) fn reap(command: Pid, on_exit: impl FnOnce(WaitStatus) + Send + 'static) -> std::io::Result<()> {
+pub(crate) fn reap(
+    command: Pid,
+    on_exit: impl FnOnce(WaitStatus) + Send + 'static,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("zdr-command".into())
         .spawn(move || {
@@ -183,8 +190,9 @@ fn children(parent: Pid) -> Vec<Pid> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            parent_and_state(*pid)
-                .is_some_and(|(ppid, state)| ppid == parent.as_raw() && state != 'Z' && state != 'X')
+            parent_and_state(*pid).is_some_and(|(ppid, state)| {
+                ppid == parent.as_raw() && state != 'Z' && state != 'X'
+            })
         })
         .map(Pid::from_raw)
         .collect()
@@ -214,7 +222,10 @@ mod tests {
 
     #[test]
     fn descendants_are_found_below_their_root() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = Pid::from_raw(child.id() as i32);
         assert!(descendants(Pid::this()).contains(&pid));
         assert!(!descendants(pid).contains(&Pid::this()));

@@ -123,7 +123,9 @@ fn node_reloads_without_a_failed_request_and_passes_upgrades_through() {
     if !have("node", &["--version"]) {
         return;
     }
-    let server = serve(2, &[], &node());
+    // The example's upgrade is `echo`, which zdr forwards when told to
+    // (WebSocket only, by default).
+    let server = serve(2, &["--proxy-upgrades", "echo,websocket"], &node());
     server.wait_generation_ready(1, 2);
     // An upgraded connection reaches the app and echoes.
     let mut echo = upgrade_to_echo(server.addr());
@@ -133,6 +135,48 @@ fn node_reloads_without_a_failed_request_and_passes_upgrades_through() {
     assert_eq!(&got, b"ping");
     drop(echo);
     reloads_under_load(&server, 4);
+}
+
+/// A Node app stops at once after its worker drains: zdr closes its idle
+/// pooled connections to the app before the app's stop signal, so an app
+/// that waits for its open connections to end (Node's `server.close()`
+/// before Node 19, here written out) has nothing of zdr's to wait for. Ten stops after
+/// keep-alive load, none reaching the graceful timeout (`zdr stop --wait`
+/// exits 1 if one did).
+#[test]
+fn node_stops_without_waiting_for_zdrs_idle_connections() {
+    if !have("node", &["--version"]) {
+        return;
+    }
+    // As Node before 19 (and many servers) stop: exit once every open
+    // connection has ended, idle keep-alive ones included. (Node 19+'s
+    // `server.close()` closes its idle ones itself.)
+    let app = "const http = require('http'); const open = new Set(); \
+               const server = http.createServer((req, res) => res.end('ok')); \
+               server.on('connection', (s) => { open.add(s); s.on('close', () => { \
+                 open.delete(s); if (stopping && open.size === 0) process.exit(0); }); }); \
+               let stopping = false; \
+               process.on('SIGTERM', () => { stopping = true; \
+                 if (open.size === 0) process.exit(0); }); \
+               server.listen(Number(process.env.PORT), '127.0.0.1');";
+    let script = format!("exec node -e \"{app}\"");
+    let rt = runtime();
+    for round in 0..10 {
+        let server = serve(2, &["--graceful-timeout", "20"], &script);
+        server.wait_generation_ready(1, 2);
+        let load = rt.block_on(async { load::start(server.addr(), "/", 16, 0) });
+        load.wait_for_more(200);
+        let report = rt.block_on(load.stop());
+        assert_eq!(report.failed, 0, "{:?}", report.failures);
+        let out = server.control(&["stop", "--wait", "--timeout", "60"]);
+        let log = server.log_text();
+        assert!(
+            out.status.success(),
+            "round {round}: {}\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!log.contains("graceful timeout"), "round {round}:\n{log}");
+    }
 }
 
 /// Requests in flight when a reload starts are answered by the old

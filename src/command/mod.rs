@@ -457,7 +457,9 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
     // two seconds), SIGKILL.
     child.kill_group();
     let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
-    let grace = grace.saturating_sub(began.elapsed()).min(Duration::from_secs(2));
+    let grace = grace
+        .saturating_sub(began.elapsed())
+        .min(Duration::from_secs(2));
     let _ = tokio::task::spawn_blocking(move || crate::process_tree::end(signal, grace)).await;
     i32::from(DIED.load(Ordering::Acquire))
 }

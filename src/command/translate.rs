@@ -239,7 +239,11 @@ fn forwarding_headers(headers: &mut HeaderMap, client: Option<&ClientInfo>) {
     } else {
         Vec::new()
     };
-    let family: Vec<HeaderName> = headers.keys().filter(|n| is_forwarding(n)).cloned().collect();
+    let family: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_forwarding(n))
+        .cloned()
+        .collect();
     for name in family {
         headers.remove(name);
     }
@@ -342,12 +346,32 @@ mod tests {
     fn host_is_the_authority_the_request_names() {
         for (version, uri, fields, host) in [
             // HTTP/2: `:authority` becomes Host.
-            (Version::HTTP_2, "https://example.com/x", &[][..], "example.com"),
-            (Version::HTTP_2, "https://example.com:8443/x", &[("host", "example.com:8443")][..], "example.com:8443"),
+            (
+                Version::HTTP_2,
+                "https://example.com/x",
+                &[][..],
+                "example.com",
+            ),
+            (
+                Version::HTTP_2,
+                "https://example.com:8443/x",
+                &[("host", "example.com:8443")][..],
+                "example.com:8443",
+            ),
             // Absolute form: the target's authority wins over Host.
-            (Version::HTTP_11, "http://right.example/x", &[("host", "wrong.example")][..], "right.example"),
+            (
+                Version::HTTP_11,
+                "http://right.example/x",
+                &[("host", "wrong.example")][..],
+                "right.example",
+            ),
             // Origin form: the client's Host.
-            (Version::HTTP_11, "/x", &[("host", "example.com")][..], "example.com"),
+            (
+                Version::HTTP_11,
+                "/x",
+                &[("host", "example.com")][..],
+                "example.com",
+            ),
             // HTTP/1.0 without Host: an empty one (RFC 9112 §3.2).
             (Version::HTTP_10, "/x", &[][..], ""),
         ] {
@@ -359,7 +383,11 @@ mod tests {
 
     #[test]
     fn connect_is_refused() {
-        let mut req = request(Version::HTTP_11, "example.com:443", &[("host", "example.com:443")]);
+        let mut req = request(
+            Version::HTTP_11,
+            "example.com:443",
+            &[("host", "example.com:443")],
+        );
         *req.method_mut() = Method::CONNECT;
         assert_eq!(to_command(&mut req, 9, &websocket()), Err(Refusal::Method));
     }
@@ -399,7 +427,11 @@ mod tests {
             }
         }
         // No `Connection: upgrade`: no upgrade, whatever `Upgrade` says.
-        let mut req = request(Version::HTTP_11, "/", &[("host", "a"), ("upgrade", "websocket")]);
+        let mut req = request(
+            Version::HTTP_11,
+            "/",
+            &[("host", "a"), ("upgrade", "websocket")],
+        );
         assert_eq!(to_command(&mut req, 9, &websocket()), Ok(false));
         assert!(req.headers().get("upgrade").is_none());
     }
@@ -417,8 +449,10 @@ mod tests {
         );
         fields.push(("host".to_owned(), "example.com:8080".to_owned()));
         fields.push(("x-kept".to_owned(), "1".to_owned()));
-        let borrowed: Vec<(&str, &str)> =
-            fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let borrowed: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut req = request(Version::HTTP_11, "/", &borrowed);
         req.extensions_mut()
             .insert(client("203.0.113.7", "http", false));
@@ -456,7 +490,8 @@ mod tests {
             ],
         );
         // As zdr resolved it from the proxy's headers.
-        req.extensions_mut().insert(client("2001:db8::1", "https", true));
+        req.extensions_mut()
+            .insert(client("2001:db8::1", "https", true));
         to_command(&mut req, 9, &websocket()).unwrap();
         assert_eq!(values(&req, "x-forwarded-for"), ["2001:db8::1"]);
         assert_eq!(values(&req, "x-forwarded-proto"), ["https"]);

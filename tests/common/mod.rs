@@ -1118,6 +1118,12 @@ impl KeepAlive {
         }
     }
 
+    /// The connection's reader, to read what is not a whole response (a
+    /// 101's head, an upgraded stream).
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.conn
+    }
+
     /// Writes raw request bytes; false if the connection is gone.
     pub fn send(&mut self, raw: &[u8]) -> bool {
         self.conn.get_mut().write_all(raw).is_ok()
