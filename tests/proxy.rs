@@ -546,3 +546,79 @@ fn a_command_that_daemonizes_is_refused_and_its_app_ended() {
     );
     assert_nothing_left(server.pid);
 }
+
+/// A real browser: headless Chromium over HTTPS and HTTP/2 to a Flask app
+/// behind zdr (gunicorn serving it), logging in the way sites do: `/set`
+/// sets three cookies and redirects to `/get`, which reads them back. All
+/// three arrive, in one `Cookie` field, and the app is told `https`.
+#[test]
+fn a_browser_over_http2_keeps_every_cookie() {
+    if !have("chromium", &["--version"])
+        || !have("gunicorn", &["--version"])
+        || !have_python(&["flask"])
+    {
+        return;
+    }
+    let dir = TempDir::new("browser");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+    write_file(&cert, &certified.cert.pem());
+    write_file(&key, &certified.signing_key.serialize_pem());
+    let app = format!(
+        "cd {} && exec gunicorn cookie_app:app --bind 127.0.0.1:$PORT --workers 1",
+        interop("").display()
+    );
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--certfile",
+        cert.to_str().unwrap(),
+        "--keyfile",
+        key.to_str().unwrap(),
+        "--access-logfile",
+        dir.path("access.log").to_str().unwrap(),
+        "--access-log-format",
+        "%(r)s %(s)s",
+        "--",
+        "sh",
+        "-c",
+        &app,
+    ])
+    .start();
+    server.wait_ready();
+    let profile = dir.path("profile");
+    let url = format!("https://localhost:{}/set", server.port());
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--ignore-certificate-errors",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let json = dom
+        .find('{')
+        .and_then(|start| Some(&dom[start..=dom.rfind('}')?]))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON in the page: {dom}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let seen: serde_json::Value = serde_json::from_str(&json.replace("&quot;", "\"")).unwrap();
+    assert_eq!(
+        seen["cookies"],
+        serde_json::json!({"a": "1", "b": "2", "c": "3"}),
+        "{dom}"
+    );
+    assert_eq!(seen["fields"], 1, "{dom}");
+    assert_eq!(seen["proto"], "https", "{dom}");
+    // It was HTTP/2 (the access log names the protocol).
+    let access = wait_for_file_text(&dir.path("access.log"), "/get");
+    assert!(access.contains("GET /get HTTP/2.0 200"), "{access}");
+}
