@@ -587,8 +587,14 @@ const VALID_BUT_REFUSED: &[(&str, &str)] = &[
     // A transfer coding zdr does not decode before chunked: RFC 9112 §6.1
     // asks for 501 (gunicorn decodes gzip itself; zdr would hand the app
     // the coded bytes as the body).
-    ("valid/rfc9112_smuggle_gzip_chunked_01.http", "gzip, chunked: 501"),
-    ("valid/rfc9112_smuggle_te_identity_chunked_01.http", "identity, chunked: 501"),
+    (
+        "valid/rfc9112_smuggle_gzip_chunked_01.http",
+        "gzip, chunked: 501",
+    ),
+    (
+        "valid/rfc9112_smuggle_te_identity_chunked_01.http",
+        "identity, chunked: 501",
+    ),
     // HTTP/1.1 without Host: RFC 9112 §3.2 requires a 400 (so does nginx).
     ("valid/004.http", "no Host"),
     ("valid/005.http", "no Host"),

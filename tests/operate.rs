@@ -700,7 +700,11 @@ fn the_kubelet_termination_sequence_fails_no_request() {
 }
 
 /// As PID 1 of a container (here a new PID namespace), the master reaps
-/// every orphan reparented to it, not only its own workers.
+/// every orphan reparented to it, not only its own workers. A command's
+/// orphans go to its worker (their subreaper) first; one that cleared its
+/// environment (so carries no mark of this master, which ends only those
+/// that do) reaches the master when that worker is killed outright, lives
+/// on, and is reaped when it exits.
 #[test]
 fn as_pid_1_it_reaps_orphans() {
     let unshare = std::path::Path::new("/usr/bin/unshare");
@@ -715,8 +719,6 @@ fn as_pid_1_it_reaps_orphans() {
         return;
     }
     let zdr = zdr_bin();
-    // Each command leaves an orphan (a `sleep` whose parent exited), which
-    // the kernel hands to the namespace's PID 1: the master.
     let mut server = Launch::raw(&[
         "--pid",
         "--fork",
@@ -725,14 +727,15 @@ fn as_pid_1_it_reaps_orphans() {
         "serve",
         "--bind",
         "127.0.0.1:0",
+        "--workers",
+        "1",
         "--",
         "sh",
         "-c",
-        "(sleep 10 &); exec python3 -m http.server $PORT --bind 127.0.0.1",
+        "(env -i /bin/sleep 10 &); exec python3 -m http.server $PORT --bind 127.0.0.1",
     ])
     .exe(unshare)
     .start();
-    // The orphan lives 10 s: it is looked for at once, not after the boot.
     let master = *children_of(server.pid)
         .iter()
         .next()
@@ -740,13 +743,28 @@ fn as_pid_1_it_reaps_orphans() {
     let orphan = |pid: &u32| {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
     };
+    // The orphan is its worker's (the subreaper's), not the master's.
+    let mut worker = 0;
+    assert!(
+        wait_until(Duration::from_secs(30), || children_of(master).iter().any(
+            |w| {
+                let has = children_of(*w).iter().any(orphan);
+                if has {
+                    worker = *w;
+                }
+                has
+            }
+        )),
+        "no orphan reached the worker"
+    );
+    server.wait_ready();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || children_of(master)
             .iter()
             .any(orphan)),
         "no orphan reached the master"
     );
-    server.wait_ready();
     assert!(
         wait_until(Duration::from_secs(60), || !children_of(master)
             .iter()
