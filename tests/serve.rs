@@ -822,6 +822,12 @@ fn every_zdr_variable_reaches_its_setting() {
             "worker_stop_signal",
             "2".into(),
         ),
+        (
+            "ZDR_PROXY_UPGRADES",
+            "WebSocket,echo".into(),
+            "proxy_upgrades",
+            "[\"websocket\", \"echo\"]".into(),
+        ),
     ];
     for (var, value, key, expected) in &cases {
         let t = check(Launch::raw(&["check"]).env(var, value));
