@@ -456,12 +456,17 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
     // gets the stop signal and, after what is left of the grace (at most
     // two seconds), SIGKILL.
     child.kill_group();
-    let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
-    let grace = grace
-        .saturating_sub(began.elapsed())
-        .min(Duration::from_secs(2));
-    let _ = tokio::task::spawn_blocking(move || crate::process_tree::end(signal, grace)).await;
+    end_tree(signal, grace.saturating_sub(began.elapsed())).await;
     i32::from(DIED.load(Ordering::Acquire))
+}
+
+/// Ends every descendant the command left (in the background,
+/// double-forked, in a session of its own): `signal`, then SIGKILL after
+/// `grace` (at most two seconds).
+async fn end_tree(signal: i32, grace: Duration) {
+    let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
+    let grace = grace.min(Duration::from_secs(2));
+    let _ = tokio::task::spawn_blocking(move || crate::process_tree::end(signal, grace)).await;
 }
 
 #[cfg(test)]

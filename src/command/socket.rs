@@ -146,13 +146,15 @@ async fn serve(spec: &WorkerSpec, slot: &'static Slot, bell: &Doorbell) -> i32 {
 }
 
 /// Gives the command its stop signal and up to the graceful timeout to
-/// exit, then kills its process group; returns the worker's exit code.
+/// exit, then kills its process group and ends what it left running;
+/// returns the worker's exit code.
 async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
     let pid = child.pid;
     let mut exited = child.exited.clone();
     if let Ok(sig) = Signal::try_from(settings.worker_stop_signal) {
         let _ = kill(pid, sig);
     }
+    let began = tokio::time::Instant::now();
     let gone = tokio::time::timeout(
         settings.graceful_timeout(),
         exited.wait_for(|s| s.is_some()),
@@ -160,6 +162,8 @@ async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
     .await
     .is_ok();
     child.kill_group();
+    let left = settings.graceful_timeout().saturating_sub(began.elapsed());
+    super::end_tree(settings.worker_stop_signal, left).await;
     if gone {
         0
     } else {
