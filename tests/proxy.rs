@@ -526,6 +526,35 @@ fn a_worker_killed_at_the_graceful_timeout_leaves_nothing_behind() {
     assert_nothing_left(server.pid);
 }
 
+/// A worker killed outright (SIGKILL, as at `--timeout`) cannot end its
+/// tree: its orphans come to the master, a subreaper, which ends the ones
+/// carrying its mark and says so. The master's own path, taken for sure
+/// (at the graceful timeout the worker may get there first).
+#[test]
+fn a_worker_killed_outright_leaves_its_orphans_to_the_master_which_ends_them() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("tree-sigkill");
+    let server = tree_server(&dir, &[]);
+    let sleeps: Vec<u32> = marked(server.pid)
+        .iter()
+        .filter(|p| p.contains("sleep 730"))
+        .filter_map(|p| p.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(sleeps.len(), 2, "{:?}", marked(server.pid));
+    let worker = *server.worker_pids().iter().next().expect("a worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    server.wait_for_log("its command had left running", Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(30), || sleeps
+            .iter()
+            .all(|p| !alive(*p))),
+        "left behind: {:?}",
+        marked(server.pid)
+    );
+}
+
 /// A command that goes to the background (`app & exit 0`) is refused with
 /// a message that says why, and the app it left is ended.
 #[test]
