@@ -287,6 +287,122 @@ fn http1_targets_upgrades_and_codings_are_handled_at_the_front() {
     assert_eq!(field(&fields, "host"), [""]);
 }
 
+/// A server whose one worker runs `paced_backend.py`, which writes its
+/// answers as real apps do (head and body apart, streams, abrupt closes).
+fn paced_server(gate: &std::path::Path) -> Server {
+    let backend = interop("paced_backend.py");
+    let server = Launch::serve(&["--workers", "1", "--", "python3", backend.to_str().unwrap()])
+        .env("STREAM_GATE", gate.to_str().unwrap())
+        .start();
+    server.wait_ready();
+    server
+}
+
+/// Reads from `conn` until what was read contains `needle`; the 60 s read
+/// bound fails the test if it never comes.
+fn read_until(conn: &mut std::net::TcpStream, got: &mut Vec<u8>, needle: &[u8]) {
+    use std::io::Read;
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).expect("the answer goes on");
+        assert!(
+            n > 0,
+            "closed before {:?}: {}",
+            String::from_utf8_lossy(needle),
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// How the command's answers are carried: a small answer the command
+/// wrote as head and body apart reaches the client whole, in one write
+/// (as nginx's buffering sends it: one packet, one wake-up of the client);
+/// a stream of unknown length is passed on as it comes, its first chunk
+/// before the command has sent the rest.
+#[test]
+fn small_answers_leave_whole_and_streams_as_they_come() {
+    use std::io::{Read, Write};
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("paced");
+    let gate = dir.path("gate");
+    let server = paced_server(&gate);
+    for _ in 0..3 {
+        let mut conn = std::net::TcpStream::connect(server.addr()).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(b"GET /split HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        // The command sent the body 200 ms after the head: the first read
+        // has both only if zdr waited for the body and wrote them as one.
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]);
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(
+            first.ends_with("\r\n\r\nhello"),
+            "head and body in one read: {first:?}"
+        );
+    }
+
+    let mut conn = std::net::TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    read_until(&mut conn, &mut got, b"first\n");
+    assert!(!gate.exists());
+    std::fs::write(&gate, b"").unwrap();
+    read_until(&mut conn, &mut got, b"0\r\n\r\n");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("rest\n"), "{text}");
+}
+
+/// A command that closes its keep-alive connections without warning (its
+/// keep-alive timeout ran out just as zdr reused one) costs no request: a
+/// request that could not be written on a closed connection is sent on
+/// another. Sequential and concurrent, on connections the client keeps
+/// open.
+#[test]
+fn connections_the_command_closes_cost_no_request() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("abrupt");
+    let server = paced_server(&dir.path("gate"));
+    let addr = server.addr();
+    let clients: Vec<_> =
+        (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut conn = KeepAlive::open(addr);
+                    let mut statuses = Vec::new();
+                    for i in 0..50 {
+                        let path = if i % 2 == 0 { "/abrupt" } else { "/" };
+                        assert!(
+                            conn.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                        );
+                        statuses.push(conn.read().expect("an answer").status);
+                    }
+                    statuses
+                })
+            })
+            .collect();
+    for client in clients {
+        let statuses = client.join().unwrap();
+        assert_eq!(statuses, vec![200; 50]);
+    }
+    assert_eq!(
+        server.log_count("cannot reach the command"),
+        0,
+        "{}",
+        server.log_text()
+    );
+}
+
 /// Only the upgrades `--proxy-upgrades` names reach the command: by
 /// default WebSocket; another protocol goes on as a plain request.
 #[test]

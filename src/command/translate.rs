@@ -26,7 +26,10 @@
 use http::header::{
     HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Uri, Version};
+
+use std::net::IpAddr;
 
 use crate::app::Request;
 use crate::forwarded::ClientInfo;
@@ -80,30 +83,24 @@ pub(super) enum Refusal {
     Malformed,
 }
 
-/// Turns `req` into the request for the command on `port`. Returns
-/// whether an upgrade is forwarded (the answer may then be a 101).
-pub(super) fn to_command(
-    req: &mut Request,
-    port: u16,
-    upgrades: &[String],
-) -> Result<bool, Refusal> {
+/// Turns `req` into the request for the command. Returns whether an
+/// upgrade is forwarded (the answer may then be a 101).
+pub(super) fn to_command(req: &mut Request, upgrades: &[String]) -> Result<bool, Refusal> {
     if req.method() == Method::CONNECT {
         return Err(Refusal::Method);
     }
     let version = req.version();
     let authority = authority(req);
     let upgrade = version == Version::HTTP_11 && keep_allowed_upgrades(req.headers_mut(), upgrades);
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(format!("127.0.0.1:{port}"))
-        .path_and_query(path)
-        .build()
-        .map_err(|_| Refusal::Malformed)?;
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        // Origin form: the authority is in `Host`.
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
     *req.version_mut() = Version::HTTP_11;
     let client = req.extensions().get::<ClientInfo>().cloned();
     let headers = req.headers_mut();
@@ -219,6 +216,10 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Whether `name` is of the forwarding family, in either spelling.
 fn is_forwarding(name: &HeaderName) -> bool {
     let name = name.as_str();
+    // Every name of the family starts with one of these.
+    if !matches!(name.as_bytes().first(), Some(b'x' | b'f' | b't' | b'c')) {
+        return false;
+    }
     FORWARDING.iter().any(|f| {
         f.len() == name.len()
             && f.bytes()
@@ -251,35 +252,51 @@ fn forwarding_headers(headers: &mut HeaderMap, client: Option<&ClientInfo>) {
         headers.insert(name, value);
     }
     let Some(client) = client else { return };
-    let host = headers
+    // A cheap copy (the value's bytes are shared), so that `headers` can
+    // change while it is read.
+    let host_value = headers
         .get(&X_FORWARDED_HOST)
         .or_else(|| headers.get(HOST))
+        .cloned();
+    let host = host_value
+        .as_ref()
         .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+        .unwrap_or_default();
     if !host.is_empty() && !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            headers.insert(X_FORWARDED_HOST, v);
+        if let Some(v) = &host_value {
+            headers.insert(X_FORWARDED_HOST, v.clone());
         }
     }
     if !headers.contains_key(&X_FORWARDED_PORT) {
-        let port = port_of(&host).unwrap_or(if client.scheme == "https" { 443 } else { 80 });
-        headers.insert(X_FORWARDED_PORT, HeaderValue::from(port));
+        let port = match port_of(host) {
+            Some(port) => HeaderValue::from_str(port).ok(),
+            None if client.scheme == "https" => Some(HeaderValue::from_static("443")),
+            None => Some(HeaderValue::from_static("80")),
+        };
+        if let Some(port) = port {
+            headers.insert(X_FORWARDED_PORT, port);
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
-    let mut forwarded = String::new();
+    let mut forwarded = String::with_capacity(32 + host.len());
     if let Some(ip) = client.addr {
-        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        forwarded.push_str("for=");
+        // RFC 7239 §6: an IPv6 address is quoted and in brackets.
+        let v6 = ip.is_ipv6();
+        if v6 {
+            forwarded.push_str("\"[");
+        }
+        let start = forwarded.len();
+        push_ip(&mut forwarded, ip);
+        if let Ok(v) = HeaderValue::from_str(&forwarded[start..]) {
             headers.insert(X_FORWARDED_FOR, v);
         }
-        // RFC 7239 §6: an IPv6 address is quoted and in brackets.
-        match ip {
-            std::net::IpAddr::V4(ip) => forwarded.push_str(&format!("for={ip};")),
-            std::net::IpAddr::V6(ip) => forwarded.push_str(&format!("for=\"[{ip}]\";")),
-        }
+        forwarded.push_str(if v6 { "]\";" } else { ";" });
     }
     if !host.is_empty() {
-        forwarded.push_str(&format!("host=\"{}\";", host.replace(['"', '\\'], "")));
+        forwarded.push_str("host=\"");
+        forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        forwarded.push_str("\";");
     }
     forwarded.push_str("proto=");
     forwarded.push_str(client.scheme);
@@ -288,11 +305,36 @@ fn forwarding_headers(headers: &mut HeaderMap, client: Option<&ClientInfo>) {
     }
 }
 
+/// Writes `ip` as text (an IPv4 address without the formatting
+/// machinery: it is written on every forwarded request).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(ip) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(ip) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
 /// The port in a `Host` value, if it names one.
-fn port_of(host: &str) -> Option<u16> {
+fn port_of(host: &str) -> Option<&str> {
     let (_, port) = host.rsplit_once(':')?;
     // `[::1]` alone has colons but no port.
-    (!port.ends_with(']')).then(|| port.parse().ok()).flatten()
+    (!port.ends_with(']') && port.parse::<u16>().is_ok()).then_some(port)
 }
 
 #[cfg(test)]
@@ -336,10 +378,10 @@ mod tests {
             "https://example.com/get",
             &[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")],
         );
-        assert_eq!(to_command(&mut req, 9, &websocket()), Ok(false));
+        assert_eq!(to_command(&mut req, &websocket()), Ok(false));
         assert_eq!(values(&req, "cookie"), ["a=1; b=2; c=3"]);
         assert_eq!(req.version(), Version::HTTP_11);
-        assert_eq!(req.uri(), "http://127.0.0.1:9/get");
+        assert_eq!(req.uri(), "/get");
     }
 
     #[test]
@@ -376,8 +418,28 @@ mod tests {
             (Version::HTTP_10, "/x", &[][..], ""),
         ] {
             let mut req = request(version, uri, fields);
-            to_command(&mut req, 9, &websocket()).unwrap();
+            to_command(&mut req, &websocket()).unwrap();
             assert_eq!(values(&req, "host"), [host], "{uri}");
+            // Origin form, as RFC 9112 §3.2.1 asks of a request to a server.
+            assert_eq!(req.uri(), "/x");
+        }
+    }
+
+    #[test]
+    fn an_address_is_written_as_its_display_writes_it() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut text = String::new();
+            push_ip(&mut text, ip);
+            assert_eq!(text, ip.to_string());
         }
     }
 
@@ -389,7 +451,7 @@ mod tests {
             &[("host", "example.com:443")],
         );
         *req.method_mut() = Method::CONNECT;
-        assert_eq!(to_command(&mut req, 9, &websocket()), Err(Refusal::Method));
+        assert_eq!(to_command(&mut req, &websocket()), Err(Refusal::Method));
     }
 
     #[test]
@@ -412,7 +474,7 @@ mod tests {
                     ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
                 ],
             );
-            let up = to_command(&mut req, 9, &allowed).unwrap();
+            let up = to_command(&mut req, &allowed).unwrap();
             assert_eq!(up, forwarded.is_some(), "{upgrade}");
             assert!(req.headers().get("http2-settings").is_none());
             match forwarded {
@@ -432,7 +494,7 @@ mod tests {
             "/",
             &[("host", "a"), ("upgrade", "websocket")],
         );
-        assert_eq!(to_command(&mut req, 9, &websocket()), Ok(false));
+        assert_eq!(to_command(&mut req, &websocket()), Ok(false));
         assert!(req.headers().get("upgrade").is_none());
     }
 
@@ -456,7 +518,7 @@ mod tests {
         let mut req = request(Version::HTTP_11, "/", &borrowed);
         req.extensions_mut()
             .insert(client("203.0.113.7", "http", false));
-        to_command(&mut req, 9, &websocket()).unwrap();
+        to_command(&mut req, &websocket()).unwrap();
         let h = req.headers();
         for (name, _) in h {
             assert!(
@@ -492,7 +554,7 @@ mod tests {
         // As zdr resolved it from the proxy's headers.
         req.extensions_mut()
             .insert(client("2001:db8::1", "https", true));
-        to_command(&mut req, 9, &websocket()).unwrap();
+        to_command(&mut req, &websocket()).unwrap();
         assert_eq!(values(&req, "x-forwarded-for"), ["2001:db8::1"]);
         assert_eq!(values(&req, "x-forwarded-proto"), ["https"]);
         assert_eq!(values(&req, "x-forwarded-host"), ["shop.example"]);
