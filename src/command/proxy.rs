@@ -330,7 +330,7 @@ async fn answer(pool: &Arc<Pool>, req: Request) -> Result<Answer, Unreachable> {
         pool.put(sender);
         return Ok(Answer::Plain(Response::from_parts(head, Body::empty())));
     }
-    if !body.size_hint().exact().is_some_and(|n| n <= WHOLE) {
+    if body.size_hint().exact().is_none_or(|n| n > WHOLE) {
         let body = FromCommand {
             inner: body,
             back: Some((sender, Arc::clone(pool))),
