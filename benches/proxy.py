@@ -13,7 +13,10 @@ with a 1-process copy of the app (`zdr serve -w 2 -- gunicorn ... --workers
 alone. Each round runs every system back to back (A B C A B C ...), a 2 s
 warm-up before each measured run; the table gives medians over the rounds,
 and zdr's ratio to nginx round by round (the machine's drift between rounds
-cancels out). Needs: zdr built (`cargo build --release`), wrk, nginx,
+cancels out). With every core busy, throughput is decided by the CPU time
+each request costs everyone, so the table also gives, per request, the CPU
+time of the front's own processes (not the app's) and of wrk: a front that
+writes one answer as several packets costs the client more reads. Needs: zdr built (`cargo build --release`), wrk, nginx,
 gunicorn, uvicorn.
 """
 
@@ -128,20 +131,69 @@ def start_systems(app, work):
         f.write(NGINX.format(dir=ndir, backend=backend, port=port))
     spawn(["nginx", "-p", ndir, "-c", conf, "-g", "daemon off;"])
     systems["nginx"] = port
+    nginx_root = procs[-1].pid
     port = free_port()
     cmd = app_command(app, "$PORT", 1)
     spawn([ZDR, "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2", "--log-level",
            "warning", "--control-socket", os.path.join(work, f"zdr-{app}.ctl"), "--"] + cmd)
     systems["zdr"] = port
+    zdr_root = procs[-1].pid
     for p in systems.values():
         wait_ok(p)
-    return systems, procs
+    # The front's own processes: nginx's master and workers; zdr's master
+    # and workers, not the app processes they run.
+    fronts = {
+        "direct": [],
+        "nginx": [p for p, c in tree(nginx_root) if c == "nginx"],
+        "zdr": [p for p, c in tree(zdr_root) if c == "zdr"],
+    }
+    return systems, procs, fronts
 
 
-def wrk(port, seconds, connections):
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+def tree(root):
+    """`root` and its descendants, with their command names."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True,
+                         text=True).stdout
+    kids, comm = {}, {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 3:
+            kids.setdefault(int(f[1]), []).append(int(f[0]))
+            comm[int(f[0])] = f[2]
+    found, stack = [], [root]
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack += kids.get(p, [])
+    return [(p, comm.get(p, "")) for p in found]
+
+
+def cpu_seconds(pids):
+    """User + system CPU time so far of `pids` (all their threads)."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port, seconds, connections, front=()):
+    """wrk's figures, and the CPU time per request (µs) spent by `front`'s
+    processes and by wrk itself: on a machine whose cores are all busy,
+    what each side costs per request decides the throughput."""
+    before = cpu_seconds(front)
+    p = subprocess.Popen(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
+    out = p.stdout.read()
+    _, _, usage = os.wait4(p.pid, 0)
+    p.returncode = 0
+    front_cpu = cpu_seconds(front) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = float(re.search(r"(\d+) requests in", out).group(1))
 
     def ms(label):
         m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
@@ -149,7 +201,9 @@ def wrk(port, seconds, connections):
         return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0
+    per_request = 1e6 / max(total, 1)
+    return (rps, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0,
+            front_cpu * per_request, (usage.ru_utime + usage.ru_stime) * per_request)
 
 
 def main():
@@ -170,16 +224,17 @@ def main():
     with open(os.path.join(work, "asgi_app.py"), "w") as f:
         f.write(ASGI)
     print(f"wrk -t2 -c{a.connections} -d{a.seconds}s, {a.rounds} rounds, interleaved\n")
-    print("| app | system | req/s median (min-max) | p50 ms | p99 ms | non-2xx | zdr / nginx by round |")
-    print("|---|---|---|---|---|---|---|")
+    print("| app | system | req/s median (min-max) | p50 ms | p99 ms | non-2xx "
+          "| front CPU µs/req | wrk CPU µs/req | zdr / nginx by round |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for app in a.apps.split(","):
-        systems, procs = start_systems(app, work)
+        systems, procs, fronts = start_systems(app, work)
         runs = {name: [] for name in systems}
         try:
             for _ in range(a.rounds):
                 for name, port in systems.items():
                     wrk(port, 2, a.connections)
-                    runs[name].append(wrk(port, a.seconds, a.connections))
+                    runs[name].append(wrk(port, a.seconds, a.connections, fronts[name]))
         finally:
             for p in procs:
                 try:
@@ -198,7 +253,8 @@ def main():
                      if name == "zdr" else "")
             print(f"| {app} | {name} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
                   f"| {statistics.median(r[1] for r in rs):.2f} | {statistics.median(r[2] for r in rs):.2f} "
-                  f"| {sum(r[3] for r in rs)} | {ratio} |", flush=True)
+                  f"| {sum(r[3] for r in rs)} | {statistics.median(r[4] for r in rs):.1f} "
+                  f"| {statistics.median(r[5] for r in rs):.1f} | {ratio} |", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
