@@ -32,6 +32,7 @@ mod app;
 mod balance;
 mod body;
 mod boot;
+mod cgroup;
 mod cli;
 mod client;
 mod command;

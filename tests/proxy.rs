@@ -591,6 +591,26 @@ fn assert_nothing_left(master: u32) {
         "left behind: {:?}",
         marked(master)
     );
+    assert!(
+        wait_until(Duration::from_secs(30), || command_cgroups(master)
+            .is_empty()),
+        "cgroups left behind: {:?}",
+        command_cgroups(master)
+    );
+}
+
+/// The pids of live processes whose command line is exactly `cmdline`.
+fn pids_running(cmdline: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
 }
 
 /// A stop ends everything the command started: in the background,
@@ -669,6 +689,76 @@ fn a_worker_killed_outright_leaves_its_orphans_to_the_master_which_ends_them() {
         "left behind: {:?}",
         marked(server.pid)
     );
+}
+
+/// Where zdr may make cgroups (cgroup v2, not under systemd), each command
+/// runs in one of its own, and a worker killed outright leaves nothing even
+/// of what cleared its environment (`env -i`, so without the master's
+/// mark): the master empties the command's cgroup and removes it. Where
+/// it may not, there is nothing to check, and the test says so.
+#[test]
+fn a_killed_workers_unmarked_orphans_end_with_its_commands_cgroup() {
+    if !have("python3", &["--version"]) {
+        return;
+    }
+    let dir = TempDir::new("tree-cgroup");
+    let app = dir.path("app.py");
+    write_file(&app, TREE_APP);
+    // An empty cgroup a master that is gone left: the next master removes
+    // it at its start (it holds nothing, so nobody's process is touched).
+    let gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    let _ = { gone }.wait();
+    let stale = own_cgroup_dir().map(|d| d.join(format!("zdr-{gone_pid}-1")));
+    let stale = stale.filter(|s| std::fs::create_dir(s).is_ok());
+    // A duration no other test's process has.
+    let unmarked = format!("sleep 7303.{}", std::process::id());
+    let script = format!("(env -i {unmarked} &) ; exec python3 {}", app.display());
+    let mut server = Launch::serve(&["--workers", "1", "--", "sh", "-c", &script]).start();
+    server.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(30), || pids_running(&unmarked).len()
+            == 1),
+        "{unmarked} is not running"
+    );
+    let orphan = pids_running(&unmarked)[0];
+    let worker = *server.worker_pids().iter().next().expect("a worker");
+    let group = format!("zdr-{}-{worker}", server.pid);
+    let in_group = std::fs::read_to_string(format!("/proc/{orphan}/cgroup")).is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&group))
+    });
+    if !in_group {
+        eprintln!("no cgroup for the command here (cgroup v2 not writable): nothing to check");
+        if let Some(stale) = &stale {
+            let _ = std::fs::remove_dir(stale);
+        }
+        server.signal(Signal::SIGKILL);
+        server.wait_exit(Duration::from_secs(60));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(orphan as i32), Signal::SIGKILL);
+        return;
+    }
+    assert_eq!(command_cgroups(server.pid), [group.clone()]);
+    if let Some(stale) = &stale {
+        assert!(!stale.exists(), "{} was left", stale.display());
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    server.wait_for_log("left in its command's cgroup", Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(30), || !alive(orphan)),
+        "{unmarked} outlived its worker"
+    );
+    // The replacement worker's command has a cgroup of its own; the
+    // killed one's is gone.
+    assert!(
+        wait_until(Duration::from_secs(30), || !command_cgroups(server.pid)
+            .contains(&group)),
+        "{:?}",
+        command_cgroups(server.pid)
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert_nothing_left(server.pid);
 }
 
 /// A command that goes to the background (`app & exit 0`) is refused with

@@ -43,6 +43,8 @@ struct Child {
     stopping: AtomicBool,
     /// Its last lines of output, and whether its output has ended.
     output: Arc<Output>,
+    /// Its cgroup, where zdr may make one.
+    group: Option<Arc<crate::cgroup::Group>>,
 }
 
 /// What the command wrote last.
@@ -107,6 +109,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
     let pool: Arc<Mutex<Option<Arc<proxy::Pool>>>> = Arc::new(Mutex::new(None));
     let (pooled, unpooled) = (Arc::clone(&pool), pool);
     let stop_signal = spec.settings.worker_stop_signal;
+    let master = spec.master_pid;
     LoadedApp {
         // The proxy forwards each request's client to the command.
         client_info: true,
@@ -118,7 +121,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
                 Arc::clone(&pooled),
             );
             Box::pin(async move {
-                let child = Arc::new(start(&settings.command, &env)?);
+                let child = Arc::new(start(&settings.command, &env, master)?);
                 if let Ok(mut slot) = started.lock() {
                     *slot = Some(Arc::clone(&child));
                 }
@@ -172,7 +175,7 @@ fn free_port() -> std::io::Result<u16> {
 
 /// Starts the command in a process group of its own, with `$PORT` and the
 /// worker's identity in its environment.
-fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> {
+fn start(command: &[String], env: &[(String, String)], master: u32) -> anyhow::Result<Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("no command to run"))?;
@@ -192,13 +195,13 @@ fn start(command: &[String], env: &[(String, String)]) -> anyhow::Result<Child> 
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
-    spawn(cmd, port)
+    spawn(cmd, port, master)
 }
 
-/// Spawns `cmd` as the worker's command: in a process group of its own,
-/// with its output (both streams) relayed to the worker's log and its exit
-/// watched.
-fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
+/// Spawns `cmd` as the worker's command: in a process group of its own
+/// (and a cgroup, where zdr may make one), with its output (both streams)
+/// relayed to the worker's log and its exit watched.
+fn spawn(mut cmd: std::process::Command, port: u16, master: u32) -> anyhow::Result<Child> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let (output, output_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let stderr = output_tx.try_clone()?;
@@ -215,6 +218,17 @@ fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
              leaves running when it exits may outlive the worker",
             std::process::id()
         );
+    }
+    let group = crate::cgroup::Group::create(master).map(Arc::new);
+    if let Some(group) = group.clone() {
+        // SAFETY: the closure runs in the forked child before exec and
+        // makes only async-signal-safe calls (open, write, close).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                group.join_from_child();
+                Ok(())
+            });
+        }
     }
     let process = cmd
         .spawn()
@@ -246,6 +260,7 @@ fn spawn(mut cmd: std::process::Command, port: u16) -> anyhow::Result<Child> {
         exited: rx,
         stopping: AtomicBool::new(false),
         output: kept,
+        group,
     })
 }
 
@@ -456,17 +471,24 @@ async fn stop(child: &Child, signal: i32, grace: Duration) -> i32 {
     // gets the stop signal and, after what is left of the grace (at most
     // two seconds), SIGKILL.
     child.kill_group();
-    end_tree(signal, grace.saturating_sub(began.elapsed())).await;
+    end_tree(child, signal, grace.saturating_sub(began.elapsed())).await;
     i32::from(DIED.load(Ordering::Acquire))
 }
 
 /// Ends every descendant the command left (in the background,
 /// double-forked, in a session of its own): `signal`, then SIGKILL after
-/// `grace` (at most two seconds).
-async fn end_tree(signal: i32, grace: Duration) {
+/// `grace` (at most two seconds); then whatever is left in its cgroup.
+async fn end_tree(child: &Child, signal: i32, grace: Duration) {
     let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
     let grace = grace.min(Duration::from_secs(2));
-    let _ = tokio::task::spawn_blocking(move || crate::process_tree::end(signal, grace)).await;
+    let group = child.group.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        crate::process_tree::end(signal, grace);
+        if let Some(group) = group {
+            group.end();
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

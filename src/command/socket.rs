@@ -163,7 +163,7 @@ async fn stop(child: &super::Child, settings: &crate::config::Settings) -> i32 {
     .is_ok();
     child.kill_group();
     let left = settings.graceful_timeout().saturating_sub(began.elapsed());
-    super::end_tree(settings.worker_stop_signal, left).await;
+    super::end_tree(child, settings.worker_stop_signal, left).await;
     if gone {
         0
     } else {
@@ -229,5 +229,5 @@ fn start(
             Ok(())
         });
     }
-    super::spawn(cmd, 0)
+    super::spawn(cmd, 0, spec.master_pid)
 }

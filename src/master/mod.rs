@@ -368,6 +368,15 @@ impl Master {
                 "cannot become a subreaper ({e}): what a killed worker's command leaves running may outlive it"
             );
         }
+        for (group, n) in crate::cgroup::sweep() {
+            warn!(
+                event = crate::logging::LogEvent::MasterConfig.name(),
+                "the cgroup {group} of a zdr master that is gone still holds {n} process(es); \
+                 zdr leaves them (it did not start them). A master killed with its workers \
+                 at once cannot end its commands: run zdr under systemd \
+                 (KillMode=control-group) or in a container to have them ended"
+            );
+        }
         // The pidfile's directory first: the control socket's default
         // place is beside the pidfile, and a missing directory is the
         // pidfile's problem to name.

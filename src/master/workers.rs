@@ -176,6 +176,17 @@ impl Master {
                     );
                 }
             }
+            // What is left in its command's cgroup (where there is one):
+            // nothing after a worker's own stop; after a kill, whatever
+            // its command had started, found by the kernel's count.
+            let in_group = crate::cgroup::end(std::process::id(), pid.as_raw() as u32);
+            if in_group > 0 {
+                tracing::warn!(
+                    event = crate::logging::LogEvent::WorkerDied.name(),
+                    "Worker (pid: {pid}) {status}: ended the {in_group} process(es) left in its \
+                     command's cgroup"
+                );
+            }
             let tail = handle.output.map(Output::finish).unwrap_or_default();
             let slot = self.board.slot(handle.slot);
             let exit = Exit {

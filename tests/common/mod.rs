@@ -539,7 +539,51 @@ impl Drop for Server {
         let pgid = nix::unistd::Pid::from_raw(self.pid as i32);
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
+        // A master killed with its workers cannot end its commands; where
+        // they have cgroups, the test does it.
+        if let Some(dir) = own_cgroup_dir() {
+            for name in command_cgroups(self.pid) {
+                let group = dir.join(name);
+                let _ = std::fs::write(group.join("cgroup.kill"), b"1");
+                wait_until(Duration::from_secs(5), || {
+                    std::fs::remove_dir(&group).is_ok()
+                });
+            }
+        }
     }
+}
+
+/// The directory of the cgroup (v2) this test runs in, which the zdr
+/// masters it starts share, if cgroup v2 is mounted.
+pub fn own_cgroup_dir() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = info.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        (after.split_whitespace().next()? == "cgroup2")
+            .then(|| before.split_whitespace().nth(4).map(str::to_owned))
+            .flatten()
+    })?;
+    Some(PathBuf::from(mount).join(own.trim_start_matches('/')))
+}
+
+/// The cgroups `master`'s commands have now (none where zdr may not make
+/// any).
+pub fn command_cgroups(master: u32) -> Vec<String> {
+    let prefix = format!("zdr-{master}-");
+    let Some(dir) = own_cgroup_dir() else {
+        return Vec::new();
+    };
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Server {
