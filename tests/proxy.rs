@@ -738,7 +738,7 @@ fn a_killed_workers_unmarked_orphans_end_with_its_commands_cgroup() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(orphan as i32), Signal::SIGKILL);
         return;
     }
-    assert_eq!(command_cgroups(server.pid), [group.clone()]);
+    assert_eq!(command_cgroups(server.pid), std::slice::from_ref(&group));
     if let Some(stale) = &stale {
         assert!(!stale.exists(), "{} was left", stale.display());
     }
