@@ -169,7 +169,7 @@ pub struct Options {
     pub pidfile: Option<PathBuf>,
 
     /// The control socket that `zdr status`, `reload`, `stop` and `scale`
-    /// use. [default: beside the pidfile (PIDFILE.ctl), else
+    /// use. [default: PIDFILE.ctl (beside the pidfile), else
     /// $TMPDIR/zdr-BIND.ctl]
     #[arg(
         long = "control-socket",
@@ -404,7 +404,7 @@ pub struct Options {
 
     /// When the port a `-- CMD` command must listen on ($PORT) counts as
     /// ready: a path answered with a 2xx (like a load balancer's check), or
-    /// empty for "accepts connections". [default: empty]
+    /// empty for "accepts connections". [default: ""]
     #[arg(
         long = "worker-ready-path",
         env = "ZDR_WORKER_READY_PATH",
@@ -2064,6 +2064,156 @@ mod example_file {
             .filter(|key| !documented.contains(key))
             .collect();
         assert!(missing.is_empty(), "zdr.toml.example lacks {missing:?}");
+    }
+}
+
+#[cfg(test)]
+mod readme_table {
+    use super::*;
+    use clap::Args;
+
+    /// A default as words: without backticks or explanations in
+    /// parentheses.
+    fn plain(text: &str) -> String {
+        let mut out = String::new();
+        let mut depth = 0;
+        for c in text.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' if depth > 0 => depth -= 1,
+                '`' => {}
+                _ if depth == 0 => out.push(c),
+                _ => {}
+            }
+        }
+        out.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace(" ,", ",")
+    }
+
+    /// The README's settings table, as (key, flag, env, default) rows.
+    fn rows() -> Vec<[String; 4]> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.starts_with("| key | flag | env | default |"))
+            .skip(2);
+        let mut rows = Vec::new();
+        for line in lines.by_ref().take_while(|l| l.starts_with("| `")) {
+            let cells: Vec<String> = line
+                .trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_owned())
+                .collect();
+            assert!(cells.len() >= 5, "a short row: {line}");
+            rows.push([
+                cells[0].trim_matches('`').to_owned(),
+                cells[1].clone(),
+                cells[2].trim_matches('`').to_owned(),
+                cells[3].clone(),
+            ]);
+        }
+        rows
+    }
+
+    /// The README's settings table has one row per setting, each with the
+    /// flag and the variable the declaration gives it, and a default that
+    /// says what `zdr.toml.example` (checked against the defaults
+    /// themselves) says: a declaration, the table and the example cannot
+    /// drift apart.
+    #[test]
+    fn the_readme_lists_every_setting_as_declared() {
+        let rows = rows();
+        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), keys.len(), "a key listed twice: {keys:?}");
+        let mut declared: Vec<&str> = Options::KEYS.to_vec();
+        declared.sort_unstable();
+        assert_eq!(
+            sorted, declared,
+            "the README's table and the declared settings differ"
+        );
+
+        let command = Options::augment_args(clap::Command::new("zdr"));
+        let example_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("zdr.toml.example");
+        let example: toml::Table =
+            toml::from_str(&std::fs::read_to_string(example_path).unwrap()).unwrap();
+        for [key, flag, env, default] in &rows {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == key.as_str())
+                .unwrap_or_else(|| panic!("{key} has no flag"));
+            let Some(long) = arg.get_long() else {
+                // The command, after `--`.
+                assert!(
+                    arg.is_last_set() && flag.starts_with("`--"),
+                    "{key}: {flag}"
+                );
+                continue;
+            };
+            let named = flag.match_indices(&format!("--{long}")).any(|(at, m)| {
+                !flag[at + m.len()..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+            assert!(named, "{key}: the README says {flag}, the flag is --{long}");
+            if let Some(short) = arg.get_short() {
+                assert!(
+                    flag.contains(&format!("-{short}/")),
+                    "{key}: -{short} is not in {flag}"
+                );
+            }
+            let declared_env = arg
+                .get_env()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "—".to_owned());
+            // The declared variable first; a platform's own may follow
+            // (Gunicorn's `FORWARDED_ALLOW_IPS`).
+            let first = env.split(", ").next().unwrap_or_default().trim_matches('`');
+            assert_eq!(first, declared_env, "{key}: the README's variable");
+            // The `--help` text's default says what the README's does.
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if let Some(helped) = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+            {
+                let helped = helped.split_whitespace().collect::<Vec<_>>().join(" ");
+                let said = default.replace('`', "");
+                assert_eq!(
+                    plain(&helped),
+                    plain(default),
+                    "{key}: --help says [default: {helped}], the README {default}"
+                );
+            }
+            // A key the example sets states the default; the README's
+            // column says the same value (quotes and backticks aside).
+            if let Some(value) = example.get(key.as_str()) {
+                let stated = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Float(f) if f.fract() == 0.0 => format!("{f:.0}"),
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                // An explanation may follow the value, in parentheses.
+                let said = default.split(" (").next().unwrap_or_default();
+                let said = said.replace('`', "").replace('"', "");
+                let stated = stated.replace('"', "");
+                assert!(
+                    said == stated
+                        || said.split(", else ").any(|d| d == stated)
+                        || said.split(", ").collect::<Vec<_>>().join(",") == stated,
+                    "{key}: the README's default is {default}, zdr.toml.example says {stated}"
+                );
+            }
+        }
     }
 }
 
