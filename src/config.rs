@@ -2182,7 +2182,6 @@ mod readme_table {
                 .and_then(|d| d.split(']').next())
             {
                 let helped = helped.split_whitespace().collect::<Vec<_>>().join(" ");
-                let said = default.replace('`', "");
                 assert_eq!(
                     plain(&helped),
                     plain(default),
@@ -2204,7 +2203,7 @@ mod readme_table {
                 };
                 // An explanation may follow the value, in parentheses.
                 let said = default.split(" (").next().unwrap_or_default();
-                let said = said.replace('`', "").replace('"', "");
+                let said = said.replace(['`', '"'], "");
                 let stated = stated.replace('"', "");
                 assert!(
                     said == stated
