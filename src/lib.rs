@@ -55,6 +55,7 @@ mod stall;
 mod sys;
 mod tls;
 mod worker;
+mod worker_info;
 
 pub use app::{Body, BoxError, Request, Response, WorkerInfo};
 pub use body::{BodyTooLarge, RequestBody};

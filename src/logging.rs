@@ -144,7 +144,7 @@ where
         line.insert("time".into(), rfc3339_now().into());
         line.insert("pid".into(), std::process::id().into());
         line.insert("level".into(), level.into());
-        match crate::app::WorkerInfo::current() {
+        match crate::worker_info::WorkerInfo::current() {
             Some(w) => {
                 line.insert("role".into(), "worker".into());
                 line.insert("worker_pid".into(), w.pid.into());

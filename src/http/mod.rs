@@ -32,6 +32,7 @@
 
 pub mod access_log;
 mod conn;
+pub(crate) mod io;
 pub(crate) mod placement;
 pub(crate) mod shed;
 

@@ -1,0 +1,173 @@
+//! A connection's socket as zdr keeps it: counted against its worker's
+//! cap and on the scoreboard until it is closed, with a send timeout and
+//! a lingering close.
+
+use crate::handoff::SocketKind;
+use crate::scoreboard::Scoreboard;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// A connection's socket, carrying its share of the worker's connection
+/// cap and its count on the scoreboard. Both are given back when the socket
+/// is dropped, which for an upgraded connection (WebSocket) is when the app
+/// is done with it, not when hyper hands it over: a draining worker waits
+/// for it, up to the graceful timeout.
+///
+/// It closes with a lingering close: once the response is out it shuts
+/// its sending side, then reads and drops whatever the client still sends
+/// until the client closes too (or is silent for [`LINGER`], or
+/// [`LINGER_MAX`] passes), so that unread
+/// request bytes never turn the close into a reset that could destroy the
+/// response on its way.
+pub(crate) struct Tracked<I> {
+    io: I,
+    _permit: OwnedSemaphorePermit,
+    seat: (&'static Scoreboard, usize),
+    /// Set once the sending side is shut: when the lingering close began,
+    /// and when it ends unless the client sends more.
+    linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// How long a write may wait for the client to take more (the send
+    /// timeout).
+    send_stall: Option<crate::stall::Stall>,
+}
+
+/// How long a closing connection waits for more from its client (nginx's
+/// `lingering_timeout`), and for its client to close at all
+/// (`lingering_time`).
+pub(super) const LINGER: Duration = Duration::from_secs(2);
+pub(super) const LINGER_MAX: Duration = Duration::from_secs(30);
+
+impl<I> Tracked<I> {
+    pub(crate) fn new(
+        io: I,
+        permit: OwnedSemaphorePermit,
+        seat: (&'static Scoreboard, usize),
+        send_timeout: Option<Duration>,
+    ) -> Tracked<I> {
+        seat.0.add_connections(seat.1, 1);
+        Tracked {
+            io,
+            _permit: permit,
+            seat,
+            linger: None,
+            send_stall: send_timeout.map(crate::stall::Stall::new),
+        }
+    }
+
+    /// A write's outcome, held to the send timeout: a client that takes
+    /// nothing for that long has its connection closed.
+    fn within_send_timeout<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        let Some(stall) = &mut self.send_stall else {
+            return poll;
+        };
+        if poll.is_ready() {
+            stall.progress();
+            return poll;
+        }
+        if !stall.expired(cx) {
+            return Poll::Pending;
+        }
+        self.seat
+            .0
+            .count_timeout(crate::metrics::ClientTimeout::Send);
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took nothing for the send timeout",
+        )))
+    }
+}
+
+impl<I> Drop for Tracked<I> {
+    fn drop(&mut self) {
+        self.seat.0.add_connections(self.seat.1, -1);
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.within_send_timeout(cx, poll)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.within_send_timeout(cx, poll)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.within_send_timeout(cx, poll)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let (began, until) = match &mut this.linger {
+            Some((began, until)) => (*began, until),
+            None => {
+                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                let now = tokio::time::Instant::now();
+                let (_, until) = this
+                    .linger
+                    .insert((now, Box::pin(tokio::time::sleep(LINGER))));
+                (now, until)
+            }
+        };
+        let mut scratch = [0u8; 2048];
+        loop {
+            if std::future::Future::poll(until.as_mut(), cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    // More from the client: wait for the rest, within bounds.
+                    let next = tokio::time::Instant::now() + LINGER;
+                    until.as_mut().reset(next.min(began + LINGER_MAX));
+                }
+                // The client closed (or failed): nothing is left to reset.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl super::Passable for Tracked<tokio::net::TcpStream> {
+    fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
+        Some((self.io.as_raw_fd(), SocketKind::Tcp))
+    }
+}
+
+impl super::Passable for Tracked<tokio::net::UnixStream> {
+    fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
+        Some((self.io.as_raw_fd(), SocketKind::Unix))
+    }
+}
+
+impl<I> super::Passable for tokio_rustls::server::TlsStream<I> {}
