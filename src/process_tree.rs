@@ -242,6 +242,12 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = Pid::from_raw(child.id() as i32);
+        // The parent may run on while the child's exec is still setting
+        // up its new environment (vfork): read it once it is there.
+        let until = Instant::now() + Duration::from_secs(30);
+        while !is_ours(pid, Pid::from_raw(4242)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(is_ours(pid, Pid::from_raw(4242)));
         assert!(!is_ours(pid, Pid::from_raw(424)));
         let _ = child.kill();

@@ -109,6 +109,13 @@ fn idle_keep_alive_connections_survive_every_way_a_worker_leaves() {
         owned >> 20,
         owned as f64 / 1024.0 / n as f64
     );
+    // Idle, they are parked (hyper's buffers freed): a few KiB each, not
+    // the 17 KiB or more hyper's buffers and state would hold.
+    assert!(
+        owned < 8 * 1024 * n as u64,
+        "{} KiB owned per idle connection: are they parked?",
+        owned / 1024 / n as u64
+    );
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
     load.wait_for_more(50);
 

@@ -41,6 +41,13 @@ pub(super) enum Conn<I> {
         cancelled: bool,
     },
     Http1(Pin<Box<H1<I>>>),
+    /// An HTTP/1.1 connection idle between requests, taken apart: only
+    /// its socket and its service are kept (hyper's buffers and state are
+    /// freed) until its client sends the next request's first bytes.
+    Parked {
+        io: Option<ConnIo<I>>,
+        service: Option<ConnService>,
+    },
     Http2(Pin<Box<H2<I>>>),
     /// Over, or handed away.
     Done,
@@ -80,13 +87,20 @@ where
         ))
     }
 
-    /// Whether it is an HTTP/1.1 connection hyper still serves.
+    /// Whether it is an HTTP/1.1 connection (served by hyper, or parked).
     pub(super) fn is_http1(&self) -> bool {
-        matches!(self, Conn::Http1(_))
+        matches!(self, Conn::Http1(_) | Conn::Parked { .. })
     }
 
-    /// Drives the connection; ready once it is over.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>, builders: &Builders) -> Poll<()> {
+    /// Drives the connection; ready once it is over. With `park`, an
+    /// HTTP/1.1 connection hyper has left waiting between requests (see
+    /// [`ConnState::between_requests`]) is parked.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        builders: &Builders,
+        park: Option<&ConnState>,
+    ) -> Poll<()> {
         loop {
             match self {
                 Conn::ReadVersion {
@@ -140,9 +154,50 @@ where
                     };
                 }
                 Conn::Http1(conn) => {
-                    let _ = ready!(conn.as_mut().poll(cx));
-                    *self = Conn::Done;
-                    return Poll::Ready(());
+                    if conn.as_mut().poll(cx).is_ready() {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    }
+                    if !park.is_some_and(ConnState::between_requests) {
+                        return Poll::Pending;
+                    }
+                    let Some((io, service)) = self.take_http1_io() else {
+                        return Poll::Ready(());
+                    };
+                    if !io.carried.is_empty() {
+                        // Read ahead already: served at once.
+                        *self = Conn::http1(builders, io, service);
+                        continue;
+                    }
+                    *self = Conn::Parked {
+                        io: Some(io),
+                        service: Some(service),
+                    };
+                }
+                Conn::Parked { io, service } => {
+                    let Some(stream) = io.as_mut() else {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    };
+                    // The next request's first bytes, read on the stack:
+                    // nothing is held while the connection waits.
+                    let mut first = [0u8; 1024];
+                    let mut read = ReadBuf::new(&mut first);
+                    match ready!(Pin::new(&mut *stream).poll_read(cx, &mut read)) {
+                        Ok(()) if !read.filled().is_empty() => {}
+                        // Closed by the client, or broken: over, as hyper
+                        // ends an idle connection its client closed.
+                        _ => {
+                            *self = Conn::Done;
+                            return Poll::Ready(());
+                        }
+                    }
+                    let (Some(mut stream), Some(service)) = (io.take(), service.take()) else {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    };
+                    stream.carry(Bytes::copy_from_slice(read.filled()));
+                    *self = Conn::http1(builders, stream, service);
                 }
                 Conn::Http2(conn) => {
                     let _ = ready!(conn.as_mut().poll(cx));
@@ -161,6 +216,10 @@ where
         match self {
             Conn::ReadVersion { cancelled, .. } => *cancelled = true,
             Conn::Http1(conn) => conn.as_mut().graceful_shutdown(),
+            // Idle: closed, as hyper closes an idle connection it is asked
+            // to shut down (dropping the socket's wrapper shuts it with a
+            // lingering close).
+            Conn::Parked { .. } => *self = Conn::Done,
             Conn::Http2(conn) => conn.as_mut().graceful_shutdown(),
             Conn::Done => {}
         }
@@ -170,7 +229,30 @@ where
     /// checked that nothing is in flight or unwritten. `None` (and the
     /// connection unchanged) for any other.
     pub(super) fn take_http1(&mut self) -> Option<Parts<I>> {
-        if !self.is_http1() {
+        if let Conn::Parked { io, service } = self {
+            let (Some(io), Some(service)) = (io.take(), service.take()) else {
+                return None;
+            };
+            *self = Conn::Done;
+            return Some(Parts {
+                io: io.io,
+                carried: io.carried,
+                service,
+            });
+        }
+        let (io, service) = self.take_http1_io()?;
+        Some(Parts {
+            io: io.io,
+            carried: io.carried,
+            service,
+        })
+    }
+
+    /// Takes hyper's HTTP/1.1 connection apart between requests: the
+    /// socket as zdr wraps it, with the bytes hyper read ahead carried, and
+    /// the service.
+    fn take_http1_io(&mut self) -> Option<(ConnIo<I>, ConnService)> {
+        if !matches!(self, Conn::Http1(_)) {
             return None;
         }
         let Conn::Http1(conn) = std::mem::replace(self, Conn::Done) else {
@@ -178,8 +260,10 @@ where
         };
         let parts = Pin::into_inner(conn).into_parts()?;
         let mut io = parts.io.into_inner();
-        let carried = match (io.carried.is_empty(), parts.read_buf.is_empty()) {
-            (true, _) => parts.read_buf,
+        io.carried = match (io.carried.is_empty(), parts.read_buf.is_empty()) {
+            // An empty view of hyper's read buffer would keep all of it.
+            (true, true) => Bytes::new(),
+            (true, false) => parts.read_buf,
             (false, true) => std::mem::take(&mut io.carried),
             (false, false) => {
                 let mut both = Vec::with_capacity(io.carried.len() + parts.read_buf.len());
@@ -188,11 +272,7 @@ where
                 Bytes::from(both)
             }
         };
-        Some(Parts {
-            io: io.io,
-            carried,
-            service: parts.service,
-        })
+        Some((io, parts.service))
     }
 }
 
