@@ -703,8 +703,9 @@ fn the_kubelet_termination_sequence_fails_no_request() {
 /// every orphan reparented to it, not only its own workers. A command's
 /// orphans go to its worker (their subreaper) first; one that cleared its
 /// environment (so carries no mark of this master, which ends only those
-/// that do) reaches the master when that worker is killed outright, lives
-/// on, and is reaped when it exits.
+/// that do) reaches the master when that worker is killed outright, and is
+/// reaped there when it exits: at the end of its sleep, or at once where
+/// the command had a cgroup (the master empties it).
 #[test]
 fn as_pid_1_it_reaps_orphans() {
     let unshare = std::path::Path::new("/usr/bin/unshare");
@@ -744,26 +745,30 @@ fn as_pid_1_it_reaps_orphans() {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
     };
     // The orphan is its worker's (the subreaper's), not the master's.
-    let mut worker = 0;
+    let (mut worker, mut sleeper) = (0, 0);
     assert!(
         wait_until(Duration::from_secs(30), || children_of(master).iter().any(
             |w| {
-                let has = children_of(*w).iter().any(orphan);
-                if has {
-                    worker = *w;
+                let found = children_of(*w).into_iter().find(orphan);
+                if let Some(pid) = found {
+                    (worker, sleeper) = (*w, pid);
                 }
-                has
+                found.is_some()
             }
         )),
         "no orphan reached the worker"
     );
     server.wait_ready();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    // Its worker gone, the orphan is the master's child (the kernel gives
+    // it to the nearest subreaper); once it exits, only the master can
+    // reap it: it is gone for good, not a zombie, only if the master did.
     assert!(
-        wait_until(Duration::from_secs(30), || children_of(master)
-            .iter()
-            .any(orphan)),
-        "no orphan reached the master"
+        wait_until(Duration::from_secs(60), || !std::path::Path::new(&format!(
+            "/proc/{sleeper}"
+        ))
+        .exists()),
+        "the orphan {sleeper} was not reaped"
     );
     assert!(
         wait_until(Duration::from_secs(60), || !children_of(master)
