@@ -47,6 +47,9 @@ pub(super) enum Conn<I> {
     Parked {
         io: Option<ConnIo<I>>,
         service: Option<ConnService>,
+        /// Asked to close: it shuts with a lingering close, as hyper shuts
+        /// an idle connection.
+        closing: bool,
     },
     Http2(Pin<Box<H2<I>>>),
     /// Over, or handed away.
@@ -172,13 +175,23 @@ where
                     *self = Conn::Parked {
                         io: Some(io),
                         service: Some(service),
+                        closing: false,
                     };
                 }
-                Conn::Parked { io, service } => {
+                Conn::Parked {
+                    io,
+                    service,
+                    closing,
+                } => {
                     let Some(stream) = io.as_mut() else {
                         *self = Conn::Done;
                         return Poll::Ready(());
                     };
+                    if *closing {
+                        let _ = ready!(Pin::new(&mut *stream).poll_shutdown(cx));
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    }
                     // The next request's first bytes, read on the stack:
                     // nothing is held while the connection waits.
                     let mut first = [0u8; 1024];
@@ -217,9 +230,8 @@ where
             Conn::ReadVersion { cancelled, .. } => *cancelled = true,
             Conn::Http1(conn) => conn.as_mut().graceful_shutdown(),
             // Idle: closed, as hyper closes an idle connection it is asked
-            // to shut down (dropping the socket's wrapper shuts it with a
-            // lingering close).
-            Conn::Parked { .. } => *self = Conn::Done,
+            // to shut down (a lingering close, on its next poll).
+            Conn::Parked { closing, .. } => *closing = true,
             Conn::Http2(conn) => conn.as_mut().graceful_shutdown(),
             Conn::Done => {}
         }
@@ -229,7 +241,7 @@ where
     /// checked that nothing is in flight or unwritten. `None` (and the
     /// connection unchanged) for any other.
     pub(super) fn take_http1(&mut self) -> Option<Parts<I>> {
-        if let Conn::Parked { io, service } = self {
+        if let Conn::Parked { io, service, .. } = self {
             let (Some(io), Some(service)) = (io.take(), service.take()) else {
                 return None;
             };
