@@ -95,6 +95,12 @@ where
         matches!(self, Conn::Http1(_) | Conn::Parked { .. })
     }
 
+    /// Whether it is parked in its task (see [`Conn::Parked`]), not asked
+    /// to close.
+    pub(super) fn is_parked(&self) -> bool {
+        matches!(self, Conn::Parked { closing: false, .. })
+    }
+
     /// Drives the connection; ready once it is over. With `park`, an
     /// HTTP/1.1 connection hyper has left waiting between requests (see
     /// [`ConnState::between_requests`]) is parked.
@@ -114,6 +120,10 @@ where
                     cancelled,
                 } => {
                     if *cancelled {
+                        // A lingering close: part of a head may be unread.
+                        if let Some(stream) = io.as_mut() {
+                            let _ = ready!(Pin::new(stream).poll_shutdown(cx));
+                        }
                         *self = Conn::Done;
                         return Poll::Ready(());
                     }

@@ -162,11 +162,49 @@ impl super::Passable for Tracked<tokio::net::TcpStream> {
     fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
         Some((self.io.as_raw_fd(), SocketKind::Tcp))
     }
+
+    fn into_plain(self) -> Result<Plain, Self> {
+        Ok(Plain::Tcp(self))
+    }
 }
 
 impl super::Passable for Tracked<tokio::net::UnixStream> {
     fn passable(&self) -> Option<(std::os::fd::RawFd, SocketKind)> {
         Some((self.io.as_raw_fd(), SocketKind::Unix))
+    }
+
+    fn into_plain(self) -> Result<Plain, Self> {
+        Ok(Plain::Unix(self))
+    }
+}
+
+/// A plain connection's socket, as the worker's parking lot holds it.
+pub(crate) enum Plain {
+    Tcp(Tracked<tokio::net::TcpStream>),
+    Unix(Tracked<tokio::net::UnixStream>),
+}
+
+impl Plain {
+    /// Ready once the socket has bytes to read (or its client closed);
+    /// registers `cx`'s waker for that.
+    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Plain::Tcp(t) => t.io.poll_read_ready(cx),
+            Plain::Unix(t) => t.io.poll_read_ready(cx),
+        }
+    }
+
+    /// Closes it with a lingering close, in a task of its own.
+    pub(super) fn close_lingering(self) {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Plain::Tcp(mut t) => drop(tokio::spawn(async move {
+                let _ = t.shutdown().await;
+            })),
+            Plain::Unix(mut t) => drop(tokio::spawn(async move {
+                let _ = t.shutdown().await;
+            })),
+        }
     }
 }
 

@@ -31,13 +31,15 @@
 //! Every close is a lingering close (see the worker's connection wrapper).
 
 pub mod access_log;
-mod clock;
 mod conn;
 pub(crate) mod io;
+mod life;
 mod limits;
+pub(crate) mod lot;
 
-pub(crate) use clock::MaxAge;
-use clock::{Clock, Step, Woke, DRAIN_IDLE_GRACE};
+pub(crate) use life::MaxAge;
+use life::{Facts, Handed, Handing, Life, Nudge, Step, Woke, REBALANCE_WAIT};
+use lot::Resume;
 pub(crate) use limits::Limits;
 pub(crate) mod placement;
 pub(crate) mod shed;
@@ -64,11 +66,6 @@ use crate::scoreboard::Slot;
 use access_log::{AccessLog, Entry};
 pub(crate) use conn::Builders;
 use conn::{Conn, ConnIo};
-
-/// Above this many open connections in a worker, an HTTP/1.1 connection
-/// idle between requests is parked: it then costs little more than its
-/// socket (a few KiB instead of hyper's buffers and state, some 18 KiB).
-const PARK_ABOVE: u64 = 256;
 
 /// hyper's default cap on header fields (Gunicorn's default too).
 /// hyper's default cap on header fields (Gunicorn's default too).
@@ -121,6 +118,8 @@ pub(crate) struct Shared {
     /// The worker's nudges to its connections: make room for waiting
     /// clients, move for balance (see [`placement`]).
     pub(crate) placement: placement::Placement,
+    /// Its idle HTTP/1.1 connections parked out of their tasks.
+    pub(crate) lot: lot::Lot,
     /// The app's readiness check.
     pub(crate) ready: Arc<dyn Fn() -> crate::app::BoxFuture<anyhow::Result<()>> + Send + Sync>,
 }
@@ -701,6 +700,8 @@ pub(crate) enum Origin {
         age: Duration,
         hand_on: bool,
     },
+    /// Parked in this worker's lot, resumed.
+    Resumed(Resume),
 }
 
 /// A connection's socket, as far as handing it to another worker goes.
@@ -709,6 +710,15 @@ pub(crate) trait Passable {
     /// not a TLS stream, whose session state lives in this process).
     fn passable(&self) -> Option<(std::os::fd::RawFd, crate::handoff::SocketKind)> {
         None
+    }
+
+    /// The socket as the worker's parking lot holds it, if it can be
+    /// parked there (a plain socket); else itself, back.
+    fn into_plain(self) -> Result<io::Plain, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
     }
 }
 
@@ -725,36 +735,94 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + Passable + 'static,
 {
     let now = Instant::now();
-    let (epoch, carried, handed, hand_on, ready_ns) = match origin {
-        Origin::Accepted { at_ns } => (now, bytes::Bytes::new(), false, true, at_ns),
+    let now_ns = crate::sys::monotonic_ns();
+    let conn_state = Arc::new(ConnState::default());
+    // What the connection brings: where its age counts from, the bytes of
+    // its next request already read, and how it came.
+    let (carried, fresh, resumed) = match origin {
+        Origin::Accepted { at_ns } => {
+            conn_state.ready_ns.store(at_ns, Ordering::Relaxed);
+            (bytes::Bytes::new(), true, None)
+        }
         Origin::Handed {
             carried,
             age,
             hand_on,
-        } => (
-            now.checked_sub(age).unwrap_or(now),
-            carried,
-            true,
-            hand_on,
-            crate::sys::monotonic_ns(),
+        } => {
+            // Handed over between requests, its last response written: the
+            // keep-alive timeout applies from now, not the first request's
+            // header timeout, and it may be handed on at once.
+            let epoch = now.checked_sub(age).unwrap_or(now);
+            let resume = Resume {
+                ip: peer.ip,
+                epoch_ns: now_ns.saturating_sub(age.as_nanos() as u64),
+                max_age_ns: shared
+                    .max_age
+                    .map_or(0, |m| lot::ns_at(epoch + m.for_connection(epoch))),
+                arrived_ns: now_ns,
+                last_done_ns: now_ns.max(1),
+                requests: 0,
+                handed: true,
+                hand_on,
+                // Taken back from the queue by its leaving worker: it waits
+                // for its next request as long as a kept one does.
+                patient: !hand_on,
+                give: false,
+            };
+            (carried, false, Some(resume))
+        }
+        Origin::Resumed(resume) => (bytes::Bytes::new(), false, Some(resume)),
+    };
+    let hand_on = resumed.as_ref().is_none_or(|r| r.hand_on);
+    if let Some(r) = &resumed {
+        conn_state.last_done_ns.store(r.last_done_ns, Ordering::Relaxed);
+        conn_state.requests.store(r.requests, Ordering::Relaxed);
+        conn_state.reusable.store(true, Ordering::Relaxed);
+        conn_state.ready_ns.store(now_ns, Ordering::Relaxed);
+    }
+    // A connection that can go to a sibling: plain HTTP/1.1, in a worker
+    // with a handoff queue; one that can be parked out of its task: plain.
+    let passable = shared
+        .handoff
+        .as_ref()
+        .filter(|_| hand_on)
+        .and_then(|queue| Some((queue, io.passable()?)));
+    let plain = io.passable().is_some();
+    let (epoch, max_age) = match &resumed {
+        Some(r) => (
+            lot::instant_at(r.epoch_ns),
+            shared
+                .max_age
+                .filter(|_| r.max_age_ns != 0)
+                .map(|m| (lot::instant_at(r.max_age_ns), m.grace)),
+        ),
+        None => (
+            now,
+            shared
+                .max_age
+                .map(|m| (now + m.for_connection(now), m.grace)),
         ),
     };
-    let conn_state = Arc::new(ConnState {
-        ready_ns: AtomicU64::new(ready_ns),
-        ..ConnState::default()
-    });
-    if handed {
-        // It was handed over between requests, its last response written:
-        // the keep-alive timeout applies from now, not the first request's
-        // header timeout, and it may be handed on at once.
-        conn_state
-            .last_done_ns
-            .store(crate::sys::monotonic_ns().max(1), Ordering::Relaxed);
-        conn_state.reusable.store(true, Ordering::Relaxed);
-    }
-    let max_age = shared
-        .max_age
-        .map(|m| (epoch + m.for_connection(epoch), m.grace));
+    let mut life = Life {
+        epoch,
+        header_timeout: shared.header_timeout,
+        keepalive: shared.keepalive,
+        max_age,
+        drain_began: None,
+        closing_since: None,
+        patient: resumed.as_ref().is_some_and(|r| r.patient),
+        handing: resumed
+            .as_ref()
+            .filter(|r| r.give)
+            .map(|_| Handing::Balance {
+                until: now + REBALANCE_WAIT,
+            }),
+        movable: passable.is_some(),
+        handed: resumed.as_ref().is_some_and(|r| r.handed),
+        arrived: resumed
+            .as_ref()
+            .map_or(now, |r| lot::instant_at(r.arrived_ns)),
+    };
     let client = shared
         .forwarded
         .peer(peer.ip, peer.scheme)
@@ -770,39 +838,23 @@ pub(crate) async fn serve<I>(
         client,
         extensions,
     };
-    // A connection that can go to a sibling: plain HTTP/1.1, in a worker
-    // with a handoff queue.
-    let passable = shared
-        .handoff
-        .as_ref()
-        .filter(|_| hand_on)
-        .and_then(|queue| Some((queue, io.passable()?)));
     let io = ConnIo::new(io, carried, Arc::clone(&conn_state), shared.shed.is_some());
-    let mut conn = if handed {
-        Conn::http1(&shared.builders, io, service)
-    } else {
+    let mut conn = if fresh {
         Conn::new(io, service)
+    } else {
+        Conn::http1(&shared.builders, io, service)
     };
     // One timer per connection, re-armed lazily: it wakes once per period
     // at most, not once per request. What it means when it fires is
-    // decided by the connection's `Clock`.
-    let mut clock = Clock {
-        epoch,
-        header_timeout: shared.header_timeout,
-        keepalive: shared.keepalive,
-        max_age,
-        drain_began: None,
-        closing_since: None,
-        // A connection taken back from the queue by its leaving worker
-        // waits for its next request as long as a kept one does.
-        patient: handed && !hand_on,
+    // decided by the connection's `Life`.
+    let first = match &resumed {
+        None => epoch + shared.header_timeout.min(shared.keepalive),
+        Some(_) => match facts(&conn_state, true).last_done {
+            Some(done) => life.parked_until(done),
+            None => now + shared.keepalive,
+        },
     };
-    let first = if handed {
-        now + shared.keepalive
-    } else {
-        epoch + shared.header_timeout.min(shared.keepalive)
-    };
-    let timer = tokio::time::sleep_until(clock.max_age.map_or(first, |(at, _)| first.min(at)));
+    let timer = tokio::time::sleep_until(max_age.map_or(first, |(at, _)| first.min(at)));
     tokio::pin!(timer);
     // The drain signal and the timer are polled only when they may have
     // fired (a version check, a state check), not on every wake-up of the
@@ -818,34 +870,22 @@ pub(crate) async fn serve<I>(
     let nudge_wait = shared.placement.woken();
     tokio::pin!(nudge_wait);
     let (mut nudge_armed, mut nudge_seen) = (false, shared.placement.looks());
-    // Set while the connection waits for a moment between requests to be
-    // handed to a sibling; `rebalancing` too, with how long it waits, when
-    // it goes for balance rather than because the worker leaves.
-    let mut handing = false;
-    let mut rebalancing: Option<Instant> = None;
-    // When it came to this worker: its rate here is measured from then (so
-    // over a tick at least), and one handed over is not moved again for
-    // balance before it has settled (no ping-pong).
-    let arrived = Instant::now();
     loop {
         let woke = std::future::poll_fn(|cx| {
-            // Idle between requests in a worker holding many connections,
-            // a connection is parked (its buffers freed; see `conn`)
-            // unless it is on its way out or to a sibling. Below that,
-            // taking it apart and putting it together again per request
-            // would cost a busy keep-alive client throughput for memory
-            // nobody misses.
-            let park =
-                (clock.drain_began.is_none() && !handing && shared.slot.connections() > PARK_ABOVE)
-                    .then_some(&*conn_state);
+            let park = life
+                .may_park(shared.slot.connections())
+                .then_some(&*conn_state);
             if conn.poll(cx, &shared.builders, park).is_ready() {
                 return Poll::Ready(Woke::Closed);
             }
-            if handing && conn_state.between_requests() {
+            if conn.is_parked() && plain && shared.lot.is_open() {
+                return Poll::Ready(Woke::Parked);
+            }
+            if life.wants_moment() && conn_state.between_requests() {
                 return Poll::Ready(Woke::BetweenRequests);
             }
-            if clock.drain_began.is_none()
-                && !handing
+            if !life.draining()
+                && !life.wants_moment()
                 && (!drain_armed || drain_fired())
                 && drain_wait.as_mut().poll(cx).is_ready()
             {
@@ -865,155 +905,131 @@ pub(crate) async fn serve<I>(
             Poll::Pending
         })
         .await;
+        let f = facts(&conn_state, conn.is_http1());
         let step = match woke {
             Woke::Closed => break,
+            Woke::Parked => {
+                // Out of its task, into the worker's lot, until its client
+                // sends again (see `lot`).
+                let Some(parts) = conn.take_http1() else {
+                    break;
+                };
+                let resume = Resume {
+                    ip: peer.ip,
+                    epoch_ns: lot::ns_at(life.epoch),
+                    max_age_ns: life.max_age.map_or(0, |(at, _)| lot::ns_at(at)),
+                    arrived_ns: lot::ns_at(life.arrived),
+                    last_done_ns: conn_state.last_done_ns.load(Ordering::Relaxed),
+                    requests: f.requests,
+                    handed: life.handed,
+                    hand_on,
+                    patient: life.patient,
+                    give: false,
+                };
+                let until = lot::ns_at(life.parked_until(f.last_done.unwrap_or(f.now)));
+                drop(parts.service);
+                match parts.io.into_plain() {
+                    Ok(plain) => match shared.lot.park(plain, resume, until) {
+                        Ok(lot::Parked::Held) => {}
+                        Ok(lot::Parked::Resume(plain, resume)) | Err((plain, resume)) => {
+                            lot::resume_in_task(plain, resume, &shared, &probe);
+                        }
+                    },
+                    // Not a plain socket after all: it ends here.
+                    Err(_) => {}
+                }
+                return;
+            }
             Woke::Nudged => {
                 nudge_seen = shared.placement.looks();
                 nudge_wait.set(shared.placement.woken());
                 nudge_armed = false;
-                let quiet = clock.drain_began.is_none() && !handing;
-                if quiet
-                    && shared.placement.is_crowded()
-                    && idle_for(&conn_state, placement::IDLE_FOR)
-                    && shared.placement.take_one()
-                {
+                let unflushed = conn_state.unflushed.load(Ordering::Relaxed);
+                let (nudge, step) = life.nudged(&f, unflushed, &shared.placement);
+                if matches!(nudge, Nudge::Close | Nudge::Drain) {
                     shared
                         .board
                         .count_made_room(crate::metrics::MadeRoom::IdleClosed);
-                    if !conn_state.http2.load(Ordering::Relaxed) {
-                        // Idle for a while: closed as after a keep-alive
-                        // timeout, to let a waiting client in.
-                        break;
-                    }
-                    conn_state.draining.store(true, Ordering::Relaxed);
-                    clock.drain(Instant::now(), false, true)
-                } else if quiet
-                    && passable.is_some()
-                    && conn.is_http1()
-                    && (!handed || arrived.elapsed() >= crate::balance::SETTLE)
-                    && arrived.elapsed() >= crate::balance::TICK
-                    && shared.placement.take_give(
-                        conn_state.requests.load(Ordering::Relaxed) as f64
-                            / arrived.elapsed().as_secs_f64(),
-                    )
-                {
-                    // For balance: to a sibling at the next moment between
-                    // requests, if one comes soon; else it stays.
-                    handing = true;
-                    rebalancing = Some(Instant::now() + REBALANCE_WAIT);
-                    Step::Wait {
-                        until: Instant::now() + REBALANCE_WAIT,
-                    }
-                } else {
-                    continue;
                 }
+                step
             }
-            Woke::Drain
-                if conn.is_http1()
-                    && !shared.board.stopping()
-                    && passable.is_some()
-                    && shared.board.has_ready_sibling(shared.slot_index) =>
-            {
-                // Leaving while another worker stays: the connection waits
-                // for a moment between requests (its response in flight is
-                // not told to close) to be handed over; idle, for at most
-                // the idle grace. Should no worker be ready by then, it
-                // drains as an idle connection does.
-                handing = true;
-                Step::Wait {
-                    until: Instant::now() + DRAIN_IDLE_GRACE,
+            Woke::Drain => life.worker_drains(
+                &f,
+                shared.board.stopping(),
+                shared.board.has_ready_sibling(shared.slot_index),
+            ),
+            Woke::BetweenRequests => match (life.between_requests(&f), passable) {
+                (Step::HandOver, Some((queue, (fd, kind)))) => {
+                    // Boxed: its state (rare) is not carried by every
+                    // connection's task.
+                    let sent =
+                        Box::pin(hand_over(&mut conn, &shared, queue, fd, kind, life.epoch)).await;
+                    let how = match sent {
+                        HandOver::Sent => Handed::Sent,
+                        HandOver::NoSibling => Handed::NoSibling,
+                        HandOver::Kept(parts) => {
+                            let io = ConnIo::new(
+                                parts.io,
+                                parts.carried,
+                                Arc::clone(&conn_state),
+                                shared.shed.is_some(),
+                            );
+                            conn = Conn::http1(&shared.builders, io, parts.service);
+                            Handed::Kept
+                        }
+                    };
+                    let leaving = *probe.borrow();
+                    life.handed(&facts(&conn_state, conn.is_http1()), how, leaving)
                 }
-            }
-            Woke::BetweenRequests => {
-                handing = false;
-                let Some((queue, (fd, kind))) = passable else {
-                    break;
-                };
-                // Moved for balance while the worker stays: a connection
-                // that cannot go is served here as before.
-                let stays = rebalancing.take().is_some() && !*probe.borrow();
-                // Boxed: its state (rare) is not carried by every connection's task.
-                let sent = Box::pin(hand_over(&mut conn, &shared, queue, fd, kind, epoch)).await;
-                match sent {
-                    HandOver::Sent => break,
-                    HandOver::NoSibling if stays => timer_step(&mut clock, &conn_state),
-                    HandOver::Kept(parts) if stays => {
-                        let io = ConnIo::new(
-                            parts.io,
-                            parts.carried,
-                            Arc::clone(&conn_state),
-                            shared.shed.is_some(),
-                        );
-                        conn = Conn::http1(&shared.builders, io, parts.service);
-                        timer_step(&mut clock, &conn_state)
-                    }
-                    HandOver::NoSibling => {
-                        conn_state.draining.store(true, Ordering::Relaxed);
-                        clock.drain(Instant::now(), false, false)
-                    }
-                    HandOver::Kept(parts) => {
-                        // Its client is owed an answer to the request it
-                        // may send next: it gets one, with `Connection:
-                        // close`, as long as the keep-alive timeout (and
-                        // the worker's graceful timeout) allows.
-                        let io = ConnIo::new(
-                            parts.io,
-                            parts.carried,
-                            Arc::clone(&conn_state),
-                            shared.shed.is_some(),
-                        );
-                        conn = Conn::http1(&shared.builders, io, parts.service);
-                        conn_state.draining.store(true, Ordering::Relaxed);
-                        clock.patient = true;
-                        clock.drain(Instant::now(), false, false)
-                    }
-                }
-            }
-            Woke::Drain => {
-                let busy = conn_state.in_flight.load(Ordering::Acquire) > 0;
-                let http2 = conn_state.http2.load(Ordering::Relaxed);
-                conn_state.draining.store(true, Ordering::Relaxed);
-                clock.drain(Instant::now(), busy, http2)
-            }
-            Woke::Timer if rebalancing.is_some_and(|until| Instant::now() >= until) => {
-                // No moment between requests came soon: it stays.
-                handing = false;
-                rebalancing = None;
-                timer_step(&mut clock, &conn_state)
-            }
-            Woke::Timer if handing && conn_state.in_flight.load(Ordering::Acquire) > 0 => {
-                // A request still in flight: its worker's graceful timeout
-                // bounds it; it is handed over once answered.
-                Step::Wait {
-                    until: Instant::now() + DRAIN_IDLE_GRACE,
-                }
-            }
-            Woke::Timer if handing => {
-                // Nothing in flight, yet no moment between requests came
-                // within the grace (a streamed answer, a request body left
-                // unread): drained as before.
-                handing = false;
-                conn_state.draining.store(true, Ordering::Relaxed);
-                clock.drain(Instant::now(), false, false)
-            }
-            Woke::Timer => timer_step(&mut clock, &conn_state),
+                (Step::HandOver, None) => break,
+                (step, _) => step,
+            },
+            Woke::Timer => life.timer(&f),
         };
+        // Draining (its worker's, or its own at its age): the next
+        // response says `Connection: close`.
+        if life.draining() {
+            conn_state.draining.store(true, Ordering::Relaxed);
+        }
         // A timer reset below must be polled again to be armed.
         timer_armed = false;
         match step {
-            Step::Close => break,
+            Step::Close | Step::HandOver => break,
             Step::HeaderTimeout => {
                 shared
                     .board
                     .count_timeout(crate::metrics::ClientTimeout::Header);
-                break;
+                conn.graceful_shutdown();
+                timer.as_mut().reset(f.now + Duration::from_secs(3600));
             }
             Step::Shutdown { then } => {
                 conn.graceful_shutdown();
                 timer.as_mut().reset(then);
             }
             Step::Wait { until } => timer.as_mut().reset(until),
+            Step::Same => {}
         }
+    }
+}
+
+/// What the connection is now, for its decider.
+fn facts(conn: &ConnState, http1: bool) -> Facts {
+    let now = Instant::now();
+    let last_done = match conn.last_done_ns.load(Ordering::Relaxed) {
+        0 => None,
+        // The same clock, read as an `Instant`.
+        ns => now.checked_sub(Duration::from_nanos(
+            crate::sys::monotonic_ns().saturating_sub(ns),
+        )),
+    };
+    Facts {
+        now,
+        idle: conn.in_flight.load(Ordering::Acquire) == 0,
+        http1,
+        http2: conn.http2.load(Ordering::Relaxed),
+        last_done,
+        between_requests: conn.between_requests(),
+        requests: conn.requests.load(Ordering::Relaxed),
     }
 }
 
@@ -1106,45 +1122,6 @@ fn warn_kept(e: &crate::handoff::SendError) {
             std::process::id()
         );
     }
-}
-
-/// How long a connection asked to move for balance waits for a moment
-/// between requests before it stays where it is.
-const REBALANCE_WAIT: Duration = Duration::from_secs(2);
-
-/// What the connection's timer means now, as its [`Clock`] says.
-fn timer_step(clock: &mut Clock, conn: &ConnState) -> Step {
-    let now = Instant::now();
-    let last_done = match conn.last_done_ns.load(Ordering::Relaxed) {
-        0 => None,
-        // The same clock, read as an `Instant`.
-        ns => now.checked_sub(Duration::from_nanos(
-            crate::sys::monotonic_ns().saturating_sub(ns),
-        )),
-    };
-    let step = clock.fired(
-        now,
-        conn.in_flight.load(Ordering::Acquire) == 0,
-        conn.http2.load(Ordering::Relaxed),
-        last_done,
-    );
-    // Past its age, the connection drains as if its worker did: the next
-    // response says `Connection: close`.
-    if clock.drain_began.is_some() {
-        conn.draining.store(true, Ordering::Relaxed);
-    }
-    step
-}
-
-/// Whether a connection has had nothing in flight, its last answer out,
-/// for at least `at_least` (a connection that has not had its first
-/// request yet is a new client's: never idle here).
-fn idle_for(conn: &ConnState, at_least: Duration) -> bool {
-    let done = conn.last_done_ns.load(Ordering::Relaxed);
-    done != 0
-        && conn.in_flight.load(Ordering::Acquire) == 0
-        && !conn.unflushed.load(Ordering::Relaxed)
-        && crate::sys::monotonic_ns().saturating_sub(done) >= at_least.as_nanos() as u64
 }
 
 #[cfg(test)]

@@ -239,6 +239,10 @@ async fn serve(
         .handoff
         .is_some()
         .then(|| tokio::spawn(balance(Arc::clone(&shared), drain_rx.clone())));
+    let parking = tokio::spawn(crate::http::lot::Lot::run(
+        Arc::clone(&shared),
+        drain_rx.clone(),
+    ));
     slot.set_state(SlotState::Ready);
     bell.ring();
 
@@ -274,6 +278,8 @@ async fn serve(
     if let Some(task) = balancing {
         let _ = task.await;
     }
+    // Every parked connection is resumed, to be handed over or drained.
+    let _ = parking.await;
     let taken = match receiving {
         Some(task) => task.await.unwrap_or(0),
         None => 0,
@@ -484,6 +490,7 @@ async fn boot(
         ready: Arc::clone(&app.ready),
         handoff,
         placement: crate::http::placement::Placement::default(),
+        lot: crate::http::lot::Lot::default(),
     });
     Ok((shared, listeners))
 }
