@@ -53,6 +53,8 @@ mod scoreboard;
 mod server;
 mod stall;
 mod sys;
+#[cfg(test)]
+mod test_rng;
 mod tls;
 mod worker;
 mod worker_info;

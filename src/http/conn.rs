@@ -247,6 +247,68 @@ where
         }
     }
 
+    /// Closes the connection now, whatever it was reading, with a
+    /// lingering close (the rest of a head may be on its way); `false` for
+    /// HTTP/2, which has GOAWAY for that and is closed by the caller.
+    pub(super) fn shut_lingering(&mut self) -> bool {
+        match self {
+            Conn::ReadVersion { cancelled, .. } => *cancelled = true,
+            Conn::Parked { closing, .. } => *closing = true,
+            Conn::Http1(_) => {
+                let Some((io, service)) = self.take_http1_io() else {
+                    return false;
+                };
+                *self = Conn::Parked {
+                    io: Some(io),
+                    service: Some(service),
+                    closing: true,
+                };
+            }
+            Conn::Http2(_) | Conn::Done => return false,
+        }
+        true
+    }
+
+    /// Closes an idle HTTP/1.1 connection at once if nothing from its
+    /// client is unread (`true`: it is over); else it shuts with a
+    /// lingering close. HTTP/2 is asked to close (GOAWAY).
+    pub(super) fn close_idle(&mut self) -> bool {
+        let unread = match self {
+            Conn::Http1(_) | Conn::Parked { .. } => {
+                let Some((mut io, service)) = self.take_http1_io_or_parked() else {
+                    return true;
+                };
+                let unread = !io.carried.is_empty() || io.readable_now();
+                *self = Conn::Parked {
+                    io: Some(io),
+                    service: Some(service),
+                    closing: true,
+                };
+                unread
+            }
+            Conn::Http2(_) => {
+                self.graceful_shutdown();
+                return false;
+            }
+            Conn::ReadVersion { .. } | Conn::Done => true,
+        };
+        if !unread {
+            *self = Conn::Done;
+        }
+        !unread
+    }
+
+    /// The socket and service of an HTTP/1.1 connection between requests,
+    /// served or parked.
+    fn take_http1_io_or_parked(&mut self) -> Option<(ConnIo<I>, ConnService)> {
+        if let Conn::Parked { io, service, .. } = self {
+            let taken = io.take().zip(service.take());
+            *self = Conn::Done;
+            return taken;
+        }
+        self.take_http1_io()
+    }
+
     /// Takes an HTTP/1.1 connection apart between requests; the caller
     /// checked that nothing is in flight or unwritten. `None` (and the
     /// connection unchanged) for any other.
@@ -332,6 +394,24 @@ impl<I> ConnIo<I> {
 
     fn carry(&mut self, bytes: Bytes) {
         self.carried = bytes;
+    }
+}
+
+impl<I: AsyncRead + Unpin> ConnIo<I> {
+    /// Whether the client has sent bytes not yet read (or closed): one
+    /// read that does not wait; what it read is kept to be read again.
+    fn readable_now(&mut self) -> bool {
+        let mut first = [0u8; 1024];
+        let mut read = ReadBuf::new(&mut first);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.io).poll_read(&mut cx, &mut read) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(())) => {
+                self.carried = Bytes::copy_from_slice(read.filled());
+                !read.filled().is_empty()
+            }
+            Poll::Ready(Err(_)) => false,
+        }
     }
 }
 

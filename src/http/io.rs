@@ -25,8 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 /// response on its way.
 pub(crate) struct Tracked<I> {
     io: I,
-    _permit: OwnedSemaphorePermit,
-    seat: (&'static Scoreboard, usize),
+    seat: Seat,
     /// Set once the sending side is shut: when the lingering close began,
     /// and when it ends unless the client sends more.
     linger: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
@@ -51,8 +50,10 @@ impl<I> Tracked<I> {
         seat.0.add_connections(seat.1, 1);
         Tracked {
             io,
-            _permit: permit,
-            seat,
+            seat: Seat {
+                _permit: permit,
+                at: seat,
+            },
             linger: None,
             send_stall: send_timeout.map(crate::stall::Stall::new),
         }
@@ -76,6 +77,7 @@ impl<I> Tracked<I> {
             return Poll::Pending;
         }
         self.seat
+            .at
             .0
             .count_timeout(crate::metrics::ClientTimeout::Send);
         Poll::Ready(Err(std::io::Error::new(
@@ -85,9 +87,36 @@ impl<I> Tracked<I> {
     }
 }
 
-impl<I> Drop for Tracked<I> {
+/// A connection's share of its worker's cap and its count on the
+/// scoreboard, given back when dropped.
+struct Seat {
+    _permit: OwnedSemaphorePermit,
+    at: (&'static Scoreboard, usize),
+}
+
+impl Drop for Seat {
     fn drop(&mut self) {
-        self.seat.0.add_connections(self.seat.1, -1);
+        self.at.0.add_connections(self.at.1, -1);
+    }
+}
+
+impl<I> Tracked<I> {
+    /// The same connection over another form of its socket (registered
+    /// with the runtime, or not); its send timeout starts afresh.
+    fn with<J>(self, f: impl FnOnce(I) -> std::io::Result<J>) -> std::io::Result<Tracked<J>> {
+        let Tracked {
+            io,
+            seat,
+            linger,
+            send_stall,
+        } = self;
+        debug_assert!(linger.is_none(), "a closing connection is not parked");
+        Ok(Tracked {
+            io: f(io)?,
+            seat,
+            linger: None,
+            send_stall: send_stall.map(|s| crate::stall::Stall::new(s.after())),
+        })
     }
 }
 
@@ -163,8 +192,8 @@ impl super::Passable for Tracked<tokio::net::TcpStream> {
         Some((self.io.as_raw_fd(), SocketKind::Tcp))
     }
 
-    fn into_plain(self) -> Result<Plain, Self> {
-        Ok(Plain::Tcp(self))
+    fn into_plain(self) -> Option<std::io::Result<Plain>> {
+        Some(self.leave_runtime())
     }
 }
 
@@ -173,24 +202,44 @@ impl super::Passable for Tracked<tokio::net::UnixStream> {
         Some((self.io.as_raw_fd(), SocketKind::Unix))
     }
 
-    fn into_plain(self) -> Result<Plain, Self> {
-        Ok(Plain::Unix(self))
+    fn into_plain(self) -> Option<std::io::Result<Plain>> {
+        Some(self.leave_runtime())
     }
 }
 
-/// A plain connection's socket, as the worker's parking lot holds it.
+/// A plain connection's socket as the worker's parking lot holds it: out
+/// of the runtime's registry (the lot watches it), nothing but the
+/// descriptor and its share of the cap.
 pub(crate) enum Plain {
-    Tcp(Tracked<tokio::net::TcpStream>),
-    Unix(Tracked<tokio::net::UnixStream>),
+    Tcp(Tracked<std::net::TcpStream>),
+    Unix(Tracked<std::os::unix::net::UnixStream>),
 }
 
 impl Plain {
-    /// Ready once the socket has bytes to read (or its client closed);
-    /// registers `cx`'s waker for that.
-    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    /// Its descriptor, for the lot's watch.
+    pub(super) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
         match self {
-            Plain::Tcp(t) => t.io.poll_read_ready(cx),
-            Plain::Unix(t) => t.io.poll_read_ready(cx),
+            Plain::Tcp(t) => t.io.as_fd(),
+            Plain::Unix(t) => t.io.as_fd(),
+        }
+    }
+
+    /// Closes an idle connection for a waiting client: at once if nothing
+    /// from its client is unread, else with a lingering close.
+    pub(super) fn close_idle(self) {
+        let mut one = [0u8; 1];
+        let unread = match &self {
+            Plain::Tcp(t) => t.io.peek(&mut one).is_ok(),
+            Plain::Unix(t) => {
+                use std::io::Read;
+                // No peek on a Unix stream: a byte read is a byte unread
+                // for the lingering close that follows.
+                (&t.io).read(&mut one).is_ok()
+            }
+        };
+        if unread {
+            self.close_lingering();
         }
     }
 
@@ -198,13 +247,49 @@ impl Plain {
     pub(super) fn close_lingering(self) {
         use tokio::io::AsyncWriteExt;
         match self {
-            Plain::Tcp(mut t) => drop(tokio::spawn(async move {
-                let _ = t.shutdown().await;
-            })),
-            Plain::Unix(mut t) => drop(tokio::spawn(async move {
-                let _ = t.shutdown().await;
-            })),
+            Plain::Tcp(t) => {
+                if let Ok(mut t) = t.with(tokio::net::TcpStream::from_std) {
+                    drop(tokio::spawn(async move {
+                        let _ = t.shutdown().await;
+                    }));
+                }
+            }
+            Plain::Unix(t) => {
+                if let Ok(mut t) = t.with(tokio::net::UnixStream::from_std) {
+                    drop(tokio::spawn(async move {
+                        let _ = t.shutdown().await;
+                    }));
+                }
+            }
         }
+    }
+}
+
+impl Tracked<tokio::net::TcpStream> {
+    /// Out of the runtime's registry, for the lot.
+    fn leave_runtime(self) -> std::io::Result<Plain> {
+        self.with(tokio::net::TcpStream::into_std).map(Plain::Tcp)
+    }
+}
+
+impl Tracked<tokio::net::UnixStream> {
+    /// Out of the runtime's registry, for the lot.
+    fn leave_runtime(self) -> std::io::Result<Plain> {
+        self.with(tokio::net::UnixStream::into_std).map(Plain::Unix)
+    }
+}
+
+impl Tracked<std::net::TcpStream> {
+    /// Back in the runtime's registry, to be served.
+    pub(super) fn into_tokio(self) -> std::io::Result<Tracked<tokio::net::TcpStream>> {
+        self.with(tokio::net::TcpStream::from_std)
+    }
+}
+
+impl Tracked<std::os::unix::net::UnixStream> {
+    /// Back in the runtime's registry, to be served.
+    pub(super) fn into_tokio(self) -> std::io::Result<Tracked<tokio::net::UnixStream>> {
+        self.with(tokio::net::UnixStream::from_std)
     }
 }
 

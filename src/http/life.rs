@@ -15,7 +15,7 @@
 //! | timer, grace over | — | balance: → serving; leaving, busy: wait; leaving, idle: → draining | HTTP/1.1 idle or HTTP/2: shutdown → closing | HTTP/2 idle: close |
 //! | drain, HTTP/1.1, movable, a sibling ready, not stopping | → handing (leaving) | — | — | — |
 //! | drain, otherwise | → draining | — | — | — |
-//! | nudge, crowded, idle ≥ 1 s, budget | HTTP/1.1: shutdown → closing; HTTP/2: → draining | stay | stay | stay |
+//! | nudge, crowded, idle ≥ 1 s, budget | HTTP/1.1: close idle → closing; HTTP/2: → draining | stay | stay | stay |
 //! | nudge, balance budget fits, movable, settled | → handing (balance) | stay | stay | stay |
 //! | between requests | — | **hand over** | — | — |
 //! | handed: sent | — | over | — | — |
@@ -27,8 +27,10 @@
 //!   in flight, everything written), so HTTP/1.1 never has two responses
 //!   in flight and no request is lost on the way;
 //! - an HTTP/1.1 connection is only ever ended by a shutdown (hyper's
-//!   lingering close, so unread request bytes never turn it into a reset)
-//!   or by being handed over; an abrupt close is for HTTP/2 after GOAWAY;
+//!   lingering close, so unread request bytes never turn it into a reset),
+//!   by being handed over, or, idle for a while with nothing unread, at
+//!   once for a waiting client; an abrupt close is for HTTP/2 after GOAWAY;
+//! - a connection told to close, draining or on its way is not nudged;
 //! - while its worker serves and is not crowded, an idle connection is
 //!   closed only at its header or keep-alive deadline or its maximum age,
 //!   never sooner.
@@ -102,6 +104,10 @@ pub(super) enum Step {
     /// No complete request head came within the header timeout: counted,
     /// and shut (a lingering close).
     HeaderTimeout,
+    /// Idle for a while, its last answer out: closed at once if nothing
+    /// from its client is unread (else a lingering close), to let a
+    /// waiting client in.
+    CloseIdle,
     /// Tell it to close (HTTP/1.1: `Connection: close` on the response in
     /// flight, or a lingering close if idle; HTTP/2: GOAWAY), and look
     /// again then.
@@ -309,7 +315,9 @@ impl Life {
     /// A nudge from the worker (see [`nudged`]); says what it asked.
     pub(super) fn nudged(&mut self, f: &Facts, unflushed: bool, budget: &impl Budget) -> (Nudge, Step) {
         let facts = NudgeFacts {
-            quiet: self.drain_began.is_none() && self.handing.is_none(),
+            quiet: self.drain_began.is_none()
+                && self.handing.is_none()
+                && self.closing_since.is_none(),
             idle_for: f
                 .last_done
                 .filter(|_| f.idle && !unflushed)
@@ -325,11 +333,8 @@ impl Life {
         let step = match nudge {
             Nudge::Stay => Step::Same,
             Nudge::Close => {
-                // Idle for a while: closed as after a keep-alive timeout.
                 self.closing_since = Some(f.now);
-                Step::Shutdown {
-                    then: f.now + DRAIN_POLL,
-                }
+                Step::CloseIdle
             }
             Nudge::Drain => self.drain(f.now, false, true),
             Nudge::Give => {
@@ -724,5 +729,401 @@ mod tests {
             c.fired(at + DRAIN_IDLE_GRACE, true, true, done),
             Step::Close
         );
+    }
+
+    /// A worker's budgets, as a test sets them.
+    struct Budgets {
+        crowded: bool,
+        closes: std::cell::Cell<u32>,
+        moves: std::cell::Cell<u32>,
+    }
+
+    impl Budget for Budgets {
+        fn crowded(&self) -> bool {
+            self.crowded
+        }
+        fn take_one(&self) -> bool {
+            let n = self.closes.get();
+            self.closes.set(n.saturating_sub(1));
+            n > 0
+        }
+        fn take_give(&self, _rate: f64) -> bool {
+            let n = self.moves.get();
+            self.moves.set(n.saturating_sub(1));
+            n > 0
+        }
+    }
+
+    fn budgets(crowded: bool, closes: u32, moves: u32) -> Budgets {
+        Budgets {
+            crowded,
+            closes: closes.into(),
+            moves: moves.into(),
+        }
+    }
+
+    fn facts(now: Instant, idle: bool, http2: bool, last_done: Option<Instant>) -> Facts {
+        Facts {
+            now,
+            idle,
+            http1: !http2,
+            http2,
+            last_done,
+            between_requests: idle,
+            requests: 10,
+        }
+    }
+
+    /// The drain column: (HTTP/2, movable, stopping, a sibling ready, busy)
+    /// → handed over at the next moment, or drained (busy HTTP/1.1:
+    /// `Connection: close` at once).
+    #[test]
+    fn the_worker_draining_hands_over_or_drains() {
+        let t0 = Instant::now();
+        for http2 in [false, true] {
+            for movable in [false, true] {
+                for stopping in [false, true] {
+                    for sibling in [false, true] {
+                        for busy in [false, true] {
+                            let mut c = clock(t0);
+                            c.movable = movable;
+                            let f = facts(t0, !busy, http2, Some(t0));
+                            let step = c.worker_drains(&f, stopping, sibling);
+                            let hands = !http2 && movable && !stopping && sibling;
+                            let case = (http2, movable, stopping, sibling, busy);
+                            assert_eq!(c.wants_moment(), hands, "{case:?}");
+                            assert_eq!(c.draining(), !hands, "{case:?}");
+                            let expect = if hands {
+                                Step::Wait {
+                                    until: t0 + DRAIN_IDLE_GRACE,
+                                }
+                            } else if busy && !http2 {
+                                Step::Shutdown {
+                                    then: t0 + Duration::from_secs(3600),
+                                }
+                            } else {
+                                Step::Wait {
+                                    until: t0 + DRAIN_POLL,
+                                }
+                            };
+                            assert_eq!(step, expect, "{case:?}");
+                            // A second drain changes nothing.
+                            assert_eq!(c.worker_drains(&f, stopping, sibling), Step::Same);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The nudge rows: (crowded, idle for, HTTP/2, movable, handed and
+    /// here for, budgets) → what the connection does.
+    #[test]
+    fn a_nudge_closes_an_idle_connection_for_a_waiting_client_or_moves_one_for_balance() {
+        let idle_long = super::super::placement::IDLE_FOR;
+        let settled = crate::balance::SETTLE;
+        let tick = crate::balance::TICK;
+        let rows: &[(bool, Option<Duration>, bool, bool, bool, Duration, u32, u32, Nudge)] = &[
+            // crowded, idle_for, http2, movable, handed, here_for, closes, moves → nudge
+            (true, Some(idle_long), false, true, false, settled, 1, 1, Nudge::Close),
+            (true, Some(idle_long), true, true, false, settled, 1, 1, Nudge::Drain),
+            // No budget left for this look: it may still move for balance.
+            (true, Some(idle_long), false, true, false, settled, 0, 1, Nudge::Give),
+            (true, Some(idle_long), false, false, false, settled, 0, 1, Nudge::Stay),
+            // Idle for less than a second: its client may be sending.
+            (true, Some(idle_long / 2), false, false, false, settled, 1, 0, Nudge::Stay),
+            // Busy, or not yet answered: never closed for another.
+            (true, None, false, false, false, settled, 1, 0, Nudge::Stay),
+            // Not crowded: nothing closes.
+            (false, Some(idle_long * 10), false, false, false, settled, 1, 0, Nudge::Stay),
+            // Balance: movable, here a tick at least, settled if handed.
+            (false, None, false, true, false, tick, 0, 1, Nudge::Give),
+            (false, None, false, true, false, tick / 2, 0, 1, Nudge::Stay),
+            (false, None, false, true, true, tick, 0, 1, Nudge::Stay),
+            (false, None, false, true, true, settled, 0, 1, Nudge::Give),
+            (false, None, true, true, false, settled, 0, 1, Nudge::Stay),
+            (false, None, false, true, false, settled, 0, 0, Nudge::Stay),
+        ];
+        for (i, &(crowded, idle_for, http2, movable, handed, here_for, closes, moves, want)) in
+            rows.iter().enumerate()
+        {
+            let f = NudgeFacts {
+                quiet: true,
+                idle_for,
+                http2,
+                movable,
+                handed,
+                here_for,
+                rate: 1.0,
+            };
+            let b = budgets(crowded, closes, moves);
+            assert_eq!(nudged(&f, &b), want, "row {i}");
+            // Draining or on its way: never.
+            let f = NudgeFacts { quiet: false, ..f };
+            assert_eq!(nudged(&f, &budgets(crowded, closes, moves)), Nudge::Stay, "row {i}");
+        }
+    }
+
+    #[test]
+    fn a_connection_asked_to_move_is_handed_over_between_requests_or_stays() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let f = facts(t0 + S, true, false, Some(t0));
+        let (nudge, step) = c.nudged(&f, false, &budgets(false, 0, 1));
+        assert_eq!(nudge, Nudge::Give);
+        assert_eq!(step, Step::Wait { until: t0 + S + REBALANCE_WAIT });
+        assert!(!c.may_park(10_000), "on its way: not parked");
+        // Busy: not yet.
+        assert_eq!(c.between_requests(&facts(t0 + S, false, false, Some(t0))), Step::Same);
+        assert_eq!(c.between_requests(&f), Step::HandOver);
+        // The queue was full: it stays and is served here, not drained.
+        let step = c.handed(&f, Handed::Kept, false);
+        assert!(!c.draining() && !c.wants_moment(), "{step:?}");
+        // Asked again, and its worker starts leaving meanwhile: drained.
+        let mut c = clock(t0);
+        c.nudged(&f, false, &budgets(false, 0, 1));
+        c.handed(&f, Handed::NoSibling, true);
+        assert!(c.draining());
+        // No moment within the wait: it stays.
+        let mut c = clock(t0);
+        c.nudged(&f, false, &budgets(false, 0, 1));
+        assert!(matches!(c.timer(&facts(t0 + S + REBALANCE_WAIT, false, false, Some(t0))), Step::Wait { .. }));
+        assert!(!c.wants_moment() && !c.draining());
+    }
+
+    #[test]
+    fn a_leaving_workers_connection_waits_for_its_response_then_goes_or_drains() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        c.worker_drains(&facts(t0, false, false, Some(t0)), false, true);
+        // The response in flight is not told to close; the wait goes on.
+        let later = t0 + 2 * DRAIN_IDLE_GRACE;
+        assert_eq!(
+            c.timer(&facts(later, false, false, Some(t0))),
+            Step::Wait { until: later + DRAIN_IDLE_GRACE }
+        );
+        assert!(!c.draining());
+        assert_eq!(c.between_requests(&facts(later, true, false, Some(later))), Step::HandOver);
+        assert_eq!(c.handed(&facts(later, true, false, Some(later)), Handed::Sent, true), Step::Close);
+        // Kept (the queue stayed full): drained patiently.
+        let mut c = clock(t0);
+        c.worker_drains(&facts(t0, true, false, Some(t0)), false, true);
+        c.handed(&facts(t0, true, false, Some(t0)), Handed::Kept, true);
+        assert!(c.draining() && c.patient);
+        // Idle, no moment came (a streamed answer): drained.
+        let mut c = clock(t0);
+        c.worker_drains(&facts(t0, true, false, Some(t0)), false, true);
+        let f = facts(t0 + DRAIN_IDLE_GRACE, true, false, Some(t0));
+        assert_eq!(c.timer(&f), Step::Wait { until: f.now + DRAIN_POLL });
+        assert!(c.draining() && !c.wants_moment());
+    }
+
+    #[test]
+    fn only_a_quiet_connection_in_a_crowded_worker_is_parked() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        assert!(!c.may_park(PARK_ABOVE));
+        assert!(c.may_park(PARK_ABOVE + 1));
+        c.drain(t0, false, false);
+        assert!(!c.may_park(PARK_ABOVE + 1), "draining");
+        let mut c = clock(t0);
+        c.handing = Some(Handing::Leaving { until: t0 });
+        assert!(!c.may_park(PARK_ABOVE + 1), "on its way");
+        // Parked until its keep-alive ends, or its age if sooner.
+        let mut c = clock(t0);
+        assert_eq!(c.parked_until(t0), t0 + c.keepalive);
+        c.max_age = Some((t0 + S, S));
+        assert_eq!(c.parked_until(t0), t0 + S);
+    }
+
+    /// A model connection driven by random events; the decider's
+    /// invariants (see the module doc) are checked after every step.
+    struct Model {
+        life: Life,
+        now: Instant,
+        http2: bool,
+        in_flight: u32,
+        last_done: Option<Instant>,
+        unflushed: bool,
+        /// Told to close (hyper closes an idle HTTP/1.1 one itself).
+        shut: bool,
+        over: bool,
+        /// Since the start: no drain, no crowded nudge.
+        calm: bool,
+        /// The worker drains.
+        leaving: bool,
+    }
+
+    impl Model {
+        fn facts(&self) -> Facts {
+            Facts {
+                now: self.now,
+                idle: self.in_flight == 0,
+                http1: !self.http2,
+                http2: self.http2,
+                last_done: self.last_done,
+                between_requests: self.in_flight == 0 && !self.unflushed && !self.shut,
+                requests: 3,
+            }
+        }
+
+        /// Checks a step the decider took on `f`.
+        fn check(&mut self, f: &Facts, step: Step, handed_sent: bool, trail: &[u64]) {
+            let why = format!("trail {trail:?}: {step:?} on {f:?}");
+            match step {
+                Step::HandOver => {
+                    assert!(f.between_requests, "handed over mid-request: {why}");
+                    assert!(!self.http2, "HTTP/2 handed over: {why}");
+                }
+                Step::Close => {
+                    assert!(
+                        self.http2 || handed_sent,
+                        "an HTTP/1.1 connection closed abruptly: {why}"
+                    );
+                    self.over = true;
+                }
+                Step::Wait { until } => assert!(until > f.now, "a wait that ends at once: {why}"),
+                Step::Shutdown { then } => {
+                    assert!(then > f.now, "{why}");
+                    self.shut = true;
+                }
+                Step::HeaderTimeout => {
+                    assert!(f.idle && f.last_done.is_none(), "{why}");
+                    self.shut = true;
+                }
+                Step::CloseIdle => {
+                    assert!(!self.http2, "{why}");
+                    let idle_for = f.last_done.map(|d| f.now.saturating_duration_since(d));
+                    assert!(
+                        f.idle
+                            && !self.unflushed
+                            && idle_for.is_some_and(|d| d >= super::super::placement::IDLE_FOR),
+                        "closed while not idle for long: {why}"
+                    );
+                    self.over = true;
+                }
+                Step::Same => {}
+            }
+            if matches!(
+                step,
+                Step::Shutdown { .. } | Step::HeaderTimeout | Step::Close | Step::CloseIdle
+            )
+                && !handed_sent
+                && self.calm
+                && f.idle
+                && !self.life.draining()
+            {
+                let deadline = match f.last_done {
+                    None => self.life.epoch + self.life.header_timeout,
+                    Some(done) => done + self.life.keepalive,
+                };
+                assert!(f.now >= deadline, "closed idle before its deadline: {why}");
+            }
+            if self.calm && f.idle && self.life.draining() {
+                let aged = self.life.max_age.is_some_and(|(at, _)| f.now >= at);
+                assert!(aged, "drained while its worker serves: {why}");
+            }
+            assert!(
+                !(self.life.draining() && self.life.wants_moment()),
+                "draining and on its way at once: {why}"
+            );
+            if !self.http2 && self.shut && self.in_flight == 0 {
+                // hyper closes an idle HTTP/1.1 connection it was told to.
+                self.over = true;
+            }
+        }
+    }
+
+    #[test]
+    fn random_sequences_keep_the_invariants() {
+        for seed in 1..=500u64 {
+            let mut rng = crate::test_rng::Rng::seeded(seed);
+            let t0 = Instant::now();
+            let mut life = clock(t0);
+            life.movable = rng.below(2) == 0;
+            if rng.below(3) == 0 {
+                life.max_age = Some((t0 + Duration::from_millis(rng.below(20_000)), S));
+            }
+            let mut m = Model {
+                life,
+                now: t0,
+                http2: rng.below(3) == 0,
+                in_flight: 0,
+                last_done: None,
+                unflushed: false,
+                shut: false,
+                over: false,
+                calm: true,
+                leaving: false,
+            };
+            let mut trail = Vec::new();
+            for _ in 0..80 {
+                if m.over {
+                    break;
+                }
+                let choice = rng.below(9);
+                trail.push(choice);
+                m.now += Duration::from_millis(rng.below(1500));
+                match choice {
+                    // A request begins (HTTP/1.1: one at a time, and none
+                    // once told to close).
+                    0 | 1 if (m.http2 || m.in_flight == 0) && !m.shut => {
+                        m.in_flight += 1;
+                        m.unflushed = true;
+                    }
+                    // A response ends and is written out.
+                    2 if m.in_flight > 0 => {
+                        m.in_flight -= 1;
+                        m.last_done = Some(m.now);
+                        m.unflushed = false;
+                        if m.life.wants_moment() {
+                            let f = m.facts();
+                            let step = m.life.between_requests(&f);
+                            m.check(&f, step, false, &trail);
+                            if step == Step::HandOver {
+                                let how = [Handed::Sent, Handed::NoSibling, Handed::Kept]
+                                    [rng.below(3) as usize];
+                                let step = m.life.handed(&f, how, m.leaving);
+                                m.check(&f, step, how == Handed::Sent, &trail);
+                            }
+                        }
+                    }
+                    3 | 4 => {
+                        let f = m.facts();
+                        let step = m.life.timer(&f);
+                        m.check(&f, step, false, &trail);
+                    }
+                    5 => {
+                        m.calm = false;
+                        m.leaving = true;
+                        let f = m.facts();
+                        let step = m.life.worker_drains(&f, rng.below(2) == 0, rng.below(2) == 0);
+                        m.check(&f, step, false, &trail);
+                    }
+                    6 | 7 => {
+                        let crowded = rng.below(2) == 0;
+                        if crowded {
+                            m.calm = false;
+                        }
+                        let b = budgets(crowded, rng.below(2) as u32, rng.below(2) as u32);
+                        let f = m.facts();
+                        let (_, step) = m.life.nudged(&f, m.unflushed, &b);
+                        m.check(&f, step, false, &trail);
+                    }
+                    _ => {
+                        // Between requests, as the loop sees it.
+                        let f = m.facts();
+                        let step = m.life.between_requests(&f);
+                        m.check(&f, step, false, &trail);
+                        if step == Step::HandOver {
+                            let how = [Handed::Sent, Handed::NoSibling, Handed::Kept]
+                                [rng.below(3) as usize];
+                            let step = m.life.handed(&f, how, m.leaving);
+                            m.check(&f, step, how == Handed::Sent, &trail);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

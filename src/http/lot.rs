@@ -1,29 +1,33 @@
 //! The worker's parking lot: idle HTTP/1.1 connections between requests,
 //! held out of any task.
 //!
-//! A plain (not TLS) HTTP/1.1 connection that its decider parks (see
-//! [`super::life`]) leaves its task: hyper's buffers and state, the task and
-//! the connection's service are freed, and only the socket (with its share
-//! of the cap) and a few words of state ([`Resume`]) stay here, about
-//! 0.6 KiB in all. The lot watches each socket for readability through the
-//! runtime's own registration (a waker per connection that names it), and
-//! resumes it (a task of its own again, serving) when:
+//! A plain (not TLS) HTTP/1.1 connection that its decider lets park (see
+//! [`super::life`]) leaves its task: hyper's buffers and state, the task,
+//! the connection's service and its registration with the runtime are
+//! freed, and only the socket (with its share of the cap) and a few words
+//! of state ([`Resume`]) stay here, some 200 bytes. The lot's own epoll
+//! instance watches the parked sockets (the runtime watches that one
+//! descriptor), and the lot resumes a connection (a task of its own again,
+//! serving) when:
 //! - its client sends (or closes): the next request's first byte;
-//! - its next deadline passes (keep-alive, `--max-connection-age`): the
-//!   resumed connection's decider says what the deadline means;
+//! - its next deadline passes (keep-alive, `--max-connection-age`), looked
+//!   for at most every [`SCAN_EVERY`]: the resumed connection's decider
+//!   says what the deadline means;
 //! - the worker drains: every parked connection is resumed at once and
 //!   handed over or drained as any idle connection is; nothing is parked
 //!   after;
 //! - a nudge asks it to move for balance ([`Nudge::Give`]).
 //!
 //! A nudge that makes room for waiting clients closes a parked connection
-//! here (it is idle: nothing to answer and nothing unread).
+//! here: it is idle (nothing to answer); should its client have sent
+//! bytes just now, with a lingering close.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -101,32 +105,44 @@ struct Entry {
     resume: Resume,
     /// When it must be looked at again with nothing from its client.
     until_ns: u64,
-    /// Its registration for readability (kept: the runtime holds a clone).
-    _waker: Waker,
 }
 
 /// A connection's place in the lot: its index, and the generation of that
-/// index, so that a stale wake-up never names another.
+/// index, so that a stale event never names another.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Key {
     index: u32,
     generation: u32,
 }
 
+impl Key {
+    fn word(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    fn from_word(word: u64) -> Key {
+        Key {
+            index: word as u32,
+            generation: (word >> 32) as u32,
+        }
+    }
+}
+
 /// How often at most the lot looks through its connections for deadlines
 /// that passed: a deadline is kept to within this.
 const SCAN_EVERY: Duration = Duration::from_millis(100);
+
+/// How many readiness events one look takes.
+const EVENTS: usize = 256;
 
 #[derive(Default)]
 struct State {
     slots: Vec<(u32, Option<Entry>)>,
     free: Vec<u32>,
-    /// Connections whose sockets woke.
-    ready: Vec<Key>,
     /// The earliest deadline of a parked connection (`u64::MAX`: none);
     /// never later than the real one.
     next_ns: u64,
-    /// The worker drains: nothing more is parked.
+    /// The worker drains (or the lot has no watch): nothing is parked.
     closed: bool,
 }
 
@@ -156,82 +172,77 @@ impl State {
     }
 }
 
-struct Inner {
-    state: Mutex<State>,
-    /// The lot's task.
-    task: AtomicWaker,
+/// The lot's own epoll instance, as the runtime watches it.
+struct Watch(Epoll);
+
+impl std::os::fd::AsRawFd for Watch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0 .0.as_fd().as_raw_fd()
+    }
 }
 
-impl Inner {
+/// A worker's parked connections: their sockets are in the lot's own
+/// epoll instance (level-triggered, for bytes or the client's close),
+/// which the runtime watches as one descriptor.
+pub(crate) struct Lot {
+    state: Mutex<State>,
+    watch: Option<AsyncFd<Watch>>,
+}
+
+impl Lot {
+    /// A lot; one that cannot make its epoll instance parks nothing (its
+    /// connections stay idle in their tasks), and says so.
+    pub(crate) fn new() -> Lot {
+        let watch = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(std::io::Error::from)
+            .and_then(|epoll| {
+                // SAFETY: `Watch` owns the epoll descriptor and never gives
+                // it up or swaps it: it stays open, and is the same, for as
+                // long as the `AsyncFd` holds it.
+                unsafe { AsyncFd::register_with_interest(Watch(epoll), Interest::READABLE) }
+                    .map_err(|e| e.into())
+            });
+        if let Err(e) = &watch {
+            tracing::warn!(
+                "worker {}: idle connections stay in their tasks (cannot watch them apart: {e})",
+                std::process::id()
+            );
+        }
+        let watch = watch.ok();
+        Lot {
+            state: Mutex::new(State {
+                next_ns: u64::MAX,
+                closed: watch.is_none(),
+                ..State::default()
+            }),
+            watch,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding it left plain data behind: still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-/// The waker a parked connection's socket wakes: names the connection.
-struct Ring {
-    lot: Arc<Inner>,
-    key: Key,
-}
-
-impl Wake for Ring {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.lot.lock().ready.push(self.key);
-        self.lot.task.wake();
-    }
-}
-
-/// A worker's parked connections.
-pub(crate) struct Lot {
-    inner: Arc<Inner>,
-}
-
-impl Default for Lot {
-    fn default() -> Lot {
-        Lot {
-            inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    next_ns: u64::MAX,
-                    ..State::default()
-                }),
-                task: AtomicWaker::new(),
-            }),
-        }
-    }
-}
-
-/// What [`Lot::park`] did.
-pub(super) enum Parked {
-    /// Held in the lot.
-    Held,
-    /// Its socket woke at once: resume it.
-    Resume(Plain, Resume),
-}
-
-impl Lot {
     /// Whether connections may be parked (not once the worker drains).
     pub(super) fn is_open(&self) -> bool {
-        !self.inner.lock().closed
+        !self.lock().closed
     }
 
-    /// Parks a connection until its socket wakes or the monotonic clock
-    /// reaches `until_ns`; `Err` gives it back when the lot is closed (the
-    /// worker drains).
+    /// Parks a connection until its socket has bytes (or its client
+    /// closes) or the monotonic clock reaches `until_ns`; `Err` gives it
+    /// back when the lot is closed (the worker drains).
     pub(super) fn park(
         &self,
         io: Plain,
         resume: Resume,
         until_ns: u64,
-    ) -> Result<Parked, (Plain, Resume)> {
-        let mut state = self.inner.lock();
-        if state.closed {
+    ) -> Result<(), (Plain, Resume)> {
+        let mut state = self.lock();
+        let Some(watch) = self.watch.as_ref().filter(|_| !state.closed) else {
             return Err((io, resume));
-        }
+        };
         let index = match state.free.pop() {
             Some(index) => index,
             None => {
@@ -246,48 +257,46 @@ impl Lot {
             index,
             generation: state.slots[index as usize].0,
         };
-        drop(state);
-        let waker = Waker::from(Arc::new(Ring {
-            lot: Arc::clone(&self.inner),
-            key,
-        }));
-        // Registered before it is held: a wake-up from now on names it.
-        let woke = io
-            .poll_read_ready(&mut Context::from_waker(&waker))
-            .is_ready();
-        let mut state = self.inner.lock();
-        if woke {
-            // Its next request is already here. The index's generation
-            // moves on: the registration just made names nobody.
-            let slot = &mut state.slots[index as usize].0;
-            *slot = slot.wrapping_add(1);
+        let event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
+            key.word(),
+        );
+        if watch.get_ref().0.add(io.as_fd(), event).is_err() {
             state.free.push(index);
-            return Ok(Parked::Resume(io, resume));
+            return Err((io, resume));
         }
         state.slots[index as usize].1 = Some(Entry {
             io,
             resume,
             until_ns,
-            _waker: waker,
         });
-        let earlier = until_ns < state.next_ns;
         state.next_ns = state.next_ns.min(until_ns);
-        drop(state);
-        if earlier {
-            // The lot's timer is set for a later deadline.
-            self.inner.task.wake();
+        Ok(())
+    }
+
+    /// Takes a connection out of the lot (and out of its watch).
+    fn take(&self, state: &mut State, key: Key) -> Option<Entry> {
+        let entry = state.take(key)?;
+        if let Some(watch) = &self.watch {
+            let _ = watch.get_ref().0.delete(entry.io.as_fd());
         }
-        Ok(Parked::Held)
+        Some(entry)
     }
 
     /// Runs the lot until the worker drains; then resumes every parked
     /// connection, and parks none after.
     pub(crate) async fn run(shared: Arc<Shared>, mut drain: watch::Receiver<bool>) {
         let lot = &shared.lot;
+        let Some(watch) = &lot.watch else {
+            return;
+        };
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
         let mut seen = shared.placement.looks();
         let mut scanned = Instant::now();
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        // What resumed connections watch (this task waits on `drain`).
+        let resumed_drain = drain.clone();
         loop {
             let nudge = shared.placement.woken();
             tokio::pin!(nudge);
@@ -297,49 +306,62 @@ impl Lot {
                 lot.nudged(&shared, &drain);
                 continue;
             }
-            let next = lot.resume_due(&shared, &drain, &mut scanned);
+            let next = lot.resume_late(&shared, &drain, &mut scanned);
             if let Some(at) = next {
                 timer.as_mut().reset(at.max(scanned + SCAN_EVERY));
             }
-            let nudged = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = drain.wait_for(|d| *d) => break,
-                () = std::future::poll_fn(|cx| lot.poll_ready(cx)) => false,
-                () = &mut nudge => true,
-                () = &mut timer, if next.is_some() => false,
-            };
-            if nudged {
-                seen = shared.placement.looks();
-                lot.nudged(&shared, &drain);
+                ready = watch.readable() => {
+                    let Ok(mut ready) = ready else { break };
+                    // Every socket with bytes (or closed), a batch at a time.
+                    loop {
+                        let n = watch
+                            .get_ref()
+                            .0
+                            .wait(&mut events, EpollTimeout::ZERO)
+                            .unwrap_or(0);
+                        let woke: Vec<Entry> = {
+                            let mut state = lot.lock();
+                            events[..n]
+                                .iter()
+                                .filter_map(|e| lot.take(&mut state, Key::from_word(e.data())))
+                                .collect()
+                        };
+                        for e in woke {
+                            resume_in_task(e.io, e.resume, &shared, &resumed_drain);
+                        }
+                        if n < EVENTS {
+                            ready.clear_ready();
+                            break;
+                        }
+                    }
+                }
+                () = &mut nudge => {
+                    seen = shared.placement.looks();
+                    lot.nudged(&shared, &resumed_drain);
+                }
+                () = &mut timer, if next.is_some() => {}
             }
         }
         let all: Vec<Entry> = {
-            let mut state = lot.inner.lock();
+            let mut state = lot.lock();
             state.closed = true;
-            state.ready.clear();
             state.next_ns = u64::MAX;
             let keys = state.keys();
-            keys.into_iter().filter_map(|k| state.take(k)).collect()
+            keys.into_iter()
+                .filter_map(|k| lot.take(&mut state, k))
+                .collect()
         };
         for e in all {
             resume_in_task(e.io, e.resume, &shared, &drain);
         }
     }
 
-    /// Ready once a parked connection's socket woke.
-    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.inner.task.register(cx.waker());
-        if self.inner.lock().ready.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    }
-
-    /// Resumes the connections whose sockets woke and, once their earliest
-    /// deadline passed, those whose deadline passed; returns when the next
-    /// deadline is.
-    fn resume_due(
+    /// Resumes, once their earliest deadline passed, the connections whose
+    /// deadline passed; returns when the next deadline is.
+    fn resume_late(
         &self,
         shared: &Arc<Shared>,
         drain: &watch::Receiver<bool>,
@@ -347,13 +369,8 @@ impl Lot {
     ) -> Option<Instant> {
         let now_ns = crate::sys::monotonic_ns();
         let (due, next_ns) = {
-            let mut state = self.inner.lock();
+            let mut state = self.lock();
             let mut due = Vec::new();
-            for key in std::mem::take(&mut state.ready) {
-                if let Some(e) = state.take(key) {
-                    due.push(e);
-                }
-            }
             if state.next_ns <= now_ns {
                 *scanned = Instant::now();
                 let mut next_ns = u64::MAX;
@@ -363,7 +380,7 @@ impl Lot {
                         .as_ref()
                         .map_or(u64::MAX, |e| e.until_ns);
                     if until <= now_ns {
-                        due.extend(state.take(key));
+                        due.extend(self.take(&mut state, key));
                     } else {
                         next_ns = next_ns.min(until);
                     }
@@ -386,7 +403,7 @@ impl Lot {
         let mut closed = Vec::new();
         let mut moving = Vec::new();
         {
-            let mut state = self.inner.lock();
+            let mut state = self.lock();
             // The longest idle first: the likeliest to stay idle.
             let mut order: Vec<(u64, Key)> = state
                 .keys()
@@ -407,9 +424,9 @@ impl Lot {
                 let facts = e.resume.nudge_facts(now_ns, queue && e.resume.hand_on);
                 match super::life::nudged(&facts, &shared.placement) {
                     Nudge::Stay => {}
-                    Nudge::Close | Nudge::Drain => closed.extend(state.take(key)),
+                    Nudge::Close | Nudge::Drain => closed.extend(self.take(&mut state, key)),
                     Nudge::Give => {
-                        if let Some(mut e) = state.take(key) {
+                        if let Some(mut e) = self.take(&mut state, key) {
                             e.resume.give = true;
                             moving.push(e);
                         }
@@ -421,7 +438,7 @@ impl Lot {
             shared
                 .board
                 .count_made_room(crate::metrics::MadeRoom::IdleClosed);
-            e.io.close_lingering();
+            e.io.close_idle();
         }
         for e in moving {
             resume_in_task(e.io, e.resume, shared, drain);
@@ -429,7 +446,8 @@ impl Lot {
     }
 }
 
-/// Serves a parked connection in a task of its own again.
+/// Serves a parked connection in a task of its own again (back in the
+/// runtime's registry).
 pub(super) fn resume_in_task(
     io: Plain,
     resume: Resume,
@@ -437,34 +455,56 @@ pub(super) fn resume_in_task(
     drain: &watch::Receiver<bool>,
 ) {
     let (shared, drain) = (Arc::clone(shared), drain.clone());
-    match io {
-        Plain::Tcp(io) => {
+    let origin = Origin::Resumed(resume);
+    let result = match io {
+        Plain::Tcp(io) => io.into_tokio().map(|io| {
             let peer = Peer {
                 ip: resume.ip,
                 scheme: "http",
             };
-            tokio::spawn(super::serve(io, peer, shared, drain, Origin::Resumed(resume)));
-        }
-        Plain::Unix(io) => {
+            drop(tokio::spawn(super::serve(io, peer, shared, drain, origin)));
+        }),
+        Plain::Unix(io) => io.into_tokio().map(|io| {
             let peer = Peer {
                 ip: None,
                 scheme: "http",
             };
-            tokio::spawn(super::serve(io, peer, shared, drain, Origin::Resumed(resume)));
-        }
+            drop(tokio::spawn(super::serve(io, peer, shared, drain, origin)));
+        }),
+    };
+    if let Err(e) = result {
+        tracing::debug!("cannot resume a parked connection: {e}");
     }
 }
+
 #[cfg(test)]
-mod size_probe {
+mod tests {
+    use super::*;
+
+    /// What a parked connection keeps in the lot, in bytes (its socket and
+    /// its share of the cap, its decider's words, its deadline).
     #[test]
-    fn sizes() {
-        eprintln!("entry {} plain {} resume {} tracked {} peer {} stall {}",
-            std::mem::size_of::<super::Entry>(),
-            std::mem::size_of::<super::Plain>(),
-            std::mem::size_of::<super::Resume>(),
-            std::mem::size_of::<crate::http::io::Tracked<tokio::net::TcpStream>>(),
-            std::mem::size_of::<super::Peer>(),
-            std::mem::size_of::<Option<crate::stall::Stall>>(),
-        );
+    fn a_parked_connection_keeps_a_few_words() {
+        let entry = std::mem::size_of::<(u32, Option<Entry>)>();
+        assert!(entry <= 256, "a parked connection keeps {entry} bytes");
+    }
+
+    #[test]
+    fn a_key_survives_the_epoll_word() {
+        for (index, generation) in [(0, 0), (7, 3), (u32::MAX, u32::MAX)] {
+            let key = Key { index, generation };
+            assert!(Key::from_word(key.word()) == key);
+        }
+    }
+
+    #[test]
+    fn monotonic_readings_and_instants_agree() {
+        let now = Instant::now();
+        for delta in [Duration::ZERO, Duration::from_millis(5), Duration::from_secs(600)] {
+            let later = now + delta;
+            let back = instant_at(ns_at(later));
+            let off = if back > later { back - later } else { later - back };
+            assert!(off < Duration::from_millis(5), "{delta:?} came back {off:?} off");
+        }
     }
 }

@@ -713,12 +713,12 @@ pub(crate) trait Passable {
     }
 
     /// The socket as the worker's parking lot holds it, if it can be
-    /// parked there (a plain socket); else itself, back.
-    fn into_plain(self) -> Result<io::Plain, Self>
+    /// parked there (a plain socket; `None` for any other, which closes).
+    fn into_plain(self) -> Option<std::io::Result<io::Plain>>
     where
         Self: Sized,
     {
-        Err(self)
+        None
     }
 }
 
@@ -929,14 +929,15 @@ pub(crate) async fn serve<I>(
                 let until = lot::ns_at(life.parked_until(f.last_done.unwrap_or(f.now)));
                 drop(parts.service);
                 match parts.io.into_plain() {
-                    Ok(plain) => match shared.lot.park(plain, resume, until) {
-                        Ok(lot::Parked::Held) => {}
-                        Ok(lot::Parked::Resume(plain, resume)) | Err((plain, resume)) => {
+                    Some(Ok(plain)) => {
+                        if let Err((plain, resume)) = shared.lot.park(plain, resume, until) {
+                            // The worker began to drain meanwhile.
                             lot::resume_in_task(plain, resume, &shared, &probe);
                         }
-                    },
+                    }
+                    Some(Err(e)) => tracing::debug!("cannot park a connection: {e}"),
                     // Not a plain socket after all: it ends here.
-                    Err(_) => {}
+                    None => {}
                 }
                 return;
             }
@@ -995,11 +996,20 @@ pub(crate) async fn serve<I>(
         timer_armed = false;
         match step {
             Step::Close | Step::HandOver => break,
+            Step::CloseIdle => {
+                if conn.close_idle() {
+                    break;
+                }
+                timer.as_mut().reset(f.now + Duration::from_secs(3600));
+            }
             Step::HeaderTimeout => {
                 shared
                     .board
                     .count_timeout(crate::metrics::ClientTimeout::Header);
-                conn.graceful_shutdown();
+                if !conn.shut_lingering() {
+                    break;
+                }
+                // The lingering close ends within its own bound.
                 timer.as_mut().reset(f.now + Duration::from_secs(3600));
             }
             Step::Shutdown { then } => {

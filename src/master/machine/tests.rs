@@ -920,17 +920,7 @@ fn usr1_reopens_logs_and_tells_every_worker() {
     assert_eq!(signals_to(&actions, Signal::SIGUSR1), sim.pids(1));
 }
 
-/// A small deterministic generator, so that a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::test_rng::Rng;
 
 /// Every event in every state: random sequences of signals, commands,
 /// readiness, crashes, failing configurations and time. Invariants hold
@@ -939,7 +929,7 @@ impl Rng {
 #[test]
 fn random_sequences_keep_the_invariants() {
     for seed in 1..=300u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::seeded(seed);
         let workers = 1 + rng.below(3) as usize;
         // A third of the seeds start mid-way through the first boot, with
         // one worker answering and the others still booting.
