@@ -225,6 +225,16 @@ impl Plain {
         }
     }
 
+    /// Reads what the client has sent, without waiting (`WouldBlock` if
+    /// nothing; 0 once it closed).
+    pub(super) fn read_now(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::Read;
+        match self {
+            Plain::Tcp(t) => (&t.io).read(buf),
+            Plain::Unix(t) => (&t.io).read(buf),
+        }
+    }
+
     /// Closes an idle connection for a waiting client: at once if nothing
     /// from its client is unread, else with a lingering close.
     pub(super) fn close_idle(self) {

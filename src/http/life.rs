@@ -313,7 +313,12 @@ impl Life {
     }
 
     /// A nudge from the worker (see [`nudged`]); says what it asked.
-    pub(super) fn nudged(&mut self, f: &Facts, unflushed: bool, budget: &impl Budget) -> (Nudge, Step) {
+    pub(super) fn nudged(
+        &mut self,
+        f: &Facts,
+        unflushed: bool,
+        budget: &impl Budget,
+    ) -> (Nudge, Step) {
         let facts = NudgeFacts {
             quiet: self.drain_began.is_none()
                 && self.handing.is_none()
@@ -327,7 +332,10 @@ impl Life {
             handed: self.handed,
             here_for: f.now.saturating_duration_since(self.arrived),
             rate: f.requests as f64
-                / f.now.saturating_duration_since(self.arrived).as_secs_f64().max(1e-9),
+                / f.now
+                    .saturating_duration_since(self.arrived)
+                    .as_secs_f64()
+                    .max(1e-9),
         };
         let nudge = nudged(&facts, budget);
         let step = match nudge {
@@ -359,11 +367,12 @@ impl Life {
     /// How a handoff went; `worker_leaving` says whether the worker drains
     /// now.
     pub(super) fn handed(&mut self, f: &Facts, how: Handed, worker_leaving: bool) -> Step {
-        let stays =
-            matches!(self.handing.take(), Some(Handing::Balance { .. })) && !worker_leaving;
+        let stays = matches!(self.handing.take(), Some(Handing::Balance { .. })) && !worker_leaving;
         match how {
             Handed::Sent => Step::Close,
-            Handed::NoSibling | Handed::Kept if stays => self.fired(f.now, f.idle, f.http2, f.last_done),
+            Handed::NoSibling | Handed::Kept if stays => {
+                self.fired(f.now, f.idle, f.http2, f.last_done)
+            }
             Handed::NoSibling => self.drain(f.now, false, false),
             Handed::Kept => {
                 // Its client is owed an answer to the request it may send
@@ -823,19 +832,92 @@ mod tests {
         let idle_long = super::super::placement::IDLE_FOR;
         let settled = crate::balance::SETTLE;
         let tick = crate::balance::TICK;
-        let rows: &[(bool, Option<Duration>, bool, bool, bool, Duration, u32, u32, Nudge)] = &[
+        /// crowded, idle for, HTTP/2, movable, handed, here for, closes
+        /// left, moves left → what it does.
+        type Row = (
+            bool,
+            Option<Duration>,
+            bool,
+            bool,
+            bool,
+            Duration,
+            u32,
+            u32,
+            Nudge,
+        );
+        let rows: &[Row] = &[
             // crowded, idle_for, http2, movable, handed, here_for, closes, moves → nudge
-            (true, Some(idle_long), false, true, false, settled, 1, 1, Nudge::Close),
-            (true, Some(idle_long), true, true, false, settled, 1, 1, Nudge::Drain),
+            (
+                true,
+                Some(idle_long),
+                false,
+                true,
+                false,
+                settled,
+                1,
+                1,
+                Nudge::Close,
+            ),
+            (
+                true,
+                Some(idle_long),
+                true,
+                true,
+                false,
+                settled,
+                1,
+                1,
+                Nudge::Drain,
+            ),
             // No budget left for this look: it may still move for balance.
-            (true, Some(idle_long), false, true, false, settled, 0, 1, Nudge::Give),
-            (true, Some(idle_long), false, false, false, settled, 0, 1, Nudge::Stay),
+            (
+                true,
+                Some(idle_long),
+                false,
+                true,
+                false,
+                settled,
+                0,
+                1,
+                Nudge::Give,
+            ),
+            (
+                true,
+                Some(idle_long),
+                false,
+                false,
+                false,
+                settled,
+                0,
+                1,
+                Nudge::Stay,
+            ),
             // Idle for less than a second: its client may be sending.
-            (true, Some(idle_long / 2), false, false, false, settled, 1, 0, Nudge::Stay),
+            (
+                true,
+                Some(idle_long / 2),
+                false,
+                false,
+                false,
+                settled,
+                1,
+                0,
+                Nudge::Stay,
+            ),
             // Busy, or not yet answered: never closed for another.
             (true, None, false, false, false, settled, 1, 0, Nudge::Stay),
             // Not crowded: nothing closes.
-            (false, Some(idle_long * 10), false, false, false, settled, 1, 0, Nudge::Stay),
+            (
+                false,
+                Some(idle_long * 10),
+                false,
+                false,
+                false,
+                settled,
+                1,
+                0,
+                Nudge::Stay,
+            ),
             // Balance: movable, here a tick at least, settled if handed.
             (false, None, false, true, false, tick, 0, 1, Nudge::Give),
             (false, None, false, true, false, tick / 2, 0, 1, Nudge::Stay),
@@ -860,7 +942,11 @@ mod tests {
             assert_eq!(nudged(&f, &b), want, "row {i}");
             // Draining or on its way: never.
             let f = NudgeFacts { quiet: false, ..f };
-            assert_eq!(nudged(&f, &budgets(crowded, closes, moves)), Nudge::Stay, "row {i}");
+            assert_eq!(
+                nudged(&f, &budgets(crowded, closes, moves)),
+                Nudge::Stay,
+                "row {i}"
+            );
         }
     }
 
@@ -871,10 +957,18 @@ mod tests {
         let f = facts(t0 + S, true, false, Some(t0));
         let (nudge, step) = c.nudged(&f, false, &budgets(false, 0, 1));
         assert_eq!(nudge, Nudge::Give);
-        assert_eq!(step, Step::Wait { until: t0 + S + REBALANCE_WAIT });
+        assert_eq!(
+            step,
+            Step::Wait {
+                until: t0 + S + REBALANCE_WAIT
+            }
+        );
         assert!(!c.may_park(10_000), "on its way: not parked");
         // Busy: not yet.
-        assert_eq!(c.between_requests(&facts(t0 + S, false, false, Some(t0))), Step::Same);
+        assert_eq!(
+            c.between_requests(&facts(t0 + S, false, false, Some(t0))),
+            Step::Same
+        );
         assert_eq!(c.between_requests(&f), Step::HandOver);
         // The queue was full: it stays and is served here, not drained.
         let step = c.handed(&f, Handed::Kept, false);
@@ -887,7 +981,10 @@ mod tests {
         // No moment within the wait: it stays.
         let mut c = clock(t0);
         c.nudged(&f, false, &budgets(false, 0, 1));
-        assert!(matches!(c.timer(&facts(t0 + S + REBALANCE_WAIT, false, false, Some(t0))), Step::Wait { .. }));
+        assert!(matches!(
+            c.timer(&facts(t0 + S + REBALANCE_WAIT, false, false, Some(t0))),
+            Step::Wait { .. }
+        ));
         assert!(!c.wants_moment() && !c.draining());
     }
 
@@ -900,11 +997,19 @@ mod tests {
         let later = t0 + 2 * DRAIN_IDLE_GRACE;
         assert_eq!(
             c.timer(&facts(later, false, false, Some(t0))),
-            Step::Wait { until: later + DRAIN_IDLE_GRACE }
+            Step::Wait {
+                until: later + DRAIN_IDLE_GRACE
+            }
         );
         assert!(!c.draining());
-        assert_eq!(c.between_requests(&facts(later, true, false, Some(later))), Step::HandOver);
-        assert_eq!(c.handed(&facts(later, true, false, Some(later)), Handed::Sent, true), Step::Close);
+        assert_eq!(
+            c.between_requests(&facts(later, true, false, Some(later))),
+            Step::HandOver
+        );
+        assert_eq!(
+            c.handed(&facts(later, true, false, Some(later)), Handed::Sent, true),
+            Step::Close
+        );
         // Kept (the queue stayed full): drained patiently.
         let mut c = clock(t0);
         c.worker_drains(&facts(t0, true, false, Some(t0)), false, true);
@@ -914,7 +1019,12 @@ mod tests {
         let mut c = clock(t0);
         c.worker_drains(&facts(t0, true, false, Some(t0)), false, true);
         let f = facts(t0 + DRAIN_IDLE_GRACE, true, false, Some(t0));
-        assert_eq!(c.timer(&f), Step::Wait { until: f.now + DRAIN_POLL });
+        assert_eq!(
+            c.timer(&f),
+            Step::Wait {
+                until: f.now + DRAIN_POLL
+            }
+        );
         assert!(c.draining() && !c.wants_moment());
     }
 
@@ -1007,8 +1117,7 @@ mod tests {
             if matches!(
                 step,
                 Step::Shutdown { .. } | Step::HeaderTimeout | Step::Close | Step::CloseIdle
-            )
-                && !handed_sent
+            ) && !handed_sent
                 && self.calm
                 && f.idle
                 && !self.life.draining()
@@ -1097,7 +1206,9 @@ mod tests {
                         m.calm = false;
                         m.leaving = true;
                         let f = m.facts();
-                        let step = m.life.worker_drains(&f, rng.below(2) == 0, rng.below(2) == 0);
+                        let step = m
+                            .life
+                            .worker_drains(&f, rng.below(2) == 0, rng.below(2) == 0);
                         m.check(&f, step, false, &trail);
                     }
                     6 | 7 => {

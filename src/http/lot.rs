@@ -238,16 +238,16 @@ impl Lot {
         io: Plain,
         resume: Resume,
         until_ns: u64,
-    ) -> Result<(), (Plain, Resume)> {
+    ) -> Result<(), Box<(Plain, Resume)>> {
         let mut state = self.lock();
         let Some(watch) = self.watch.as_ref().filter(|_| !state.closed) else {
-            return Err((io, resume));
+            return Err(Box::new((io, resume)));
         };
         let index = match state.free.pop() {
             Some(index) => index,
             None => {
                 let Ok(index) = u32::try_from(state.slots.len()) else {
-                    return Err((io, resume));
+                    return Err(Box::new((io, resume)));
                 };
                 state.slots.push((0, None));
                 index
@@ -257,13 +257,10 @@ impl Lot {
             index,
             generation: state.slots[index as usize].0,
         };
-        let event = EpollEvent::new(
-            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
-            key.word(),
-        );
+        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, key.word());
         if watch.get_ref().0.add(io.as_fd(), event).is_err() {
             state.free.push(index);
-            return Err((io, resume));
+            return Err(Box::new((io, resume)));
         }
         state.slots[index as usize].1 = Some(Entry {
             io,
@@ -322,15 +319,8 @@ impl Lot {
                             .0
                             .wait(&mut events, EpollTimeout::ZERO)
                             .unwrap_or(0);
-                        let woke: Vec<Entry> = {
-                            let mut state = lot.lock();
-                            events[..n]
-                                .iter()
-                                .filter_map(|e| lot.take(&mut state, Key::from_word(e.data())))
-                                .collect()
-                        };
-                        for e in woke {
-                            resume_in_task(e.io, e.resume, &shared, &resumed_drain);
+                        for event in &events[..n] {
+                            lot.woke(Key::from_word(event.data()), &shared, &resumed_drain);
                         }
                         if n < EVENTS {
                             ready.clear_ready();
@@ -355,7 +345,45 @@ impl Lot {
                 .collect()
         };
         for e in all {
-            resume_in_task(e.io, e.resume, &shared, &drain);
+            resume_in_task(e.io, e.resume, bytes::Bytes::new(), &shared, &drain);
+        }
+    }
+
+    /// A parked connection's socket woke: its client's first bytes are
+    /// read here (so that the resumed connection has its request at once,
+    /// whatever the runtime has yet to notice) and it is resumed with
+    /// them; a client that closed is closed; a wake-up with nothing to
+    /// read leaves it parked.
+    fn woke(&self, key: Key, shared: &Arc<Shared>, drain: &watch::Receiver<bool>) {
+        let mut first = [0u8; 1024];
+        let mut state = self.lock();
+        let Some((generation, Some(entry))) = state.slots.get(key.index as usize) else {
+            return;
+        };
+        if *generation != key.generation {
+            return;
+        }
+        let read = entry.io.read_now(&mut first);
+        if matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            || e.kind() == std::io::ErrorKind::Interrupted)
+        {
+            return;
+        }
+        let Some(e) = self.take(&mut state, key) else {
+            return;
+        };
+        drop(state);
+        match read {
+            Ok(n) if n > 0 => resume_in_task(
+                e.io,
+                e.resume,
+                bytes::Bytes::copy_from_slice(&first[..n]),
+                shared,
+                drain,
+            ),
+            // Closed by its client, or broken: over, as hyper ends an idle
+            // connection its client closed.
+            _ => drop(e),
         }
     }
 
@@ -390,7 +418,7 @@ impl Lot {
             (due, state.next_ns)
         };
         for e in due {
-            resume_in_task(e.io, e.resume, shared, drain);
+            resume_in_task(e.io, e.resume, bytes::Bytes::new(), shared, drain);
         }
         (next_ns != u64::MAX).then(|| instant_at(next_ns))
     }
@@ -441,7 +469,7 @@ impl Lot {
             e.io.close_idle();
         }
         for e in moving {
-            resume_in_task(e.io, e.resume, shared, drain);
+            resume_in_task(e.io, e.resume, bytes::Bytes::new(), shared, drain);
         }
     }
 }
@@ -451,11 +479,12 @@ impl Lot {
 pub(super) fn resume_in_task(
     io: Plain,
     resume: Resume,
+    carried: bytes::Bytes,
     shared: &Arc<Shared>,
     drain: &watch::Receiver<bool>,
 ) {
     let (shared, drain) = (Arc::clone(shared), drain.clone());
-    let origin = Origin::Resumed(resume);
+    let origin = Origin::Resumed { resume, carried };
     let result = match io {
         Plain::Tcp(io) => io.into_tokio().map(|io| {
             let peer = Peer {
@@ -500,11 +529,22 @@ mod tests {
     #[test]
     fn monotonic_readings_and_instants_agree() {
         let now = Instant::now();
-        for delta in [Duration::ZERO, Duration::from_millis(5), Duration::from_secs(600)] {
+        for delta in [
+            Duration::ZERO,
+            Duration::from_millis(5),
+            Duration::from_secs(600),
+        ] {
             let later = now + delta;
             let back = instant_at(ns_at(later));
-            let off = if back > later { back - later } else { later - back };
-            assert!(off < Duration::from_millis(5), "{delta:?} came back {off:?} off");
+            let off = if back > later {
+                back - later
+            } else {
+                later - back
+            };
+            assert!(
+                off < Duration::from_millis(5),
+                "{delta:?} came back {off:?} off"
+            );
         }
     }
 }

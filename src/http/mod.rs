@@ -39,8 +39,8 @@ pub(crate) mod lot;
 
 pub(crate) use life::MaxAge;
 use life::{Facts, Handed, Handing, Life, Nudge, Step, Woke, REBALANCE_WAIT};
-use lot::Resume;
 pub(crate) use limits::Limits;
+use lot::Resume;
 pub(crate) mod placement;
 pub(crate) mod shed;
 
@@ -700,8 +700,12 @@ pub(crate) enum Origin {
         age: Duration,
         hand_on: bool,
     },
-    /// Parked in this worker's lot, resumed.
-    Resumed(Resume),
+    /// Parked in this worker's lot, resumed: with the first bytes of its
+    /// next request when its client sent them.
+    Resumed {
+        resume: Resume,
+        carried: bytes::Bytes,
+    },
 }
 
 /// A connection's socket, as far as handing it to another worker goes.
@@ -771,11 +775,13 @@ pub(crate) async fn serve<I>(
             };
             (carried, false, Some(resume))
         }
-        Origin::Resumed(resume) => (bytes::Bytes::new(), false, Some(resume)),
+        Origin::Resumed { resume, carried } => (carried, false, Some(resume)),
     };
     let hand_on = resumed.as_ref().is_none_or(|r| r.hand_on);
     if let Some(r) = &resumed {
-        conn_state.last_done_ns.store(r.last_done_ns, Ordering::Relaxed);
+        conn_state
+            .last_done_ns
+            .store(r.last_done_ns, Ordering::Relaxed);
         conn_state.requests.store(r.requests, Ordering::Relaxed);
         conn_state.reusable.store(true, Ordering::Relaxed);
         conn_state.ready_ns.store(now_ns, Ordering::Relaxed);
@@ -838,6 +844,7 @@ pub(crate) async fn serve<I>(
         client,
         extensions,
     };
+    let carried_any = !carried.is_empty();
     let io = ConnIo::new(io, carried, Arc::clone(&conn_state), shared.shed.is_some());
     let mut conn = if fresh {
         Conn::new(io, service)
@@ -870,11 +877,13 @@ pub(crate) async fn serve<I>(
     let nudge_wait = shared.placement.woken();
     tokio::pin!(nudge_wait);
     let (mut nudge_armed, mut nudge_seen) = (false, shared.placement.looks());
+    // One resumed with nothing from its client (its deadline passed, the
+    // worker drains, it moves) has that seen to before it may park again.
+    let mut parkable = resumed.is_none() || !carried_any;
     loop {
         let woke = std::future::poll_fn(|cx| {
-            let park = life
-                .may_park(shared.slot.connections())
-                .then_some(&*conn_state);
+            let park =
+                (parkable && life.may_park(shared.slot.connections())).then_some(&*conn_state);
             if conn.poll(cx, &shared.builders, park).is_ready() {
                 return Poll::Ready(Woke::Closed);
             }
@@ -905,6 +914,7 @@ pub(crate) async fn serve<I>(
             Poll::Pending
         })
         .await;
+        parkable = true;
         let f = facts(&conn_state, conn.is_http1());
         let step = match woke {
             Woke::Closed => break,
@@ -930,9 +940,16 @@ pub(crate) async fn serve<I>(
                 drop(parts.service);
                 match parts.io.into_plain() {
                     Some(Ok(plain)) => {
-                        if let Err((plain, resume)) = shared.lot.park(plain, resume, until) {
+                        if let Err(refused) = shared.lot.park(plain, resume, until) {
+                            let (plain, resume) = *refused;
                             // The worker began to drain meanwhile.
-                            lot::resume_in_task(plain, resume, &shared, &probe);
+                            lot::resume_in_task(
+                                plain,
+                                resume,
+                                bytes::Bytes::new(),
+                                &shared,
+                                &probe,
+                            );
                         }
                     }
                     Some(Err(e)) => tracing::debug!("cannot park a connection: {e}"),
