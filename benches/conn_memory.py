@@ -10,10 +10,16 @@ what an idle connection costs in the server's memory. The kernel's socket
 buffers are not in PSS (for either system).
 
 Protocols: HTTP/1.1 over plain TCP, HTTP/1.1 over TLS, HTTP/2 with prior
-knowledge (zdr's h2c; nginx needs `http2 on` on a plain listener), and
+knowledge (h2c), and
 HTTP/2 over TLS (ALPN).
 
     python3 benches/conn_memory.py [--connections 10000] [--zdr PATH]
+    python3 benches/conn_memory.py --first-request
+
+The second form measures, instead, the worker's CPU time (perf stat
+task-clock: user and kernel) per first request on a new connection (the
+connect, the accept, the request) against a parked connection's first
+request after an idle (resumed from the lot), in interleaved rounds.
 
 Needs nginx and openssl on PATH and the python `h2` package; a system that
 is missing is reported as skipped. The open-file limit must allow N
@@ -167,7 +173,6 @@ http {{
     keepalive_requests 100000;
     server {{
         listen 127.0.0.1:{port} {listen};
-        {h2}
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         location / {{ default_type text/plain; return 200 "hello\\n"; }}
@@ -186,9 +191,8 @@ def start(system, proto, port, tmp, zdr):
         if tls:
             cmd += ["--certfile", os.path.join(tmp, "cert.pem"), "--keyfile", os.path.join(tmp, "key.pem")]
     else:
-        listen = {"plain": "", "tls": "ssl", "h2c": "", "h2-tls": "ssl"}[proto]
-        h2 = "http2 on;" if proto in ("h2c", "h2-tls") else ""
-        conf = NGINX_CONF.format(dir=tmp, port=port, listen=listen, h2=h2, files=files)
+        listen = {"plain": "", "tls": "ssl", "h2c": "http2", "h2-tls": "ssl http2"}[proto]
+        conf = NGINX_CONF.format(dir=tmp, port=port, listen=listen, files=files)
         with open(os.path.join(tmp, "nginx.conf"), "w") as f:
             f.write(conf)
         cmd = ["nginx", "-p", tmp, "-c", os.path.join(tmp, "nginx.conf")]
@@ -230,13 +234,96 @@ def measure(system, proto, n, zdr):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cpu_during(pid, work):
+    """The CPU time (user and kernel, ns) process `pid` spends while `work`
+    runs, by `perf stat -e task-clock`."""
+    out = os.path.join(tempfile.gettempdir(), f"zdr-perf-{os.getpid()}.txt")
+    perf = subprocess.Popen(
+        ["perf", "stat", "-x", ",", "-e", "task-clock", "-p", str(pid), "-o", out],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    work()
+    time.sleep(0.2)
+    perf.send_signal(2)
+    perf.wait()
+    with open(out) as f:
+        for line in f:
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("task-clock"):
+                return float(fields[0]) * 1e6  # msec → ns
+    raise RuntimeError("perf gave no task-clock")
+
+
+def first_request(zdr, rounds, per_round):
+    """CPU of the worker per first request: a new connection's (connect,
+    accept, request, answer) against a parked connection's after a long
+    idle (resumed from the lot, request, answer), interleaved rounds."""
+    tmp = tempfile.mkdtemp(prefix="zdr-first-request-")
+    port = free_port()
+    proc = start("zdr", "plain", port, tmp, zdr)
+    kept = []
+    try:
+        wait_serving(port, "plain", proc)
+        worker = None
+        for _ in range(100):
+            try:
+                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                    kids = f.read().split()
+                if kids:
+                    worker = int(kids[0])
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.1)
+        # Past the parking threshold, so that idle connections are parked.
+        kept = [open_idle(port, "plain") for _ in range(400)]
+        new_ns, resumed_ns = [], []
+        for _ in range(rounds):
+            parked = [open_idle(port, "plain") for _ in range(per_round)]
+            time.sleep(2.0)  # a long idle, as far as the worker knows
+
+            def resume():
+                for sock in parked:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    read_answer(sock)
+
+            fresh = []
+
+            def connect():
+                for _ in range(per_round):
+                    fresh.append(open_idle(port, "plain"))
+
+            resumed_ns.append(cpu_during(worker, resume) / per_round)
+            new_ns.append(cpu_during(worker, connect) / per_round)
+            kept.extend(parked)
+            kept.extend(fresh)
+        med = lambda xs: sorted(xs)[len(xs) // 2]
+        return med(new_ns), med(resumed_ns), new_ns, resumed_ns
+    finally:
+        for sock in kept:
+            sock.close()
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--zdr", default=os.path.join(ROOT, "target", "release", "zdr"))
+    parser.add_argument("--first-request", action="store_true",
+                        help="instead: the worker's CPU per first request, new connection against resumed parked one")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.first_request:
+        new, resumed, news, resumeds = first_request(args.zdr, 5, 1000)
+        print("| first request on | worker CPU µs (median of 5 rounds of 1,000) | rounds |")
+        print("|---|---|---|")
+        print(f"| a new connection | {new / 1000:.1f} | {', '.join(f'{x / 1000:.1f}' for x in news)} |")
+        print(f"| a parked connection, resumed | {resumed / 1000:.1f} | {', '.join(f'{x / 1000:.1f}' for x in resumeds)} |")
+        return
     if hard < args.connections + 100:
         sys.exit(f"the open-file limit ({hard}) is below {args.connections} connections")
     print(f"| protocol | zdr bytes per idle connection | nginx bytes per idle connection | connections |")
