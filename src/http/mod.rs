@@ -884,10 +884,11 @@ pub(crate) async fn serve<I>(
         let woke = std::future::poll_fn(|cx| {
             let park =
                 (parkable && life.may_park(shared.slot.connections())).then_some(&*conn_state);
+            let may_park = park.is_some();
             if conn.poll(cx, &shared.builders, park).is_ready() {
                 return Poll::Ready(Woke::Closed);
             }
-            if conn.is_parked() && plain && shared.lot.is_open() {
+            if may_park && plain && conn.is_parked() && shared.lot.is_open() {
                 return Poll::Ready(Woke::Parked);
             }
             if life.wants_moment() && conn_state.between_requests() {
