@@ -702,3 +702,81 @@ fn a_busy_worker_is_not_taken_for_a_hung_one() {
     assert!(line.contains("requests in flight: none"), "{line}");
     assert!(said.contains("request(s) in flight; killing it"), "{said}");
 }
+
+/// Parked connections (a worker holding more than 256) keep the keep-alive
+/// timeout: each is answered on its next request while within it, and
+/// closed by the server once it passes, as an unparked one is; the
+/// worker's count of open connections falls back to zero.
+#[test]
+fn parked_connections_keep_the_keep_alive_timeout() {
+    use std::io::{Read, Write};
+    let n = 400;
+    raise_open_files(n);
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--keep-alive",
+        "3",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
+    server.wait_workers(1);
+    let request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let answer = |s: &mut std::net::TcpStream| -> Result<(), String> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("closed after {} bytes", got.len()));
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| format!("no length in {head}"))?;
+                if body.len() >= length {
+                    return if head.starts_with("HTTP/1.1 200") {
+                        Ok(())
+                    } else {
+                        Err(head.to_owned())
+                    };
+                }
+            }
+        }
+    };
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(request).unwrap();
+        answer(&mut s).unwrap();
+        conns.push(s);
+    }
+    // Within the keep-alive timeout: every one answers its next request
+    // (most of them resumed from the lot).
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(request).unwrap();
+        answer(s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    // Past it: every one is closed by the server, none left open.
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            other => panic!("connection {i} was not closed at its keep-alive timeout: {other:?}"),
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(
+            &server.scrape(),
+            "zdr_connections"
+        ) == 0.0),
+        "{}",
+        server.scrape()
+    );
+}

@@ -188,6 +188,9 @@ impl std::os::fd::AsRawFd for Watch {
 pub(crate) struct Lot {
     state: Mutex<State>,
     watch: Option<AsyncFd<Watch>>,
+    /// Rung when a connection parks with a deadline earlier than the one
+    /// the lot's timer is set for.
+    sooner: tokio::sync::Notify,
 }
 
 impl Lot {
@@ -217,6 +220,7 @@ impl Lot {
                 ..State::default()
             }),
             watch,
+            sooner: tokio::sync::Notify::new(),
         }
     }
 
@@ -267,7 +271,12 @@ impl Lot {
             resume,
             until_ns,
         });
+        let sooner = until_ns < state.next_ns;
         state.next_ns = state.next_ns.min(until_ns);
+        drop(state);
+        if sooner {
+            self.sooner.notify_one();
+        }
         Ok(())
     }
 
@@ -332,6 +341,8 @@ impl Lot {
                     seen = shared.placement.looks();
                     lot.nudged(&shared, &resumed_drain);
                 }
+                // A deadline sooner than the timer's: set it again.
+                () = lot.sooner.notified() => {}
                 () = &mut timer, if next.is_some() => {}
             }
         }

@@ -879,7 +879,7 @@ pub(crate) async fn serve<I>(
     let (mut nudge_armed, mut nudge_seen) = (false, shared.placement.looks());
     // One resumed with nothing from its client (its deadline passed, the
     // worker drains, it moves) has that seen to before it may park again.
-    let mut parkable = resumed.is_none() || !carried_any;
+    let mut parkable = resumed.is_none() || carried_any;
     loop {
         let woke = std::future::poll_fn(|cx| {
             let park =
