@@ -743,6 +743,7 @@ pub(crate) async fn serve<I>(
     let conn_state = Arc::new(ConnState::default());
     // What the connection brings: where its age counts from, the bytes of
     // its next request already read, and how it came.
+    let from_lot_idle = matches!(&origin, Origin::Resumed { carried, .. } if carried.is_empty());
     let (carried, fresh, resumed) = match origin {
         Origin::Accepted { at_ns } => {
             conn_state.ready_ns.store(at_ns, Ordering::Relaxed);
@@ -844,7 +845,6 @@ pub(crate) async fn serve<I>(
         client,
         extensions,
     };
-    let carried_any = !carried.is_empty();
     let io = ConnIo::new(io, carried, Arc::clone(&conn_state), shared.shed.is_some());
     let mut conn = if fresh {
         Conn::new(io, service)
@@ -877,9 +877,10 @@ pub(crate) async fn serve<I>(
     let nudge_wait = shared.placement.woken();
     tokio::pin!(nudge_wait);
     let (mut nudge_armed, mut nudge_seen) = (false, shared.placement.looks());
-    // One resumed with nothing from its client (its deadline passed, the
-    // worker drains, it moves) has that seen to before it may park again.
-    let mut parkable = resumed.is_none() || carried_any;
+    // One resumed from the lot with nothing from its client (its deadline
+    // passed, the worker drains, it moves) has that seen to before it may
+    // park again.
+    let mut parkable = !from_lot_idle;
     loop {
         let woke = std::future::poll_fn(|cx| {
             let park =
