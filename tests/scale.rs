@@ -715,8 +715,10 @@ fn parked_connections_keep_the_keep_alive_timeout() {
     let server = Launch::serve(&[
         "--workers",
         "1",
+        // Long enough that a busy machine opens and reuses all of them
+        // within it.
         "--keep-alive",
-        "3",
+        "10",
         "--metrics-bind",
         "127.0.0.1:0",
     ])
