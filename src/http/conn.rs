@@ -313,18 +313,7 @@ where
     /// checked that nothing is in flight or unwritten. `None` (and the
     /// connection unchanged) for any other.
     pub(super) fn take_http1(&mut self) -> Option<Parts<I>> {
-        if let Conn::Parked { io, service, .. } = self {
-            let (Some(io), Some(service)) = (io.take(), service.take()) else {
-                return None;
-            };
-            *self = Conn::Done;
-            return Some(Parts {
-                io: io.io,
-                carried: io.carried,
-                service,
-            });
-        }
-        let (io, service) = self.take_http1_io()?;
+        let (io, service) = self.take_http1_io_or_parked()?;
         Some(Parts {
             io: io.io,
             carried: io.carried,
