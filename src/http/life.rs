@@ -20,7 +20,8 @@
 //! | between requests | — | **hand over** | — | — |
 //! | handed: sent | — | over | — | — |
 //! | handed: no sibling / kept | — | balance: → serving; leaving: → draining (kept: patient) | — | — |
-//! | between requests, past [`PARK_ABOVE`] connections | **park** | — | — | — |
+//! | timer, HTTP/1.1 idle [`PARK_IDLE`] since its last answer | → rested (wait until its deadline) | — | — | — |
+//! | between requests, rested or past [`PARK_ABOVE`] connections | **park** | — | — | — |
 //!
 //! Invariants (checked after every step of seeded random sequences):
 //! - a connection is handed over or parked only between requests (nothing
@@ -54,6 +55,12 @@ pub(super) const REBALANCE_WAIT: Duration = Duration::from_secs(2);
 /// request would cost a busy keep-alive client throughput for memory
 /// nobody misses.
 pub(super) const PARK_ABOVE: u64 = 256;
+/// An HTTP/1.1 connection idle this long since its last answer is parked
+/// whatever the worker holds: a client that pauses this long between
+/// requests pays a resume (cheaper than a new connection) for the memory
+/// its connection frees, and a keep-alive pool that sends without pause
+/// is never taken apart.
+pub(super) const PARK_IDLE: Duration = Duration::from_secs(1);
 
 /// What woke a connection's task to act.
 pub(super) enum Woke {
@@ -270,6 +277,9 @@ pub(super) struct Life {
     pub(super) handed: bool,
     /// When it came to this worker.
     pub(super) arrived: Instant,
+    /// It was idle for [`PARK_IDLE`] after an answer: parked at its next
+    /// moment between requests, however many connections the worker holds.
+    pub(super) rested: bool,
 }
 
 impl Life {
@@ -279,10 +289,12 @@ impl Life {
     }
 
     /// Whether the connection, between requests, may be parked in a
-    /// worker holding `connections`: not when draining or on its way to a
-    /// sibling.
+    /// worker holding `connections`: rested, or in a crowded worker; not
+    /// when draining or on its way to a sibling.
     pub(super) fn may_park(&self, connections: u64) -> bool {
-        self.drain_began.is_none() && self.handing.is_none() && connections > PARK_ABOVE
+        self.drain_began.is_none()
+            && self.handing.is_none()
+            && (self.rested || connections > PARK_ABOVE)
     }
 
     /// Whether its requests' responses say `Connection: close`.
@@ -520,7 +532,15 @@ impl Life {
                 then: now + DRAIN_POLL,
             };
         }
-        let next = if idle { since + allowed } else { now + allowed };
+        let mut next = if idle { since + allowed } else { now + allowed };
+        if let (Some(done), true, false) = (last_done, idle, http2) {
+            // Idle HTTP/1.1: parked once it has rested.
+            if now >= done + PARK_IDLE {
+                self.rested = true;
+            } else {
+                next = next.min(done + PARK_IDLE);
+            }
+        }
         let next = self.max_age.map_or(next, |(at, _)| next.min(at));
         Step::Wait {
             until: next.max(now + Duration::from_millis(1)),
@@ -545,6 +565,7 @@ mod tests {
             movable: true,
             handed: false,
             arrived: now,
+            rested: false,
         }
     }
 
@@ -1041,9 +1062,47 @@ mod tests {
         assert!(!c.may_park(PARK_ABOVE + 1), "on its way");
         // Parked until its keep-alive ends, or its age if sooner.
         let mut c = clock(t0);
+        c.keepalive = 10 * S;
         assert_eq!(c.parked_until(t0), t0 + c.keepalive);
         c.max_age = Some((t0 + S, S));
         assert_eq!(c.parked_until(t0), t0 + S);
+    }
+
+    #[test]
+    fn an_http1_connection_idle_for_a_while_is_parked_in_a_quiet_worker() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        c.keepalive = 10 * S;
+        let done = Some(t0);
+        // Before its rest, the timer wakes it at the rest's end.
+        assert_eq!(
+            c.fired(t0 + S / 2, true, false, done),
+            Step::Wait {
+                until: t0 + PARK_IDLE
+            }
+        );
+        assert!(!c.may_park(0));
+        // Busy: no rest, whatever the last answer's age.
+        assert_eq!(
+            c.fired(t0 + 2 * S, false, false, done),
+            Step::Wait { until: t0 + 12 * S }
+        );
+        assert!(!c.may_park(0));
+        // Idle since its last answer for the rest: parked, and the timer
+        // still stands for the keep-alive deadline.
+        assert_eq!(
+            c.fired(t0 + PARK_IDLE, true, false, done),
+            Step::Wait { until: t0 + 10 * S }
+        );
+        assert!(c.may_park(0));
+        // Never before its first answer (the header timeout stands), nor
+        // HTTP/2.
+        let mut c = clock(t0);
+        c.fired(t0 + 5 * S, true, false, None);
+        assert!(!c.may_park(0), "waiting for its first head");
+        let mut c = clock(t0);
+        c.fired(t0 + 5 * S, true, true, done);
+        assert!(!c.may_park(0), "HTTP/2");
     }
 
     /// A model connection driven by random events; the decider's
@@ -1062,6 +1121,8 @@ mod tests {
         calm: bool,
         /// The worker drains.
         leaving: bool,
+        /// A timer saw it idle for [`PARK_IDLE`] after an answer.
+        rest_seen: bool,
     }
 
     impl Model {
@@ -1136,6 +1197,10 @@ mod tests {
                 !(self.life.draining() && self.life.wants_moment()),
                 "draining and on its way at once: {why}"
             );
+            assert!(
+                !self.life.rested || (self.rest_seen && !self.http2),
+                "rested without a rest: {why}"
+            );
             if !self.http2 && self.shut && self.in_flight == 0 {
                 // hyper closes an idle HTTP/1.1 connection it was told to.
                 self.over = true;
@@ -1164,6 +1229,7 @@ mod tests {
                 over: false,
                 calm: true,
                 leaving: false,
+                rest_seen: false,
             };
             let mut trail = Vec::new();
             for _ in 0..80 {
@@ -1199,6 +1265,8 @@ mod tests {
                     }
                     3 | 4 => {
                         let f = m.facts();
+                        m.rest_seen |=
+                            f.idle && f.last_done.is_some_and(|done| f.now >= done + PARK_IDLE);
                         let step = m.life.timer(&f);
                         m.check(&f, step, false, &trail);
                     }
@@ -1224,6 +1292,21 @@ mod tests {
                     _ => {
                         // Between requests, as the loop sees it.
                         let f = m.facts();
+                        let crowd = [0, PARK_ABOVE + 1][rng.below(2) as usize];
+                        if f.http1 && f.between_requests && m.life.may_park(crowd) {
+                            // Parked: it leaves its task (a resumed one is
+                            // decided afresh).
+                            assert!(
+                                !m.life.draining() && !m.life.wants_moment(),
+                                "parked while draining or on its way: trail {trail:?}"
+                            );
+                            assert!(
+                                crowd > PARK_ABOVE || m.rest_seen,
+                                "parked in a quiet worker before its rest: trail {trail:?}"
+                            );
+                            m.over = true;
+                            continue;
+                        }
                         let step = m.life.between_requests(&f);
                         m.check(&f, step, false, &trail);
                         if step == Step::HandOver {

@@ -829,6 +829,7 @@ pub(crate) async fn serve<I>(
         arrived: resumed
             .as_ref()
             .map_or(now, |r| lot::instant_at(r.arrived_ns)),
+        rested: false,
     };
     let client = shared
         .forwarded
