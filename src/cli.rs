@@ -198,7 +198,10 @@ impl ServeArgs {
 fn clap_command(name: &str, version: Option<&str>, program: Option<&OsString>) -> clap::Command {
     use clap::CommandFactory;
     let zdr = env!("CARGO_PKG_VERSION");
-    let mut command = Cli::command();
+    // Each setting's declared default in its help.
+    let mut command = Cli::command()
+        .mut_subcommand("serve", crate::config::reference::with_defaults)
+        .mut_subcommand("check", crate::config::reference::with_defaults);
     let program = program
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned());

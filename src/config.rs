@@ -17,15 +17,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::listener::BindAddr;
 
+pub mod reference;
+
 /// Gunicorn's default access log format.
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
     r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s""#;
 
-/// Declares the settings layer: every setting once, with its doc line (the
-/// `--help` text), its flag and `ZDR_*` variable (clap), its config-file key
-/// (the field's name, serde) and its type. From that one declaration follow
-/// the layer's merge ([`Options::or`]) and the list of keys
-/// ([`Options::KEYS`]); resolution and validation are in
+/// Declares the settings layer: every setting once, with its doc (the first
+/// paragraph is `-h`'s line, the whole is `--help`'s text, the README's
+/// table and `zdr.toml.example`'s comment), its flag and `ZDR_*` variable
+/// (clap), its config-file key (the field's name, serde), its type, its
+/// default (`= value`) and, for one with none, an example (`=> "TOML"`).
+/// From that one declaration follow the layer's merge ([`Options::or`]),
+/// the list of keys ([`Options::KEYS`]), the defaults ([`Defaults`]), and
+/// the reference made from them ([`reference`]: `--help`'s `[default: …]`,
+/// the README's settings table, `zdr.toml.example`). Validation is in
 /// [`Settings::resolve`].
 macro_rules! settings_layer {
     (
@@ -33,7 +39,7 @@ macro_rules! settings_layer {
         pub struct Options {
             $(
                 $(#[$meta:meta])*
-                pub $key:ident: Option<$ty:ty>,
+                pub $key:ident: Option<$ty:ty> $(= $default:expr)? $(=> $example:literal)?,
             )*
         }
     ) => {
@@ -49,13 +55,60 @@ macro_rules! settings_layer {
             /// Every setting's key, as the config file spells it.
             pub const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
 
+            /// An example value (TOML) for each setting that has no default.
+            pub const EXAMPLES: &'static [(&'static str, &'static str)] =
+                &[$($((stringify!($key), $example),)?)*];
+
             /// Fills every field this layer leaves unset from `lower`.
             pub fn or(self, lower: Options) -> Options {
                 Options {
                     $($key: self.$key.or(lower.$key),)*
                 }
             }
+
+            /// Each setting's default as a TOML value, `None` for one with
+            /// no default.
+            pub fn default_values() -> Vec<(&'static str, Option<toml::Value>)> {
+                let _defaults = Defaults::default();
+                vec![$((stringify!($key), declared_value!(_defaults, $key $(, $default)?)),)*]
+            }
         }
+
+        /// The built-in default of every setting that has one, as declared
+        /// beside it: what [`Settings::resolve`] gives a setting no layer
+        /// sets.
+        #[derive(Debug, Clone)]
+        pub struct Defaults {
+            $($(
+                #[doc = concat!("`", stringify!($key), "`'s default.")]
+                pub $key: declared_type!($ty, $default),
+            )?)*
+        }
+
+        impl Default for Defaults {
+            fn default() -> Defaults {
+                Defaults {
+                    $($($key: $default,)?)*
+                }
+            }
+        }
+    };
+}
+
+/// A declared default's type: the setting's own.
+macro_rules! declared_type {
+    ($ty:ty, $default:expr) => {
+        $ty
+    };
+}
+
+/// A declared default as a TOML value, or `None` with no default.
+macro_rules! declared_value {
+    ($defaults:ident, $key:ident) => {
+        None
+    };
+    ($defaults:ident, $key:ident, $default:expr) => {
+        toml::Value::try_from(&$defaults.$key).ok()
     };
 }
 
@@ -80,125 +133,138 @@ pub struct Options {
         value_delimiter = ','
     )]
     #[serde(default, deserialize_with = "one_or_many")]
-    pub bind: Option<Vec<String>>,
+    pub bind: Option<Vec<String>> = vec![String::from("127.0.0.1:8000")],
 
-    /// The maximum number of pending connections per listening socket. [default: 2048]
+    /// The maximum number of pending connections per listening socket.
     #[arg(long, env = "ZDR_BACKLOG", value_name = "INT", value_parser = whole::<u32>)]
-    pub backlog: Option<u32>,
+    pub backlog: Option<u32> = 2048,
 
     /// The number of worker processes. [default: $WEB_CONCURRENCY, else 1]
     #[arg(short = 'w', long, env = "ZDR_WORKERS", value_name = "INT", value_parser = whole::<usize>)]
-    pub workers: Option<usize>,
+    pub workers: Option<usize> = 1,
 
-    /// The number of runtime threads in each worker; 1 runs everything on
-    /// the worker's own thread (a current-thread runtime). [default: 1]
+    /// The number of runtime threads in each worker; 1 runs everything on the
+    /// worker's own thread (a current-thread runtime).
+    ///
+    /// Tokio runtime threads per worker; 1 runs a current-thread runtime on the
+    /// worker's own thread (`block_in_place` needs 2 or more; `spawn_blocking`
+    /// works with any).
     #[arg(long, env = "ZDR_THREADS", value_name = "INT", value_parser = whole::<usize>)]
-    pub threads: Option<usize>,
+    pub threads: Option<usize> = 1,
 
-    /// The maximum number of simultaneous connections per worker; a worker
-    /// at the cap stops accepting until one closes. [default: 1000]
+    /// The maximum number of simultaneous connections per worker; a worker at
+    /// the cap stops accepting until one closes.
     #[arg(
         long = "worker-connections",
         env = "ZDR_WORKER_CONNECTIONS",
         value_name = "INT",
         value_parser = whole::<usize>
     )]
-    pub worker_connections: Option<usize>,
+    pub worker_connections: Option<usize> = 1000,
 
-    /// Workers silent for more than this many seconds are killed and
-    /// restarted; 0 disables. [default: 30]
+    /// Workers silent for more than this many seconds are killed and restarted;
+    /// 0 disables.
+    ///
+    /// Seconds without progress (no heartbeat from its runtime, no request
+    /// begun or ended) before a worker is killed and replaced; a busy worker is
+    /// never taken for a hung one; the kill is explained: each request in
+    /// flight by method and path with how long it had run (`requests in flight:
+    /// GET /report (for 31.2s)`, the worker's eight most recent, read from
+    /// shared memory, so a stopped worker is explained too), each thread's
+    /// state and the kernel function it waits in, a command's pid; 0 off.
     #[arg(short = 't', long, env = "ZDR_TIMEOUT", value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    pub timeout: Option<f64> = 30.0,
 
-    /// How long a stopping or retiring worker may take to finish its
-    /// in-flight requests before it is killed. [default: 30]
+    /// How long a stopping or retiring worker may take to finish its in-flight
+    /// requests before it is killed.
     #[arg(
         long = "graceful-timeout",
         env = "ZDR_GRACEFUL_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub graceful_timeout: Option<f64>,
+    pub graceful_timeout: Option<f64> = 30.0,
 
-    /// How long a new worker may take to become ready before start-up fails
-    /// or a reload is rolled back. [default: 30]
+    /// How long a new worker may take to become ready before start-up fails or
+    /// a reload is rolled back.
     #[arg(
         long = "boot-timeout",
         env = "ZDR_BOOT_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub boot_timeout: Option<f64>,
+    pub boot_timeout: Option<f64> = 30.0,
 
-    /// Seconds to wait for the next request on an idle keep-alive
-    /// connection. [default: 2]
+    /// Seconds to wait for the next request on an idle keep-alive connection.
     #[arg(long = "keep-alive", env = "ZDR_KEEPALIVE", value_name = "SECONDS")]
-    pub keepalive: Option<f64>,
+    pub keepalive: Option<f64> = 2.0,
 
     /// Recycle a worker after it has served this many requests; 0 disables.
-    /// [default: 0]
     #[arg(long = "max-requests", env = "ZDR_MAX_REQUESTS", value_name = "INT", value_parser = whole::<u64>)]
-    pub max_requests: Option<u64>,
+    pub max_requests: Option<u64> = 0,
 
-    /// Recycle a worker whose own memory (private pages, not those shared
-    /// with a --preload master) passes this size (e.g. 512M, 2G),
-    /// replacement first. [default: none]
+    /// Recycle a worker whose own memory (private pages, not those shared with
+    /// a --preload master) passes this size (e.g. 512M, 2G), replacement first.
+    /// [default: none]
+    ///
+    /// Recycle a worker whose own memory (private pages) passes this size
+    /// (`512M`, `2G`; a number without a unit below 1 MiB is refused: `512` was
+    /// never meant as bytes).
     #[arg(
         long = "max-worker-memory",
         env = "ZDR_MAX_WORKER_MEMORY",
         value_name = "SIZE"
     )]
-    pub max_worker_memory: Option<MemorySize>,
+    pub max_worker_memory: Option<MemorySize> => r#""512M""#,
 
-    /// A random 0..=N added to max-requests per worker, so that workers do
-    /// not all recycle at once. [default: 0]
+    /// A random 0..=N added to max-requests per worker, so that workers do not
+    /// all recycle at once.
     #[arg(
         long = "max-requests-jitter",
         env = "ZDR_MAX_REQUESTS_JITTER",
         value_name = "INT",
         value_parser = whole::<u64>
     )]
-    pub max_requests_jitter: Option<u64>,
+    pub max_requests_jitter: Option<u64> = 0,
 
-    /// Load the application in the master before forking the workers, so
-    /// that they share its memory copy-on-write. [default: false]
+    /// Load the application in the master before forking the workers, so that
+    /// they share its memory copy-on-write.
     #[arg(long, env = "ZDR_PRELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     #[serde(alias = "preload_app")]
-    pub preload: Option<bool>,
+    pub preload: Option<bool> = false,
 
     /// Write the master's pid to this file; removed on exit.
     #[arg(short = 'p', long = "pid", env = "ZDR_PIDFILE", value_name = "FILE")]
-    pub pidfile: Option<PathBuf>,
+    pub pidfile: Option<PathBuf> => r#""/run/zdr.pid""#,
 
-    /// The control socket that `zdr status`, `reload`, `stop` and `scale`
-    /// use. [default: PIDFILE.ctl (beside the pidfile), else
-    /// $TMPDIR/zdr-BIND.ctl]
+    /// The control socket that `zdr status`, `reload`, `stop` and `scale` use.
+    /// [default: PIDFILE.ctl (beside the pidfile), else $TMPDIR/zdr-BIND.ctl]
     #[arg(
         long = "control-socket",
         env = "ZDR_CONTROL_SOCKET",
         value_name = "PATH"
     )]
-    pub control_socket: Option<PathBuf>,
+    pub control_socket: Option<PathBuf> => r#""/run/zdr.ctl""#,
 
-    /// The longest request line (method, target, version) in bytes; longer
-    /// gets 414. 0 for no limit. [default: 4094]
+    /// The longest request line (method, target, version) in bytes; longer gets
+    /// 414. 0 for no limit.
     #[arg(
         long = "limit-request-line",
         env = "ZDR_LIMIT_REQUEST_LINE",
         value_name = "BYTES",
         value_parser = whole::<usize>
     )]
-    pub limit_request_line: Option<usize>,
+    pub limit_request_line: Option<usize> = 4094,
 
-    /// The most header fields in a request; more gets 431. [default: 100]
+    /// The most header fields in a request; more gets 431.
     #[arg(
         long = "limit-request-fields",
         env = "ZDR_LIMIT_REQUEST_FIELDS",
         value_name = "INT",
         value_parser = whole::<usize>
     )]
-    pub limit_request_fields: Option<usize>,
+    pub limit_request_fields: Option<usize> = 100,
 
-    /// The longest header field (name and value) in bytes; longer gets 431.
-    /// 0 for no limit. [default: 8190]
+    /// The longest header field (name and value) in bytes; longer gets 431. 0
+    /// for no limit.
     #[arg(
         long = "limit-request-field_size",
         alias = "limit-request-field-size",
@@ -206,77 +272,76 @@ pub struct Options {
         value_name = "BYTES",
         value_parser = whole::<usize>
     )]
-    pub limit_request_field_size: Option<usize>,
+    pub limit_request_field_size: Option<usize> = 8190,
 
-    /// The largest request body (e.g. 10M); a larger Content-Length gets
-    /// 413. [default: none]
+    /// The largest request body (e.g. 10M); a larger Content-Length gets 413.
+    /// [default: none]
     #[arg(
         long = "limit-request-body",
         env = "ZDR_LIMIT_REQUEST_BODY",
         value_name = "SIZE"
     )]
-    pub limit_request_body: Option<ByteSize>,
+    pub limit_request_body: Option<ByteSize> => r#""10M""#,
 
     /// Seconds a client gets to send a request's head (and the longest a
-    /// keep-alive connection waits for the next one): slow clients are cut
-    /// off. [default: 10]
+    /// keep-alive connection waits for the next one): slow clients are cut off.
     #[arg(
         long = "header-timeout",
         env = "ZDR_HEADER_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub header_timeout: Option<f64>,
+    pub header_timeout: Option<f64> = 10.0,
 
     /// Seconds a request's body may go without a byte from the client (as
     /// nginx's client_body_timeout); past it the app's read fails and the
-    /// connection closes. 0 disables. [default: 60]
+    /// connection closes. 0 disables.
     #[arg(
         long = "body-timeout",
         env = "ZDR_BODY_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub body_timeout: Option<f64>,
+    pub body_timeout: Option<f64> = 60.0,
 
     /// Seconds a response may wait for the client to take more of it (as
     /// nginx's send_timeout); past it the connection closes. 0 disables.
-    /// [default: 60]
     #[arg(
         long = "send-timeout",
         env = "ZDR_SEND_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub send_timeout: Option<f64>,
+    pub send_timeout: Option<f64> = 60.0,
 
-    /// Seconds a request may take to be answered (its response head)
-    /// before zdr answers 504 itself and drops the app's work on it; the
-    /// worker lives on. Also the proxy mode's wait for the command's
-    /// answer. A handler that blocks its thread cannot be cut short (that
-    /// is `--timeout`'s job). 0 (the default) for none, as Gunicorn.
-    /// [default: 0]
+    /// Seconds a request may take to be answered (its response head) before zdr
+    /// answers 504 itself and drops the app's work on it; the worker lives on.
+    /// Also the proxy mode's wait for the command's answer. A handler that
+    /// blocks its thread cannot be cut short (that is `--timeout`'s job). 0
+    /// (the default) for none, as Gunicorn.
     #[arg(
         long = "request-timeout",
         env = "ZDR_REQUEST_TIMEOUT",
         value_name = "SECONDS"
     )]
-    pub request_timeout: Option<f64>,
+    pub request_timeout: Option<f64> = 0.0,
 
-    /// Overload shedding: seconds a request may wait in a busy worker
-    /// before zdr starts it; one that waited longer is answered 503 with
-    /// Retry-After at once, instead of queueing until its client gives up.
-    /// The limit grows with the app's measured response time (a request is
-    /// shed only once it waited longer than both), so a slow app at its
-    /// capacity is not shed. Health probes are never shed. 0 (the default)
-    /// sheds nothing. [default: 0]
+    /// Overload shedding: seconds a request may wait in a busy worker before
+    /// zdr starts it; one that waited longer is answered 503 with Retry-After
+    /// at once, instead of queueing until its client gives up. The limit grows
+    /// with the app's measured response time (a request is shed only once it
+    /// waited longer than both), so a slow app at its capacity is not shed.
+    /// Health probes are never shed. 0 (the default) sheds nothing.
     #[arg(
         long = "max-queue-time",
         env = "ZDR_MAX_QUEUE_TIME",
         value_name = "SECONDS"
     )]
-    pub max_queue_time: Option<f64>,
+    pub max_queue_time: Option<f64> = 0.0,
 
-    /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded
-    /// headers are trusted, comma-separated; * for every peer.
-    /// [default: 127.0.0.1,::1]
+    /// Peers whose X-Forwarded-For, X-Forwarded-Proto and Forwarded headers are
+    /// trusted, comma-separated; * for every peer.
+    ///
+    /// Proxies whose forwarding headers are trusted, comma-separated; `*`
+    /// for every peer. Gunicorn's `FORWARDED_ALLOW_IPS` variable is read
+    /// too, below the config file.
     #[arg(
         long = "forwarded-allow-ips",
         env = "ZDR_FORWARDED_ALLOW_IPS",
@@ -284,114 +349,117 @@ pub struct Options {
         value_delimiter = ','
     )]
     #[serde(default, deserialize_with = "one_or_many")]
-    pub forwarded_allow_ips: Option<Vec<String>>,
+    pub forwarded_allow_ips: Option<Vec<String>> = vec![String::from("127.0.0.1"), String::from("::1")],
 
     /// Serve HTTPS with this certificate chain (PEM). [default: none]
     #[arg(long, env = "ZDR_CERTFILE", value_name = "FILE")]
-    pub certfile: Option<PathBuf>,
+    pub certfile: Option<PathBuf> => r#""/etc/app/tls/cert.pem""#,
 
     /// The private key (PEM) of --certfile.
     #[arg(long, env = "ZDR_KEYFILE", value_name = "FILE")]
-    pub keyfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf> => r#""/etc/app/tls/key.pem""#,
 
     /// Require client certificates issued by these CAs (PEM).
     #[arg(long = "ca-certs", env = "ZDR_CA_CERTS", value_name = "FILE")]
-    pub ca_certs: Option<PathBuf>,
+    pub ca_certs: Option<PathBuf> => r#""/etc/app/tls/clients-ca.pem""#,
 
     /// Run the workers as this user (a name or a uid); the master binds the
     /// sockets first, as root. [default: the master's user]
     #[arg(short = 'u', long, env = "ZDR_USER", value_name = "USER")]
-    pub user: Option<String>,
+    pub user: Option<String> => r#""www-data""#,
 
-    /// Run the workers in this group (a name or a gid). [default: the
-    /// user's primary group]
+    /// Run the workers in this group (a name or a gid). [default: the user's
+    /// primary group]
     #[arg(short = 'g', long, env = "ZDR_GROUP", value_name = "GROUP")]
-    pub group: Option<String>,
+    pub group: Option<String> => r#""www-data""#,
 
     /// The file mode creation mask of the server's processes, in octal.
     /// [default: the inherited one]
     #[arg(short = 'm', long, env = "ZDR_UMASK", value_name = "OCTAL")]
-    pub umask: Option<String>,
+    pub umask: Option<String> => r#""022""#,
 
     /// Change to this directory before loading the app.
     #[arg(long, env = "ZDR_CHDIR", value_name = "DIR")]
-    pub chdir: Option<PathBuf>,
+    pub chdir: Option<PathBuf> => r#""/srv/app""#,
 
-    /// Serve Prometheus metrics for the whole server on this HOST:PORT
-    /// (keep it private). [default: off]
+    /// Serve Prometheus metrics for the whole server on this HOST:PORT (keep it
+    /// private). [default: off]
     #[arg(
         long = "metrics-bind",
         env = "ZDR_METRICS_BIND",
         value_name = "ADDRESS"
     )]
-    pub metrics_bind: Option<String>,
+    pub metrics_bind: Option<String> => r#""127.0.0.1:9100""#,
 
-    /// On SIGTERM, answer readiness probes with 503 for this many seconds
-    /// while still serving, so a load balancer can take the instance out
-    /// before the listeners close. [default: 0]
+    /// On SIGTERM, answer readiness probes with 503 for this many seconds while
+    /// still serving, so a load balancer can take the instance out before the
+    /// listeners close.
     #[arg(
         long = "shutdown-delay",
         env = "ZDR_SHUTDOWN_DELAY",
         value_name = "SECONDS"
     )]
-    pub shutdown_delay: Option<f64>,
+    pub shutdown_delay: Option<f64> = 0.0,
 
-    /// The liveness probe's path; "" turns it off. [default: /_zdr/live]
+    /// The liveness probe's path; "" turns it off.
     #[arg(
         long = "health-live-path",
         env = "ZDR_HEALTH_LIVE_PATH",
         value_name = "PATH"
     )]
-    pub health_live_path: Option<String>,
+    pub health_live_path: Option<String> = String::from("/_zdr/live"),
 
-    /// The readiness probe's path; "" turns it off. [default: /_zdr/ready]
+    /// The readiness probe's path; "" turns it off.
     #[arg(
         long = "health-ready-path",
         env = "ZDR_HEALTH_READY_PATH",
         value_name = "PATH"
     )]
-    pub health_ready_path: Option<String>,
+    pub health_ready_path: Option<String> = String::from("/_zdr/ready"),
 
-    /// The startup probe's path; "" turns it off. [default: /_zdr/startup]
+    /// The startup probe's path; "" turns it off.
     #[arg(
         long = "health-startup-path",
         env = "ZDR_HEALTH_STARTUP_PATH",
         value_name = "PATH"
     )]
-    pub health_startup_path: Option<String>,
+    pub health_startup_path: Option<String> = String::from("/_zdr/startup"),
 
     /// The error log level: debug, info, warning, error or critical.
-    /// [default: info]
     #[arg(
         long = "log-level",
         env = "ZDR_LOGLEVEL",
         value_name = "LEVEL",
         ignore_case = true
     )]
-    pub loglevel: Option<LogLevel>,
+    pub loglevel: Option<LogLevel> = LogLevel::Info,
 
-    /// The format of both logs: `text` (Gunicorn's lines) or `json` (one
-    /// object per line, for log aggregators). [default: text]
+    /// The format of both logs: `text` (Gunicorn's lines) or `json` (one object
+    /// per line, for log aggregators).
+    ///
+    /// `json`: both logs as one JSON object per line (error log: time, pid,
+    /// level, role, worker, generation, event, message — see Log events; access
+    /// log: its fields by name).
     #[arg(
         long = "log-format",
         env = "ZDR_LOG_FORMAT",
         value_name = "FORMAT",
         ignore_case = true
     )]
-    pub log_format: Option<LogFormat>,
+    pub log_format: Option<LogFormat> = LogFormat::Text,
 
-    /// The error log file; '-' for stderr. [default: -]
+    /// The error log file; '-' for stderr.
     #[arg(
         long = "error-logfile",
         alias = "log-file",
         env = "ZDR_ERRORLOG",
         value_name = "FILE"
     )]
-    pub errorlog: Option<String>,
+    pub errorlog: Option<String> = String::from("-"),
 
     /// The access log file; '-' for stdout. [default: none]
     #[arg(long = "access-logfile", env = "ZDR_ACCESSLOG", value_name = "FILE")]
-    pub accesslog: Option<String>,
+    pub accesslog: Option<String> => r#""-""#,
 
     /// The access log format, with Gunicorn's %(x)s placeholders.
     #[arg(
@@ -400,22 +468,22 @@ pub struct Options {
         env = "ZDR_ACCESS_LOG_FORMAT",
         value_name = "FORMAT"
     )]
-    pub access_log_format: Option<String>,
+    pub access_log_format: Option<String> = String::from(DEFAULT_ACCESS_LOG_FORMAT),
 
-    /// When the port a `-- CMD` command must listen on ($PORT) counts as
-    /// ready: a path answered with a 2xx (like a load balancer's check), or
-    /// empty for "accepts connections". [default: ""]
+    /// When the port a `-- CMD` command must listen on ($PORT) counts as ready:
+    /// a path answered with a 2xx (like a load balancer's check), or empty for
+    /// "accepts connections".
     #[arg(
         long = "worker-ready-path",
         env = "ZDR_WORKER_READY_PATH",
         value_name = "PATH"
     )]
-    pub worker_ready_path: Option<String>,
+    pub worker_ready_path: Option<String> = String::new() => r#""/health""#,
 
     /// The upgrades (`Upgrade:` protocols) forwarded to a `-- CMD` command,
-    /// comma-separated; a request asking for another is forwarded as a
-    /// plain request, without its `Upgrade`. `h2c` is never forwarded (it
-    /// would tunnel HTTP/2 past zdr's checks). [default: websocket]
+    /// comma-separated; a request asking for another is forwarded as a plain
+    /// request, without its `Upgrade`. `h2c` is never forwarded (it would
+    /// tunnel HTTP/2 past zdr's checks).
     #[arg(
         long = "proxy-upgrades",
         env = "ZDR_PROXY_UPGRADES",
@@ -423,45 +491,47 @@ pub struct Options {
         value_delimiter = ','
     )]
     #[serde(default, deserialize_with = "one_or_many")]
-    pub proxy_upgrades: Option<Vec<String>>,
+    pub proxy_upgrades: Option<Vec<String>> = vec![String::from("websocket")],
 
-    /// The signal a `-- CMD` command gets to stop, once its worker has
-    /// drained its clients (SIGKILL to its process group at the graceful
-    /// timeout). [default: TERM]
+    /// The signal a `-- CMD` command gets to stop, once its worker has drained
+    /// its clients (SIGKILL to its process group at the graceful timeout).
     #[arg(
         long = "worker-stop-signal",
         env = "ZDR_WORKER_STOP_SIGNAL",
         value_name = "SIGNAL"
     )]
     #[serde(default, deserialize_with = "name_or_number")]
-    pub worker_stop_signal: Option<String>,
+    pub worker_stop_signal: Option<String> = String::from("TERM"),
 
-    /// For development: reload when the executable, the config file or an
-    /// extra file changes (a new build rolls out by itself; with --preload,
-    /// a new executable is a binary upgrade). [default: false]
+    /// For development: reload when the executable, the config file or an extra
+    /// file changes (a new build rolls out by itself; with --preload, a new
+    /// executable is a binary upgrade).
     #[arg(long, env = "ZDR_RELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub reload: Option<bool>,
+    pub reload: Option<bool> = false,
 
     /// With --reload, also watch this file; repeat for several.
     #[arg(long = "reload-extra-file", value_name = "FILE")]
-    pub reload_extra_files: Option<Vec<PathBuf>>,
+    pub reload_extra_files: Option<Vec<PathBuf>> => r#"["templates/index.html"]"#,
 
-    /// The name in process titles (`ps`): `zdr: master [NAME]` and
-    /// `zdr: worker [NAME] gen N`. [default: the app's name]
+    /// The name in process titles (`ps`): `zdr: master [NAME]` and `zdr: worker
+    /// [NAME] gen N`. [default: the app's name]
+    ///
+    /// Name in process titles: `zdr: master [NAME] serve …`, `zdr: worker
+    /// [NAME] gen N` (a `--preload` worker keeps the master's).
     #[arg(short = 'n', long = "name", env = "ZDR_PROC_NAME", value_name = "NAME")]
-    pub proc_name: Option<String>,
+    pub proc_name: Option<String> => r#""my-app""#,
 
     /// An environment variable for the workers (and a `-- CMD` command),
     /// KEY=VALUE; repeat for several. Re-read on every reload, so a changed
     /// value reaches the app without a restart. [default: none]
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
-    pub raw_env: Option<Vec<String>>,
+    pub raw_env: Option<Vec<String>> => r#"["DATABASE_URL=postgres://localhost/app", "FEATURE_X=on"]"#,
 
-    /// Socket mode for a `-- CMD` command: hand it the listening sockets
-    /// (fds 3.. with LISTEN_FDS, systemd-style) instead of forwarding to
-    /// it; for apps that drain correctly by themselves. [default: false]
+    /// Socket mode for a `-- CMD` command: hand it the listening sockets (fds
+    /// 3.. with LISTEN_FDS, systemd-style) instead of forwarding to it; for
+    /// apps that drain correctly by themselves.
     #[arg(long = "pass-socket", env = "ZDR_PASS_SOCKET", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub pass_socket: Option<bool>,
+    pub pass_socket: Option<bool> = false,
 
     /// In socket mode, count a command as ready this many seconds after it
     /// starts, instead of waiting for its READY=1 on NOTIFY_SOCKET.
@@ -470,128 +540,127 @@ pub struct Options {
         env = "ZDR_WORKER_READY_DELAY",
         value_name = "SECONDS"
     )]
-    pub worker_ready_delay: Option<f64>,
+    pub worker_ready_delay: Option<f64> = 0.0,
 
     /// Roll a reload out in batches of this many workers: each batch starts
-    /// beside the old workers, and as many old ones drain once it is ready,
-    /// so the server never runs more than workers + N processes (a
-    /// memory-bound machine need not hold two whole generations) and never
-    /// fewer than `workers` ready; 0 starts the whole new generation at
-    /// once. [default: 0]
+    /// beside the old workers, and as many old ones drain once it is ready, so
+    /// the server never runs more than workers + N processes (a memory-bound
+    /// machine need not hold two whole generations) and never fewer than
+    /// `workers` ready; 0 starts the whole new generation at once.
     #[arg(long = "max-surge", env = "ZDR_MAX_SURGE", value_name = "INT", value_parser = whole::<usize>)]
-    pub max_surge: Option<usize>,
+    pub max_surge: Option<usize> = 0,
 
-    /// Let a reload drain up to this many old workers before their
-    /// replacements are ready (Kubernetes' maxUnavailable): with
-    /// --max-surge 0 the server never runs more than `workers` processes,
-    /// for up to N fewer ready ones; at least one stays ready. [default: 0]
+    /// Let a reload drain up to this many old workers before their replacements
+    /// are ready (Kubernetes' maxUnavailable): with --max-surge 0 the server
+    /// never runs more than `workers` processes, for up to N fewer ready ones;
+    /// at least one stays ready.
     #[arg(
         long = "max-unavailable",
         env = "ZDR_MAX_UNAVAILABLE",
         value_name = "INT",
         value_parser = whole::<usize>
     )]
-    pub max_unavailable: Option<usize>,
+    pub max_unavailable: Option<usize> = 0,
 
     /// Start every reload with this many workers of the new generation as a
-    /// canary: they serve beside the old generation for --canary-seconds,
-    /// and the rest follows only if their errors and latency pass; else
-    /// the reload is rolled back. 0: no canary. [default: 0]
+    /// canary: they serve beside the old generation for --canary-seconds, and
+    /// the rest follows only if their errors and latency pass; else the reload
+    /// is rolled back. 0: no canary.
     #[arg(long = "canary", env = "ZDR_CANARY", value_name = "INT", value_parser = whole::<usize>)]
-    pub canary: Option<usize>,
+    pub canary: Option<usize> = 0,
 
-    /// Grow the canary in steps, Flagger-style: worker counts or
-    /// percentages of --workers, comma-separated (`1,50%,100%`). Each step
-    /// is watched and judged as the first; the rest of the generation
-    /// follows the last step that passes. Overrides --canary. [default:
-    /// none]
+    /// Grow the canary in steps, Flagger-style: worker counts or percentages of
+    /// --workers, comma-separated (`1,50%,100%`). Each step is watched and
+    /// judged as the first; the rest of the generation follows the last step
+    /// that passes. Overrides --canary. [default: none]
     #[arg(
         long = "canary-steps",
         env = "ZDR_CANARY_STEPS",
         value_name = "STEPS",
         value_delimiter = ','
     )]
-    pub canary_steps: Option<Vec<String>>,
+    pub canary_steps: Option<Vec<String>> => r#"["1", "50%", "100%"]"#,
 
-    /// How long the canary is watched, at the least. [default: 30]
+    /// How long the canary is watched, at the least.
     #[arg(long = "canary-seconds", env = "ZDR_CANARY_SECONDS", value_name = "SECONDS")]
-    pub canary_seconds: Option<f64>,
+    pub canary_seconds: Option<f64> = 30.0,
 
-    /// Requests the canary must answer before it is judged. [default: 100]
+    /// Requests the canary must answer before it is judged.
     #[arg(
         long = "canary-min-requests",
         env = "ZDR_CANARY_MIN_REQUESTS",
         value_name = "INT",
         value_parser = whole::<u64>
     )]
-    pub canary_min_requests: Option<u64>,
+    pub canary_min_requests: Option<u64> = 100,
 
-    /// The canary's largest 5xx ratio (when also above the old
-    /// generation's). [default: 0.01]
+    /// The canary's largest 5xx ratio (when also above the old generation's).
     #[arg(
         long = "canary-max-error-ratio",
         env = "ZDR_CANARY_MAX_ERROR_RATIO",
         value_name = "RATIO"
     )]
-    pub canary_max_error_ratio: Option<f64>,
+    pub canary_max_error_ratio: Option<f64> = 0.01,
 
-    /// The canary's largest p99 latency, as a multiple of the old
-    /// generation's; 0 off. [default: 2]
+    /// The canary's largest p99 latency, as a multiple of the old generation's;
+    /// 0 off.
     #[arg(
         long = "canary-max-p99-ratio",
         env = "ZDR_CANARY_MAX_P99_RATIO",
         value_name = "RATIO"
     )]
-    pub canary_max_p99_ratio: Option<f64>,
+    pub canary_max_p99_ratio: Option<f64> = 2.0,
 
-    /// What a canary that gets too little traffic to judge comes to, when
-    /// the whole server was quiet through three windows: `rollback` (the
-    /// old generation keeps serving) or `promote` (a quiet staging
-    /// server deploys anyway). A canary that traffic did not reach while
-    /// the old generation had plenty is always rolled back.
-    /// [default: rollback]
+    /// What a canary that gets too little traffic to judge comes to, when the
+    /// whole server was quiet through three windows: `rollback` (the old
+    /// generation keeps serving) or `promote` (a quiet staging server deploys
+    /// anyway). A canary that traffic did not reach while the old generation
+    /// had plenty is always rolled back.
     #[arg(
         long = "canary-no-traffic",
         env = "ZDR_CANARY_NO_TRAFFIC",
         value_name = "POLICY",
         ignore_case = true
     )]
-    pub canary_no_traffic: Option<NoTraffic>,
+    pub canary_no_traffic: Option<NoTraffic> = NoTraffic::Rollback,
 
     /// Close a connection older than this many seconds after its current
     /// response (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so that
     /// long-lived clients move to new generations and new workers; 0 off.
-    /// [default: 0]
+    ///
+    /// Close a connection older than this after its current response (HTTP/2:
+    /// GOAWAY, then `--max-connection-age-grace`, default 10 s), with
+    /// `--max-connection-age-jitter`; long-lived clients then reach new
+    /// generations and added workers; 0 off.
     #[arg(
         long = "max-connection-age",
         env = "ZDR_MAX_CONNECTION_AGE",
         value_name = "SECONDS"
     )]
-    pub max_connection_age: Option<f64>,
+    pub max_connection_age: Option<f64> = 0.0,
 
     /// A random 0..=S seconds added to each connection's maximum age.
-    /// [default: 0]
     #[arg(
         long = "max-connection-age-jitter",
         env = "ZDR_MAX_CONNECTION_AGE_JITTER",
         value_name = "SECONDS"
     )]
-    pub max_connection_age_jitter: Option<f64>,
+    pub max_connection_age_jitter: Option<f64> = 0.0,
 
     /// Seconds an aged HTTP/2 connection gets after GOAWAY to finish its
-    /// streams before it is closed. [default: 10]
+    /// streams before it is closed.
     #[arg(
         long = "max-connection-age-grace",
         env = "ZDR_MAX_CONNECTION_AGE_GRACE",
         value_name = "SECONDS"
     )]
-    pub max_connection_age_grace: Option<f64>,
+    pub max_connection_age_grace: Option<f64> = 10.0,
 
-    /// Serve any HTTP app: each worker runs this command with a private
-    /// port in $PORT and forwards its requests to it (after `--`, or
-    /// `command = [...]` in the config file).
+    /// Serve any HTTP app: each worker runs this command with a private port in
+    /// $PORT and forwards its requests to it (after `--`, or `command = [...]`
+    /// in the config file).
     #[arg(last = true, value_name = "CMD")]
-    pub command: Option<Vec<String>>,
+    pub command: Option<Vec<String>> => r#"["uvicorn", "app:app", "--port", "$PORT"]"#,
 }
 }
 
@@ -1040,12 +1109,7 @@ fn seconds(name: &'static str, value: f64) -> Result<f64, ConfigError> {
     }
 }
 
-fn probe_path(
-    name: &'static str,
-    value: Option<String>,
-    default: &str,
-) -> Result<String, ConfigError> {
-    let path = value.unwrap_or_else(|| default.to_owned());
+fn probe_path(name: &'static str, path: String) -> Result<String, ConfigError> {
     if path.is_empty() || path.starts_with('/') {
         Ok(path)
     } else {
@@ -1094,15 +1158,12 @@ fn command(command: Option<Vec<String>>, preload: bool) -> Result<Vec<String>, C
 }
 
 fn default_proxy_upgrades() -> Vec<String> {
-    vec!["websocket".to_owned()]
+    Defaults::default().proxy_upgrades
 }
 
 /// The upgrade protocols a command may be handed: protocol names (RFC 9110
 /// §7.8 tokens, compared in lower case), never `h2c`.
-fn proxy_upgrades(given: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
-    let Some(given) = given else {
-        return Ok(default_proxy_upgrades());
-    };
+fn proxy_upgrades(given: Vec<String>) -> Result<Vec<String>, ConfigError> {
     let mut upgrades = Vec::new();
     for p in given.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
         let name = p.to_ascii_lowercase();
@@ -1139,19 +1200,19 @@ const STOP_SIGNALS: [(&str, i32); 7] = [
 ];
 
 fn default_canary_seconds() -> f64 {
-    30.0
+    Defaults::default().canary_seconds
 }
 
 fn default_canary_min_requests() -> u64 {
-    100
+    Defaults::default().canary_min_requests
 }
 
 fn default_canary_max_error_ratio() -> f64 {
-    0.01
+    Defaults::default().canary_max_error_ratio
 }
 
 fn default_canary_max_p99_ratio() -> f64 {
-    2.0
+    Defaults::default().canary_max_p99_ratio
 }
 
 /// A ratio: a number of 0 or more.
@@ -1224,7 +1285,7 @@ fn ratio(name: &'static str, value: f64) -> Result<f64, ConfigError> {
 
 /// The grace an aged HTTP/2 connection gets, in seconds.
 fn default_age_grace() -> f64 {
-    10.0
+    Defaults::default().max_connection_age_grace
 }
 
 /// The default stop signal, SIGTERM.
@@ -1233,9 +1294,10 @@ fn default_stop_signal() -> i32 {
 }
 
 /// A stop signal by name (`TERM`, `SIGTERM`, any case) or number.
-fn stop_signal(value: Option<&str>) -> Result<i32, ConfigError> {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
-        return Ok(default_stop_signal());
+fn stop_signal(value: Option<&str>, default: &str) -> Result<i32, ConfigError> {
+    let value = match value.map(str::trim) {
+        Some(v) if !v.is_empty() => v,
+        _ => default,
     };
     let upper = value.to_ascii_uppercase();
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -1252,8 +1314,7 @@ fn stop_signal(value: Option<&str>) -> Result<i32, ConfigError> {
 }
 
 /// The listening addresses (at least one).
-fn bind_addrs(bind: Option<Vec<String>>) -> Result<Vec<BindAddr>, ConfigError> {
-    let bind = bind.unwrap_or_else(|| vec!["127.0.0.1:8000".to_owned()]);
+fn bind_addrs(bind: Vec<String>) -> Result<Vec<BindAddr>, ConfigError> {
     if bind.is_empty() {
         return Err(ConfigError::invalid("bind", "needs at least one address"));
     }
@@ -1266,8 +1327,7 @@ fn bind_addrs(bind: Option<Vec<String>>) -> Result<Vec<BindAddr>, ConfigError> {
 }
 
 /// The peers whose forwarding headers are trusted, checked.
-fn allow_list(ips: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
-    let ips = ips.unwrap_or_else(|| vec!["127.0.0.1".to_owned(), "::1".to_owned()]);
+fn allow_list(ips: Vec<String>) -> Result<Vec<String>, ConfigError> {
     crate::forwarded::AllowList::parse(&ips)
         .map_err(|e| ConfigError::invalid("forwarded_allow_ips", e))?;
     Ok(ips)
@@ -1369,7 +1429,7 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>,
 
 /// The body and send timeouts' default, in seconds (nginx's).
 fn default_client_timeout() -> f64 {
-    60.0
+    Defaults::default().body_timeout
 }
 
 /// The most workers a server runs: during a reload two generations run side
@@ -1400,32 +1460,39 @@ impl Settings {
     /// Resolves a merged layer into settings, applying defaults and
     /// validating every value.
     pub fn resolve(o: Options) -> Result<Settings, ConfigError> {
+        let d = Defaults::default();
         let (certfile, keyfile, ca_certs) = tls_files(o.certfile, o.keyfile, o.ca_certs)?;
         let settings = Settings {
-            bind: bind_addrs(o.bind)?,
-            backlog: o.backlog.unwrap_or(2048),
-            workers: worker_count(o.workers.unwrap_or(1))?,
-            threads: at_least_one("threads", o.threads.unwrap_or(1))?,
+            bind: bind_addrs(o.bind.unwrap_or(d.bind))?,
+            backlog: o.backlog.unwrap_or(d.backlog),
+            workers: worker_count(o.workers.unwrap_or(d.workers))?,
+            threads: at_least_one("threads", o.threads.unwrap_or(d.threads))?,
             worker_connections: at_least_one(
                 "worker_connections",
-                o.worker_connections.unwrap_or(1000),
+                o.worker_connections.unwrap_or(d.worker_connections),
             )?,
-            timeout: seconds("timeout", o.timeout.unwrap_or(30.0))?,
-            graceful_timeout: seconds("graceful_timeout", o.graceful_timeout.unwrap_or(30.0))?,
-            boot_timeout: seconds("boot_timeout", o.boot_timeout.unwrap_or(30.0))?,
-            keepalive: seconds("keepalive", o.keepalive.unwrap_or(2.0))?,
-            max_requests: o.max_requests.unwrap_or(0),
-            max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+            timeout: seconds("timeout", o.timeout.unwrap_or(d.timeout))?,
+            graceful_timeout: seconds(
+                "graceful_timeout",
+                o.graceful_timeout.unwrap_or(d.graceful_timeout),
+            )?,
+            boot_timeout: seconds("boot_timeout", o.boot_timeout.unwrap_or(d.boot_timeout))?,
+            keepalive: seconds("keepalive", o.keepalive.unwrap_or(d.keepalive))?,
+            max_requests: o.max_requests.unwrap_or(d.max_requests),
+            max_requests_jitter: o.max_requests_jitter.unwrap_or(d.max_requests_jitter),
             max_worker_memory: o
                 .max_worker_memory
                 .filter(|m| m.0 > 0)
                 .map(|m| ByteSize(m.0)),
-            preload: o.preload.unwrap_or(false),
+            preload: o.preload.unwrap_or(d.preload),
             pidfile: o.pidfile,
             control_socket: o.control_socket,
-            shutdown_delay: seconds("shutdown_delay", o.shutdown_delay.unwrap_or(0.0))?,
-            limit_request_line: o.limit_request_line.unwrap_or(4094),
-            limit_request_fields: match o.limit_request_fields.unwrap_or(100) {
+            shutdown_delay: seconds(
+                "shutdown_delay",
+                o.shutdown_delay.unwrap_or(d.shutdown_delay),
+            )?,
+            limit_request_line: o.limit_request_line.unwrap_or(d.limit_request_line),
+            limit_request_fields: match o.limit_request_fields.unwrap_or(d.limit_request_fields) {
                 n @ 1..=32768 => n,
                 _ => {
                     return Err(ConfigError::invalid(
@@ -1434,9 +1501,14 @@ impl Settings {
                     ))
                 }
             },
-            limit_request_field_size: o.limit_request_field_size.unwrap_or(8190),
+            limit_request_field_size: o
+                .limit_request_field_size
+                .unwrap_or(d.limit_request_field_size),
             limit_request_body: o.limit_request_body.filter(|b| b.0 > 0),
-            header_timeout: match seconds("header_timeout", o.header_timeout.unwrap_or(10.0))? {
+            header_timeout: match seconds(
+                "header_timeout",
+                o.header_timeout.unwrap_or(d.header_timeout),
+            )? {
                 t if t > 0.0 => t,
                 _ => {
                     return Err(ConfigError::invalid(
@@ -1445,17 +1517,19 @@ impl Settings {
                     ))
                 }
             },
-            body_timeout: seconds(
-                "body_timeout",
-                o.body_timeout.unwrap_or_else(default_client_timeout),
+            body_timeout: seconds("body_timeout", o.body_timeout.unwrap_or(d.body_timeout))?,
+            send_timeout: seconds("send_timeout", o.send_timeout.unwrap_or(d.send_timeout))?,
+            request_timeout: seconds(
+                "request_timeout",
+                o.request_timeout.unwrap_or(d.request_timeout),
             )?,
-            send_timeout: seconds(
-                "send_timeout",
-                o.send_timeout.unwrap_or_else(default_client_timeout),
+            max_queue_time: seconds(
+                "max_queue_time",
+                o.max_queue_time.unwrap_or(d.max_queue_time),
             )?,
-            request_timeout: seconds("request_timeout", o.request_timeout.unwrap_or(0.0))?,
-            max_queue_time: seconds("max_queue_time", o.max_queue_time.unwrap_or(0.0))?,
-            forwarded_allow_ips: allow_list(o.forwarded_allow_ips)?,
+            forwarded_allow_ips: allow_list(
+                o.forwarded_allow_ips.unwrap_or(d.forwarded_allow_ips),
+            )?,
             certfile,
             keyfile,
             ca_certs,
@@ -1463,64 +1537,77 @@ impl Settings {
             umask: umask(o.umask.as_deref())?,
             chdir: o.chdir,
             metrics_bind: metrics_addr(o.metrics_bind)?,
-            health_live_path: probe_path("health_live_path", o.health_live_path, "/_zdr/live")?,
-            health_ready_path: probe_path("health_ready_path", o.health_ready_path, "/_zdr/ready")?,
+            health_live_path: probe_path(
+                "health_live_path",
+                o.health_live_path.unwrap_or(d.health_live_path),
+            )?,
+            health_ready_path: probe_path(
+                "health_ready_path",
+                o.health_ready_path.unwrap_or(d.health_ready_path),
+            )?,
             health_startup_path: probe_path(
                 "health_startup_path",
-                o.health_startup_path,
-                "/_zdr/startup",
+                o.health_startup_path.unwrap_or(d.health_startup_path),
             )?,
-            loglevel: o.loglevel.unwrap_or(LogLevel::Info),
-            log_format: o.log_format.unwrap_or_default(),
-            errorlog: o.errorlog.unwrap_or_else(|| "-".to_owned()),
+            loglevel: o.loglevel.unwrap_or(d.loglevel),
+            log_format: o.log_format.unwrap_or(d.log_format),
+            errorlog: o.errorlog.unwrap_or(d.errorlog),
             accesslog: o.accesslog.filter(|s| !s.is_empty()),
-            access_log_format: o
-                .access_log_format
-                .unwrap_or_else(|| DEFAULT_ACCESS_LOG_FORMAT.to_owned()),
-            reload: o.reload.unwrap_or(false),
+            access_log_format: o.access_log_format.unwrap_or(d.access_log_format),
+            reload: o.reload.unwrap_or(d.reload),
             reload_extra_files: o.reload_extra_files.unwrap_or_default(),
             proc_name: o
                 .proc_name
                 .map(|n| n.trim().to_owned())
                 .filter(|n| !n.is_empty()),
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
-            command: command(o.command, o.preload.unwrap_or(false))?,
-            worker_ready_path: probe_path("worker_ready_path", o.worker_ready_path, "")?,
-            proxy_upgrades: proxy_upgrades(o.proxy_upgrades)?,
-            max_surge: o.max_surge.unwrap_or(0),
-            max_unavailable: o.max_unavailable.unwrap_or(0),
-            canary: o.canary.unwrap_or(0),
+            command: command(o.command, o.preload.unwrap_or(d.preload))?,
+            worker_ready_path: probe_path(
+                "worker_ready_path",
+                o.worker_ready_path.unwrap_or(d.worker_ready_path),
+            )?,
+            proxy_upgrades: proxy_upgrades(o.proxy_upgrades.unwrap_or(d.proxy_upgrades))?,
+            max_surge: o.max_surge.unwrap_or(d.max_surge),
+            max_unavailable: o.max_unavailable.unwrap_or(d.max_unavailable),
+            canary: o.canary.unwrap_or(d.canary),
             canary_steps: canary_steps(o.canary_steps.unwrap_or_default())?,
             canary_seconds: seconds(
                 "canary_seconds",
-                o.canary_seconds.unwrap_or_else(default_canary_seconds),
+                o.canary_seconds.unwrap_or(d.canary_seconds),
             )?,
-            canary_min_requests: o
-                .canary_min_requests
-                .unwrap_or_else(default_canary_min_requests),
+            canary_min_requests: o.canary_min_requests.unwrap_or(d.canary_min_requests),
             canary_max_error_ratio: ratio(
                 "canary_max_error_ratio",
-                o.canary_max_error_ratio
-                    .unwrap_or_else(default_canary_max_error_ratio),
+                o.canary_max_error_ratio.unwrap_or(d.canary_max_error_ratio),
             )?,
             canary_max_p99_ratio: ratio(
                 "canary_max_p99_ratio",
-                o.canary_max_p99_ratio
-                    .unwrap_or_else(default_canary_max_p99_ratio),
+                o.canary_max_p99_ratio.unwrap_or(d.canary_max_p99_ratio),
             )?,
-            canary_no_traffic: o.canary_no_traffic.unwrap_or_default(),
-            max_connection_age: seconds("max_connection_age", o.max_connection_age.unwrap_or(0.0))?,
+            canary_no_traffic: o.canary_no_traffic.unwrap_or(d.canary_no_traffic),
+            max_connection_age: seconds(
+                "max_connection_age",
+                o.max_connection_age.unwrap_or(d.max_connection_age),
+            )?,
             max_connection_age_jitter: seconds(
                 "max_connection_age_jitter",
-                o.max_connection_age_jitter.unwrap_or(0.0),
+                o.max_connection_age_jitter
+                    .unwrap_or(d.max_connection_age_jitter),
             )?,
             max_connection_age_grace: seconds(
                 "max_connection_age_grace",
-                o.max_connection_age_grace.unwrap_or_else(default_age_grace),
+                o.max_connection_age_grace
+                    .unwrap_or(d.max_connection_age_grace),
             )?,
-            pass_socket: o.pass_socket.unwrap_or(false),
-            worker_ready_delay: seconds("worker_ready_delay", o.worker_ready_delay.unwrap_or(0.0))?,
-            worker_stop_signal: stop_signal(o.worker_stop_signal.as_deref())?,
+            pass_socket: o.pass_socket.unwrap_or(d.pass_socket),
+            worker_ready_delay: seconds(
+                "worker_ready_delay",
+                o.worker_ready_delay.unwrap_or(d.worker_ready_delay),
+            )?,
+            worker_stop_signal: stop_signal(
+                o.worker_stop_signal.as_deref(),
+                &d.worker_stop_signal,
+            )?,
         };
         if !settings.pass_socket {
             let own_ports: Vec<u16> = settings
@@ -2064,155 +2151,6 @@ mod example_file {
             .filter(|key| !documented.contains(key))
             .collect();
         assert!(missing.is_empty(), "zdr.toml.example lacks {missing:?}");
-    }
-}
-
-#[cfg(test)]
-mod readme_table {
-    use super::*;
-    use clap::Args;
-
-    /// A default as words: without backticks or explanations in
-    /// parentheses.
-    fn plain(text: &str) -> String {
-        let mut out = String::new();
-        let mut depth = 0;
-        for c in text.chars() {
-            match c {
-                '(' => depth += 1,
-                ')' if depth > 0 => depth -= 1,
-                '`' => {}
-                _ if depth == 0 => out.push(c),
-                _ => {}
-            }
-        }
-        out.split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .replace(" ,", ",")
-    }
-
-    /// The README's settings table, as (key, flag, env, default) rows.
-    fn rows() -> Vec<[String; 4]> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let text = std::fs::read_to_string(path).unwrap();
-        let mut lines = text
-            .lines()
-            .skip_while(|l| !l.starts_with("| key | flag | env | default |"))
-            .skip(2);
-        let mut rows = Vec::new();
-        for line in lines.by_ref().take_while(|l| l.starts_with("| `")) {
-            let cells: Vec<String> = line
-                .trim_matches('|')
-                .split(" | ")
-                .map(|c| c.trim().to_owned())
-                .collect();
-            assert!(cells.len() >= 5, "a short row: {line}");
-            rows.push([
-                cells[0].trim_matches('`').to_owned(),
-                cells[1].clone(),
-                cells[2].trim_matches('`').to_owned(),
-                cells[3].clone(),
-            ]);
-        }
-        rows
-    }
-
-    /// The README's settings table has one row per setting, each with the
-    /// flag and the variable the declaration gives it, and a default that
-    /// says what `zdr.toml.example` (checked against the defaults
-    /// themselves) says: a declaration, the table and the example cannot
-    /// drift apart.
-    #[test]
-    fn the_readme_lists_every_setting_as_declared() {
-        let rows = rows();
-        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
-        let mut sorted = keys.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), keys.len(), "a key listed twice: {keys:?}");
-        let mut declared: Vec<&str> = Options::KEYS.to_vec();
-        declared.sort_unstable();
-        assert_eq!(
-            sorted, declared,
-            "the README's table and the declared settings differ"
-        );
-
-        let command = Options::augment_args(clap::Command::new("zdr"));
-        let example_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("zdr.toml.example");
-        let example: toml::Table =
-            toml::from_str(&std::fs::read_to_string(example_path).unwrap()).unwrap();
-        for [key, flag, env, default] in &rows {
-            let arg = command
-                .get_arguments()
-                .find(|a| a.get_id() == key.as_str())
-                .unwrap_or_else(|| panic!("{key} has no flag"));
-            let Some(long) = arg.get_long() else {
-                // The command, after `--`.
-                assert!(
-                    arg.is_last_set() && flag.starts_with("`--"),
-                    "{key}: {flag}"
-                );
-                continue;
-            };
-            let named = flag.match_indices(&format!("--{long}")).any(|(at, m)| {
-                !flag[at + m.len()..]
-                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            });
-            assert!(named, "{key}: the README says {flag}, the flag is --{long}");
-            if let Some(short) = arg.get_short() {
-                assert!(
-                    flag.contains(&format!("-{short}/")),
-                    "{key}: -{short} is not in {flag}"
-                );
-            }
-            let declared_env = arg
-                .get_env()
-                .map(|e| e.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "—".to_owned());
-            // The declared variable first; a platform's own may follow
-            // (Gunicorn's `FORWARDED_ALLOW_IPS`).
-            let first = env.split(", ").next().unwrap_or_default().trim_matches('`');
-            assert_eq!(first, declared_env, "{key}: the README's variable");
-            // The `--help` text's default says what the README's does.
-            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-            if let Some(helped) = help
-                .split("[default: ")
-                .nth(1)
-                .and_then(|d| d.split(']').next())
-            {
-                let helped = helped.split_whitespace().collect::<Vec<_>>().join(" ");
-                assert_eq!(
-                    plain(&helped),
-                    plain(default),
-                    "{key}: --help says [default: {helped}], the README {default}"
-                );
-            }
-            // A key the example sets states the default; the README's
-            // column says the same value (quotes and backticks aside).
-            if let Some(value) = example.get(key.as_str()) {
-                let stated = match value {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Float(f) if f.fract() == 0.0 => format!("{f:.0}"),
-                    toml::Value::Array(items) => items
-                        .iter()
-                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => other.to_string(),
-                };
-                // An explanation may follow the value, in parentheses.
-                let said = default.split(" (").next().unwrap_or_default();
-                let said = said.replace(['`', '"'], "");
-                let stated = stated.replace('"', "");
-                assert!(
-                    said == stated
-                        || said.split(", else ").any(|d| d == stated)
-                        || said.split(", ").collect::<Vec<_>>().join(",") == stated,
-                    "{key}: the README's default is {default}, zdr.toml.example says {stated}"
-                );
-            }
-        }
     }
 }
 
