@@ -1028,6 +1028,7 @@ impl Bench {
             ("conn_memory", "| system | KiB per idle keep-alive connection (PSS growth) | connections | PSS growth MiB |\n|---|---|---|---|"),
             ("overload", "| system (2 workers, one 50 ms request at a time each: capacity 40/s) | offered | goodput req/s (of capacity) | p50 / p99 ms of 200s | p99 / unloaded p99 | shed 503/s (with Retry-After) | timed out / failed | health p99 / max ms (failed) |\n|---|---|---|---|---|---|---|---|"),
             ("instructions", "| system (1 serving thread) | instructions per keep-alive request | / bare hyper | requests counted |\n|---|---|---|---|"),
+            ("instructions_where", "| where (the static hello pair; each function's own instructions per request; zdr's functions one by one, the rest by crate) | zdr | bare hyper | zdr − bare |\n|---|---|---|---|"),
         ]);
         let mut out = String::new();
         out.push_str(&format!(
@@ -1040,6 +1041,7 @@ impl Bench {
         ));
         for scenario in [
             "instructions",
+            "instructions_where",
             "throughput",
             "recycle",
             "overload",

@@ -368,6 +368,7 @@ impl Bench {
             }
         }
         let mut counts = BTreeMap::new();
+        let mut parts: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
         // Bare hyper as `#[tokio::main]` with one worker thread gives it,
         // and on a current-thread runtime (what zdr runs with --threads 1).
         const BARE_CURRENT: &str = "bare hyper, current-thread runtime";
@@ -386,8 +387,9 @@ impl Bench {
             eprintln!("instructions: {name}");
             let dir = self.dir();
             match instructions_per_request(kind, bare_threads, hello, &dir) {
-                Ok(ir) => {
+                Ok((ir, where_)) => {
                     counts.insert(name, ir);
+                    parts.insert(name, where_);
                 }
                 Err(why) => self.skip("instructions", name, &why, 3),
             }
@@ -414,6 +416,36 @@ impl Bench {
                     "4000".into(),
                 ],
                 json!({ "instructions_per_request": ir, "over_bare": ratio, "requests": 4000 }),
+            );
+        }
+        // Where the fair pair's instructions go: zdr's own functions one
+        // by one, the rest by crate, against bare hyper's.
+        let (Some(zdr), Some(bare)) = (parts.get(ZDR_HELLO), parts.get(BARE_HELLO)) else {
+            return;
+        };
+        let mut rows: Vec<(&String, u64, u64)> = zdr
+            .keys()
+            .chain(bare.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|part| {
+                let z = zdr.get(part).copied().unwrap_or(0);
+                let b = bare.get(part).copied().unwrap_or(0);
+                (part, z, b)
+            })
+            .filter(|(_, z, b)| z.max(b) >= &10)
+            .collect();
+        rows.sort_by_key(|(_, z, b)| std::cmp::Reverse(z.abs_diff(*b)));
+        for (part, z, b) in rows {
+            self.row(
+                "instructions_where",
+                part,
+                vec![
+                    z.to_string(),
+                    b.to_string(),
+                    format!("{:+}", z as i64 - b as i64),
+                ],
+                json!({ "zdr": z, "bare_hyper": b }),
             );
         }
     }
@@ -607,7 +639,7 @@ fn instructions_per_request(
     bare_threads: &str,
     hello: bool,
     dir: &Path,
-) -> Result<u64, String> {
+) -> Result<(u64, BTreeMap<String, u64>), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let addr = super::free_addr();
     let out_file = dir.join("cg.%p");
@@ -700,7 +732,11 @@ fn instructions_per_request(
                         .or_else(|| l.strip_prefix("totals:"))
                         .and_then(|v| v.trim().parse::<u64>().ok())
                 }) {
-                    return Ok(ir / 4000);
+                    let parts = exclusive_by_part(&text)
+                        .into_iter()
+                        .map(|(part, ir)| (part, ir / 4000))
+                        .collect();
+                    return Ok((ir / 4000, parts));
                 }
             }
             if Instant::now() > deadline {
@@ -718,6 +754,80 @@ fn instructions_per_request(
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
     result
+}
+
+/// A callgrind profile's instructions by where they ran, each function's
+/// own (exclusive) cost: zdr's own functions one by one (`zdr::…`), and
+/// the rest by crate (`hyper`, `tokio`, …), the C library as `libc`.
+/// Cost lines after a `calls=` line are a call's inclusive cost and are
+/// skipped; `fn=`, `cfn=`, `ob=` and `cob=` may define a compressed name.
+fn exclusive_by_part(profile: &str) -> BTreeMap<String, u64> {
+    let mut fns: BTreeMap<String, String> = BTreeMap::new();
+    let mut objs: BTreeMap<String, String> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut object = String::new();
+    let mut after_call = false;
+    let mut parts: BTreeMap<String, u64> = BTreeMap::new();
+    // `(id) name` or `(id)`: the name, remembered by its id.
+    fn named(rest: &str, names: &mut BTreeMap<String, String>) -> Option<String> {
+        let rest = rest.strip_prefix('(')?;
+        let (id, name) = rest.split_once(')')?;
+        let name = name.trim();
+        if !name.is_empty() {
+            names.insert(id.to_owned(), name.to_owned());
+        }
+        names.get(id).cloned()
+    }
+    for line in profile.lines() {
+        if let Some(rest) = line.strip_prefix("fn=") {
+            current = named(rest, &mut fns);
+        } else if let Some(rest) = line.strip_prefix("cfn=") {
+            named(rest, &mut fns);
+        } else if let Some(rest) = line.strip_prefix("ob=") {
+            object = named(rest, &mut objs).unwrap_or_default();
+        } else if let Some(rest) = line.strip_prefix("cob=") {
+            named(rest, &mut objs);
+        } else if line.starts_with("calls=") {
+            after_call = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-' || c == '*')
+        {
+            if std::mem::take(&mut after_call) {
+                continue;
+            }
+            let (Some(name), Some(ir)) = (
+                &current,
+                line.split_whitespace()
+                    .last()
+                    .and_then(|c| c.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            let part = if object.contains("libc.so") || object.contains("ld-linux") {
+                "libc".to_owned()
+            } else {
+                let bare = name.trim_start_matches(['<', '&']);
+                if bare.starts_with("zdr::") {
+                    // Generic arguments dropped: one row per function.
+                    let mut depth = 0;
+                    bare.chars()
+                        .filter(|c| {
+                            match c {
+                                '<' => depth += 1,
+                                // The `>` closing the leading `<` too.
+                                '>' => depth = (depth - 1).max(0),
+                                _ => return depth == 0,
+                            }
+                            false
+                        })
+                        .collect()
+                } else {
+                    bare.split("::").next().unwrap_or(bare).to_owned()
+                }
+            };
+            *parts.entry(part).or_default() += ir;
+        }
+    }
+    parts
 }
 
 /// One sample's value in Prometheus text, by its name and labels.
