@@ -973,10 +973,10 @@ pub struct Settings {
     /// Seconds a body may go without a byte; 0 for no limit. (A default
     /// when absent: a master of an earlier build, whose settings lack it,
     /// may start workers of this one on a reload.)
-    #[serde(default = "default_client_timeout")]
+    #[serde(default = "default_body_timeout")]
     pub body_timeout: f64,
     /// Seconds a response may wait for the client to read; 0 for no limit.
-    #[serde(default = "default_client_timeout")]
+    #[serde(default = "default_send_timeout")]
     pub send_timeout: f64,
     /// Seconds a request may take to its response head; 0 for no limit.
     #[serde(default)]
@@ -1427,9 +1427,14 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<(u32, u32)>,
     Ok(Some((uid, gid)))
 }
 
-/// The body and send timeouts' default, in seconds (nginx's).
-fn default_client_timeout() -> f64 {
+/// The body timeout's declared default, in seconds.
+fn default_body_timeout() -> f64 {
     Defaults::default().body_timeout
+}
+
+/// The send timeout's declared default, in seconds.
+fn default_send_timeout() -> f64 {
+    Defaults::default().send_timeout
 }
 
 /// The most workers a server runs: during a reload two generations run side
