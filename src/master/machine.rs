@@ -23,7 +23,7 @@
 //!
 //! | event | Booting | Serving | Reloading | Paused | Stopping |
 //! |---|---|---|---|---|---|
-//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots, unless some of its workers are ready: then it serves on (Reloading) and the new one boots beside it | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
+//! | HUP, `reload` | load the configuration; on success the booting generation is superseded (stopped, reported) and a new one boots, and the reload completes once the first generation's workers have gone; unless some of its workers are ready: then it serves on (Reloading) and the new one boots beside it | load; boot a new generation | load; supersede the booting one | load; boot a new generation (only that one) | refused: "the server is stopping" |
 //! | `reload --wait` | as HUP; answered when the outcome is known (see below); superseded by a newer reload, it follows that one's outcome | ← | ← | ← | refused |
 //! | a configuration that does not load | error logged, nothing changes, client told why | ← | ← | ← | — |
 //! | TERM, `stop` | graceful stop (shutdown delay first, if set) | ← | ← | ← | already stopping: nothing |
@@ -852,12 +852,18 @@ impl Machine {
                     count(self.ready_workers(first) as u64, "worker")
                 ))));
             }
-        } else if let Some(old) = self.booting.as_ref().map(|b| b.generation.id) {
+        } else if let Some((old, was)) = self
+            .booting
+            .as_ref()
+            .map(|b| (b.generation.id, b.rollout.cause))
+        {
+            let what = match was {
+                Cause::Start => "The start of generation",
+                Cause::Reload => "Reload to generation",
+            };
             out.warn(
                 LogEvent::ReloadIgnored,
-                format!(
-                    "Reload to generation {old} superseded by a newer reload (generation {id})"
-                ),
+                format!("{what} {old} superseded by a newer reload (generation {id})"),
             );
             // Whoever waits for it is told how the newer one ends: nothing
             // failed, and what will serve is the newer one.
@@ -1636,7 +1642,15 @@ impl Machine {
             .map(|w| w.pid)
             .collect();
         match (b.rollout.cause, &old) {
-            (Cause::Start, _) | (_, None) => {
+            (Cause::Reload, Some(old)) => {
+                out.info(LogEvent::GenerationReady, format!(
+                    "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({})",
+                    old.id,
+                    count(retiring.len() as u64, "worker"),
+                    n = self.target
+                ));
+            }
+            _ => {
                 out.info(
                     LogEvent::GenerationReady,
                     format!(
@@ -1645,29 +1659,25 @@ impl Machine {
                     ),
                 );
             }
-            (Cause::Reload, Some(old)) => {
-                out.info(LogEvent::GenerationReady, format!(
-                    "Generation {id} ready: {n}/{n} workers in {ms} ms; draining generation {} ({})",
-                    old.id,
-                    count(retiring.len() as u64, "worker"),
-                    n = self.target
-                ));
-                // A reload that completed before this one took over is
-                // answered now.
-                if let Some(Switchover {
-                    generation,
-                    reply: Some(reply),
-                    ..
-                }) = self.switchover.take()
-                {
-                    out.push(Action::Answer(Awaited::Reload(generation), reply));
-                }
-                self.switchover = Some(Switchover {
-                    generation: id,
-                    requested: started,
-                    reply: None,
-                });
+        }
+        if b.rollout.cause == Cause::Reload {
+            // A reload that completed before this one took over is
+            // answered now. This one completes once no older worker runs
+            // (also when it superseded the start: the first generation's
+            // workers stop first).
+            if let Some(Switchover {
+                generation,
+                reply: Some(reply),
+                ..
+            }) = self.switchover.take()
+            {
+                out.push(Action::Answer(Awaited::Reload(generation), reply));
             }
+            self.switchover = Some(Switchover {
+                generation: id,
+                requested: started,
+                reply: None,
+            });
         }
         for pid in retiring {
             self.drain(pid, now, out);

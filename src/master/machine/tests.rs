@@ -351,13 +351,37 @@ fn a_reload_during_the_first_boot_keeps_the_workers_that_answer() {
     sim.exit_signalled();
     sim.ready_all();
     assert_eq!(ready_serving(&sim), 2);
-    // With no worker ready yet, a reload still supersedes the boot.
+    // With no worker ready yet, a reload still supersedes the boot, and
+    // says so; it completes as any reload does, once the first
+    // generation's workers have gone.
     let mut sim = Sim::start(settings(2));
     sim.tick();
+    let first = sim.pids(1);
     sim.next_config = Ok(settings(2));
-    sim.signal(Sig::Hup);
+    let actions = sim.signal(Sig::Hup);
+    assert!(logged(
+        &actions,
+        Level::WARN,
+        "The start of generation 1 superseded by a newer reload (generation 2)"
+    ));
     assert_eq!(sim.m.state(), State::Booting);
     assert_eq!(sim.m.booting().map(|g| g.id), Some(2));
+    sim.tick();
+    sim.ready_all();
+    assert_eq!(sim.m.state(), State::Serving, "{:?}", sim.log);
+    assert!(
+        !logged(&sim.log, Level::INFO, "Reload to generation 2 complete"),
+        "complete while a worker of generation 1 runs"
+    );
+    for pid in first {
+        sim.exit(pid, "exited with status 0");
+    }
+    sim.tick();
+    assert!(
+        logged(&sim.log, Level::INFO, "Reload to generation 2 complete"),
+        "{:?}",
+        sim.log
+    );
 }
 
 #[test]
