@@ -139,6 +139,29 @@ fn the_dockerfiles_pass_hadolint() {
     assert!(text.contains("\"--port\", \"$PORT\""), "{text}");
 }
 
+/// Every Procfile line the docs give for `zdr serve -- CMD` leaves the
+/// command's `$PORT` to zdr: quoted, so that the platform's shell does not
+/// put its own port there (which zdr binds, and the command could not).
+#[test]
+fn procfile_lines_in_the_docs_leave_the_commands_port_to_zdr() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for doc in ["README.md", "packaging/python/README.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for line in text.lines().filter(|l| l.starts_with("web: zdr serve")) {
+            let Some((_, command)) = line.split_once(" -- ") else {
+                continue;
+            };
+            seen += 1;
+            assert!(
+                command.contains("'$PORT'") || command.contains(":$PORT'"),
+                "{doc}: the shell would replace $PORT in: {line}"
+            );
+        }
+    }
+    assert!(seen >= 2, "no Procfile line with a command in the docs");
+}
+
 #[test]
 fn the_kubernetes_manifests_validate_and_give_zdr_time_to_drain() {
     if !have("kubernetes-validate", &["--version"]) {
