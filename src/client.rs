@@ -320,18 +320,19 @@ pub(crate) fn render(s: &Status) -> String {
         }
     }
     out.push_str(&format!(
-        "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>10}\n",
-        "PID", "GEN", "STATE", "AGE", "REQUESTS", "CONNS", "RSS"
+        "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>6} {:>10}\n",
+        "PID", "GEN", "STATE", "AGE", "REQUESTS", "CONNS", "PARKED", "RSS"
     ));
     for w in &s.workers {
         out.push_str(&format!(
-            "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>8.1}Mi\n",
+            "{:<8} {:>4}  {:<9} {:>8} {:>10} {:>6} {:>6} {:>8.1}Mi\n",
             w.pid,
             w.generation,
             w.state,
             duration(w.age_secs),
             w.requests,
             w.connections,
+            w.parked,
             w.rss_bytes as f64 / 1048576.0
         ));
     }

@@ -129,6 +129,10 @@ pub struct WorkerStatus {
     pub requests: u64,
     /// Connections open now.
     pub connections: u64,
+    /// Of those, idle HTTP/1.1 connections parked out of their tasks (a
+    /// few hundred bytes each); 0 from a server of an earlier build.
+    #[serde(default)]
+    pub parked: u64,
     /// Whether the worker itself says it takes new connections: false
     /// before it is ready and once it has begun to drain.
     #[serde(default)]

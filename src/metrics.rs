@@ -217,6 +217,8 @@ pub struct Snapshot {
     pub requests: RequestCounters,
     /// Connections open now.
     pub connections: u64,
+    /// Of those, idle HTTP/1.1 connections parked out of their tasks.
+    pub parked: u64,
     /// Requests being answered now.
     pub in_flight: u64,
     /// Serving workers with at least one request in flight now.
@@ -342,6 +344,12 @@ impl Collector for Snapshot {
         ConstGauge::new(self.connections as i64).encode(enc.encode_descriptor(
             "connections",
             "Connections open now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(self.parked as i64).encode(enc.encode_descriptor(
+            "connections_parked",
+            "Idle HTTP/1.1 connections parked out of their tasks now (counted in zdr_connections)",
             None,
             MetricType::Gauge,
         )?)?;
@@ -509,9 +517,13 @@ mod tests {
         s.made_room = [6, 7];
         s.request_timeouts = 8;
         s.requests_shed = 9;
+        s.connections = 12;
+        s.parked = 10;
         let text = s.encode();
         for line in [
             "zdr_requests_shed_total 9",
+            "zdr_connections 12",
+            "zdr_connections_parked 10",
             "zdr_request_timeouts_total 8",
             "zdr_connections_made_room_total{how=\"idle_closed\"} 6",
             "zdr_connections_made_room_total{how=\"rotated\"} 7",

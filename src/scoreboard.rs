@@ -144,9 +144,51 @@ const _: () = assert!(std::mem::size_of::<Extra>() == 64);
 /// made it.
 const EXTRA_END: usize = TABLE_SIZE + std::mem::size_of::<Extra>();
 
-/// The memfd's length as this build makes it: the table, [`Extra`], then
-/// each slot's [`Begun`] requests.
-const FULL_SIZE: usize = EXTRA_END + CAPACITY * std::mem::size_of::<Begun>();
+/// Where the [`Begun`] tables end: the memfd's length as builds before
+/// [`Held`] made it.
+const BEGUN_END: usize = EXTRA_END + CAPACITY * std::mem::size_of::<Begun>();
+
+/// What a worker holds now, beside its slot: a region added once the slot
+/// could grow no more (one per slot, after the [`Begun`] tables). New
+/// per-worker figures go in its spare bytes.
+#[repr(C, align(64))]
+pub struct Held {
+    /// Its idle HTTP/1.1 connections parked out of their tasks (counted
+    /// in its connections too).
+    parked: AtomicU64,
+    _spare: [AtomicU64; 7],
+}
+
+const _: () = assert!(std::mem::size_of::<Held>() == 64);
+
+impl Held {
+    /// Counts connections parked (+) or resumed (-) by its worker.
+    pub fn add_parked(&self, delta: i64) {
+        if delta >= 0 {
+            self.parked.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .parked
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(delta.unsigned_abs()))
+                });
+        }
+    }
+
+    /// Its connections parked now.
+    pub fn parked(&self) -> u64 {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Clears it for a new worker (by the master).
+    pub fn clear(&self) {
+        self.parked.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The memfd's length as this build makes it: the table, [`Extra`], each
+/// slot's [`Begun`] requests, then each slot's [`Held`].
+const FULL_SIZE: usize = BEGUN_END + CAPACITY * std::mem::size_of::<Held>();
 const _: () = assert!(std::mem::size_of::<Begun>() % 64 == 0);
 const _: () = assert!(TABLE_SIZE % 64 == 0);
 const _: () = assert!(
@@ -315,8 +357,8 @@ impl Slot {
 pub struct Scoreboard {
     base: NonNull<Table>,
     fd: OwnedFd,
-    /// How many bytes are mapped: [`FULL_SIZE`], or less ([`EXTRA_END`],
-    /// [`TABLE_SIZE`]) for a memfd an earlier build made.
+    /// How many bytes are mapped: [`FULL_SIZE`], or less ([`BEGUN_END`],
+    /// [`EXTRA_END`], [`TABLE_SIZE`]) for a memfd an earlier build made.
     len: usize,
 }
 
@@ -354,6 +396,8 @@ impl Scoreboard {
         let size = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size;
         let mapped = if usize::try_from(size).is_ok_and(|n| n >= FULL_SIZE) {
             FULL_SIZE
+        } else if usize::try_from(size).is_ok_and(|n| n >= BEGUN_END) {
+            BEGUN_END
         } else if usize::try_from(size).is_ok_and(|n| n >= EXTRA_END) {
             EXTRA_END
         } else if usize::try_from(size).is_ok_and(|n| n >= TABLE_SIZE) {
@@ -426,13 +470,25 @@ impl Scoreboard {
     /// The requests in flight that slot `index`'s worker names, when the
     /// memfd has room for them (see [`Begun`]).
     pub fn begun(&self, index: usize) -> Option<&Begun> {
+        if self.len < BEGUN_END || index >= CAPACITY {
+            return None;
+        }
+        // SAFETY: the mapping is at least BEGUN_END bytes (checked above);
+        // the `Begun` tables start right after `Extra` at a 64-byte
+        // boundary, one per slot, and `index` is in range.
+        Some(unsafe { self.at(EXTRA_END + index * std::mem::size_of::<Begun>()) })
+    }
+
+    /// What slot `index`'s worker holds now, when the memfd has room for
+    /// it (see [`Held`]).
+    pub fn held(&self, index: usize) -> Option<&Held> {
         if self.len < FULL_SIZE || index >= CAPACITY {
             return None;
         }
         // SAFETY: the mapping is FULL_SIZE bytes (checked above); the
-        // `Begun` tables start right after `Extra` at a 64-byte boundary,
-        // one per slot, and `index` is in range.
-        Some(unsafe { self.at(EXTRA_END + index * std::mem::size_of::<Begun>()) })
+        // `Held` records start right after the `Begun` tables at a 64-byte
+        // boundary, one per slot, and `index` is in range.
+        Some(unsafe { self.at(BEGUN_END + index * std::mem::size_of::<Held>()) })
     }
 
     /// Counts a handoff's outcome (by a worker).
@@ -522,6 +578,9 @@ impl Scoreboard {
     /// connections it still counted died with it, so they leave the
     /// server-wide total too.
     pub fn release(&self, slot: usize) {
+        if let Some(held) = self.held(slot) {
+            held.clear();
+        }
         let slot = self.slot(slot);
         let left = slot.connections.swap(0, Ordering::Relaxed);
         let total = &self.table().header.connections;
@@ -757,6 +816,44 @@ mod tests {
         assert_eq!(board.slot(0).connections(), 0);
         board.add_connections(1, -2);
         assert_eq!(board.total_connections(), 0);
+    }
+
+    #[test]
+    fn a_dead_workers_parked_connections_are_forgotten() {
+        let board = Scoreboard::create().unwrap();
+        board.slot(4).claim(1);
+        let held = board.held(4).expect("this build's memfd has room");
+        held.add_parked(5);
+        held.add_parked(-2);
+        assert_eq!(held.parked(), 3);
+        // More resumed than counted (a count begun before a restart)
+        // stays at zero rather than wrapping.
+        held.add_parked(-9);
+        assert_eq!(held.parked(), 0);
+        held.add_parked(4);
+        board.release(4);
+        assert_eq!(board.held(4).map(Held::parked), Some(0));
+    }
+
+    #[test]
+    fn a_memfd_an_earlier_build_made_maps_without_what_it_lacks() {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        for (len, extra, begun, held) in [
+            (TABLE_SIZE, false, false, false),
+            (EXTRA_END, true, false, false),
+            (BEGUN_END, true, true, false),
+            (FULL_SIZE, true, true, true),
+        ] {
+            let fd = memfd_create(c"zdr-test", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+            nix::unistd::ftruncate(&fd, len as i64).unwrap();
+            let board = Scoreboard::map(fd).unwrap();
+            assert_eq!(board.extra().is_some(), extra, "{len} bytes");
+            assert_eq!(board.begun(3).is_some(), begun, "{len} bytes");
+            assert_eq!(board.held(3).is_some(), held, "{len} bytes");
+            // What a build without it does is count nothing, quietly.
+            board.count_shed();
+            board.release(3);
+        }
     }
 
     #[test]

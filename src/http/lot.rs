@@ -132,6 +132,11 @@ impl Key {
 /// that passed: a deadline is kept to within this.
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 
+/// How long after the first connection of a wave parks the allocator is
+/// asked to give free memory back: time for the wave's tasks to end (and
+/// free hyper's buffers), once a second at most.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+
 /// How many readiness events one look takes.
 const EVENTS: usize = 256;
 
@@ -144,6 +149,8 @@ struct State {
     next_ns: u64,
     /// The worker drains (or the lot has no watch): nothing is parked.
     closed: bool,
+    /// Connections parked since the allocator last gave free memory back.
+    parked_since_release: u32,
 }
 
 impl State {
@@ -189,14 +196,18 @@ pub(crate) struct Lot {
     state: Mutex<State>,
     watch: Option<AsyncFd<Watch>>,
     /// Rung when a connection parks with a deadline earlier than the one
-    /// the lot's timer is set for.
+    /// the lot's timer is set for, or the first since the allocator last
+    /// gave memory back.
     sooner: tokio::sync::Notify,
+    /// Where its count of parked connections is shown to the master.
+    held: Option<&'static crate::scoreboard::Held>,
 }
 
 impl Lot {
-    /// A lot; one that cannot make its epoll instance parks nothing (its
-    /// connections stay idle in their tasks), and says so.
-    pub(crate) fn new() -> Lot {
+    /// A lot that counts its connections in `held`; one that cannot make
+    /// its epoll instance parks nothing (its connections stay idle in
+    /// their tasks), and says so.
+    pub(crate) fn new(held: Option<&'static crate::scoreboard::Held>) -> Lot {
         let watch = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(std::io::Error::from)
             .and_then(|epoll| {
@@ -221,6 +232,7 @@ impl Lot {
             }),
             watch,
             sooner: tokio::sync::Notify::new(),
+            held,
         }
     }
 
@@ -271,9 +283,14 @@ impl Lot {
             resume,
             until_ns,
         });
-        let sooner = until_ns < state.next_ns;
+        let first = state.parked_since_release == 0;
+        state.parked_since_release = state.parked_since_release.saturating_add(1);
+        let sooner = until_ns < state.next_ns || first;
         state.next_ns = state.next_ns.min(until_ns);
         drop(state);
+        if let Some(held) = self.held {
+            held.add_parked(1);
+        }
         if sooner {
             self.sooner.notify_one();
         }
@@ -285,6 +302,9 @@ impl Lot {
         let entry = state.take(key)?;
         if let Some(watch) = &self.watch {
             let _ = watch.get_ref().0.delete(entry.io.as_fd());
+        }
+        if let Some(held) = self.held {
+            held.add_parked(-1);
         }
         Some(entry)
     }
@@ -298,6 +318,11 @@ impl Lot {
         };
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
+        // Gives the memory the parked connections' tasks freed back to the
+        // kernel, a while after the first of a wave parks.
+        let release = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(release);
+        let mut releasing = false;
         let mut seen = shared.placement.looks();
         let mut scanned = Instant::now();
         let mut events = vec![EpollEvent::empty(); EVENTS];
@@ -315,6 +340,10 @@ impl Lot {
             let next = lot.resume_late(&shared, &drain, &mut scanned);
             if let Some(at) = next {
                 timer.as_mut().reset(at.max(scanned + SCAN_EVERY));
+            }
+            if !releasing && lot.lock().parked_since_release > 0 {
+                release.as_mut().reset(Instant::now() + RELEASE_AFTER);
+                releasing = true;
             }
             tokio::select! {
                 biased;
@@ -344,6 +373,11 @@ impl Lot {
                 // A deadline sooner than the timer's: set it again.
                 () = lot.sooner.notified() => {}
                 () = &mut timer, if next.is_some() => {}
+                () = &mut release, if releasing => {
+                    releasing = false;
+                    lot.lock().parked_since_release = 0;
+                    crate::sys::release_free_memory();
+                }
             }
         }
         let all: Vec<Entry> = {

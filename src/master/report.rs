@@ -18,6 +18,7 @@ impl Master {
             };
             let counters = slot.counters();
             let in_flight = u64::from(slot.in_flight());
+            snapshot.parked += self.held_of(w.pid).map_or(0, |h| h.parked());
             snapshot.in_flight += in_flight;
             if w.role.serves() {
                 snapshot.busy_workers += u64::from(in_flight > 0);
@@ -56,6 +57,7 @@ impl Master {
                     age_secs: w.spawned.elapsed().as_secs_f64(),
                     requests: slot.requests(),
                     connections: slot.connections(),
+                    parked: self.held_of(w.pid).map_or(0, |h| h.parked()),
                     accepting: slot.state() == SlotState::Ready,
                     rss_bytes: rss_bytes(w.pid),
                     owned_bytes: tree_owned_bytes(w.pid, &parents),

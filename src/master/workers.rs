@@ -51,6 +51,9 @@ impl Master {
         if let Some(begun) = self.board.begun(slot_index) {
             begun.clear();
         }
+        if let Some(held) = self.board.held(slot_index) {
+            held.clear();
+        }
         let request_limit = RequestLimit::new(
             settings.max_requests,
             random_below(settings.max_requests_jitter + 1),
@@ -248,6 +251,13 @@ impl Master {
     pub(super) fn slot_of(&self, pid: Pid) -> Option<&crate::scoreboard::Slot> {
         let h = self.handles.iter().find(|h| h.pid == pid)?;
         Some(self.board.slot(h.slot))
+    }
+
+    /// What worker `pid` holds now, beside its slot (see
+    /// [`crate::scoreboard::Held`]).
+    pub(super) fn held_of(&self, pid: Pid) -> Option<&crate::scoreboard::Held> {
+        let h = self.handles.iter().find(|h| h.pid == pid)?;
+        self.board.held(h.slot)
     }
 
     /// The requests worker `pid` names as in flight (see

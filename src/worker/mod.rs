@@ -490,7 +490,7 @@ async fn boot(
         ready: Arc::clone(&app.ready),
         handoff,
         placement: crate::http::placement::Placement::default(),
-        lot: crate::http::lot::Lot::new(),
+        lot: crate::http::lot::Lot::new(board.held(spec.slot)),
     });
     Ok((shared, listeners))
 }
