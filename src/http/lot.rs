@@ -149,8 +149,8 @@ struct State {
     next_ns: u64,
     /// The worker drains (or the lot has no watch): nothing is parked.
     closed: bool,
-    /// Connections parked since the allocator last gave free memory back.
-    parked_since_release: u32,
+    /// A connection parked since the allocator last gave free memory back.
+    release_due: bool,
 }
 
 impl State {
@@ -283,8 +283,7 @@ impl Lot {
             resume,
             until_ns,
         });
-        let first = state.parked_since_release == 0;
-        state.parked_since_release = state.parked_since_release.saturating_add(1);
+        let first = !std::mem::replace(&mut state.release_due, true);
         let sooner = until_ns < state.next_ns || first;
         state.next_ns = state.next_ns.min(until_ns);
         drop(state);
@@ -341,7 +340,7 @@ impl Lot {
             if let Some(at) = next {
                 timer.as_mut().reset(at.max(scanned + SCAN_EVERY));
             }
-            if !releasing && lot.lock().parked_since_release > 0 {
+            if !releasing && lot.lock().release_due {
                 release.as_mut().reset(Instant::now() + RELEASE_AFTER);
                 releasing = true;
             }
@@ -375,7 +374,7 @@ impl Lot {
                 () = &mut timer, if next.is_some() => {}
                 () = &mut release, if releasing => {
                     releasing = false;
-                    lot.lock().parked_since_release = 0;
+                    lot.lock().release_due = false;
                     crate::sys::release_free_memory();
                 }
             }
