@@ -88,7 +88,7 @@ log_events! {
     /// A worker still busy at `--graceful-timeout` is killed.
     GracefulTimeout => "worker.graceful_timeout",
     /// A worker's own trouble: its master is gone, it cannot map the
-    /// scoreboard, it has no handoff or liveness thread.
+    /// scoreboard, it has no handoff or orphan backstop thread.
     WorkerTrouble => "worker.trouble",
     /// A request was not answered within `--request-timeout` (504).
     RequestTimeout => "request.timeout",

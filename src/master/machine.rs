@@ -37,7 +37,7 @@
 //! | a worker of the booting generation exits, or the boot timeout passes | cannot start: fast stop, exit 1 (once a worker has been ready: the generation serves on with what it has, the others started again) | — | rolled back: booting workers stopped, old keeps serving | — | — |
 //! | a serving worker exits unexpectedly | — | logged as an error, replaced (backing off while workers die before ready) | ← | not replaced | not replaced |
 //! | a worker the master stopped exits | logged at info | ← | ← | ← | the last one: exit |
-//! | a heartbeat older than `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
+//! | no heartbeat, and no request begun or ended, for `--timeout` | killed (SIGABRT), replaced | ← | ← | ← | ← |
 //! | request limit near (its last eighth, [`crate::recycle::PRESPAWN_SHARE`]) or memory limit reached | — | replacement started (at most [`MAX_SURGE`] at once; the worker nearest its request limit first), worker drained once it is ready and the request limit reached (or `PRESPAWN_PATIENCE` after its replacement started, or at once when a worker past its limit waits) | deferred until Serving | — | — |
 //! | a reload with a canary | — | its canary workers start first, then are watched ([`super::canary`]): promoted (the rest starts) or rolled back with its figures | ← | ← | — |
 //! | a batch of a `max_surge`/`max_unavailable` reload is ready | — | — | old workers drain while the ready ones stay at least target − unavailable; the next batch starts while every process fits in target + surge | — | — |
@@ -133,6 +133,10 @@ pub(crate) struct Worker {
     requests: u64,
     /// What it had answered when last observed.
     counters: RequestCounters,
+    /// When a request was last seen to begin or end in it: progress the
+    /// master sees in its slot's counters, however long its runtime takes
+    /// to get to the heartbeat.
+    progressed: Instant,
 }
 
 impl Worker {
@@ -169,6 +173,7 @@ impl Worker {
             state: SlotState::Booting,
             requests: 0,
             counters: RequestCounters::default(),
+            progressed: now,
         }
     }
 
@@ -1233,6 +1238,9 @@ impl Machine {
     fn tick(&mut self, observed: &[Observed], now: Instant, out: &mut Out) {
         for o in observed {
             if let Some(w) = self.workers.iter_mut().find(|w| w.pid == o.pid) {
+                if o.requests != w.requests || o.counters.by_class != w.counters.by_class {
+                    w.progressed = now;
+                }
                 w.state = o.state;
                 w.requests = o.requests;
                 w.counters = o.counters.clone();
@@ -1323,12 +1331,16 @@ impl Machine {
             match w.role {
                 Role::Active | Role::Retiring => {
                     if let (Some(timeout), Some(o)) = (w.timeout, seen) {
-                        if o.state == SlotState::Ready && o.silent_ms > timeout.as_millis() as u64 {
+                        // Silent: neither a heartbeat nor a request begun
+                        // or ended.
+                        let idle_ms = now.saturating_duration_since(w.progressed).as_millis();
+                        let silent_ms = o.silent_ms.min(idle_ms as u64);
+                        if o.state == SlotState::Ready && silent_ms > timeout.as_millis() as u64 {
                             out.error(LogEvent::WorkerTimeout, format!(
                                 "WORKER TIMEOUT (pid: {}, generation {}): no progress for {:.1}s (no heartbeat, no request begun or ended), {} request(s) in flight; killing it",
                                 w.pid,
                                 w.generation,
-                                o.silent_ms as f64 / 1000.0,
+                                silent_ms as f64 / 1000.0,
                                 o.in_flight
                             ));
                             to_kill.push((w.pid, Signal::SIGABRT));

@@ -117,8 +117,9 @@ pub(crate) fn run(
     // (set after any change of credentials, which would clear it); one
     // whose master died before this point sees it and stops.
     // A command's worker gets a fast stop instead of SIGKILL, to end the
-    // command's whole tree first (see `crate::process_tree`); its liveness
-    // thread is the backstop should its runtime not get to it.
+    // command's whole tree first (see `crate::process_tree`); its orphan
+    // backstop thread (see `start_heartbeat`) ends it should its runtime
+    // not get to it.
     let _ = nix::sys::prctl::set_pdeathsig(if spec.settings.command.is_empty() {
         nix::sys::signal::Signal::SIGKILL
     } else {
@@ -185,7 +186,12 @@ async fn serve(
     app: Arc<LoadedApp>,
 ) -> i32 {
     let slot = board.slot(spec.slot);
-    start_heartbeat(slot, spec.settings.timeout(), spec.master_pid);
+    start_heartbeat(
+        slot,
+        spec.settings.timeout(),
+        spec.master_pid,
+        !spec.settings.command.is_empty(),
+    );
     // The worker's own handlers, from here on: a stop while it boots ends
     // the boot, and one that comes later is seen by `wait_for_stop`.
     let Some(mut signals) = StopSignals::install() else {
@@ -302,17 +308,21 @@ async fn serve(
 }
 
 /// Beats the worker's heartbeat on the scoreboard, several times per
-/// heartbeat timeout, while the worker makes progress: a task of its own
-/// beats whenever the runtime gets to it, and a thread beats for it
-/// whenever requests begin or end between two looks. A worker so busy
-/// that the task waits behind a thousand connections is still answering,
-/// so it lives; one whose runtime is stuck (or that is stopped) does
-/// neither, and the master kills it at `--timeout`.
+/// heartbeat timeout, whenever the runtime gets to it. A worker so busy
+/// that this task waits behind a thousand connections is still answering:
+/// the master sees its requests begin and end in its slot and lets it
+/// live; one whose runtime is stuck (or that is stopped) does neither, and
+/// the master kills it at `--timeout`.
 ///
-/// The thread is also the backstop of a worker whose master is gone: if
-/// the worker is still there a few seconds after (its runtime stuck), the
-/// thread ends what the worker started and the worker itself.
-fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u32) {
+/// A command's worker (`zdr serve -- CMD`) also gets a thread, the
+/// backstop of a worker whose master is gone: its master's death only
+/// asks it to stop (it ends the command's whole tree first), so if it is
+/// still there a few seconds after (its runtime stuck), the thread ends
+/// what the worker started and the worker itself. An app's worker needs
+/// none (its master's death kills it) and stays single-threaded, which
+/// spares every request the C library's multi-threaded paths (cancellable
+/// system calls, locked allocations).
+fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u32, command: bool) {
     let beat = timeout
         .map(|t| (t / 4).min(Duration::from_secs(1)))
         .unwrap_or(Duration::from_secs(1))
@@ -324,15 +334,12 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u
             slot.beat();
         }
     });
-    // Progress seen from outside the runtime's queue.
-    let progress = move || {
-        let answered: u64 = slot.counters().by_class.iter().sum();
-        (slot.requests(), answered)
-    };
+    if !command {
+        return;
+    }
     let spawned = std::thread::Builder::new()
-        .name("zdr-liveness".into())
+        .name("zdr-orphan".into())
         .spawn(move || {
-            let mut last = progress();
             let mut orphaned_since = None;
             loop {
                 std::thread::sleep(beat);
@@ -343,23 +350,18 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u
                         std::process::exit(1);
                     }
                 }
-                let now = progress();
-                if now != last {
-                    slot.beat();
-                    last = now;
-                }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(
             event = crate::logging::LogEvent::WorkerTrouble.name(),
-            "no liveness thread ({e}): the heartbeat relies on the runtime alone"
+            "no orphan backstop thread ({e}): a stuck worker whose master died may outlive it"
         );
     }
 }
 
 /// How long a worker whose master is gone may take to stop by itself
-/// before its liveness thread ends it.
+/// before its orphan backstop thread ends it.
 const ORPHAN_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// How a boot ended early.

@@ -863,6 +863,10 @@ fn a_silent_worker_is_aborted_then_killed() {
     let slot = sim.slots.get_mut(&pid).expect("slot");
     slot.silent_ms = 31_000;
     slot.in_flight = 3;
+    // Its heartbeat says 31 s, but the master has not yet watched it for
+    // that long without a request begun or ended.
+    assert!(signals_to(&sim.tick(), Signal::SIGABRT).is_empty());
+    sim.now += Duration::from_secs(31);
     let actions = sim.tick();
     assert!(logged(
         &actions,
@@ -876,6 +880,38 @@ fn a_silent_worker_is_aborted_then_killed() {
     );
     let actions = sim.exit(pid, "was killed by SIGKILL");
     assert!(actions.contains(&Action::Record(Record::Restart(RestartCause::Timeout))));
+}
+
+#[test]
+fn a_worker_whose_requests_begin_or_end_lives_without_a_heartbeat() {
+    // A runtime so busy that its heartbeat task waits: the master sees its
+    // progress in the slot's counters instead.
+    let mut sim = Sim::serving(1);
+    let pid = sim.pids(1)[0];
+    for step in 1..=10u64 {
+        let slot = sim.slots.get_mut(&pid).expect("slot");
+        slot.silent_ms = step * 10_000;
+        if step % 2 == 0 {
+            slot.requests += 1;
+        } else {
+            slot.counters.by_class[1] += 1;
+        }
+        let actions = sim.advance(10 * SEC);
+        assert!(
+            signals_to(&actions, Signal::SIGABRT).is_empty(),
+            "step {step}: {actions:?}"
+        );
+    }
+    // Then neither: killed once the timeout (30 s) has passed since the
+    // last request it ended.
+    assert!(signals_to(&sim.advance(20 * SEC), Signal::SIGABRT).is_empty());
+    let actions = sim.advance(11 * SEC);
+    assert_eq!(signals_to(&actions, Signal::SIGABRT), vec![pid]);
+    assert!(logged(
+        &actions,
+        Level::ERROR,
+        &format!("WORKER TIMEOUT (pid: {pid}, generation 1): no progress for 31.0s")
+    ));
 }
 
 #[test]
