@@ -84,7 +84,13 @@ impl Begun {
         }
         text[start..start + take].copy_from_slice(&path.as_bytes()[..take]);
         let len = start + take;
-        for (word, bytes) in entry.text.iter().zip(text.chunks_exact(8)) {
+        // Only the words the text reaches: the reader stops at its length.
+        for (word, bytes) in entry
+            .text
+            .iter()
+            .zip(text.chunks_exact(8))
+            .take(len.div_ceil(8))
+        {
             let mut b = [0u8; 8];
             b.copy_from_slice(bytes);
             word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
