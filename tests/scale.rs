@@ -41,6 +41,27 @@ fn raise_open_files(n: usize) {
     );
 }
 
+/// The sum of the PARKED column of `zdr status`'s worker table, if the
+/// table has that column and every worker row a number in it.
+fn parked_column_sum(text: &str) -> Option<u64> {
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("PID "));
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let at = header.iter().position(|h| *h == "PARKED")?;
+    let mut sum = 0;
+    let mut rows = 0;
+    for line in lines {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        if cells.first().is_none_or(|c| c.parse::<u32>().is_err()) {
+            break;
+        }
+        sum += cells.get(at)?.parse::<u64>().ok()?;
+        rows += 1;
+    }
+    (rows > 0).then_some(sum)
+}
+
 /// Asserts that a round after an event lost nothing, and that every answer
 /// came from generation `generation` and from one of `pids`.
 fn assert_all_answered(
@@ -117,6 +138,11 @@ fn idle_keep_alive_connections_survive_every_way_a_worker_leaves() {
         server.status().workers
     );
     assert_eq!(metric(&server.scrape(), "zdr_connections_parked"), n as f64);
+    // And `zdr status` shows them in its PARKED column, worker by worker.
+    let text = server.control(&["status"]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert_eq!(parked_column_sum(&text), Some(n as u64), "{text}");
     // Parked, each holds a few hundred bytes of the workers' memory, not
     // the 17 KiB or more hyper's buffers and state would, nor the 3 KiB or
     // more the allocator would keep of those freed buffers: their memory
