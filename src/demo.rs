@@ -18,6 +18,10 @@
 //!   goes on.
 //! - `GET /alloc?mb=N` makes the worker hold N more megabytes (at most
 //!   1024), to watch `--max-worker-memory` recycle it.
+//! - `GET /bytes?n=N` answers N bytes (at most 256 MiB) of the alphabet
+//!   over and over, as one buffer: a large download, to read slowly across
+//!   a reload (the worker keeps the longest it has made, and answers
+//!   slices of it).
 //! - `GET /block?ms=N` blocks the worker's runtime thread for N ms (at most
 //!   60 000), as a handler with a blocking call would: with `--threads 1`
 //!   and `--timeout` shorter than N, the master kills and replaces it.
@@ -150,6 +154,20 @@ fn injected_error(rate: f64) -> bool {
     ((n + 1.0) * rate).floor() > (n * rate).floor()
 }
 
+/// `n` bytes of the alphabet over and over, for `/bytes`: a slice of the
+/// longest run built so far in this worker, so that a download costs the
+/// worker its sending, not its making.
+fn alphabet(n: usize) -> Bytes {
+    static RUN: std::sync::Mutex<Bytes> = std::sync::Mutex::new(Bytes::new());
+    let Ok(mut run) = RUN.lock() else {
+        return Bytes::new();
+    };
+    if run.len() < n {
+        *run = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+    }
+    run.slice(..n)
+}
+
 /// Memory that `/alloc` holds on to.
 static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
@@ -259,6 +277,10 @@ async fn handle(demo: Arc<Demo>, req: Request) -> Answer {
         }
         "/" => {}
         "/echo" => return Ok(echo(req)),
+        "/bytes" => {
+            let n = query_param(&req, "n").min(256 << 20) as usize;
+            return Ok(http::Response::new(Full::new(alphabet(n))));
+        }
         "/slow" => tokio::time::sleep(Duration::from_millis(query_ms(&req))).await,
         "/block" => std::thread::sleep(Duration::from_millis(query_ms(&req))),
         "/panic" => panic!("the demo app was asked to panic"),

@@ -483,6 +483,76 @@ fn a_reload_hands_idle_connections_to_the_new_generation() {
     );
 }
 
+/// A large answer that its client reads slowly spans a reload whole: the
+/// draining worker does not hand the connection over while hyper still
+/// holds bytes of the body, and hands it over once the body is out, so the
+/// client's next request on it is answered by the new generation.
+#[test]
+fn a_large_answer_read_slowly_spans_a_reload_then_its_connection_moves() {
+    use std::io::Read as _;
+    // Larger than what the loopback's socket buffers hold: the worker is
+    // still sending when the reload comes.
+    const N: usize = 48 << 20;
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--keep-alive",
+        "600",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ])
+    .start();
+    server.wait_ready();
+    let old = server.wait_generation_ready(1, 1);
+    let mut conn = KeepAlive::open(server.addr());
+    assert!(conn.send(format!("GET /bytes?n={N} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()));
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        conn.reader().read_exact(&mut byte).expect("the head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {N}\r\n")), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let mut body = vec![0u8; N];
+    let first = 1 << 20;
+    conn.reader()
+        .read_exact(&mut body[..first])
+        .expect("the body's first MiB");
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("Generation 2 ready", Duration::from_secs(60));
+    server.wait_old_generations_stop_accepting(2);
+    // The old worker is draining, and still sending.
+    assert!(old.iter().all(|p| alive(*p)), "{}", server.log_text());
+    conn.reader()
+        .read_exact(&mut body[first..])
+        .expect("the rest of the body");
+    let wrong = body
+        .iter()
+        .enumerate()
+        .position(|(i, b)| *b != b'a' + (i % 26) as u8);
+    assert_eq!(wrong, None, "the body differs from what was sent");
+    // The next request on the same connection: the new generation answers.
+    let reply = conn.get().expect("an answer on the same connection");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.generation(), 2, "{reply:?}");
+    assert_eq!(reply.header("connection"), None, "{reply:?}");
+    assert!(
+        wait_until(Duration::from_secs(60), || old.iter().all(|p| !alive(*p))),
+        "the old worker lingers"
+    );
+    server.wait_for_log("Reload to generation 2 complete", Duration::from_secs(60));
+    assert!(
+        !server.log_text().contains("graceful timeout"),
+        "{}",
+        server.log_text()
+    );
+    let handed = metric(&server.scrape(), "zdr_connections_handed_over_total");
+    assert_eq!(handed, 1.0, "{}", server.log_text());
+}
+
 /// A worker takes handed-over connections only within its
 /// `--worker-connections`: when the worker that stays is full, the leaving
 /// worker's connections are not piled onto it (the leaving one serves them
