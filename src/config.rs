@@ -656,6 +656,12 @@ pub struct Options {
     )]
     pub max_connection_age_grace: Option<f64> = 10.0,
 
+    /// Serve a Python ASGI app in-process, named as uvicorn and Gunicorn name it:
+    /// MODULE:APP (`main:app`: the object `app` in `main.py`, imported from the
+    /// working directory). Needs a zdr built with the `python` feature.
+    #[arg(value_name = "MODULE:APP")]
+    pub app: Option<String> => r#""main:app""#,
+
     /// Serve any HTTP app: each worker runs this command with a private port in
     /// $PORT and forwards its requests to it (after `--`, or `command = [...]`
     /// in the config file).
@@ -1044,6 +1050,10 @@ pub struct Settings {
     /// linked into this binary.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// The Python app each worker imports and serves (`MODULE:APP`); empty
+    /// for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app: String,
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
@@ -1155,6 +1165,55 @@ fn command(command: Option<Vec<String>>, preload: bool) -> Result<Vec<String>, C
         )),
         Some(_) => Ok(command),
     }
+}
+
+/// The Python app to serve, if any: `MODULE:APP`, alone (not with a
+/// command), in a build that can host Python.
+fn python_app(app: Option<String>, command: bool, preload: bool) -> Result<String, ConfigError> {
+    let Some(app) = app.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()) else {
+        return Ok(String::new());
+    };
+    let valid = app.split_once(':').is_some_and(|(module, attr)| {
+        let dotted = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|part| {
+                    part.chars()
+                        .next()
+                        .is_some_and(|c| c.is_alphabetic() || c == '_')
+                        && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+                })
+        };
+        dotted(module) && dotted(attr)
+    });
+    if !valid {
+        return Err(ConfigError::invalid(
+            "app",
+            format!("`{app}` is not MODULE:APP (such as `main:app`, the object `app` in main.py)"),
+        ));
+    }
+    if command {
+        return Err(ConfigError::invalid(
+            "app",
+            "a Python app and a command (`-- CMD`) cannot be served together: give one",
+        ));
+    }
+    if preload {
+        return Err(ConfigError::invalid(
+            "preload",
+            "is not built yet for a Python app: each worker imports the app itself \
+             (drop --preload)",
+        ));
+    }
+    if !cfg!(feature = "python") {
+        return Err(ConfigError::invalid(
+            "app",
+            format!(
+                "serving `{app}` needs a zdr built with Python hosting \
+                 (`cargo build --release --features python`)"
+            ),
+        ));
+    }
+    Ok(app)
 }
 
 fn default_proxy_upgrades() -> Vec<String> {
@@ -1566,6 +1625,11 @@ impl Settings {
                 .map(|n| n.trim().to_owned())
                 .filter(|n| !n.is_empty()),
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
+            app: python_app(
+                o.app,
+                o.command.as_ref().is_some_and(|c| !c.is_empty()),
+                o.preload.unwrap_or(d.preload),
+            )?,
             command: command(o.command, o.preload.unwrap_or(d.preload))?,
             worker_ready_path: probe_path(
                 "worker_ready_path",

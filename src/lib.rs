@@ -47,6 +47,8 @@ mod master;
 mod metrics;
 mod port_arg;
 mod process_tree;
+#[cfg(feature = "python")]
+mod python;
 mod recycle;
 mod response_body;
 mod scoreboard;

@@ -14,7 +14,8 @@ use super::Options;
 pub struct Entry {
     /// The config file's key.
     pub key: String,
-    /// `-b/--bind`, or `-- CMD ARGS` for the command.
+    /// `-b/--bind`; for a positional, its value's name (`MODULE:APP`), or
+    /// `-- CMD ARGS` for the command.
     pub flag: String,
     /// The `ZDR_*` variable, if it has one.
     pub env: Option<String>,
@@ -95,7 +96,11 @@ pub fn entries() -> Vec<Entry> {
             let flag = match (arg.get_short(), arg.get_long()) {
                 (Some(s), Some(l)) => format!("-{s}/--{l}"),
                 (None, Some(l)) => format!("--{l}"),
-                _ => "-- CMD ARGS".to_owned(),
+                _ if arg.is_last_set() => "-- CMD ARGS".to_owned(),
+                _ => arg
+                    .get_value_names()
+                    .and_then(|names| names.first())
+                    .map_or_else(|| key.to_owned(), |name| name.to_string()),
             };
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
             let long = arg

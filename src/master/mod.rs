@@ -171,7 +171,14 @@ impl Master {
     fn start(inputs: Inputs<'_>, settings: Settings) -> anyhow::Result<(Master, Event)> {
         let pid = std::process::id();
         // What is served: the app, or the command a `-- CMD` server runs.
-        if settings.command.is_empty() {
+        if !settings.app.is_empty() {
+            info!(
+                event = crate::logging::LogEvent::MasterStarting.name(),
+                "Starting {} (zdr {}, Python in-process)",
+                settings.app,
+                env!("CARGO_PKG_VERSION")
+            );
+        } else if settings.command.is_empty() {
             info!(
                 event = crate::logging::LogEvent::MasterStarting.name(),
                 "Starting {} (zdr {})",

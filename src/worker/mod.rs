@@ -146,6 +146,12 @@ pub(crate) fn run(
         Some(app) => app,
         // `zdr serve -- CMD`: the command is this worker's app.
         None if !spec.settings.command.is_empty() => Arc::new(crate::command::load(&spec)),
+        // `zdr serve MODULE:APP`: a Python app, imported in this worker.
+        #[cfg(feature = "python")]
+        None if !spec.settings.app.is_empty() => match crate::python::load(&spec) {
+            Ok(app) => Arc::new(app),
+            Err(e) => return boot_failed(slot, &bell, &e),
+        },
         None => match loader() {
             Ok(app) => Arc::new(app),
             Err(e) => return boot_failed(slot, &bell, &e),

@@ -1,0 +1,591 @@
+//! One request to a Python app: its state, shared by the runtime thread
+//! (the service's future, the response body, the request body's
+//! forwarder) and the Python thread (the app's `receive` and `send`).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use super::{Bridge, Wake};
+use crate::app::{Body, BoxError, Request};
+
+/// Bytes of a body buffered on either side before the sender waits.
+const ROOM: usize = 256 << 10;
+
+/// zdr's ASGI app service: each request becomes a call queued for the
+/// Python thread.
+#[derive(Clone)]
+pub(super) struct Asgi {
+    bridge: Arc<Bridge>,
+}
+
+impl Asgi {
+    pub(super) fn new(bridge: Arc<Bridge>) -> Asgi {
+        Asgi { bridge }
+    }
+}
+
+impl tower::Service<Request> for Asgi {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Answer;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Answer {
+        let (parts, body) = req.into_parts();
+        let body_done = http_body::Body::is_end_stream(&body);
+        let state = Arc::new(CallState {
+            bridge: Arc::clone(&self.bridge),
+            waker: AtomicWaker::new(),
+            room: tokio::sync::Notify::new(),
+            inner: Mutex::new(Inner {
+                head: Some(parts),
+                body_done,
+                ..Inner::default()
+            }),
+        });
+        if !body_done {
+            let forwarder = tokio::spawn(forward(Arc::clone(&state), body));
+            state.lock().forwarder = Some(forwarder.abort_handle());
+        }
+        self.bridge.post(Wake::New(Arc::clone(&state)));
+        Answer {
+            side: Some(Side(state)),
+        }
+    }
+}
+
+/// One call's state.
+pub(super) struct CallState {
+    bridge: Arc<Bridge>,
+    /// The runtime's side: the service's future, then the response body.
+    waker: AtomicWaker,
+    /// The request body's forwarder waits here for room.
+    room: tokio::sync::Notify,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The request's head, until the scope is made of it.
+    head: Option<http::request::Parts>,
+    /// Request body bytes not yet received by the app.
+    body: VecDeque<Bytes>,
+    body_bytes: usize,
+    /// The request body has ended (all of it is in `body`).
+    body_done: bool,
+    /// The app has received the last of the request body.
+    received_all: bool,
+    /// The client or zdr is gone: `receive` says `http.disconnect`, and
+    /// `send` drops what it is given.
+    disconnected: bool,
+    /// What the app awaits, if it waits: a `receive` or a `send`.
+    waiting: Option<(Waiting, PyObject)>,
+    /// The response's status and fields, once the app has started it.
+    start: Option<(StatusCode, HeaderMap)>,
+    /// The head may go out (the app sent body bytes, or had its turn).
+    flushed: bool,
+    /// The runtime has taken the head.
+    head_taken: bool,
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
+    /// The app has sent the response's last bytes.
+    out_done: bool,
+    /// The app failed: its traceback.
+    failed: Option<String>,
+    /// The app's call has returned.
+    finished: bool,
+    forwarder: Option<tokio::task::AbortHandle>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Waiting {
+    Receive,
+    Send,
+}
+
+impl CallState {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the app's `receive` or `send`, if it waits.
+    fn resume_app(self: &Arc<Self>, inner: &Inner) {
+        if inner.waiting.is_some() {
+            self.bridge.post(Wake::Resume(Arc::clone(self)));
+        }
+    }
+
+    /// The runtime's side is gone (the client left, or the response is
+    /// out): the app hears `http.disconnect`.
+    fn disconnect(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        inner.disconnected = true;
+        if let Some(f) = inner.forwarder.take() {
+            f.abort();
+        }
+        self.resume_app(&inner);
+    }
+}
+
+/// Reads the request body into the call as the app makes room for it.
+async fn forward(state: Arc<CallState>, mut body: crate::body::RequestBody) {
+    loop {
+        loop {
+            let room = state.room.notified();
+            {
+                let inner = state.lock();
+                if inner.finished || inner.disconnected {
+                    return;
+                }
+                if inner.body_bytes < ROOM {
+                    break;
+                }
+            }
+            room.await;
+        }
+        let frame = body.frame().await;
+        let mut inner = state.lock();
+        match frame {
+            None => inner.body_done = true,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        inner.body_bytes += data.len();
+                        inner.body.push_back(data);
+                    }
+                }
+            }
+            // A broken or refused body: zdr answers it; the app hears the
+            // client has gone.
+            Some(Err(_)) => inner.disconnected = true,
+        }
+        let end = inner.body_done || inner.disconnected;
+        state.resume_app(&inner);
+        if end {
+            return;
+        }
+    }
+}
+
+/// A call as the Python thread sees it (`glue.py`).
+#[pyclass(frozen)]
+pub(super) struct Call(Arc<CallState>);
+
+impl Call {
+    pub(super) fn new(state: Arc<CallState>) -> Call {
+        Call(state)
+    }
+}
+
+/// The next message `receive` has for the app, if it has one now.
+fn next_message<'py>(
+    py: Python<'py>,
+    state: &CallState,
+    inner: &mut Inner,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let message = PyDict::new(py);
+    if !inner.received_all && !inner.disconnected {
+        let chunk = inner.body.pop_front();
+        if chunk.is_none() && !inner.body_done {
+            return Ok(None);
+        }
+        let chunk = chunk.unwrap_or_default();
+        inner.body_bytes -= chunk.len();
+        let more = !(inner.body_done && inner.body.is_empty());
+        inner.received_all = !more;
+        state.room.notify_one();
+        message.set_item("type", "http.request")?;
+        message.set_item("body", PyBytes::new(py, &chunk))?;
+        message.set_item("more_body", more)?;
+        return Ok(Some(message));
+    }
+    if inner.disconnected {
+        message.set_item("type", "http.disconnect")?;
+        return Ok(Some(message));
+    }
+    Ok(None)
+}
+
+#[pymethods]
+impl Call {
+    /// The request's ASGI scope (`state`: the lifespan's, copied).
+    fn scope<'py>(
+        &self,
+        py: Python<'py>,
+        state: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let Some(head) = self.0.lock().head.take() else {
+            return Err(PyRuntimeError::new_err("the scope was already made"));
+        };
+        scope(py, &head, state)
+    }
+
+    /// The next message, or `None` if the app must wait for it
+    /// (`wait`).
+    fn receive<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let mut inner = self.0.lock();
+        next_message(py, &self.0, &mut inner)
+    }
+
+    /// The app awaits `future`: for the next message (after `receive`
+    /// said `None`) or, `sending`, for room (after `send` said 1).
+    /// Resolved at once if it may already go on.
+    fn wait(&self, py: Python<'_>, future: PyObject, sending: bool) -> PyResult<()> {
+        let mut inner = self.0.lock();
+        let what = if sending {
+            Waiting::Send
+        } else {
+            Waiting::Receive
+        };
+        inner.waiting = Some((what, future));
+        resume(py, &self.0, &mut inner)
+    }
+
+    /// Goes on with what the app awaits, if it may (queued by zdr).
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        let mut inner = self.0.lock();
+        resume(py, &self.0, &mut inner)
+    }
+
+    /// The app sends `message`: 0 when it may go on, 1 when it must wait
+    /// for room (`wait`), 2 when it started the response (`flush` once it
+    /// has had its turn).
+    fn send(&self, message: &Bound<'_, PyDict>) -> PyResult<u8> {
+        let kind: String = message
+            .get_item("type")?
+            .ok_or_else(|| PyRuntimeError::new_err("an ASGI message has a `type`"))?
+            .extract()?;
+        match kind.as_str() {
+            "http.response.start" => {
+                let status: u16 = message
+                    .get_item("status")?
+                    .ok_or_else(|| PyRuntimeError::new_err("http.response.start has a `status`"))?
+                    .extract()?;
+                let status = StatusCode::from_u16(status).map_err(|_| {
+                    PyRuntimeError::new_err(format!("{status} is not an HTTP status"))
+                })?;
+                let mut fields = HeaderMap::new();
+                if let Some(headers) = message.get_item("headers")? {
+                    for pair in headers.try_iter()? {
+                        let (name, value): (Vec<u8>, Vec<u8>) = pair?.extract()?;
+                        let name = HeaderName::from_bytes(&name).map_err(|_| {
+                            PyRuntimeError::new_err(format!(
+                                "{:?} is not a header name",
+                                String::from_utf8_lossy(&name)
+                            ))
+                        })?;
+                        let value = HeaderValue::from_bytes(&value).map_err(|_| {
+                            PyRuntimeError::new_err(format!(
+                                "the {name} header's value is not valid"
+                            ))
+                        })?;
+                        fields.append(name, value);
+                    }
+                }
+                let mut inner = self.0.lock();
+                if inner.start.is_some() {
+                    return Err(PyRuntimeError::new_err("the response has already started"));
+                }
+                inner.start = Some((status, fields));
+                Ok(2)
+            }
+            "http.response.body" => {
+                let more: bool = match message.get_item("more_body")? {
+                    Some(v) => v.is_truthy()?,
+                    None => false,
+                };
+                let body = message.get_item("body")?;
+                let mut inner = self.0.lock();
+                if inner.start.is_none() {
+                    return Err(PyRuntimeError::new_err(
+                        "http.response.body before http.response.start",
+                    ));
+                }
+                if inner.out_done || inner.disconnected {
+                    return Ok(0);
+                }
+                if let Some(body) = body {
+                    let bytes = body.downcast::<PyBytes>()?.as_bytes();
+                    if !bytes.is_empty() {
+                        inner.out_bytes += bytes.len();
+                        inner.out.push_back(Bytes::copy_from_slice(bytes));
+                    }
+                }
+                inner.out_done = !more;
+                inner.flushed = true;
+                let wait = more && inner.out_bytes >= ROOM;
+                drop(inner);
+                self.0.waker.wake();
+                Ok(u8::from(wait))
+            }
+            other => Err(PyRuntimeError::new_err(format!(
+                "zdr does not take the ASGI message {other:?} on an http scope"
+            ))),
+        }
+    }
+
+    /// The head may go out without body bytes.
+    fn flush(&self) {
+        self.0.lock().flushed = true;
+        self.0.waker.wake();
+    }
+
+    /// The app's call raised: `traceback` says how.
+    fn fail(&self, traceback: String) {
+        let mut inner = self.0.lock();
+        inner.failed = Some(traceback);
+        self.end(&mut inner);
+    }
+
+    /// The app's call returned.
+    fn finish(&self) {
+        let mut inner = self.0.lock();
+        if inner.start.is_none() {
+            inner.failed = Some("the app returned without sending a response".to_owned());
+        } else if !inner.out_done && !inner.disconnected {
+            inner.failed = Some("the app returned before its response ended".to_owned());
+        }
+        self.end(&mut inner);
+    }
+}
+
+impl Call {
+    fn end(&self, inner: &mut Inner) {
+        inner.finished = true;
+        inner.waiting = None;
+        if let Some(f) = inner.forwarder.take() {
+            f.abort();
+        }
+        self.0.room.notify_one();
+        self.0.waker.wake();
+    }
+}
+
+/// Resolves the app's awaited future if what it waits for has come.
+fn resume(py: Python<'_>, state: &CallState, inner: &mut Inner) -> PyResult<()> {
+    let Some((what, _)) = &inner.waiting else {
+        return Ok(());
+    };
+    let value = match what {
+        Waiting::Receive => match next_message(py, state, inner)? {
+            Some(message) => message.into_any(),
+            None => return Ok(()),
+        },
+        Waiting::Send if inner.out_bytes < ROOM || inner.disconnected => py.None().into_bound(py),
+        Waiting::Send => return Ok(()),
+    };
+    if let Some((_, future)) = inner.waiting.take() {
+        let future = future.bind(py);
+        if !future.call_method0("done")?.is_truthy()? {
+            future.call_method1("set_result", (value,))?;
+        }
+    }
+    Ok(())
+}
+
+/// The ASGI scope of a request.
+fn scope<'py>(
+    py: Python<'py>,
+    head: &http::request::Parts,
+    state: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let scope = PyDict::new(py);
+    let asgi = PyDict::new(py);
+    asgi.set_item("version", "3.0")?;
+    asgi.set_item("spec_version", "2.3")?;
+    scope.set_item("type", "http")?;
+    scope.set_item("asgi", asgi)?;
+    scope.set_item(
+        "http_version",
+        match head.version {
+            http::Version::HTTP_10 => "1.0",
+            http::Version::HTTP_2 => "2",
+            _ => "1.1",
+        },
+    )?;
+    scope.set_item("method", head.method.as_str())?;
+    let client = head.extensions.get::<crate::ClientInfo>();
+    scope.set_item("scheme", client.map_or("http", |c| c.scheme))?;
+    let raw_path = head.uri.path();
+    scope.set_item("path", percent_decoded(raw_path))?;
+    scope.set_item("raw_path", PyBytes::new(py, raw_path.as_bytes()))?;
+    scope.set_item(
+        "query_string",
+        PyBytes::new(py, head.uri.query().unwrap_or("").as_bytes()),
+    )?;
+    scope.set_item("root_path", "")?;
+    let headers = PyList::empty(py);
+    if !head.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = head.uri.authority() {
+            headers.append(PyTuple::new(
+                py,
+                [
+                    PyBytes::new(py, b"host"),
+                    PyBytes::new(py, authority.as_str().as_bytes()),
+                ],
+            )?)?;
+        }
+    }
+    for (name, value) in &head.headers {
+        headers.append(PyTuple::new(
+            py,
+            [
+                PyBytes::new(py, name.as_str().as_bytes()),
+                PyBytes::new(py, value.as_bytes()),
+            ],
+        )?)?;
+    }
+    scope.set_item("headers", headers)?;
+    match client.and_then(|c| c.addr) {
+        // The port is not kept; 0 says so.
+        Some(ip) => scope.set_item("client", (ip.to_string(), 0))?,
+        None => scope.set_item("client", py.None())?,
+    }
+    scope.set_item("server", py.None())?;
+    scope.set_item("state", state.copy()?)?;
+    scope.set_item("extensions", PyDict::new(py))?;
+    Ok(scope)
+}
+
+/// A path with its `%XX` escapes decoded (as UTF-8, lossily).
+fn percent_decoded(path: &str) -> String {
+    if !path.contains('%') {
+        return path.to_owned();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The runtime's hold on a call: dropped (the client left, or the whole
+/// response is out), the app hears `http.disconnect`.
+struct Side(Arc<CallState>);
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.0.disconnect();
+    }
+}
+
+/// The service's future: the response's head, once the app has sent it.
+pub(super) struct Answer {
+    side: Option<Side>,
+}
+
+impl Future for Answer {
+    type Output = Result<http::Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(side) = &self.side else {
+            return Poll::Ready(Err("polled after its answer".into()));
+        };
+        let state = Arc::clone(&side.0);
+        state.waker.register(cx.waker());
+        let mut inner = state.lock();
+        if inner.start.is_none() || !inner.flushed {
+            if let Some(why) = inner.failed.take() {
+                return Poll::Ready(Err(
+                    format!("the Python app raised:\n{}", why.trim_end()).into()
+                ));
+            }
+            return Poll::Pending;
+        }
+        let Some((status, fields)) = inner.start.take() else {
+            return Poll::Pending;
+        };
+        inner.head_taken = true;
+        let body = if inner.out_done && inner.out.len() <= 1 {
+            // The whole body came with the head: one buffer, and the
+            // call is over for the runtime.
+            let bytes = inner.out.pop_front().unwrap_or_default();
+            inner.out_bytes = 0;
+            drop(inner);
+            self.side = None;
+            Body::from(bytes)
+        } else {
+            drop(inner);
+            Body::new(Streamed {
+                side: self.side.take(),
+            })
+        };
+        let mut res = http::Response::new(body);
+        *res.status_mut() = status;
+        *res.headers_mut() = fields;
+        Poll::Ready(Ok(res))
+    }
+}
+
+/// A response body the app sends in parts.
+struct Streamed {
+    side: Option<Side>,
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(side) = &self.side else {
+            return Poll::Ready(None);
+        };
+        let state = Arc::clone(&side.0);
+        state.waker.register(cx.waker());
+        let mut inner = state.lock();
+        if let Some(bytes) = inner.out.pop_front() {
+            inner.out_bytes -= bytes.len();
+            if inner.out_bytes < ROOM {
+                state.resume_app(&inner);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        if let Some(why) = inner.failed.take() {
+            return Poll::Ready(Some(Err(format!(
+                "the Python app raised mid-response:\n{}",
+                why.trim_end()
+            )
+            .into())));
+        }
+        if inner.out_done {
+            drop(inner);
+            self.side = None;
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,173 @@
+"""zdr's side of the ASGI protocol, run in a worker's Python thread.
+
+zdr's HTTP layer (Rust, on the worker's runtime thread) never takes the
+GIL: it queues work for this thread and writes to `wake_fd`; this thread's
+event loop reads the queue (`inbox.take()`) and runs the app. Calls go
+back through the `Call` objects zdr hands over (`receive`, `send`, ...).
+"""
+
+import asyncio
+import os
+import sys
+import traceback
+
+# What zdr queues (the first item of each of inbox.take()'s pairs).
+NEW, RESUME, SHUTDOWN = 0, 1, 2
+
+
+def make_loop():
+    """uvloop's loop when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def load(name):
+    """Imports MODULE:APP; returns (app, None) or (None, the traceback)."""
+    module, _, attr = name.partition(":")
+    try:
+        obj = __import__(module, fromlist=["_"])
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except BaseException:
+        return None, traceback.format_exc()
+    if not callable(obj):
+        return None, f"{name} is not callable (an ASGI app is `async def app(scope, receive, send)`)"
+    return obj, None
+
+
+class Runner:
+    """Runs one app on one event loop: its lifespan and its requests."""
+
+    def __init__(self, app, loop, wake_fd, inbox):
+        self.app = app
+        self.loop = loop
+        self.wake_fd = wake_fd
+        self.inbox = inbox
+        # Shared with every request's scope (ASGI's lifespan state).
+        self.state = {}
+        self.tasks = set()
+        self.lifespan_task = None
+        self.lifespan_queue = None
+        self.stopped = None
+        loop.add_reader(wake_fd, self.on_wake)
+
+    def on_wake(self):
+        try:
+            os.read(self.wake_fd, 8)
+        except BlockingIOError:
+            pass
+        for kind, obj in self.inbox.take():
+            if kind == NEW:
+                task = self.loop.create_task(self.serve(obj))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif kind == RESUME:
+                obj.resume()
+            elif kind == SHUTDOWN:
+                self.loop.create_task(self.shutdown(obj))
+
+    async def serve(self, call):
+        loop = self.loop
+        scope = call.scope(self.state)
+
+        async def receive():
+            message = call.receive()
+            if message is None:
+                future = loop.create_future()
+                call.wait(future, False)
+                message = await future
+            return message
+
+        async def send(message):
+            wait = call.send(message)
+            if wait == 1:
+                future = loop.create_future()
+                call.wait(future, True)
+                await future
+            elif wait == 2:
+                # The head alone: sent once the app has had its turn to
+                # send the body with it.
+                loop.call_soon(call.flush)
+
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as e:
+            call.fail("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            call.finish()
+
+    def startup(self, timeout):
+        """Runs the lifespan's startup; returns (ok, message)."""
+        return self.loop.run_until_complete(self._startup(timeout))
+
+    async def _startup(self, timeout):
+        self.lifespan_queue = asyncio.Queue()
+        started = self.loop.create_future()
+        self.stopped = self.loop.create_future()
+        stopped = self.stopped
+        scope = {
+            "type": "lifespan",
+            "asgi": {"version": "3.0", "spec_version": "2.0"},
+            "state": self.state,
+        }
+
+        async def receive():
+            return await self.lifespan_queue.get()
+
+        async def send(message):
+            kind = message.get("type")
+            if kind == "lifespan.startup.complete" and not started.done():
+                started.set_result((True, ""))
+            elif kind == "lifespan.startup.failed" and not started.done():
+                started.set_result((False, message.get("message") or "lifespan startup failed"))
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                if not stopped.done():
+                    stopped.set_result(message.get("message", ""))
+
+        async def main():
+            try:
+                await self.app(scope, receive, send)
+            except BaseException:
+                text = traceback.format_exc()
+                if not started.done():
+                    # As uvicorn's `--lifespan auto`: an app that fails on
+                    # the lifespan scope before starting up does not speak
+                    # it, and serves without.
+                    print(
+                        f"[zdr] the app does not support ASGI lifespan; serving without it:\n{text}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    started.set_result((True, ""))
+            finally:
+                if not started.done():
+                    started.set_result((True, ""))
+                if not stopped.done():
+                    stopped.set_result("")
+
+        self.lifespan_task = self.loop.create_task(main())
+        self.lifespan_queue.put_nowait({"type": "lifespan.startup"})
+        try:
+            return await asyncio.wait_for(asyncio.shield(started), timeout)
+        except asyncio.TimeoutError:
+            return (False, f"lifespan startup did not complete within {timeout:g} s")
+
+    async def shutdown(self, done):
+        """The lifespan's shutdown, within done's time; then the loop stops."""
+        try:
+            if self.lifespan_task is not None and not self.lifespan_task.done():
+                self.lifespan_queue.put_nowait({"type": "lifespan.shutdown"})
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.stopped), done.seconds())
+                except asyncio.TimeoutError:
+                    pass
+            for task in list(self.tasks):
+                task.cancel()
+        finally:
+            done.set()
+            self.loop.stop()

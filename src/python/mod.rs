@@ -1,0 +1,289 @@
+//! Python apps served in-process (`zdr serve MODULE:APP`, the `python`
+//! feature): an ASGI app called from zdr's own HTTP layer, with no second
+//! parser and no loopback hop.
+//!
+//! A worker runs the app on a thread of its own, `zdr-python`, which holds
+//! the interpreter and runs an asyncio event loop (uvloop's when it is
+//! installed). The runtime thread, which serves HTTP, never takes the
+//! GIL: it queues work in the [`Bridge`] and wakes the loop through an
+//! eventfd; the loop's thread answers through each request's
+//! [`call::CallState`], whose waker wakes the runtime. So a slow app never
+//! blocks the runtime, and the runtime never waits for Python.
+//!
+//! | event | runtime thread | Python thread |
+//! |---|---|---|
+//! | worker boots | starts the thread, waits | imports the app, runs lifespan `startup` |
+//! | request | queues a call (and forwards its body) | `app(scope, receive, send)` |
+//! | the app sends | takes the head, streams the body | `send` stores it, wakes the runtime |
+//! | client gone | marks the call disconnected | `receive` says `http.disconnect` |
+//! | worker drained | queues the shutdown, waits | lifespan `shutdown`, the loop stops |
+//!
+//! What is not built yet: `--preload` for a Python app, WSGI, and
+//! finalising the interpreter when the worker exits.
+
+mod call;
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::app::{BoxFuture, LoadedApp};
+use crate::boot::WorkerSpec;
+
+/// zdr's half of the ASGI protocol, in Python (run in the app's thread).
+const GLUE: &str = include_str!("glue.py");
+
+/// What [`Bridge::post`] queues for the Python thread (the kinds `glue.py`
+/// reads).
+enum Wake {
+    /// A new request.
+    New(Arc<call::CallState>),
+    /// A call the app waits on may go on (body bytes came, room was made,
+    /// the client left).
+    Resume(Arc<call::CallState>),
+    /// The worker has drained: run lifespan `shutdown`, then stop.
+    Shutdown(Arc<Done>),
+}
+
+/// The queue between the runtime thread and the Python thread.
+pub(crate) struct Bridge {
+    queue: Mutex<Vec<Wake>>,
+    /// Written when the queue stops being empty; the event loop reads it.
+    wake: EventFd,
+    /// The Python thread still runs its loop.
+    alive: AtomicBool,
+}
+
+impl Bridge {
+    /// Queues `wake` for the Python thread, waking it if the queue was
+    /// empty.
+    fn post(&self, wake: Wake) {
+        let first = match self.queue.lock() {
+            Ok(mut queue) => {
+                queue.push(wake);
+                queue.len() == 1
+            }
+            Err(_) => return,
+        };
+        if first {
+            let _ = nix::unistd::write(self.wake.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// The queue as the Python thread sees it.
+#[pyclass(frozen)]
+struct Inbox(Arc<Bridge>);
+
+#[pymethods]
+impl Inbox {
+    /// Everything queued since the last take, as `(kind, object)` pairs.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let taken = match self.0.queue.lock() {
+            Ok(mut queue) => std::mem::take(&mut *queue),
+            Err(_) => Vec::new(),
+        };
+        let list = PyList::empty(py);
+        for wake in taken {
+            let (kind, object): (u8, Bound<'py, PyAny>) = match wake {
+                Wake::New(c) => (0, call::Call::new(c).into_pyobject(py)?.into_any()),
+                Wake::Resume(c) => (1, call::Call::new(c).into_pyobject(py)?.into_any()),
+                Wake::Shutdown(d) => (2, DoneRef(d).into_pyobject(py)?.into_any()),
+            };
+            let kind = kind.into_pyobject(py)?.into_any();
+            list.append(PyTuple::new(py, [kind, object])?)?;
+        }
+        Ok(list)
+    }
+}
+
+/// The end of the lifespan's shutdown, as the runtime waits for it.
+struct Done {
+    seconds: f64,
+    tx: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// [`Done`] as the Python thread sees it.
+#[pyclass(frozen)]
+struct DoneRef(Arc<Done>);
+
+#[pymethods]
+impl DoneRef {
+    /// How long the shutdown may take.
+    fn seconds(&self) -> f64 {
+        self.0.seconds
+    }
+
+    /// The shutdown has ended.
+    fn set(&self) {
+        if let Some(tx) = self.0.tx.lock().ok().and_then(|mut t| t.take()) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The worker's app: `MODULE:APP`, imported in this worker.
+pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
+    let name = spec.settings.app.clone();
+    // The worker's identity, as a command's worker gives its command (the
+    // worker is still single-threaded here).
+    for (key, value) in [
+        ("ZDR_WORKER_ID", spec.slot.to_string()),
+        ("ZDR_GENERATION", spec.generation.to_string()),
+        ("ZDR_MASTER_PID", spec.master_pid.to_string()),
+    ] {
+        std::env::set_var(key, value);
+    }
+    let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    let bridge = Arc::new(Bridge {
+        queue: Mutex::new(Vec::new()),
+        wake,
+        alive: AtomicBool::new(false),
+    });
+    let (started, alive, stopped) = (
+        Arc::clone(&bridge),
+        Arc::clone(&bridge),
+        Arc::clone(&bridge),
+    );
+    Ok(LoadedApp {
+        // The scope's `client` and `scheme`.
+        client_info: true,
+        make_service: Box::new(move || {
+            let (bridge, name) = (Arc::clone(&started), name.clone());
+            Box::pin(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let thread = Arc::clone(&bridge);
+                std::thread::Builder::new()
+                    .name("zdr-python".to_owned())
+                    .spawn(move || run(&name, &thread, tx))?;
+                match rx.await {
+                    Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
+                    Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
+                    Err(_) => Err(anyhow::anyhow!("the Python thread ended while starting")),
+                }
+            }) as BoxFuture<_>
+        }),
+        ready: Arc::new(move || {
+            let up = alive.alive.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("the app's event loop has stopped"))
+                }
+            }) as BoxFuture<_>
+        }),
+        stop: Some(Arc::new(move |grace: Duration| {
+            let bridge = Arc::clone(&stopped);
+            Box::pin(async move {
+                if !bridge.alive.load(Ordering::Relaxed) {
+                    return 0;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                bridge.post(Wake::Shutdown(Arc::new(Done {
+                    seconds: grace.as_secs_f64(),
+                    tx: Mutex::new(Some(tx)),
+                })));
+                // A little past the app's own bound, for the loop to stop.
+                let _ = tokio::time::timeout(grace + Duration::from_millis(500), rx).await;
+                0
+            }) as BoxFuture<_>
+        })),
+    })
+}
+
+/// The Python thread: imports the app, runs its startup, tells `started`
+/// how that went, then runs the event loop until the shutdown stops it.
+fn run(
+    name: &str,
+    bridge: &Arc<Bridge>,
+    started: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let mut started = Some(started);
+    let outcome = Python::with_gil(|py| -> PyResult<Result<(), String>> {
+        let glue = prepare(py)?;
+        let event_loop = glue.call_method0("make_loop")?;
+        py.import("asyncio")?
+            .call_method1("set_event_loop", (&event_loop,))?;
+        let (app, failed): (Option<PyObject>, Option<String>) =
+            glue.call_method1("load", (name,))?.extract()?;
+        let Some(app) = app else {
+            return Ok(Err(format!(
+                "cannot import {name}:\n{}",
+                failed.unwrap_or_default().trim_end()
+            )));
+        };
+        let inbox = Inbox(Arc::clone(bridge));
+        let runner = glue.getattr("Runner")?.call1((
+            app,
+            &event_loop,
+            bridge.wake.as_fd().as_raw_fd(),
+            inbox,
+        ))?;
+        let (ok, why): (bool, String) = runner.call_method1("startup", (py.None(),))?.extract()?;
+        if !ok {
+            return Ok(Err(format!("{name}: lifespan startup failed: {why}")));
+        }
+        bridge.alive.store(true, Ordering::Relaxed);
+        if let Some(tx) = started.take() {
+            let _ = tx.send(Ok(()));
+        }
+        let ran = event_loop.call_method0("run_forever");
+        bridge.alive.store(false, Ordering::Relaxed);
+        ran?;
+        event_loop.call_method0("close")?;
+        Ok(Ok(()))
+    });
+    let outcome = outcome.unwrap_or_else(|e| Python::with_gil(|py| Err(describe(py, &e))));
+    match (started.take(), outcome) {
+        (Some(tx), outcome) => {
+            let _ = tx.send(outcome);
+        }
+        (None, Err(why)) => tracing::error!(
+            event = crate::logging::LogEvent::AppError.name(),
+            "the app's event loop stopped: {why}"
+        ),
+        (None, Ok(())) => {}
+    }
+}
+
+/// Makes the working directory importable (as `python -m` does, and
+/// Gunicorn and uvicorn) and an active virtualenv's packages too; returns
+/// the glue module.
+fn prepare(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    let sys = py.import("sys")?;
+    let path = sys.getattr("path")?;
+    if let Ok(cwd) = std::env::current_dir() {
+        path.call_method1("insert", (0, cwd))?;
+    }
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        let version = sys.getattr("version_info")?;
+        let (major, minor): (u32, u32) = (
+            version.getattr("major")?.extract()?,
+            version.getattr("minor")?.extract()?,
+        );
+        let site = std::path::Path::new(&venv)
+            .join("lib")
+            .join(format!("python{major}.{minor}"))
+            .join("site-packages");
+        py.import("site")?.call_method1("addsitedir", (site,))?;
+    }
+    let code =
+        CString::new(GLUE).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    PyModule::from_code(py, &code, c"zdr_asgi.py", c"zdr_asgi")
+}
+
+/// A Python error with its traceback.
+fn describe(py: Python<'_>, err: &PyErr) -> String {
+    let trace = err
+        .traceback(py)
+        .and_then(|t| t.format().ok())
+        .unwrap_or_default();
+    format!("{trace}{err}")
+}

@@ -1,0 +1,259 @@
+//! Python ASGI apps served in-process (`zdr serve MODULE:APP`, a build
+//! with the `python` feature), against the real binary: the scope, bodies
+//! both ways, streaming, an app that raises, lifespan startup and
+//! shutdown, a reload of new code under load with nothing failed, and new
+//! code that cannot import rolled back with its traceback.
+#![cfg(feature = "python")]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// An ASGI app in plain Python (no packages): answers in the demo's
+/// `pid=… generation=…` form, so that the tests' load and replies read it.
+const APP: &str = r#"
+import os
+
+VERSION = "VERSION_MARK"
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if os.path.exists("fail-startup"):
+                    await send({"type": "lifespan.startup.failed", "message": "no database"})
+                    return
+                scope["state"]["greeting"] = "hello-from-lifespan"
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                with open(f"shutdown-{os.getpid()}", "w") as f:
+                    f.write("done")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    if path == "/raise":
+        raise ValueError("the app was asked to raise")
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        for i in range(50):
+            await send({"type": "http.response.body", "body": b"%05d\n" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = dict(scope["headers"])
+    text = (
+        f"pid={os.getpid()} generation={os.environ['ZDR_GENERATION']} version={VERSION}"
+        f" method={scope['method']} path={path.replace(' ', '_')} raw={scope['raw_path'].decode()}"
+        f" query={scope['query_string'].decode()} body={len(body)} sum={sum(body) % 65521}"
+        f" http={scope['http_version']} scheme={scope['scheme']} client={scope['client'][0]}"
+        f" host={headers.get(b'host', b'').decode()} state={scope['state'].get('greeting')}\n"
+    )
+    await send({"type": "http.response.start", "status": 201 if path == "/created" else 200,
+                "headers": [(b"content-type", b"text/plain"), (b"x-app", b"python")]})
+    await send({"type": "http.response.body", "body": text.encode()})
+"#;
+
+fn write_app(dir: &Path, version: &str) {
+    write_file(&dir.join("app.py"), &APP.replace("VERSION_MARK", version));
+}
+
+fn serve(dir: &TempDir, workers: usize) -> Server {
+    let workers = workers.to_string();
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&["--workers", &workers, "--chdir", &chdir, "app:app"]).start();
+    server.wait_ready();
+    server
+}
+
+#[test]
+fn an_asgi_app_is_served_in_process() {
+    let dir = TempDir::new("asgi");
+    write_app(&dir.0, "1");
+    let server = serve(&dir, 2);
+    let workers = server.wait_generation_ready(1, 2);
+
+    let reply = server.get("/a%20b/c?x=1&y=%20");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("x-app"), Some("python"), "{reply:?}");
+    for field in [
+        "version=1",
+        "method=GET",
+        "path=/a_b/c",
+        "raw=/a%20b/c",
+        "query=x=1&y=%20",
+        "body=0",
+        "http=1.1",
+        "scheme=http",
+        "client=127.0.0.1",
+        "state=hello-from-lifespan",
+    ] {
+        assert!(reply.body.contains(field), "{field} in {reply:?}");
+    }
+    assert!(workers.contains(&reply.pid()), "{reply:?}");
+    assert!(reply.body.contains("host=test "), "{reply:?}");
+
+    // HTTP/2: the scope says so, and the authority is the host.
+    if have("curl", &["--version"]) {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--http2-prior-knowledge", "--max-time", "60"])
+            .arg(format!("http://{}/h2", server.addr()))
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("http=2 "), "{text}");
+        assert!(text.contains(&format!("host={} ", server.addr())), "{text}");
+    }
+
+    // A request body in many parts, read whole by the app.
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sum = body.iter().map(|b| u64::from(*b)).sum::<u64>() % 65521;
+    let mut conn = KeepAlive::open(server.addr());
+    let mut raw = format!(
+        "POST /created HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    assert!(conn.send(&raw));
+    let reply = conn.read().expect("an answer to the upload");
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert!(reply.body.contains("method=POST"), "{reply:?}");
+    assert!(
+        reply.body.contains(&format!("body={} ", body.len())),
+        "{reply:?}"
+    );
+    assert!(reply.body.contains(&format!("sum={sum} ")), "{reply:?}");
+
+    // A chunked upload on the same connection.
+    assert!(conn.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"));
+    let reply = conn.read().expect("an answer to the chunked upload");
+    assert!(reply.body.contains("body=11 "), "{reply:?}");
+
+    // A response in parts.
+    assert!(conn.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
+    let reply = conn.read().expect("the streamed answer");
+    assert_eq!(reply.status, 200);
+    let expected: String = (0..50).map(|i| format!("{i:05}\n")).collect();
+    assert_eq!(reply.body, expected);
+
+    // An app that raises: a 500, and the worker goes on.
+    assert!(conn.send(b"GET /raise HTTP/1.1\r\nHost: t\r\n\r\n"));
+    let reply = conn.read().expect("an answer to the raising request");
+    assert_eq!(reply.status, 500, "{reply:?}");
+    let reply = conn.get().expect("the connection goes on");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(server
+        .log_text()
+        .contains("ValueError: the app was asked to raise"));
+    assert_eq!(server.wait_generation_ready(1, 2), workers);
+
+    // Each worker runs the app on its Python thread, beside the runtime's.
+    for pid in &workers {
+        assert_eq!(thread_names(*pid), ["zdr", "zdr-python"], "worker {pid}");
+    }
+
+    // A graceful stop runs each worker's lifespan shutdown.
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(60)).success());
+    for pid in workers {
+        let mark = dir.path(&format!("shutdown-{pid}"));
+        assert_eq!(
+            std::fs::read_to_string(&mark).ok().as_deref(),
+            Some("done"),
+            "{}",
+            server.log_text()
+        );
+    }
+}
+
+#[test]
+fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_rolled_back() {
+    let dir = TempDir::new("asgi-reload");
+    write_app(&dir.0, "1");
+    let server = serve(&dir, 2);
+    server.wait_generation_ready(1, 2);
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(100);
+
+    // New code: served by the new generation, nothing failed.
+    write_app(&dir.0, "2");
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    load.wait_for_generation(2, 100);
+    assert!(server.get("/").body.contains("version=2"));
+
+    // Code that cannot import: the reload fails with the traceback, and
+    // generation 2 keeps serving.
+    write_file(
+        &dir.path("app.py"),
+        "async def app(scope, receive, send)\n    pass\n",
+    );
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    assert!(said.contains("app.py"), "{said}");
+    load.wait_for_more(100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(report.generations.contains(&2), "{:?}", report.generations);
+    assert!(!report.generations.contains(&3), "{:?}", report.generations);
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=2"), "{reply:?}");
+    assert_eq!(reply.generation(), 2);
+}
+
+#[test]
+fn a_failed_lifespan_startup_fails_the_boot_with_its_message() {
+    let dir = TempDir::new("asgi-startup");
+    write_app(&dir.0, "1");
+    write_file(&dir.path("fail-startup"), "");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let out = Launch::serve(&["--workers", "1", "--chdir", &chdir, "app:app"]).output();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("lifespan startup failed: no database"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_bad_app_name_starts_nothing() {
+    for (app, says) in [
+        ("app", "is not MODULE:APP"),
+        ("app:", "is not MODULE:APP"),
+        ("my-app:app", "is not MODULE:APP"),
+    ] {
+        let out = Launch::serve(&["--workers", "1", app]).output();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{app}: {said}");
+        assert!(said.contains(says), "{app}: {said}");
+    }
+    let out = Launch::serve(&["--workers", "1", "--preload", "app:app"]).output();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("preload"), "{said}");
+}
