@@ -47,7 +47,16 @@ pub(crate) struct LoadedApp {
     /// timeout; zero for a fast stop); returns an exit code for the worker
     /// when it has one to report.
     pub(crate) stop: Option<StopHook>,
+    /// How long the app's own thread has gone without showing it runs,
+    /// for an app that runs beside the runtime (a Python app's event
+    /// loop); `None` while it has not started. Past `--timeout`, the
+    /// worker ends itself (the runtime, which answers the master, cannot
+    /// tell otherwise).
+    pub(crate) silence: Option<Silence>,
 }
+
+/// See [`LoadedApp::silence`].
+pub(crate) type Silence = Arc<dyn Fn() -> Option<std::time::Duration> + Send + Sync>;
 
 /// See [`LoadedApp::stop`].
 pub(crate) type StopHook = Arc<dyn Fn(std::time::Duration) -> BoxFuture<i32> + Send + Sync>;

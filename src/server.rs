@@ -195,6 +195,7 @@ impl<S: Send + Sync + 'static> Server<S> {
             let ready = ready.clone();
             let for_service = Arc::clone(&state);
             Ok(LoadedApp {
+                silence: None,
                 make_service: Box::new(move || make(Arc::clone(&for_service))),
                 ready: Arc::new(move || match &ready {
                     Some(check) => check(Arc::clone(&state)),

@@ -44,6 +44,9 @@ async def app(scope, receive, send):
     path = scope["path"]
     if path == "/raise":
         raise ValueError("the app was asked to raise")
+    if path == "/block":
+        import time
+        time.sleep(60)
     if path == "/stream":
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain")]})
@@ -140,12 +143,15 @@ fn an_asgi_app_is_served_in_process() {
     let reply = conn.read().expect("an answer to the chunked upload");
     assert!(reply.body.contains("body=11 "), "{reply:?}");
 
-    // A response in parts.
-    assert!(conn.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
-    let reply = conn.read().expect("the streamed answer");
-    assert_eq!(reply.status, 200);
+    // A response in parts, whole however the app's sends and zdr's reads
+    // interleave.
     let expected: String = (0..50).map(|i| format!("{i:05}\n")).collect();
-    assert_eq!(reply.body, expected);
+    for _ in 0..50 {
+        assert!(conn.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
+        let reply = conn.read().expect("the streamed answer");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body, expected);
+    }
 
     // An app that raises: a 500, and the worker goes on.
     assert!(conn.send(b"GET /raise HTTP/1.1\r\nHost: t\r\n\r\n"));
@@ -223,6 +229,41 @@ fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_r
     let reply = server.get("/");
     assert!(reply.body.contains("version=2"), "{reply:?}");
     assert_eq!(reply.generation(), 2);
+}
+
+/// An app that blocks its event loop is a hung worker: past `--timeout`
+/// the worker aborts, its Python stack in the log, and a new one serves.
+#[test]
+fn an_app_that_blocks_its_loop_past_the_timeout_is_replaced() {
+    let dir = TempDir::new("asgi-hang");
+    write_app(&dir.0, "1");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--timeout",
+        "2",
+        "--chdir",
+        &chdir,
+        "app:app",
+    ])
+    .start();
+    server.wait_ready();
+    let first = server.wait_generation_ready(1, 1);
+    let addr = server.addr();
+    let blocked = std::thread::spawn(move || try_get(addr, "/block"));
+    server.wait_for_log("the app has not run for", Duration::from_secs(60));
+    // The request the hung app held fails with its worker.
+    assert!(blocked.join().unwrap().is_err());
+    let text = server.log_text();
+    assert!(text.contains("aborting the worker"), "{text}");
+    // faulthandler's dump: where the app was stuck.
+    assert!(text.contains("app.py\", line"), "{text}");
+    let second = server.wait_generation_ready(1, 1);
+    assert!(first.is_disjoint(&second), "{first:?} {second:?}");
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(second.contains(&reply.pid()));
 }
 
 #[test]

@@ -111,6 +111,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> LoadedApp {
     let stop_signal = spec.settings.worker_stop_signal;
     let master = spec.master_pid;
     LoadedApp {
+        silence: None,
         // The proxy forwards each request's client to the command.
         client_info: true,
         make_service: Box::new(move || {

@@ -112,6 +112,13 @@ struct Inner {
     forwarder: Option<tokio::task::AbortHandle>,
 }
 
+impl Inner {
+    /// The app has started the response (its head is here or taken).
+    fn started(&self) -> bool {
+        self.start.is_some() || self.head_taken
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Waiting {
     Receive,
@@ -298,7 +305,7 @@ impl Call {
                     }
                 }
                 let mut inner = self.0.lock();
-                if inner.start.is_some() {
+                if inner.started() {
                     return Err(PyRuntimeError::new_err("the response has already started"));
                 }
                 inner.start = Some((status, fields));
@@ -311,7 +318,7 @@ impl Call {
                 };
                 let body = message.get_item("body")?;
                 let mut inner = self.0.lock();
-                if inner.start.is_none() {
+                if !inner.started() {
                     return Err(PyRuntimeError::new_err(
                         "http.response.body before http.response.start",
                     ));
@@ -355,7 +362,7 @@ impl Call {
     /// The app's call returned.
     fn finish(&self) {
         let mut inner = self.0.lock();
-        if inner.start.is_none() {
+        if !inner.started() {
             inner.failed = Some("the app returned without sending a response".to_owned());
         } else if !inner.out_done && !inner.disconnected {
             inner.failed = Some("the app returned before its response ended".to_owned());

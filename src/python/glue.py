@@ -7,6 +7,7 @@ back through the `Call` objects zdr hands over (`receive`, `send`, ...).
 """
 
 import asyncio
+import faulthandler
 import os
 import sys
 import traceback
@@ -41,7 +42,7 @@ def load(name):
 class Runner:
     """Runs one app on one event loop: its lifespan and its requests."""
 
-    def __init__(self, app, loop, wake_fd, inbox):
+    def __init__(self, app, loop, wake_fd, inbox, tick_every):
         self.app = app
         self.loop = loop
         self.wake_fd = wake_fd
@@ -53,6 +54,16 @@ class Runner:
         self.lifespan_queue = None
         self.stopped = None
         loop.add_reader(wake_fd, self.on_wake)
+        # The ticker shows zdr the loop runs: one that stops (an app that
+        # blocks it) for --timeout gets the worker aborted, and the
+        # threads' Python stacks are written to the log first.
+        faulthandler.enable()
+        self.tick_every = tick_every
+        loop.call_soon(self.tick)
+
+    def tick(self):
+        self.inbox.tick()
+        self.loop.call_later(self.tick_every, self.tick)
 
     def on_wake(self):
         try:

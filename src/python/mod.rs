@@ -25,7 +25,7 @@ mod call;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ pub(crate) struct Bridge {
     wake: EventFd,
     /// The Python thread still runs its loop.
     alive: AtomicBool,
+    /// When the event loop last ran its ticker ([`crate::sys::monotonic_ns`]);
+    /// 0 before it first did.
+    ticked_ns: AtomicU64,
 }
 
 impl Bridge {
@@ -83,6 +86,13 @@ struct Inbox(Arc<Bridge>);
 
 #[pymethods]
 impl Inbox {
+    /// The event loop runs (called by its ticker).
+    fn tick(&self) {
+        self.0
+            .ticked_ns
+            .store(crate::sys::monotonic_ns(), Ordering::Relaxed);
+    }
+
     /// Everything queued since the last take, as `(kind, object)` pairs.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let taken = match self.0.queue.lock() {
@@ -145,12 +155,19 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
         queue: Mutex::new(Vec::new()),
         wake,
         alive: AtomicBool::new(false),
+        ticked_ns: AtomicU64::new(0),
     });
-    let (started, alive, stopped) = (
+    let (started, alive, stopped, ticking) = (
+        Arc::clone(&bridge),
         Arc::clone(&bridge),
         Arc::clone(&bridge),
         Arc::clone(&bridge),
     );
+    // The loop's ticker runs a few times per --timeout.
+    let tick_every = spec
+        .settings
+        .timeout()
+        .map_or(1.0, |t| (t.as_secs_f64() / 4.0).clamp(0.05, 1.0));
     Ok(LoadedApp {
         // The scope's `client` and `scheme`.
         client_info: true,
@@ -161,7 +178,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
                 let thread = Arc::clone(&bridge);
                 std::thread::Builder::new()
                     .name("zdr-python".to_owned())
-                    .spawn(move || run(&name, &thread, tx))?;
+                    .spawn(move || run(&name, &thread, tick_every, tx))?;
                 match rx.await {
                     Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
                     Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
@@ -179,6 +196,11 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
                 }
             }) as BoxFuture<_>
         }),
+        silence: Some(Arc::new(move || {
+            let ticked = ticking.ticked_ns.load(Ordering::Relaxed);
+            (ticked != 0 && ticking.alive.load(Ordering::Relaxed))
+                .then(|| Duration::from_nanos(crate::sys::monotonic_ns().saturating_sub(ticked)))
+        })),
         stop: Some(Arc::new(move |grace: Duration| {
             let bridge = Arc::clone(&stopped);
             Box::pin(async move {
@@ -203,6 +225,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
 fn run(
     name: &str,
     bridge: &Arc<Bridge>,
+    tick_every: f64,
     started: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let mut started = Some(started);
@@ -225,6 +248,7 @@ fn run(
             &event_loop,
             bridge.wake.as_fd().as_raw_fd(),
             inbox,
+            tick_every,
         ))?;
         let (ok, why): (bool, String) = runner.call_method1("startup", (py.None(),))?.extract()?;
         if !ok {

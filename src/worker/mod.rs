@@ -197,6 +197,7 @@ async fn serve(
         spec.settings.timeout(),
         spec.master_pid,
         !spec.settings.command.is_empty(),
+        app.silence.clone(),
     );
     // The worker's own handlers, from here on: a stop while it boots ends
     // the boot, and one that comes later is seen by `wait_for_stop`.
@@ -328,7 +329,19 @@ async fn serve(
 /// none (its master's death kills it) and stays single-threaded, which
 /// spares every request the C library's multi-threaded paths (cancellable
 /// system calls, locked allocations).
-fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u32, command: bool) {
+///
+/// An app that runs on a thread of its own (a Python app's event loop)
+/// says how long it has been silent ([`crate::app::LoadedApp::silence`]):
+/// past `--timeout`, the worker aborts itself, as Gunicorn's master aborts
+/// a worker whose app hangs (the app's stack goes to the log first, where
+/// the app's language can dump it).
+fn start_heartbeat(
+    slot: &'static Slot,
+    timeout: Option<Duration>,
+    master_pid: u32,
+    command: bool,
+    silence: Option<crate::app::Silence>,
+) {
     let beat = timeout
         .map(|t| (t / 4).min(Duration::from_secs(1)))
         .unwrap_or(Duration::from_secs(1))
@@ -337,6 +350,18 @@ fn start_heartbeat(slot: &'static Slot, timeout: Option<Duration>, master_pid: u
         let mut tick = tokio::time::interval(beat);
         loop {
             tick.tick().await;
+            if let (Some(silence), Some(timeout)) = (&silence, timeout) {
+                if let Some(silent) = silence().filter(|s| *s > timeout) {
+                    tracing::error!(
+                        event = crate::logging::LogEvent::WorkerTrouble.name(),
+                        "worker {}: the app has not run for {:.1} s (--timeout {} s): aborting the worker",
+                        std::process::id(),
+                        silent.as_secs_f64(),
+                        timeout.as_secs_f64()
+                    );
+                    std::process::abort();
+                }
+            }
             slot.beat();
         }
     });

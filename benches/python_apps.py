@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Python apps served four ways, under load, with a reload every 2 s: the
+same ASGI hello app under Granian (Rust HTTP, the app in-process), uvicorn,
+zdr's proxy mode in front of uvicorn (`zdr serve -- uvicorn ...`) and zdr
+native (`zdr serve hello:app`, the app in-process), 2 workers each.
+
+    python3 benches/python_apps.py [--rounds 3] [--seconds 20] [--venv DIR]
+
+Each run is `wrk -t1 -c16` for --seconds with a SIGHUP to the server's
+master every 2 s (9 in 20 s); each round runs every system back to back; the
+table gives medians over the rounds of the requests served and of the
+failed ones (wrk's socket errors plus non-2xx answers) per run.
+
+Needs: wrk; zdr built with Python hosting against the same CPython as the
+virtualenv (`PYO3_PYTHON=/usr/bin/python3 cargo build --release --features
+python`); a virtualenv of that CPython with granian, uvicorn and uvloop
+(`--venv`, made with them if it does not exist).
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZDR = os.path.join(ROOT, "target", "release", "zdr")
+
+ASGI = """
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"6")]})
+    await send({"type": "http.response.body", "body": b"hello\\n"})
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port, proc, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the server did not come up")
+
+
+def command(system, venv, port, workdir):
+    bin_ = os.path.join(venv, "bin")
+    uvicorn = [os.path.join(bin_, "uvicorn"), "--log-level", "warning", "hello:app"]
+    if system == "granian":
+        return [os.path.join(bin_, "granian"), "--interface", "asgi", "--workers", "2",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "hello:app"]
+    if system == "uvicorn":
+        return uvicorn + ["--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
+    zdr = [ZDR, "serve", "--workers", "2", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+           "--control-socket", os.path.join(workdir, f"{system}.ctl")]
+    if system == "zdr proxy":
+        return zdr + ["--", *uvicorn, "--port", "$PORT"]
+    return zdr + ["hello:app"]
+
+
+def run(system, venv, seconds, workdir):
+    port = free_port()
+    env = dict(os.environ, VIRTUAL_ENV=venv, PATH=f"{venv}/bin:{os.environ['PATH']}")
+    proc = subprocess.Popen(command(system, venv, port, workdir), cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_up(port, proc)
+        url = f"http://127.0.0.1:{port}/"
+        subprocess.run(["wrk", "-t1", "-c16", "-d2s", url], capture_output=True, check=True)
+        stop = threading.Event()
+
+        def hups():
+            while not stop.wait(2.0):
+                proc.send_signal(signal.SIGHUP)
+
+        hupper = threading.Thread(target=hups)
+        hupper.start()
+        out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", url],
+                             capture_output=True, text=True, check=True).stdout
+        stop.set()
+        hupper.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    failed = errors + (int(non2xx.group(1)) if non2xx else 0)
+    return requests, failed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--venv", default=os.path.join(tempfile.gettempdir(), "zdr-bench-venv"))
+    args = ap.parse_args()
+    if not os.path.exists(os.path.join(args.venv, "bin", "granian")):
+        subprocess.run(["/usr/bin/python3", "-m", "venv", args.venv], check=True)
+        subprocess.run([os.path.join(args.venv, "bin", "pip"), "install", "-q",
+                        "granian", "uvicorn", "uvloop"], check=True)
+    systems = ["granian", "uvicorn", "zdr proxy", "zdr native"]
+    results = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory() as workdir:
+        with open(os.path.join(workdir, "hello.py"), "w") as f:
+            f.write(ASGI)
+        for r in range(args.rounds):
+            for system in systems:
+                requests, failed = run(system, args.venv, args.seconds, workdir)
+                results[system].append((requests, failed))
+                print(f"round {r + 1}: {system}: {requests} requests, {failed} failed",
+                      file=sys.stderr, flush=True)
+    hups = int((args.seconds - 0.01) // 2)
+    print(f"\n| server (2 workers, `wrk -t1 -c16 -d{args.seconds}s`, a HUP every 2 s) "
+          f"| requests in {args.seconds} s (median of {args.rounds}) | failed across {hups} HUPs "
+          "(median) | / Granian |")
+    print("|---|---|---|---|")
+    granian = statistics.median(r for r, _ in results["granian"])
+    for system in systems:
+        requests = statistics.median(r for r, _ in results[system])
+        failed = statistics.median(f for _, f in results[system])
+        print(f"| {system} | {requests:,.0f} | {failed:g} | {requests / granian:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
