@@ -81,6 +81,54 @@ impl Body {
     }
 }
 
+impl Body {
+    /// The same body, calling `dropped` when it is dropped (sent whole,
+    /// failed or abandoned).
+    pub(crate) fn on_drop(self, dropped: impl FnOnce() + Send + Unpin + 'static) -> Body {
+        Body(Inner::Boxed(
+            OnDrop {
+                inner: self,
+                dropped: Some(dropped),
+            }
+            .boxed_unsync(),
+        ))
+    }
+}
+
+/// A body that says when it is dropped.
+struct OnDrop<F: FnOnce()> {
+    inner: Body,
+    dropped: Option<F>,
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(dropped) = self.dropped.take() {
+            dropped();
+        }
+    }
+}
+
+impl<F: FnOnce() + Unpin> http_body::Body for OnDrop<F> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The bytes of a `Full` body, which it yields at once.
 fn full_bytes(mut full: Full<Bytes>) -> Option<Bytes> {
     let mut cx = Context::from_waker(std::task::Waker::noop());

@@ -350,11 +350,11 @@ fn python_requests_and_httpx_over_keep_alive() {
     }
 }
 
-/// Across reloads, the HTTP/1.1 clients. (httpx over HTTP/2 uses the `h2`
-/// library, which fails a stream in flight when a GOAWAY and a PING arrive
-/// together, as every graceful HTTP/2 close sends them: python-hyper/h2
-/// issue 1199. zdr sends them at a moment with no stream in flight where
-/// it can, which narrows that window but cannot close it.)
+/// Across reloads, python-requests and httpx over HTTP/1.1 and HTTP/2.
+/// (httpx's HTTP/2 is the `h2` library, which takes any frame after a
+/// GOAWAY but another GOAWAY as a protocol error, python-hyper/h2 issue
+/// 1199: hyper's graceful close, GOAWAY then PING, failed its next request.
+/// zdr closes an idle HTTP/2 connection with a single GOAWAY of its own.)
 #[test]
 fn python_clients_across_reloads() {
     if !have_python(&["requests", "httpx", "h2"]) {
@@ -363,7 +363,7 @@ fn python_clients_across_reloads() {
     let server = Launch::serve(&["--workers", "2"]).start();
     server.wait_ready();
     let base = format!("http://{}", server.addr());
-    let clients: Vec<_> = ["requests", "httpx-h1"]
+    let clients: Vec<_> = ["requests", "httpx-h1", "httpx-h2"]
         .into_iter()
         .map(|client| {
             let base = base.clone();
@@ -388,6 +388,47 @@ fn python_clients_across_reloads() {
         assert_eq!(report["ok"], 3000, "{report}");
     }
     assert!(reloads >= 1);
+}
+
+/// An httpx client over HTTP/2 that pauses past the keep-alive timeout:
+/// zdr closes the idle connection with a single GOAWAY, and httpx's next
+/// request goes out on a new connection, none failed.
+#[test]
+fn httpx_over_http2_outlives_the_keep_alive_timeout() {
+    if !have_python(&["httpx", "h2"]) {
+        return;
+    }
+    let server = Launch::serve(&["--workers", "1", "--keep-alive", "1"]).start();
+    server.wait_ready();
+    let script = r#"
+import sys, time, httpx
+ok = failed = 0
+ports = set()
+with httpx.Client(http1=False, http2=True, timeout=30) as client:
+    for i in range(4):
+        try:
+            r = client.get(sys.argv[1])
+            assert r.status_code == 200 and r.http_version == "HTTP/2", r
+            ports.add(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+            ok += 1
+        except Exception as e:
+            print("failed:", repr(e), file=sys.stderr)
+            failed += 1
+        time.sleep(1.6)
+print(ok, failed, len(ports))
+"#;
+    let out = run(
+        "python3",
+        &["-c", script, &format!("http://{}/", server.addr())],
+    );
+    // Each pause outlived the keep-alive timeout: the server closed the
+    // connection, and httpx opened another for the next request.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4 0 4",
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -266,6 +266,196 @@ fn an_app_that_blocks_its_loop_past_the_timeout_is_replaced() {
     assert!(second.contains(&reply.pid()));
 }
 
+/// A virtualenv of the CPython this build embeds (`/usr/bin/python3`)
+/// with FastAPI, made once under `target/` and reused; `None` (the test
+/// skipped or failed, as `skip_or_fail` says) if it cannot be made.
+fn fastapi_venv() -> Option<std::path::PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/zdr-test-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        std::process::Command::new(python)
+            .args(["-c", "import fastapi"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready(&python) {
+        return Some(venv);
+    }
+    let made = std::process::Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::process::Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "fastapi",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    if made && ready(&python) {
+        return Some(venv);
+    }
+    skip_or_fail(
+        "no virtualenv with FastAPI for /usr/bin/python3",
+        "network access for pip (the test makes target/zdr-test-venv)",
+    );
+    None
+}
+
+/// The seed's own shape: a FastAPI app with a readiness endpoint, served
+/// by 3 workers with recycling and a graceful timeout, reloaded with new
+/// code under load (a keep-alive pool, new connections, python-requests'
+/// `Session` and httpx over HTTP/2) with nothing failed; new code that
+/// cannot import is rolled back with its traceback.
+const FASTAPI: &str = r#"
+import os
+from contextlib import asynccontextmanager
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+VERSION = "VERSION_MARK"
+
+@asynccontextmanager
+async def lifespan(app):
+    app.state.ready = True
+    yield
+
+app = FastAPI(lifespan=lifespan)
+
+@app.get("/", response_class=PlainTextResponse)
+async def root():
+    return f"pid={os.getpid()} generation={os.environ['ZDR_GENERATION']} version={VERSION}\n"
+
+@app.get("/health/detailed")
+async def health():
+    return {"status": "ok", "ready": app.state.ready, "version": VERSION}
+"#;
+
+const CLIENTS: &str = r#"
+import sys, threading, time, requests, httpx
+url = sys.argv[1]
+stop = time.time() + float(sys.argv[2])
+counts = {"requests": 0, "httpx-h2": 0, "failed": 0, "h2": 0}
+def session():
+    with requests.Session() as s:
+        while time.time() < stop:
+            try:
+                r = s.get(url + "/health/detailed", timeout=30)
+                r.raise_for_status()
+                assert r.json()["status"] == "ok"
+                counts["requests"] += 1
+            except Exception as e:
+                print("requests failed:", repr(e), file=sys.stderr)
+                counts["failed"] += 1
+def h2():
+    with httpx.Client(http1=False, http2=True, timeout=30) as c:
+        while time.time() < stop:
+            try:
+                r = c.get(url + "/")
+                r.raise_for_status()
+                counts["httpx-h2"] += 1
+                counts["h2"] += r.http_version == "HTTP/2"
+            except Exception as e:
+                print("httpx failed:", repr(e), file=sys.stderr)
+                counts["failed"] += 1
+threads = [threading.Thread(target=session), threading.Thread(target=h2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(counts["requests"], counts["httpx-h2"], counts["h2"], counts["failed"])
+"#;
+
+#[test]
+fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
+    let Some(venv) = fastapi_venv() else {
+        return;
+    };
+    if !have_python(&["requests", "httpx", "h2"]) {
+        return;
+    }
+    let dir = TempDir::new("fastapi");
+    let write = |version: &str| {
+        write_file(
+            &dir.path("main.py"),
+            &FASTAPI.replace("VERSION_MARK", version),
+        )
+    };
+    write("1");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&[
+        "--workers",
+        "3",
+        "--max-requests",
+        "1000",
+        "--max-requests-jitter",
+        "50",
+        "--graceful-timeout",
+        "30",
+        "--chdir",
+        &chdir,
+        "main:app",
+    ])
+    .env("VIRTUAL_ENV", &venv.to_string_lossy())
+    .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 3);
+    let health = server.get("/health/detailed");
+    assert_eq!(health.status, 200, "{health:?}");
+    assert!(health.body.contains(r#""ready":true"#), "{health:?}");
+
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    let clients = std::process::Command::new("python3")
+        .args(["-c", CLIENTS, &format!("http://{}", server.addr()), "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    load.wait_for_more(200);
+    write("2");
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    load.wait_for_generation(2, 200);
+    assert!(server.get("/").body.contains("version=2"));
+    let said = clients.wait_with_output().expect("the clients end");
+    let counts = String::from_utf8_lossy(&said.stdout).into_owned();
+    let counts: Vec<u64> = counts
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 4, "{}", String::from_utf8_lossy(&said.stderr));
+    let (sessions, h2, over_h2, failed) = (counts[0], counts[1], counts[2], counts[3]);
+    assert_eq!(failed, 0, "{}", String::from_utf8_lossy(&said.stderr));
+    assert!(sessions > 0 && h2 > 0, "{counts:?}");
+    assert_eq!(over_h2, h2, "every httpx answer over HTTP/2");
+
+    // New code that cannot import: rolled back, its traceback said.
+    write_file(
+        &dir.path("main.py"),
+        "from fastapi import FastAPI\napp = FastAPI(\n",
+    );
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    load.wait_for_more(100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(!report.generations.contains(&3), "{:?}", report.generations);
+    assert!(server.get("/").body.contains("version=2"));
+}
+
 #[test]
 fn a_failed_lifespan_startup_fails_the_boot_with_its_message() {
     let dir = TempDir::new("asgi-startup");

@@ -28,7 +28,10 @@ pub(crate) struct Builders {
 }
 
 type H1<I> = http1::UpgradeableConnection<TokioIo<ConnIo<I>>, ConnService>;
-type H2<I> = http2::Connection<TokioIo<ConnIo<I>>, ConnService, TokioExecutor>;
+type H2<I> = http2::Connection<TokioIo<Lent<I>>, ConnService, TokioExecutor>;
+
+/// Where hyper's HTTP/2 connection gives its socket back when dropped.
+type Back<I> = Arc<std::sync::Mutex<Option<ConnIo<I>>>>;
 
 /// A connection being served.
 pub(super) enum Conn<I> {
@@ -51,7 +54,18 @@ pub(super) enum Conn<I> {
         /// an idle connection.
         closing: bool,
     },
-    Http2(Pin<Box<H2<I>>>),
+    Http2(Pin<Box<H2<I>>>, Back<I>),
+    /// An idle HTTP/2 connection closing: hyper's connection dropped, its
+    /// socket taken back, a single GOAWAY naming the last stream the client
+    /// opened written, then a lingering close. (hyper's own graceful
+    /// shutdown sends GOAWAY and a PING, which some clients, Python's `h2`
+    /// among them, take as a protocol error and fail their next request.)
+    GoingAway {
+        io: ConnIo<I>,
+        frame: [u8; 17],
+        written: usize,
+        shut: bool,
+    },
     /// Over, or handed away.
     Done,
 }
@@ -157,11 +171,16 @@ where
                     stream.carry(Bytes::copy_from_slice(&buf[..*filled]));
                     *self = if http2 {
                         service.conn.http2.store(true, Ordering::Relaxed);
-                        Conn::Http2(Box::pin(
-                            builders
-                                .http2
-                                .serve_connection(TokioIo::new(stream), service),
-                        ))
+                        stream.frames = Some(Frames::default());
+                        let back: Back<I> = Arc::default();
+                        let lent = Lent {
+                            io: Some(stream),
+                            back: Arc::clone(&back),
+                        };
+                        Conn::Http2(
+                            Box::pin(builders.http2.serve_connection(TokioIo::new(lent), service)),
+                            back,
+                        )
                     } else {
                         Conn::http1(builders, stream, service)
                     };
@@ -222,10 +241,44 @@ where
                     stream.carry(Bytes::copy_from_slice(read.filled()));
                     *self = Conn::http1(builders, stream, service);
                 }
-                Conn::Http2(conn) => {
+                Conn::Http2(conn, _) => {
                     let _ = ready!(conn.as_mut().poll(cx));
                     *self = Conn::Done;
                     return Poll::Ready(());
+                }
+                Conn::GoingAway {
+                    io,
+                    frame,
+                    written,
+                    shut,
+                } => {
+                    while *written < frame.len() {
+                        match ready!(Pin::new(&mut *io).poll_write(cx, &frame[*written..])) {
+                            Ok(n) if n > 0 => *written += n,
+                            _ => {
+                                *self = Conn::Done;
+                                return Poll::Ready(());
+                            }
+                        }
+                    }
+                    if !*shut {
+                        let _ = ready!(Pin::new(&mut *io).poll_shutdown(cx));
+                        *shut = true;
+                    }
+                    // Lingering: what the client sends meanwhile is read
+                    // and dropped until it closes (or the caller's grace
+                    // ends), so that no reset overtakes the GOAWAY.
+                    let mut sink = [0u8; 1024];
+                    loop {
+                        let mut read = ReadBuf::new(&mut sink);
+                        match ready!(Pin::new(&mut *io).poll_read(cx, &mut read)) {
+                            Ok(()) if !read.filled().is_empty() => {}
+                            _ => {
+                                *self = Conn::Done;
+                                return Poll::Ready(());
+                            }
+                        }
+                    }
                 }
                 Conn::Done => return Poll::Ready(()),
             }
@@ -242,9 +295,41 @@ where
             // Idle: closed, as hyper closes an idle connection it is asked
             // to shut down (a lingering close, on its next poll).
             Conn::Parked { closing, .. } => *closing = true,
-            Conn::Http2(conn) => conn.as_mut().graceful_shutdown(),
-            Conn::Done => {}
+            Conn::Http2(conn, _) => conn.as_mut().graceful_shutdown(),
+            Conn::GoingAway { .. } | Conn::Done => {}
         }
+    }
+
+    /// As [`Conn::graceful_shutdown`], for a connection with nothing in
+    /// flight (no request waiting for its answer, no answer's body still
+    /// being sent): an HTTP/2 connection whose writes are all flushed says
+    /// GOAWAY once, naming the last stream its client opened, and closes
+    /// (see [`Conn::GoingAway`]); the client retries on a new connection
+    /// whatever it sends after. Otherwise it shuts as `graceful_shutdown`
+    /// does.
+    pub(super) fn shutdown_idle(&mut self, state: &ConnState) {
+        let flushed = !state.unflushed.load(Ordering::Relaxed)
+            && state.h2_bodies.load(Ordering::Acquire) == 0
+            && state.in_flight.load(Ordering::Acquire) == 0;
+        if !(matches!(self, Conn::Http2(..)) && flushed) {
+            return self.graceful_shutdown();
+        }
+        let Conn::Http2(conn, back) = std::mem::replace(self, Conn::Done) else {
+            return;
+        };
+        // Dropping hyper's connection gives the socket back.
+        drop(conn);
+        let taken = back.lock().ok().and_then(|mut b| b.take());
+        let Some(io) = taken else {
+            return;
+        };
+        let last = io.frames.as_ref().map_or(0, |f| f.last_stream);
+        *self = Conn::GoingAway {
+            io,
+            frame: goaway(last),
+            written: 0,
+            shut: false,
+        };
     }
 
     /// Closes the connection now, whatever it was reading, with a
@@ -264,7 +349,7 @@ where
                     closing: true,
                 };
             }
-            Conn::Http2(_) | Conn::Done => return false,
+            Conn::Http2(..) | Conn::GoingAway { .. } | Conn::Done => return false,
         }
         true
     }
@@ -286,10 +371,11 @@ where
                 };
                 unread
             }
-            Conn::Http2(_) => {
+            Conn::Http2(..) => {
                 self.graceful_shutdown();
                 return false;
             }
+            Conn::GoingAway { .. } => return false,
             Conn::ReadVersion { .. } | Conn::Done => true,
         };
         if !unread {
@@ -361,6 +447,9 @@ pub(super) struct ConnIo<I> {
     state: Arc<ConnState>,
     /// The waker its reads register, when stamping.
     stamp: Option<(Arc<Stamp>, Waker)>,
+    /// HTTP/2: the frames its client sends, followed for the last stream
+    /// it opened.
+    frames: Option<Frames>,
 }
 
 impl<I> ConnIo<I> {
@@ -378,6 +467,7 @@ impl<I> ConnIo<I> {
             carried,
             state,
             stamp,
+            frames: None,
         }
     }
 
@@ -410,19 +500,165 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.frames.is_none() {
+            return self.read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let poll = self.read(cx, buf);
+        if let Some(frames) = &mut self.frames {
+            frames.follow(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+impl<I: AsyncRead + Unpin> ConnIo<I> {
+    fn read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         if !self.carried.is_empty() {
             let n = self.carried.len().min(buf.remaining());
             buf.put_slice(&self.carried[..n]);
             self.carried.advance(n);
             return Poll::Ready(Ok(()));
         }
-        let this = &mut *self;
-        match &this.stamp {
+        match &self.stamp {
             Some((stamp, waker)) => {
                 stamp.task.register(cx.waker());
-                Pin::new(&mut this.io).poll_read(&mut Context::from_waker(waker), buf)
+                Pin::new(&mut self.io).poll_read(&mut Context::from_waker(waker), buf)
             }
-            None => Pin::new(&mut this.io).poll_read(cx, buf),
+            None => Pin::new(&mut self.io).poll_read(cx, buf),
+        }
+    }
+}
+
+/// An HTTP/2 client's frames, followed as they are read: the last stream
+/// it opened (RFC 9113 §4.1: a 9-byte header, its length first, then the
+/// type, flags and stream).
+#[derive(Default)]
+struct Frames {
+    /// Bytes of the preface or of a frame's payload still to pass.
+    skip: usize,
+    /// The frame header being read, and how much of it has come.
+    header: [u8; 9],
+    have: usize,
+    /// The highest stream a HEADERS frame opened.
+    last_stream: u32,
+    /// The 24-byte preface has been passed.
+    prefaced: bool,
+}
+
+impl Frames {
+    fn follow(&mut self, mut bytes: &[u8]) {
+        if !self.prefaced {
+            self.prefaced = true;
+            self.skip = H2_PREFACE.len();
+        }
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < 9 {
+                return;
+            }
+            self.have = 0;
+            let h = self.header;
+            let length = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            // HEADERS (type 1) opens a stream.
+            if h[3] == 1 {
+                self.last_stream = self.last_stream.max(stream);
+            }
+            self.skip = length;
+        }
+    }
+}
+
+/// A GOAWAY frame (type 7, stream 0) naming `last_stream`, with NO_ERROR.
+fn goaway(last_stream: u32) -> [u8; 17] {
+    let mut frame = [0u8; 17];
+    frame[2] = 8;
+    frame[3] = 7;
+    frame[9..13].copy_from_slice(&(last_stream & 0x7fff_ffff).to_be_bytes());
+    frame
+}
+
+/// An HTTP/2 connection's socket while hyper holds it: given back (to
+/// [`Back`]) when hyper's connection is dropped, so that zdr can say
+/// GOAWAY itself ([`Conn::shutdown_idle`]).
+pub(super) struct Lent<I> {
+    io: Option<ConnIo<I>>,
+    back: Back<I>,
+}
+
+impl<I> Drop for Lent<I> {
+    fn drop(&mut self) {
+        if let (Some(io), Ok(mut back)) = (self.io.take(), self.back.lock()) {
+            *back = Some(io);
+        }
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::NotConnected)
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Lent<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_read(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Lent<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_write(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(ConnIo::is_write_vectored)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.io.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
         }
     }
 }

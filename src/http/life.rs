@@ -117,8 +117,10 @@ pub(super) enum Step {
     CloseIdle,
     /// Tell it to close (HTTP/1.1: `Connection: close` on the response in
     /// flight, or a lingering close if idle; HTTP/2: GOAWAY), and look
-    /// again then.
-    Shutdown { then: Instant },
+    /// again then. `idle`: nothing was in flight (HTTP/2: a single GOAWAY
+    /// naming the last stream, then a close, if nothing is being sent
+    /// either).
+    Shutdown { then: Instant, idle: bool },
     /// Look again then.
     Wait { until: Instant },
     /// Hand it to a sibling now (it is between requests), then say how it
@@ -433,6 +435,7 @@ impl Life {
             self.closing_since = Some(now);
             Step::Shutdown {
                 then: now + Duration::from_secs(3600),
+                idle: false,
             }
         } else {
             // Idle, or HTTP/2: look again shortly.
@@ -512,6 +515,7 @@ impl Life {
                 self.closing_since = Some(now);
                 return Step::Shutdown {
                     then: now + DRAIN_POLL,
+                    idle,
                 };
             }
             return Step::Wait {
@@ -530,6 +534,7 @@ impl Life {
             // Idle for the whole keep-alive period.
             return Step::Shutdown {
                 then: now + DRAIN_POLL,
+                idle: true,
             };
         }
         let mut next = if idle { since + allowed } else { now + allowed };
@@ -745,12 +750,12 @@ mod tests {
             Step::Wait { .. }
         ));
         let at = t0 + 2 * DRAIN_POLL;
+        // Idle: GOAWAY of zdr's own, naming the last stream.
         assert!(matches!(
             c.fired(at, true, true, done),
-            Step::Shutdown { .. }
+            Step::Shutdown { idle: true, .. }
         ));
-        // A client that never answers the closing PING: closed once idle
-        // for the grace.
+        // Whatever the client does then, closed once idle for the grace.
         assert!(matches!(
             c.fired(at + DRAIN_POLL, true, true, done),
             Step::Wait { .. }
@@ -758,6 +763,38 @@ mod tests {
         assert_eq!(
             c.fired(at + DRAIN_IDLE_GRACE, true, true, done),
             Step::Close
+        );
+    }
+
+    #[test]
+    fn a_busy_http2_connection_gets_hypers_goaway_at_the_graces_end() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let done = Some(t0);
+        assert!(matches!(c.drain(t0, true, true), Step::Wait { .. }));
+        // Never idle within the grace: hyper's graceful GOAWAY, which lets
+        // the streams in flight finish.
+        let end = t0 + DRAIN_IDLE_GRACE.min(c.keepalive);
+        assert_eq!(
+            c.fired(end, false, true, done),
+            Step::Shutdown {
+                then: end + DRAIN_POLL,
+                idle: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_http2_connection_idle_past_its_keep_alive_gets_zdrs_goaway() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let at = t0 + c.keepalive;
+        assert_eq!(
+            c.fired(at, true, true, Some(t0)),
+            Step::Shutdown {
+                then: at + DRAIN_POLL,
+                idle: true
+            }
         );
     }
 
@@ -830,6 +867,7 @@ mod tests {
                             } else if busy && !http2 {
                                 Step::Shutdown {
                                     then: t0 + Duration::from_secs(3600),
+                                    idle: false,
                                 }
                             } else {
                                 Step::Wait {
@@ -1154,8 +1192,12 @@ mod tests {
                     self.over = true;
                 }
                 Step::Wait { until } => assert!(until > f.now, "a wait that ends at once: {why}"),
-                Step::Shutdown { then } => {
+                Step::Shutdown { then, idle } => {
                     assert!(then > f.now, "{why}");
+                    assert!(
+                        !idle || f.idle,
+                        "an idle shutdown with a request in flight: {why}"
+                    );
                     self.shut = true;
                 }
                 Step::HeaderTimeout => {

@@ -11,11 +11,16 @@
 //!   arrives meanwhile is served with `Connection: close`, and one that
 //!   does not arrive finds the connection closed as after any keep-alive
 //!   timeout.
-//! - HTTP/2: GOAWAY (hyper's graceful shutdown: GOAWAY, PING, final
-//!   GOAWAY), sent at a moment with no stream in flight if one comes within
-//!   the same grace, else at its end; streams in flight finish. A client
-//!   that never answers the PING does not hold the connection: once nothing
-//!   is in flight, it closes after the grace.
+//! - HTTP/2: GOAWAY, sent at a moment with no stream in flight if one comes
+//!   within the same grace, else at its end. At such a moment zdr writes a
+//!   single GOAWAY naming the last stream the client opened and closes
+//!   (`conn::Conn::shutdown_idle`): a client's next request is retried on a
+//!   new connection, and clients that fail on a PING after GOAWAY (Python's
+//!   `h2`, under httpx) never see one. With streams in flight at the
+//!   grace's end, hyper's graceful shutdown (GOAWAY, PING, final GOAWAY)
+//!   lets them finish. A client that never answers the PING does not hold
+//!   the connection: once nothing is in flight, it closes after the
+//!   grace.
 //!
 //! A worker that leaves while another is ready (recycled, scaled down, or
 //! the old generation of a reload) does not close its plain HTTP/1.1
@@ -232,6 +237,9 @@ struct ConnState {
     /// connection stays open: once it is written, the connection is
     /// between requests and may be handed over.
     reusable: AtomicBool,
+    /// HTTP/2: answers whose bodies hyper still holds (it drops each once
+    /// it has sent the last of it to the connection).
+    h2_bodies: AtomicUsize,
     /// Requests begun on it in this worker, for its rate (balance).
     requests: AtomicU64,
     /// When bytes to read last woke it, or it was accepted
@@ -613,6 +621,18 @@ impl Future for ConnFuture {
         if self.version < Version::HTTP_2 && (draining || close) {
             res.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let (Some(g), true) = (&self.guard, self.version == Version::HTTP_2) {
+            // The connection is idle only once hyper has let go of this
+            // answer's body (see `Conn::shutdown_idle`).
+            if !res.body().is_end_stream() {
+                let conn = Arc::clone(&g.conn);
+                conn.h2_bodies.fetch_add(1, Ordering::AcqRel);
+                let body = std::mem::replace(res.body_mut(), crate::app::Body::empty());
+                *res.body_mut() = body.on_drop(move || {
+                    conn.h2_bodies.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
         }
         if let Some(g) = &self.guard {
             // Once this answer is out, may the connection be handed over?
@@ -1032,8 +1052,12 @@ pub(crate) async fn serve<I>(
                 // The lingering close ends within its own bound.
                 timer.as_mut().reset(f.now + Duration::from_secs(3600));
             }
-            Step::Shutdown { then } => {
-                conn.graceful_shutdown();
+            Step::Shutdown { then, idle } => {
+                if idle {
+                    conn.shutdown_idle(&conn_state);
+                } else {
+                    conn.graceful_shutdown();
+                }
                 timer.as_mut().reset(then);
             }
             Step::Wait { until } => timer.as_mut().reset(until),
