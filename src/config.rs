@@ -656,9 +656,10 @@ pub struct Options {
     )]
     pub max_connection_age_grace: Option<f64> = 10.0,
 
-    /// Serve a Python ASGI app in-process, named as uvicorn and Gunicorn name it:
+    /// Serve a Python app in-process, named as uvicorn and Gunicorn name it:
     /// MODULE:APP (`main:app`: the object `app` in `main.py`, imported from the
-    /// working directory). Needs a zdr built with the `python` feature.
+    /// working directory); ASGI, or WSGI in `--threads` threads. Needs a zdr
+    /// built with the `python` feature.
     #[arg(value_name = "MODULE:APP")]
     pub app: Option<String> => r#""main:app""#,
 

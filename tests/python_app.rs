@@ -275,14 +275,17 @@ fn an_app_that_blocks_its_loop_past_the_timeout_is_replaced() {
 }
 
 /// A virtualenv of the CPython this build embeds (`/usr/bin/python3`)
-/// with FastAPI, made once under `target/` and reused; `None` (the test
+/// with FastAPI and Flask, made once under `target/` and reused; `None` (the test
 /// skipped or failed, as `skip_or_fail` says) if it cannot be made.
 fn fastapi_venv() -> Option<std::path::PathBuf> {
+    // One test makes it; the others wait for it.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/zdr-test-venv");
     let python = venv.join("bin/python");
     let ready = |python: &Path| {
         std::process::Command::new(python)
-            .args(["-c", "import fastapi"])
+            .args(["-c", "import fastapi, flask"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -300,6 +303,7 @@ fn fastapi_venv() -> Option<std::path::PathBuf> {
                 "--quiet",
                 "--disable-pip-version-check",
                 "fastapi",
+                "flask",
             ])
             .status()
             .is_ok_and(|s| s.success());
@@ -307,7 +311,7 @@ fn fastapi_venv() -> Option<std::path::PathBuf> {
         return Some(venv);
     }
     skip_or_fail(
-        "no virtualenv with FastAPI for /usr/bin/python3",
+        "no virtualenv with FastAPI and Flask for /usr/bin/python3",
         "network access for pip (the test makes target/zdr-test-venv)",
     );
     None
@@ -461,6 +465,157 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert!(!report.generations.contains(&3), "{:?}", report.generations);
+    assert!(server.get("/").body.contains("version=2"));
+}
+
+/// A WSGI app in plain Python, in the same `pid=… generation=…` form.
+const WSGI: &str = r#"
+import os
+
+VERSION = "VERSION_MARK"
+
+def app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    path = environ["PATH_INFO"]
+    if path == "/raise":
+        raise ValueError("the WSGI app was asked to raise")
+    if path == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"%05d\n" % i for i in range(50))
+    text = (
+        f"pid={os.getpid()} generation={os.environ['ZDR_GENERATION']} version={VERSION}"
+        f" method={environ['REQUEST_METHOD']} path={path} query={environ['QUERY_STRING']}"
+        f" body={len(body)} type={environ.get('CONTENT_TYPE')} host={environ.get('HTTP_HOST')}\n"
+    ).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(text)))])
+    return [text]
+"#;
+
+#[test]
+fn a_wsgi_app_is_served_in_threads_and_reloads_under_load() {
+    let dir = TempDir::new("wsgi");
+    write_file(&dir.path("app.py"), &WSGI.replace("VERSION_MARK", "1"));
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--chdir",
+        &chdir,
+        "app:app",
+    ])
+    .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 2);
+    let reply = server.get("/a/b?x=1");
+    for field in [
+        "version=1",
+        "method=GET",
+        "path=/a/b",
+        "query=x=1",
+        "body=0",
+        "host=test",
+    ] {
+        assert!(reply.body.contains(field), "{field} in {reply:?}");
+    }
+    let mut conn = KeepAlive::open(server.addr());
+    let body = vec![b'x'; 1_000_000];
+    let mut raw = format!(
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Type: text/x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    assert!(conn.send(&raw));
+    let reply = conn.read().expect("an answer to the upload");
+    assert!(reply.body.contains("body=1000000 "), "{reply:?}");
+    assert!(reply.body.contains("type=text/x "), "{reply:?}");
+    let expected: String = (0..50).map(|i| format!("{i:05}\n")).collect();
+    for _ in 0..20 {
+        assert!(conn.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
+        let reply = conn.read().expect("the streamed answer");
+        assert_eq!(reply.body, expected);
+    }
+    assert!(conn.send(b"GET /raise HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert_eq!(conn.read().expect("an answer").status, 500);
+    server.wait_for_log(
+        "ValueError: the WSGI app was asked to raise",
+        Duration::from_secs(60),
+    );
+
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(100);
+    write_file(&dir.path("app.py"), &WSGI.replace("VERSION_MARK", "2"));
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", server.log_text());
+    load.wait_for_generation(2, 100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(server.get("/").body.contains("version=2"));
+}
+
+/// A Flask app the same way: JSON both ways, and a reload of new code
+/// under load with nothing failed.
+#[test]
+fn a_flask_app_reloads_new_code_under_load_with_nothing_failed() {
+    let Some(venv) = fastapi_venv() else {
+        return;
+    };
+    let dir = TempDir::new("flask");
+    let app = r#"
+import os
+from flask import Flask, request, jsonify
+
+VERSION = "VERSION_MARK"
+app = Flask(__name__)
+
+@app.get("/")
+def root():
+    return f"pid={os.getpid()} generation={os.environ['ZDR_GENERATION']} version={VERSION}\n"
+
+@app.post("/echo")
+def echo():
+    return jsonify(got=request.get_json(), version=VERSION)
+"#;
+    write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "1"));
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--chdir",
+        &chdir,
+        "main:app",
+    ])
+    .env("VIRTUAL_ENV", &venv.to_string_lossy())
+    .start();
+    server.wait_ready();
+    server.wait_generation_ready(1, 2);
+    let mut conn = KeepAlive::open(server.addr());
+    let json = r#"{"a": [1, 2, 3]}"#;
+    assert!(conn.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+            json.len()
+        )
+        .as_bytes()
+    ));
+    let reply = conn.read().expect("the echo");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains(r#""got":{"a":[1,2,3]}"#), "{reply:?}");
+
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(100);
+    write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "2"));
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", server.log_text());
+    load.wait_for_generation(2, 100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert!(server.get("/").body.contains("version=2"));
 }
 

@@ -7,7 +7,10 @@ back through the `Call` objects zdr hands over (`receive`, `send`, ...).
 """
 
 import asyncio
+import concurrent.futures
 import faulthandler
+import inspect
+import io
 import os
 import sys
 import traceback
@@ -39,11 +42,124 @@ def load(name):
     return obj, None
 
 
+def is_asgi(app):
+    """An ASGI app is a coroutine function (or an object whose __call__ is
+    one); anything else callable is taken for a WSGI app, as uvicorn's
+    `--interface auto` tells them apart."""
+    if inspect.iscoroutinefunction(app):
+        return True
+    call = getattr(app, "__call__", None)
+    return inspect.iscoroutinefunction(call)
+
+
+class Wsgi:
+    """A WSGI app as an ASGI one: each request runs in a pool of `threads`
+    threads (Gunicorn's `--threads`), its body read whole first; the
+    answer's parts go back to the loop one at a time, each waiting for
+    room, so a large answer is not held whole."""
+
+    def __init__(self, app, loop, threads):
+        self.app = app
+        self.loop = loop
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="zdr-wsgi"
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await self.loop.run_in_executor(self.pool, self.run, scope, bytes(body), send)
+
+    def environ(self, scope, body):
+        server = scope.get("server") or ("localhost", 80)
+        client = scope.get("client")
+        path = scope["path"]
+        environ = {
+            "REQUEST_METHOD": scope["method"],
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path.encode("utf-8").decode("latin-1"),
+            "QUERY_STRING": scope["query_string"].decode("latin-1"),
+            "SERVER_NAME": server[0],
+            "SERVER_PORT": str(server[1]),
+            "SERVER_PROTOCOL": "HTTP/" + scope["http_version"],
+            "REMOTE_ADDR": client[0] if client else "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": scope["scheme"],
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        for name, value in scope["headers"]:
+            name = name.decode("latin-1")
+            value = value.decode("latin-1")
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+            elif name == "content-length":
+                environ["CONTENT_LENGTH"] = value
+            else:
+                key = "HTTP_" + name.upper().replace("-", "_")
+                environ[key] = environ[key] + "," + value if key in environ else value
+                if name == "host":
+                    environ["SERVER_NAME"] = value.rsplit(":", 1)[0]
+        return environ
+
+    def run(self, scope, body, send):
+        def deliver(message):
+            asyncio.run_coroutine_threadsafe(send(message), self.loop).result()
+
+        started = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [(int(status.split(" ", 1)[0]), [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
+            ])]
+            return lambda data: pending.append(bytes(data))
+
+        pending = []
+        result = self.app(self.environ(scope, body), start_response)
+        sent_head = False
+        try:
+            for part in result:
+                if not sent_head and started:
+                    status, headers = started[0]
+                    deliver({"type": "http.response.start", "status": status, "headers": headers})
+                    sent_head = True
+                for data in pending + [part]:
+                    if data:
+                        deliver({"type": "http.response.body", "body": bytes(data), "more_body": True})
+                pending.clear()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if not sent_head:
+            if not started:
+                raise RuntimeError("the WSGI app did not call start_response")
+            status, headers = started[0]
+            deliver({"type": "http.response.start", "status": status, "headers": headers})
+        for data in pending:
+            if data:
+                deliver({"type": "http.response.body", "body": bytes(data), "more_body": True})
+        deliver({"type": "http.response.body", "body": b""})
+
+
 class Runner:
     """Runs one app on one event loop: its lifespan and its requests."""
 
-    def __init__(self, app, loop, wake_fd, inbox, tick_every):
-        self.app = app
+    def __init__(self, app, loop, wake_fd, inbox, tick_every, threads):
+        self.app = app if is_asgi(app) else Wsgi(app, loop, threads)
         self.loop = loop
         self.wake_fd = wake_fd
         self.inbox = inbox

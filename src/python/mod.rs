@@ -1,6 +1,7 @@
 //! Python apps served in-process (`zdr serve MODULE:APP`, the `python`
-//! feature): an ASGI app called from zdr's own HTTP layer, with no second
-//! parser and no loopback hop.
+//! feature): an ASGI app (or a WSGI one, run in a pool of `--threads`
+//! threads) called from zdr's own HTTP layer, with no second parser and no
+//! loopback hop.
 //!
 //! A worker runs the app on a thread of its own, `zdr-python`, which holds
 //! the interpreter and runs an asyncio event loop (uvloop's when it is
@@ -18,8 +19,8 @@
 //! | client gone | marks the call disconnected | `receive` says `http.disconnect` |
 //! | worker drained | queues the shutdown, waits | lifespan `shutdown`, the loop stops |
 //!
-//! What is not built yet: `--preload` for a Python app, WSGI, and
-//! finalising the interpreter when the worker exits.
+//! What is not built yet: `--preload` for a Python app, and finalising the
+//! interpreter when the worker exits.
 
 mod call;
 
@@ -164,6 +165,9 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
         Arc::clone(&bridge),
     );
     // The loop's ticker runs a few times per --timeout.
+    // A WSGI app's requests run in a pool of `--threads` threads (as
+    // Gunicorn's gthread worker's).
+    let threads = spec.settings.threads.max(1);
     let tick_every = spec
         .settings
         .timeout()
@@ -178,7 +182,7 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
                 let thread = Arc::clone(&bridge);
                 std::thread::Builder::new()
                     .name("zdr-python".to_owned())
-                    .spawn(move || run(&name, &thread, tick_every, tx))?;
+                    .spawn(move || run(&name, &thread, tick_every, threads, tx))?;
                 match rx.await {
                     Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
                     Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
@@ -226,6 +230,7 @@ fn run(
     name: &str,
     bridge: &Arc<Bridge>,
     tick_every: f64,
+    threads: usize,
     started: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let mut started = Some(started);
@@ -249,6 +254,7 @@ fn run(
             bridge.wake.as_fd().as_raw_fd(),
             inbox,
             tick_every,
+            threads,
         ))?;
         let (ok, why): (bool, String) = runner.call_method1("startup", (py.None(),))?.extract()?;
         if !ok {
