@@ -52,6 +52,7 @@ impl tower::Service<Request> for Asgi {
             bridge: Arc::clone(&self.bridge),
             waker: AtomicWaker::new(),
             room: tokio::sync::Notify::new(),
+            changed: std::sync::Condvar::new(),
             inner: Mutex::new(Inner {
                 head: Some(parts),
                 body_done,
@@ -77,6 +78,8 @@ pub(super) struct CallState {
     /// The request body's forwarder waits here for room.
     room: tokio::sync::Notify,
     inner: Mutex<Inner>,
+    /// Notified when [`Inner::version`] changes.
+    changed: std::sync::Condvar,
 }
 
 #[derive(Default)]
@@ -110,6 +113,8 @@ struct Inner {
     /// The app's call has returned.
     finished: bool,
     forwarder: Option<tokio::task::AbortHandle>,
+    /// Counts the changes an app waiting in a thread may care for.
+    version: u64,
 }
 
 impl Inner {
@@ -130,11 +135,26 @@ impl CallState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes the app's `receive` or `send`, if it waits.
-    fn resume_app(self: &Arc<Self>, inner: &Inner) {
+    /// Wakes the app's `receive` or `send`, if it waits: on the event
+    /// loop (ASGI), or in a thread of its own (WSGI, blocked in
+    /// [`Call::receive_blocking`] or [`Call::send_blocking`]).
+    fn resume_app(self: &Arc<Self>, inner: &mut Inner) {
+        inner.version = inner.version.wrapping_add(1);
+        self.changed.notify_all();
         if inner.waiting.is_some() {
             self.bridge.post(Wake::Resume(Arc::clone(self)));
         }
+    }
+
+    /// Waits, without the GIL, until the call's state has changed since
+    /// `seen` (its [`Inner::version`]).
+    fn wait_change(&self, py: Python<'_>, seen: u64) {
+        py.allow_threads(|| {
+            let mut inner = self.lock();
+            while inner.version == seen && !inner.finished {
+                inner = self.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+            }
+        });
     }
 
     /// The runtime's side is gone (the client left, or the response is
@@ -145,7 +165,7 @@ impl CallState {
         if let Some(f) = inner.forwarder.take() {
             f.abort();
         }
-        self.resume_app(&inner);
+        self.resume_app(&mut inner);
     }
 }
 
@@ -182,7 +202,7 @@ async fn forward(state: Arc<CallState>, mut body: crate::body::RequestBody) {
             Some(Err(_)) => inner.disconnected = true,
         }
         let end = inner.body_done || inner.disconnected;
-        state.resume_app(&inner);
+        state.resume_app(&mut inner);
         if end {
             return;
         }
@@ -346,6 +366,40 @@ impl Call {
         }
     }
 
+    /// The next message, waiting for it without the GIL (an app in a
+    /// thread of its own: WSGI).
+    fn receive_blocking<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        loop {
+            let seen = {
+                let mut inner = self.0.lock();
+                if let Some(message) = next_message(py, &self.0, &mut inner)? {
+                    return Ok(message);
+                }
+                inner.version
+            };
+            self.0.wait_change(py, seen);
+        }
+    }
+
+    /// Sends `message`, waiting without the GIL while the body has no
+    /// room (an app in a thread of its own: WSGI). The head goes out with
+    /// the first body bytes.
+    fn send_blocking(&self, py: Python<'_>, message: &Bound<'_, PyDict>) -> PyResult<()> {
+        if self.send(message)? != 1 {
+            return Ok(());
+        }
+        loop {
+            let seen = {
+                let inner = self.0.lock();
+                if inner.out_bytes < ROOM || inner.disconnected || inner.finished {
+                    return Ok(());
+                }
+                inner.version
+            };
+            self.0.wait_change(py, seen);
+        }
+    }
+
     /// The head may go out without body bytes.
     fn flush(&self) {
         self.0.lock().flushed = true;
@@ -379,6 +433,7 @@ impl Call {
             f.abort();
         }
         self.0.room.notify_one();
+        self.0.changed.notify_all();
         self.0.waker.wake();
     }
 }
@@ -577,7 +632,7 @@ impl http_body::Body for Streamed {
         if let Some(bytes) = inner.out.pop_front() {
             inner.out_bytes -= bytes.len();
             if inner.out_bytes < ROOM {
-                state.resume_app(&inner);
+                state.resume_app(&mut inner);
             }
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
         }

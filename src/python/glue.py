@@ -53,39 +53,24 @@ def is_asgi(app):
 
 
 class Wsgi:
-    """A WSGI app as an ASGI one: each request runs in a pool of `threads`
-    threads (Gunicorn's `--threads`), its body read whole first; the
-    answer's parts go back to the loop one at a time, each waiting for
-    room, so a large answer is not held whole."""
+    """A WSGI app, each request run in a pool of `threads` threads
+    (Gunicorn's `--threads`) straight from zdr's queue: its body read
+    whole first, its answer's parts sent as they come (each waiting, without
+    the GIL, while the connection has no room for more)."""
 
-    def __init__(self, app, loop, threads):
+    def __init__(self, app, threads):
         self.app = app
-        self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="zdr-wsgi"
         )
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        await self.loop.run_in_executor(self.pool, self.run, scope, bytes(body), send)
-
     def environ(self, scope, body):
         server = scope.get("server") or ("localhost", 80)
         client = scope.get("client")
-        path = scope["path"]
         environ = {
             "REQUEST_METHOD": scope["method"],
             "SCRIPT_NAME": "",
-            "PATH_INFO": path.encode("utf-8").decode("latin-1"),
+            "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
             "QUERY_STRING": scope["query_string"].decode("latin-1"),
             "SERVER_NAME": server[0],
             "SERVER_PORT": str(server[1]),
@@ -113,53 +98,74 @@ class Wsgi:
                     environ["SERVER_NAME"] = value.rsplit(":", 1)[0]
         return environ
 
-    def run(self, scope, body, send):
-        def deliver(message):
-            asyncio.run_coroutine_threadsafe(send(message), self.loop).result()
+    def handle(self, call, state):
+        """One request, in a pool thread."""
+        try:
+            self.run(call, state)
+        except BaseException as e:
+            call.fail("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        else:
+            call.finish()
 
+    def run(self, call, state):
+        scope = call.scope(state)
+        body = bytearray()
+        while True:
+            message = call.receive_blocking()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        send = call.send_blocking
         started = []
+        pending = []
 
         def start_response(status, headers, exc_info=None):
-            if exc_info and started:
+            if exc_info and sent_head:
                 raise exc_info[1].with_traceback(exc_info[2])
             started[:] = [(int(status.split(" ", 1)[0]), [
                 (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
             ])]
-            return lambda data: pending.append(bytes(data))
+            return pending.append
 
-        pending = []
-        result = self.app(self.environ(scope, body), start_response)
+        def head():
+            if not started:
+                raise RuntimeError("the WSGI app did not call start_response")
+            status, headers = started[0]
+            send({"type": "http.response.start", "status": status, "headers": headers})
+
         sent_head = False
+        result = self.app(self.environ(scope, bytes(body)), start_response)
         try:
             for part in result:
-                if not sent_head and started:
-                    status, headers = started[0]
-                    deliver({"type": "http.response.start", "status": status, "headers": headers})
+                if not part and not pending:
+                    continue
+                if not sent_head:
+                    head()
                     sent_head = True
                 for data in pending + [part]:
                     if data:
-                        deliver({"type": "http.response.body", "body": bytes(data), "more_body": True})
+                        send({"type": "http.response.body", "body": bytes(data), "more_body": True})
                 pending.clear()
         finally:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
         if not sent_head:
-            if not started:
-                raise RuntimeError("the WSGI app did not call start_response")
-            status, headers = started[0]
-            deliver({"type": "http.response.start", "status": status, "headers": headers})
+            head()
         for data in pending:
             if data:
-                deliver({"type": "http.response.body", "body": bytes(data), "more_body": True})
-        deliver({"type": "http.response.body", "body": b""})
+                send({"type": "http.response.body", "body": bytes(data), "more_body": True})
+        send({"type": "http.response.body", "body": b""})
 
 
 class Runner:
     """Runs one app on one event loop: its lifespan and its requests."""
 
     def __init__(self, app, loop, wake_fd, inbox, tick_every, threads):
-        self.app = app if is_asgi(app) else Wsgi(app, loop, threads)
+        self.wsgi = None if is_asgi(app) else Wsgi(app, threads)
+        self.app = app
         self.loop = loop
         self.wake_fd = wake_fd
         self.inbox = inbox
@@ -187,7 +193,9 @@ class Runner:
         except BlockingIOError:
             pass
         for kind, obj in self.inbox.take():
-            if kind == NEW:
+            if kind == NEW and self.wsgi is not None:
+                self.wsgi.pool.submit(self.wsgi.handle, obj, self.state)
+            elif kind == NEW:
                 task = self.loop.create_task(self.serve(obj))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -233,6 +241,9 @@ class Runner:
         return self.loop.run_until_complete(self._startup(timeout))
 
     async def _startup(self, timeout):
+        if self.wsgi is not None:
+            # WSGI has no lifespan.
+            return (True, "")
         self.lifespan_queue = asyncio.Queue()
         started = self.loop.create_future()
         self.stopped = self.loop.create_future()
