@@ -7,10 +7,10 @@ back through the `Call` objects zdr hands over (`receive`, `send`, ...).
 """
 
 import asyncio
-import concurrent.futures
 import faulthandler
 import inspect
 import io
+import threading
 import os
 import sys
 import traceback
@@ -60,9 +60,21 @@ class Wsgi:
 
     def __init__(self, app, threads):
         self.app = app
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="zdr-wsgi"
-        )
+        self.threads = threads
+
+    def start(self, inbox, state):
+        """Starts the threads, which take new calls from zdr themselves."""
+        inbox.serve_in_threads()
+
+        def serve():
+            while True:
+                call = inbox.next_call()
+                if call is None:
+                    return
+                self.handle(call, state)
+
+        for i in range(self.threads):
+            threading.Thread(target=serve, name=f"zdr-wsgi-{i}", daemon=True).start()
 
     def environ(self, scope, body):
         server = scope.get("server") or ("localhost", 80)
@@ -182,6 +194,8 @@ class Runner:
         faulthandler.enable()
         self.tick_every = tick_every
         loop.call_soon(self.tick)
+        if self.wsgi is not None:
+            self.wsgi.start(inbox, self.state)
 
     def tick(self):
         self.inbox.tick()
@@ -194,7 +208,8 @@ class Runner:
             pass
         for kind, obj in self.inbox.take():
             if kind == NEW and self.wsgi is not None:
-                self.wsgi.pool.submit(self.wsgi.handle, obj, self.state)
+                # Queued before the threads started.
+                self.wsgi.handle(obj, self.state)
             elif kind == NEW:
                 task = self.loop.create_task(self.serve(obj))
                 self.tasks.add(task)

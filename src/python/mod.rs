@@ -62,12 +62,30 @@ pub(crate) struct Bridge {
     /// When the event loop last ran its ticker ([`crate::sys::monotonic_ns`]);
     /// 0 before it first did.
     ticked_ns: AtomicU64,
+    /// The app's requests run in threads (WSGI) that take new calls from
+    /// `calls` themselves, not through the event loop.
+    threaded: AtomicBool,
+    calls: Mutex<std::collections::VecDeque<Arc<call::CallState>>>,
+    /// Notified when a call is queued in `calls`, or when they close.
+    called: std::sync::Condvar,
+    /// No more calls: the threads waiting in `calls` end.
+    closed: AtomicBool,
 }
 
 impl Bridge {
     /// Queues `wake` for the Python thread, waking it if the queue was
     /// empty.
     fn post(&self, wake: Wake) {
+        let wake = match wake {
+            Wake::New(call) if self.threaded.load(Ordering::Relaxed) => {
+                if let Ok(mut calls) = self.calls.lock() {
+                    calls.push_back(call);
+                }
+                self.called.notify_one();
+                return;
+            }
+            other => other,
+        };
         let first = match self.queue.lock() {
             Ok(mut queue) => {
                 queue.push(wake);
@@ -87,6 +105,29 @@ struct Inbox(Arc<Bridge>);
 
 #[pymethods]
 impl Inbox {
+    /// From now on, new calls are taken by threads with [`Inbox::next_call`].
+    fn serve_in_threads(&self) {
+        self.0.threaded.store(true, Ordering::Relaxed);
+    }
+
+    /// The next new call, waited for without the GIL; `None` once the
+    /// worker stops.
+    fn next_call(&self, py: Python<'_>) -> Option<call::Call> {
+        let bridge = &self.0;
+        py.allow_threads(|| {
+            let mut calls = bridge.calls.lock().ok()?;
+            loop {
+                if let Some(call) = calls.pop_front() {
+                    return Some(call::Call::new(call));
+                }
+                if bridge.closed.load(Ordering::Relaxed) {
+                    return None;
+                }
+                calls = bridge.called.wait(calls).ok()?;
+            }
+        })
+    }
+
     /// The event loop runs (called by its ticker).
     fn tick(&self) {
         self.0
@@ -157,6 +198,10 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
         wake,
         alive: AtomicBool::new(false),
         ticked_ns: AtomicU64::new(0),
+        threaded: AtomicBool::new(false),
+        calls: Mutex::new(std::collections::VecDeque::new()),
+        called: std::sync::Condvar::new(),
+        closed: AtomicBool::new(false),
     });
     let (started, alive, stopped, ticking) = (
         Arc::clone(&bridge),
@@ -210,6 +255,11 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
             Box::pin(async move {
                 if !bridge.alive.load(Ordering::Relaxed) {
                     return 0;
+                }
+                // The threads waiting for calls end.
+                bridge.closed.store(true, Ordering::Relaxed);
+                if let Ok(_calls) = bridge.calls.lock() {
+                    bridge.called.notify_all();
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 bridge.post(Wake::Shutdown(Arc::new(Done {
