@@ -2,9 +2,12 @@
 """Python apps served four ways, under load, with a reload every 2 s: the
 same ASGI hello app under Granian (Rust HTTP, the app in-process), uvicorn,
 zdr's proxy mode in front of uvicorn (`zdr serve -- uvicorn ...`) and zdr
-native (`zdr serve hello:app`, the app in-process), 2 workers each.
+native (`zdr serve hello:app`, the app in-process), 2 workers each; and
+the same WSGI hello app under Granian, Gunicorn (gthread), zdr's proxy mode
+in front of Gunicorn and zdr native.
 
     python3 benches/python_apps.py [--rounds 3] [--seconds 20] [--venv DIR]
+        [--interface asgi|wsgi|both]
 
 Each run is `wrk -t1 -c16` for --seconds with a SIGHUP to the server's
 master every 2 s (9 in 20 s); each round runs every system back to back; the
@@ -48,6 +51,13 @@ async def app(scope, receive, send):
 """
 
 
+WSGI = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    return [b"hello\\n"]
+"""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,25 +80,32 @@ def wait_up(port, proc, timeout=60):
     raise SystemExit("the server did not come up")
 
 
-def command(system, venv, port, workdir):
+def command(system, interface, venv, port, workdir):
     bin_ = os.path.join(venv, "bin")
-    uvicorn = [os.path.join(bin_, "uvicorn"), "--log-level", "warning", "hello:app"]
+    app = f"{interface}_hello:app"
+    uvicorn = [os.path.join(bin_, "uvicorn"), "--log-level", "warning", app]
+    gunicorn = [os.path.join(bin_, "gunicorn"), "--worker-class", "gthread", "--threads", "4",
+                "--log-level", "warning", app]
     if system == "granian":
-        return [os.path.join(bin_, "granian"), "--interface", "asgi", "--workers", "2",
-                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "hello:app"]
+        return [os.path.join(bin_, "granian"), "--interface", interface, "--workers", "2",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", app]
     if system == "uvicorn":
         return uvicorn + ["--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
+    if system == "gunicorn":
+        return gunicorn + ["--workers", "2", "--bind", f"127.0.0.1:{port}"]
     zdr = [ZDR, "serve", "--workers", "2", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
            "--control-socket", os.path.join(workdir, f"{system}.ctl")]
-    if system == "zdr proxy":
+    if system == "zdr proxy" and interface == "asgi":
         return zdr + ["--", *uvicorn, "--port", "$PORT"]
-    return zdr + ["hello:app"]
+    if system == "zdr proxy":
+        return zdr + ["--", *gunicorn, "--workers", "1", "--bind", "127.0.0.1:$PORT"]
+    return zdr + [app]
 
 
-def run(system, venv, seconds, workdir):
+def run(system, interface, venv, seconds, workdir):
     port = free_port()
     env = dict(os.environ, VIRTUAL_ENV=venv, PATH=f"{venv}/bin:{os.environ['PATH']}")
-    proc = subprocess.Popen(command(system, venv, port, workdir), cwd=workdir, env=env,
+    proc = subprocess.Popen(command(system, interface, venv, port, workdir), cwd=workdir, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_up(port, proc)
@@ -125,32 +142,41 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--venv", default=os.path.join(tempfile.gettempdir(), "zdr-bench-venv"))
+    ap.add_argument("--interface", choices=["asgi", "wsgi", "both"], default="both")
     args = ap.parse_args()
-    if not os.path.exists(os.path.join(args.venv, "bin", "granian")):
+    if not os.path.exists(os.path.join(args.venv, "bin", "gunicorn")):
         subprocess.run(["/usr/bin/python3", "-m", "venv", args.venv], check=True)
         subprocess.run([os.path.join(args.venv, "bin", "pip"), "install", "-q",
-                        "granian", "uvicorn", "uvloop"], check=True)
-    systems = ["granian", "uvicorn", "zdr proxy", "zdr native"]
-    results = {s: [] for s in systems}
+                        "granian", "uvicorn", "uvloop", "gunicorn"], check=True)
+    interfaces = ["asgi", "wsgi"] if args.interface == "both" else [args.interface]
+    systems = {
+        "asgi": ["granian", "uvicorn", "zdr proxy", "zdr native"],
+        "wsgi": ["granian", "gunicorn", "zdr proxy", "zdr native"],
+    }
+    results = {(i, s): [] for i in interfaces for s in systems[i]}
     with tempfile.TemporaryDirectory() as workdir:
-        with open(os.path.join(workdir, "hello.py"), "w") as f:
-            f.write(ASGI)
+        for name, text in (("asgi_hello.py", ASGI), ("wsgi_hello.py", WSGI)):
+            with open(os.path.join(workdir, name), "w") as f:
+                f.write(text)
         for r in range(args.rounds):
-            for system in systems:
-                requests, failed = run(system, args.venv, args.seconds, workdir)
-                results[system].append((requests, failed))
-                print(f"round {r + 1}: {system}: {requests} requests, {failed} failed",
-                      file=sys.stderr, flush=True)
+            for interface in interfaces:
+                for system in systems[interface]:
+                    requests, failed = run(system, interface, args.venv, args.seconds, workdir)
+                    results[(interface, system)].append((requests, failed))
+                    print(f"round {r + 1}: {interface} {system}: {requests} requests, "
+                          f"{failed} failed", file=sys.stderr, flush=True)
     hups = int((args.seconds - 0.01) // 2)
-    print(f"\n| server (2 workers, `wrk -t1 -c16 -d{args.seconds}s`, a HUP every 2 s) "
-          f"| requests in {args.seconds} s (median of {args.rounds}) | failed across {hups} HUPs "
-          "(median) | / Granian |")
-    print("|---|---|---|---|")
-    granian = statistics.median(r for r, _ in results["granian"])
-    for system in systems:
-        requests = statistics.median(r for r, _ in results[system])
-        failed = statistics.median(f for _, f in results[system])
-        print(f"| {system} | {requests:,.0f} | {failed:g} | {requests / granian:.2f} |")
+    for interface in interfaces:
+        print(f"\n| {interface.upper()} server (2 workers, `wrk -t1 -c16 -d{args.seconds}s`, "
+              f"a HUP every 2 s) | requests in {args.seconds} s (median of {args.rounds}) "
+              f"| failed across {hups} HUPs (median) | / Granian |")
+        print("|---|---|---|---|")
+        granian = statistics.median(r for r, _ in results[(interface, "granian")])
+        for system in systems[interface]:
+            runs = results[(interface, system)]
+            requests = statistics.median(r for r, _ in runs)
+            failed = statistics.median(f for _, f in runs)
+            print(f"| {system} | {requests:,.0f} | {failed:g} | {requests / granian:.2f} |")
 
 
 if __name__ == "__main__":
