@@ -54,7 +54,14 @@ pub(super) enum Conn<I> {
         /// an idle connection.
         closing: bool,
     },
-    Http2(Pin<Box<H2<I>>>, Back<I>),
+    Http2 {
+        conn: Pin<Box<H2<I>>>,
+        back: Back<I>,
+        state: Arc<ConnState>,
+        /// Asked to close while idle ([`Conn::shutdown_idle`]): decided at
+        /// its next poll, once hyper has written what it holds.
+        going_away: bool,
+    },
     /// An idle HTTP/2 connection closing: hyper's connection dropped, its
     /// socket taken back, a single GOAWAY naming the last stream the client
     /// opened written, then a lingering close. (hyper's own graceful
@@ -177,10 +184,15 @@ where
                             io: Some(stream),
                             back: Arc::clone(&back),
                         };
-                        Conn::Http2(
-                            Box::pin(builders.http2.serve_connection(TokioIo::new(lent), service)),
+                        let state = Arc::clone(&service.conn);
+                        Conn::Http2 {
+                            conn: Box::pin(
+                                builders.http2.serve_connection(TokioIo::new(lent), service),
+                            ),
                             back,
-                        )
+                            state,
+                            going_away: false,
+                        }
                     } else {
                         Conn::http1(builders, stream, service)
                     };
@@ -241,10 +253,42 @@ where
                     stream.carry(Bytes::copy_from_slice(read.filled()));
                     *self = Conn::http1(builders, stream, service);
                 }
-                Conn::Http2(conn, _) => {
-                    let _ = ready!(conn.as_mut().poll(cx));
+                Conn::Http2 {
+                    conn,
+                    back,
+                    state,
+                    going_away,
+                } => {
+                    if conn.as_mut().poll(cx).is_ready() {
+                        *self = Conn::Done;
+                        return Poll::Ready(());
+                    }
+                    if !*going_away {
+                        return Poll::Pending;
+                    }
+                    *going_away = false;
+                    // hyper has written all it could: is anything still in
+                    // flight, being sent, or unflushed?
+                    let idle = !state.unflushed.load(Ordering::Relaxed)
+                        && state.h2_bodies.load(Ordering::Acquire) == 0
+                        && state.in_flight.load(Ordering::Acquire) == 0;
+                    if !idle {
+                        conn.as_mut().graceful_shutdown();
+                        continue;
+                    }
+                    let back = Arc::clone(back);
+                    // Dropping hyper's connection gives the socket back.
                     *self = Conn::Done;
-                    return Poll::Ready(());
+                    let Some(io) = back.lock().ok().and_then(|mut b| b.take()) else {
+                        return Poll::Ready(());
+                    };
+                    let last = io.frames.as_ref().map_or(0, |f| f.last_stream);
+                    *self = Conn::GoingAway {
+                        io,
+                        frame: goaway(last),
+                        written: 0,
+                        shut: false,
+                    };
                 }
                 Conn::GoingAway {
                     io,
@@ -295,41 +339,24 @@ where
             // Idle: closed, as hyper closes an idle connection it is asked
             // to shut down (a lingering close, on its next poll).
             Conn::Parked { closing, .. } => *closing = true,
-            Conn::Http2(conn, _) => conn.as_mut().graceful_shutdown(),
+            Conn::Http2 { conn, .. } => conn.as_mut().graceful_shutdown(),
             Conn::GoingAway { .. } | Conn::Done => {}
         }
     }
 
     /// As [`Conn::graceful_shutdown`], for a connection with nothing in
-    /// flight (no request waiting for its answer, no answer's body still
-    /// being sent): an HTTP/2 connection whose writes are all flushed says
-    /// GOAWAY once, naming the last stream its client opened, and closes
-    /// (see [`Conn::GoingAway`]); the client retries on a new connection
-    /// whatever it sends after. Otherwise it shuts as `graceful_shutdown`
+    /// flight: an HTTP/2 connection that is still idle at its next poll (no
+    /// request waiting for its answer, no answer's body being sent, all
+    /// hyper wrote flushed) says GOAWAY once, naming the last stream its
+    /// client opened, and closes (see [`Conn::GoingAway`]); the client
+    /// retries on a new connection whatever it sends after. One that is not
+    /// idle then, and any other connection, shuts as `graceful_shutdown`
     /// does.
-    pub(super) fn shutdown_idle(&mut self, state: &ConnState) {
-        let flushed = !state.unflushed.load(Ordering::Relaxed)
-            && state.h2_bodies.load(Ordering::Acquire) == 0
-            && state.in_flight.load(Ordering::Acquire) == 0;
-        if !(matches!(self, Conn::Http2(..)) && flushed) {
-            return self.graceful_shutdown();
+    pub(super) fn shutdown_idle(&mut self) {
+        match self {
+            Conn::Http2 { going_away, .. } => *going_away = true,
+            _ => self.graceful_shutdown(),
         }
-        let Conn::Http2(conn, back) = std::mem::replace(self, Conn::Done) else {
-            return;
-        };
-        // Dropping hyper's connection gives the socket back.
-        drop(conn);
-        let taken = back.lock().ok().and_then(|mut b| b.take());
-        let Some(io) = taken else {
-            return;
-        };
-        let last = io.frames.as_ref().map_or(0, |f| f.last_stream);
-        *self = Conn::GoingAway {
-            io,
-            frame: goaway(last),
-            written: 0,
-            shut: false,
-        };
     }
 
     /// Closes the connection now, whatever it was reading, with a
@@ -349,7 +376,7 @@ where
                     closing: true,
                 };
             }
-            Conn::Http2(..) | Conn::GoingAway { .. } | Conn::Done => return false,
+            Conn::Http2 { .. } | Conn::GoingAway { .. } | Conn::Done => return false,
         }
         true
     }
@@ -371,7 +398,7 @@ where
                 };
                 unread
             }
-            Conn::Http2(..) => {
+            Conn::Http2 { .. } => {
                 self.graceful_shutdown();
                 return false;
             }

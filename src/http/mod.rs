@@ -1054,7 +1054,7 @@ pub(crate) async fn serve<I>(
             }
             Step::Shutdown { then, idle } => {
                 if idle {
-                    conn.shutdown_idle(&conn_state);
+                    conn.shutdown_idle();
                 } else {
                     conn.graceful_shutdown();
                 }
