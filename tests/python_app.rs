@@ -619,6 +619,61 @@ def echo():
     assert!(server.get("/").body.contains("version=2"));
 }
 
+/// zdr's front holds for a Python app as for any: a body over
+/// `--limit-request-body` is refused 413 (declared: before the app is
+/// called; chunked past it: whatever the app answers, the app hearing
+/// `http.disconnect`), two `Host` fields get 400 and a header field over
+/// the limit 431, before the app; and the app serves on.
+#[test]
+fn the_front_refuses_what_the_limits_refuse_before_a_python_app() {
+    let dir = TempDir::new("asgi-limits");
+    write_app(&dir.0, "1");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let server = Launch::serve(&[
+        "--workers",
+        "1",
+        "--limit-request-body",
+        "1000",
+        "--limit-request-field_size",
+        "200",
+        "--chdir",
+        &chdir,
+        "app:app",
+    ])
+    .start();
+    server.wait_ready();
+    let ask = |raw: &[u8]| {
+        let mut conn = KeepAlive::open(server.addr());
+        assert!(conn.send(raw));
+        let reply = conn.read().expect("an answer");
+        (reply, conn.read())
+    };
+    let (reply, next) = ask(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n");
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert!(next.is_none(), "the connection closes");
+    let mut chunked = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&[b'x'; 0x200]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (reply, _) = ask(&chunked);
+    assert_eq!(reply.status, 413, "{reply:?}");
+    let (reply, _) = ask(b"GET / HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let long = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(300)
+    );
+    let (reply, _) = ask(long.as_bytes());
+    assert_eq!(reply.status, 431, "{reply:?}");
+    // Within the limits, the app answers.
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains("version=1"), "{reply:?}");
+}
+
 #[test]
 fn a_failed_lifespan_startup_fails_the_boot_with_its_message() {
     let dir = TempDir::new("asgi-startup");

@@ -352,6 +352,15 @@ fn prepare(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
             .join("lib")
             .join(format!("python{major}.{minor}"))
             .join("site-packages");
+        if !site.is_dir() {
+            tracing::warn!(
+                event = crate::logging::LogEvent::WorkerTrouble.name(),
+                "VIRTUAL_ENV={} has no {}: is it a virtualenv of Python {major}.{minor}, \
+                 the Python this zdr embeds? Its packages are not importable",
+                std::path::Path::new(&venv).display(),
+                site.display()
+            );
+        }
         py.import("site")?.call_method1("addsitedir", (site,))?;
     }
     let code =
