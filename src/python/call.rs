@@ -303,32 +303,7 @@ impl Call {
                     .get_item("status")?
                     .ok_or_else(|| PyRuntimeError::new_err("http.response.start has a `status`"))?
                     .extract()?;
-                let status = StatusCode::from_u16(status).map_err(|_| {
-                    PyRuntimeError::new_err(format!("{status} is not an HTTP status"))
-                })?;
-                let mut fields = HeaderMap::new();
-                if let Some(headers) = message.get_item("headers")? {
-                    for pair in headers.try_iter()? {
-                        let (name, value): (Vec<u8>, Vec<u8>) = pair?.extract()?;
-                        let name = HeaderName::from_bytes(&name).map_err(|_| {
-                            PyRuntimeError::new_err(format!(
-                                "{:?} is not a header name",
-                                String::from_utf8_lossy(&name)
-                            ))
-                        })?;
-                        let value = HeaderValue::from_bytes(&value).map_err(|_| {
-                            PyRuntimeError::new_err(format!(
-                                "the {name} header's value is not valid"
-                            ))
-                        })?;
-                        fields.append(name, value);
-                    }
-                }
-                let mut inner = self.0.lock();
-                if inner.started() {
-                    return Err(PyRuntimeError::new_err("the response has already started"));
-                }
-                inner.start = Some((status, fields));
+                self.start(status, message.get_item("headers")?)?;
                 Ok(2)
             }
             "http.response.body" => {
@@ -337,28 +312,11 @@ impl Call {
                     None => false,
                 };
                 let body = message.get_item("body")?;
-                let mut inner = self.0.lock();
-                if !inner.started() {
-                    return Err(PyRuntimeError::new_err(
-                        "http.response.body before http.response.start",
-                    ));
-                }
-                if inner.out_done || inner.disconnected {
-                    return Ok(0);
-                }
-                if let Some(body) = body {
-                    let bytes = body.downcast::<PyBytes>()?.as_bytes();
-                    if !bytes.is_empty() {
-                        inner.out_bytes += bytes.len();
-                        inner.out.push_back(Bytes::copy_from_slice(bytes));
-                    }
-                }
-                inner.out_done = !more;
-                inner.flushed = true;
-                let wait = more && inner.out_bytes >= ROOM;
-                drop(inner);
-                self.0.waker.wake();
-                Ok(u8::from(wait))
+                let bytes = match &body {
+                    Some(body) => body.downcast::<PyBytes>()?.as_bytes(),
+                    None => &[],
+                };
+                Ok(u8::from(self.body(bytes, more)?))
             }
             other => Err(PyRuntimeError::new_err(format!(
                 "zdr does not take the ASGI message {other:?} on an http scope"
@@ -366,6 +324,39 @@ impl Call {
         }
     }
 
+    /// A WSGI app's `start_response`, as the status line's code and the
+    /// `(name, value)` string pairs.
+    fn start_wsgi(&self, status: u16, headers: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut fields = HeaderMap::new();
+        for pair in headers.try_iter()? {
+            let (name, value): (String, String) = pair?.extract()?;
+            fields.append(
+                header_name(name.as_bytes())?,
+                header_value(&name, value.as_bytes())?,
+            );
+        }
+        self.0.lock().start = Some((http_status(status)?, fields));
+        Ok(())
+    }
+
+    /// A part of a WSGI app's answer (`more`: not the last), waiting
+    /// without the GIL while the connection has no room for more.
+    fn body_blocking(&self, py: Python<'_>, data: &[u8], more: bool) -> PyResult<()> {
+        if !self.body(data, more)? {
+            return Ok(());
+        }
+        self.wait_room(py);
+        Ok(())
+    }
+
+    /// The request as a WSGI environ, all but `wsgi.input` and
+    /// `wsgi.errors` (PEP 3333: strings are the bytes as Latin-1).
+    fn environ<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let Some(head) = self.0.lock().head.take() else {
+            return Err(PyRuntimeError::new_err("the environ was already made"));
+        };
+        environ(py, &head)
+    }
     /// The next message, waiting for it without the GIL (an app in a
     /// thread of its own: WSGI).
     fn receive_blocking<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -385,19 +376,10 @@ impl Call {
     /// room (an app in a thread of its own: WSGI). The head goes out with
     /// the first body bytes.
     fn send_blocking(&self, py: Python<'_>, message: &Bound<'_, PyDict>) -> PyResult<()> {
-        if self.send(message)? != 1 {
-            return Ok(());
+        if self.send(message)? == 1 {
+            self.wait_room(py);
         }
-        loop {
-            let seen = {
-                let inner = self.0.lock();
-                if inner.out_bytes < ROOM || inner.disconnected || inner.finished {
-                    return Ok(());
-                }
-                inner.version
-            };
-            self.0.wait_change(py, seen);
-        }
+        Ok(())
     }
 
     /// The head may go out without body bytes.
@@ -426,6 +408,65 @@ impl Call {
 }
 
 impl Call {
+    /// The response starts: its status and fields.
+    fn start(&self, status: u16, headers: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+        let status = http_status(status)?;
+        let mut fields = HeaderMap::new();
+        if let Some(headers) = headers {
+            for pair in headers.try_iter()? {
+                let (name, value): (Vec<u8>, Vec<u8>) = pair?.extract()?;
+                let name = header_name(&name)?;
+                let value = header_value(name.as_str(), &value)?;
+                fields.append(name, value);
+            }
+        }
+        let mut inner = self.0.lock();
+        if inner.started() {
+            return Err(PyRuntimeError::new_err("the response has already started"));
+        }
+        inner.start = Some((status, fields));
+        Ok(())
+    }
+
+    /// Body bytes (`more`: not the last); whether the sender must wait
+    /// for room.
+    fn body(&self, bytes: &[u8], more: bool) -> PyResult<bool> {
+        let mut inner = self.0.lock();
+        if !inner.started() {
+            return Err(PyRuntimeError::new_err(
+                "http.response.body before http.response.start",
+            ));
+        }
+        if inner.out_done || inner.disconnected {
+            return Ok(false);
+        }
+        if !bytes.is_empty() {
+            inner.out_bytes += bytes.len();
+            inner.out.push_back(Bytes::copy_from_slice(bytes));
+        }
+        inner.out_done = !more;
+        inner.flushed = true;
+        let wait = more && inner.out_bytes >= ROOM;
+        drop(inner);
+        self.0.waker.wake();
+        Ok(wait)
+    }
+
+    /// Waits without the GIL until the answer has room again (or the
+    /// client is gone).
+    fn wait_room(&self, py: Python<'_>) {
+        loop {
+            let seen = {
+                let inner = self.0.lock();
+                if inner.out_bytes < ROOM || inner.disconnected || inner.finished {
+                    return;
+                }
+                inner.version
+            };
+            self.0.wait_change(py, seen);
+        }
+    }
+
     fn end(&self, inner: &mut Inner) {
         inner.finished = true;
         inner.waiting = None;
@@ -458,6 +499,109 @@ fn resume(py: Python<'_>, state: &CallState, inner: &mut Inner) -> PyResult<()> 
         }
     }
     Ok(())
+}
+
+fn http_status(status: u16) -> PyResult<StatusCode> {
+    StatusCode::from_u16(status)
+        .map_err(|_| PyRuntimeError::new_err(format!("{status} is not an HTTP status")))
+}
+
+fn header_name(name: &[u8]) -> PyResult<HeaderName> {
+    HeaderName::from_bytes(name).map_err(|_| {
+        PyRuntimeError::new_err(format!(
+            "{:?} is not a header name",
+            String::from_utf8_lossy(name)
+        ))
+    })
+}
+
+fn header_value(name: &str, value: &[u8]) -> PyResult<HeaderValue> {
+    HeaderValue::from_bytes(value)
+        .map_err(|_| PyRuntimeError::new_err(format!("the {name} header's value is not valid")))
+}
+
+/// Bytes as PEP 3333's native strings: each byte one Latin-1 character.
+fn latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| char::from(*b)).collect()
+}
+
+/// A request's WSGI environ, but for `wsgi.input` and `wsgi.errors`.
+fn environ<'py>(py: Python<'py>, head: &http::request::Parts) -> PyResult<Bound<'py, PyDict>> {
+    let environ = PyDict::new(py);
+    environ.set_item("REQUEST_METHOD", head.method.as_str())?;
+    environ.set_item("SCRIPT_NAME", "")?;
+    environ.set_item("PATH_INFO", latin1(&percent_decoded_bytes(head.uri.path())))?;
+    environ.set_item("QUERY_STRING", head.uri.query().unwrap_or(""))?;
+    let host = head
+        .headers
+        .get(http::header::HOST)
+        .map(|v| v.as_bytes())
+        .or_else(|| head.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or(b"localhost");
+    let host = latin1(host);
+    let client = head.extensions.get::<crate::ClientInfo>();
+    let scheme = client.map_or("http", |c| c.scheme);
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(']') || host.starts_with('[') => {
+            (name.to_owned(), port.to_owned())
+        }
+        _ => (
+            host.clone(),
+            if scheme == "https" { "443" } else { "80" }.to_owned(),
+        ),
+    };
+    environ.set_item("SERVER_NAME", name)?;
+    environ.set_item("SERVER_PORT", port)?;
+    environ.set_item(
+        "SERVER_PROTOCOL",
+        match head.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/1.1",
+        },
+    )?;
+    environ.set_item(
+        "REMOTE_ADDR",
+        client
+            .and_then(|c| c.addr)
+            .map_or_else(String::new, |ip| ip.to_string()),
+    )?;
+    environ.set_item("wsgi.version", (1, 0))?;
+    environ.set_item("wsgi.url_scheme", scheme)?;
+    environ.set_item("wsgi.multithread", true)?;
+    environ.set_item("wsgi.multiprocess", true)?;
+    environ.set_item("wsgi.run_once", false)?;
+    if !head.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = head.uri.authority() {
+            environ.set_item("HTTP_HOST", authority.as_str())?;
+        }
+    }
+    for name in head.headers.keys() {
+        let mut values = head.headers.get_all(name).iter();
+        let Some(first) = values.next() else {
+            continue;
+        };
+        let mut value = latin1(first.as_bytes());
+        for more in values {
+            value.push(',');
+            value.push_str(&latin1(more.as_bytes()));
+        }
+        let key = match *name {
+            http::header::CONTENT_TYPE => "CONTENT_TYPE".to_owned(),
+            http::header::CONTENT_LENGTH => "CONTENT_LENGTH".to_owned(),
+            _ => {
+                let mut key = String::with_capacity(5 + name.as_str().len());
+                key.push_str("HTTP_");
+                key.extend(name.as_str().chars().map(|c| match c {
+                    '-' => '_',
+                    c => c.to_ascii_uppercase(),
+                }));
+                key
+            }
+        };
+        environ.set_item(key, value)?;
+    }
+    Ok(environ)
 }
 
 /// The ASGI scope of a request.
@@ -529,6 +673,11 @@ fn percent_decoded(path: &str) -> String {
     if !path.contains('%') {
         return path.to_owned();
     }
+    String::from_utf8_lossy(&percent_decoded_bytes(path)).into_owned()
+}
+
+/// A path's bytes with its `%XX` escapes decoded.
+fn percent_decoded_bytes(path: &str) -> Vec<u8> {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -549,7 +698,7 @@ fn percent_decoded(path: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The runtime's hold on a call: dropped (the client left, or the whole

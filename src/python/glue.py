@@ -76,40 +76,6 @@ class Wsgi:
         for i in range(self.threads):
             threading.Thread(target=serve, name=f"zdr-wsgi-{i}", daemon=True).start()
 
-    def environ(self, scope, body):
-        server = scope.get("server") or ("localhost", 80)
-        client = scope.get("client")
-        environ = {
-            "REQUEST_METHOD": scope["method"],
-            "SCRIPT_NAME": "",
-            "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
-            "QUERY_STRING": scope["query_string"].decode("latin-1"),
-            "SERVER_NAME": server[0],
-            "SERVER_PORT": str(server[1]),
-            "SERVER_PROTOCOL": "HTTP/" + scope["http_version"],
-            "REMOTE_ADDR": client[0] if client else "",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": scope["scheme"],
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-        }
-        for name, value in scope["headers"]:
-            name = name.decode("latin-1")
-            value = value.decode("latin-1")
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-            else:
-                key = "HTTP_" + name.upper().replace("-", "_")
-                environ[key] = environ[key] + "," + value if key in environ else value
-                if name == "host":
-                    environ["SERVER_NAME"] = value.rsplit(":", 1)[0]
-        return environ
-
     def handle(self, call, state):
         """One request, in a pool thread."""
         try:
@@ -120,35 +86,34 @@ class Wsgi:
             call.finish()
 
     def run(self, call, state):
-        scope = call.scope(state)
+        environ = call.environ()
         body = bytearray()
         while True:
             message = call.receive_blocking()
             if message["type"] == "http.disconnect":
                 return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
+            body += message["body"]
+            if not message["more_body"]:
                 break
-        send = call.send_blocking
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["wsgi.errors"] = sys.stderr
         started = []
         pending = []
+        send = call.body_blocking
 
         def start_response(status, headers, exc_info=None):
             if exc_info and sent_head:
                 raise exc_info[1].with_traceback(exc_info[2])
-            started[:] = [(int(status.split(" ", 1)[0]), [
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
-            ])]
+            started[:] = [(int(status.split(" ", 1)[0]), headers)]
             return pending.append
 
         def head():
             if not started:
                 raise RuntimeError("the WSGI app did not call start_response")
-            status, headers = started[0]
-            send({"type": "http.response.start", "status": status, "headers": headers})
+            call.start_wsgi(*started[0])
 
         sent_head = False
-        result = self.app(self.environ(scope, bytes(body)), start_response)
+        result = self.app(environ, start_response)
         try:
             for part in result:
                 if not part and not pending:
@@ -156,10 +121,13 @@ class Wsgi:
                 if not sent_head:
                     head()
                     sent_head = True
-                for data in pending + [part]:
-                    if data:
-                        send({"type": "http.response.body", "body": bytes(data), "more_body": True})
-                pending.clear()
+                if pending:
+                    for data in pending:
+                        if data:
+                            send(data, True)
+                    pending.clear()
+                if part:
+                    send(part, True)
         finally:
             close = getattr(result, "close", None)
             if close is not None:
@@ -168,8 +136,8 @@ class Wsgi:
             head()
         for data in pending:
             if data:
-                send({"type": "http.response.body", "body": bytes(data), "more_body": True})
-        send({"type": "http.response.body", "body": b""})
+                send(data, True)
+        send(b"", False)
 
 
 class Runner:
