@@ -72,11 +72,48 @@ fn write_app(dir: &Path, version: &str) {
 }
 
 fn serve(dir: &TempDir, workers: usize) -> Server {
-    let workers = workers.to_string();
+    serve_app(dir, &["--workers", &workers.to_string()], "app:app", None)
+}
+
+/// `zdr serve ARGS --chdir DIR APP`, with `venv` as its `VIRTUAL_ENV`,
+/// once it is ready.
+fn serve_app(dir: &TempDir, args: &[&str], app: &str, venv: Option<&Path>) -> Server {
     let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&["--workers", &workers, "--chdir", &chdir, "app:app"]).start();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--chdir", &chdir, app]);
+    let mut launch = Launch::serve(&all);
+    if let Some(venv) = venv {
+        launch = launch.env("VIRTUAL_ENV", &venv.to_string_lossy());
+    }
+    let server = launch.start();
     server.wait_ready();
     server
+}
+
+/// `zdr reload --wait`: whether it succeeded, and what it said.
+fn reload(server: &Server) -> (bool, String) {
+    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// Keep-alive and new-connection load while `deploy` writes new code and
+/// the server reloads: the reload succeeds, generation 2 answers the load,
+/// and no request fails.
+fn new_code_under_load(server: &Server, deploy: impl FnOnce()) {
+    let rt = runtime();
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(100);
+    deploy();
+    let (ok, said) = reload(server);
+    assert!(ok, "{said}\n{}", server.log_text());
+    load.wait_for_generation(2, 100);
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
 }
 
 #[test]
@@ -197,13 +234,8 @@ fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_r
 
     // New code: served by the new generation, nothing failed.
     write_app(&dir.0, "2");
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
+    let (ok, said) = reload(&server);
+    assert!(ok, "{said}\n{}", server.log_text());
     load.wait_for_generation(2, 100);
     assert!(server.get("/").body.contains("version=2"));
 
@@ -213,13 +245,8 @@ fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_r
         &dir.path("app.py"),
         "async def app(scope, receive, send)\n    pass\n",
     );
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{said}");
+    let (ok, said) = reload(&server);
+    assert!(!ok, "{said}");
     assert!(said.contains("SyntaxError"), "{said}");
     assert!(said.contains("app.py"), "{said}");
     load.wait_for_more(100);
@@ -238,18 +265,7 @@ fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_r
 fn an_app_that_blocks_its_loop_past_the_timeout_is_replaced() {
     let dir = TempDir::new("asgi-hang");
     write_app(&dir.0, "1");
-    let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&[
-        "--workers",
-        "1",
-        "--timeout",
-        "2",
-        "--chdir",
-        &chdir,
-        "app:app",
-    ])
-    .start();
-    server.wait_ready();
+    let server = serve_app(&dir, &["--workers", "1", "--timeout", "2"], "app:app", None);
     let first = server.wait_generation_ready(1, 1);
     let addr = server.addr();
     let blocked = std::thread::spawn(move || try_get(addr, "/block"));
@@ -346,29 +362,39 @@ async def health():
     return {"status": "ok", "ready": app.state.ready, "version": VERSION}
 "#;
 
+/// python-requests' `Session` and httpx over HTTP/2, each on its own
+/// connection pool, asking until the file `argv[2]` exists and each has
+/// been answered by the new code (at most 120 s); prints, per client, its
+/// answers, the versions of the code that gave them, and its failures
+/// (httpx's also: how many came over HTTP/2).
 const CLIENTS: &str = r#"
-import sys, threading, time, requests, httpx
-url = sys.argv[1]
-stop = time.time() + float(sys.argv[2])
-counts = {"requests": 0, "httpx-h2": 0, "failed": 0, "h2": 0}
+import json, os, sys, threading, time, requests, httpx
+url, stop_file = sys.argv[1], sys.argv[2]
+deadline = time.time() + 120
+seen = {"requests": set(), "httpx": set()}
+counts = {"requests": 0, "httpx": 0, "h2": 0, "failed": 0}
+def going(name):
+    return time.time() < deadline and not (os.path.exists(stop_file) and "2" in seen[name])
 def session():
     with requests.Session() as s:
-        while time.time() < stop:
+        while going("requests"):
             try:
                 r = s.get(url + "/health/detailed", timeout=30)
                 r.raise_for_status()
                 assert r.json()["status"] == "ok"
+                seen["requests"].add(r.json()["version"])
                 counts["requests"] += 1
             except Exception as e:
                 print("requests failed:", repr(e), file=sys.stderr)
                 counts["failed"] += 1
 def h2():
     with httpx.Client(http1=False, http2=True, timeout=30) as c:
-        while time.time() < stop:
+        while going("httpx"):
             try:
                 r = c.get(url + "/")
                 r.raise_for_status()
-                counts["httpx-h2"] += 1
+                seen["httpx"].add(r.text.split("version=")[1].strip())
+                counts["httpx"] += 1
                 counts["h2"] += r.http_version == "HTTP/2"
             except Exception as e:
                 print("httpx failed:", repr(e), file=sys.stderr)
@@ -376,7 +402,7 @@ def h2():
 threads = [threading.Thread(target=session), threading.Thread(target=h2)]
 for t in threads: t.start()
 for t in threads: t.join()
-print(counts["requests"], counts["httpx-h2"], counts["h2"], counts["failed"])
+print(json.dumps({"counts": counts, "seen": {k: sorted(v) for k, v in seen.items()}}))
 "#;
 
 #[test]
@@ -395,23 +421,21 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
         )
     };
     write("1");
-    let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&[
-        "--workers",
-        "3",
-        "--max-requests",
-        "1000",
-        "--max-requests-jitter",
-        "50",
-        "--graceful-timeout",
-        "30",
-        "--chdir",
-        &chdir,
+    let server = serve_app(
+        &dir,
+        &[
+            "--workers",
+            "3",
+            "--max-requests",
+            "1000",
+            "--max-requests-jitter",
+            "50",
+            "--graceful-timeout",
+            "30",
+        ],
         "main:app",
-    ])
-    .env("VIRTUAL_ENV", &venv.to_string_lossy())
-    .start();
-    server.wait_ready();
+        Some(&venv),
+    );
     server.wait_generation_ready(1, 3);
     let health = server.get("/health/detailed");
     assert_eq!(health.status, 200, "{health:?}");
@@ -419,47 +443,46 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
 
     let rt = runtime();
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    let stop = dir.path("stop-clients");
     let clients = std::process::Command::new("python3")
-        .args(["-c", CLIENTS, &format!("http://{}", server.addr()), "6"])
+        .args(["-c", CLIENTS, &format!("http://{}", server.addr())])
+        .arg(&stop)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3 runs");
     load.wait_for_more(200);
     write("2");
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
+    let (ok, said) = reload(&server);
+    assert!(ok, "{said}\n{}", server.log_text());
     load.wait_for_generation(2, 200);
     assert!(server.get("/").body.contains("version=2"));
+    write_file(&stop, "");
     let said = clients.wait_with_output().expect("the clients end");
-    let counts = String::from_utf8_lossy(&said.stdout).into_owned();
-    let counts: Vec<u64> = counts
-        .split_whitespace()
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    assert_eq!(counts.len(), 4, "{}", String::from_utf8_lossy(&said.stderr));
-    let (sessions, h2, over_h2, failed) = (counts[0], counts[1], counts[2], counts[3]);
-    assert_eq!(failed, 0, "{}", String::from_utf8_lossy(&said.stderr));
-    assert!(sessions > 0 && h2 > 0, "{counts:?}");
-    assert_eq!(over_h2, h2, "every httpx answer over HTTP/2");
+    let report: serde_json::Value = serde_json::from_slice(&said.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&said.stderr)));
+    let why = format!("{report}\n{}", String::from_utf8_lossy(&said.stderr));
+    assert_eq!(report["counts"]["failed"], 0, "{why}");
+    // Each client was answered by the old code and by the new.
+    for client in ["requests", "httpx"] {
+        assert_eq!(
+            report["seen"][client],
+            serde_json::json!(["1", "2"]),
+            "{why}"
+        );
+    }
+    assert_eq!(
+        report["counts"]["h2"], report["counts"]["httpx"],
+        "every httpx answer over HTTP/2: {why}"
+    );
 
     // New code that cannot import: rolled back, its traceback said.
     write_file(
         &dir.path("main.py"),
         "from fastapi import FastAPI\napp = FastAPI(\n",
     );
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{said}");
+    let (ok, said) = reload(&server);
+    assert!(!ok, "{said}");
     assert!(said.contains("SyntaxError"), "{said}");
     load.wait_for_more(100);
     let report = rt.block_on(load.stop());
@@ -495,18 +518,7 @@ def app(environ, start_response):
 fn a_wsgi_app_is_served_in_threads_and_reloads_under_load() {
     let dir = TempDir::new("wsgi");
     write_file(&dir.path("app.py"), &WSGI.replace("VERSION_MARK", "1"));
-    let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&[
-        "--workers",
-        "2",
-        "--threads",
-        "4",
-        "--chdir",
-        &chdir,
-        "app:app",
-    ])
-    .start();
-    server.wait_ready();
+    let server = serve_app(&dir, &["--workers", "2", "--threads", "4"], "app:app", None);
     server.wait_generation_ready(1, 2);
     let reply = server.get("/a/b?x=1");
     for field in [
@@ -544,15 +556,9 @@ fn a_wsgi_app_is_served_in_threads_and_reloads_under_load() {
         Duration::from_secs(60),
     );
 
-    let rt = runtime();
-    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
-    load.wait_for_more(100);
-    write_file(&dir.path("app.py"), &WSGI.replace("VERSION_MARK", "2"));
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    assert!(out.status.success(), "{}", server.log_text());
-    load.wait_for_generation(2, 100);
-    let report = rt.block_on(load.stop());
-    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    new_code_under_load(&server, || {
+        write_file(&dir.path("app.py"), &WSGI.replace("VERSION_MARK", "2"))
+    });
     assert!(server.get("/").body.contains("version=2"));
 }
 
@@ -580,19 +586,12 @@ def echo():
     return jsonify(got=request.get_json(), version=VERSION)
 "#;
     write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "1"));
-    let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&[
-        "--workers",
-        "2",
-        "--threads",
-        "4",
-        "--chdir",
-        &chdir,
+    let server = serve_app(
+        &dir,
+        &["--workers", "2", "--threads", "4"],
         "main:app",
-    ])
-    .env("VIRTUAL_ENV", &venv.to_string_lossy())
-    .start();
-    server.wait_ready();
+        Some(&venv),
+    );
     server.wait_generation_ready(1, 2);
     let mut conn = KeepAlive::open(server.addr());
     let json = r#"{"a": [1, 2, 3]}"#;
@@ -607,15 +606,9 @@ def echo():
     assert_eq!(reply.status, 200, "{reply:?}");
     assert!(reply.body.contains(r#""got":{"a":[1,2,3]}"#), "{reply:?}");
 
-    let rt = runtime();
-    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
-    load.wait_for_more(100);
-    write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "2"));
-    let out = server.control(&["reload", "--wait", "--timeout", "60"]);
-    assert!(out.status.success(), "{}", server.log_text());
-    load.wait_for_generation(2, 100);
-    let report = rt.block_on(load.stop());
-    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    new_code_under_load(&server, || {
+        write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "2"))
+    });
     assert!(server.get("/").body.contains("version=2"));
 }
 
@@ -628,20 +621,19 @@ def echo():
 fn the_front_refuses_what_the_limits_refuse_before_a_python_app() {
     let dir = TempDir::new("asgi-limits");
     write_app(&dir.0, "1");
-    let chdir = dir.0.to_string_lossy().into_owned();
-    let server = Launch::serve(&[
-        "--workers",
-        "1",
-        "--limit-request-body",
-        "1000",
-        "--limit-request-field_size",
-        "200",
-        "--chdir",
-        &chdir,
+    let server = serve_app(
+        &dir,
+        &[
+            "--workers",
+            "1",
+            "--limit-request-body",
+            "1000",
+            "--limit-request-field_size",
+            "200",
+        ],
         "app:app",
-    ])
-    .start();
-    server.wait_ready();
+        None,
+    );
     let ask = |raw: &[u8]| {
         let mut conn = KeepAlive::open(server.addr());
         assert!(conn.send(raw));

@@ -137,7 +137,7 @@ impl CallState {
 
     /// Wakes the app's `receive` or `send`, if it waits: on the event
     /// loop (ASGI), or in a thread of its own (WSGI, blocked in
-    /// [`Call::receive_blocking`] or [`Call::send_blocking`]).
+    /// [`Call::receive_blocking`] or [`Call::body_blocking`]).
     fn resume_app(self: &Arc<Self>, inner: &mut Inner) {
         inner.version = inner.version.wrapping_add(1);
         self.changed.notify_all();
@@ -370,16 +370,6 @@ impl Call {
             };
             self.0.wait_change(py, seen);
         }
-    }
-
-    /// Sends `message`, waiting without the GIL while the body has no
-    /// room (an app in a thread of its own: WSGI). The head goes out with
-    /// the first body bytes.
-    fn send_blocking(&self, py: Python<'_>, message: &Bound<'_, PyDict>) -> PyResult<()> {
-        if self.send(message)? == 1 {
-            self.wait_room(py);
-        }
-        Ok(())
     }
 
     /// The head may go out without body bytes.
