@@ -364,16 +364,19 @@ async def health():
 
 /// python-requests' `Session` and httpx over HTTP/2, each on its own
 /// connection pool, asking until the file `argv[2]` exists and each has
-/// been answered by the new code (at most 120 s); prints, per client, its
+/// been answered by the new code (at most 120 s); the file `argv[3]` is
+/// made once both have been answered by the old code. Prints, per client, its
 /// answers, the versions of the code that gave them, and its failures
 /// (httpx's also: how many came over HTTP/2).
 const CLIENTS: &str = r#"
 import json, os, sys, threading, time, requests, httpx
-url, stop_file = sys.argv[1], sys.argv[2]
+url, stop_file, ready_file = sys.argv[1], sys.argv[2], sys.argv[3]
 deadline = time.time() + 120
 seen = {"requests": set(), "httpx": set()}
 counts = {"requests": 0, "httpx": 0, "h2": 0, "failed": 0}
 def going(name):
+    if "1" in seen["requests"] and "1" in seen["httpx"] and not os.path.exists(ready_file):
+        open(ready_file, "w").close()
     return time.time() < deadline and not (os.path.exists(stop_file) and "2" in seen[name])
 def session():
     with requests.Session() as s:
@@ -443,15 +446,21 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
 
     let rt = runtime();
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
-    let stop = dir.path("stop-clients");
+    let (stop, ready) = (dir.path("stop-clients"), dir.path("clients-ready"));
     let clients = std::process::Command::new("python3")
         .args(["-c", CLIENTS, &format!("http://{}", server.addr())])
         .arg(&stop)
+        .arg(&ready)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python3 runs");
     load.wait_for_more(200);
+    // Every client is answered by the old code before the reload.
+    assert!(
+        wait_until(Duration::from_secs(120), || ready.exists()),
+        "the clients never got going"
+    );
     write("2");
     let (ok, said) = reload(&server);
     assert!(ok, "{said}\n{}", server.log_text());
