@@ -540,6 +540,30 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_boolean_flag_leaves_the_app_that_follows_it() {
+        // Gunicorn's and the form: `--preload main:app`.
+        for (line, preload, reload) in [
+            (&["--preload", "main:app"][..], Some(true), None),
+            (&["--preload=false", "main:app"], Some(false), None),
+            (
+                &["--reload", "--preload", "main:app"],
+                Some(true),
+                Some(true),
+            ),
+        ] {
+            let mut all = vec!["zdr", "serve", "--workers", "3"];
+            all.extend_from_slice(line);
+            let cli = Cli::try_parse_from(&all).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!()
+            };
+            assert_eq!(args.options.preload, preload, "{line:?}");
+            assert_eq!(args.options.reload, reload, "{line:?}");
+            assert_eq!(args.options.app.as_deref(), Some("main:app"), "{line:?}");
+        }
+    }
+
+    #[test]
     fn gunicorn_flag_names_parse() {
         let cli = Cli::try_parse_from([
             "zdr",

@@ -225,9 +225,11 @@ pub struct Options {
     )]
     pub max_requests_jitter: Option<u64> = 0,
 
-    /// Load the application in the master before forking the workers, so that
-    /// they share its memory copy-on-write.
-    #[arg(long, env = "ZDR_PRELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    /// Load the application once before forking the workers, so that they
+    /// share its memory copy-on-write: in the master, or for a Python app
+    /// (MODULE:APP) in a loader process per generation, so that a reload
+    /// imports new code.
+    #[arg(long, env = "ZDR_PRELOAD", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     #[serde(alias = "preload_app")]
     pub preload: Option<bool> = false,
 
@@ -506,7 +508,7 @@ pub struct Options {
     /// For development: reload when the executable, the config file or an extra
     /// file changes (a new build rolls out by itself; with --preload, a new
     /// executable is a binary upgrade).
-    #[arg(long, env = "ZDR_RELOAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "ZDR_RELOAD", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub reload: Option<bool> = false,
 
     /// With --reload, also watch this file; repeat for several.
@@ -530,7 +532,7 @@ pub struct Options {
     /// Socket mode for a `-- CMD` command: hand it the listening sockets (fds
     /// 3.. with LISTEN_FDS, systemd-style) instead of forwarding to it; for
     /// apps that drain correctly by themselves.
-    #[arg(long = "pass-socket", env = "ZDR_PASS_SOCKET", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long = "pass-socket", env = "ZDR_PASS_SOCKET", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub pass_socket: Option<bool> = false,
 
     /// In socket mode, count a command as ready this many seconds after it
@@ -1170,7 +1172,7 @@ fn command(command: Option<Vec<String>>, preload: bool) -> Result<Vec<String>, C
 
 /// The Python app to serve, if any: `MODULE:APP`, alone (not with a
 /// command), in a build that can host Python.
-fn python_app(app: Option<String>, command: bool, preload: bool) -> Result<String, ConfigError> {
+fn python_app(app: Option<String>, command: bool) -> Result<String, ConfigError> {
     let Some(app) = app.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()) else {
         return Ok(String::new());
     };
@@ -1196,13 +1198,6 @@ fn python_app(app: Option<String>, command: bool, preload: bool) -> Result<Strin
         return Err(ConfigError::invalid(
             "app",
             "a Python app and a command (`-- CMD`) cannot be served together: give one",
-        ));
-    }
-    if preload {
-        return Err(ConfigError::invalid(
-            "preload",
-            "is not built yet for a Python app: each worker imports the app itself \
-             (drop --preload)",
         ));
     }
     if !cfg!(feature = "python") {
@@ -1626,11 +1621,7 @@ impl Settings {
                 .map(|n| n.trim().to_owned())
                 .filter(|n| !n.is_empty()),
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
-            app: python_app(
-                o.app,
-                o.command.as_ref().is_some_and(|c| !c.is_empty()),
-                o.preload.unwrap_or(d.preload),
-            )?,
+            app: python_app(o.app, o.command.as_ref().is_some_and(|c| !c.is_empty()))?,
             command: command(o.command, o.preload.unwrap_or(d.preload))?,
             worker_ready_path: probe_path(
                 "worker_ready_path",

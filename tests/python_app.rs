@@ -19,6 +19,8 @@ const APP: &str = r#"
 import os
 
 VERSION = "VERSION_MARK"
+# The process that imported this module (a loader's, under --preload).
+LOADED_IN = os.getpid()
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -57,7 +59,7 @@ async def app(scope, receive, send):
     headers = dict(scope["headers"])
     text = (
         f"pid={os.getpid()} generation={os.environ['ZDR_GENERATION']} version={VERSION}"
-        f" method={scope['method']} path={path.replace(' ', '_')} raw={scope['raw_path'].decode()}"
+        f" loaded={LOADED_IN} worker={os.environ['ZDR_WORKER_ID']} method={scope['method']} path={path.replace(' ', '_')} raw={scope['raw_path'].decode()}"
         f" query={scope['query_string'].decode()} body={len(body)} sum={sum(body) % 65521}"
         f" http={scope['http_version']} scheme={scope['scheme']} client={scope['client'][0]}"
         f" host={headers.get(b'host', b'').decode()} state={scope['state'].get('greeting')}\n"
@@ -429,6 +431,7 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
         &[
             "--workers",
             "3",
+            "--preload",
             "--max-requests",
             "1000",
             "--max-requests-jitter",
@@ -597,7 +600,7 @@ def echo():
     write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "1"));
     let server = serve_app(
         &dir,
-        &["--workers", "2", "--threads", "4"],
+        &["--workers", "2", "--threads", "4", "--preload"],
         "main:app",
         Some(&venv),
     );
@@ -702,8 +705,132 @@ fn a_bad_app_name_starts_nothing() {
         assert!(!out.status.success(), "{app}: {said}");
         assert!(said.contains(says), "{app}: {said}");
     }
-    let out = Launch::serve(&["--workers", "1", "--preload", "app:app"]).output();
+}
+
+/// `--preload` with an app that cannot import: the master starts nothing
+/// and says why, with the traceback.
+#[test]
+fn a_preloaded_app_that_cannot_import_starts_nothing() {
+    let dir = TempDir::new("preload-broken");
+    write_file(&dir.path("app.py"), "import no_such_module\n");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let out =
+        Launch::serve(&["--workers", "2", "--chdir", &chdir, "--preload", "app:app"]).output();
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains("preload"), "{said}");
+    assert!(said.contains("No module named 'no_such_module'"), "{said}");
+    assert!(said.contains("app.py"), "{said}");
+    assert!(!said.contains("Booting worker"), "{said}");
+}
+
+/// The process named `zdr-loader` among `master`'s children.
+fn loaders(master: u32) -> Vec<u32> {
+    children_of(master)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "zdr-loader")
+        })
+        .collect()
+}
+
+/// The `key=` field of an answer's body.
+fn field(reply: &Reply, key: &str) -> String {
+    reply
+        .field(key)
+        .unwrap_or_else(|| panic!("no {key}= in {reply:?}"))
+}
+
+/// `--preload`: a generation's loader imports the app once and forks its
+/// workers, which the master adopts; a worker that dies is forked again
+/// from the same import; a reload imports new code in a new loader under
+/// load with nothing failed, and the old loader leaves with its
+/// generation; code that cannot import is rolled back with its traceback;
+/// lifespan startup and shutdown run in each worker.
+#[test]
+fn a_preloaded_app_is_imported_once_per_generation_and_reloads_new_code() {
+    let dir = TempDir::new("preload");
+    write_app(&dir.0, "1");
+    let server = serve_app(&dir, &["--workers", "3", "--preload"], "app:app", None);
+    let workers = server.wait_generation_ready(1, 3);
+    let master = server.pid;
+    let [loader] = loaders(master)[..] else {
+        panic!("one loader: {:?}", loaders(master));
+    };
+    assert!(!workers.contains(&loader));
+    // The workers are the master's children, not the loader's.
+    let children = children_of(master);
+    assert!(
+        workers.iter().all(|w| children.contains(w)),
+        "{workers:?} {children:?}"
+    );
+    assert!(children_of(loader).is_empty());
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(wait_until(Duration::from_secs(60), || {
+        let reply = server.get("/");
+        assert_eq!(field(&reply, "loaded"), loader.to_string(), "{reply:?}");
+        assert_eq!(field(&reply, "state"), "hello-from-lifespan", "{reply:?}");
+        seen.insert(reply.pid());
+        seen.len() == 3
+    }));
+
+    // A worker that dies is forked again from the same import.
+    let victim = *workers.iter().next().expect("a worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL)
+        .expect("kill");
+    let mut replaced = std::collections::BTreeSet::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let status = server.status();
+            replaced = status.workers.iter().map(|w| w.pid).collect();
+            status.workers.len() == 3
+                && status.workers.iter().all(|w| w.state == "ready")
+                && !replaced.contains(&victim)
+        }),
+        "a worker in the place of {victim}: {replaced:?}"
+    );
+    let fresh = *replaced.difference(&workers).next().expect("a new worker");
+    assert!(wait_until(Duration::from_secs(60), || {
+        let reply = server.get("/");
+        assert_eq!(field(&reply, "loaded"), loader.to_string(), "{reply:?}");
+        reply.pid() == fresh
+    }));
+
+    // New code: a new loader imports it, under load, nothing failed.
+    new_code_under_load(&server, || write_app(&dir.0, "2"));
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=2"), "{reply:?}");
+    let second: u32 = field(&reply, "loaded").parse().expect("a pid");
+    assert_ne!(second, loader);
+    assert!(
+        wait_until(Duration::from_secs(60), || loaders(master) == [second]),
+        "the old loader leaves with its generation: {:?}",
+        loaders(master)
+    );
+
+    // Code that cannot import: the reload fails with its traceback, and
+    // generation 2 serves on from the same loader.
+    write_file(
+        &dir.path("app.py"),
+        "async def app(scope, receive, send)\n    pass\n",
+    );
+    let (ok, said) = reload(&server);
+    assert!(!ok, "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    assert!(said.contains("app.py"), "{said}");
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=2"), "{reply:?}");
+    assert_eq!(field(&reply, "loaded"), second.to_string());
+    assert_eq!(loaders(master), [second]);
+
+    // A graceful stop: each worker runs its lifespan shutdown, and the
+    // loader leaves with the master.
+    let last = server.wait_generation_ready(2, 3);
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(60)).success());
+    for pid in last {
+        assert!(dir.path(&format!("shutdown-{pid}")).exists(), "{pid}");
+    }
+    assert!(wait_until(Duration::from_secs(30), || !alive(second)));
 }

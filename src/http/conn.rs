@@ -266,16 +266,20 @@ where
                     if !*going_away {
                         return Poll::Pending;
                     }
-                    *going_away = false;
                     // hyper has written all it could: is anything still in
                     // flight, being sent, or unflushed?
                     let idle = !state.unflushed.load(Ordering::Relaxed)
                         && state.h2_bodies.load(Ordering::Acquire) == 0
                         && state.in_flight.load(Ordering::Acquire) == 0;
                     if !idle {
-                        conn.as_mut().graceful_shutdown();
-                        continue;
+                        // A stream came meanwhile: the GOAWAY waits for the
+                        // next poll with nothing in flight (hyper polls
+                        // again as the stream's answer goes out); the
+                        // decider's grace bounds the wait (then hyper's
+                        // own shutdown, `graceful_shutdown`).
+                        return Poll::Pending;
                     }
+                    *going_away = false;
                     let back = Arc::clone(back);
                     // Dropping hyper's connection gives the socket back.
                     *self = Conn::Done;
@@ -339,7 +343,12 @@ where
             // Idle: closed, as hyper closes an idle connection it is asked
             // to shut down (a lingering close, on its next poll).
             Conn::Parked { closing, .. } => *closing = true,
-            Conn::Http2 { conn, .. } => conn.as_mut().graceful_shutdown(),
+            Conn::Http2 {
+                conn, going_away, ..
+            } => {
+                *going_away = false;
+                conn.as_mut().graceful_shutdown();
+            }
             Conn::GoingAway { .. } | Conn::Done => {}
         }
     }
@@ -350,8 +359,8 @@ where
     /// hyper wrote flushed) says GOAWAY once, naming the last stream its
     /// client opened, and closes (see [`Conn::GoingAway`]); the client
     /// retries on a new connection whatever it sends after. One that is not
-    /// idle then, and any other connection, shuts as `graceful_shutdown`
-    /// does.
+    /// idle then waits for its next poll that is; any other connection
+    /// shuts as `graceful_shutdown` does.
     pub(super) fn shutdown_idle(&mut self) {
         match self {
             Conn::Http2 { going_away, .. } => *going_away = true,

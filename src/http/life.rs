@@ -265,6 +265,9 @@ pub(super) struct Life {
     pub(super) drain_began: Option<Instant>,
     /// When the connection was told to close.
     pub(super) closing_since: Option<Instant>,
+    /// HTTP/2: zdr's own GOAWAY was asked for, and waits for a poll with
+    /// nothing in flight (a stream came after the decision).
+    pub(super) goaway_waits: bool,
     /// Draining waits for an idle HTTP/1 connection's next request for the
     /// whole keep-alive timeout, not the short grace: set for a connection
     /// whose worker was leaving but could not hand it over, whose client
@@ -481,6 +484,14 @@ impl Life {
                 }
             } else if idle && now >= since + DRAIN_IDLE_GRACE {
                 Step::Close
+            } else if self.goaway_waits && now >= since + DRAIN_IDLE_GRACE {
+                // Never idle at a poll within the grace: hyper's own
+                // GOAWAY, which lets the streams in flight finish.
+                self.goaway_waits = false;
+                Step::Shutdown {
+                    then: now + DRAIN_POLL,
+                    idle: false,
+                }
             } else {
                 Step::Wait {
                     until: now + DRAIN_POLL,
@@ -513,6 +524,7 @@ impl Life {
             };
             if now >= deadline || (http2 && idle) {
                 self.closing_since = Some(now);
+                self.goaway_waits = http2 && idle;
                 return Step::Shutdown {
                     then: now + DRAIN_POLL,
                     idle,
@@ -532,6 +544,7 @@ impl Life {
                 return Step::HeaderTimeout;
             }
             // Idle for the whole keep-alive period.
+            self.goaway_waits = http2;
             return Step::Shutdown {
                 then: now + DRAIN_POLL,
                 idle: true,
@@ -565,6 +578,7 @@ mod tests {
             max_age: None,
             drain_began: None,
             closing_since: None,
+            goaway_waits: false,
             patient: false,
             handing: None,
             movable: true,
@@ -782,6 +796,41 @@ mod tests {
                 idle: false
             }
         );
+    }
+
+    #[test]
+    fn an_http2_goaway_that_waits_for_an_idle_poll_past_the_grace_becomes_hypers() {
+        let t0 = Instant::now();
+        let mut c = clock(t0);
+        let done = Some(t0);
+        assert!(matches!(c.drain(t0, false, true), Step::Wait { .. }));
+        // Idle at the timer: zdr's GOAWAY is asked for; the connection
+        // waits for a poll with nothing in flight.
+        let at = t0 + DRAIN_POLL;
+        assert!(matches!(
+            c.fired(at, true, true, done),
+            Step::Shutdown { idle: true, .. }
+        ));
+        // A stream came and streams keep coming: within the grace, wait.
+        assert!(matches!(
+            c.fired(at + DRAIN_POLL, false, true, done),
+            Step::Wait { .. }
+        ));
+        // Past it, never idle: hyper's own GOAWAY, once.
+        let end = at + DRAIN_IDLE_GRACE;
+        assert_eq!(
+            c.fired(end, false, true, done),
+            Step::Shutdown {
+                then: end + DRAIN_POLL,
+                idle: false
+            }
+        );
+        assert!(matches!(
+            c.fired(end + DRAIN_POLL, false, true, done),
+            Step::Wait { .. }
+        ));
+        // Idle at last: closed.
+        assert_eq!(c.fired(end + 2 * DRAIN_POLL, true, true, done), Step::Close);
     }
 
     #[test]

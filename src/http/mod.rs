@@ -837,6 +837,7 @@ pub(crate) async fn serve<I>(
         max_age,
         drain_began: None,
         closing_since: None,
+        goaway_waits: false,
         patient: resumed.as_ref().is_some_and(|r| r.patient),
         handing: resumed
             .as_ref()

@@ -19,6 +19,10 @@ pub(crate) struct Resources {
     pub(crate) app: Option<Arc<LoadedApp>>,
     /// The executable its workers run, without `--preload`.
     pub(crate) exe: Option<Arc<Executable>>,
+    /// The process that imported its Python app and forks its workers,
+    /// with `--preload`.
+    #[cfg(feature = "python")]
+    pub(crate) python: Option<super::loader::PyLoader>,
 }
 
 /// The generations the master may still start workers of.
@@ -27,15 +31,49 @@ pub(crate) struct Generations(Vec<(u64, Resources)>);
 
 impl Generations {
     /// Records generation `id`'s resources.
-    pub(crate) fn insert(
-        &mut self,
-        id: u64,
-        settings: Arc<Settings>,
-        app: Option<Arc<LoadedApp>>,
-        exe: Option<Arc<Executable>>,
-    ) {
+    pub(crate) fn insert(&mut self, id: u64, resources: Resources) {
         self.remove(id);
-        self.0.push((id, Resources { settings, app, exe }));
+        self.0.push((id, resources));
+    }
+
+    /// Starts a worker of generation `id` through its loader, when it has
+    /// one; gives `stderr` back when it has none.
+    pub(crate) fn spawn_by_loader(
+        &self,
+        id: u64,
+        spec: &crate::boot::WorkerSpec,
+        stderr: std::os::fd::OwnedFd,
+    ) -> Result<std::io::Result<nix::unistd::Pid>, std::os::fd::OwnedFd> {
+        #[cfg(feature = "python")]
+        if let Some(loader) = self.get(id).and_then(|r| r.python.as_ref()) {
+            return Ok(loader.spawn(spec, stderr));
+        }
+        let _ = (id, spec);
+        Err(stderr)
+    }
+
+    /// The master's ends of the loaders' sockets.
+    pub(crate) fn loader_fds(&self) -> Vec<std::os::fd::RawFd> {
+        #[cfg(feature = "python")]
+        return self
+            .0
+            .iter()
+            .filter_map(|(_, r)| r.python.as_ref().map(super::loader::PyLoader::fd))
+            .collect();
+        #[cfg(not(feature = "python"))]
+        Vec::new()
+    }
+
+    /// The loaders' pids.
+    pub(crate) fn loader_pids(&self) -> Vec<nix::unistd::Pid> {
+        #[cfg(feature = "python")]
+        return self
+            .0
+            .iter()
+            .filter_map(|(_, r)| r.python.as_ref().map(super::loader::PyLoader::pid))
+            .collect();
+        #[cfg(not(feature = "python"))]
+        Vec::new()
     }
 
     /// Drops generation `id`'s resources.
@@ -128,23 +166,63 @@ impl Master {
     }
 
     /// Keeps generation `id`'s resources: its app, loaded here with
-    /// `--preload`, or else its executable, pinned now.
+    /// `--preload` (a Python app: by a loader of its own), or else its
+    /// executable, pinned now.
     pub(super) fn add_generation(
         &mut self,
         id: u64,
         settings: Arc<Settings>,
     ) -> anyhow::Result<()> {
-        let (app, exe) = if settings.preload {
+        let mut resources = Resources {
+            settings: Arc::clone(&settings),
+            app: None,
+            exe: None,
+            #[cfg(feature = "python")]
+            python: None,
+        };
+        if settings.preload && !settings.app.is_empty() {
+            #[cfg(feature = "python")]
+            {
+                resources.python = Some(self.start_loader(&settings)?);
+            }
+        } else if settings.preload {
             let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
             if let Some(n) = super::spawn::thread_count().filter(|n| *n > 1) {
                 warn!(event = crate::logging::LogEvent::PreloadThreads.name(), "The app's load step left {n} threads running in the master; forked workers get only the calling thread");
             }
-            (Some(Arc::new(app)), None)
+            resources.app = Some(Arc::new(app));
         } else {
-            (None, Some(Arc::new(Executable::pin(&self.exe))))
-        };
-        self.generations.insert(id, settings, app, exe);
+            resources.exe = Some(Arc::new(Executable::pin(&self.exe)));
+        }
+        self.generations.insert(id, resources);
         Ok(())
+    }
+
+    /// Starts the loader of a generation that preloads a Python app: it
+    /// keeps the generation's listeners and the handoff queue, and none of
+    /// the master's other descriptors.
+    #[cfg(feature = "python")]
+    fn start_loader(&self, settings: &Arc<Settings>) -> anyhow::Result<super::loader::PyLoader> {
+        use std::os::fd::AsRawFd;
+        let mut keep: Vec<std::os::fd::RawFd> = self
+            .listeners
+            .iter()
+            .filter(|l| settings.bind.contains(&l.addr))
+            .map(|l| l.fd.as_raw_fd())
+            .collect();
+        keep.extend(self.handoff.iter().flat_map(crate::handoff::Pair::raw_fds));
+        let mut close = self.own_fds();
+        close.retain(|fd| !keep.contains(fd));
+        super::loader::PyLoader::start(super::loader::LoaderParts {
+            settings: Arc::clone(settings),
+            board: Arc::clone(&self.board),
+            bell_fd: self.bell.raw_fd(),
+            signals: &self.signals,
+            close,
+            app_loader: &self.loader,
+            master_pid: self.pid,
+        })
+        .map_err(|why| anyhow::anyhow!("{why}"))
     }
 
     /// Closes listeners that no generation binds any more.

@@ -23,6 +23,8 @@
 mod canary;
 mod control;
 mod generations;
+#[cfg(feature = "python")]
+mod loader;
 mod machine;
 mod notify;
 mod output;
@@ -286,9 +288,13 @@ impl Master {
             let settings = Arc::new(s);
             generations.insert(
                 id,
-                Arc::clone(&settings),
-                None,
-                Some(Arc::new(spawn::Executable::pin(&h.exe))),
+                generations::Resources {
+                    settings: Arc::clone(&settings),
+                    app: None,
+                    exe: Some(Arc::new(spawn::Executable::pin(&h.exe))),
+                    #[cfg(feature = "python")]
+                    python: None,
+                },
             );
             machine::Generation { id, settings }
         });
@@ -744,6 +750,7 @@ impl Master {
             fds.extend(scrape.fds().iter().map(|fd| fd.as_raw_fd()));
         }
         fds.extend(self.handoff.iter().flat_map(crate::handoff::Pair::raw_fds));
+        fds.extend(self.generations.loader_fds());
         fds
     }
 

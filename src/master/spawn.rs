@@ -154,6 +154,87 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
     // Signals are held from before the fork until the child has its own
     // dispositions: one sent to the child at its first instruction is
     // delivered then, not swallowed by the master's handlers.
+    let before = hold_signals();
+    // SAFETY: the master runs no threads of its own (no runtime, no logging
+    // thread), so the child is a complete copy and may run any code; the
+    // master warns if the app's load step left threads running.
+    let forked = unsafe { nix::unistd::fork() };
+    if !matches!(forked, Ok(ForkResult::Child)) {
+        release_signals(&before);
+    }
+    match forked? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            parts.signals.uninstall();
+            boot::boot_dispositions();
+            release_signals(&before);
+            become_worker(
+                spec,
+                parts.app,
+                parts.board,
+                parts.bell.raw_fd(),
+                parts.stderr,
+                &parts.close,
+                parts.loader,
+            )
+        }
+    }
+}
+
+/// The rest of a forked child's life, once it has its boot dispositions:
+/// the worker's credentials, its standard error, closing the descriptors
+/// it must not keep (`close`), then the worker, whose exit code ends the
+/// process. The child is single-threaded until the worker's runtime
+/// starts.
+pub(crate) fn become_worker(
+    spec: WorkerSpec,
+    app: Arc<LoadedApp>,
+    board: Arc<Scoreboard>,
+    bell_fd: RawFd,
+    stderr: OwnedFd,
+    close: &[RawFd],
+    loader: &Loader,
+) -> ! {
+    // Single-threaded still: the worker's runtime does not exist yet.
+    std::env::remove_var("NOTIFY_SOCKET");
+    if let Some((uid, gid)) = spec.settings.run_as {
+        use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+        let dropped = setgroups(&[Gid::from_raw(gid)])
+            .and_then(|_| setgid(Gid::from_raw(gid)))
+            .and_then(|_| setuid(Uid::from_raw(uid)));
+        if let Err(e) = dropped {
+            eprintln!("zdr: error: worker cannot switch to uid {uid}, gid {gid}: {e}");
+            std::process::exit(boot::BOOT_ERROR);
+        }
+    }
+    let _ = nix::unistd::dup2(stderr.as_raw_fd(), 2);
+    drop(stderr);
+    for fd in close {
+        let _ = nix::unistd::close(*fd);
+    }
+    let code = match nix::unistd::dup(bell_fd)
+        .map_err(io::Error::from)
+        .and_then(|fd| {
+            // SAFETY: `dup` just made this descriptor for this process
+            // alone.
+            unsafe { Doorbell::from_inherited(fd) }
+        }) {
+        Ok(bell) => worker::run(spec, board, bell, Some(app), loader),
+        Err(e) => {
+            tracing::error!(
+                event = crate::logging::LogEvent::WorkerTrouble.name(),
+                "worker cannot open the doorbell: {e}"
+            );
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// The signals held across a fork, so that a child handles them with its
+/// own dispositions from its first instruction; returns the mask to
+/// restore (in the parent at once, in the child once it has them).
+pub(crate) fn hold_signals() -> SigSet {
     let mut held = SigSet::empty();
     for sig in HANDLED {
         if let Ok(sig) = Signal::try_from(sig) {
@@ -162,55 +243,12 @@ pub(crate) fn fork(spec: WorkerSpec, parts: ForkParts<'_>) -> io::Result<Pid> {
     }
     let mut before = SigSet::empty();
     let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut before));
-    // SAFETY: the master runs no threads of its own (no runtime, no logging
-    // thread), so the child is a complete copy and may run any code; the
-    // master warns if the app's load step left threads running.
-    let forked = unsafe { nix::unistd::fork() };
-    if !matches!(forked, Ok(ForkResult::Child)) {
-        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
-    }
-    match forked? {
-        ForkResult::Parent { child } => Ok(child),
-        ForkResult::Child => {
-            parts.signals.uninstall();
-            boot::boot_dispositions();
-            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
-            // Single-threaded still: the worker's runtime does not exist yet.
-            std::env::remove_var("NOTIFY_SOCKET");
-            if let Some((uid, gid)) = spec.settings.run_as {
-                use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-                let dropped = setgroups(&[Gid::from_raw(gid)])
-                    .and_then(|_| setgid(Gid::from_raw(gid)))
-                    .and_then(|_| setuid(Uid::from_raw(uid)));
-                if let Err(e) = dropped {
-                    eprintln!("zdr: error: worker cannot switch to uid {uid}, gid {gid}: {e}");
-                    std::process::exit(boot::BOOT_ERROR);
-                }
-            }
-            let _ = nix::unistd::dup2(parts.stderr.as_raw_fd(), 2);
-            drop(parts.stderr);
-            for fd in &parts.close {
-                let _ = nix::unistd::close(*fd);
-            }
-            let code = match nix::unistd::dup(parts.bell.raw_fd())
-                .map_err(io::Error::from)
-                .and_then(|fd| {
-                    // SAFETY: `dup` just made this descriptor for this
-                    // process alone.
-                    unsafe { Doorbell::from_inherited(fd) }
-                }) {
-                Ok(bell) => worker::run(spec, parts.board, bell, Some(parts.app), parts.loader),
-                Err(e) => {
-                    tracing::error!(
-                        event = crate::logging::LogEvent::WorkerTrouble.name(),
-                        "worker cannot open the doorbell: {e}"
-                    );
-                    1
-                }
-            };
-            std::process::exit(code)
-        }
-    }
+    before
+}
+
+/// Restores the signal mask [`hold_signals`] returned.
+pub(crate) fn release_signals(before: &SigSet) {
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(before), None);
 }
 
 /// The number of threads in this process, from /proc.

@@ -84,32 +84,35 @@ impl Master {
                 )));
             }
         };
-        let result = match app {
-            Some(app) => {
-                let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
-                keep.extend(spec.handoff.iter().flatten());
-                let mut close = self.own_fds();
-                close.retain(|fd| !keep.contains(fd));
-                close.push(output.fd().as_raw_fd());
-                spawn::fork(
-                    spec,
-                    spawn::ForkParts {
-                        app,
-                        board: Arc::clone(&self.board),
-                        bell: &self.bell,
-                        signals: &self.signals,
-                        close,
-                        stderr,
-                        loader: &self.loader,
-                    },
-                )
-            }
-            None => {
-                let name = settings.proc_name.as_deref().unwrap_or(&self.name);
-                let title = super::title::worker(name, id);
-                let exe = exe.unwrap_or_else(|| Arc::new(spawn::Executable::pin(&self.exe)));
-                spawn::exec(&exe, &title, &spec, stderr)
-            }
+        let result = match self.generations.spawn_by_loader(id, &spec, stderr) {
+            Ok(spawned) => spawned,
+            Err(stderr) => match app {
+                Some(app) => {
+                    let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.fd).collect();
+                    keep.extend(spec.handoff.iter().flatten());
+                    let mut close = self.own_fds();
+                    close.retain(|fd| !keep.contains(fd));
+                    close.push(output.fd().as_raw_fd());
+                    spawn::fork(
+                        spec,
+                        spawn::ForkParts {
+                            app,
+                            board: Arc::clone(&self.board),
+                            bell: &self.bell,
+                            signals: &self.signals,
+                            close,
+                            stderr,
+                            loader: &self.loader,
+                        },
+                    )
+                }
+                None => {
+                    let name = settings.proc_name.as_deref().unwrap_or(&self.name);
+                    let title = super::title::worker(name, id);
+                    let exe = exe.unwrap_or_else(|| Arc::new(spawn::Executable::pin(&self.exe)));
+                    spawn::exec(&exe, &title, &spec, stderr)
+                }
+            },
         };
         match result {
             Ok(pid) => {
@@ -170,6 +173,7 @@ impl Master {
                 // this master (a subreaper), and ends here.
                 let mut known: Vec<Pid> = self.handles.iter().map(|h| h.pid).collect();
                 known.extend(self.upgrade.as_ref().map(|u| u.pid));
+                known.extend(self.generations.loader_pids());
                 let ended = crate::process_tree::end_orphans(&known);
                 if ended > 0 {
                     tracing::warn!(

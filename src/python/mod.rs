@@ -19,10 +19,14 @@
 //! | client gone | marks the call disconnected | `receive` says `http.disconnect` |
 //! | worker drained | queues the shutdown, waits | lifespan `shutdown`, the loop stops |
 //!
-//! What is not built yet: `--preload` for a Python app, and finalising the
-//! interpreter when the worker exits.
+//! With `--preload`, the app is imported once per generation by a loader
+//! process that forks the generation's workers ([`preload`]); each worker
+//! then starts its Python thread with the app it inherited.
+//!
+//! What is not built yet: finalising the interpreter when the worker exits.
 
 mod call;
+pub(crate) mod preload;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd};
@@ -180,9 +184,24 @@ impl DoneRef {
     }
 }
 
+/// Where a worker's app comes from.
+pub(crate) enum Source {
+    /// `MODULE:APP`, imported by the worker's Python thread.
+    Import(String),
+    /// Imported before the fork, by the generation's loader (`--preload`),
+    /// with zdr's glue module.
+    Preloaded { app: Py<PyAny>, glue: Py<PyModule> },
+}
+
 /// The worker's app: `MODULE:APP`, imported in this worker.
 pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
+    load_from(spec, Source::Import(spec.settings.app.clone()))
+}
+
+/// The worker's app, from `source`.
+pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<LoadedApp> {
     let name = spec.settings.app.clone();
+    let source = Arc::new(Mutex::new(Some(source)));
     // The worker's identity, as a command's worker gives its command (the
     // worker is still single-threaded here).
     for (key, value) in [
@@ -222,12 +241,15 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
         client_info: true,
         make_service: Box::new(move || {
             let (bridge, name) = (Arc::clone(&started), name.clone());
+            let source = source.lock().ok().and_then(|mut s| s.take());
             Box::pin(async move {
+                let source =
+                    source.ok_or_else(|| anyhow::anyhow!("the Python app was already started"))?;
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let thread = Arc::clone(&bridge);
                 std::thread::Builder::new()
                     .name("zdr-python".to_owned())
-                    .spawn(move || run(&name, &thread, tick_every, threads, tx))?;
+                    .spawn(move || run(&name, source, &thread, tick_every, threads, tx))?;
                 match rx.await {
                     Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
                     Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
@@ -274,10 +296,12 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
     })
 }
 
-/// The Python thread: imports the app, runs its startup, tells `started`
-/// how that went, then runs the event loop until the shutdown stops it.
+/// The Python thread: imports the app (unless preloaded), runs its
+/// startup, tells `started` how that went, then runs the event loop until
+/// the shutdown stops it.
 fn run(
     name: &str,
+    source: Source,
     bridge: &Arc<Bridge>,
     tick_every: f64,
     threads: usize,
@@ -285,18 +309,19 @@ fn run(
 ) {
     let mut started = Some(started);
     let outcome = Python::with_gil(|py| -> PyResult<Result<(), String>> {
-        let glue = prepare(py)?;
+        let (glue, app) = match source {
+            Source::Import(name) => {
+                let glue = prepare(py)?;
+                match import(&glue, &name)? {
+                    Ok(app) => (glue, app),
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
+            Source::Preloaded { app, glue } => (glue.into_bound(py), app),
+        };
         let event_loop = glue.call_method0("make_loop")?;
         py.import("asyncio")?
             .call_method1("set_event_loop", (&event_loop,))?;
-        let (app, failed): (Option<PyObject>, Option<String>) =
-            glue.call_method1("load", (name,))?.extract()?;
-        let Some(app) = app else {
-            return Ok(Err(format!(
-                "cannot import {name}:\n{}",
-                failed.unwrap_or_default().trim_end()
-            )));
-        };
         let inbox = Inbox(Arc::clone(bridge));
         let runner = glue.getattr("Runner")?.call1((
             app,
@@ -331,6 +356,19 @@ fn run(
         ),
         (None, Ok(())) => {}
     }
+}
+
+/// Imports `name` (`MODULE:APP`) with the glue's `load`: the app, or why
+/// not (with the traceback).
+fn import(glue: &Bound<'_, PyModule>, name: &str) -> PyResult<Result<PyObject, String>> {
+    let (app, failed): (Option<PyObject>, Option<String>) =
+        glue.call_method1("load", (name,))?.extract()?;
+    Ok(app.ok_or_else(|| {
+        format!(
+            "cannot import {name}:\n{}",
+            failed.unwrap_or_default().trim_end()
+        )
+    }))
 }
 
 /// Makes the working directory importable (as `python -m` does, and
