@@ -8,11 +8,22 @@ in front of Gunicorn and zdr native.
 
     python3 benches/python_apps.py [--rounds 3] [--seconds 20] [--venv DIR]
         [--interface asgi|wsgi|both]
+    python3 benches/python_apps.py --pss
+
+zdr native runs twice: each worker importing the app, and `--preload` (a
+loader per generation imports it once and forks the workers).
 
 Each run is `wrk -t1 -c16` for --seconds with a SIGHUP to the server's
 master every 2 s (9 in 20 s); each round runs every system back to back; the
 table gives medians over the rounds of the requests served and of the
 failed ones (wrk's socket errors plus non-2xx answers) per run.
+
+`--pss` measures memory instead: an ASGI app whose module holds about
+200 MB (100 MB of bytes, a million small strings) under zdr native, with
+one worker and with three, with and without `--preload`, after a short
+load; it prints the proportional set size (PSS, each shared page split
+among the processes that map it) of the workers together, of the loader,
+and of the master, from /proc/PID/smaps_rollup.
 
 Needs: wrk; zdr built with Python hosting against the same CPython as the
 virtualenv (`PYO3_PYTHON=/usr/bin/python3 cargo build --release --features
@@ -48,6 +59,23 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", b"6")]})
     await send({"type": "http.response.body", "body": b"hello\\n"})
+"""
+
+
+BIG = """
+import os
+# About 200 MB at import: 100 MB of bytes (written, so resident) and a
+# million small strings in a dict.
+BLOB = bytes(range(256)) * (100 * 1024 * 1024 // 256)
+TABLE = {i: ("row %d " % i) * 8 for i in range(1_000_000)}
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b"%d rows %d\\n" % (len(TABLE), BLOB[12345])
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 """
 
 
@@ -99,6 +127,8 @@ def command(system, interface, venv, port, workdir):
         return zdr + ["--", *uvicorn, "--port", "$PORT"]
     if system == "zdr proxy":
         return zdr + ["--", *gunicorn, "--workers", "1", "--bind", "127.0.0.1:$PORT"]
+    if system == "zdr native --preload":
+        return zdr + ["--preload", app]
     return zdr + [app]
 
 
@@ -137,21 +167,71 @@ def run(system, interface, venv, seconds, workdir):
     return requests, failed
 
 
+def pss_kb(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return int(re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(pid)],
+                         capture_output=True, text=True).stdout
+    return [(int(p), c) for p, c in (line.split(None, 1) for line in out.splitlines())]
+
+
+def pss():
+    print("| zdr native, a 200 MB module | workers' PSS | loader's PSS | master's PSS "
+          "| workers + loader, / one worker without --preload |")
+    print("|---|---|---|---|---|")
+    one = None
+    with tempfile.TemporaryDirectory() as workdir:
+        with open(os.path.join(workdir, "big.py"), "w") as f:
+            f.write(BIG)
+        for workers, preload in ((1, False), (3, False), (1, True), (3, True)):
+            port = free_port()
+            cmd = [ZDR, "serve", "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+                   "--log-level", "warning", "--control-socket",
+                   os.path.join(workdir, "pss.ctl")] + (["--preload"] if preload else []) + [
+                   "big:app"]
+            proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                wait_up(port, proc, timeout=120)
+                subprocess.run(["wrk", "-t1", "-c8", "-d3s", f"http://127.0.0.1:{port}/"],
+                               capture_output=True, check=True)
+                time.sleep(1)
+                kids = children(proc.pid)
+                serving = sum(pss_kb(p) for p, c in kids if c.strip() != "zdr-loader")
+                loader = sum(pss_kb(p) for p, c in kids if c.strip() == "zdr-loader")
+                master = pss_kb(proc.pid)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+            if one is None:
+                one = serving
+            label = f"{workers} worker{'s' if workers > 1 else ''}" + (
+                ", --preload" if preload else "")
+            print(f"| {label} | {serving / 1024:,.0f} MB | {loader / 1024:,.0f} MB "
+                  f"| {master / 1024:,.0f} MB | {(serving + loader) / one:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--venv", default=os.path.join(tempfile.gettempdir(), "zdr-bench-venv"))
     ap.add_argument("--interface", choices=["asgi", "wsgi", "both"], default="both")
+    ap.add_argument("--pss", action="store_true", help="measure memory, not speed")
     args = ap.parse_args()
+    if args.pss:
+        return pss()
     if not os.path.exists(os.path.join(args.venv, "bin", "gunicorn")):
         subprocess.run(["/usr/bin/python3", "-m", "venv", args.venv], check=True)
         subprocess.run([os.path.join(args.venv, "bin", "pip"), "install", "-q",
                         "granian", "uvicorn", "uvloop", "gunicorn"], check=True)
     interfaces = ["asgi", "wsgi"] if args.interface == "both" else [args.interface]
     systems = {
-        "asgi": ["granian", "uvicorn", "zdr proxy", "zdr native"],
-        "wsgi": ["granian", "gunicorn", "zdr proxy", "zdr native"],
+        "asgi": ["granian", "uvicorn", "zdr proxy", "zdr native", "zdr native --preload"],
+        "wsgi": ["granian", "gunicorn", "zdr proxy", "zdr native", "zdr native --preload"],
     }
     results = {(i, s): [] for i in interfaces for s in systems[i]}
     with tempfile.TemporaryDirectory() as workdir:

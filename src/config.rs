@@ -665,6 +665,19 @@ pub struct Options {
     #[arg(value_name = "MODULE:APP")]
     pub app: Option<String> => r#""main:app""#,
 
+    /// What kind of Python app MODULE:APP is: `auto` (an ASGI app is a
+    /// coroutine function, or an object whose `__call__` is one; anything
+    /// else callable is WSGI, as uvicorn tells them apart), `asgi` or `wsgi`,
+    /// for an app that `auto` takes for the other kind (an ASGI app behind a
+    /// decorator that hides its coroutine).
+    #[arg(
+        long = "interface",
+        env = "ZDR_INTERFACE",
+        value_name = "KIND",
+        ignore_case = true
+    )]
+    pub interface: Option<Interface> = Interface::Auto,
+
     /// Serve any HTTP app: each worker runs this command with a private port in
     /// $PORT and forwards its requests to it (after `--`, or `command = [...]`
     /// in the config file).
@@ -863,6 +876,19 @@ pub enum NoTraffic {
     Promote,
 }
 
+/// What kind of Python app is served (`--interface`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Interface {
+    /// Told apart as uvicorn's `--interface auto` does.
+    #[default]
+    Auto,
+    /// `async def app(scope, receive, send)`.
+    Asgi,
+    /// `def app(environ, start_response)`.
+    Wsgi,
+}
+
 /// How the logs are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -1057,6 +1083,9 @@ pub struct Settings {
     /// for none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub app: String,
+    /// What kind of Python app it is.
+    #[serde(default)]
+    pub interface: Interface,
     /// A command's readiness path; empty for "accepts connections".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_ready_path: String,
@@ -1622,6 +1651,7 @@ impl Settings {
                 .filter(|n| !n.is_empty()),
             raw_env: raw_env(o.raw_env.unwrap_or_default())?,
             app: python_app(o.app, o.command.as_ref().is_some_and(|c| !c.is_empty()))?,
+            interface: o.interface.unwrap_or(d.interface),
             command: command(o.command, o.preload.unwrap_or(d.preload))?,
             worker_ready_path: probe_path(
                 "worker_ready_path",

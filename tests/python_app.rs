@@ -823,6 +823,41 @@ fn a_preloaded_app_is_imported_once_per_generation_and_reloads_new_code() {
     assert_eq!(field(&reply, "loaded"), second.to_string());
     assert_eq!(loaders(master), [second]);
 
+    // A loader that is gone (the OOM killer's choice, say) is started
+    // again when its generation next needs a worker: it imports what is
+    // on disk then, as a worker that is not preloaded does.
+    write_app(&dir.0, "2");
+    let kill = |pid: u32| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)
+            .expect("kill")
+    };
+    kill(second);
+    assert!(wait_until(Duration::from_secs(30), || !alive(second)));
+    let before = server.wait_generation_ready(2, 3);
+    let victim = *before.iter().next().expect("a worker");
+    kill(victim);
+    server.wait_for_log("is gone", Duration::from_secs(60));
+    let mut third = 0;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            third = loaders(master).first().copied().unwrap_or(0);
+            let status = server.status();
+            third != 0
+                && status.workers.len() == 3
+                && status
+                    .workers
+                    .iter()
+                    .all(|w| w.state == "ready" && w.pid != victim)
+        }),
+        "{}",
+        server.log_text()
+    );
+    assert_ne!(third, second);
+    assert!(wait_until(Duration::from_secs(60), || {
+        let reply = server.get("/");
+        reply.field("loaded") == Some(third.to_string())
+    }));
+
     // A graceful stop: each worker runs its lifespan shutdown, and the
     // loader leaves with the master.
     let last = server.wait_generation_ready(2, 3);
@@ -833,4 +868,47 @@ fn a_preloaded_app_is_imported_once_per_generation_and_reloads_new_code() {
         assert!(dir.path(&format!("shutdown-{pid}")).exists(), "{pid}");
     }
     assert!(wait_until(Duration::from_secs(30), || !alive(second)));
+}
+
+/// `--interface asgi`: an ASGI app behind a decorator that hides its
+/// coroutine is taken for WSGI by `auto` (its requests fail, 500) and
+/// served when named; a kind that is neither is refused, naming the flag.
+#[test]
+fn the_interface_flag_names_an_app_auto_takes_for_the_other_kind() {
+    let dir = TempDir::new("interface");
+    write_file(
+        &dir.path("app.py"),
+        r#"
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hidden asgi"})
+
+def hide(f):
+    def app(scope, receive, send):
+        return f(scope, receive, send)
+    return app
+
+app = hide(_app)
+"#,
+    );
+    let auto = serve_app(&dir, &["--workers", "1"], "app:app", None);
+    assert_eq!(auto.get("/").status, 500);
+    drop(auto);
+    let named = serve_app(
+        &dir,
+        &["--workers", "1", "--interface", "asgi"],
+        "app:app",
+        None,
+    );
+    let reply = named.get("/");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, "hidden asgi");
+    drop(named);
+    let chdir = dir.0.to_string_lossy().into_owned();
+    let out = Launch::serve(&["--chdir", &chdir, "--interface", "rsgi", "app:app"]).output();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("--interface"), "{said}");
 }

@@ -36,20 +36,12 @@ impl Generations {
         self.0.push((id, resources));
     }
 
-    /// Starts a worker of generation `id` through its loader, when it has
-    /// one; gives `stderr` back when it has none.
-    pub(crate) fn spawn_by_loader(
-        &self,
-        id: u64,
-        spec: &crate::boot::WorkerSpec,
-        stderr: std::os::fd::OwnedFd,
-    ) -> Result<std::io::Result<nix::unistd::Pid>, std::os::fd::OwnedFd> {
-        #[cfg(feature = "python")]
-        if let Some(loader) = self.get(id).and_then(|r| r.python.as_ref()) {
-            return Ok(loader.spawn(spec, stderr));
+    /// Replaces generation `id`'s loader.
+    #[cfg(feature = "python")]
+    fn set_loader(&mut self, id: u64, loader: super::loader::PyLoader) {
+        if let Some((_, r)) = self.0.iter_mut().find(|(g, _)| *g == id) {
+            r.python = Some(loader);
         }
-        let _ = (id, spec);
-        Err(stderr)
     }
 
     /// The master's ends of the loaders' sockets.
@@ -223,6 +215,45 @@ impl Master {
             master_pid: self.pid,
         })
         .map_err(|why| anyhow::anyhow!("{why}"))
+    }
+
+    /// Starts a worker of generation `id` through its loader, when it has
+    /// one; gives `stderr` back when it has none. A loader found gone (the
+    /// kernel's OOM killer picks large processes) is started again, which
+    /// imports the app again, as a worker that is not preloaded would.
+    pub(super) fn spawn_by_loader(
+        &mut self,
+        id: u64,
+        spec: &crate::boot::WorkerSpec,
+        stderr: std::os::fd::OwnedFd,
+    ) -> Result<std::io::Result<nix::unistd::Pid>, std::os::fd::OwnedFd> {
+        #[cfg(feature = "python")]
+        if let Some(resources) = self.generations.get(id) {
+            if let Some(loader) = &resources.python {
+                let e = match loader.spawn(spec, &stderr) {
+                    Err(e) if super::loader::PyLoader::is_gone(&e) => e,
+                    spawned => return Ok(spawned),
+                };
+                warn!(
+                    event = crate::logging::LogEvent::WorkerTrouble.name(),
+                    "The loader of generation {id} (pid: {}) is gone ({e}); starting another, \
+                     which imports {} again",
+                    loader.pid(),
+                    resources.settings.app
+                );
+                let settings = Arc::clone(&resources.settings);
+                return Ok(match self.start_loader(&settings) {
+                    Ok(loader) => {
+                        let spawned = loader.spawn(spec, &stderr);
+                        self.generations.set_loader(id, loader);
+                        spawned
+                    }
+                    Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+                });
+            }
+        }
+        let _ = (id, spec);
+        Err(stderr)
     }
 
     /// Closes listeners that no generation binds any more.

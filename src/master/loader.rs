@@ -149,11 +149,10 @@ impl PyLoader {
 
     /// Has the loader fork a worker for `spec`, with `stderr` as its
     /// standard error; returns its pid (the master's child by then).
-    pub(crate) fn spawn(&self, spec: &WorkerSpec, stderr: OwnedFd) -> io::Result<Pid> {
+    pub(crate) fn spawn(&self, spec: &WorkerSpec, stderr: &OwnedFd) -> io::Result<Pid> {
         let mut message = vec![SPAWN];
         serde_json::to_writer(&mut message, spec).map_err(io::Error::other)?;
         send(&self.sock, &message, Some(stderr.as_raw_fd()))?;
-        drop(stderr);
         match self.answer(SPAWN_BOUND)? {
             (SPAWNED, text, _) => text
                 .parse::<i32>()
@@ -163,6 +162,16 @@ impl PyLoader {
                 "the loader could not fork: {why}"
             ))),
         }
+    }
+
+    /// Whether a [`PyLoader::spawn`] error says the loader is gone.
+    pub(crate) fn is_gone(e: &io::Error) -> bool {
+        matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::UnexpectedEof
+        )
     }
 
     /// The loader's next message, waited for within `bound`.

@@ -84,7 +84,7 @@ impl Master {
                 )));
             }
         };
-        let result = match self.generations.spawn_by_loader(id, &spec, stderr) {
+        let result = match self.spawn_by_loader(id, &spec, stderr) {
             Ok(spawned) => spawned,
             Err(stderr) => match app {
                 Some(app) => {
@@ -116,7 +116,7 @@ impl Master {
         };
         match result {
             Ok(pid) => {
-                slot.set_pid(pid.as_raw() as u32);
+                self.board.slot(slot_index).set_pid(pid.as_raw() as u32);
                 self.handles.push(Handle {
                     pid,
                     slot: slot_index,

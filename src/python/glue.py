@@ -143,8 +143,9 @@ class Wsgi:
 class Runner:
     """Runs one app on one event loop: its lifespan and its requests."""
 
-    def __init__(self, app, loop, wake_fd, inbox, tick_every, threads):
-        self.wsgi = None if is_asgi(app) else Wsgi(app, threads)
+    def __init__(self, app, loop, wake_fd, inbox, tick_every, threads, interface):
+        asgi = is_asgi(app) if interface == "auto" else interface == "asgi"
+        self.wsgi = None if asgi else Wsgi(app, threads)
         self.app = app
         self.loop = loop
         self.wake_fd = wake_fd

@@ -232,6 +232,11 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
     // A WSGI app's requests run in a pool of `--threads` threads (as
     // Gunicorn's gthread worker's).
     let threads = spec.settings.threads.max(1);
+    let interface = match spec.settings.interface {
+        crate::config::Interface::Auto => "auto",
+        crate::config::Interface::Asgi => "asgi",
+        crate::config::Interface::Wsgi => "wsgi",
+    };
     let tick_every = spec
         .settings
         .timeout()
@@ -249,7 +254,9 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
                 let thread = Arc::clone(&bridge);
                 std::thread::Builder::new()
                     .name("zdr-python".to_owned())
-                    .spawn(move || run(&name, source, &thread, tick_every, threads, tx))?;
+                    .spawn(move || {
+                        run(&name, source, &thread, tick_every, threads, interface, tx)
+                    })?;
                 match rx.await {
                     Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
                     Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
@@ -305,6 +312,7 @@ fn run(
     bridge: &Arc<Bridge>,
     tick_every: f64,
     threads: usize,
+    interface: &str,
     started: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let mut started = Some(started);
@@ -330,6 +338,7 @@ fn run(
             inbox,
             tick_every,
             threads,
+            interface,
         ))?;
         let (ok, why): (bool, String) = runner.call_method1("startup", (py.None(),))?.extract()?;
         if !ok {
