@@ -912,3 +912,197 @@ app = hide(_app)
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("--interface"), "{said}");
 }
+
+/// A real browser against Python apps in-process: headless Chromium over
+/// HTTPS and HTTP/2, logging in as sites do (`/set` sets three cookies
+/// and redirects to `/get`, which reads them back), against a FastAPI app
+/// (ASGI) and a Flask one (WSGI), both preloaded. Chromium sends each
+/// cookie as a field of its own; each app gets all three, in one field,
+/// and is told `https` and HTTP/2.
+#[test]
+fn a_browser_over_http2_logs_in_to_fastapi_and_flask_apps() {
+    if !have("chromium", &["--version"]) {
+        return;
+    }
+    let Some(venv) = fastapi_venv() else {
+        return;
+    };
+    let dir = TempDir::new("py-browser");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+    write_file(&cert, &certified.cert.pem());
+    write_file(&key, &certified.signing_key.serialize_pem());
+    write_file(
+        &dir.path("asgi_cookies.py"),
+        r#"
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+
+app = FastAPI()
+
+@app.get("/set")
+def set_cookies():
+    response = RedirectResponse("/get", status_code=302)
+    for name, value in (("a", "1"), ("b", "2"), ("c", "3")):
+        response.set_cookie(name, value, secure=True)
+    return response
+
+@app.get("/get")
+def get_cookies(request: Request):
+    return {"cookies": dict(request.cookies), "fields": len(request.headers.getlist("cookie")),
+            "scheme": request.url.scheme, "http": request.scope["http_version"]}
+"#,
+    );
+    write_file(
+        &dir.path("wsgi_cookies.py"),
+        r#"
+from flask import Flask, jsonify, make_response, redirect, request
+
+app = Flask(__name__)
+
+@app.get("/set")
+def set_cookies():
+    response = make_response(redirect("/get"))
+    for name, value in (("a", "1"), ("b", "2"), ("c", "3")):
+        response.set_cookie(name, value, secure=True)
+    return response
+
+@app.get("/get")
+def get_cookies():
+    return jsonify(cookies=dict(request.cookies), fields=len(request.headers.getlist("Cookie")),
+                   scheme=request.scheme, http=request.environ["SERVER_PROTOCOL"])
+"#,
+    );
+    for (app, http) in [("asgi_cookies:app", "2"), ("wsgi_cookies:app", "HTTP/2")] {
+        let server = serve_app(
+            &dir,
+            &[
+                "--workers",
+                "2",
+                "--preload",
+                "--certfile",
+                cert.to_str().unwrap(),
+                "--keyfile",
+                key.to_str().unwrap(),
+            ],
+            app,
+            Some(&venv),
+        );
+        let profile = dir.path(&format!("profile-{}", app.replace(':', "-")));
+        let url = format!("https://localhost:{}/set", server.port());
+        let out = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--ignore-certificate-errors",
+                &format!("--user-data-dir={}", profile.display()),
+                "--dump-dom",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&out.stdout);
+        let json = dom
+            .find('{')
+            .and_then(|start| Some(&dom[start..=dom.rfind('}')?]))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{app}: no JSON in the page: {dom}\n{}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    server.log_text()
+                )
+            });
+        let seen: serde_json::Value = serde_json::from_str(&json.replace("&quot;", "\"")).unwrap();
+        assert_eq!(
+            seen["cookies"],
+            serde_json::json!({"a": "1", "b": "2", "c": "3"}),
+            "{app}: {dom}"
+        );
+        assert_eq!(seen["fields"], 1, "{app}: {dom}");
+        assert_eq!(seen["scheme"], "https", "{app}: {dom}");
+        assert_eq!(seen["http"], http, "{app}: {dom}");
+    }
+}
+
+/// `import zdr`: the app knows its worker (`zdr.worker`, also the ASGI
+/// scope's `extensions["zdr"]["worker"]`) and hears when it drains: a
+/// stream of events held open across a reload ends politely (its last
+/// event, then the end of the answer), rather than being cut at the
+/// graceful timeout; with `--preload` as without.
+#[test]
+fn an_app_hears_its_worker_drain_and_ends_its_stream() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("draining");
+    write_file(
+        &dir.path("app.py"),
+        r#"
+import zdr
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    worker = scope["extensions"]["zdr"]["worker"]
+    assert worker is zdr.worker
+    if scope["path"] == "/events":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": f"data: hello from generation {worker.generation}\n\n".encode()})
+        await worker.wait_draining()
+        await send({"type": "http.response.body",
+                    "body": f"data: bye, draining={worker.draining()}\n\n".encode()})
+        return
+    text = f"pid={worker.pid} generation={worker.generation} draining={worker.draining()}\n"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": text.encode()})
+"#,
+    );
+    for preload in [false, true] {
+        let mut args = vec!["--workers", "1", "--graceful-timeout", "300"];
+        if preload {
+            args.push("--preload");
+        }
+        let server = serve_app(&dir, &args, "app:app", None);
+        let reply = server.get("/");
+        assert!(
+            reply.body.contains("generation=1 draining=False"),
+            "{reply:?}"
+        );
+        let mut events = std::net::TcpStream::connect(server.addr()).expect("connect");
+        events
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        events
+            .write_all(b"GET /events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("hello from generation 1") {
+            let n = events.read(&mut buf).expect("the first event");
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let (ok, said) = reload(&server);
+        assert!(ok, "{said}");
+        // The rest of the answer: the last event, then its end.
+        loop {
+            let n = events.read(&mut buf).expect("the rest of the stream");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("data: bye, draining=True"), "{text}");
+        assert!(
+            text.ends_with("0\r\n\r\n"),
+            "the answer ended whole: {text}"
+        );
+        let reply = server.get("/");
+        assert!(
+            reply.body.contains("generation=2 draining=False"),
+            "{reply:?}"
+        );
+    }
+}

@@ -572,8 +572,15 @@ fn environ<'py>(py: Python<'py>, head: &http::request::Parts) -> PyResult<Bound<
             continue;
         };
         let mut value = latin1(first.as_bytes());
+        // HTTP/2 sends each cookie as a field of its own; an application
+        // is given them as one, joined with "; " (RFC 9113, 8.2.3).
+        let comma = if name == http::header::COOKIE {
+            "; "
+        } else {
+            ","
+        };
         for more in values {
-            value.push(',');
+            value.push_str(comma);
             value.push_str(&latin1(more.as_bytes()));
         }
         let key = match *name {
@@ -637,13 +644,36 @@ fn scope<'py>(
             )?)?;
         }
     }
+    // HTTP/2 sends each cookie as a field of its own; an application is
+    // given them as one, joined with "; " (RFC 9113, 8.2.3: Starlette and
+    // others read only the first `cookie` field).
+    let cookies = head.headers.get_all(http::header::COOKIE);
+    let joined = (cookies.iter().nth(1).is_some()).then(|| {
+        let mut joined = Vec::new();
+        for (i, value) in cookies.iter().enumerate() {
+            if i > 0 {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        joined
+    });
     for (name, value) in &head.headers {
+        if joined.is_some() && name == http::header::COOKIE {
+            continue;
+        }
         headers.append(PyTuple::new(
             py,
             [
                 PyBytes::new(py, name.as_str().as_bytes()),
                 PyBytes::new(py, value.as_bytes()),
             ],
+        )?)?;
+    }
+    if let Some(joined) = joined {
+        headers.append(PyTuple::new(
+            py,
+            [PyBytes::new(py, b"cookie"), PyBytes::new(py, &joined)],
         )?)?;
     }
     scope.set_item("headers", headers)?;

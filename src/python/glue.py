@@ -16,7 +16,67 @@ import sys
 import traceback
 
 # What zdr queues (the first item of each of inbox.take()'s pairs).
-NEW, RESUME, SHUTDOWN = 0, 1, 2
+NEW, RESUME, SHUTDOWN, DRAINING = 0, 1, 2, 3
+
+
+class Worker:
+    """The zdr worker the app runs in, as `zdr.worker` and as an ASGI
+    scope's `extensions["zdr"]["worker"]`: its pid, generation and master,
+    and whether it drains (a reload, a stop, its request limit), so that an
+    app holding a long answer (a stream of events) can end it politely
+    rather than be cut at the graceful timeout."""
+
+    def __init__(self):
+        self._inbox = None
+        self._loop = None
+        self._waiters = []
+
+    @property
+    def pid(self):
+        return os.getpid()
+
+    @property
+    def generation(self):
+        return int(os.environ.get("ZDR_GENERATION", "0"))
+
+    @property
+    def master_pid(self):
+        return int(os.environ.get("ZDR_MASTER_PID", "0"))
+
+    def draining(self):
+        """Whether the worker has started draining (from any thread)."""
+        return self._inbox is not None and self._inbox.draining()
+
+    async def wait_draining(self):
+        """Returns once the worker starts draining (on the app's loop)."""
+        if self.draining():
+            return
+        future = self._loop.create_future()
+        self._waiters.append(future)
+        await future
+
+    def _bind(self, inbox, loop):
+        self._inbox = inbox
+        self._loop = loop
+
+    def _drained(self):
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+
+WORKER = Worker()
+
+
+def install_module():
+    """Makes `import zdr` give the app its worker (`zdr.worker`)."""
+    import types
+
+    module = types.ModuleType("zdr", "The zdr worker this app runs in: zdr.worker.")
+    module.worker = WORKER
+    module.Worker = Worker
+    sys.modules["zdr"] = module
 
 
 def make_loop():
@@ -157,6 +217,8 @@ class Runner:
         self.lifespan_queue = None
         self.stopped = None
         loop.add_reader(wake_fd, self.on_wake)
+        WORKER._bind(inbox, loop)
+        self.extension = {"worker": WORKER}
         # The ticker shows zdr the loop runs: one that stops (an app that
         # blocks it) for --timeout gets the worker aborted, and the
         # threads' Python stacks are written to the log first.
@@ -187,10 +249,13 @@ class Runner:
                 obj.resume()
             elif kind == SHUTDOWN:
                 self.loop.create_task(self.shutdown(obj))
+            elif kind == DRAINING:
+                WORKER._drained()
 
     async def serve(self, call):
         loop = self.loop
         scope = call.scope(self.state)
+        scope["extensions"]["zdr"] = self.extension
 
         async def receive():
             message = call.receive()

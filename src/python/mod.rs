@@ -54,6 +54,9 @@ enum Wake {
     Resume(Arc<call::CallState>),
     /// The worker has drained: run lifespan `shutdown`, then stop.
     Shutdown(Arc<Done>),
+    /// The worker has started draining (`zdr.worker.wait_draining()`
+    /// resolves).
+    Draining,
 }
 
 /// The queue between the runtime thread and the Python thread.
@@ -74,6 +77,8 @@ pub(crate) struct Bridge {
     called: std::sync::Condvar,
     /// No more calls: the threads waiting in `calls` end.
     closed: AtomicBool,
+    /// The worker drains (a reload, a stop, its request limit).
+    draining: AtomicBool,
 }
 
 impl Bridge {
@@ -132,6 +137,11 @@ impl Inbox {
         })
     }
 
+    /// Whether the worker drains.
+    fn draining(&self) -> bool {
+        self.0.draining.load(Ordering::Relaxed)
+    }
+
     /// The event loop runs (called by its ticker).
     fn tick(&self) {
         self.0
@@ -151,6 +161,7 @@ impl Inbox {
                 Wake::New(c) => (0, call::Call::new(c).into_pyobject(py)?.into_any()),
                 Wake::Resume(c) => (1, call::Call::new(c).into_pyobject(py)?.into_any()),
                 Wake::Shutdown(d) => (2, DoneRef(d).into_pyobject(py)?.into_any()),
+                Wake::Draining => (3, py.None().into_bound(py)),
             };
             let kind = kind.into_pyobject(py)?.into_any();
             list.append(PyTuple::new(py, [kind, object])?)?;
@@ -221,6 +232,7 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
         calls: Mutex::new(std::collections::VecDeque::new()),
         called: std::sync::Condvar::new(),
         closed: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
     });
     let (started, alive, stopped, ticking) = (
         Arc::clone(&bridge),
@@ -258,7 +270,16 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
                         run(&name, source, &thread, tick_every, threads, interface, tx)
                     })?;
                 match rx.await {
-                    Ok(Ok(())) => Ok(crate::app::erase(call::Asgi::new(bridge))),
+                    Ok(Ok(())) => {
+                        // The app hears of the drain (`zdr.worker`).
+                        let told = Arc::clone(&bridge);
+                        tokio::spawn(async move {
+                            crate::app::WorkerInfo::draining().await;
+                            told.draining.store(true, Ordering::Relaxed);
+                            told.post(Wake::Draining);
+                        });
+                        Ok(crate::app::erase(call::Asgi::new(bridge)))
+                    }
                     Ok(Err(why)) => Err(anyhow::anyhow!("{why}")),
                     Err(_) => Err(anyhow::anyhow!("the Python thread ended while starting")),
                 }
@@ -412,7 +433,11 @@ fn prepare(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     }
     let code =
         CString::new(GLUE).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-    PyModule::from_code(py, &code, c"zdr_asgi.py", c"zdr_asgi")
+    let glue = PyModule::from_code(py, &code, c"zdr_asgi.py", c"zdr_asgi")?;
+    // `import zdr` gives the app its worker (before the app is imported,
+    // which may import it).
+    glue.call_method0("install_module")?;
+    Ok(glue)
 }
 
 /// A Python error with its traceback.

@@ -209,6 +209,11 @@ async fn serve(
         );
     };
     end_boot_dispositions();
+    // Draining starts from a signal: at its request limit a worker rings
+    // the master, which drains it once its replacement is ready. Known
+    // before the app's service is made, which may wait for it.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    crate::app::WorkerInfo::set_draining(drain_rx.clone());
     let (shared, listeners) = match boot(&spec, board, &bell, &app, &mut signals).await {
         Ok(booted) => booted,
         Err(end) => {
@@ -222,10 +227,6 @@ async fn serve(
             };
         }
     };
-    // Draining starts from a signal: at its request limit a worker rings
-    // the master, which drains it once its replacement is ready.
-    let (drain_tx, drain_rx) = watch::channel(false);
-    crate::app::WorkerInfo::set_draining(drain_rx.clone());
     let capacity = spec.settings.worker_connections;
     let permits = Arc::new(Semaphore::new(capacity));
     let accepting: Vec<_> = listeners
