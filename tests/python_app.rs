@@ -22,6 +22,14 @@ VERSION = "VERSION_MARK"
 # The process that imported this module (a loader's, under --preload).
 LOADED_IN = os.getpid()
 
+import atexit
+
+def _at_exit():
+    with open(f"atexit-{os.getpid()}", "w") as f:
+        f.write("done")
+
+atexit.register(_at_exit)
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         while True:
@@ -209,18 +217,22 @@ fn an_asgi_app_is_served_in_process() {
         assert_eq!(thread_names(*pid), ["zdr", "zdr-python"], "worker {pid}");
     }
 
-    // A graceful stop runs each worker's lifespan shutdown.
+    // A graceful stop runs each worker's lifespan shutdown, then what the
+    // app registered with atexit.
     let mut server = server;
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(60)).success());
     for pid in workers {
-        let mark = dir.path(&format!("shutdown-{pid}"));
-        assert_eq!(
-            std::fs::read_to_string(&mark).ok().as_deref(),
-            Some("done"),
-            "{}",
-            server.log_text()
-        );
+        for mark in ["shutdown", "atexit"] {
+            let mark = dir.path(&format!("{mark}-{pid}"));
+            assert_eq!(
+                std::fs::read_to_string(&mark).ok().as_deref(),
+                Some("done"),
+                "{}: {}",
+                mark.display(),
+                server.log_text()
+            );
+        }
     }
 }
 
@@ -866,6 +878,9 @@ fn a_preloaded_app_is_imported_once_per_generation_and_reloads_new_code() {
     assert!(server.wait_exit(Duration::from_secs(60)).success());
     for pid in last {
         assert!(dir.path(&format!("shutdown-{pid}")).exists(), "{pid}");
+        // What the app registered with atexit at import, in the loader,
+        // ran in each worker.
+        assert!(dir.path(&format!("atexit-{pid}")).exists(), "{pid}");
     }
     assert!(wait_until(Duration::from_secs(30), || !alive(second)));
 }

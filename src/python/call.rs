@@ -349,6 +349,44 @@ impl Call {
         Ok(())
     }
 
+    /// A WSGI app's whole answer at once (a list of one part, the
+    /// commonest): its status, fields and body.
+    fn answer_wsgi(
+        &self,
+        py: Python<'_>,
+        status: u16,
+        headers: &Bound<'_, PyAny>,
+        data: &[u8],
+    ) -> PyResult<()> {
+        self.start_wsgi(status, headers)?;
+        self.body_blocking(py, data, false)
+    }
+
+    /// The whole request body, waited for without the GIL (WSGI reads it
+    /// before calling the app); `None` if the client left.
+    fn read_body<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let mut body: Vec<u8> = Vec::new();
+        loop {
+            let seen = {
+                let mut inner = self.0.lock();
+                if inner.disconnected && !inner.received_all {
+                    return Ok(None);
+                }
+                while let Some(chunk) = inner.body.pop_front() {
+                    inner.body_bytes -= chunk.len();
+                    body.extend_from_slice(&chunk);
+                }
+                self.0.room.notify_one();
+                if inner.body_done || inner.received_all {
+                    inner.received_all = true;
+                    return Ok(Some(PyBytes::new(py, &body)));
+                }
+                inner.version
+            };
+            self.0.wait_change(py, seen);
+        }
+    }
+
     /// The request as a WSGI environ, all but `wsgi.input` and
     /// `wsgi.errors` (PEP 3333: strings are the bytes as Latin-1).
     fn environ<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

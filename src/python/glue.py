@@ -69,6 +69,21 @@ class Worker:
 WORKER = Worker()
 
 
+def at_exit():
+    """What the app registered with `atexit`, and its buffered output,
+    when the worker ends (the interpreter is not finalised)."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+
 def install_module():
     """Makes `import zdr` give the app its worker (`zdr.worker`)."""
     import types
@@ -147,14 +162,10 @@ class Wsgi:
 
     def run(self, call, state):
         environ = call.environ()
-        body = bytearray()
-        while True:
-            message = call.receive_blocking()
-            if message["type"] == "http.disconnect":
-                return
-            body += message["body"]
-            if not message["more_body"]:
-                break
+        body = call.read_body()
+        if body is None:
+            # The client left.
+            return
         environ["wsgi.input"] = io.BytesIO(body)
         environ["wsgi.errors"] = sys.stderr
         started = []
@@ -174,6 +185,10 @@ class Wsgi:
 
         sent_head = False
         result = self.app(environ, start_response)
+        if type(result) is list and len(result) == 1 and started and not pending:
+            # The commonest answer, a list of one part: all at once.
+            call.answer_wsgi(started[0][0], started[0][1], result[0])
+            return
         try:
             for part in result:
                 if not part and not pending:

@@ -23,7 +23,8 @@
 //! process that forks the generation's workers ([`preload`]); each worker
 //! then starts its Python thread with the app it inherited.
 //!
-//! What is not built yet: finalising the interpreter when the worker exits.
+//! When the worker ends, what the app registered with `atexit` runs; the
+//! interpreter itself is not finalised.
 
 mod call;
 pub(crate) mod preload;
@@ -373,6 +374,10 @@ fn run(
         bridge.alive.store(false, Ordering::Relaxed);
         ran?;
         event_loop.call_method0("close")?;
+        // The worker ends without finalising the interpreter (its other
+        // threads may still hold the GIL): what the app registered to run
+        // at exit runs now, and what it printed is flushed.
+        glue.call_method0("at_exit")?;
         Ok(Ok(()))
     });
     let outcome = outcome.unwrap_or_else(|e| Python::with_gil(|py| Err(describe(py, &e))));
