@@ -1121,3 +1121,137 @@ async def app(scope, receive, send):
         );
     }
 }
+
+/// Sends raw bytes and reads the answer until the server closes; its
+/// status, if any.
+fn raw_status(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let _ = s.write_all(bytes);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+}
+
+/// The hardening in front of a Python app, as in front of any app:
+/// malformed heads get 400 and never reach the app; a request past
+/// `--request-timeout` is answered 504, the app hears its client has
+/// gone, and the worker serves on; under overload (a WSGI app whose one
+/// thread each of six requests at once holds for a second), requests
+/// queued past `--max-queue-time` are shed 503 with `Retry-After`, at
+/// least one is served, and the worker serves on.
+#[test]
+fn the_hardening_holds_in_front_of_python_apps() {
+    let dir = TempDir::new("py-hardening");
+    write_file(
+        &dir.path("asgi_app.py"),
+        r#"
+import os
+
+CALLS = 0
+
+async def app(scope, receive, send):
+    global CALLS
+    if scope["type"] != "http":
+        return
+    CALLS += 1
+    message = await receive()
+    if scope["path"] == "/hang":
+        # Waits for the client to leave (zdr's 504 ends the call).
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        with open("heard-disconnect", "w") as f:
+            f.write("yes")
+        return
+    body = f"pid={os.getpid()} calls={CALLS}\n".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+"#,
+    );
+    write_file(
+        &dir.path("wsgi_app.py"),
+        r#"
+import os, time
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/block":
+        time.sleep(1)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"pid={os.getpid()}\n".encode()]
+"#,
+    );
+    let server = serve_app(
+        &dir,
+        &["--workers", "1", "--request-timeout", "3"],
+        "asgi_app:app",
+        None,
+    );
+    let first = server.get("/");
+    assert_eq!(field(&first, "calls"), "1", "{first:?}");
+    for (what, bytes) in [
+        ("no Host in HTTP/1.1", &b"GET / HTTP/1.1\r\n\r\n"[..]),
+        (
+            "two Host fields",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+        ("an invalid Host", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+        (
+            "not HTTP",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        ),
+    ] {
+        assert_eq!(raw_status(server.addr(), bytes), Some(400), "{what}");
+    }
+    // None of them reached the app.
+    let reply = server.get("/");
+    assert_eq!(field(&reply, "calls"), "2", "{reply:?}");
+    let hung = server.get("/hang");
+    assert_eq!(hung.status, 504, "{hung:?}");
+    wait_for_file_text(&dir.path("heard-disconnect"), "yes");
+    let after = server.get("/");
+    assert_eq!(after.status, 200, "{after:?}");
+    assert_eq!(after.pid(), first.pid(), "the worker serves on");
+    drop(server);
+
+    let server = serve_app(
+        &dir,
+        &[
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--max-queue-time",
+            "0.01",
+        ],
+        "wsgi_app:app",
+        None,
+    );
+    let first = server.get("/");
+    // The app's recent response time, from fast requests.
+    for _ in 0..16 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    let addr = server.addr();
+    let answers: Vec<Reply> = (0..6)
+        .map(|_| std::thread::spawn(move || get(addr, "/block")))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| c.join().expect("a client"))
+        .collect();
+    let served = answers.iter().filter(|r| r.status == 200).count();
+    let shed: Vec<&Reply> = answers.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(served + shed.len(), 6, "{answers:?}");
+    assert!(served >= 1, "{answers:?}");
+    assert!(!shed.is_empty(), "{answers:?}");
+    for r in &shed {
+        assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
+    }
+    let after = server.get("/");
+    assert_eq!(after.status, 200, "{after:?}");
+    assert_eq!(after.pid(), first.pid(), "the worker serves on");
+}

@@ -35,6 +35,17 @@
 //! | overloaded | yielded, the newest ticket, waited ≤ floor | started |
 //! | overloaded | yielded, waited > floor, or a newer ticket | shed; overloaded from now |
 //! | any        | a health probe                   | answered, never shed        |
+//! | normal     | taken from an app's own queue (a Python app's), waited ≤ max(floor, 2 × app) | started |
+//! | normal     | taken from an app's own queue, waited longer | shed; overloaded from now |
+//! | overloaded | taken from an app's own queue, waited ≤ floor | started |
+//! | overloaded | taken from an app's own queue, waited > floor | shed; overloaded from now |
+//!
+//! An app that queues requests itself (a Python app: the runtime hands
+//! each call to the app's thread at once, and the wait is in the app's
+//! queue) has a shedder of its own for that queue ([`Shedder::decide_taken`],
+//! the app's time from its taking a call to its head): the app's queue is
+//! first in, first out, so there is nothing to yield to. Its 503 carries a
+//! [`ShedMark`], which the HTTP layer counts as its own sheds.
 //!
 //! Shed means `503` with `Retry-After: 1` at once, counted in
 //! `zdr_requests_shed_total`, and said at most once a second per worker.
@@ -136,6 +147,26 @@ impl Shedder {
         verdict
     }
 
+    /// Whether a call taken from an app's own queue at `now_ns`, having
+    /// waited `waited_ns` since it was queued, is shed (see the module's
+    /// table).
+    #[cfg_attr(not(feature = "python"), allow(dead_code))]
+    pub(crate) fn decide_taken(&self, now_ns: u64, waited_ns: u64) -> bool {
+        let overloaded = now_ns < self.overloaded_until_ns.load(Ordering::Relaxed);
+        let shed = taken_is_shed(
+            self.floor_ns,
+            self.typical_ns.load(Ordering::Relaxed),
+            overloaded,
+            waited_ns,
+        );
+        if shed {
+            let hold = u64::try_from(OVERLOAD_HOLD.as_nanos()).unwrap_or(u64::MAX);
+            self.overloaded_until_ns
+                .store(now_ns.saturating_add(hold), Ordering::Relaxed);
+        }
+        shed
+    }
+
     /// The longest a request may wait in the normal state, in ns.
     fn limit_ns(&self) -> u64 {
         normal_limit(self.floor_ns, self.typical_ns.load(Ordering::Relaxed))
@@ -157,6 +188,22 @@ impl Shedder {
         body_left: bool,
     ) -> Response {
         board.count_shed();
+        self.say(waited_ns);
+        refusal(body_left)
+    }
+
+    /// The answer to a call shed from an app's own queue: said here, and
+    /// marked for the HTTP layer to count ([`ShedMark`]).
+    #[cfg_attr(not(feature = "python"), allow(dead_code))]
+    pub(crate) fn answer_taken(&self, waited_ns: u64, body_left: bool) -> Response {
+        self.say(waited_ns);
+        let mut res = refusal(body_left);
+        res.extensions_mut().insert(ShedMark);
+        res
+    }
+
+    /// Says a request was shed, at most once a second per worker.
+    fn say(&self, waited_ns: u64) {
         static LAST_SAID_MS: AtomicU64 = AtomicU64::new(0);
         if crate::logging::once_a_second(&LAST_SAID_MS) {
             tracing::warn!(
@@ -170,15 +217,35 @@ impl Shedder {
                 self.limit_ns() as f64 / 1e6,
             );
         }
-        let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n");
+    }
+}
+
+/// A response the app's own queue shed ([`Shedder::answer_taken`]): the
+/// HTTP layer counts it in `zdr_requests_shed_total`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShedMark;
+
+/// `503` with `Retry-After`; `Connection: close` when the request's body
+/// was left unread.
+fn refusal(body_left: bool) -> Response {
+    let mut res = plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n");
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    if body_left {
+        // Its body is not read: the connection cannot carry another.
         res.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
-        if body_left {
-            // Its body is not read: the connection cannot carry another.
-            res.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        res
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
+/// Whether a call taken from an app's own queue is shed, from the facts.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+fn taken_is_shed(floor_ns: u64, typical_ns: u64, overloaded: bool, waited_ns: u64) -> bool {
+    if overloaded {
+        waited_ns > floor_ns
+    } else {
+        waited_ns > normal_limit(floor_ns, typical_ns)
     }
 }
 
@@ -305,6 +372,41 @@ mod tests {
         for (facts, verdict) in table {
             assert_eq!(decide(&facts), verdict, "{facts:?}");
         }
+    }
+
+    #[test]
+    fn the_table_for_an_apps_own_queue() {
+        // (floor, typical, overloaded, waited) -> shed
+        let table = [
+            ((10 * MS, 0, false, 10 * MS), false),
+            ((10 * MS, 0, false, 10 * MS + 1), true),
+            ((10 * MS, 50 * MS, false, 100 * MS), false),
+            ((10 * MS, 50 * MS, false, 100 * MS + 1), true),
+            ((10 * MS, 50 * MS, true, 10 * MS), false),
+            ((10 * MS, 50 * MS, true, 10 * MS + 1), true),
+        ];
+        for ((floor, typical, overloaded, waited), shed) in table {
+            assert_eq!(
+                taken_is_shed(floor, typical, overloaded, waited),
+                shed,
+                "{floor} {typical} {overloaded} {waited}"
+            );
+        }
+        let s = Shedder::new(Duration::from_millis(10));
+        s.served(50 * MS);
+        let now = 1_000 * MS;
+        assert!(!s.decide_taken(now, 100 * MS));
+        assert!(s.decide_taken(now, 101 * MS));
+        // Overloaded from then: the floor alone.
+        assert!(s.decide_taken(now + MS, 11 * MS));
+        assert!(!s.decide_taken(now + MS, 10 * MS));
+        let later = now + 2 * MS + OVERLOAD_HOLD.as_nanos() as u64;
+        assert!(!s.decide_taken(later, 90 * MS));
+        let res = s.answer_taken(20 * MS, true);
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[RETRY_AFTER], "1");
+        assert_eq!(res.headers()[http::header::CONNECTION], "close");
+        assert!(res.extensions().get::<ShedMark>().is_some());
     }
 
     #[test]

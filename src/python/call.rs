@@ -49,6 +49,8 @@ impl tower::Service<Request> for Asgi {
         let (parts, body) = req.into_parts();
         let body_done = http_body::Body::is_end_stream(&body);
         let state = Arc::new(CallState {
+            queued_ns: crate::sys::monotonic_ns(),
+            taken_ns: std::sync::atomic::AtomicU64::new(0),
             bridge: Arc::clone(&self.bridge),
             waker: AtomicWaker::new(),
             room: tokio::sync::Notify::new(),
@@ -72,6 +74,10 @@ impl tower::Service<Request> for Asgi {
 
 /// One call's state.
 pub(super) struct CallState {
+    /// When it was queued for the app ([`crate::sys::monotonic_ns`]).
+    queued_ns: u64,
+    /// When the app's side took it.
+    taken_ns: std::sync::atomic::AtomicU64,
     bridge: Arc<Bridge>,
     /// The runtime's side: the service's future, then the response body.
     waker: AtomicWaker,
@@ -110,6 +116,9 @@ struct Inner {
     out_done: bool,
     /// The app failed: its traceback.
     failed: Option<String>,
+    /// Shed, having waited this long in the queue (ns): answered 503, the
+    /// app never called.
+    shed: Option<u64>,
     /// The app's call has returned.
     finished: bool,
     forwarder: Option<tokio::task::AbortHandle>,
@@ -133,6 +142,23 @@ enum Waiting {
 impl CallState {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When it was queued for the app.
+    pub(super) fn queued_ns(&self) -> u64 {
+        self.queued_ns
+    }
+
+    /// The app's side takes it at `now_ns`.
+    pub(super) fn taken(&self, now_ns: u64) {
+        self.taken_ns
+            .store(now_ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// It is shed, having waited `waited_ns`: the runtime answers it.
+    pub(super) fn shed(&self, waited_ns: u64) {
+        self.lock().shed = Some(waited_ns);
+        self.waker.wake();
     }
 
     /// Wakes the app's `receive` or `send`, if it waits: on the event
@@ -784,6 +810,12 @@ impl Future for Answer {
         let state = Arc::clone(&side.0);
         state.waker.register(cx.waker());
         let mut inner = state.lock();
+        if let (Some(waited), Some(shedder)) = (inner.shed, &state.bridge.shed) {
+            let body_left = !inner.body_done;
+            drop(inner);
+            self.side = None;
+            return Poll::Ready(Ok(shedder.answer_taken(waited, body_left)));
+        }
         if inner.start.is_none() || !inner.flushed {
             if let Some(why) = inner.failed.take() {
                 return Poll::Ready(Err(
@@ -796,6 +828,10 @@ impl Future for Answer {
             return Poll::Pending;
         };
         inner.head_taken = true;
+        if let Some(shedder) = &state.bridge.shed {
+            let taken = state.taken_ns.load(std::sync::atomic::Ordering::Relaxed);
+            shedder.served(crate::sys::monotonic_ns().saturating_sub(taken));
+        }
         let body = if inner.out_done && inner.out.len() <= 1 {
             // The whole body came with the head: one buffer, and the
             // call is over for the runtime.

@@ -80,9 +80,28 @@ pub(crate) struct Bridge {
     closed: AtomicBool,
     /// The worker drains (a reload, a stop, its request limit).
     draining: AtomicBool,
+    /// Sheds calls that waited too long in this queue (`--max-queue-time`).
+    shed: Option<crate::http::shed::Shedder>,
 }
 
 impl Bridge {
+    /// Whether `call`, taken by the app's side now, is shed for having
+    /// waited too long in the queue: then the runtime answers it 503, and
+    /// the app never sees it.
+    fn shed_if_late(&self, call: &Arc<call::CallState>) -> bool {
+        let now = crate::sys::monotonic_ns();
+        call.taken(now);
+        let Some(shedder) = &self.shed else {
+            return false;
+        };
+        let waited = now.saturating_sub(call.queued_ns());
+        if !shedder.decide_taken(now, waited) {
+            return false;
+        }
+        call.shed(waited);
+        true
+    }
+
     /// Queues `wake` for the Python thread, waking it if the queue was
     /// empty.
     fn post(&self, wake: Wake) {
@@ -128,6 +147,9 @@ impl Inbox {
             let mut calls = bridge.calls.lock().ok()?;
             loop {
                 if let Some(call) = calls.pop_front() {
+                    if bridge.shed_if_late(&call) {
+                        continue;
+                    }
                     return Some(call::Call::new(call));
                 }
                 if bridge.closed.load(Ordering::Relaxed) {
@@ -159,6 +181,7 @@ impl Inbox {
         let list = PyList::empty(py);
         for wake in taken {
             let (kind, object): (u8, Bound<'py, PyAny>) = match wake {
+                Wake::New(c) if self.0.shed_if_late(&c) => continue,
                 Wake::New(c) => (0, call::Call::new(c).into_pyobject(py)?.into_any()),
                 Wake::Resume(c) => (1, call::Call::new(c).into_pyobject(py)?.into_any()),
                 Wake::Shutdown(d) => (2, DoneRef(d).into_pyobject(py)?.into_any()),
@@ -234,6 +257,10 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
         called: std::sync::Condvar::new(),
         closed: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        shed: spec
+            .settings
+            .max_queue_time()
+            .map(crate::http::shed::Shedder::new),
     });
     let (started, alive, stopped, ticking) = (
         Arc::clone(&bridge),
