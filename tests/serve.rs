@@ -805,6 +805,12 @@ fn every_zdr_variable_reaches_its_setting() {
             "\"json\"".into(),
         ),
         (
+            "ZDR_INTERFACE",
+            "WSGI".into(),
+            "interface",
+            "\"wsgi\"".into(),
+        ),
+        (
             "ZDR_PROC_NAME",
             "shop".into(),
             "proc_name",

@@ -371,5 +371,7 @@ class Runner:
             for task in list(self.tasks):
                 task.cancel()
         finally:
+            # Before zdr hears the shutdown is done (the worker then exits).
+            at_exit()
             done.set()
             self.loop.stop()

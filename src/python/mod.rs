@@ -401,10 +401,6 @@ fn run(
         bridge.alive.store(false, Ordering::Relaxed);
         ran?;
         event_loop.call_method0("close")?;
-        // The worker ends without finalising the interpreter (its other
-        // threads may still hold the GIL): what the app registered to run
-        // at exit runs now, and what it printed is flushed.
-        glue.call_method0("at_exit")?;
         Ok(Ok(()))
     });
     let outcome = outcome.unwrap_or_else(|e| Python::with_gil(|py| Err(describe(py, &e))));
