@@ -175,7 +175,7 @@ impl Master {
         if settings.preload && !settings.app.is_empty() {
             #[cfg(feature = "python")]
             {
-                resources.python = Some(self.start_loader(&settings)?);
+                resources.python = Some(self.start_loader(&settings, &[])?);
             }
         } else if settings.preload {
             let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
@@ -192,9 +192,13 @@ impl Master {
 
     /// Starts the loader of a generation that preloads a Python app: it
     /// keeps the generation's listeners and the handoff queue, and none of
-    /// the master's other descriptors.
+    /// the master's other descriptors (nor `also_close`).
     #[cfg(feature = "python")]
-    fn start_loader(&self, settings: &Arc<Settings>) -> anyhow::Result<super::loader::PyLoader> {
+    fn start_loader(
+        &self,
+        settings: &Arc<Settings>,
+        also_close: &[std::os::fd::RawFd],
+    ) -> anyhow::Result<super::loader::PyLoader> {
         use std::os::fd::AsRawFd;
         let mut keep: Vec<std::os::fd::RawFd> = self
             .listeners
@@ -205,6 +209,7 @@ impl Master {
         keep.extend(self.handoff.iter().flat_map(crate::handoff::Pair::raw_fds));
         let mut close = self.own_fds();
         close.retain(|fd| !keep.contains(fd));
+        close.extend_from_slice(also_close);
         super::loader::PyLoader::start(super::loader::LoaderParts {
             settings: Arc::clone(settings),
             board: Arc::clone(&self.board),
@@ -220,12 +225,15 @@ impl Master {
     /// Starts a worker of generation `id` through its loader, when it has
     /// one; gives `stderr` back when it has none. A loader found gone (the
     /// kernel's OOM killer picks large processes) is started again, which
-    /// imports the app again, as a worker that is not preloaded would.
+    /// imports the app again, as a worker that is not preloaded would;
+    /// `output` (the master's end of the worker's stderr) is not its to
+    /// keep.
     pub(super) fn spawn_by_loader(
         &mut self,
         id: u64,
         spec: &crate::boot::WorkerSpec,
         stderr: std::os::fd::OwnedFd,
+        output: std::os::fd::RawFd,
     ) -> Result<std::io::Result<nix::unistd::Pid>, std::os::fd::OwnedFd> {
         #[cfg(feature = "python")]
         if let Some(resources) = self.generations.get(id) {
@@ -242,17 +250,20 @@ impl Master {
                     resources.settings.app
                 );
                 let settings = Arc::clone(&resources.settings);
-                return Ok(match self.start_loader(&settings) {
-                    Ok(loader) => {
-                        let spawned = loader.spawn(spec, &stderr);
-                        self.generations.set_loader(id, loader);
-                        spawned
-                    }
-                    Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
-                });
+                use std::os::fd::AsRawFd;
+                return Ok(
+                    match self.start_loader(&settings, &[output, stderr.as_raw_fd()]) {
+                        Ok(loader) => {
+                            let spawned = loader.spawn(spec, &stderr);
+                            self.generations.set_loader(id, loader);
+                            spawned
+                        }
+                        Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+                    },
+                );
             }
         }
-        let _ = (id, spec);
+        let _ = (id, spec, output);
         Err(stderr)
     }
 

@@ -84,7 +84,7 @@ impl Master {
                 )));
             }
         };
-        let result = match self.spawn_by_loader(id, &spec, stderr) {
+        let result = match self.spawn_by_loader(id, &spec, stderr, output.fd().as_raw_fd()) {
             Ok(spawned) => spawned,
             Err(stderr) => match app {
                 Some(app) => {
