@@ -37,7 +37,8 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Serve(ServeArgs),
     /// Validate the configuration and print the effective settings, without
-    /// binding anything. With --load-app, also run the app's load step.
+    /// binding anything. With --load-app, also run the app's load step (a
+    /// Python app: import it).
     #[command(allow_negative_numbers = true)]
     Check {
         #[command(flatten)]
@@ -405,6 +406,23 @@ pub(crate) fn main(
                     return fail(&format!(
                         "the command's program {program:?} is not an executable file or on PATH"
                     ));
+                }
+            } else if load_app && !settings.app.is_empty() {
+                // A Python app is imported here, as a worker (or a
+                // `--preload` loader) would import it.
+                #[cfg(feature = "python")]
+                {
+                    if let Some(dir) = &settings.chdir {
+                        if let Err(e) = std::env::set_current_dir(dir) {
+                            return fail(&format!(
+                                "cannot change to directory {}: {e}",
+                                dir.display()
+                            ));
+                        }
+                    }
+                    if let Err(why) = crate::python::preload::import(&settings) {
+                        return fail(&format!("the app failed to load: {why}"));
+                    }
                 }
             } else if load_app {
                 if let Err(e) = loader() {

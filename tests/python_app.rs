@@ -1255,3 +1255,26 @@ def app(environ, start_response):
     assert_eq!(after.status, 200, "{after:?}");
     assert_eq!(after.pid(), first.pid(), "the worker serves on");
 }
+
+/// `zdr check --load-app` imports a Python app as a worker would: code
+/// that cannot import fails the check with its traceback (before a
+/// deploy, not at the reload); code that imports passes.
+#[test]
+fn check_load_app_imports_a_python_app() {
+    let dir = TempDir::new("check-app");
+    let chdir = dir.0.to_string_lossy().into_owned();
+    write_file(
+        &dir.path("app.py"),
+        "async def app(scope, receive, send)\n    pass\n",
+    );
+    let out = Launch::raw(&["check", "--load-app", "--chdir", &chdir, "app:app"]).output();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    assert!(said.contains("app.py"), "{said}");
+    write_app(&dir.0, "1");
+    let out = Launch::raw(&["check", "--load-app", "--chdir", &chdir, "app:app"]).output();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("configuration OK"), "{said}");
+}
