@@ -1278,3 +1278,63 @@ fn check_load_app_imports_a_python_app() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("configuration OK"), "{said}");
 }
+
+/// A load balancer's pool in front of a preloaded Python app: 2,000 idle
+/// keep-alive connections, opened before a reload of new code (with
+/// keep-alive and new-connection load beside them). Not one is closed
+/// without an answer: each connection's next request is answered by the
+/// new generation.
+#[test]
+fn a_pool_of_idle_connections_outlives_reloads_of_a_preloaded_app() {
+    use common::idle::Pool;
+    const N: usize = 2000;
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        let want = (2 * N as u64 + 1024).min(hard);
+        if soft < want {
+            setrlimit(Resource::RLIMIT_NOFILE, want, hard).expect("setrlimit");
+        }
+    }
+    let dir = TempDir::new("py-pool");
+    write_app(&dir.0, "1");
+    let connections = (N + 100).to_string();
+    let server = serve_app(
+        &dir,
+        &[
+            "--workers",
+            "3",
+            "--preload",
+            "--keep-alive",
+            "300",
+            "--worker-connections",
+            &connections,
+        ],
+        "app:app",
+        None,
+    );
+    let old = server.wait_generation_ready(1, 3);
+    let rt = runtime();
+    let mut pool = rt.block_on(Pool::open(server.addr(), N));
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    write_app(&dir.0, "2");
+    let (ok, said) = reload(&server);
+    assert!(ok, "{said}");
+    server.wait_generation_ready(2, 3);
+    assert!(
+        wait_until(Duration::from_secs(120), || old.iter().all(|p| !alive(*p))),
+        "the old workers linger"
+    );
+    let round = rt.block_on(pool.round());
+    round.assert_all_answered("reload", N);
+    assert_eq!(
+        round.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![2],
+        "{round:?}"
+    );
+    let report = rt.block_on(load.stop());
+    assert_eq!(report.failed, 0, "the load beside: {:?}", report.failures);
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=2"), "{reply:?}");
+}
