@@ -2,7 +2,6 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -301,12 +300,8 @@ fn split_words(line: &str) -> Vec<String> {
 
 /// The whole program: worker mode when the master started this process as
 /// a worker, else the command line.
-pub(crate) fn main(
-    name: &str,
-    version: Option<&str>,
-    loader: Loader,
-    args: Vec<OsString>,
-) -> ExitCode {
+pub(crate) fn main(name: &str, version: Option<&str>, loader: Loader, args: Vec<OsString>) -> u8 {
+    crate::sys::take_executable_env();
     if let Some(code) = crate::worker::main_if_worker(&loader) {
         return code;
     }
@@ -323,7 +318,7 @@ pub(crate) fn main(
             let mut command = clap_command(name, version, program.as_ref());
             let bin = command.get_name().to_owned();
             clap_complete::generate(shell, &mut command, bin, &mut std::io::stdout());
-            ExitCode::SUCCESS
+            0
         }
         Command::Man { subcommand } => {
             let mut command = clap_command(name, version, program.as_ref());
@@ -344,9 +339,9 @@ pub(crate) fn main(
                 }
             };
             match clap_mangen::Man::new(page).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => 0,
                 // Read by a pager or `head` that stopped early.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
                 Err(e) => fail(&e),
             }
         }
@@ -420,7 +415,7 @@ pub(crate) fn main(
                             ));
                         }
                     }
-                    if let Err(why) = crate::python::preload::import(&settings) {
+                    if let Err(why) = crate::python::preload::import(&settings, 0, 0) {
                         return fail(&format!("the app failed to load: {why}"));
                     }
                 }
@@ -435,7 +430,7 @@ pub(crate) fn main(
                 Ok(text) => {
                     print!("{text}");
                     eprintln!("configuration OK");
-                    ExitCode::SUCCESS
+                    0
                 }
                 Err(e) => fail(&e),
             }
@@ -445,11 +440,11 @@ pub(crate) fn main(
 
 /// `zdr serve`: resolves the settings, takes the working directory and
 /// the umask, starts the logs and runs the master.
-fn serve(name: &str, args: ServeArgs, loader: Loader, args_for_upgrade: Vec<OsString>) -> ExitCode {
+fn serve(name: &str, args: ServeArgs, loader: Loader, args_for_upgrade: Vec<OsString>) -> u8 {
     let mut sources = args.sources();
     // Before anything is bound or taken from the environment: the master
     // re-executes itself once, in place, under its process title.
-    if let (Ok(settings), Ok(exe)) = (sources.load(), std::env::current_exe()) {
+    if let (Ok(settings), Ok(exe)) = (sources.load(), crate::sys::current_exe()) {
         let name = settings.proc_name.as_deref().unwrap_or(name);
         crate::master::title::retitle(&exe, name, &args_for_upgrade);
     }
@@ -495,16 +490,16 @@ fn runnable(program: &str) -> bool {
 }
 
 /// Runs an operator command against the server these arguments describe.
-fn operate(args: TargetArgs, command: crate::client::Command) -> ExitCode {
+fn operate(args: TargetArgs, command: crate::client::Command) -> u8 {
     match args.sources().load() {
         Ok(settings) => crate::client::run(&settings, command),
         Err(e) => fail(&e),
     }
 }
 
-fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+fn fail(e: &dyn std::fmt::Display) -> u8 {
     eprintln!("zdr: error: {e}");
-    ExitCode::FAILURE
+    1
 }
 
 #[cfg(test)]

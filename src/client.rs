@@ -3,7 +3,6 @@
 //! control socket and, where that makes sense, fall back to a signal to the
 //! pid in the pidfile.
 
-use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::Settings;
@@ -32,10 +31,10 @@ pub(crate) enum Command {
 }
 
 /// Runs one command against the server that `settings` describe.
-pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
+pub(crate) fn run(settings: &Settings, command: Command) -> u8 {
     let Some(path) = control::socket_path(settings) else {
         eprintln!("zdr: error: the server binds an ephemeral port (:0); name it with --pid or --control-socket");
-        return ExitCode::FAILURE;
+        return 1;
     };
     let (request, timeout) = match &command {
         Command::Status { .. } => (Request::Status, Duration::from_secs(10)),
@@ -80,7 +79,7 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
                     eprintln!(
                         "zdr: error: the master (pid {pid}) said it stopped but is still running after {timeout:?}"
                     );
-                    return ExitCode::FAILURE;
+                    return 1;
                 }
             }
             r
@@ -90,7 +89,7 @@ pub(crate) fn run(settings: &Settings, command: Command) -> ExitCode {
                 || e.kind() == std::io::ErrorKind::TimedOut =>
         {
             eprintln!("zdr: error: no answer from the server within {timeout:?}");
-            return ExitCode::FAILURE;
+            return 1;
         }
         Err(e) => {
             let why = match e.kind() {
@@ -214,7 +213,7 @@ fn gone_within(pid: u32, left: Duration) -> bool {
     }
 }
 
-fn report(command: &Command, response: &Response) -> ExitCode {
+fn report(command: &Command, response: &Response) -> u8 {
     match (command, &response.status) {
         (Command::Status { json: true }, Some(status)) => {
             match serde_json::to_string_pretty(status) {
@@ -227,15 +226,15 @@ fn report(command: &Command, response: &Response) -> ExitCode {
         _ => eprintln!("zdr: error: {}", response.message),
     }
     if response.ok {
-        ExitCode::SUCCESS
+        0
     } else {
-        ExitCode::FAILURE
+        1
     }
 }
 
 /// Without a control socket: signals via the pidfile, for the commands a
 /// signal can carry.
-fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
+fn fallback(settings: &Settings, command: &Command, why: &str) -> u8 {
     use nix::sys::signal::Signal;
     let signal = match command {
         Command::Reload {
@@ -253,7 +252,7 @@ fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
         } => Signal::SIGQUIT,
         _ => {
             eprintln!("zdr: error: {why}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     let pid = settings
@@ -263,18 +262,18 @@ fn fallback(settings: &Settings, command: &Command, why: &str) -> ExitCode {
         .and_then(|t| t.trim().parse::<i32>().ok());
     let Some(pid) = pid else {
         eprintln!("zdr: error: {why}, and no pidfile to signal");
-        return ExitCode::FAILURE;
+        return 1;
     };
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
         Ok(()) => {
             println!(
                 "sent {signal} to {pid} (from the pidfile; the control socket did not answer)"
             );
-            ExitCode::SUCCESS
+            0
         }
         Err(e) => {
             eprintln!("zdr: error: {why}; signalling pid {pid} failed: {e}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

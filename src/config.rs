@@ -660,8 +660,8 @@ pub struct Options {
 
     /// Serve a Python app in-process, named as uvicorn and Gunicorn name it:
     /// MODULE:APP (`main:app`: the object `app` in `main.py`, imported from the
-    /// working directory); ASGI, or WSGI in `--threads` threads. Needs a zdr
-    /// built with the `python` feature.
+    /// working directory); ASGI, or WSGI in `--threads` threads. Needs the
+    /// wheel's zdr (`pip install zdr`) or one built with the `python` feature.
     #[arg(value_name = "MODULE:APP")]
     pub app: Option<String> => r#""main:app""#,
 

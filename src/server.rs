@@ -173,6 +173,13 @@ impl<S: Send + Sync + 'static> Server<S> {
     /// As [`Server::run`], with the arguments given (the first is the
     /// program name).
     pub fn run_with_args(self, args: Vec<std::ffi::OsString>) -> ExitCode {
+        ExitCode::from(self.run_for_status(args))
+    }
+
+    /// As [`Server::run_with_args`], returning the exit status as a number,
+    /// for a host that ends the process itself (the Python wheel's
+    /// extension module, which exits without finalising its interpreter).
+    pub fn run_for_status(self, args: Vec<std::ffi::OsString>) -> u8 {
         let name = self.name.clone();
         let version = self.version.clone();
         let loader = self.into_loader();

@@ -42,7 +42,7 @@ pub(crate) fn exec_in_place(exe: &std::path::Path, args: &[std::ffi::OsString]) 
 /// have: a process started through `/proc/self/fd/N` is otherwise named
 /// `N`.
 pub(crate) fn name_after_executable() {
-    if let Ok(exe) = std::env::current_exe() {
+    if let Ok(exe) = current_exe() {
         set_comm(&comm_of(&exe));
     }
 }
@@ -100,6 +100,38 @@ pub(crate) fn release_free_memory() {
     // own free lists under its locks; any thread may call it at any time.
     unsafe {
         nix::libc::malloc_trim(0);
+    }
+}
+
+/// The variable a host names the program's executable in (see
+/// [`current_exe`]).
+pub(crate) const EXECUTABLE_ENV: &str = "ZDR_EXECUTABLE";
+
+/// What [`EXECUTABLE_ENV`] said when the program started.
+static EXECUTABLE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Takes [`EXECUTABLE_ENV`] out of the environment, kept for
+/// [`current_exe`]: what this process starts (a command, its children)
+/// does not inherit it. Called first thing, while the process is
+/// single-threaded.
+pub(crate) fn take_executable_env() {
+    let named = std::env::var_os(EXECUTABLE_ENV)
+        .filter(|exe| !exe.is_empty())
+        .map(std::path::PathBuf::from);
+    if named.is_some() {
+        std::env::remove_var(EXECUTABLE_ENV);
+    }
+    let _ = EXECUTABLE.set(named);
+}
+
+/// The executable that runs this program, to re-execute and to start
+/// workers from: the one its host named in `ZDR_EXECUTABLE` (the Python
+/// wheel's console script: `/proc/self/exe` would name the base
+/// interpreter, which loses the virtualenv), else the running image.
+pub(crate) fn current_exe() -> std::io::Result<std::path::PathBuf> {
+    match EXECUTABLE.get() {
+        Some(Some(exe)) => Ok(exe.clone()),
+        _ => std::env::current_exe(),
     }
 }
 

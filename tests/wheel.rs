@@ -1,7 +1,9 @@
 //! `pip install zdr`: the wheel maturin builds from `packaging/python`,
 //! installed in a fresh virtualenv with FastAPI and uvicorn, serves a
-//! FastAPI app through the venv's own `zdr`, reloads new code under load
-//! without a failed request, and stops leaving no process behind.
+//! FastAPI app through the venv's own `zdr`, in front of uvicorn and in
+//! process (`zdr serve --preload main:app`, with the venv's packages),
+//! reloads new code under load without a failed request, and stops
+//! leaving no process behind.
 
 mod common;
 
@@ -64,7 +66,8 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
         .expect("a wheel");
     let name = wheel.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
-        name.starts_with(&format!("zdr-{}-py3-none-", env!("CARGO_PKG_VERSION"))),
+        // One wheel for every CPython 3.9 and later (the stable ABI).
+        name.starts_with(&format!("zdr-{}-cp39-abi3-", env!("CARGO_PKG_VERSION"))),
         "{name}"
     );
 
@@ -144,10 +147,17 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
     .env("PATH", &path)
     .start();
     server.wait_generation_ready(1, 2);
+    // The master is the venv's interpreter running the venv's zdr.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.pid)).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&zdr.display().to_string()),
+        "the master runs the venv's zdr: {cmdline}"
+    );
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/exe", server.pid)).unwrap(),
-        zdr,
-        "the master runs the venv's zdr"
+        std::fs::canonicalize(bin.join("python")).unwrap(),
+        "the master runs the venv's interpreter"
     );
     let reply = server.get("/");
     assert_eq!(reply.status, 200);
@@ -190,6 +200,67 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
         !processes_naming(&venv_text).is_empty(),
         "uvicorn runs from the venv"
     );
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{}", server.log_text());
+    let gone = wait_until(Duration::from_secs(30), || {
+        processes_naming(&venv_text).is_empty()
+    });
+    assert!(gone, "left behind: {:?}", processes_naming(&venv_text));
+
+    // The same app in-process, preloaded, with the venv's packages (no
+    // VIRTUAL_ENV: the venv's own interpreter runs it).
+    let server = Launch::serve(&[
+        "--workers",
+        "2",
+        "--preload",
+        "--chdir",
+        app.to_str().unwrap(),
+        "main:app",
+    ])
+    .exe(&zdr)
+    .env("PATH", &path)
+    .start();
+    let workers = server.wait_generation_ready(1, 2);
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.contains("version=two"), "{}", reply.body);
+    assert!(
+        reply.body.contains("generation=1"),
+        "the generation, read at import: {}",
+        reply.body
+    );
+    assert!(workers.contains(&reply.pid()), "a worker answers itself");
+    let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
+    load.wait_for_more(50);
+    write_file(
+        &app.join("main.py"),
+        &source.replace("\"one\"", "\"three\""),
+    );
+    let out = Command::new(&zdr)
+        .args(["reload", "--wait", "--timeout", "120", "--control-socket"])
+        .arg(server.control_socket())
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reload: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    load.wait_for_generation(2, 50);
+    let report = rt.block_on(load.stop());
+    eprintln!(
+        "in-process: {} requests ok, {} failed",
+        report.ok, report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=three"), "{}", reply.body);
+    assert!(reply.body.contains("generation=2"), "{}", reply.body);
     let mut server = server;
     server.signal(Signal::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(60));

@@ -175,7 +175,7 @@ impl Master {
         if settings.preload && !settings.app.is_empty() {
             #[cfg(feature = "python")]
             {
-                resources.python = Some(self.start_loader(&settings, &[])?);
+                resources.python = Some(self.start_loader(id, &settings, &[])?);
             }
         } else if settings.preload {
             let app = (self.loader)().map_err(|e| e.context("the app failed to load"))?;
@@ -196,6 +196,7 @@ impl Master {
     #[cfg(feature = "python")]
     fn start_loader(
         &self,
+        id: u64,
         settings: &Arc<Settings>,
         also_close: &[std::os::fd::RawFd],
     ) -> anyhow::Result<super::loader::PyLoader> {
@@ -218,6 +219,7 @@ impl Master {
             close,
             app_loader: &self.loader,
             master_pid: self.pid,
+            generation: id,
         })
         .map_err(|why| anyhow::anyhow!("{why}"))
     }
@@ -252,7 +254,7 @@ impl Master {
                 let settings = Arc::clone(&resources.settings);
                 use std::os::fd::AsRawFd;
                 return Ok(
-                    match self.start_loader(&settings, &[output, stderr.as_raw_fd()]) {
+                    match self.start_loader(id, &settings, &[output, stderr.as_raw_fd()]) {
                         Ok(loader) => {
                             let spawned = loader.spawn(spec, &stderr);
                             self.generations.set_loader(id, loader);

@@ -71,6 +71,8 @@ pub(crate) struct LoaderParts<'a> {
     pub(crate) close: Vec<RawFd>,
     pub(crate) app_loader: &'a AppLoader,
     pub(crate) master_pid: u32,
+    /// The generation it loads for.
+    pub(crate) generation: u64,
 }
 
 impl PyLoader {
@@ -89,7 +91,7 @@ impl PyLoader {
         let before = spawn::hold_signals();
         // SAFETY: the master runs no threads of its own, so the child is a
         // complete copy and may run any code.
-        let forked = unsafe { nix::unistd::fork() };
+        let forked = unsafe { preload::fork_process() };
         if !matches!(forked, Ok(ForkResult::Child)) {
             spawn::release_signals(&before);
         }
@@ -264,7 +266,7 @@ fn run(parts: LoaderParts<'_>, sock: OwnedFd) -> ! {
     std::env::remove_var("NOTIFY_SOCKET");
     let comm = nix::sys::prctl::get_name().ok();
     let _ = nix::sys::prctl::set_name(c"zdr-loader");
-    let imported = match preload::import(&parts.settings) {
+    let imported = match preload::import(&parts.settings, parts.generation, parts.master_pid) {
         Ok(imported) => imported,
         Err(why) => {
             let _ = say(&sock, FAILED, &why);

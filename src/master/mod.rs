@@ -43,7 +43,6 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -118,7 +117,7 @@ pub(crate) fn serve(
     settings: Settings,
     loader: Loader,
     args: Vec<OsString>,
-) -> ExitCode {
+) -> u8 {
     let inputs = Inputs {
         name,
         sources,
@@ -131,13 +130,13 @@ pub(crate) fn serve(
         None => Master::start(inputs, settings),
     };
     match master {
-        Ok((master, first)) => ExitCode::from(master.run(first)),
+        Ok((master, first)) => master.run(first),
         Err(e) => {
             error!(
                 event = crate::logging::LogEvent::MasterError.name(),
                 "{e:#}"
             );
-            ExitCode::FAILURE
+            1
         }
     }
 }
@@ -208,7 +207,7 @@ impl Master {
         let now = Instant::now();
         let base = Base {
             machine: Machine::new(settings.workers, 1, now),
-            exe: std::env::current_exe()?,
+            exe: crate::sys::current_exe()?,
             listeners,
             generations: Generations::default(),
             board: Arc::new(Scoreboard::create()?),

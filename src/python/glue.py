@@ -88,10 +88,14 @@ def install_module():
     """Makes `import zdr` give the app its worker (`zdr.worker`)."""
     import types
 
-    module = types.ModuleType("zdr", "The zdr worker this app runs in: zdr.worker.")
+    # The wheel's own `zdr` package, when zdr runs from it; else a module
+    # made here.
+    module = sys.modules.get("zdr")
+    if module is None:
+        module = types.ModuleType("zdr", "The zdr worker this app runs in: zdr.worker.")
+        sys.modules["zdr"] = module
     module.worker = WORKER
     module.Worker = Worker
-    sys.modules["zdr"] = module
 
 
 def make_loop():

@@ -237,6 +237,15 @@ pub(crate) fn load(spec: &WorkerSpec) -> anyhow::Result<LoadedApp> {
 pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<LoadedApp> {
     let name = spec.settings.app.clone();
     let source = Arc::new(Mutex::new(Some(source)));
+    // What the app reads from `os.environ`: `raw_env` and the worker's
+    // identity (an interpreter that was running before the worker set
+    // them, as the wheel's or a loader's, has not seen them).
+    let mut env = spec.settings.raw_env.clone();
+    env.extend([
+        ("ZDR_WORKER_ID".to_owned(), spec.slot.to_string()),
+        ("ZDR_GENERATION".to_owned(), spec.generation.to_string()),
+        ("ZDR_MASTER_PID".to_owned(), spec.master_pid.to_string()),
+    ]);
     // The worker's identity, as a command's worker gives its command (the
     // worker is still single-threaded here).
     for (key, value) in [
@@ -285,7 +294,7 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
         // The scope's `client` and `scheme`.
         client_info: true,
         make_service: Box::new(move || {
-            let (bridge, name) = (Arc::clone(&started), name.clone());
+            let (bridge, name, env) = (Arc::clone(&started), name.clone(), env.clone());
             let source = source.lock().ok().and_then(|mut s| s.take());
             Box::pin(async move {
                 let source =
@@ -295,7 +304,9 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
                 std::thread::Builder::new()
                     .name("zdr-python".to_owned())
                     .spawn(move || {
-                        run(&name, source, &thread, tick_every, threads, interface, tx)
+                        run(
+                            &name, source, &env, &thread, tick_every, threads, interface, tx,
+                        )
                     })?;
                 match rx.await {
                     Ok(Ok(())) => {
@@ -355,9 +366,11 @@ pub(crate) fn load_from(spec: &WorkerSpec, source: Source) -> anyhow::Result<Loa
 /// The Python thread: imports the app (unless preloaded), runs its
 /// startup, tells `started` how that went, then runs the event loop until
 /// the shutdown stops it.
+#[allow(clippy::too_many_arguments)]
 fn run(
     name: &str,
     source: Source,
+    env: &[(String, String)],
     bridge: &Arc<Bridge>,
     tick_every: f64,
     threads: usize,
@@ -365,7 +378,11 @@ fn run(
     started: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     let mut started = Some(started);
+    // Starts the interpreter in a worker of the binary (the Python that
+    // hosts the wheel's extension module has one already).
+    pyo3::prepare_freethreaded_python();
     let outcome = Python::with_gil(|py| -> PyResult<Result<(), String>> {
+        export_env(py, env)?;
         let (glue, app) = match source {
             Source::Import(name) => {
                 let glue = prepare(py)?;
@@ -414,6 +431,15 @@ fn run(
         ),
         (None, Ok(())) => {}
     }
+}
+
+/// Sets `pairs` in `os.environ` (and so in the process's environment).
+fn export_env(py: Python<'_>, pairs: &[(String, String)]) -> PyResult<()> {
+    let environ = py.import("os")?.getattr("environ")?;
+    for (key, value) in pairs {
+        environ.set_item(key, value)?;
+    }
+    Ok(())
 }
 
 /// Imports `name` (`MODULE:APP`) with the glue's `load`: the app, or why

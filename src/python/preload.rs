@@ -34,17 +34,23 @@ pub(crate) struct Imported {
     glue: Py<PyModule>,
 }
 
-/// Imports the app `settings` names, in the loader: its `raw_env` set
-/// first, the working directory and an active virtualenv importable, the
+/// Imports the app `settings` names, in the loader (of `generation`): its
+/// `raw_env` set first, the working directory and an active virtualenv importable, the
 /// collector off during the import and what it made frozen after. Returns
 /// why not (with the traceback) when it fails.
-pub(crate) fn import(settings: &Settings) -> Result<Imported, String> {
-    // The loader is single-threaded: changing its environment is safe, and
-    // the interpreter, started below, reads it.
-    for (key, value) in &settings.raw_env {
-        std::env::set_var(key, value);
-    }
+pub(crate) fn import(
+    settings: &Settings,
+    generation: u64,
+    master_pid: u32,
+) -> Result<Imported, String> {
+    pyo3::prepare_freethreaded_python();
     Python::with_gil(|py| -> PyResult<Result<Imported, String>> {
+        // What the import may read: `raw_env`, and the generation and
+        // master (not the worker: the loader forks them all).
+        let mut env = settings.raw_env.clone();
+        env.push(("ZDR_GENERATION".to_owned(), generation.to_string()));
+        env.push(("ZDR_MASTER_PID".to_owned(), master_pid.to_string()));
+        super::export_env(py, &env)?;
         let gc = py.import("gc")?;
         gc.call_method0("disable")?;
         let glue = super::prepare(py)?;
@@ -59,6 +65,35 @@ pub(crate) fn import(settings: &Settings) -> Result<Imported, String> {
         }))
     })
     .unwrap_or_else(|e| Python::with_gil(|py| Err(super::describe(py, &e))))
+}
+
+/// Forks this process (a loader from its master) through the
+/// interpreter's fork hooks when the process has a running interpreter
+/// (the master the wheel's console script runs), plainly otherwise.
+///
+/// # Safety
+///
+/// As `fork`: the process runs no other thread that could hold a lock the
+/// child needs (the master runs none).
+pub(crate) unsafe fn fork_process() -> nix::Result<ForkResult> {
+    // SAFETY: a query of the interpreter's state, safe at any time.
+    if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
+        // SAFETY: the caller's.
+        return unsafe { nix::unistd::fork() };
+    }
+    Python::with_gil(|_py| {
+        // SAFETY: with the GIL, before a fork, as `os.fork()` calls it.
+        unsafe { pyo3::ffi::PyOS_BeforeFork() };
+        // SAFETY: the caller's.
+        let forked = unsafe { nix::unistd::fork() };
+        match forked {
+            // SAFETY: each side of a fork made after `PyOS_BeforeFork`,
+            // with the GIL.
+            Ok(ForkResult::Child) => unsafe { pyo3::ffi::PyOS_AfterFork_Child() },
+            _ => unsafe { pyo3::ffi::PyOS_AfterFork_Parent() },
+        }
+        forked
+    })
 }
 
 /// Which side of [`fork_worker`] this is.
@@ -150,19 +185,10 @@ pub(crate) fn wait_for_adoption(master: u32, bound: Duration) -> bool {
     true
 }
 
-/// The worker's app, from what the loader imported: the worker's identity
-/// in `os.environ` (read by the interpreter before it was forked), then
-/// the app as any worker runs it.
+/// The worker's app, from what the loader imported, as any worker runs it
+/// (its identity goes to `os.environ` on its Python thread).
 pub(crate) fn worker_app(spec: &WorkerSpec, imported: &Imported) -> anyhow::Result<LoadedApp> {
     let source = Python::with_gil(|py| -> PyResult<super::Source> {
-        let environ = py.import("os")?.getattr("environ")?;
-        for (key, value) in [
-            ("ZDR_WORKER_ID", spec.slot.to_string()),
-            ("ZDR_GENERATION", spec.generation.to_string()),
-            ("ZDR_MASTER_PID", spec.master_pid.to_string()),
-        ] {
-            environ.set_item(key, value)?;
-        }
         Ok(super::Source::Preloaded {
             app: imported.app.clone_ref(py),
             glue: imported.glue.clone_ref(py),

@@ -21,7 +21,6 @@ use accept::{accept_loop, sweep};
 use handoff::{balance, receive_handoffs, reclaim};
 use stop::{finish, wait_for_stop, Stop, StopSignals};
 
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +35,7 @@ use crate::scoreboard::{Doorbell, Scoreboard, Slot, SlotState};
 use crate::boot::{boot_dispositions, boot_failed, end_boot_dispositions, WorkerSpec, SPEC_ENV};
 
 /// Runs an exec'd worker if this process is one; `None` otherwise.
-pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
+pub(crate) fn main_if_worker(loader: &Loader) -> Option<u8> {
     let spec = std::env::var_os(SPEC_ENV)?;
     boot_dispositions();
     // The app's own child processes are not workers.
@@ -45,7 +44,7 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!("zdr: error: bad {SPEC_ENV}: {e}");
-            return Some(ExitCode::FAILURE);
+            return Some(1);
         }
     };
     if let Some(fd) = spec.exe_fd {
@@ -64,7 +63,7 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
     crate::sys::name_after_executable();
     if let Err(e) = crate::logging::init(&spec.settings) {
         eprintln!("zdr: error: {e}");
-        return Some(ExitCode::FAILURE);
+        return Some(1);
     }
     // SAFETY: the master passed these descriptors in the spec for this
     // worker to own; each is adopted once.
@@ -75,7 +74,7 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
                 event = crate::logging::LogEvent::WorkerTrouble.name(),
                 "worker cannot map the scoreboard: {e}"
             );
-            return Some(ExitCode::FAILURE);
+            return Some(1);
         }
     };
     // SAFETY: as above.
@@ -86,11 +85,11 @@ pub(crate) fn main_if_worker(loader: &Loader) -> Option<ExitCode> {
                 event = crate::logging::LogEvent::WorkerTrouble.name(),
                 "worker cannot open the doorbell: {e}"
             );
-            return Some(ExitCode::FAILURE);
+            return Some(1);
         }
     };
     let code = run(spec, Arc::new(board), bell, None, loader);
-    Some(ExitCode::from(code as u8))
+    Some(code as u8)
 }
 
 /// Runs a worker to completion and returns its exit code. `app` is the
