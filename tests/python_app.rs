@@ -586,8 +586,9 @@ fn a_wsgi_app_is_served_in_threads_and_reloads_under_load() {
     assert!(server.get("/").body.contains("version=2"));
 }
 
-/// A Flask app the same way: JSON both ways, and a reload of new code
-/// under load with nothing failed.
+/// A Flask app the same way, preloaded: JSON both ways, a reload of new
+/// code under load with nothing failed, and code that cannot import
+/// rolled back with its traceback.
 #[test]
 fn a_flask_app_reloads_new_code_under_load_with_nothing_failed() {
     let Some(venv) = fastapi_venv() else {
@@ -634,6 +635,20 @@ def echo():
         write_file(&dir.path("main.py"), &app.replace("VERSION_MARK", "2"))
     });
     assert!(server.get("/").body.contains("version=2"));
+
+    // New code that cannot import: rolled back, its traceback said, and
+    // generation 2 serves on.
+    write_file(
+        &dir.path("main.py"),
+        "from flask import Flask\napp = Flask(__name__\n",
+    );
+    let (ok, said) = reload(&server);
+    assert!(!ok, "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    assert!(said.contains("main.py"), "{said}");
+    let reply = server.get("/");
+    assert!(reply.body.contains("version=2"), "{reply:?}");
+    assert_eq!(reply.generation(), 2);
 }
 
 /// zdr's front holds for a Python app as for any: a body over
