@@ -580,11 +580,10 @@ impl Future for ConnFuture {
             }
         }
         let mut res = ready!(self.inner.as_mut().poll(cx));
-        let shed_by_app = res.extensions_mut().remove::<shed::ShedMark>().is_some();
         if let Some(q) = self.queued.take() {
-            if shed_by_app {
-                // Shed from the app's own queue (a Python app's), which
-                // sheds only when this worker does (`--max-queue-time`).
+            // Shed from the app's own queue (a Python app's), which sheds
+            // only when this worker does (`--max-queue-time`).
+            if res.extensions_mut().remove::<shed::ShedMark>().is_some() {
                 q.shared.board.count_shed();
             }
             q.answered();

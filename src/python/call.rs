@@ -163,7 +163,7 @@ impl CallState {
 
     /// Wakes the app's `receive` or `send`, if it waits: on the event
     /// loop (ASGI), or in a thread of its own (WSGI, blocked in
-    /// [`Call::receive_blocking`] or [`Call::body_blocking`]).
+    /// [`Call::read_body`] or [`Call::body_blocking`]).
     fn resume_app(self: &Arc<Self>, inner: &mut Inner) {
         inner.version = inner.version.wrapping_add(1);
         self.changed.notify_all();
@@ -421,21 +421,6 @@ impl Call {
         };
         environ(py, &head)
     }
-    /// The next message, waiting for it without the GIL (an app in a
-    /// thread of its own: WSGI).
-    fn receive_blocking<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        loop {
-            let seen = {
-                let mut inner = self.0.lock();
-                if let Some(message) = next_message(py, &self.0, &mut inner)? {
-                    return Ok(message);
-                }
-                inner.version
-            };
-            self.0.wait_change(py, seen);
-        }
-    }
-
     /// The head may go out without body bytes.
     fn flush(&self) {
         self.0.lock().flushed = true;
