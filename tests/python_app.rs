@@ -1065,7 +1065,8 @@ def get_cookies():
 /// scope's `extensions["zdr"]["worker"]`) and hears when it drains: a
 /// stream of events held open across a reload ends politely (its last
 /// event, then the end of the answer), rather than being cut at the
-/// graceful timeout; with `--preload` as without.
+/// graceful timeout; with `--preload` as without. The scope also says how
+/// long the connection has left under `--max-connection-age`.
 #[test]
 fn an_app_hears_its_worker_drain_and_ends_its_stream() {
     use std::io::{Read, Write};
@@ -1089,7 +1090,9 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body",
                     "body": f"data: bye, draining={worker.draining()}\n\n".encode()})
         return
-    text = f"pid={worker.pid} generation={worker.generation} draining={worker.draining()}\n"
+    left = scope["extensions"]["zdr"]["connection_expires_in"]
+    age = "none" if left is None else ("ok" if 0 < left <= 3600 else f"bad:{left}")
+    text = f"pid={worker.pid} generation={worker.generation} draining={worker.draining()} age={age}\n"
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": text.encode()})
 "#,
@@ -1097,7 +1100,7 @@ async def app(scope, receive, send):
     for preload in [false, true] {
         let mut args = vec!["--workers", "1", "--graceful-timeout", "300"];
         if preload {
-            args.push("--preload");
+            args.extend(["--preload", "--max-connection-age", "3600"]);
         }
         let server = serve_app(&dir, &args, "app:app", None);
         let reply = server.get("/");
@@ -1105,6 +1108,9 @@ async def app(scope, receive, send):
             reply.body.contains("generation=1 draining=False"),
             "{reply:?}"
         );
+        // The connection's age limit, when there is one.
+        let age = if preload { "ok" } else { "none" };
+        assert_eq!(field(&reply, "age"), age, "{reply:?}");
         let mut events = std::net::TcpStream::connect(server.addr()).expect("connect");
         events
             .set_read_timeout(Some(Duration::from_secs(120)))

@@ -733,7 +733,20 @@ fn scope<'py>(
     }
     scope.set_item("server", py.None())?;
     scope.set_item("state", state.copy()?)?;
-    scope.set_item("extensions", PyDict::new(py))?;
+    // zdr's extension: how long the connection has left before its age
+    // ends it (`--max-connection-age`), if it has a limit; the glue adds
+    // the worker.
+    let zdr = PyDict::new(py);
+    zdr.set_item(
+        "connection_expires_in",
+        client.and_then(|c| c.connection_expires).map(|at| {
+            at.saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+        }),
+    )?;
+    let extensions = PyDict::new(py);
+    extensions.set_item("zdr", zdr)?;
+    scope.set_item("extensions", extensions)?;
     Ok(scope)
 }
 

@@ -24,7 +24,9 @@ class Worker:
     scope's `extensions["zdr"]["worker"]`: its pid, generation and master,
     and whether it drains (a reload, a stop, its request limit), so that an
     app holding a long answer (a stream of events) can end it politely
-    rather than be cut at the graceful timeout."""
+    rather than be cut at the graceful timeout. (The scope's
+    `extensions["zdr"]["connection_expires_in"]` is the seconds its
+    connection has left under `--max-connection-age`, or None.)"""
 
     def __init__(self):
         self._inbox = None
@@ -237,7 +239,6 @@ class Runner:
         self.stopped = None
         loop.add_reader(wake_fd, self.on_wake)
         WORKER._bind(inbox, loop)
-        self.extension = {"worker": WORKER}
         # The ticker shows zdr the loop runs: one that stops (an app that
         # blocks it) for --timeout gets the worker aborted, and the
         # threads' Python stacks are written to the log first.
@@ -274,7 +275,7 @@ class Runner:
     async def serve(self, call):
         loop = self.loop
         scope = call.scope(self.state)
-        scope["extensions"]["zdr"] = self.extension
+        scope["extensions"]["zdr"]["worker"] = WORKER
 
         async def receive():
             message = call.receive()
