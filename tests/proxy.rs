@@ -828,36 +828,14 @@ fn a_browser_over_http2_keeps_every_cookie() {
     server.wait_ready();
     let profile = dir.path("profile");
     let url = format!("https://localhost:{}/set", server.port());
-    let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--ignore-certificate-errors",
-            &format!("--user-data-dir={}", profile.display()),
-            "--dump-dom",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    let json = dom
-        .find('{')
-        .and_then(|start| Some(&dom[start..=dom.rfind('}')?]))
-        .unwrap_or_else(|| {
-            panic!(
-                "no JSON in the page: {dom}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let seen: serde_json::Value = serde_json::from_str(&json.replace("&quot;", "\"")).unwrap();
+    let seen = browser_json(&url, &profile, &server.log_text());
     assert_eq!(
         seen["cookies"],
         serde_json::json!({"a": "1", "b": "2", "c": "3"}),
-        "{dom}"
+        "{seen}"
     );
-    assert_eq!(seen["fields"], 1, "{dom}");
-    assert_eq!(seen["proto"], "https", "{dom}");
+    assert_eq!(seen["fields"], 1, "{seen}");
+    assert_eq!(seen["proto"], "https", "{seen}");
     // It was HTTP/2 (the access log names the protocol).
     let access = wait_for_file_text(&dir.path("access.log"), "/get");
     assert!(access.contains("GET /get HTTP/2.0 200"), "{access}");

@@ -1026,38 +1026,15 @@ def get_cookies():
         );
         let profile = dir.path(&format!("profile-{}", app.replace(':', "-")));
         let url = format!("https://localhost:{}/set", server.port());
-        let out = std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--ignore-certificate-errors",
-                &format!("--user-data-dir={}", profile.display()),
-                "--dump-dom",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        let dom = String::from_utf8_lossy(&out.stdout);
-        let json = dom
-            .find('{')
-            .and_then(|start| Some(&dom[start..=dom.rfind('}')?]))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{app}: no JSON in the page: {dom}\n{}\n{}",
-                    String::from_utf8_lossy(&out.stderr),
-                    server.log_text()
-                )
-            });
-        let seen: serde_json::Value = serde_json::from_str(&json.replace("&quot;", "\"")).unwrap();
+        let seen = browser_json(&url, &profile, &format!("{app}:\n{}", server.log_text()));
         assert_eq!(
             seen["cookies"],
             serde_json::json!({"a": "1", "b": "2", "c": "3"}),
-            "{app}: {dom}"
+            "{app}: {seen}"
         );
-        assert_eq!(seen["fields"], 1, "{app}: {dom}");
-        assert_eq!(seen["scheme"], "https", "{app}: {dom}");
-        assert_eq!(seen["http"], http, "{app}: {dom}");
+        assert_eq!(seen["fields"], 1, "{app}: {seen}");
+        assert_eq!(seen["scheme"], "https", "{app}: {seen}");
+        assert_eq!(seen["http"], http, "{app}: {seen}");
     }
 }
 

@@ -23,6 +23,24 @@ fn run(what: &str, cmd: &mut Command) -> String {
     said
 }
 
+/// `zdr reload --wait` through the venv's `zdr` (with `path` as PATH),
+/// which must succeed.
+fn reload(zdr: &std::path::Path, path: &str, server: &Server) {
+    let out = Command::new(zdr)
+        .args(["reload", "--wait", "--timeout", "120", "--control-socket"])
+        .arg(server.control_socket())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reload: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+}
+
 /// The processes whose command line names `needle`.
 fn processes_naming(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
@@ -173,19 +191,7 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
     let load = rt.block_on(async { load::start(server.addr(), "/", 4, 2) });
     load.wait_for_more(50);
     write_file(&app.join("main.py"), &source.replace("\"one\"", "\"two\""));
-    let out = Command::new(&zdr)
-        .args(["reload", "--wait", "--timeout", "120", "--control-socket"])
-        .arg(server.control_socket())
-        .env("PATH", &path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reload: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
+    reload(&zdr, &path, &server);
     load.wait_for_generation(2, 50);
     let report = rt.block_on(load.stop());
     eprintln!("{} requests ok, {} failed", report.ok, report.failed);
@@ -238,19 +244,7 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
         &app.join("main.py"),
         &source.replace("\"one\"", "\"three\""),
     );
-    let out = Command::new(&zdr)
-        .args(["reload", "--wait", "--timeout", "120", "--control-socket"])
-        .arg(server.control_socket())
-        .env("PATH", &path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reload: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
+    reload(&zdr, &path, &server);
     load.wait_for_generation(2, 50);
     let report = rt.block_on(load.stop());
     eprintln!(

@@ -1244,3 +1244,33 @@ impl KeepAlive {
         }
     }
 }
+
+/// Headless Chromium loads `url` (following redirects, certificates not
+/// checked) with a profile of its own in `profile`, and the JSON the page
+/// shows is returned; `context` is said if there is none.
+pub fn browser_json(url: &str, profile: &Path, context: &str) -> serde_json::Value {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--ignore-certificate-errors",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let json = dom
+        .find('{')
+        .and_then(|start| Some(&dom[start..=dom.rfind('}')?]))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON in the page: {dom}\n{}\n{context}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(&json.replace("&quot;", "\""))
+        .unwrap_or_else(|e| panic!("{e}: {dom}\n{context}"))
+}
