@@ -111,6 +111,27 @@ fn reload(server: &Server) -> (bool, String) {
     (out.status.success(), said)
 }
 
+/// New code for `app.py` that cannot import.
+const BROKEN_ASGI: &str = "async def app(scope, receive, send)\n    pass\n";
+
+/// Writes `source`, code that cannot import, to `file` and reloads: the
+/// reload fails with the traceback naming the file, and the app at
+/// `version` still answers; returns its answer.
+fn rolled_back(server: &Server, dir: &TempDir, file: &str, source: &str, version: &str) -> Reply {
+    write_file(&dir.path(file), source);
+    let (ok, said) = reload(server);
+    assert!(!ok, "{said}");
+    assert!(said.contains("SyntaxError"), "{said}");
+    assert!(said.contains(file), "{said}");
+    let reply = server.get("/");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.body.contains(&format!("version={version}")),
+        "{reply:?}"
+    );
+    reply
+}
+
 /// Keep-alive and new-connection load while `deploy` writes new code and
 /// the server reloads: the reload succeeds, generation 2 answers the load,
 /// and no request fails.
@@ -255,14 +276,7 @@ fn new_code_is_served_after_a_reload_under_load_and_code_that_cannot_import_is_r
 
     // Code that cannot import: the reload fails with the traceback, and
     // generation 2 keeps serving.
-    write_file(
-        &dir.path("app.py"),
-        "async def app(scope, receive, send)\n    pass\n",
-    );
-    let (ok, said) = reload(&server);
-    assert!(!ok, "{said}");
-    assert!(said.contains("SyntaxError"), "{said}");
-    assert!(said.contains("app.py"), "{said}");
+    rolled_back(&server, &dir, "app.py", BROKEN_ASGI, "2");
     load.wait_for_more(100);
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
@@ -501,13 +515,13 @@ fn a_fastapi_app_reloads_new_code_under_real_clients_with_nothing_failed() {
     );
 
     // New code that cannot import: rolled back, its traceback said.
-    write_file(
-        &dir.path("main.py"),
+    rolled_back(
+        &server,
+        &dir,
+        "main.py",
         "from fastapi import FastAPI\napp = FastAPI(\n",
+        "2",
     );
-    let (ok, said) = reload(&server);
-    assert!(!ok, "{said}");
-    assert!(said.contains("SyntaxError"), "{said}");
     load.wait_for_more(100);
     let report = rt.block_on(load.stop());
     assert_eq!(report.failed, 0, "{:?}", report.failures);
@@ -638,16 +652,13 @@ def echo():
 
     // New code that cannot import: rolled back, its traceback said, and
     // generation 2 serves on.
-    write_file(
-        &dir.path("main.py"),
+    let reply = rolled_back(
+        &server,
+        &dir,
+        "main.py",
         "from flask import Flask\napp = Flask(__name__\n",
+        "2",
     );
-    let (ok, said) = reload(&server);
-    assert!(!ok, "{said}");
-    assert!(said.contains("SyntaxError"), "{said}");
-    assert!(said.contains("main.py"), "{said}");
-    let reply = server.get("/");
-    assert!(reply.body.contains("version=2"), "{reply:?}");
     assert_eq!(reply.generation(), 2);
 }
 
@@ -837,16 +848,7 @@ fn a_preloaded_app_is_imported_once_per_generation_and_reloads_new_code() {
 
     // Code that cannot import: the reload fails with its traceback, and
     // generation 2 serves on from the same loader.
-    write_file(
-        &dir.path("app.py"),
-        "async def app(scope, receive, send)\n    pass\n",
-    );
-    let (ok, said) = reload(&server);
-    assert!(!ok, "{said}");
-    assert!(said.contains("SyntaxError"), "{said}");
-    assert!(said.contains("app.py"), "{said}");
-    let reply = server.get("/");
-    assert!(reply.body.contains("version=2"), "{reply:?}");
+    let reply = rolled_back(&server, &dir, "app.py", BROKEN_ASGI, "2");
     assert_eq!(field(&reply, "loaded"), second.to_string());
     // The failed loader leaves once it has said why.
     assert!(
@@ -989,26 +991,12 @@ def get_cookies(request: Request):
             "scheme": request.url.scheme, "http": request.scope["http_version"]}
 "#,
     );
-    write_file(
-        &dir.path("wsgi_cookies.py"),
-        r#"
-from flask import Flask, jsonify, make_response, redirect, request
-
-app = Flask(__name__)
-
-@app.get("/set")
-def set_cookies():
-    response = make_response(redirect("/get"))
-    for name, value in (("a", "1"), ("b", "2"), ("c", "3")):
-        response.set_cookie(name, value, secure=True)
-    return response
-
-@app.get("/get")
-def get_cookies():
-    return jsonify(cookies=dict(request.cookies), fields=len(request.headers.getlist("Cookie")),
-                   scheme=request.scheme, http=request.environ["SERVER_PROTOCOL"])
-"#,
-    );
+    // The Flask app the proxy's browser test serves behind gunicorn.
+    let flask = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/cookie_app.py"),
+    )
+    .expect("the cookie app");
+    write_file(&dir.path("wsgi_cookies.py"), &flask);
     for (app, http) in [("asgi_cookies:app", "2"), ("wsgi_cookies:app", "HTTP/2")] {
         let server = serve_app(
             &dir,
@@ -1267,10 +1255,7 @@ def app(environ, start_response):
 fn check_load_app_imports_a_python_app() {
     let dir = TempDir::new("check-app");
     let chdir = dir.0.to_string_lossy().into_owned();
-    write_file(
-        &dir.path("app.py"),
-        "async def app(scope, receive, send)\n    pass\n",
-    );
+    write_file(&dir.path("app.py"), BROKEN_ASGI);
     let out = Launch::raw(&["check", "--load-app", "--chdir", &chdir, "app:app"]).output();
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{said}");

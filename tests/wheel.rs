@@ -41,6 +41,17 @@ fn reload(zdr: &std::path::Path, path: &str, server: &Server) {
     );
 }
 
+/// A graceful stop that ends well and leaves no process naming `venv`.
+fn stop_leaving_nothing(mut server: Server, venv: &str) {
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{}", server.log_text());
+    let gone = wait_until(Duration::from_secs(30), || {
+        processes_naming(venv).is_empty()
+    });
+    assert!(gone, "left behind: {:?}", processes_naming(venv));
+}
+
 /// The processes whose command line names `needle`.
 fn processes_naming(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
@@ -206,14 +217,7 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
         !processes_naming(&venv_text).is_empty(),
         "uvicorn runs from the venv"
     );
-    let mut server = server;
-    server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{status:?}\n{}", server.log_text());
-    let gone = wait_until(Duration::from_secs(30), || {
-        processes_naming(&venv_text).is_empty()
-    });
-    assert!(gone, "left behind: {:?}", processes_naming(&venv_text));
+    stop_leaving_nothing(server, &venv_text);
 
     // The same app in-process, preloaded, with the venv's packages (no
     // VIRTUAL_ENV: the venv's own interpreter runs it).
@@ -255,12 +259,5 @@ fn the_wheel_serves_and_reloads_a_fastapi_app_from_a_fresh_virtualenv() {
     let reply = server.get("/");
     assert!(reply.body.contains("version=three"), "{}", reply.body);
     assert!(reply.body.contains("generation=2"), "{}", reply.body);
-    let mut server = server;
-    server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{status:?}\n{}", server.log_text());
-    let gone = wait_until(Duration::from_secs(30), || {
-        processes_naming(&venv_text).is_empty()
-    });
-    assert!(gone, "left behind: {:?}", processes_naming(&venv_text));
+    stop_leaving_nothing(server, &venv_text);
 }

@@ -1,8 +1,9 @@
 """A Flask app that logs a browser in the way real ones do: `/set` sets
 three cookies and redirects to `/get`, which answers the cookies it
 received as JSON. Behind zdr over HTTP/2, a browser sends them as separate
-`cookie` fields; all three must arrive. `/proto` names the protocol and
-the scheme the app was told of (`X-Forwarded-Proto`)."""
+`cookie` fields; all three must arrive. `/get` also names the scheme the app
+was told of (`X-Forwarded-Proto` behind a proxy; the WSGI scheme and
+protocol when served in-process)."""
 
 from flask import Flask, jsonify, make_response, redirect, request
 
@@ -23,4 +24,6 @@ def get_cookies():
         cookies=dict(request.cookies),
         proto=request.headers.get("X-Forwarded-Proto"),
         fields=len(request.headers.getlist("Cookie")),
+        scheme=request.scheme,
+        http=request.environ.get("SERVER_PROTOCOL"),
     )
